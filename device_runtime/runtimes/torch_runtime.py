@@ -1,0 +1,75 @@
+"""Eager PyTorch: the reference runtime every exported backend is checked against."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
+
+
+class TorchRuntime:
+    name = "torch"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def param_names(self) -> list[str]:
+        return list(self._trainable)
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        return {n: p.detach().numpy().copy() for n, p in self._trainable.items()}
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for n, p in self._trainable.items():
+                p.copy_(torch.from_numpy(np.asarray(params[n], dtype=np.float32)))
+
+    def train(self, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> TrainResult:
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+        params = list(self._trainable.values())
+        anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
+        opt = torch.optim.SGD(params, lr=cfg.lr)
+        self.model.train()
+        total, steps = 0.0, 0
+        for idx in iterate_batches(len(x), cfg, rng):
+            ti = torch.from_numpy(idx)
+            loss = nn.functional.cross_entropy(self.model(xt[ti]), yt[ti])
+            total += float(loss.detach())
+            if anchor:  # FedProx: mu/2 * ||w - w_global||^2
+                loss = loss + 0.5 * cfg.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+        return TrainResult(loss=total / max(steps, 1), num_examples=len(x), steps=steps)
+
+    @torch.no_grad()
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalResult:
+        return evaluate_module(self.model, x, y, batch_size)
+
+
+@torch.no_grad()
+def evaluate_module(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalResult:
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        xb = torch.from_numpy(x[start : start + batch_size])
+        yb = torch.from_numpy(y[start : start + batch_size].astype(np.int64))
+        logits = model(xb)
+        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = max(len(x), 1)
+    return EvalResult(loss=loss_sum / n, accuracy=correct / n, num_examples=len(x))
+
+
+def torch_runtime_for_task(task: dict) -> TorchRuntime:
+    """The eager model a server's task describes (model name, input shape, classes)."""
+    from export.models import ModelSpec, build_model
+
+    spec = ModelSpec(str(task["model"]), tuple(task["input_shape"]), int(task["num_classes"]))  # type: ignore[arg-type]
+    return TorchRuntime(build_model(spec))

@@ -1,0 +1,1 @@
+"""Models and their export to on-device artifacts (ExecuTorch .pte, ONNX, manifest)."""

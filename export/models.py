@@ -1,0 +1,125 @@
+"""The models fedfleet trains on phones.
+
+Every model maps a float32 batch ``x: [B, C, H, W]`` to logits ``[B, num_classes]``.
+``trainable_names`` lists the parameters a phone trains and uploads, in a fixed order
+that the ExecuTorch and ONNX artifacts share; for transfer learning it is the head only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODEL_NAMES = ("mlp", "cnn", "mobilenet")
+
+
+class MLP(nn.Module):
+    """Flatten -> Linear -> ReLU -> Linear. For 8x8 digits: 64-32-10."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class CNN(nn.Module):
+    """Two conv(3x3)+ReLU+maxpool(2) blocks and a linear classifier."""
+
+    def __init__(self, in_channels: int, side: int, num_classes: int, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.fc = nn.Linear(2 * width * (side // 4) ** 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)  # [B, w, H/2, W/2]
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)  # [B, 2w, H/4, W/4]
+        return self.fc(x.flatten(1))
+
+
+class TransferMobileNet(nn.Module):
+    """A frozen torchvision MobileNetV3-small backbone and a trainable linear head.
+
+    Grey inputs are repeated to 3 channels. The backbone runs in eval mode (frozen batch
+    norm statistics) so that only ``head.*`` changes on the phone.
+    """
+
+    def __init__(self, num_classes: int, backbone_weights: Path | None = None) -> None:
+        super().__init__()
+        from torchvision.models import mobilenet_v3_small
+
+        backbone = mobilenet_v3_small(weights=None)
+        if backbone_weights is not None:
+            state = torch.load(backbone_weights, map_location="cpu", weights_only=True)
+            backbone.load_state_dict(state, strict=False)
+        self.features = backbone.features
+        self.head = nn.Linear(576, num_classes)
+        for p in self.features.parameters():
+            p.requires_grad_(False)
+        self.features.eval()
+
+    def train(self, mode: bool = True) -> TransferMobileNet:
+        super().train(mode)
+        self.features.eval()  # the backbone never leaves eval mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        feats = self.features(x).mean(dim=(2, 3))  # [B, 576]
+        return self.head(feats)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input_shape: tuple[int, int, int]  # C, H, W
+    num_classes: int
+
+
+def build_model(
+    spec: ModelSpec, seed: int = 0, backbone_weights: Path | None = None
+) -> nn.Module:
+    """Build a model with parameters drawn from an explicit seeded generator."""
+    c, h, w = spec.input_shape
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "mlp": lambda: MLP(c * h * w, spec.num_classes, hidden=32 if h * w <= 64 else 128),
+        "cnn": lambda: CNN(c, h, spec.num_classes, width=16),
+        "mobilenet": lambda: TransferMobileNet(spec.num_classes, backbone_weights),
+    }
+    if spec.name not in builders:
+        raise ValueError(f"unknown model {spec.name!r}; choose from {', '.join(MODEL_NAMES)}")
+    if h != w or h % 4:
+        raise ValueError(f"input must be square with a side divisible by 4, got {h}x{w}")
+    gen = torch.Generator().manual_seed(seed)
+    model = builders[spec.name]()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear | nn.Conv2d) and (
+                backbone_weights is None or module.weight.requires_grad
+            ):
+                _init_layer(module, gen)
+    return model
+
+
+def _init_layer(layer: nn.Linear | nn.Conv2d, gen: torch.Generator) -> None:
+    """torch.nn's default init (uniform in +-1/sqrt(fan_in)), drawn from a seeded generator."""
+    bound = 1.0 / (layer.weight[0].numel() ** 0.5)
+    layer.weight.uniform_(-bound, bound, generator=gen)
+    if layer.bias is not None:
+        layer.bias.uniform_(-bound, bound, generator=gen)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

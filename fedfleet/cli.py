@@ -1,0 +1,164 @@
+"""``fedfleet`` subcommands: serve, phone, fleet, simulate (and export)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from server.config import load_toml
+
+
+def _common_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by simulate and fleet; unset flags fall back to --config, then defaults."""
+    p.add_argument("--config", help="TOML file with any of these settings (flags override it)")
+    p.add_argument("--phones", type=int, help="number of emulated phones (default 50)")
+    p.add_argument("--rounds", type=int, help="federated rounds (default 10)")
+    p.add_argument("--sample", type=float, help="fraction of phones per round (default 0.5)")
+    p.add_argument("--dataset", help="digits | mnist5k | synthetic[:N] | mnist:PATH ... (default digits)")
+    p.add_argument("--model", help="mlp | cnn | mobilenet (default cnn)")
+    p.add_argument("--partition", help="iid | dirichlet:ALPHA | shards:K (default iid)")
+    p.add_argument("--quantity-skew", type=float, help="lognormal sigma of phone data sizes (iid)")
+    p.add_argument("--local-epochs", type=int, help="local epochs per task (default 5)")
+    p.add_argument("--batch-size", type=int, help="local batch size (default 8)")
+    p.add_argument("--lr", type=float, help="local SGD learning rate (default 0.1)")
+    p.add_argument("--prox-mu", type=float, help="FedProx proximal weight (default 0 = FedAvg)")
+    p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
+    p.add_argument("--workers", type=int, help="local trainings in parallel (default 2)")
+    p.add_argument("--runtime", choices=["torch", "executorch", "onnx"], help="on-device runtime (default torch)")
+    p.add_argument("--out", help="output folder (default runs/latest)")
+
+
+def _run_values(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ["phones", "rounds", "sample", "dataset", "model", "partition", "quantity_skew", "local_epochs",
+            "batch_size", "lr", "prox_mu", "seed", "workers", "runtime", "out"]
+    return {k: getattr(args, k) for k in keys}
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedfleet.simulate import merge_config, run
+
+    cfg = merge_config(load_toml(args.config, "simulate") if args.config else {}, _run_values(args))
+    print(f"fedfleet simulate: {cfg.phones} phones, {cfg.dataset}, {cfg.model}, {cfg.rounds} rounds, "
+          f"sample {cfg.sample}, partition {cfg.partition}, runtime {cfg.runtime}", flush=True)
+    summary = run(cfg)
+    print(f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds, "
+          f"{summary['bytes_up']} bytes up, {summary['bytes_down']} bytes down, {summary['wall_s']:.1f} s; "
+          f"wrote {cfg.out}/metrics.jsonl, summary.json, devices.csv", flush=True)
+    return 0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from device_runtime.data import load_dataset
+    from device_runtime.fleet import run_fleet
+    from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+    from fedfleet.output import RoundTable, summarize, write_run
+    from fedfleet.simulate import merge_config
+
+    cfg = merge_config(load_toml(args.config, "fleet") if args.config else {}, _run_values(args))
+    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    # Training settings the user gave explicitly override the server's plan on these phones.
+    overrides = {k: getattr(args, k) for k in ("local_epochs", "batch_size", "lr", "prox_mu")
+                 if getattr(args, k) is not None}
+    fleet_cfg = dataclasses.replace(cfg.fleet_config(), max_rounds=args.rounds or 0,
+                                    availability=args.sample or 1.0, name_prefix=args.name_prefix)
+    t0 = time.perf_counter()
+    result = asyncio.run(run_fleet(args.server, data, fleet_cfg, torch_runtime_for_task,
+                                   on_round=RoundTable(), train_overrides=overrides))
+    summary = summarize(result.rounds, result.devices, time.perf_counter() - t0)
+    write_run(Path(cfg.out), result.rounds, result.devices, summary)
+    print(json.dumps({k: summary[k] for k in ("rounds", "final_accuracy", "bytes_up", "bytes_down")}))
+    return 0
+
+
+def cmd_phone(args: argparse.Namespace) -> int:
+    args.phones, args.name_prefix = 1, args.name
+    args.rounds = args.rounds or 0
+    return cmd_fleet(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from device_runtime.data import load_dataset
+    from server.app import make_app
+    from server.config import ServerConfig
+
+    values = load_toml(args.config, "server") if args.config else {}
+    data = load_dataset(args.dataset or values.pop("dataset", "digits"), seed=args.seed or 0)
+    values.update({"input_shape": data.input_shape, "num_classes": data.num_classes})
+    for key, flag in (("model", args.model), ("rounds", args.rounds), ("sample_fraction", args.sample),
+                      ("seed", args.seed), ("data_dir", args.data_dir)):
+        if flag is not None:
+            values[key] = flag
+    config = ServerConfig().replace(**values)
+    app = make_app(config, test_data=(data.x_test, data.y_test))
+    print(f"fedfleet server: task {config.model} on {data.name}, {config.rounds or 'unlimited'} rounds, "
+          f"state in {config.data_dir or 'memory'}; listening on http://{args.host}:{args.port}", flush=True)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedfleet", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log server and client details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the aggregation server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--data-dir", help="where the server keeps its state (SQLite, metrics.jsonl)")
+    p.add_argument("--config", help="TOML with a [server] table of ServerConfig fields")
+    p.add_argument("--dataset", help="held-out split for evaluation, and the input shape (default digits)")
+    p.add_argument("--model", help="mlp | cnn | mobilenet")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--sample", type=float)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("simulate", help="in-process server on loopback plus an emulated fleet")
+    _common_run_flags(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("fleet", help="an emulated fleet against a running server")
+    p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--name-prefix", default="phone", help="phones are named PREFIX-00000, ...")
+    _common_run_flags(p)
+    p.set_defaults(func=cmd_fleet)
+
+    p = sub.add_parser("phone", help="one phone against a running server")
+    p.add_argument("--server", required=True)
+    p.add_argument("--name", default="phone", help="the phone's name (unique on the server)")
+    _common_run_flags(p)
+    p.set_defaults(func=cmd_phone)
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub: Any) -> None:
+    try:
+        from export.cli import register
+    except ImportError:
+        return
+    register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fedfleet: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

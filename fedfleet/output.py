@@ -1,0 +1,77 @@
+"""What a run leaves behind: the live round table, metrics.jsonl, summary.json, devices.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from device_runtime.client import PhoneStats
+
+COLUMNS = [
+    ("round", "{:>5}", 5),
+    ("accuracy", "{:>8.4f}", 8),
+    ("loss", "{:>7.4f}", 7),
+    ("updates", "{:>7}", 7),
+    ("bytes_up", "{:>10}", 10),
+    ("bytes_down", "{:>10}", 10),
+    ("latency_p50_s", "{:>7.3f}", 7),
+    ("latency_p95_s", "{:>7.3f}", 7),
+    ("wall_s", "{:>7.2f}", 7),
+]
+HEADINGS = {"latency_p50_s": "p50 s", "latency_p95_s": "p95 s", "updates": "phones", "bytes_up": "bytes up",
+            "bytes_down": "bytes dn", "accuracy": "acc", "wall_s": "wall s"}
+
+
+class RoundTable:
+    """Prints one line per published round as it arrives."""
+
+    def __init__(self, stream: TextIO = sys.stdout) -> None:
+        self.stream = stream
+        self.printed_header = False
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        if not self.printed_header:
+            self.stream.write(" ".join(f"{HEADINGS.get(k, k):>{w}}" for k, _, w in COLUMNS) + "\n")
+            self.printed_header = True
+        cells = []
+        for key, fmt, width in COLUMNS:
+            value = row.get(key)
+            cells.append(fmt.format(value) if value is not None else f"{'-':>{width}}")
+        self.stream.write(" ".join(cells) + "\n")
+        self.stream.flush()
+
+
+def write_run(out: Path, rounds: Sequence[dict[str, Any]], devices: Sequence[PhoneStats], summary: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "metrics.jsonl").open("w") as f:
+        for row in rounds:
+            f.write(json.dumps(row) + "\n")
+    rows = [d.row() for d in devices]
+    if rows:
+        with (out / "devices.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def summarize(rounds: Sequence[dict[str, Any]], devices: Sequence[PhoneStats], wall_s: float) -> dict[str, Any]:
+    last = rounds[-1] if rounds else {}
+    accs = [r["accuracy"] for r in rounds if r.get("accuracy") is not None]
+    return {
+        "rounds": len(rounds),
+        "final_version": last.get("version"),
+        "final_accuracy": last.get("accuracy"),
+        "best_accuracy": max(accs) if accs else None,
+        "final_loss": last.get("loss"),
+        "updates": sum(r["updates"] for r in rounds),
+        "bytes_up": sum(r["bytes_up"] for r in rounds),
+        "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "phones": len(devices),
+        "phones_participated": sum(1 for d in devices if d.participations),
+        "wall_s": round(wall_s, 3),
+    }

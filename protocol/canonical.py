@@ -1,0 +1,95 @@
+"""Canonical JSON for the message header, and its strict parser.
+
+Encoders in every language must emit the same header bytes for the same message, so the
+JSON form is pinned down (FORMAT.md, "Header JSON"):
+
+* no whitespace: separators "," and ":";
+* ASCII only: other characters as \\uXXXX escapes (lowercase hex, surrogate pairs above
+  U+FFFF); escapes \\" \\\\ \\b \\f \\n \\r \\t; other controls as \\u00XX; "/" not escaped;
+* key order: top level kind, meta, tensors; each tensor name, dtype, shape, encoding, then
+  the encoding's own keys in the order FORMAT.md lists, then nbytes; inside meta, keys
+  sorted by code point, recursively;
+* integers in [-(2**53 - 1), 2**53 - 1] as plain decimals, floats finite and written as
+  Python's ``repr`` writes them (shortest round-trip digits; FORMAT.md spells out when
+  it uses an exponent), true/false/null as such.
+
+Python's ``json.dumps`` with these options produces exactly that once ``meta`` has been
+normalised by ``canonical_meta``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from protocol.errors import MalformedMessage, ProtocolError
+
+MAX_SAFE_INT = (1 << 53) - 1  # beyond this, JavaScript numbers lose integers
+HEADER_KEYS = ("kind", "meta", "tensors")
+
+
+def canonical_meta(value: Any, path: str = "meta") -> Any:
+    """Normalise ``meta`` to JSON types with keys sorted; ValueError on what JSON (or a
+    JavaScript peer) cannot carry exactly."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        if abs(value) > MAX_SAFE_INT:
+            raise ValueError(f"{path}: integer {value} is outside +-(2**53 - 1)")
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{path}: {value} is not a finite number")
+        return float(value)
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{path}: object keys must be strings")
+        return {k: canonical_meta(value[k], f"{path}.{k}") for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [canonical_meta(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    raise ValueError(f"{path}: {type(value).__name__} cannot go into the JSON header")
+
+
+def canonical_header(kind: str, meta: Mapping[str, Any], tensors: Sequence[Mapping[str, Any]]) -> bytes:
+    header = {"kind": kind, "meta": canonical_meta(dict(meta)), "tensors": list(tensors)}
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise MalformedMessage("header repeats a key within one object")
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise MalformedMessage(f"header contains {name}, which JSON does not allow")
+
+
+def parse_header(raw: bytes, kinds: Sequence[str], max_tensors: int) -> dict[str, Any]:
+    """Strict parse: UTF-8 JSON object with exactly kind/meta/tensors, no duplicate keys,
+    no NaN/Infinity. Key order is not checked (decoders accept any order)."""
+    try:
+        header = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicates
+        )
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError) as exc:  # includes UnicodeDecodeError, JSONDecodeError
+        raise MalformedMessage(f"header is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict) or set(header) != set(HEADER_KEYS):
+        raise MalformedMessage(f"header must be an object with exactly the keys {list(HEADER_KEYS)}")
+    if header["kind"] not in kinds:
+        raise MalformedMessage(f"header.kind must be one of {list(kinds)}")
+    if not isinstance(header["meta"], dict):
+        raise MalformedMessage("header.meta must be an object")
+    tensors = header["tensors"]
+    if not isinstance(tensors, list) or len(tensors) > max_tensors:
+        raise MalformedMessage(f"header.tensors must be a list of at most {max_tensors} entries")
+    return header

@@ -1,0 +1,67 @@
+"""Step 4 and 5: quantize the values picked for each tensor and lay them out on the wire.
+
+``Quantize`` is the stochastic uniform quantizer of ``protocol.quant`` (QSGD, Alistarh et
+al., 2017); ``Float32`` sends values as they are. Both return the wire bytes and the
+float32 values the server will decode, which error feedback needs. ``to_wire`` then picks
+the tensor encoding: "dense"/"quant" for a full tensor, "sparse" (with the smaller of
+bitmap and delta-varint index coding) for a picked subset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from protocol import quant
+from protocol.codec.types import Pick
+from protocol.encodings import encode_quant, encode_sparse
+from protocol.wire import WireTensor
+
+
+@dataclass(frozen=True)
+class Section:
+    """Encoded values: wire bytes, their header fields, and what they decode to."""
+
+    blob: bytes
+    fields: dict[str, Any]
+    decoded: np.ndarray  # float32 (count,)
+
+
+class ValueCoder(Protocol):
+    @property
+    def bits(self) -> int: ...
+
+    def __call__(self, values: np.ndarray, rng: np.random.Generator) -> Section: ...
+
+
+@dataclass(frozen=True)
+class Float32:
+    bits: int = 32
+
+    def __call__(self, values: np.ndarray, rng: np.random.Generator) -> Section:
+        v32 = np.ascontiguousarray(values, dtype=np.float32)
+        return Section(v32.astype("<f4", copy=False).tobytes(), {}, v32)
+
+
+@dataclass(frozen=True)
+class Quantize:
+    bits: int
+    chunk: int = 256
+    stochastic: bool = True
+
+    def __call__(self, values: np.ndarray, rng: np.random.Generator) -> Section:
+        scales, codes = quant.quantize(values, self.bits, self.chunk, rng if self.stochastic else None)
+        fields, blob = encode_quant(scales, codes, self.bits, self.chunk)
+        return Section(blob, fields, quant.dequantize(scales, codes, self.bits, self.chunk))
+
+
+def to_wire(name: str, shape: tuple[int, ...], pick: Pick, section: Section, bits: int) -> WireTensor:
+    if pick.indices is None:
+        encoding = "dense" if bits == 32 else "quant"
+        return WireTensor(name, "float32", shape, encoding, section.fields, section.blob)
+    size = int(np.prod(shape, dtype=np.int64))
+    chunk = section.fields.get("chunk")
+    fields, blob = encode_sparse(pick.indices, size, section.blob, pick.indices.size, bits, chunk)
+    return WireTensor(name, "float32", shape, "sparse", fields, blob)

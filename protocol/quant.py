@@ -1,0 +1,117 @@
+"""Uniform quantization with per-chunk scales, and its "quant" wire encoding.
+
+A chunk of float32 values x with scale s = max|x| maps to codes q in [0, L], L = 2**bits - 1,
+on the grid x_hat = s * (2q - L) / L (2**bits evenly spaced levels from -s to s). With
+stochastic rounding, q = floor(u + r) with u = (x/s + 1) * L / 2 and r ~ U[0, 1), so
+E[x_hat] = x: the unbiased quantizer of QSGD (Alistarh et al., 2017, "QSGD:
+Communication-Efficient SGD via Gradient Quantization and Encoding") with an
+infinity-norm scale per chunk, as in TernGrad (Wen et al., 2017). Deterministic
+rounding (q = floor(u + 1/2)) is biased but reproducible byte for byte in any language.
+
+Error bound (used by the tests): |x_hat - x| < 2s/L per element (stochastic) or <= s/L
+(deterministic), and |x_hat| <= s, so quantization never grows the infinity norm.
+
+The arithmetic order below is normative (FORMAT.md section "quant"): every step is one
+IEEE-754 binary64 operation, so Java and JavaScript reproduce the same codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from protocol.errors import MalformedMessage, NonFiniteValues
+from protocol.packing import BIT_WIDTHS, pack_codes, packed_nbytes, unpack_codes
+
+MAX_CHUNK = 1 << 24
+F32 = np.dtype("<f4")
+
+
+def levels(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def num_chunks(count: int, chunk: int) -> int:
+    return -(-count // chunk)
+
+
+def quant_nbytes(count: int, bits: int, chunk: int) -> int:
+    """Size of a quantized section: float32 scales, then packed codes."""
+    return 4 * num_chunks(count, chunk) + packed_nbytes(count, bits)
+
+
+def _chunked(x: np.ndarray, chunk: int) -> np.ndarray:
+    """(n,) -> (num_chunks, chunk), zero-padded: padding changes neither max|x| nor codes kept."""
+    rows = num_chunks(x.size, chunk)
+    if x.size == rows * chunk:
+        return x.reshape(rows, chunk)
+    padded = np.zeros(rows * chunk, dtype=x.dtype)
+    padded[: x.size] = x
+    return padded.reshape(rows, chunk)
+
+
+def quantize(
+    values: np.ndarray, bits: int, chunk: int, rng: np.random.Generator | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """values (n,) float32 -> (scales (num_chunks,) float32, codes (n,) uint8).
+    ``rng`` None means deterministic rounding; otherwise one U[0,1) draw per element."""
+    x32 = np.asarray(values, dtype=np.float32)
+    n = x32.size
+    if n == 0:
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.uint8)
+    x = _chunked(x32.astype(np.float64), chunk)  # float32 values are exact in float64
+    scales = np.abs(x).max(axis=1)  # exactly a float32 value
+    t = np.divide(x, scales[:, None], out=np.zeros_like(x), where=scales[:, None] > 0)
+    lv = levels(bits)
+    u = ((t + 1.0) * lv) * 0.5
+    if rng is None:
+        q = np.floor(u + 0.5)
+    else:
+        q = np.floor(u + _chunked(rng.random(n), chunk))
+    np.clip(q, 0, lv, out=q)
+    q[scales == 0] = 0  # an all-zero chunk has code 0 throughout (canonical form)
+    return scales.astype(np.float32), q.reshape(-1)[:n].astype(np.uint8)
+
+
+def dequantize(scales: np.ndarray, codes: np.ndarray, bits: int, chunk: int) -> np.ndarray:
+    """x_hat = float32((s * (2q - L)) / L) in binary64: the decoder's formula, also used by
+    the encoder to keep the error-feedback residual exactly what the server did not get."""
+    n = codes.size
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    lv = levels(bits)
+    q = _chunked(codes.astype(np.float64), chunk)
+    out = (scales.astype(np.float64)[:, None] * (2.0 * q - lv)) / lv
+    return out.reshape(-1)[:n].astype(np.float32)
+
+
+def encode_section(scales: np.ndarray, codes: np.ndarray, bits: int) -> bytes:
+    return scales.astype(F32).tobytes() + pack_codes(codes, bits)
+
+
+def decode_section(blob: bytes, count: int, bits: int, chunk: int) -> np.ndarray:
+    """Scales, then codes, for ``count`` values -> float32 (count,)."""
+    ns = num_chunks(count, chunk)
+    if len(blob) != quant_nbytes(count, bits, chunk):
+        raise MalformedMessage(
+            f"{count} values at {bits} bits in chunks of {chunk} need {quant_nbytes(count, bits, chunk)} bytes, "
+            f"got {len(blob)}"
+        )
+    scales = np.frombuffer(blob[: 4 * ns], dtype=F32)
+    if not np.isfinite(scales).all():
+        raise NonFiniteValues("quantization scale is NaN or Inf")
+    if np.signbit(scales).any():
+        raise MalformedMessage("quantization scales must be non-negative (sign bit clear)")
+    codes = unpack_codes(blob[4 * ns :], count, bits)
+    return dequantize(scales, codes, bits, chunk)
+
+
+def check_quant_params(fields: dict[str, Any]) -> tuple[int, int]:
+    """Validate the "bits" and "chunk" header keys of a quantized section."""
+    bits, chunk = fields.get("bits"), fields.get("chunk")
+    if type(bits) is not int or bits not in BIT_WIDTHS:
+        raise MalformedMessage(f"bits must be one of {list(BIT_WIDTHS)}, got {bits!r}")
+    if type(chunk) is not int or not 1 <= chunk <= MAX_CHUNK:
+        raise MalformedMessage(f"chunk must be an int in [1, {MAX_CHUNK}], got {chunk!r}")
+    return bits, chunk

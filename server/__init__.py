@@ -1,0 +1,1 @@
+"""The aggregation server: an aiohttp app built by ``server.app.make_app``."""

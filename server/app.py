@@ -1,0 +1,124 @@
+"""The app factory: ``make_app(config) -> aiohttp.web.Application``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+from aiohttp import web
+
+from export.models import ModelSpec, build_model, trainable_params
+from protocol import ProtocolError, decode_message, encode_message
+from server.config import ServerConfig
+from server.coordinator import Clock, SyncCoordinator, UpdateRejected, wall_clock
+from server.evaluation import Evaluator
+from server.http import COUNTED_KEY, JsonError, json_response
+from server.routes import setup_routes
+from server.state import CONFIG, COORD, EVALUATOR, STORE, background
+from server.store import Store
+
+log = logging.getLogger("fedfleet.server")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PHONE_PATHS = ("/v1/register", "/v1/checkin", "/v1/model", "/v1/update", "/v1/task", "/v1/bundle")
+
+
+def make_app(
+    config: ServerConfig = ServerConfig(),
+    *,
+    test_data: tuple[np.ndarray, np.ndarray] | None = None,
+    clock: Clock = wall_clock,
+) -> web.Application:
+    """Build the server. ``test_data`` (x, y) enables evaluation of every version;
+    ``clock`` is injectable so that emulation can run on virtual time."""
+    app = web.Application(
+        middlewares=[bytes_middleware, errors_middleware],
+        client_max_size=config.max_update_bytes + (1 << 16),
+    )
+    spec = ModelSpec(config.model, config.input_shape, config.num_classes)
+    store = Store(_db_path(config))
+    version, params = _initial_state(config, spec, store)
+    app[CONFIG] = config
+    app[STORE] = store
+    app[COORD] = SyncCoordinator(config, store, params, version, clock)
+    if test_data is not None:
+        app[EVALUATOR] = Evaluator(spec, test_data[0], test_data[1], seed=config.seed)
+    setup_routes(app)
+    app.cleanup_ctx.append(background)
+    return app
+
+
+def _db_path(config: ServerConfig) -> str:
+    if config.data_dir is None:
+        return ":memory:"
+    path = Path(config.data_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path / "server.sqlite")
+
+
+def _initial_state(config: ServerConfig, spec: ModelSpec, store: Store) -> tuple[int, dict[str, np.ndarray]]:
+    """Resume from the newest durable version, or draw version 0 from the seed."""
+    fingerprint = json.dumps({"model": spec.name, "input_shape": list(spec.input_shape), "classes": spec.num_classes})
+    saved = store.get_meta("model_spec")
+    if saved is not None and saved != fingerprint:
+        raise ValueError(f"data dir {config.data_dir} holds a different task ({saved}); use a fresh --data-dir")
+    latest = store.latest_version()
+    if latest is not None:
+        version, blob = latest
+        return version, decode_message(blob).tensors
+    params = {n: p.detach().numpy().copy() for n, p in trainable_params(build_model(spec, config.seed)).items()}
+    store.set_meta("model_spec", fingerprint)
+    store.save_version(0, encode_message("model", {"version": 0, "model": spec.name}, params))
+    return 0, params
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Named errors become 4xx JSON; nothing unexpected leaks as an HTML 500."""
+    try:
+        return await handler(request)
+    except JsonError as exc:
+        _count_rejection(request, exc.status)
+        raise
+    except ProtocolError as exc:
+        _count_rejection(request, 400)
+        return json_response({"error": exc.reason, "message": str(exc)}, status=400)
+    except UpdateRejected as exc:
+        _count_rejection(request, exc.status)
+        return json_response({"error": exc.reason, "message": exc.message}, status=exc.status)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return json_response({"error": "too_large", "message": exc.text or "body too large"}, status=413)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_response({"error": "internal", "message": "internal server error"}, status=500)
+
+
+def _count_rejection(request: web.Request, status: int) -> None:
+    if request.path == "/v1/update" and 400 <= status < 500:
+        request.app[COORD].count_rejection()
+
+
+@web.middleware
+async def bytes_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Charge the HTTP bodies of phone traffic to the open round (real bytes, not estimates)."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        _charge(request, exc)
+        raise
+    _charge(request, response)
+    return response
+
+
+def _charge(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path.startswith(PHONE_PATHS) and not request.get(COUNTED_KEY):
+        body = getattr(response, "body", None)
+        down = len(body) if isinstance(body, bytes | bytearray) else 0
+        request.app[COORD].count_bytes(request.content_length or 0, down)
+
+
+__all__ = ["make_app"]

@@ -1,0 +1,83 @@
+"""HTTP plumbing shared by the handlers: JSON errors, bounded bodies, phone authentication."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+from server.store import Store
+
+PHONE_KEY = web.RequestKey("phone", str)  # the authenticated phone id
+COUNTED_KEY = web.RequestKey("bytes_counted", bool)  # the handler charged its bytes itself
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(data, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class JsonError(web.HTTPException):
+    """An HTTP error whose body is ``{"error": reason, "message": text}``."""
+
+    def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
+        self.status_code = status
+        super().__init__(
+            body=json.dumps({"error": reason, "message": message}).encode(),
+            content_type="application/json",
+            headers=headers,
+        )
+        self.reason_tag = reason
+
+
+def fail(status: int, reason: str, message: str) -> NoReturn:
+    raise JsonError(status, reason, message)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """Read at most ``limit`` bytes from the stream; refuse larger bodies with 413 before
+    buffering them (the declared length is checked first, then the bytes that arrive)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        fail(413, "too_large", f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            fail(413, "too_large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: web.Request, limit: int = 16 << 10) -> dict[str, Any]:
+    raw = await read_body(request, limit)
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fail(400, "malformed", f"body is not valid JSON: {exc}")
+    if not isinstance(data, dict):
+        fail(400, "malformed", "body must be a JSON object")
+    return data
+
+
+def authenticate(request: web.Request, store: Store) -> str:
+    """Map ``Authorization: Bearer TOKEN`` to a registered phone, or 401."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        fail(401, "unauthenticated", "send 'Authorization: Bearer <token>' from /v1/register")
+    phone = store.phone_for_token(token.strip())
+    if phone is None:
+        fail(401, "unknown_phone", "this token does not belong to a registered phone")
+    request[PHONE_KEY] = phone
+    return phone

@@ -1,0 +1,149 @@
+"""HTTP handlers. JSON for control, wire-format messages for tensors.
+
+Every handler checks its input at the boundary and answers bad input with a 4xx JSON
+error before the coordinator's state is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any
+
+from aiohttp import web
+
+from protocol import FORMAT_VERSION, decode_message
+from server.http import COUNTED_KEY, NAME_RE, authenticate, fail, json_response, read_body, read_json
+from server.state import CONFIG, COORD, STORE, schedule_merge
+
+
+def task_spec(request: web.Request) -> dict[str, Any]:
+    cfg, coord = request.app[CONFIG], request.app[COORD]
+    return {
+        "format_version": FORMAT_VERSION,
+        "mode": "sync",
+        "model": cfg.model,
+        "input_shape": list(cfg.input_shape),
+        "num_classes": cfg.num_classes,
+        "params": [{"name": n, "shape": list(s.shape), "dtype": s.dtype} for n, s in coord.specs.items()],
+        "train": cfg.train_plan(),
+        "max_update_bytes": cfg.max_update_bytes,
+        "rounds": cfg.rounds,
+    }
+
+
+async def register(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    body = await read_json(request)
+    name = body.get("name")
+    info: dict[str, Any] = {k: str(body[k])[:64] for k in ("platform", "runtime") if k in body}
+    if name is None:
+        phone_id = f"phone-{secrets.token_hex(6)}"
+    elif not isinstance(name, str) or not NAME_RE.match(name):
+        fail(400, "bad_name", "name must be 1-64 characters of letters, digits, '.', '_' or '-'")
+    else:
+        phone_id = name
+    token = secrets.token_urlsafe(24)
+    try:
+        store.add_phone(phone_id, token, info)
+    except Exception:  # sqlite3.IntegrityError: the name is taken
+        fail(409, "name_taken", f"a phone named {phone_id!r} is already registered")
+    return json_response({"phone_id": phone_id, "token": token, "task": task_spec(request)}, status=201)
+
+
+async def task(request: web.Request) -> web.Response:
+    return json_response(task_spec(request))
+
+
+async def checkin(request: web.Request) -> web.Response:
+    phone = authenticate(request, request.app[STORE])
+    await read_json(request)  # reserved for device state (battery, network); bounded
+    return json_response(request.app[COORD].checkin(phone))
+
+
+async def model(request: web.Request) -> web.Response:
+    """The current model as a wire-format message; ``If-None-Match`` makes repeats free."""
+    authenticate(request, request.app[STORE])
+    coord = request.app[COORD]
+    etag = f'"v{coord.version}"'
+    headers = {"ETag": etag, "X-Fedfleet-Version": str(coord.version)}
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=coord.model_blob, content_type="application/octet-stream", headers=headers)
+
+
+def _update_meta(meta: dict[str, Any], max_examples: int) -> dict[str, Any]:
+    update_id = meta.get("update_id")
+    if not isinstance(update_id, str) or not 0 < len(update_id) <= 128:
+        fail(400, "bad_meta", "meta.update_id must be a string of 1..128 characters")
+    base = meta.get("base_version")
+    if type(base) is not int or base < 0:
+        fail(400, "bad_meta", "meta.base_version must be a non-negative integer")
+    n = meta.get("num_examples")
+    if type(n) is not int or not 0 < n <= max_examples:
+        fail(400, "bad_examples", f"meta.num_examples must be an integer in 1..{max_examples}")
+    loss = meta.get("train_loss")
+    if loss is not None and (not isinstance(loss, int | float) or not math.isfinite(loss)):
+        fail(400, "bad_meta", "meta.train_loss must be a finite number or absent")
+    return {"update_id": update_id, "base_version": base, "num_examples": n, "train_loss": loss}
+
+
+async def update(request: web.Request) -> web.Response:
+    app = request.app
+    cfg, coord = app[CONFIG], app[COORD]
+    phone = authenticate(request, app[STORE])
+    body = await read_body(request, cfg.max_update_bytes)
+    msg = decode_message(body, expected=coord.specs)  # ProtocolError -> 400 in the middleware
+    if msg.kind != "update":
+        fail(400, "malformed", f"expected an 'update' message, got {msg.kind!r}")
+    meta = _update_meta(msg.meta, cfg.max_examples)
+    answer = coord.add_update(phone, meta, msg.tensors)
+    response = json_response(answer)
+    coord.count_bytes(len(body), response.content_length or 0)  # before a merge closes the round
+    request[COUNTED_KEY] = True
+    if coord.ready():
+        schedule_merge(app)
+    return response
+
+
+async def status(request: web.Request) -> web.Response:
+    coord = request.app[COORD]
+    rnd = coord.round
+    return json_response(
+        {
+            "version": coord.version,
+            "round": rnd.number,
+            "done": coord.done,
+            "phones": request.app[STORE].phone_count(),
+            "target": rnd.target,
+            "selected": len(rnd.cohort),
+            "updates_in_round": len(rnd.updates),
+            "rounds_recorded": len(coord.history),
+        }
+    )
+
+
+async def rounds(request: web.Request) -> web.Response:
+    """Round records after ``?since=N``; ``finished`` once the last round is recorded."""
+    coord, cfg = request.app[COORD], request.app[CONFIG]
+    try:
+        since = int(request.query.get("since", "0"))
+    except ValueError:
+        fail(400, "bad_query", "since must be an integer")
+    rows = [r for r in coord.history if r["round"] > since]
+    finished = coord.done and cfg.rounds > 0 and len(coord.history) >= cfg.rounds
+    return json_response({"rounds": rows, "finished": finished})
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_routes(
+        [
+            web.post("/v1/register", register),
+            web.get("/v1/task", task),
+            web.post("/v1/checkin", checkin),
+            web.get("/v1/model", model),
+            web.post("/v1/update", update),
+            web.get("/v1/status", status),
+            web.get("/v1/rounds", rounds),
+        ]
+    )

@@ -1,0 +1,69 @@
+"""Typed app keys and the background work around the coordinator (publishing, deadlines)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from server.config import ServerConfig
+from server.coordinator import Published, SyncCoordinator
+from server.evaluation import Evaluator
+from server.store import Store
+
+CONFIG = web.AppKey("config", ServerConfig)
+STORE = web.AppKey("store", Store)
+COORD = web.AppKey("coordinator", SyncCoordinator)
+EVALUATOR = web.AppKey("evaluator", Evaluator)
+PUBLISH_QUEUE = web.AppKey("publish_queue", asyncio.Queue)
+TICK_S = 0.2
+
+
+def schedule_merge(app: web.Application) -> None:
+    """Merge the open round now (a state change with no await) and queue its evaluation."""
+    published = app[COORD].merge()
+    app[PUBLISH_QUEUE].put_nowait(published)
+
+
+async def _publisher(app: web.Application) -> None:
+    """Evaluate published versions off the event loop, in order, and record them."""
+    queue: asyncio.Queue[Published] = app[PUBLISH_QUEUE]
+    coord = app[COORD]
+    evaluator = app.get(EVALUATOR)
+    data_dir = app[CONFIG].data_dir
+    metrics_path = Path(data_dir) / "metrics.jsonl" if data_dir else None
+    while True:
+        pub = await queue.get()
+        record = pub.record
+        if evaluator is not None:
+            ev = await asyncio.to_thread(evaluator.evaluate, pub.params)
+            record.accuracy, record.loss = ev.accuracy, ev.loss
+        coord.record(record)
+        if metrics_path is not None:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record.to_json()) + "\n")
+        queue.task_done()
+
+
+async def _ticker(app: web.Application) -> None:
+    """Close rounds whose deadline passed even when no request arrives."""
+    coord = app[COORD]
+    while True:
+        await asyncio.sleep(TICK_S)
+        coord.tick()
+        if coord.ready():
+            schedule_merge(app)
+
+
+async def background(app: web.Application) -> AsyncIterator[None]:
+    app[PUBLISH_QUEUE] = asyncio.Queue()
+    tasks = [asyncio.create_task(_publisher(app)), asyncio.create_task(_ticker(app))]
+    yield
+    await app[PUBLISH_QUEUE].join()  # finish recording what was merged
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    app[STORE].close()

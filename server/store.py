@@ -1,0 +1,110 @@
+"""Durable server state in one SQLite file (WAL): model versions, phones, round records.
+
+A version is committed before it is announced, so a restarted server resumes from the
+newest version it ever published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    created REAL NOT NULL,
+    sha256 TEXT NOT NULL,
+    params BLOB NOT NULL                -- a wire-format 'model' message
+);
+CREATE TABLE IF NOT EXISTS phones (
+    phone_id TEXT PRIMARY KEY,
+    token_sha256 TEXT UNIQUE NOT NULL,
+    registered REAL NOT NULL,
+    info TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    record TEXT NOT NULL                -- one metrics.jsonl line
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, path: str | Path = ":memory:", keep_versions: int = 16) -> None:
+        self.path = str(path)
+        self.keep_versions = keep_versions
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if self.path != ":memory:":
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- model versions -----------------------------------------------------------------
+    def save_version(self, version: int, blob: bytes) -> str:
+        digest = hashlib.sha256(blob).hexdigest()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                "INSERT INTO versions(version, created, sha256, params) VALUES (?, ?, ?, ?)",
+                (version, time.time(), digest, blob),
+            )
+            self.db.execute(
+                "DELETE FROM versions WHERE version <= ?", (version - self.keep_versions,)
+            )
+        return digest
+
+    def latest_version(self) -> tuple[int, bytes] | None:
+        row = self.db.execute("SELECT version, params FROM versions ORDER BY version DESC LIMIT 1").fetchone()
+        return (int(row[0]), bytes(row[1])) if row else None
+
+    def version_blob(self, version: int) -> bytes | None:
+        row = self.db.execute("SELECT params FROM versions WHERE version = ?", (version,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    # --- phones -------------------------------------------------------------------------
+    def add_phone(self, phone_id: str, token: str, info: dict[str, Any]) -> None:
+        self.db.execute(
+            "INSERT INTO phones(phone_id, token_sha256, registered, info) VALUES (?, ?, ?, ?)",
+            (phone_id, token_hash(token), time.time(), json.dumps(info)),
+        )
+
+    def phone_for_token(self, token: str) -> str | None:
+        row = self.db.execute(
+            "SELECT phone_id FROM phones WHERE token_sha256 = ?", (token_hash(token),)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def phone_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM phones").fetchone()[0])
+
+    # --- rounds and settings ------------------------------------------------------------
+    def add_round(self, record: dict[str, Any]) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO rounds(round, record) VALUES (?, ?)", (record["round"], json.dumps(record))
+        )
+
+    def rounds(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT record FROM rounds ORDER BY round").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real aiohttp server on loopback (pytest-aiohttp's test server)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient
+
+from device_runtime.data import load_dataset
+from protocol import encode_message
+from server.app import make_app
+from server.config import ServerConfig
+
+MakeClient = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture(scope="session")
+def digits() -> Any:
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture
+def make_server(aiohttp_client: Any, digits: Any) -> MakeClient:
+    """Start the real app on a loopback port; returns a client bound to it."""
+
+    async def start(evaluate: bool = False, **overrides: Any) -> TestClient:
+        cfg = ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10, round_timeout_s=30.0)
+        cfg = cfg.replace(**overrides)
+        test_data = (digits.x_test, digits.y_test) if evaluate else None
+        client: TestClient = await aiohttp_client(make_app(cfg, test_data=test_data))
+        return client
+
+    return start
+
+
+async def register(client: TestClient, name: str) -> tuple[str, dict[str, str], dict[str, Any]]:
+    resp = await client.post("/v1/register", json={"name": name})
+    assert resp.status == 201, await resp.text()
+    body = await resp.json()
+    return body["phone_id"], {"Authorization": f"Bearer {body['token']}"}, body["task"]
+
+
+def zero_delta(task: dict[str, Any], value: float = 0.0) -> dict[str, np.ndarray]:
+    return {p["name"]: np.full(p["shape"], value, dtype=np.float32) for p in task["params"]}
+
+
+def update_body(task: dict[str, Any], delta: dict[str, np.ndarray] | None = None, **meta: Any) -> bytes:
+    m = {"update_id": "u1", "base_version": 0, "num_examples": 10, "train_loss": 1.0, "round": 1}
+    m.update(meta)
+    return encode_message("update", m, delta if delta is not None else zero_delta(task, 0.01))

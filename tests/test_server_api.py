@@ -1,0 +1,146 @@
+"""The HTTP API against the real server on loopback: the happy path and every bad input."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from protocol import decode_message, encode_message
+from tests.conftest import MakeClient, register, update_body, zero_delta
+
+
+async def state(client) -> dict:  # type: ignore[no-untyped-def]
+    return await (await client.get("/v1/status")).json()
+
+
+async def test_round_trip_register_checkin_download_upload_merge(make_server: MakeClient) -> None:
+    client = await make_server(sample_fraction=1.0)
+    phones = [await register(client, f"p{i}") for i in range(2)]
+    task = phones[0][2]
+    assert task["model"] == "mlp" and [p["name"] for p in task["params"]] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    for _i, (_, auth, _) in enumerate(phones):
+        answer = await (await client.post("/v1/checkin", headers=auth)).json()
+        assert answer["action"] == "train" and answer["version"] == 0 and answer["train"]["lr"] > 0
+        resp = await client.get("/v1/model", headers=auth)
+        model = decode_message(await resp.read())
+        assert model.meta["version"] == 0
+        # The ETag makes a repeated download free.
+        again = await client.get("/v1/model", headers={**auth, "If-None-Match": resp.headers["ETag"]})
+        assert again.status == 304
+    deltas = [zero_delta(task, 0.1), zero_delta(task, 0.4)]
+    for (_, auth, _), delta, n in zip(phones, deltas, (10, 30), strict=True):
+        resp = await client.post("/v1/update", data=update_body(task, delta, num_examples=n), headers=auth)
+        assert resp.status == 200, await resp.text()
+    st = await state(client)
+    assert st["version"] == 1 and st["round"] == 2
+    after = decode_message(await (await client.get("/v1/model", headers=phones[0][1])).read()).tensors
+    # FedAvg weighted by examples: (10*0.1 + 30*0.4)/40 = 0.325 added to every parameter.
+    np.testing.assert_allclose(after["fc2.bias"] - model.tensors["fc2.bias"], 0.325, rtol=1e-5)
+
+
+async def test_duplicate_upload_is_idempotent(make_server: MakeClient) -> None:
+    client = await make_server(sample_fraction=1.0, min_cohort=2)
+    (_, a, task), (_, _b, _) = await register(client, "a"), await register(client, "b")
+    await client.post("/v1/checkin", headers=a)
+    body = update_body(task)
+    first = await (await client.post("/v1/update", data=body, headers=a)).json()
+    second = await (await client.post("/v1/update", data=body, headers=a)).json()
+    assert first["duplicate"] is False and second["duplicate"] is True
+    assert (await state(client))["updates_in_round"] == 1
+    other = update_body(task, update_id="u2")
+    resp = await client.post("/v1/update", data=other, headers=a)
+    assert resp.status == 409 and (await resp.json())["error"] == "duplicate"
+
+
+def _corrupt_checksum(body: bytes) -> bytes:
+    return body[:-4] + struct.pack("<I", zlib.crc32(body[:-4]) ^ 1)
+
+
+BAD_BODIES = {
+    "empty": (lambda task: b"", 400, "malformed"),
+    "garbage": (lambda task: b"\x00" * 64, 400, "malformed"),
+    "truncated": (lambda task: update_body(task)[:-20], 400, None),
+    "checksum": (lambda task: _corrupt_checksum(update_body(task)), 400, "checksum"),
+    "missing tensor": (lambda task: update_body(task, {k: v for k, v in zero_delta(task).items() if k != "fc2.bias"}),
+                       400, "shape_mismatch"),
+    "wrong shape": (lambda task: update_body(task, {**zero_delta(task), "fc2.bias": np.zeros(11, np.float32)}),
+                    400, "shape_mismatch"),
+    "wrong dtype": (lambda task: update_body(task, {**zero_delta(task), "fc2.bias": np.zeros(10, np.float64)}),
+                    400, "shape_mismatch"),
+    "extra tensor": (lambda task: update_body(task, {**zero_delta(task), "evil": np.zeros(1, np.float32)}),
+                     400, "shape_mismatch"),
+    "nan": (lambda task: update_body(task, {**zero_delta(task), "fc2.bias": np.full(10, np.nan, np.float32)}),
+            400, "non_finite"),
+    "inf": (lambda task: update_body(task, {**zero_delta(task), "fc1.bias": np.full(32, np.inf, np.float32)}),
+            400, "non_finite"),
+    "zero examples": (lambda task: update_body(task, num_examples=0), 400, "bad_examples"),
+    "negative examples": (lambda task: update_body(task, num_examples=-5), 400, "bad_examples"),
+    "absurd examples": (lambda task: update_body(task, num_examples=10**12), 400, "bad_examples"),
+    "float examples": (lambda task: update_body(task, num_examples=1.5), 400, "bad_examples"),
+    "no update id": (lambda task: update_body(task, update_id=""), 400, "bad_meta"),
+    "model kind": (lambda task: encode_message("model", {"version": 0}, zero_delta(task)), 400, "malformed"),
+    "stale version": (lambda task: update_body(task, base_version=7), 409, "stale"),
+    "oversized": (lambda task: b"\x00" * (2 << 20), 413, "too_large"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+async def test_bad_update_gets_4xx_and_changes_nothing(make_server: MakeClient, case: str) -> None:
+    client = await make_server(sample_fraction=1.0, min_cohort=2, max_update_bytes=1 << 20)
+    _, auth, task = await register(client, "p")
+    await client.post("/v1/checkin", headers=auth)
+    before = await state(client)
+    make_body, status, reason = BAD_BODIES[case]
+    resp = await client.post("/v1/update", data=make_body(task), headers=auth)
+    assert resp.status == status, await resp.text()
+    err = await resp.json()
+    assert err["message"] and (reason is None or err["error"] == reason)
+    assert await state(client) == before
+    # The phone can still upload a good update afterwards.
+    good = await client.post("/v1/update", data=update_body(task), headers=auth)
+    assert good.status == 200
+
+
+async def test_auth_and_registration_errors(make_server: MakeClient) -> None:
+    client = await make_server()
+    _, auth, task = await register(client, "p")
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}):
+        for path in ("/v1/checkin", "/v1/update"):
+            resp = await client.post(path, data=update_body(task), headers=headers)
+            assert resp.status == 401 and (await resp.json())["error"] in ("unauthenticated", "unknown_phone")
+    assert (await client.post("/v1/register", json={"name": "p"})).status == 409
+    assert (await client.post("/v1/register", json={"name": "bad name!"})).status == 400
+    assert (await client.post("/v1/register", data=b"{not json")).status == 400
+    assert (await client.post("/v1/register", data=b"x" * 100_000)).status == 413
+    assert (await client.get("/v1/rounds?since=abc")).status == 400
+
+
+async def test_upload_without_task_is_refused(make_server: MakeClient) -> None:
+    client = await make_server(sample_fraction=0.5, min_cohort=1, over_selection=1.0)
+    _, a, task = await register(client, "a")
+    _, b, _ = await register(client, "b")
+    assert (await (await client.post("/v1/checkin", headers=a)).json())["action"] == "train"
+    # The cohort (1 phone) is full: b waits and may not upload.
+    assert (await (await client.post("/v1/checkin", headers=b)).json())["action"] == "wait"
+    resp = await client.post("/v1/update", data=update_body(task), headers=b)
+    assert resp.status == 409 and (await resp.json())["error"] == "not_selected"
+
+
+async def test_round_closes_at_deadline_with_partial_cohort(make_server: MakeClient) -> None:
+    client = await make_server(sample_fraction=1.0, round_timeout_s=0.3)
+    (_, a, task), (_, b, _) = await register(client, "a"), await register(client, "b")
+    await client.post("/v1/checkin", headers=a)
+    await client.post("/v1/checkin", headers=b)
+    assert (await client.post("/v1/update", data=update_body(task), headers=a)).status == 200
+    import asyncio
+
+    await asyncio.sleep(0.8)  # b never reports: the ticker closes the round at its deadline
+    st = await state(client)
+    assert st["version"] == 1
+    rounds = (await (await client.get("/v1/rounds")).json())["rounds"]
+    assert rounds[0]["updates"] == 1 and rounds[0]["dropped"] == 1
+    late = await client.post("/v1/update", data=update_body(task, update_id="late"), headers=b)
+    assert late.status == 409
