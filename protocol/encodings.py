@@ -23,6 +23,7 @@ from protocol import quant
 from protocol.errors import MalformedMessage, NonFiniteValues
 from protocol.packing import (
     MAX_VARINT_BYTES,
+    Blob,
     decode_bitmap,
     decode_delta_varint,
     delta_varint_nbytes,
@@ -43,7 +44,7 @@ INDEX_CODINGS = ("bitmap", "varint")
 
 Fields = dict[str, Any]
 CheckFn = Callable[[Fields, tuple[int, ...], np.dtype], tuple[int, int]]
-DecodeFn = Callable[[Fields, bytes, tuple[int, ...], np.dtype], np.ndarray]
+DecodeFn = Callable[[Fields, Blob, tuple[int, ...], np.dtype], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def check_dense(fields: Fields, shape: tuple[int, ...], dtype: np.dtype) -> tupl
     return size, size
 
 
-def decode_dense(fields: Fields, blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def decode_dense(fields: Fields, blob: Blob, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     count = math.prod(shape)
     if len(blob) != count * dtype.itemsize:
         raise MalformedMessage(
@@ -110,7 +111,7 @@ def check_quant(fields: Fields, shape: tuple[int, ...], dtype: np.dtype) -> tupl
     return size, size
 
 
-def decode_quant(fields: Fields, blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def decode_quant(fields: Fields, blob: Blob, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     values = quant.decode_section(blob, math.prod(shape), fields["bits"], fields["chunk"])
     return values.reshape(shape)
 
@@ -162,7 +163,7 @@ def check_sparse(fields: Fields, shape: tuple[int, ...], dtype: np.dtype) -> tup
     return values + nnz, values + MAX_VARINT_BYTES * nnz
 
 
-def decode_sparse(fields: Fields, blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def decode_sparse(fields: Fields, blob: Blob, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     size = math.prod(shape)
     nnz, coding, bits, chunk = _sparse_params(fields, size)
     split = len(blob) - _values_nbytes(nnz, bits, chunk)

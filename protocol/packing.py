@@ -13,6 +13,7 @@ import numpy as np
 from protocol.errors import MalformedMessage
 
 BIT_WIDTHS = (1, 2, 4, 8)
+Blob = bytes | memoryview  # received bytes are sliced without copying
 # Indices are < 2**28 (MAX_ELEMENTS), so a delta needs at most 4 varint bytes.
 MAX_VARINT_BYTES = 4
 
@@ -40,7 +41,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     return out.tobytes()
 
 
-def unpack_codes(blob: bytes, count: int, bits: int) -> np.ndarray:
+def unpack_codes(blob: Blob, count: int, bits: int) -> np.ndarray:
     """Inverse of ``pack_codes``; rejects a wrong length and non-zero padding bits."""
     if len(blob) != packed_nbytes(count, bits):
         raise MalformedMessage(
@@ -67,7 +68,7 @@ def encode_bitmap(indices: np.ndarray, size: int) -> bytes:
     return np.packbits(mask, bitorder="little").tobytes()
 
 
-def decode_bitmap(blob: bytes, size: int, nnz: int) -> np.ndarray:
+def decode_bitmap(blob: Blob, size: int, nnz: int) -> np.ndarray:
     """Indices of set bits, strictly increasing; checks length, padding and popcount."""
     bits = unpack_codes(blob, size, 1)
     indices = np.flatnonzero(bits)
@@ -101,7 +102,7 @@ def encode_delta_varint(indices: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def decode_delta_varint(blob: bytes, size: int, nnz: int) -> np.ndarray:
+def decode_delta_varint(blob: Blob, size: int, nnz: int) -> np.ndarray:
     """Inverse of ``encode_delta_varint``. Rejects: a count other than ``nnz``, a value
     spread over more than 4 bytes or with a redundant zero top byte, a zero gap
     (duplicate) and an index >= ``size``."""

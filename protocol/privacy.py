@@ -103,6 +103,8 @@ def central_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, d
     _check_delta(delta)
     if not noise_multiplier > 0 or not 0 < sampling_rate <= 1 or steps < 0:
         raise ValueError("need noise_multiplier > 0, sampling_rate in (0, 1], steps >= 0")
+    if steps == 0:
+        return 0.0  # dp_accounting refuses a count of 0
     event = dp_accounting.PoissonSampledDpEvent(
         sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
     )

@@ -17,12 +17,13 @@ IEEE-754 binary64 operation, so Java and JavaScript reproduce the same codes.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from protocol.errors import MalformedMessage, NonFiniteValues
-from protocol.packing import BIT_WIDTHS, pack_codes, packed_nbytes, unpack_codes
+from protocol.packing import BIT_WIDTHS, Blob, pack_codes, packed_nbytes, unpack_codes
 
 MAX_CHUNK = 1 << 24
 F32 = np.dtype("<f4")
@@ -41,14 +42,15 @@ def quant_nbytes(count: int, bits: int, chunk: int) -> int:
     return 4 * num_chunks(count, chunk) + packed_nbytes(count, bits)
 
 
-def _chunked(x: np.ndarray, chunk: int) -> np.ndarray:
-    """(n,) -> (num_chunks, chunk), zero-padded: padding changes neither max|x| nor codes kept."""
+def _chunked(x: np.ndarray, chunk: int, dtype: type[np.generic] = np.float64) -> np.ndarray:
+    """(n,) -> a new (num_chunks, chunk) array of ``dtype``, zero-padded: padding changes
+    neither max|x| nor the codes kept. One pass: the copy is also the conversion."""
     rows = num_chunks(x.size, chunk)
-    if x.size == rows * chunk:
-        return x.reshape(rows, chunk)
-    padded = np.zeros(rows * chunk, dtype=x.dtype)
-    padded[: x.size] = x
-    return padded.reshape(rows, chunk)
+    out: np.ndarray = np.empty((rows, chunk), dtype=dtype)
+    flat = out.reshape(-1)
+    flat[: x.size] = x
+    flat[x.size :] = 0
+    return out
 
 
 def quantize(
@@ -56,22 +58,34 @@ def quantize(
 ) -> tuple[np.ndarray, np.ndarray]:
     """values (n,) float32 -> (scales (num_chunks,) float32, codes (n,) uint8).
     ``rng`` None means deterministic rounding; otherwise one U[0,1) draw per element."""
-    x32 = np.asarray(values, dtype=np.float32)
+    x32 = np.asarray(values, dtype=np.float32).reshape(-1)
     n = x32.size
     if n == 0:
         return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.uint8)
-    x = _chunked(x32.astype(np.float64), chunk)  # float32 values are exact in float64
-    scales = np.abs(x).max(axis=1)  # exactly a float32 value
-    t = np.divide(x, scales[:, None], out=np.zeros_like(x), where=scales[:, None] > 0)
+    u = _chunked(x32, chunk)  # float32 values are exact in float64
+    # max|x| (exactly a float32 value) without an |x| temporary; abs() turns -0.0 into +0.0
+    scales = np.abs(np.maximum(u.max(axis=1), -u.min(axis=1)))
+    zero = scales == 0
     lv = levels(bits)
-    u = ((t + 1.0) * lv) * 0.5
+    # in place, binary64, as FORMAT.md orders it: t = x / s, u = ((t + 1) * L) * 0.5, which
+    # equals (t + 1) * (L / 2) exactly (halving commutes with rounding); an all-zero chunk
+    # divides by 1 and is zeroed below
+    u /= np.where(zero, 1.0, scales)[:, None]
+    u += 1.0
+    u *= lv / 2
     if rng is None:
-        q = np.floor(u + 0.5)
+        u += 0.5
     else:
-        q = np.floor(u + _chunked(rng.random(n), chunk))
-    np.clip(q, 0, lv, out=q)
-    q[scales == 0] = 0  # an all-zero chunk has code 0 throughout (canonical form)
-    return scales.astype(np.float32), q.reshape(-1)[:n].astype(np.uint8)
+        r = np.empty_like(u)
+        rng.random(out=r.reshape(-1)[:n])  # drawn in element order, straight into chunk layout
+        r.reshape(-1)[n:] = 0
+        u += r
+    # |x| <= s keeps u in [0, L], but u + r can round up to L + 1 when u = L and r is within
+    # an ulp of 1: FORMAT.md's clamp (the lower bound cannot be crossed)
+    np.floor(u, out=u)
+    np.minimum(u, lv, out=u)
+    u[zero] = 0  # an all-zero chunk has code 0 throughout (canonical form)
+    return scales.astype(np.float32), u.reshape(-1)[:n].astype(np.uint8)
 
 
 def dequantize(scales: np.ndarray, codes: np.ndarray, bits: int, chunk: int) -> np.ndarray:
@@ -81,16 +95,32 @@ def dequantize(scales: np.ndarray, codes: np.ndarray, bits: int, chunk: int) -> 
     if n == 0:
         return np.zeros(0, dtype=np.float32)
     lv = levels(bits)
-    q = _chunked(codes.astype(np.float64), chunk)
-    out = (scales.astype(np.float64)[:, None] * (2.0 * q - lv)) / lv
+    # 2q - L for every possible code, then a table lookup: exact, and cheaper than arithmetic
+    table = 2.0 * np.arange(lv + 1, dtype=np.float64) - lv
+    out = table[_chunked(codes, chunk, np.uint8)]
+    out *= scales.astype(np.float64)[:, None]
+    out /= lv
     return out.reshape(-1)[:n].astype(np.float32)
+
+
+def quantized_norm_bound(norm: float, bits: int, chunk: int, stochastic: bool = True) -> float:
+    """Bound on ||x_hat||_2 for any x with ||x||_2 <= norm, quantized in chunks of ``chunk``.
+
+    ||x_hat|| <= ||x32|| + ||x_hat - x32|| and ||x32|| <= (1 + 2**-24) ||x|| (rounding to
+    float32). Per element |x_hat - x32| < c * s_c / L (c = 2 stochastic, 1 deterministic)
+    with s_c = max|x| of its chunk <= ||x_c||_2, so ||x_hat - x32||**2 <= (c/L)**2 *
+    sum_c n_c s_c**2 <= (c/L)**2 * chunk * ||x32||**2. Hence
+    ||x_hat|| <= (1 + 2**-24) * norm * (1 + c * sqrt(chunk) / L). The bound holds per draw,
+    not only on average, so a clipped update stays within it after quantization."""
+    c = 2.0 if stochastic else 1.0
+    return (1.0 + 2.0**-24) * norm * (1.0 + c * math.sqrt(chunk) / levels(bits))
 
 
 def encode_section(scales: np.ndarray, codes: np.ndarray, bits: int) -> bytes:
     return scales.astype(F32).tobytes() + pack_codes(codes, bits)
 
 
-def decode_section(blob: bytes, count: int, bits: int, chunk: int) -> np.ndarray:
+def decode_section(blob: Blob, count: int, bits: int, chunk: int) -> np.ndarray:
     """Scales, then codes, for ``count`` values -> float32 (count,)."""
     ns = num_chunks(count, chunk)
     if len(blob) != quant_nbytes(count, bits, chunk):

@@ -37,6 +37,7 @@ from protocol.errors import (
     UnsupportedEncoding,
     UnsupportedVersion,
 )
+from protocol.packing import Blob
 
 MAGIC = b"FFLT"
 FORMAT_VERSION = 1
@@ -129,16 +130,20 @@ def encode_wire(
         entry["nbytes"] = len(t.blob)
         entries.append(entry)
     header = canonical_header(kind, meta, entries)
-    payload = b"".join(t.blob for t in tensors)
+    blobs = [t.blob for t in tensors]
     if compress:
-        return frame(header, zlib.compress(payload, ZLIB_LEVEL), flags=FLAG_ZLIB)
-    return frame(header, payload)
+        return frame(header, zlib.compress(b"".join(blobs), ZLIB_LEVEL), flags=FLAG_ZLIB)
+    return frame(header, *blobs)
 
 
-def frame(header: bytes, payload: bytes, *, flags: int = 0, version: int = FORMAT_VERSION) -> bytes:
-    """prefix + header + payload_len + payload + CRC-32: the container around given bytes."""
-    body = _PREFIX.pack(MAGIC, version, flags, len(header)) + header + _U32.pack(len(payload)) + payload
-    return body + _U32.pack(zlib.crc32(body))
+def frame(header: bytes, *payload: bytes, flags: int = 0, version: int = FORMAT_VERSION) -> bytes:
+    """prefix + header + payload_len + payload + CRC-32: the container around given bytes
+    (``payload`` may come in pieces; they are copied once, into the message)."""
+    head = _PREFIX.pack(MAGIC, version, flags, len(header)) + header + _U32.pack(sum(map(len, payload)))
+    crc = zlib.crc32(head)
+    for part in payload:
+        crc = zlib.crc32(part, crc)
+    return b"".join([head, *payload, _U32.pack(crc)])
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,6 @@ def _check_entry(raw: object, seen: set[str]) -> _Entry:
         raise MalformedMessage(
             f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} non-negative ints"
         )
-    dtype = dtype_of(raw.get("dtype"))
     nbytes = raw.get("nbytes")
     if type(nbytes) is not int or nbytes < 0:
         raise MalformedMessage(f"tensor {name!r}: nbytes must be a non-negative int")
@@ -181,6 +185,7 @@ def _check_entry(raw: object, seen: set[str]) -> _Entry:
     if math.prod(shape) > MAX_ELEMENTS:
         raise MalformedMessage(f"tensor {name!r} declares more than {MAX_ELEMENTS} elements")
     try:
+        dtype = dtype_of(raw.get("dtype"))
         lo, hi = encoding.check(fields, tuple(shape), dtype)
     except ProtocolError as exc:
         raise type(exc)(f"tensor {name!r}: {exc}") from None
@@ -231,7 +236,7 @@ def decode_message(
         )
     if expected is not None:
         check_against({e.name: TensorSpec(e.shape, e.dtype.name) for e in entries}, expected)
-    payload = bytes(data[pos : pos + payload_len])
+    payload: Blob = memoryview(data)[pos : pos + payload_len]  # no copy: decoders copy out
     declared = sum(e.nbytes for e in entries)
     if flags & FLAG_ZLIB:
         payload = _inflate(payload, declared)
@@ -252,7 +257,7 @@ def decode_message(
     return TensorMessage(header["kind"], header["meta"], tensors, len(data), encodings)
 
 
-def _inflate(payload: bytes, limit: int) -> bytes:
+def _inflate(payload: Blob, limit: int) -> bytes:
     """Decompress at most ``limit`` bytes: a compression bomb stops at the limit, and the
     limit itself is bounded by the (already checked) shapes."""
     d = zlib.decompressobj()

@@ -98,7 +98,8 @@ class UpdateEncoder:
         for name, a in update.items():
             section = self.values(picks[name].values, self.rng)
             wire.append(to_wire(name, a.shape, picks[name], section, self.values.bits))
-            sent[name] = section.decoded
+            if self.feedback is not None:
+                sent[name] = section.decoded()
         if self.feedback is not None:
             self.feedback.keep(update, picks, sent)
             version = meta.get("base_version")

@@ -9,6 +9,7 @@ bitmap and delta-varint index coding) for a picked subset.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,11 +23,12 @@ from protocol.wire import WireTensor
 
 @dataclass(frozen=True)
 class Section:
-    """Encoded values: wire bytes, their header fields, and what they decode to."""
+    """Encoded values: wire bytes, their header fields, and how to get what they decode to
+    (only error feedback asks, so dequantizing is skipped otherwise)."""
 
     blob: bytes
     fields: dict[str, Any]
-    decoded: np.ndarray  # float32 (count,)
+    decoded: Callable[[], np.ndarray]  # -> float32 (count,)
 
 
 class ValueCoder(Protocol):
@@ -42,7 +44,7 @@ class Float32:
 
     def __call__(self, values: np.ndarray, rng: np.random.Generator) -> Section:
         v32 = np.ascontiguousarray(values, dtype=np.float32)
-        return Section(v32.astype("<f4", copy=False).tobytes(), {}, v32)
+        return Section(v32.astype("<f4", copy=False).tobytes(), {}, lambda: v32)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class Quantize:
     def __call__(self, values: np.ndarray, rng: np.random.Generator) -> Section:
         scales, codes = quant.quantize(values, self.bits, self.chunk, rng if self.stochastic else None)
         fields, blob = encode_quant(scales, codes, self.bits, self.chunk)
-        return Section(blob, fields, quant.dequantize(scales, codes, self.bits, self.chunk))
+        return Section(blob, fields, lambda: quant.dequantize(scales, codes, self.bits, self.chunk))
 
 
 def to_wire(name: str, shape: tuple[int, ...], pick: Pick, section: Section, bits: int) -> WireTensor:
