@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Browser tests: Debian's chromium driven by playwright-core (never a downloaded browser).
+BROWSER_DEPS := tests/browser/node_modules/.package-lock.json
+$(BROWSER_DEPS): tests/browser/package-lock.json
+	command -v chromium >/dev/null || { apt-get update && apt-get install -y chromium; }
+	cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --ignore-scripts --no-audit --no-fund
+	touch $(BROWSER_DEPS)
+
+install: $(STAMP) $(BROWSER_DEPS)
 
 demo: install
 	$(VENV)/bin/fedfleet simulate

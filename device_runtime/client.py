@@ -9,18 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import numpy as np
 
+from device_runtime.profiles import DeviceProfile
 from device_runtime.runtimes import TrainConfig
 from device_runtime.trainer import RuntimePool
-from protocol import TensorSpec, decode_message, encode_message
-
-Encode = Callable[[Mapping[str, np.ndarray], dict[str, Any]], bytes]
+from device_runtime.vclock import PhoneClock, WallClock
+from protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message
 
 
 class ServerError(Exception):
@@ -40,28 +40,34 @@ class PhoneStats:
     participations: int = 0
     rejected: int = 0
     errors: int = 0
+    drops: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     latencies_s: list[float] = field(default_factory=list)  # task handed out -> upload acknowledged
+    download_s: list[float] = field(default_factory=list)
     train_s: list[float] = field(default_factory=list)
+    upload_s: list[float] = field(default_factory=list)
+    epsilon: float | None = None  # local-DP epsilon this phone spent (its own ledger)
 
     def row(self) -> dict[str, Any]:
-        lat = self.latencies_s
+        def mean(xs: list[float]) -> float | str:
+            return round(float(np.mean(xs)), 4) if xs else ""
+
         return {
             "phone": self.phone,
             "examples": self.examples,
             "participations": self.participations,
             "rejected": self.rejected,
+            "drops": self.drops,
             "errors": self.errors,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
-            "latency_mean_s": round(float(np.mean(lat)), 4) if lat else "",
-            "train_mean_s": round(float(np.mean(self.train_s)), 4) if self.train_s else "",
+            "latency_mean_s": mean(self.latencies_s),
+            "download_mean_s": mean(self.download_s),
+            "train_mean_s": mean(self.train_s),
+            "upload_mean_s": mean(self.upload_s),
+            "epsilon": "" if self.epsilon is None else round(self.epsilon, 4),
         }
-
-
-def dense_encoder(delta: Mapping[str, np.ndarray], meta: dict[str, Any]) -> bytes:
-    return encode_message("update", meta, delta)
 
 
 class PhoneClient:
@@ -74,15 +80,22 @@ class PhoneClient:
         pool: RuntimePool,
         rng: np.random.Generator,
         *,
-        encode: Encode = dense_encoder,
+        ledger: Any = None,
         train_overrides: Mapping[str, Any] | None = None,
         availability: float = 1.0,
+        profile: DeviceProfile | None = None,
+        clock: PhoneClock | None = None,
     ) -> None:
         self.session, self.server, self.name = session, server.rstrip("/"), name
         self.x, self.y = data
-        self.pool, self.rng, self.encode = pool, rng, encode
+        self.pool, self.rng = pool, rng
+        self.ledger = ledger  # protocol.privacy.PrivacyLedger: this side's count of releases
+        self.encoder: UpdateEncoder | None = None
+        self._codec: dict[str, Any] | None = None
         self.train_overrides = dict(train_overrides or {})
         self.availability = availability
+        self.profile = profile  # None: no emulated device delays
+        self.clock: PhoneClock = clock or WallClock()
         self.token = ""
         self.task: dict[str, Any] = {}
         self.stats = PhoneStats(name, len(self.x))
@@ -132,26 +145,45 @@ class PhoneClient:
 
     async def step(self) -> str:
         """One check-in and, when handed work, one local training task. Returns the action."""
-        if self.rng.random() >= self.availability:
-            await asyncio.sleep(1.0)  # not idle-and-charging right now
+        away = self.profile.wait_until_available(self.clock.now()) if self.profile else 0.0
+        if away > 0 or self.rng.random() >= self.availability:
+            await self.clock.sleep(away or 1.0)  # not idle-and-charging now
             return "away"
         answer = await self._json("POST", "/v1/checkin")
         action = str(answer.get("action"))
         if action == "wait":
-            await asyncio.sleep(float(answer.get("retry_after_s", 1.0)))
+            await self.clock.sleep(float(answer.get("retry_after_s", 1.0)))
         elif action == "train":
             await self._train_and_upload(answer)
         return action
 
     async def _train_and_upload(self, task: dict[str, Any]) -> None:
-        t0 = time.monotonic()
+        """Download, train, upload; with a device profile, each step also takes the time it
+        would take on that phone (its link speed times the real bytes, its compute speed)."""
+        profile, clock = self.profile, self.clock
+        t0 = clock.now()
         version = int(task["version"])
+        down_before = self.stats.bytes_down
         params = await self.download(version)
+        if profile is not None:
+            await clock.sleep(profile.transfer_s(self.stats.bytes_down - down_before, uplink=False))
+        t1 = clock.now()
+        self.stats.download_s.append(t1 - t0)
         plan = {**task["train"], **self.train_overrides}
         cfg = TrainConfig(**{k: plan[k] for k in ("local_epochs", "batch_size", "lr", "prox_mu")})
-        t1 = time.monotonic()
+        wall = time.monotonic()
         delta, result = await self.pool.train(params, self.x, self.y, cfg, self.rng)
-        self.stats.train_s.append(time.monotonic() - t1)
+        if profile is not None:
+            emulated = profile.train_s(result.num_examples * cfg.local_epochs)
+            if isinstance(clock, WallClock):
+                emulated -= time.monotonic() - wall  # the real compute already took its time
+            if profile.dropout and self.rng.random() < profile.dropout:
+                await clock.sleep(emulated * self.rng.random())
+                self.stats.drops += 1  # vanished mid-training: the server never hears back
+                return
+            await clock.sleep(emulated)
+        t2 = clock.now()
+        self.stats.train_s.append(t2 - t1)
         self._updates_sent += 1
         meta = {
             "update_id": f"{self.name}-{self._updates_sent}",
@@ -160,31 +192,54 @@ class PhoneClient:
             "train_loss": result.loss,
             "round": int(task["round"]),
         }
+        encoder = self._encoder(plan.get("codec") or {})
+        base = encoder.residual_base_version
+        body = encoder.encode(delta, meta, staleness=max(version - base, 0) if base is not None else 0)
+        release = encoder.release()
+        if release is not None and self.ledger is not None:
+            self.ledger.charge(self.name, release)  # spent once it leaves, whatever happens next
+        if profile is not None:
+            await clock.sleep(profile.transfer_s(len(body), uplink=True))  # arrives when fully sent
         try:
-            await self._request("POST", "/v1/update", data=self.encode(delta, meta),
-                                headers={"Content-Type": "application/octet-stream"})
+            await self._request("POST", "/v1/update", data=body, headers={"Content-Type": "application/octet-stream"})
         except ServerError as exc:
-            if exc.status == 409:  # the round closed without us: a straggler, not a failure
+            encoder.rollback()  # nothing was merged: keep the residual as it was
+            if exc.status == 409:  # the round closed or the base got too stale: a straggler
                 self.stats.rejected += 1
                 return
             raise
+        except (TimeoutError, aiohttp.ClientError):
+            encoder.rollback()
+            raise
+        self.stats.upload_s.append(clock.now() - t2)
         self.stats.participations += 1
-        self.stats.latencies_s.append(time.monotonic() - t0)
+        self.stats.latencies_s.append(clock.now() - t0)
+
+    def _encoder(self, codec: dict[str, Any]) -> UpdateEncoder:
+        """The update encoder the task asks for; kept across tasks for its error-feedback residual."""
+        if self.encoder is None or codec != self._codec:
+            self.encoder = UpdateEncoder(EncoderConfig.from_mapping(codec), self.rng.spawn(1)[0])
+            self._codec = dict(codec)
+        return self.encoder
 
     async def run(self, stop: asyncio.Event | None = None, max_errors: int = 20) -> PhoneStats:
         """Check in until the server says the task is done (or ``stop`` is set)."""
         backoff = 0.2
-        while stop is None or not stop.is_set():
-            try:
-                if await self.step() == "done":
-                    break
-                backoff = 0.2
-            except (TimeoutError, aiohttp.ClientError, ServerError) as exc:
-                self.stats.errors += 1
-                if self.stats.errors > max_errors or (isinstance(exc, ServerError) and exc.status in (400, 401)):
-                    raise
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+        self.clock.join()
+        try:
+            while stop is None or not stop.is_set():
+                try:
+                    if await self.step() == "done":
+                        break
+                    backoff = 0.2
+                except (TimeoutError, aiohttp.ClientError, ServerError) as exc:
+                    self.stats.errors += 1
+                    if self.stats.errors > max_errors or (isinstance(exc, ServerError) and exc.status in (400, 401)):
+                        raise
+                    await self.clock.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+        finally:
+            self.clock.leave()
         return self.stats
 
 

@@ -10,10 +10,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from device_runtime.client import Encode, PhoneClient, PhoneStats, dense_encoder
+from device_runtime.client import PhoneClient, PhoneStats
 from device_runtime.data import Dataset, partition
+from device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
 from device_runtime.runtimes import TrainingRuntime
 from device_runtime.trainer import RuntimePool
+from device_runtime.vclock import PhoneClock
 
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
 
@@ -29,6 +31,8 @@ class FleetConfig:
     name_prefix: str = "phone"
     max_rounds: int = 0  # stop after the server recorded this many rounds (0 = until it finishes)
     poll_s: float = 0.25
+    devices: str = "none"  # none (no emulated delays) | default (drawn profiles) | PATH.csv (a trace)
+    profile_spec: ProfileSpec = ProfileSpec()
 
     def __post_init__(self) -> None:
         if self.phones < 1 or self.workers < 1:
@@ -50,14 +54,16 @@ async def run_fleet(
     runtime_factory: RuntimeFactory,
     *,
     on_round: Callable[[dict[str, Any]], None] = lambda r: None,
-    encoder_factory: Callable[[int], Encode] = lambda i: dense_encoder,
     train_overrides: dict[str, Any] | None = None,
+    clock: PhoneClock | None = None,
 ) -> FleetResult:
     """Register ``cfg.phones`` phones holding disjoint shards of ``data``, run them until the
     server's task finishes, and report every round record as it is published."""
     rng = np.random.default_rng(cfg.seed)
     parts = partition(data.y_train, cfg.phones, cfg.partition, rng, cfg.quantity_skew)
     phone_rngs = rng.spawn(cfg.phones)
+    profiles = fleet_profiles(cfg, rng)
+    ledger = None
     connector = aiohttp.TCPConnector(limit=256)
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -65,6 +71,10 @@ async def run_fleet(
             resp.raise_for_status()
             task = await resp.json()
         _check_task(task, data)
+        if task["train"].get("codec", {}).get("noise"):
+            from protocol.privacy import PrivacyLedger
+
+            ledger = PrivacyLedger(float(task.get("dp_delta", 1e-5)))
         pool = RuntimePool(lambda: runtime_factory(task), size=cfg.workers)
         phones = [
             PhoneClient(
@@ -74,9 +84,11 @@ async def run_fleet(
                 (data.x_train[idx], data.y_train[idx]),
                 pool,
                 phone_rngs[i],
-                encode=encoder_factory(i),
+                ledger=ledger,
                 train_overrides=train_overrides,
                 availability=cfg.availability,
+                profile=profiles[i] if profiles else None,
+                clock=clock,
             )
             for i, idx in enumerate(parts)
         ]
@@ -90,7 +102,20 @@ async def run_fleet(
             stop.set()
             monitor.cancel()
             pool.close()
+    if ledger is not None:
+        for p in phones:
+            p.stats.epsilon = ledger.epsilon(p.name)
     return FleetResult(rounds=rounds, devices=[p.stats for p in phones])
+
+
+def fleet_profiles(cfg: FleetConfig, rng: np.random.Generator) -> list[DeviceProfile] | None:
+    """One profile per phone: none, drawn from ``cfg.profile_spec``, or cycled from a trace."""
+    if cfg.devices == "none":
+        return None
+    if cfg.devices == "default":
+        return sample_profiles(cfg.phones, rng, cfg.profile_spec)
+    trace = load_profiles(cfg.devices)
+    return [trace[i % len(trace)] for i in range(cfg.phones)]
 
 
 def _check_task(task: dict[str, Any], data: Dataset) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 from device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
 
@@ -21,6 +22,9 @@ class RuntimePool:
     def __init__(self, factory: Callable[[], TrainingRuntime], size: int = 1) -> None:
         if size < 1:
             raise ValueError("a runtime pool needs at least one runtime")
+        # Phone-sized models gain nothing from intra-op threads, and OpenMP's spin-waiting makes
+        # them several times slower when the cores are shared: parallelism comes from the pool.
+        torch.set_num_threads(1)
         self._free: asyncio.Queue[TrainingRuntime] = asyncio.Queue()
         for _ in range(size):
             self._free.put_nowait(factory())

@@ -33,11 +33,39 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="local trainings in parallel (default 2)")
     p.add_argument("--runtime", choices=["torch", "executorch", "onnx"], help="on-device runtime (default torch)")
     p.add_argument("--out", help="output folder (default runs/latest)")
+    p.add_argument("--mode", choices=["sync", "async"], help="synchronous rounds or FedBuff (default sync)")
+    p.add_argument("--concurrency", type=int, help="async: phones training at once (default 20)")
+    p.add_argument("--buffer", type=int, help="async: updates per merge, K (default 10)")
+    p.add_argument("--staleness", help="async: constant | inverse | poly:A | hinge:A:B (default poly:0.5)")
+    p.add_argument("--max-staleness", type=int, help="async: older updates are refused (default 20)")
+    p.add_argument("--server-optimizer", choices=["fedavg", "fedavgm", "fedadam", "fedyogi"])
+    p.add_argument("--server-lr", type=float, help="server learning rate (default 1.0)")
+    p.add_argument("--devices", help="none | default | PATH.csv: emulated device speeds, links, availability")
+    p.add_argument("--compute-ms", type=float, help="default devices: mean ms per training sample (5)")
+    p.add_argument("--diurnal", type=float, help="default devices: fraction available only at night (0)")
+    p.add_argument("--dropout", type=float, help="default devices: probability of vanishing mid-task (0)")
+    p.add_argument("--clock", choices=["auto", "wall", "virtual"], help="virtual time (default: when devices are emulated)")
+    p.add_argument("--clip", type=float, help="L2 clipping norm C of each update")
+    p.add_argument("--noise", choices=["gaussian", "laplace"], help="local DP mechanism (default gaussian)")
+    p.add_argument("--noise-multiplier", type=float, help="local DP noise = z * C per update")
+    p.add_argument("--epsilon", type=float, help="...or calibrate the noise to this epsilon per update")
+    p.add_argument("--delta", type=float, help="delta for calibration and reporting (default 1e-5)")
+    p.add_argument("--topk", type=float, help="send this fraction of each tensor (largest magnitudes)")
+    p.add_argument("--randk", type=float, help="send a random fraction of each tensor (unbiased)")
+    p.add_argument("--quant-bits", type=int, choices=[32, 8, 4, 2, 1], help="bits per value sent (default 32)")
+    p.add_argument("--error-feedback", action="store_true", default=None, help="carry unsent residuals forward")
+    p.add_argument("--compress", action="store_true", default=None, help="zlib over the update payload")
+    p.add_argument("--epsilon-budget", type=float, help="stop scheduling phones past this local epsilon")
+    p.add_argument("--central-clip", type=float, help="central DP: clip each update on the server")
+    p.add_argument("--central-noise-multiplier", type=float, help="central DP: noise on the clipped sum")
 
 
 def _run_values(args: argparse.Namespace) -> dict[str, Any]:
     keys = ["phones", "rounds", "sample", "dataset", "model", "partition", "quantity_skew", "local_epochs",
-            "batch_size", "lr", "prox_mu", "seed", "workers", "runtime", "out"]
+            "batch_size", "lr", "prox_mu", "seed", "workers", "runtime", "out", "mode", "concurrency", "buffer",
+            "staleness", "max_staleness", "server_optimizer", "server_lr", "devices", "compute_ms", "diurnal",
+            "dropout", "clock", "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk",
+            "quant_bits", "error_feedback", "compress", "epsilon_budget", "central_clip", "central_noise_multiplier"]
     return {k: getattr(args, k) for k in keys}
 
 
@@ -142,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_optional(sub: Any) -> None:
+    from fedfleet.report import register as register_report
+
+    register_report(sub)
     try:
         from export.cli import register
     except ImportError:

@@ -13,7 +13,9 @@ from aiohttp import web
 
 from device_runtime.data import Dataset, load_dataset
 from device_runtime.fleet import FleetConfig, FleetResult, run_fleet
+from device_runtime.profiles import ProfileSpec
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+from device_runtime.vclock import VirtualClock, WallClock
 from fedfleet.output import RoundTable, summarize, write_run
 from server.app import make_app
 from server.config import ServerConfig
@@ -36,6 +38,57 @@ class SimulateConfig:
     workers: int = 2
     runtime: str = "torch"
     out: str = "runs/latest"
+    mode: str = "sync"  # sync | async (FedBuff)
+    concurrency: int = 20  # async: phones training at once
+    buffer: int = 10  # async: updates per merge
+    staleness: str = "poly:0.5"  # async: constant | inverse | poly:A | hinge:A:B
+    max_staleness: int = 20
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
+    server_lr: float = 1.0
+    devices: str = "none"  # none | default | PATH.csv: emulated device speeds, links, availability
+    compute_ms: float = 5.0  # default devices: mean ms per training sample
+    diurnal: float = 0.0  # default devices: fraction of phones only available at night
+    dropout: float = 0.0  # default devices: probability of vanishing mid-task
+    clock: str = "auto"  # wall | virtual | auto (virtual when devices are emulated)
+    # update codec and privacy (the task tells phones how to encode; see protocol/FORMAT.md)
+    clip: float | None = None  # L2 clipping norm C of each update
+    noise: str | None = None  # gaussian | laplace (default gaussian when a noise level is given)
+    noise_multiplier: float | None = None  # local DP noise std = z * C ...
+    epsilon: float | None = None  # ...or calibrated to this epsilon per release, at delta
+    delta: float = 1e-5
+    topk: float | None = None  # fraction of each tensor sent (top-k by magnitude)
+    randk: float | None = None  # ...or a random fraction (unbiased, rescaled)
+    quant_bits: int = 32  # 32 | 8 | 4 | 2 | 1 (stochastic, per-chunk scales)
+    error_feedback: bool = False  # keep what sparsification dropped for the next update
+    compress: bool = False  # zlib over the payload
+    epsilon_budget: float = 0.0  # stop scheduling a phone past this local epsilon (0 = no limit)
+    central_clip: float = 0.0  # central DP on the server (DP-FedAvg): clip ...
+    central_noise_multiplier: float = 0.0  # ... and noise the sum
+
+    def codec(self) -> dict[str, Any]:
+        """The EncoderConfig fields phones are told to use (empty = dense float32)."""
+        c: dict[str, Any] = {}
+        if self.clip is not None:
+            c["clip"] = self.clip
+        if self.noise_multiplier is not None or self.epsilon is not None or self.noise is not None:
+            c["noise"] = self.noise or "gaussian"
+            if c["noise"] == "laplace":
+                c["clip_ord"] = 1
+            if self.noise_multiplier is not None:
+                c["noise_multiplier"] = self.noise_multiplier
+            else:
+                c.update(epsilon=self.epsilon, delta=self.delta)
+        if self.topk is not None and self.randk is not None:
+            raise ValueError("choose --topk or --randk, not both")
+        if self.topk is not None or self.randk is not None:
+            c.update(sparsify="topk" if self.topk is not None else "randk", density=self.topk or self.randk)
+        if self.quant_bits != 32:
+            c["quant_bits"] = self.quant_bits
+        if self.error_feedback:
+            c["error_feedback"] = True
+        if self.compress:
+            c["compress"] = True
+        return c
     server: dict[str, Any] = field(default_factory=dict)  # any other ServerConfig field
 
     def server_config(self, data: Dataset, data_dir: str | None) -> ServerConfig:
@@ -50,10 +103,28 @@ class SimulateConfig:
             batch_size=self.batch_size,
             lr=self.lr,
             prox_mu=self.prox_mu,
-            checkin_retry_s=0.25,
+            checkin_retry_s=5.0 if self.virtual else 0.25,
             data_dir=data_dir,
+            mode=self.mode,
+            concurrency=self.concurrency,
+            buffer_size=self.buffer,
+            staleness=self.staleness,
+            max_staleness=self.max_staleness,
+            server_optimizer=self.server_optimizer,
+            server_lr=self.server_lr,
+            codec=self.codec(),
+            dp_delta=self.delta,
+            epsilon_budget=self.epsilon_budget,
+            central_clip=self.central_clip,
+            central_noise_multiplier=self.central_noise_multiplier,
         )
         return base.replace(**self.server) if self.server else base
+
+    @property
+    def virtual(self) -> bool:
+        if self.clock not in ("auto", "wall", "virtual"):
+            raise ValueError("clock must be auto, wall or virtual")
+        return self.clock == "virtual" or (self.clock == "auto" and self.devices != "none")
 
     def fleet_config(self) -> FleetConfig:
         return FleetConfig(
@@ -62,6 +133,8 @@ class SimulateConfig:
             quantity_skew=self.quantity_skew,
             seed=self.seed,
             workers=self.workers,
+            devices=self.devices,
+            profile_spec=ProfileSpec(compute_ms=self.compute_ms, diurnal=self.diurnal, dropout=self.dropout),
         )
 
 
@@ -83,7 +156,8 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
     out = Path(cfg.out)
     server_cfg = cfg.server_config(data, str(out / "server"))
     _fresh_state(out / "server")
-    app = make_app(server_cfg, test_data=(data.x_test, data.y_test))
+    clock = VirtualClock() if cfg.virtual else WallClock()
+    app = make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -96,12 +170,15 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
             cfg.fleet_config(),
             torch_runtime_for_task,
             on_round=table or (lambda r: None),
+            clock=clock,
         )
     finally:
         await runner.cleanup()
     summary = summarize(result.rounds, result.devices, time.perf_counter() - t0)
     summary["config"] = dataclasses.asdict(cfg)
     summary["dataset_sizes"] = {"train": len(data.y_train), "test": len(data.y_test)}
+    summary["clock"] = "virtual" if cfg.virtual else "wall"
+    summary["privacy"] = privacy_summary(app_release(server_cfg), server_cfg, result.rounds)
     write_run(out, result.rounds, result.devices, summary)
     return result, summary
 
@@ -115,3 +192,25 @@ def _fresh_state(path: Path) -> None:
 def run(cfg: SimulateConfig) -> dict[str, Any]:
     _, summary = asyncio.run(simulate(cfg, RoundTable()))
     return summary
+
+
+def app_release(server_cfg: ServerConfig) -> Any:
+    from server.privacy import task_release
+
+    return task_release(server_cfg.codec)
+
+
+def privacy_summary(release: Any, server_cfg: ServerConfig, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The DP parameters of a run and what they cost, for summary.json."""
+    last = rounds[-1] if rounds else {}
+    return {
+        "mechanism": release.mechanism if release is not None else None,
+        "clip": server_cfg.codec.get("clip"),
+        "noise_multiplier": release.noise_multiplier if release is not None else None,
+        "delta": server_cfg.dp_delta,
+        "epsilon_max": last.get("epsilon_max"),
+        "epsilon_median": last.get("epsilon_median"),
+        "central": {"clip": server_cfg.central_clip, "noise_multiplier": server_cfg.central_noise_multiplier,
+                    "epsilon": last.get("central_epsilon")} if server_cfg.central_noise_multiplier else None,
+        "codec": dict(server_cfg.codec),
+    }

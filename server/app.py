@@ -12,10 +12,12 @@ from aiohttp import web
 
 from export.models import ModelSpec, build_model, trainable_params
 from protocol import ProtocolError, decode_message, encode_message
+from server.async_coordinator import AsyncCoordinator
 from server.config import ServerConfig
 from server.coordinator import Clock, SyncCoordinator, UpdateRejected, wall_clock
 from server.evaluation import Evaluator
 from server.http import COUNTED_KEY, JsonError, json_response
+from server.observability import setup_observability
 from server.routes import setup_routes
 from server.state import CONFIG, COORD, EVALUATOR, STORE, background
 from server.store import Store
@@ -38,14 +40,18 @@ def make_app(
         client_max_size=config.max_update_bytes + (1 << 16),
     )
     spec = ModelSpec(config.model, config.input_shape, config.num_classes)
-    store = Store(_db_path(config))
+    store = Store(_db_path(config), keep_versions=max(16, config.max_staleness + 2))
     version, params = _initial_state(config, spec, store)
+    opt_blob = store.optimizer_state(version)
+    opt_state = decode_message(opt_blob).tensors if opt_blob else None
+    coordinator = AsyncCoordinator if config.mode == "async" else SyncCoordinator
     app[CONFIG] = config
     app[STORE] = store
-    app[COORD] = SyncCoordinator(config, store, params, version, clock)
+    app[COORD] = coordinator(config, store, params, version, clock, opt_state)
     if test_data is not None:
         app[EVALUATOR] = Evaluator(spec, test_data[0], test_data[1], seed=config.seed)
     setup_routes(app)
+    setup_observability(app)
     app.cleanup_ctx.append(background)
     return app
 
@@ -80,13 +86,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except JsonError as exc:
-        _count_rejection(request, exc.status)
+        _count_rejection(request, exc.status, exc.reason_tag)
         raise
     except ProtocolError as exc:
-        _count_rejection(request, 400)
+        _count_rejection(request, 400, exc.reason)
         return json_response({"error": exc.reason, "message": str(exc)}, status=400)
     except UpdateRejected as exc:
-        _count_rejection(request, exc.status)
+        _count_rejection(request, exc.status, exc.reason)
         return json_response({"error": exc.reason, "message": exc.message}, status=exc.status)
     except web.HTTPRequestEntityTooLarge as exc:
         return json_response({"error": "too_large", "message": exc.text or "body too large"}, status=413)
@@ -97,9 +103,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return json_response({"error": "internal", "message": "internal server error"}, status=500)
 
 
-def _count_rejection(request: web.Request, status: int) -> None:
+def _count_rejection(request: web.Request, status: int, reason: str) -> None:
     if request.path == "/v1/update" and 400 <= status < 500:
-        request.app[COORD].count_rejection()
+        request.app[COORD].count_rejection(reason)
 
 
 @web.middleware

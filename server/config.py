@@ -26,10 +26,28 @@ class ServerConfig:
     sample_fraction: float = 0.5  # fraction of registered phones that must report per round
     min_cohort: int = 1  # never fewer than this many phones per round
     over_selection: float = 1.3  # hand out work to this many times the target (stragglers)
-    round_timeout_s: float = 60.0  # close with what arrived (if >= min_updates) after this
+    round_timeout_s: float = 60.0  # sync: close with what arrived after this; async: task timeout
     min_updates: int = 1
     example_cap: int = 10_000  # an update weighs min(num_examples, example_cap)
-    server_lr: float = 1.0  # new = old + server_lr * weighted mean of deltas
+    # --- merging (both modes) ------------------------------------------------------------
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi (Reddi et al. 2021)
+    server_lr: float = 1.0  # new = old + server_lr * optimizer(weighted mean of deltas)
+    server_momentum: float = 0.9  # fedavgm
+    server_beta1: float = 0.9  # fedadam / fedyogi
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    # --- asynchronous mode (FedBuff, Nguyen et al. 2022) ---------------------------------
+    mode: str = "sync"  # sync | async
+    concurrency: int = 20  # async: phones training at once
+    buffer_size: int = 10  # async: K updates per merge
+    staleness: str = "poly:0.5"  # constant | inverse | poly:A | hinge:A:B
+    max_staleness: int = 20  # async: older updates get 409 (refresh)
+    # --- the update codec phones must use, and privacy ------------------------------------
+    codec: dict[str, Any] = field(default_factory=dict)  # protocol.EncoderConfig fields; {} = dense float32
+    dp_delta: float = 1e-5  # delta at which epsilon is reported
+    epsilon_budget: float = 0.0  # a phone whose local-DP epsilon would pass this gets no more work (0 = none)
+    central_clip: float = 0.0  # central DP (DP-FedAvg): clip each update to this L2 norm (0 = off)
+    central_noise_multiplier: float = 0.0  # ...and add N(0, (z * clip)^2) to the sum
     # --- limits -------------------------------------------------------------------------
     max_update_bytes: int = 16 << 20  # bodies over this get 413
     max_examples: int = 10_000_000  # a phone claiming more is refused (400)
@@ -51,6 +69,23 @@ class ServerConfig:
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive finite number")
+        if self.mode not in ("sync", "async"):
+            raise ValueError("mode must be 'sync' or 'async'")
+        if self.concurrency < 1 or self.buffer_size < 1 or self.max_staleness < 0:
+            raise ValueError("concurrency and buffer_size must be >= 1, max_staleness >= 0")
+        from server.optimizers import ServerOptimizer
+        from server.staleness import parse_staleness
+
+        parse_staleness(self.staleness)
+        from protocol import EncoderConfig
+
+        EncoderConfig.from_mapping(self.codec)
+        if not 0 < self.dp_delta < 1 or self.epsilon_budget < 0:
+            raise ValueError("dp_delta must be in (0, 1) and epsilon_budget >= 0")
+        if (self.central_clip > 0) != (self.central_noise_multiplier > 0) or self.central_clip < 0:
+            raise ValueError("central DP needs both central_clip > 0 and central_noise_multiplier > 0")
+        ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum, self.server_beta1,
+                        self.server_beta2, self.server_tau)
         if self.example_cap < 1 or self.max_update_bytes < 1024:
             raise ValueError("example_cap must be >= 1 and max_update_bytes >= 1024")
 
@@ -61,6 +96,7 @@ class ServerConfig:
             "batch_size": self.batch_size,
             "lr": self.lr,
             "prox_mu": self.prox_mu,
+            "codec": dict(self.codec),
         }
 
     def replace(self, **changes: Any) -> ServerConfig:

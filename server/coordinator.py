@@ -1,11 +1,14 @@
-"""Synchronous FedAvg rounds: sample a cohort, wait for its updates or the deadline, merge.
+"""Coordinators: the only mutable state of the server.
 
-The coordinator is the only mutable state of the server. It runs on the event loop and
-never awaits inside a state change, so concurrent requests see consistent rounds.
+``SyncCoordinator`` runs FedAvg rounds (sample a cohort, wait for its updates or the
+deadline, merge). ``AsyncCoordinator`` (server/async_coordinator.py) merges a buffer of
+K updates whatever version they started from (FedBuff). Both run on the event loop and
+never await inside a state change, so concurrent requests see consistent state.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -14,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from protocol import TensorSpec, encode_message
-from server.aggregation import Params, apply_delta, example_weight, weighted_mean
+from protocol import TensorSpec, dense_float32_nbytes, encode_message
+from server.aggregation import Params, example_weight, weighted_mean
 from server.config import ServerConfig
 from server.metrics import RoundRecord, percentile
+from server.optimizers import ServerOptimizer
+from server.privacy import central_dp_mean, task_release
 from server.store import Store
 
 Clock = Callable[[], float]
@@ -32,24 +37,17 @@ class UpdateRejected(Exception):
 
 
 @dataclass
-class _Update:
+class Contribution:
+    """One accepted update waiting to be merged."""
+
+    phone: str
     update_id: str
     delta: Params
     num_examples: int
     train_loss: float | None
     latency_s: float
-
-
-@dataclass
-class _Round:
-    number: int
-    opened_at: float
-    target: int
-    cohort: dict[str, float] = field(default_factory=dict)  # phone -> time the task was handed out
-    updates: dict[str, _Update] = field(default_factory=dict)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    rejected: int = 0
+    staleness: int = 0
+    wire_bytes: int = 0  # the update's body as it crossed the wire
 
 
 @dataclass(frozen=True)
@@ -61,42 +59,188 @@ class Published:
     record: RoundRecord
 
 
-class SyncCoordinator:
-    def __init__(self, config: ServerConfig, store: Store, params: Params, version: int, clock: Clock) -> None:
-        self.config = config
-        self.store = store
-        self.clock = clock
-        self.params = params
-        self.version = version
+@dataclass
+class _Period:
+    """Traffic since the last published version."""
+
+    opened_at: float
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected: int = 0
+
+
+class Coordinator:
+    """What both modes share: parameters, versions, the optimizer, traffic and records."""
+
+    mode = "base"
+
+    def __init__(self, config: ServerConfig, store: Store, params: Params, version: int, clock: Clock,
+                 opt_state: Params | None = None) -> None:
+        self.config, self.store, self.clock = config, store, clock
+        self.params, self.version = params, version
+        self.optimizer = ServerOptimizer(config.server_optimizer, config.server_lr, config.server_momentum,
+                                         config.server_beta1, config.server_beta2, config.server_tau)
+        self.opt_state: Params = opt_state or {}
         self.specs = {n: TensorSpec(tuple(p.shape), p.dtype.name) for n, p in params.items()}
         self.started_at = clock()
         self.model_blob = self._model_message()
         self.history: list[dict[str, Any]] = store.rounds()
-        first_round = int(store.get_meta("next_round") or 1)
-        self.round = _Round(first_round, clock(), self._target())
+        self.merges = int(store.get_meta("merges") or 0)
+        self.period = _Period(clock())
+        self.rejections: dict[str, int] = {}
+        self.release = task_release(config.codec)  # what one update costs in local DP, or None
+        self.ledger = _load_ledger(store, config.dp_delta)
+        self.dense_bytes = dense_float32_nbytes(self.specs)
 
-    # --- queries ------------------------------------------------------------------------
+    def allowed(self, phone: str) -> bool:
+        """False once this phone's local-DP budget cannot pay for another update."""
+        budget = self.config.epsilon_budget
+        if not budget or self.release is None:
+            return True
+        return bool(self.ledger.can_participate(phone, budget, self.release))
+
+    def charge(self, phone: str) -> None:
+        if self.release is not None:
+            self.ledger.charge(phone, self.release)
+
     @property
     def done(self) -> bool:
-        """All configured rounds are merged (never, with rounds = 0)."""
-        return self.config.rounds > 0 and self.round.number > self.config.rounds
+        """All configured merges are published (never, with rounds = 0)."""
+        return self.config.rounds > 0 and self.merges >= self.config.rounds
 
-    def task(self) -> dict[str, Any]:
-        return {
-            "round": self.round.number,
-            "version": self.version,
-            "deadline_s": max(0.0, self.round.opened_at + self.config.round_timeout_s - self.clock()),
-            "train": self.config.train_plan(),
+    def _model_message(self) -> bytes:
+        return encode_message("model", {"version": self.version, "model": self.config.model}, self.params)
+
+    def train_task(self, deadline_s: float) -> dict[str, Any]:
+        return {"action": "train", "round": self.merges + 1, "version": self.version,
+                "deadline_s": max(0.0, deadline_s), "train": self.config.train_plan()}
+
+    def wait(self) -> dict[str, Any]:
+        return {"action": "wait", "retry_after_s": self.config.checkin_retry_s, "version": self.version}
+
+    def count_bytes(self, up: int, down: int) -> None:
+        self.period.bytes_up += up
+        self.period.bytes_down += down
+
+    def count_rejection(self, reason: str = "other") -> None:
+        self.period.rejected += 1
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+    def _publish(self, contributions: list[Contribution], selected: int, extra: dict[str, Any]) -> Published:
+        """Merge (weights: staleness x capped examples, normalised by examples), step the server
+        optimizer, and make the new version durable before anyone can download it."""
+        t0 = time.perf_counter()
+        if self.config.central_noise_multiplier > 0:  # DP-FedAvg: equal weights, clipped, noised
+            rng = np.random.default_rng([self.config.seed, self.version])
+            pseudo_grad = central_dp_mean([c.delta for c in contributions], self.config.central_clip,
+                                          self.config.central_noise_multiplier, rng)
+        else:
+            weights = [self.staleness_weight(c.staleness) * example_weight(c.num_examples, self.config.example_cap)
+                       for c in contributions]
+            norm = sum(example_weight(c.num_examples, self.config.example_cap) for c in contributions)
+            mean = weighted_mean([(c.delta, w) for c, w in zip(contributions, weights, strict=True)])
+            scale = sum(weights) / norm  # < 1 when stale updates were down-weighted (FedBuff)
+            pseudo_grad = {n: v * scale for n, v in mean.items()}
+        self.params, self.opt_state = self.optimizer.step(self.params, pseudo_grad, self.opt_state)
+        self.version += 1
+        self.merges += 1
+        self.model_blob = self._model_message()
+        opt_blob = encode_message("model", {"optimizer": self.optimizer.name}, self.opt_state) if self.opt_state else None
+        ledger = json.dumps(self.ledger.to_dict()) if self.release is not None else None
+        self.store.save_version(self.version, self.model_blob, opt_blob,
+                                meta={"merges": str(self.merges), **({"ledger": ledger} if ledger else {})})
+        latencies = [c.latency_s for c in contributions]
+        losses = [float(c.train_loss) for c in contributions if c.train_loss is not None]
+        now = self.clock()
+        record = RoundRecord(
+            round=self.merges, version=self.version, accuracy=None, loss=None,
+            train_loss=float(np.mean(losses)) if losses else None,
+            updates=len(contributions), selected=selected, dropped=max(selected - len(contributions), 0),
+            rejected=self.period.rejected, bytes_up=self.period.bytes_up, bytes_down=self.period.bytes_down,
+            latency_p50_s=percentile(latencies, 50), latency_p95_s=percentile(latencies, 95),
+            wall_s=now - self.period.opened_at, aggregate_ms=(time.perf_counter() - t0) * 1e3,
+            time_s=now - self.started_at, extra={"mode": self.mode, **self._traffic(contributions, selected), **extra},
+        )
+        self.period = _Period(now)
+        return Published(self.version, self.params, record)
+
+    # --- what each mode implements ---------------------------------------------------------
+    def checkin(self, phone: str) -> dict[str, Any]:
+        """Hand out work (``train``), ask the phone to come back (``wait``), or end (``done``)."""
+        raise NotImplementedError
+
+    def add_update(self, phone: str, meta: dict[str, Any], delta: Params) -> dict[str, Any]:
+        """Accept a decoded update or raise ``UpdateRejected``; merging is ``merge``'s job."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def merge(self) -> Published:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        """Let time-outs take effect (called on requests and by a background ticker)."""
+
+    def staleness_weight(self, staleness: int) -> float:
+        return 1.0
+
+    def _traffic(self, contributions: list[Contribution], selected: int) -> dict[str, Any]:
+        """Compression and privacy figures of a merge, for its round record."""
+        update_bytes = sum(c.wire_bytes for c in contributions)
+        dense = self.dense_bytes * len(contributions)
+        out: dict[str, Any] = {
+            "update_bytes": update_bytes,
+            "dense_bytes": dense,
+            "compression_ratio": dense / update_bytes if update_bytes else None,
         }
+        if self.release is not None:
+            summary = self.ledger.summary()
+            out.update(epsilon_max=summary.max_epsilon, epsilon_median=summary.median_epsilon,
+                       delta=summary.delta, noise_multiplier=self.release.noise_multiplier)
+        if self.config.central_noise_multiplier > 0:
+            from protocol.privacy import central_epsilon
+
+            registered = max(self.store.phone_count(), 1)
+            q = min(1.0, max(selected, len(contributions)) / registered)
+            out.update(central_epsilon=central_epsilon(self.config.central_noise_multiplier, q, self.merges,
+                                                       self.config.dp_delta),
+                       central_sampling_rate=q, delta=self.config.dp_delta)
+        return out
+
+    def record(self, record: RoundRecord) -> None:
+        row = record.to_json()
+        self.history.append(row)
+        self.store.add_round(row)
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": self.mode, "version": self.version, "round": self.merges + 1, "done": self.done,
+                "rounds_recorded": len(self.history), "rejections": dict(self.rejections)}
+
+
+@dataclass
+class _Round:
+    number: int
+    opened_at: float
+    target: int
+    cohort: dict[str, float] = field(default_factory=dict)  # phone -> time the task was handed out
+    updates: dict[str, Contribution] = field(default_factory=dict)
+
+
+class SyncCoordinator(Coordinator):
+    """Synchronous FedAvg (McMahan et al. 2017) with over-selection (Bonawitz et al. 2019)."""
+
+    mode = "sync"
+
+    def __init__(self, config: ServerConfig, store: Store, params: Params, version: int, clock: Clock,
+                 opt_state: Params | None = None) -> None:
+        super().__init__(config, store, params, version, clock, opt_state)
+        self.round = _Round(self.merges + 1, clock(), self._target())
 
     def _target(self) -> int:
         registered = max(self.store.phone_count(), 1)
         return max(self.config.min_cohort, math.ceil(self.config.sample_fraction * registered))
 
-    def _model_message(self) -> bytes:
-        return encode_message("model", {"version": self.version, "model": self.config.model}, self.params)
-
-    # --- phone actions ------------------------------------------------------------------
     def checkin(self, phone: str) -> dict[str, Any]:
         self.tick()
         if self.done:
@@ -104,37 +248,41 @@ class SyncCoordinator:
         rnd = self.round
         if not rnd.cohort:  # the first check-in of a round fixes its target size
             rnd.target = self._target()
-        retry = {"action": "wait", "retry_after_s": self.config.checkin_retry_s, "version": self.version}
         if phone in rnd.updates:
-            return retry
+            return self.wait()
+        if not self.allowed(phone):
+            return {"action": "done", "version": self.version, "reason": "privacy budget spent"}
         if phone not in rnd.cohort:
             if len(rnd.cohort) >= math.ceil(rnd.target * self.config.over_selection):
-                return retry
+                return self.wait()
             rnd.cohort[phone] = self.clock()
-        return {"action": "train", **self.task()}
+        return self.train_task(rnd.opened_at + self.config.round_timeout_s - self.clock())
 
     def add_update(self, phone: str, meta: dict[str, Any], delta: Params) -> dict[str, Any]:
-        """Validate the update's metadata against the round and merge when the round is full."""
+        """Validate the update's metadata against the round; the caller merges when ``ready()``."""
         self.tick()
         rnd = self.round
-        if self.done:
-            raise self._reject(409, "finished", "the task has finished; no more updates are merged")
         update_id = str(meta["update_id"])
         if phone in rnd.updates:
             if rnd.updates[phone].update_id == update_id:
                 return {"accepted": True, "duplicate": True, "round": rnd.number, "version": self.version}
-            raise self._reject(409, "duplicate", "this phone already uploaded a different update this round")
+            raise UpdateRejected(409, "duplicate", "this phone already uploaded a different update this round")
+        if self.done:
+            raise UpdateRejected(409, "finished", "the task has finished; no more updates are merged")
+        if meta["base_version"] > self.version:
+            raise UpdateRejected(400, "future_version", f"version {meta['base_version']} does not exist yet")
         if meta["base_version"] != self.version:
-            raise self._reject(
-                409, "stale", f"update is based on version {meta['base_version']}, current is {self.version}"
+            raise UpdateRejected(
+                409, "stale", f"update is based on version {meta['base_version']}, current is {self.version}; check in again"
             )
         if phone not in rnd.cohort:
-            raise self._reject(409, "not_selected", "this phone has no task in the current round; check in first")
-        n = int(meta["num_examples"])
+            raise UpdateRejected(409, "not_selected", "this phone has no task in the current round; check in first")
         now = self.clock()
-        rnd.updates[phone] = _Update(update_id, delta, n, meta.get("train_loss"), now - rnd.cohort[phone])
-        answer = {"accepted": True, "duplicate": False, "round": rnd.number, "version": self.version}
-        return answer
+        rnd.updates[phone] = Contribution(phone, update_id, delta, int(meta["num_examples"]),
+                                          meta.get("train_loss"), now - rnd.cohort[phone],
+                                          wire_bytes=int(meta.get("wire_bytes", 0)))
+        self.charge(phone)
+        return {"accepted": True, "duplicate": False, "round": rnd.number, "version": self.version}
 
     def ready(self) -> bool:
         """Whether the open round should be merged now (target reached or deadline passed)."""
@@ -148,58 +296,25 @@ class SyncCoordinator:
         """Restart a round whose deadline passed with too few updates to merge."""
         rnd = self.round
         if self.clock() - rnd.opened_at >= self.config.round_timeout_s and len(rnd.updates) < self.config.min_updates:
-            self.round = _Round(rnd.number, self.clock(), self._target(), bytes_up=rnd.bytes_up,
-                                bytes_down=rnd.bytes_down, rejected=rnd.rejected)
+            self.round = _Round(rnd.number, self.clock(), self._target())
 
-    def count_bytes(self, up: int, down: int) -> None:
-        self.round.bytes_up += up
-        self.round.bytes_down += down
-
-    def count_rejection(self) -> None:
-        self.round.rejected += 1
-
-    def _reject(self, status: int, reason: str, message: str) -> UpdateRejected:
-        return UpdateRejected(status, reason, message)
-
-    # --- merging ------------------------------------------------------------------------
     def merge(self) -> Published:
-        """FedAvg over the round's updates; publish the next version durably; open the next round."""
-        t0 = time.perf_counter()
         rnd = self.round
-        ups = list(rnd.updates.values())
-        mean = weighted_mean([(u.delta, example_weight(u.num_examples, self.config.example_cap)) for u in ups])
-        self.params = apply_delta(self.params, mean, self.config.server_lr)
-        self.version += 1
-        self.model_blob = self._model_message()
-        self.store.save_version(self.version, self.model_blob)
-        self.store.set_meta("next_round", str(rnd.number + 1))
-        latencies = [u.latency_s for u in ups]
-        losses = [float(u.train_loss) for u in ups if u.train_loss is not None]
-        record = RoundRecord(
-            round=rnd.number,
-            version=self.version,
-            accuracy=None,
-            loss=None,
-            train_loss=float(np.mean(losses)) if losses else None,
-            updates=len(ups),
-            selected=len(rnd.cohort),
-            dropped=len(rnd.cohort) - len(ups),
-            rejected=rnd.rejected,
-            bytes_up=rnd.bytes_up,
-            bytes_down=rnd.bytes_down,
-            latency_p50_s=percentile(latencies, 50),
-            latency_p95_s=percentile(latencies, 95),
-            wall_s=self.clock() - rnd.opened_at,
-            aggregate_ms=(time.perf_counter() - t0) * 1e3,
-            time_s=self.clock() - self.started_at,
-        )
-        self.round = _Round(rnd.number + 1, self.clock(), self._target())
-        return Published(self.version, self.params, record)
+        published = self._publish(list(rnd.updates.values()), len(rnd.cohort), {})
+        self.round = _Round(self.merges + 1, self.clock(), self._target())
+        return published
 
-    def record(self, record: RoundRecord) -> None:
-        row = record.to_json()
-        self.history.append(row)
-        self.store.add_round(row)
+    def status(self) -> dict[str, Any]:
+        rnd = self.round
+        return {**super().status(), "phones": self.store.phone_count(), "target": rnd.target,
+                "selected": len(rnd.cohort), "updates_in_round": len(rnd.updates)}
+
+
+def _load_ledger(store: Store, delta: float) -> Any:
+    from protocol.privacy import PrivacyLedger  # dp_accounting is slow to import: only when used
+
+    saved = store.get_meta("ledger")
+    return PrivacyLedger.from_dict(json.loads(saved)) if saved else PrivacyLedger(delta)
 
 
 def wall_clock() -> float:

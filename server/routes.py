@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from protocol import FORMAT_VERSION, decode_message
+from protocol import FORMAT_VERSION, UPDATE_META_KEYS, decode_message
 from server.http import COUNTED_KEY, NAME_RE, authenticate, fail, json_response, read_body, read_json
 from server.state import CONFIG, COORD, STORE, schedule_merge
 
@@ -21,12 +21,13 @@ def task_spec(request: web.Request) -> dict[str, Any]:
     cfg, coord = request.app[CONFIG], request.app[COORD]
     return {
         "format_version": FORMAT_VERSION,
-        "mode": "sync",
+        "mode": cfg.mode,
         "model": cfg.model,
         "input_shape": list(cfg.input_shape),
         "num_classes": cfg.num_classes,
         "params": [{"name": n, "shape": list(s.shape), "dtype": s.dtype} for n, s in coord.specs.items()],
         "train": cfg.train_plan(),
+        "dp_delta": cfg.dp_delta,
         "max_update_bytes": cfg.max_update_bytes,
         "rounds": cfg.rounds,
     }
@@ -62,17 +63,32 @@ async def checkin(request: web.Request) -> web.Response:
 
 
 async def model(request: web.Request) -> web.Response:
-    """The current model as a wire-format message; ``If-None-Match`` makes repeats free."""
+    """The current model (or ``?version=N`` from the kept window) as a wire-format message;
+    ``If-None-Match`` makes repeated downloads free."""
     authenticate(request, request.app[STORE])
     coord = request.app[COORD]
-    etag = f'"v{coord.version}"'
-    headers = {"ETag": etag, "X-Fedfleet-Version": str(coord.version)}
+    version, blob = coord.version, coord.model_blob
+    if "version" in request.query:
+        try:
+            version = int(request.query["version"])
+        except ValueError:
+            fail(400, "bad_query", "version must be an integer")
+        if version != coord.version:
+            old = request.app[STORE].version_blob(version)
+            if old is None:
+                fail(404, "no_such_version", f"version {version} is not kept (current {coord.version})")
+            blob = old
+    etag = f'"v{version}"'
+    headers = {"ETag": etag, "X-Fedfleet-Version": str(version)}
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers=headers)
-    return web.Response(body=coord.model_blob, content_type="application/octet-stream", headers=headers)
+    return web.Response(body=blob, content_type="application/octet-stream", headers=headers)
 
 
 def _update_meta(meta: dict[str, Any], max_examples: int) -> dict[str, Any]:
+    missing = sorted(set(UPDATE_META_KEYS) - set(meta))
+    if missing:
+        fail(400, "bad_meta", f"update meta lacks {missing} (see protocol/FORMAT.md)")
     update_id = meta.get("update_id")
     if not isinstance(update_id, str) or not 0 < len(update_id) <= 128:
         fail(400, "bad_meta", "meta.update_id must be a string of 1..128 characters")
@@ -84,7 +100,7 @@ def _update_meta(meta: dict[str, Any], max_examples: int) -> dict[str, Any]:
         fail(400, "bad_examples", f"meta.num_examples must be an integer in 1..{max_examples}")
     loss = meta.get("train_loss")
     if loss is not None and (not isinstance(loss, int | float) or not math.isfinite(loss)):
-        fail(400, "bad_meta", "meta.train_loss must be a finite number or absent")
+        fail(400, "bad_meta", "meta.train_loss must be a finite number or null")
     return {"update_id": update_id, "base_version": base, "num_examples": n, "train_loss": loss}
 
 
@@ -93,10 +109,10 @@ async def update(request: web.Request) -> web.Response:
     cfg, coord = app[CONFIG], app[COORD]
     phone = authenticate(request, app[STORE])
     body = await read_body(request, cfg.max_update_bytes)
-    msg = decode_message(body, expected=coord.specs)  # ProtocolError -> 400 in the middleware
+    msg = decode_message(body, expected=coord.specs, max_bytes=cfg.max_update_bytes)  # ProtocolError -> 400
     if msg.kind != "update":
         fail(400, "malformed", f"expected an 'update' message, got {msg.kind!r}")
-    meta = _update_meta(msg.meta, cfg.max_examples)
+    meta = {**_update_meta(msg.meta, cfg.max_examples), "wire_bytes": len(body)}
     answer = coord.add_update(phone, meta, msg.tensors)
     response = json_response(answer)
     coord.count_bytes(len(body), response.content_length or 0)  # before a merge closes the round
@@ -107,31 +123,18 @@ async def update(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    coord = request.app[COORD]
-    rnd = coord.round
-    return json_response(
-        {
-            "version": coord.version,
-            "round": rnd.number,
-            "done": coord.done,
-            "phones": request.app[STORE].phone_count(),
-            "target": rnd.target,
-            "selected": len(rnd.cohort),
-            "updates_in_round": len(rnd.updates),
-            "rounds_recorded": len(coord.history),
-        }
-    )
+    return json_response(request.app[COORD].status())
 
 
 async def rounds(request: web.Request) -> web.Response:
     """Round records after ``?since=N``; ``finished`` once the last round is recorded."""
-    coord, cfg = request.app[COORD], request.app[CONFIG]
+    coord = request.app[COORD]
     try:
         since = int(request.query.get("since", "0"))
     except ValueError:
         fail(400, "bad_query", "since must be an integer")
     rows = [r for r in coord.history if r["round"] > since]
-    finished = coord.done and cfg.rounds > 0 and len(coord.history) >= cfg.rounds
+    finished = coord.done and len(coord.history) >= coord.merges
     return json_response({"rounds": rows, "finished": finished})
 
 

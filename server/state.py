@@ -10,13 +10,13 @@ from pathlib import Path
 from aiohttp import web
 
 from server.config import ServerConfig
-from server.coordinator import Published, SyncCoordinator
+from server.coordinator import Coordinator, Published
 from server.evaluation import Evaluator
 from server.store import Store
 
 CONFIG = web.AppKey("config", ServerConfig)
 STORE = web.AppKey("store", Store)
-COORD = web.AppKey("coordinator", SyncCoordinator)
+COORD = web.AppKey("coordinator", Coordinator)
 EVALUATOR = web.AppKey("evaluator", Evaluator)
 PUBLISH_QUEUE = web.AppKey("publish_queue", asyncio.Queue)
 TICK_S = 0.2

@@ -20,6 +20,10 @@ CREATE TABLE IF NOT EXISTS versions (
     sha256 TEXT NOT NULL,
     params BLOB NOT NULL                -- a wire-format 'model' message
 );
+CREATE TABLE IF NOT EXISTS optimizer (
+    version INTEGER PRIMARY KEY,
+    state BLOB NOT NULL                 -- server optimizer moments after this version
+);
 CREATE TABLE IF NOT EXISTS phones (
     phone_id TEXT PRIMARY KEY,
     token_sha256 TEXT UNIQUE NOT NULL,
@@ -55,18 +59,30 @@ class Store:
         self.db.close()
 
     # --- model versions -----------------------------------------------------------------
-    def save_version(self, version: int, blob: bytes) -> str:
+    def save_version(self, version: int, blob: bytes, opt_state: bytes | None = None,
+                     meta: dict[str, str] | None = None) -> str:
+        """Commit a version, its optimizer state and counters in one transaction."""
         digest = hashlib.sha256(blob).hexdigest()
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute(
-                "INSERT INTO versions(version, created, sha256, params) VALUES (?, ?, ?, ?)",
-                (version, time.time(), digest, blob),
-            )
-            self.db.execute(
-                "DELETE FROM versions WHERE version <= ?", (version - self.keep_versions,)
-            )
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("INSERT INTO versions(version, created, sha256, params) VALUES (?, ?, ?, ?)",
+                       (version, time.time(), digest, blob))
+            if opt_state is not None:
+                db.execute("INSERT OR REPLACE INTO optimizer(version, state) VALUES (?, ?)", (version, opt_state))
+            for key, value in (meta or {}).items():
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+            db.execute("DELETE FROM versions WHERE version <= ?", (version - self.keep_versions,))
+            db.execute("DELETE FROM optimizer WHERE version < ?", (version,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         return digest
+
+    def optimizer_state(self, version: int) -> bytes | None:
+        row = self.db.execute("SELECT state FROM optimizer WHERE version = ?", (version,)).fetchone()
+        return bytes(row[0]) if row else None
 
     def latest_version(self) -> tuple[int, bytes] | None:
         row = self.db.execute("SELECT version, params FROM versions ORDER BY version DESC LIMIT 1").fetchone()

@@ -82,7 +82,7 @@ BAD_BODIES = {
     "float examples": (lambda task: update_body(task, num_examples=1.5), 400, "bad_examples"),
     "no update id": (lambda task: update_body(task, update_id=""), 400, "bad_meta"),
     "model kind": (lambda task: encode_message("model", {"version": 0}, zero_delta(task)), 400, "malformed"),
-    "stale version": (lambda task: update_body(task, base_version=7), 409, "stale"),
+    "future version": (lambda task: update_body(task, base_version=7), 400, "future_version"),
     "oversized": (lambda task: b"\x00" * (2 << 20), 413, "too_large"),
 }
 
@@ -98,7 +98,10 @@ async def test_bad_update_gets_4xx_and_changes_nothing(make_server: MakeClient, 
     assert resp.status == status, await resp.text()
     err = await resp.json()
     assert err["message"] and (reason is None or err["error"] == reason)
-    assert await state(client) == before
+    after = await state(client)
+    assert after.pop("rejections") == {err["error"]: 1}  # counted by reason, nothing else moved
+    before.pop("rejections")
+    assert after == before
     # The phone can still upload a good update afterwards.
     good = await client.post("/v1/update", data=update_body(task), headers=auth)
     assert good.status == 200
@@ -144,3 +147,16 @@ async def test_round_closes_at_deadline_with_partial_cohort(make_server: MakeCli
     assert rounds[0]["updates"] == 1 and rounds[0]["dropped"] == 1
     late = await client.post("/v1/update", data=update_body(task, update_id="late"), headers=b)
     assert late.status == 409
+
+
+async def test_update_on_an_old_version_is_stale(make_server: MakeClient) -> None:
+    client = await make_server(sample_fraction=1.0, min_cohort=1)
+    _, a, task = await register(client, "a")
+    await client.post("/v1/checkin", headers=a)
+    assert (await client.post("/v1/update", data=update_body(task), headers=a)).status == 200
+    await client.post("/v1/checkin", headers=a)  # round 2 on version 1
+    resp = await client.post("/v1/update", data=update_body(task, update_id="u2", base_version=0), headers=a)
+    assert resp.status == 409 and (await resp.json())["error"] == "stale"
+    old = await client.get("/v1/model?version=0", headers=a)
+    assert old.status == 200 and old.headers["X-Fedfleet-Version"] == "0"
+    assert (await client.get("/v1/model?version=99", headers=a)).status == 404

@@ -1,0 +1,96 @@
+"""A discrete-event virtual clock for emulated fleets.
+
+Phones do their real work (HTTP requests with real bytes, real local training) at once and
+then *sleep on the virtual clock* for the time that work would take on the device (from its
+profile and the real payload size). Virtual time advances only when every emulated phone is
+asleep, jumping to the earliest wake-up, so a day of a fleet runs as fast as the real work
+allows, and event order is deterministic. The server reads ``now`` as its clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from typing import Protocol
+
+
+class PhoneClock(Protocol):
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+    def join(self) -> None: ...
+
+    def leave(self) -> None: ...
+
+
+class WallClock:
+    """Real time: sleeping really waits."""
+
+    def __init__(self) -> None:
+        self._t0 = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(seconds, 0.0))
+
+    def join(self) -> None:
+        pass
+
+    def leave(self) -> None:
+        pass
+
+
+class VirtualClock:
+    def __init__(self, start: float = 0.0) -> None:
+        self.t = start
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._members = 0  # phones taking part
+        self._sleeping = 0  # phones blocked in sleep()
+        self._advance_scheduled = False
+
+    def now(self) -> float:
+        return self.t
+
+    def join(self) -> None:
+        self._members += 1
+
+    def leave(self) -> None:
+        self._members -= 1
+        self._schedule_advance()
+
+    async def sleep(self, seconds: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (self.t + max(seconds, 0.0), next(self._seq), fut))
+        self._sleeping += 1
+        self._schedule_advance()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.cancelled():  # woken futures were already uncounted in _advance
+                self._sleeping -= 1
+                self._schedule_advance()
+            raise
+
+    def _schedule_advance(self) -> None:
+        if not self._advance_scheduled and self._heap:
+            self._advance_scheduled = True
+            asyncio.get_running_loop().call_soon(self._advance)
+
+    def _advance(self) -> None:
+        self._advance_scheduled = False
+        while self._heap and self._heap[0][2].done():  # cancelled sleepers
+            heapq.heappop(self._heap)
+        if not self._heap or self._sleeping < self._members:
+            return  # someone is still working; the last one to fall asleep advances time
+        self.t = max(self.t, self._heap[0][0])
+        while self._heap and self._heap[0][0] <= self.t:
+            _, _, fut = heapq.heappop(self._heap)
+            if not fut.done():
+                fut.set_result(None)
+                self._sleeping -= 1

@@ -1,0 +1,111 @@
+"""Asynchronous, staleness-aware merging for intermittently connected phones (FedBuff).
+
+Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous Aggregation": phones
+train on whatever version they downloaded; the server buffers K updates, down-weights each
+by its staleness s = current - base, merges them into a new version, and keeps C phones
+training at once. Huba et al. 2022 (Papaya) run this at production scale.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from server.aggregation import Params
+from server.config import ServerConfig
+from server.coordinator import Clock, Contribution, Coordinator, Published, UpdateRejected
+from server.staleness import parse_staleness
+from server.store import Store
+
+REMEMBERED_IDS = 100_000  # merged (phone, update id) pairs kept for idempotent retries
+
+
+@dataclass
+class _Assignment:
+    version: int
+    at: float
+
+
+class AsyncCoordinator(Coordinator):
+    mode = "async"
+
+    def __init__(self, config: ServerConfig, store: Store, params: Params, version: int, clock: Clock,
+                 opt_state: Params | None = None) -> None:
+        super().__init__(config, store, params, version, clock, opt_state)
+        self.staleness_fn = parse_staleness(config.staleness)
+        self.in_flight: dict[str, _Assignment] = {}
+        self.buffer: list[Contribution] = []
+        self.merged: OrderedDict[tuple[str, str], int] = OrderedDict()  # -> version it went into
+        self.assigned_since_merge = 0
+
+    def staleness_weight(self, staleness: int) -> float:
+        return self.staleness_fn(staleness)
+
+    def tick(self) -> None:
+        """Forget assignments older than the task timeout: those phones dropped out."""
+        limit = self.clock() - self.config.round_timeout_s
+        for phone in [p for p, a in self.in_flight.items() if a.at < limit]:
+            del self.in_flight[phone]
+
+    def checkin(self, phone: str) -> dict[str, Any]:
+        self.tick()
+        if self.done:
+            return {"action": "done", "version": self.version}
+        if not self.allowed(phone):
+            return {"action": "done", "version": self.version, "reason": "privacy budget spent"}
+        if phone not in self.in_flight:
+            if len(self.in_flight) >= self.config.concurrency:
+                return self.wait()
+            self.assigned_since_merge += 1
+        self.in_flight[phone] = _Assignment(self.version, self.clock())
+        return self.train_task(self.config.round_timeout_s)
+
+    def add_update(self, phone: str, meta: dict[str, Any], delta: Params) -> dict[str, Any]:
+        key = (phone, str(meta["update_id"]))
+        if key in self.merged:
+            return {"accepted": True, "duplicate": True, "version": self.version, "merged_into": self.merged[key]}
+        if any((c.phone, c.update_id) == key for c in self.buffer):
+            return {"accepted": True, "duplicate": True, "version": self.version, "buffered": True}
+        if self.done:
+            raise UpdateRejected(409, "finished", "the task has finished; no more updates are merged")
+        base = int(meta["base_version"])
+        if base > self.version:
+            raise UpdateRejected(400, "future_version", f"version {base} does not exist yet (current {self.version})")
+        staleness = self.version - base
+        if staleness > self.config.max_staleness:
+            self.in_flight.pop(phone, None)
+            raise UpdateRejected(409, "stale", f"update is {staleness} versions old (max {self.config.max_staleness}); "
+                                               "download the current model and train again")
+        assignment = self.in_flight.pop(phone, None)
+        started = assignment.at if assignment is not None else self.clock()
+        self.buffer.append(Contribution(phone, key[1], delta, int(meta["num_examples"]), meta.get("train_loss"),
+                                        self.clock() - started, staleness, int(meta.get("wire_bytes", 0))))
+        self.charge(phone)
+        return {"accepted": True, "duplicate": False, "version": self.version, "staleness": staleness}
+
+    def ready(self) -> bool:
+        return len(self.buffer) >= self.config.buffer_size
+
+    def merge(self) -> Published:
+        contributions, self.buffer = self.buffer, []
+        stale = [c.staleness for c in contributions]
+        extra = {
+            "staleness_mean": sum(stale) / len(stale),
+            "staleness_max": max(stale),
+            "updates_merged": len(contributions),
+            "updates_rejected": self.period.rejected,
+            "in_flight": len(self.in_flight),
+        }
+        selected, self.assigned_since_merge = self.assigned_since_merge, 0
+        published = self._publish(contributions, max(selected, len(contributions)), extra)
+        for c in contributions:
+            self.merged[(c.phone, c.update_id)] = published.version
+        while len(self.merged) > REMEMBERED_IDS:
+            self.merged.popitem(last=False)
+        return published
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "phones": self.store.phone_count(), "in_flight": len(self.in_flight),
+                "buffered": len(self.buffer), "concurrency": self.config.concurrency,
+                "buffer_size": self.config.buffer_size}
