@@ -21,14 +21,15 @@ from device_runtime.runtimes import TrainConfig
 from device_runtime.trainer import RuntimePool
 from device_runtime.vclock import PhoneClock, WallClock
 from protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message
+from protocol.signing import PhoneKey
 
 
 class ServerError(Exception):
     """The server refused a request; ``status`` and ``reason`` come from its JSON answer."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}")
-        self.status, self.reason = status, reason
+        self.status, self.reason, self.retry_after = status, reason, retry_after
 
 
 @dataclass
@@ -81,6 +82,7 @@ class PhoneClient:
         rng: np.random.Generator,
         *,
         ledger: Any = None,
+        sign: bool = True,
         train_overrides: Mapping[str, Any] | None = None,
         availability: float = 1.0,
         profile: DeviceProfile | None = None,
@@ -91,6 +93,7 @@ class PhoneClient:
         self.pool, self.rng = pool, rng
         self.ledger = ledger  # protocol.privacy.PrivacyLedger: this side's count of releases
         self.encoder: UpdateEncoder | None = None
+        self.key = PhoneKey() if sign else None  # Ed25519: the server then refuses unsigned or replayed uploads
         self._codec: dict[str, Any] | None = None
         self.train_overrides = dict(train_overrides or {})
         self.availability = availability
@@ -116,7 +119,10 @@ class PhoneClient:
             self.stats.bytes_up += len(body or b"")
             self.stats.bytes_down += len(payload)
             if resp.status >= 400:
-                raise _server_error(resp.status, payload)
+                err = _server_error(resp.status, payload)
+                retry = resp.headers.get("Retry-After", "")
+                err.retry_after = float(retry) if retry.replace(".", "", 1).isdigit() else None
+                raise err
             return resp.status, payload, resp.headers
 
     async def _json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
@@ -128,8 +134,12 @@ class PhoneClient:
 
     # --- protocol steps ---------------------------------------------------------------------
     async def register(self) -> dict[str, Any]:
-        answer = await self._json("POST", "/v1/register", {"name": self.name, "platform": "emulated"})
+        enrol: dict[str, Any] = {"name": self.name, "platform": "emulated"}
+        if self.key is not None:
+            enrol["public_key"] = self.key.public_b64()
+        answer = await self._json("POST", "/v1/register", enrol)
         self.token, self.task = str(answer["token"]), dict(answer["task"])
+        self.name = str(answer["phone_id"])
         self.specs = {p["name"]: TensorSpec(tuple(p["shape"]), p["dtype"]) for p in self.task["params"]}
         return self.task
 
@@ -201,7 +211,7 @@ class PhoneClient:
         if profile is not None:
             await clock.sleep(profile.transfer_s(len(body), uplink=True))  # arrives when fully sent
         try:
-            await self._request("POST", "/v1/update", data=body, headers={"Content-Type": "application/octet-stream"})
+            await self._upload(body, meta)
         except ServerError as exc:
             encoder.rollback()  # nothing was merged: keep the residual as it was
             if exc.status == 409:  # the round closed or the base got too stale: a straggler
@@ -214,6 +224,20 @@ class PhoneClient:
         self.stats.upload_s.append(clock.now() - t2)
         self.stats.participations += 1
         self.stats.latencies_s.append(clock.now() - t0)
+
+    async def _upload(self, body: bytes, meta: dict[str, Any], attempts: int = 6) -> None:
+        """POST the update; on 503/429 wait as long as Retry-After says and sign again."""
+        for attempt in range(attempts):
+            headers = {"Content-Type": "application/octet-stream"}
+            if self.key is not None:
+                headers.update(self.key.headers(self.name, meta["base_version"], meta["update_id"], body))
+            try:
+                await self._request("POST", "/v1/update", data=body, headers=headers)
+                return
+            except ServerError as exc:
+                if exc.status not in (429, 503) or attempt == attempts - 1:
+                    raise
+                await self.clock.sleep(exc.retry_after or 1.0)
 
     def _encoder(self, codec: dict[str, Any]) -> UpdateEncoder:
         """The update encoder the task asks for; kept across tasks for its error-feedback residual."""

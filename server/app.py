@@ -19,7 +19,8 @@ from server.evaluation import Evaluator
 from server.http import COUNTED_KEY, JsonError, json_response
 from server.observability import setup_observability
 from server.routes import setup_routes
-from server.state import CONFIG, COORD, EVALUATOR, STORE, background
+from server.security import NonceBook
+from server.state import CONFIG, COORD, EVALUATOR, NONCES, STORE, UPLOADS, UploadGate, background
 from server.store import Store
 
 log = logging.getLogger("fedfleet.server")
@@ -48,6 +49,8 @@ def make_app(
     app[CONFIG] = config
     app[STORE] = store
     app[COORD] = coordinator(config, store, params, version, clock, opt_state)
+    app[UPLOADS] = UploadGate()
+    app[NONCES] = NonceBook(config.signature_skew_s)
     if test_data is not None:
         app[EVALUATOR] = Evaluator(spec, test_data[0], test_data[1], seed=config.seed)
     setup_routes(app)

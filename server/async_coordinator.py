@@ -8,7 +8,6 @@ training at once. Huba et al. 2022 (Papaya) run this at production scale.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +16,6 @@ from server.config import ServerConfig
 from server.coordinator import Clock, Contribution, Coordinator, Published, UpdateRejected
 from server.staleness import parse_staleness
 from server.store import Store
-
-REMEMBERED_IDS = 100_000  # merged (phone, update id) pairs kept for idempotent retries
 
 
 @dataclass
@@ -35,8 +32,7 @@ class AsyncCoordinator(Coordinator):
         super().__init__(config, store, params, version, clock, opt_state)
         self.staleness_fn = parse_staleness(config.staleness)
         self.in_flight: dict[str, _Assignment] = {}
-        self.buffer: list[Contribution] = []
-        self.merged: OrderedDict[tuple[str, str], int] = OrderedDict()  # -> version it went into
+        self.buffer: list[Contribution] = self._restore()  # acknowledged before a crash
         self.assigned_since_merge = 0
 
     def staleness_weight(self, staleness: int) -> float:
@@ -61,28 +57,20 @@ class AsyncCoordinator(Coordinator):
         self.in_flight[phone] = _Assignment(self.version, self.clock())
         return self.train_task(self.config.round_timeout_s)
 
-    def add_update(self, phone: str, meta: dict[str, Any], delta: Params) -> dict[str, Any]:
-        key = (phone, str(meta["update_id"]))
-        if key in self.merged:
-            return {"accepted": True, "duplicate": True, "version": self.version, "merged_into": self.merged[key]}
-        if any((c.phone, c.update_id) == key for c in self.buffer):
-            return {"accepted": True, "duplicate": True, "version": self.version, "buffered": True}
-        if self.done:
-            raise UpdateRejected(409, "finished", "the task has finished; no more updates are merged")
-        base = int(meta["base_version"])
-        if base > self.version:
-            raise UpdateRejected(400, "future_version", f"version {base} does not exist yet (current {self.version})")
+    def _admit(self, phone: str, update_id: str, base: int) -> float:
         staleness = self.version - base
         if staleness > self.config.max_staleness:
             self.in_flight.pop(phone, None)
             raise UpdateRejected(409, "stale", f"update is {staleness} versions old (max {self.config.max_staleness}); "
                                                "download the current model and train again")
         assignment = self.in_flight.pop(phone, None)
-        started = assignment.at if assignment is not None else self.clock()
-        self.buffer.append(Contribution(phone, key[1], delta, int(meta["num_examples"]), meta.get("train_loss"),
-                                        self.clock() - started, staleness, int(meta.get("wire_bytes", 0))))
-        self.charge(phone)
-        return {"accepted": True, "duplicate": False, "version": self.version, "staleness": staleness}
+        return assignment.at if assignment is not None else self.clock()
+
+    def _hold(self, c: Contribution) -> None:
+        self.buffer.append(c)
+
+    def pending(self) -> list[Contribution]:
+        return list(self.buffer)
 
     def ready(self) -> bool:
         return len(self.buffer) >= self.config.buffer_size
@@ -98,12 +86,7 @@ class AsyncCoordinator(Coordinator):
             "in_flight": len(self.in_flight),
         }
         selected, self.assigned_since_merge = self.assigned_since_merge, 0
-        published = self._publish(contributions, max(selected, len(contributions)), extra)
-        for c in contributions:
-            self.merged[(c.phone, c.update_id)] = published.version
-        while len(self.merged) > REMEMBERED_IDS:
-            self.merged.popitem(last=False)
-        return published
+        return self._publish(contributions, max(selected, len(contributions)), extra)
 
     def status(self) -> dict[str, Any]:
         return {**super().status(), "phones": self.store.phone_count(), "in_flight": len(self.in_flight),

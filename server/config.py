@@ -52,6 +52,11 @@ class ServerConfig:
     max_update_bytes: int = 16 << 20  # bodies over this get 413
     max_examples: int = 10_000_000  # a phone claiming more is refused (400)
     checkin_retry_s: float = 1.0  # how long a phone without work should wait
+    max_concurrent_uploads: int = 64  # beyond this, uploads get 503 + Retry-After (backpressure)
+    request_timeout_s: float = 30.0  # a body that takes longer to arrive gets 408 (slow-loris)
+    require_signatures: bool = False  # phones must enrol an Ed25519 key and sign every upload
+    signature_skew_s: float = 300.0  # accepted distance of a signature's nonce from the server clock
+    admin_token: str | None = None  # bearer token for /v1/admin/*; None disables admin endpoints
     # --- state ---------------------------------------------------------------------------
     data_dir: str | None = None  # SQLite file and metrics live here; None = in memory
     extra: dict[str, Any] = field(default_factory=dict)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol import TensorSpec, dense_float32_nbytes, encode_message
+from protocol import TensorSpec, decode_message, dense_float32_nbytes, encode_message
 from server.aggregation import Params, example_weight, weighted_mean
 from server.config import ServerConfig
 from server.metrics import RoundRecord, percentile
@@ -48,6 +48,11 @@ class Contribution:
     latency_s: float
     staleness: int = 0
     wire_bytes: int = 0  # the update's body as it crossed the wire
+    base_version: int = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"num_examples": self.num_examples, "train_loss": self.train_loss, "latency_s": self.latency_s,
+                "staleness": self.staleness, "wire_bytes": self.wire_bytes, "base_version": self.base_version}
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class Coordinator:
         self.release = task_release(config.codec)  # what one update costs in local DP, or None
         self.ledger = _load_ledger(store, config.dp_delta)
         self.dense_bytes = dense_float32_nbytes(self.specs)
+        self.paused = False  # set by an admin: phones are told to wait
 
     def allowed(self, phone: str) -> bool:
         """False once this phone's local-DP budget cannot pay for another update."""
@@ -148,7 +154,8 @@ class Coordinator:
         opt_blob = encode_message("model", {"optimizer": self.optimizer.name}, self.opt_state) if self.opt_state else None
         ledger = json.dumps(self.ledger.to_dict()) if self.release is not None else None
         self.store.save_version(self.version, self.model_blob, opt_blob,
-                                meta={"merges": str(self.merges), **({"ledger": ledger} if ledger else {})})
+                                meta={"merges": str(self.merges), **({"ledger": ledger} if ledger else {})},
+                                merged=[(c.phone, c.update_id) for c in contributions])
         latencies = [c.latency_s for c in contributions]
         losses = [float(c.train_loss) for c in contributions if c.train_loss is not None]
         now = self.clock()
@@ -170,8 +177,51 @@ class Coordinator:
         raise NotImplementedError
 
     def add_update(self, phone: str, meta: dict[str, Any], delta: Params) -> dict[str, Any]:
-        """Accept a decoded update or raise ``UpdateRejected``; merging is ``merge``'s job."""
+        """Accept a decoded update or raise ``UpdateRejected``; merging is ``merge``'s job.
+
+        Idempotent on (phone, update_id): a retry of an update that is pending or already
+        merged gets the same success and changes nothing. An accepted update is written to
+        the store before this returns, so an acknowledged update survives a crash."""
+        self.tick()
+        update_id = str(meta["update_id"])
+        merged_into = self.store.merged_version(phone, update_id)
+        if merged_into is not None:
+            return {"accepted": True, "duplicate": True, "version": self.version, "merged_into": merged_into}
+        if any(c.phone == phone and c.update_id == update_id for c in self.pending()):
+            return {"accepted": True, "duplicate": True, "version": self.version, "pending": True}
+        if self.done:
+            raise UpdateRejected(409, "finished", "the task has finished; no more updates are merged")
+        base = int(meta["base_version"])
+        if base > self.version:
+            raise UpdateRejected(400, "future_version", f"version {base} does not exist yet (current {self.version})")
+        started = self._admit(phone, update_id, base)
+        c = Contribution(phone, update_id, delta, int(meta["num_examples"]), meta.get("train_loss"),
+                         self.clock() - started, self.version - base, int(meta.get("wire_bytes", 0)), base)
+        self.store.add_pending(phone, update_id, c.info(), encode_message("update", {}, delta))
+        self._hold(c)
+        self.charge(phone)
+        return {"accepted": True, "duplicate": False, "version": self.version, "staleness": c.staleness,
+                "round": self.merges + 1}
+
+    def _admit(self, phone: str, update_id: str, base: int) -> float:
+        """Mode-specific checks; return when this phone's task started (for its latency)."""
         raise NotImplementedError
+
+    def _hold(self, c: Contribution) -> None:
+        raise NotImplementedError
+
+    def pending(self) -> list[Contribution]:
+        """Accepted updates waiting for the next merge."""
+        raise NotImplementedError
+
+    def _restore(self) -> list[Contribution]:
+        """Acknowledged updates that a crash left unmerged, read back from the store."""
+        out = []
+        for phone, update_id, info, blob in self.store.pending():
+            delta = decode_message(blob).tensors
+            out.append(Contribution(phone, update_id, delta, info["num_examples"], info["train_loss"],
+                                    info["latency_s"], info["staleness"], info["wire_bytes"], info["base_version"]))
+        return out
 
     def ready(self) -> bool:
         raise NotImplementedError
@@ -236,6 +286,10 @@ class SyncCoordinator(Coordinator):
                  opt_state: Params | None = None) -> None:
         super().__init__(config, store, params, version, clock, opt_state)
         self.round = _Round(self.merges + 1, clock(), self._target())
+        for c in self._restore():  # acknowledged before a crash: still part of this round
+            if c.base_version == version:
+                self.round.cohort[c.phone] = clock() - c.latency_s
+                self.round.updates[c.phone] = c
 
     def _target(self) -> int:
         registered = max(self.store.phone_count(), 1)
@@ -258,31 +312,22 @@ class SyncCoordinator(Coordinator):
             rnd.cohort[phone] = self.clock()
         return self.train_task(rnd.opened_at + self.config.round_timeout_s - self.clock())
 
-    def add_update(self, phone: str, meta: dict[str, Any], delta: Params) -> dict[str, Any]:
-        """Validate the update's metadata against the round; the caller merges when ``ready()``."""
-        self.tick()
+    def _admit(self, phone: str, update_id: str, base: int) -> float:
         rnd = self.round
-        update_id = str(meta["update_id"])
         if phone in rnd.updates:
-            if rnd.updates[phone].update_id == update_id:
-                return {"accepted": True, "duplicate": True, "round": rnd.number, "version": self.version}
             raise UpdateRejected(409, "duplicate", "this phone already uploaded a different update this round")
-        if self.done:
-            raise UpdateRejected(409, "finished", "the task has finished; no more updates are merged")
-        if meta["base_version"] > self.version:
-            raise UpdateRejected(400, "future_version", f"version {meta['base_version']} does not exist yet")
-        if meta["base_version"] != self.version:
-            raise UpdateRejected(
-                409, "stale", f"update is based on version {meta['base_version']}, current is {self.version}; check in again"
-            )
+        if base != self.version:
+            raise UpdateRejected(409, "stale", f"update is based on version {base}, current is {self.version}; "
+                                               "check in again")
         if phone not in rnd.cohort:
             raise UpdateRejected(409, "not_selected", "this phone has no task in the current round; check in first")
-        now = self.clock()
-        rnd.updates[phone] = Contribution(phone, update_id, delta, int(meta["num_examples"]),
-                                          meta.get("train_loss"), now - rnd.cohort[phone],
-                                          wire_bytes=int(meta.get("wire_bytes", 0)))
-        self.charge(phone)
-        return {"accepted": True, "duplicate": False, "round": rnd.number, "version": self.version}
+        return rnd.cohort[phone]
+
+    def _hold(self, c: Contribution) -> None:
+        self.round.updates[c.phone] = c
+
+    def pending(self) -> list[Contribution]:
+        return list(self.round.updates.values())
 
     def ready(self) -> bool:
         """Whether the open round should be merged now (target reached or deadline passed)."""

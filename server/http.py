@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import re
 from typing import Any, NoReturn
@@ -41,19 +43,24 @@ def fail(status: int, reason: str, message: str) -> NoReturn:
     raise JsonError(status, reason, message)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes from the stream; refuse larger bodies with 413 before
-    buffering them (the declared length is checked first, then the bytes that arrive)."""
+async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """Read at most ``limit`` bytes from the stream within ``timeout_s``; refuse larger bodies
+    with 413 before buffering them (the declared length first, then the bytes that arrive),
+    and bodies that trickle in too slowly (slow-loris) with 408."""
     declared = request.content_length
     if declared is not None and declared > limit:
         fail(413, "too_large", f"body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            fail(413, "too_large", f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_chunked(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    fail(413, "too_large", f"body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        fail(408, "timeout", f"the body did not arrive within {timeout_s:.0f} s")
     return b"".join(chunks)
 
 
@@ -81,3 +88,12 @@ def authenticate(request: web.Request, store: Store) -> str:
         fail(401, "unknown_phone", "this token does not belong to a registered phone")
     request[PHONE_KEY] = phone
     return phone
+
+
+def check_admin(request: web.Request, token: str | None) -> None:
+    """Admin endpoints need ``Authorization: Bearer ADMIN_TOKEN`` (constant-time compare)."""
+    if not token:
+        fail(404, "no_admin", "admin endpoints are disabled (set admin_token)")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        fail(403, "forbidden", "a valid admin token is required")

@@ -6,6 +6,7 @@ error before the coordinator's state is touched.
 
 from __future__ import annotations
 
+import base64
 import math
 import secrets
 from typing import Any
@@ -13,8 +14,20 @@ from typing import Any
 from aiohttp import web
 
 from protocol import FORMAT_VERSION, UPDATE_META_KEYS, decode_message
-from server.http import COUNTED_KEY, NAME_RE, authenticate, fail, json_response, read_body, read_json
-from server.state import CONFIG, COORD, STORE, schedule_merge
+from protocol.signing import NONCE_HEADER, SIGNATURE_HEADER
+from server.admin import admin_routes
+from server.http import (
+    COUNTED_KEY,
+    NAME_RE,
+    JsonError,
+    authenticate,
+    fail,
+    json_response,
+    read_body,
+    read_json,
+)
+from server.security import SignatureError, parse_public_key
+from server.state import CONFIG, COORD, NONCES, STORE, UPLOADS, schedule_merge
 
 
 def task_spec(request: web.Request) -> dict[str, Any]:
@@ -38,6 +51,13 @@ async def register(request: web.Request) -> web.Response:
     body = await read_json(request)
     name = body.get("name")
     info: dict[str, Any] = {k: str(body[k])[:64] for k in ("platform", "runtime") if k in body}
+    if "public_key" in body:
+        try:
+            info["public_key"] = base64.b64encode(parse_public_key(body["public_key"])).decode()
+        except SignatureError as exc:
+            fail(400, exc.reason, exc.message)
+    elif request.app[CONFIG].require_signatures:
+        fail(400, "key_required", "this server requires an Ed25519 public_key at registration")
     if name is None:
         phone_id = f"phone-{secrets.token_hex(6)}"
     elif not isinstance(name, str) or not NAME_RE.match(name):
@@ -59,7 +79,10 @@ async def task(request: web.Request) -> web.Response:
 async def checkin(request: web.Request) -> web.Response:
     phone = authenticate(request, request.app[STORE])
     await read_json(request)  # reserved for device state (battery, network); bounded
-    return json_response(request.app[COORD].checkin(phone))
+    coord = request.app[COORD]
+    if coord.paused and not coord.done:
+        return json_response(coord.wait())
+    return json_response(coord.checkin(phone))
 
 
 async def model(request: web.Request) -> web.Response:
@@ -105,14 +128,39 @@ def _update_meta(meta: dict[str, Any], max_examples: int) -> dict[str, Any]:
 
 
 async def update(request: web.Request) -> web.Response:
+    """Bounded, authenticated, decoded and checked before the coordinator sees it; at most
+    ``max_concurrent_uploads`` at once (503 + Retry-After beyond, which also paces phones)."""
+    app = request.app
+    cfg = app[CONFIG]
+    gate = app[UPLOADS]
+    if gate.closing or gate.active >= cfg.max_concurrent_uploads:
+        raise JsonError(503, "busy", "too many uploads in progress; retry later",
+                        headers={"Retry-After": str(max(1, round(cfg.checkin_retry_s)))})
+    gate.active += 1
+    try:
+        return await _update(request)
+    finally:
+        gate.active -= 1
+
+
+async def _update(request: web.Request) -> web.Response:
     app = request.app
     cfg, coord = app[CONFIG], app[COORD]
     phone = authenticate(request, app[STORE])
-    body = await read_body(request, cfg.max_update_bytes)
+    body = await read_body(request, cfg.max_update_bytes, cfg.request_timeout_s)
     msg = decode_message(body, expected=coord.specs, max_bytes=cfg.max_update_bytes)  # ProtocolError -> 400
     if msg.kind != "update":
         fail(400, "malformed", f"expected an 'update' message, got {msg.kind!r}")
     meta = {**_update_meta(msg.meta, cfg.max_examples), "wire_bytes": len(body)}
+    key = app[STORE].public_key(phone)
+    if key is not None or cfg.require_signatures:
+        try:
+            if key is None:
+                raise SignatureError("unsigned", "this server requires signed uploads; enrol a key")
+            app[NONCES].verify(key, phone, meta["base_version"], meta["update_id"], body,
+                               request.headers.get(SIGNATURE_HEADER), request.headers.get(NONCE_HEADER))
+        except SignatureError as exc:
+            fail(401, exc.reason, exc.message)
     answer = coord.add_update(phone, meta, msg.tensors)
     response = json_response(answer)
     coord.count_bytes(len(body), response.content_length or 0)  # before a merge closes the round
@@ -148,5 +196,6 @@ def setup_routes(app: web.Application) -> None:
             web.post("/v1/update", update),
             web.get("/v1/status", status),
             web.get("/v1/rounds", rounds),
+            *admin_routes(),
         ]
     )

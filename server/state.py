@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -12,6 +13,7 @@ from aiohttp import web
 from server.config import ServerConfig
 from server.coordinator import Coordinator, Published
 from server.evaluation import Evaluator
+from server.security import NonceBook
 from server.store import Store
 
 CONFIG = web.AppKey("config", ServerConfig)
@@ -19,6 +21,18 @@ STORE = web.AppKey("store", Store)
 COORD = web.AppKey("coordinator", Coordinator)
 EVALUATOR = web.AppKey("evaluator", Evaluator)
 PUBLISH_QUEUE = web.AppKey("publish_queue", asyncio.Queue)
+
+
+@dataclass
+class UploadGate:
+    """Uploads in progress, and whether the server is shutting down (then it takes no more)."""
+
+    active: int = 0
+    closing: bool = False
+
+
+UPLOADS = web.AppKey("uploads", UploadGate)
+NONCES = web.AppKey("nonces", NonceBook)
 TICK_S = 0.2
 
 
@@ -62,6 +76,11 @@ async def background(app: web.Application) -> AsyncIterator[None]:
     app[PUBLISH_QUEUE] = asyncio.Queue()
     tasks = [asyncio.create_task(_publisher(app)), asyncio.create_task(_ticker(app))]
     yield
+    app[UPLOADS].closing = True  # graceful: acknowledged work is durable; refuse new uploads
+    for _ in range(100):  # let uploads in progress finish (at most ~5 s)
+        if not app[UPLOADS].active:
+            break
+        await asyncio.sleep(0.05)
     await app[PUBLISH_QUEUE].join()  # finish recording what was merged
     for t in tasks:
         t.cancel()

@@ -6,6 +6,7 @@ newest version it ever published.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import sqlite3
@@ -34,6 +35,19 @@ CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
     record TEXT NOT NULL                -- one metrics.jsonl line
 );
+CREATE TABLE IF NOT EXISTS pending (     -- acknowledged, not yet merged: durable before the 200
+    phone TEXT NOT NULL,
+    update_id TEXT NOT NULL,
+    info TEXT NOT NULL,                 -- JSON: examples, loss, latency, staleness, bytes, base version
+    delta BLOB NOT NULL,                -- a wire-format 'update' message (dense float32)
+    PRIMARY KEY (phone, update_id)
+);
+CREATE TABLE IF NOT EXISTS merged (      -- every update ever merged, for idempotent retries
+    phone TEXT NOT NULL,
+    update_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (phone, update_id)
+);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -60,8 +74,9 @@ class Store:
 
     # --- model versions -----------------------------------------------------------------
     def save_version(self, version: int, blob: bytes, opt_state: bytes | None = None,
-                     meta: dict[str, str] | None = None) -> str:
-        """Commit a version, its optimizer state and counters in one transaction."""
+                     meta: dict[str, str] | None = None, merged: list[tuple[str, str]] | None = None) -> str:
+        """Commit a version, its optimizer state, counters, and the move of the ``merged``
+        updates from pending to merged, in one transaction: a crash leaves all or nothing."""
         digest = hashlib.sha256(blob).hexdigest()
         db = self.db
         db.execute("BEGIN IMMEDIATE")
@@ -72,6 +87,9 @@ class Store:
                 db.execute("INSERT OR REPLACE INTO optimizer(version, state) VALUES (?, ?)", (version, opt_state))
             for key, value in (meta or {}).items():
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+            for phone, update_id in merged or []:
+                db.execute("DELETE FROM pending WHERE phone = ? AND update_id = ?", (phone, update_id))
+                db.execute("INSERT INTO merged(phone, update_id, version) VALUES (?, ?, ?)", (phone, update_id, version))
             db.execute("DELETE FROM versions WHERE version <= ?", (version - self.keep_versions,))
             db.execute("DELETE FROM optimizer WHERE version < ?", (version,))
             db.execute("COMMIT")
@@ -92,6 +110,26 @@ class Store:
         row = self.db.execute("SELECT params FROM versions WHERE version = ?", (version,)).fetchone()
         return bytes(row[0]) if row else None
 
+    # --- updates between acknowledgement and merge ------------------------------------------
+    def add_pending(self, phone: str, update_id: str, info: dict[str, Any], delta: bytes) -> None:
+        self.db.execute("INSERT INTO pending(phone, update_id, info, delta) VALUES (?, ?, ?, ?)",
+                        (phone, update_id, json.dumps(info), delta))
+
+    def pending(self) -> list[tuple[str, str, dict[str, Any], bytes]]:
+        rows = self.db.execute("SELECT phone, update_id, info, delta FROM pending ORDER BY rowid").fetchall()
+        return [(str(p), str(u), json.loads(i), bytes(d)) for p, u, i, d in rows]
+
+    def drop_pending(self) -> None:
+        self.db.execute("DELETE FROM pending")
+
+    def merged_version(self, phone: str, update_id: str) -> int | None:
+        row = self.db.execute("SELECT version FROM merged WHERE phone = ? AND update_id = ?",
+                              (phone, update_id)).fetchone()
+        return int(row[0]) if row else None
+
+    def merged_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM merged").fetchone()[0])
+
     # --- phones -------------------------------------------------------------------------
     def add_phone(self, phone_id: str, token: str, info: dict[str, Any]) -> None:
         self.db.execute(
@@ -104,6 +142,14 @@ class Store:
             "SELECT phone_id FROM phones WHERE token_sha256 = ?", (token_hash(token),)
         ).fetchone()
         return str(row[0]) if row else None
+
+    def public_key(self, phone_id: str) -> bytes | None:
+        row = self.db.execute("SELECT info FROM phones WHERE phone_id = ?", (phone_id,)).fetchone()
+        key = json.loads(row[0]).get("public_key") if row else None
+        return base64.b64decode(key) if key else None
+
+    def phone_ids(self, limit: int = 1000) -> list[str]:
+        return [str(r[0]) for r in self.db.execute("SELECT phone_id FROM phones ORDER BY rowid LIMIT ?", (limit,))]
 
     def phone_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM phones").fetchone()[0])

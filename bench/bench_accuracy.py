@@ -1,0 +1,116 @@
+"""What federated training costs in accuracy, bytes and privacy, all measured in one run each.
+
+    python -m bench.bench_accuracy central   # FedAvg (IID and Dirichlet 0.5) vs the same CNN trained centrally
+    python -m bench.bench_accuracy codec     # accuracy vs upload bytes: dense, int8, int8+top10%, int4+top1%+EF
+    python -m bench.bench_accuracy privacy   # accuracy vs local-DP epsilon per phone over the whole run
+
+Writes bench/results/accuracy_<part>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from bench.common import run_sim, table, write
+from device_runtime.data import load_dataset
+from device_runtime.runtimes import TrainConfig
+from device_runtime.runtimes.torch_runtime import TorchRuntime
+from export.models import ModelSpec, build_model
+from fedfleet.simulate import SimulateConfig
+
+
+def central_accuracy(dataset: str, model: str, epochs: int, seed: int) -> tuple[float, float]:
+    """The same model trained on the union of every phone's data (the upper bound)."""
+    data = load_dataset(dataset, seed=seed)
+    rt = TorchRuntime(build_model(ModelSpec(model, data.input_shape, data.num_classes), seed=seed))
+    t0 = time.perf_counter()
+    rt.train(data.x_train, data.y_train, TrainConfig(local_epochs=epochs, batch_size=32, lr=0.05),
+             np.random.default_rng(seed))
+    return rt.evaluate(data.x_test, data.y_test).accuracy, time.perf_counter() - t0
+
+
+def part_central(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for dataset in ("digits", "mnist5k"):
+        acc, secs = central_accuracy(dataset, "cnn", args.central_epochs, args.seed)
+        rows.append({"dataset": dataset, "setting": f"central, {args.central_epochs} epochs", "accuracy": acc,
+                     "wall_s": round(secs, 1)})
+        for partition in ("iid", "dirichlet:0.5"):
+            cfg = SimulateConfig(phones=50, rounds=args.rounds, dataset=dataset, partition=partition, seed=args.seed,
+                                 out=f"runs/bench_accuracy/{dataset}-{partition}")
+            records, summary, wall = run_sim(cfg)
+            rows.append({"dataset": dataset, "setting": f"FedAvg 50 phones {partition}, {args.rounds} rounds",
+                         "accuracy": summary["final_accuracy"], "best": summary["best_accuracy"],
+                         "bytes_up": summary["bytes_up"], "wall_s": round(wall, 1)})
+    return rows
+
+
+CODECS: dict[str, dict[str, Any]] = {
+    "dense float32": {},
+    "int8": {"quant_bits": 8},
+    "int8 + top10%": {"quant_bits": 8, "topk": 0.1},
+    "int4 + top1% + EF": {"quant_bits": 4, "topk": 0.01, "error_feedback": True},
+}
+
+
+def part_codec(args: argparse.Namespace) -> list[dict[str, Any]]:
+    base = SimulateConfig(phones=50, rounds=args.rounds, dataset="mnist5k", partition="dirichlet:0.5",
+                          seed=args.seed, model=args.model)
+    rows = []
+    for name, codec in CODECS.items():
+        cfg = dataclasses.replace(base, out=f"runs/bench_accuracy/codec-{name.replace(' ', '')}", **codec)
+        records, summary, wall = run_sim(cfg)
+        update_bytes = sum(r["update_bytes"] for r in records)
+        dense = sum(r["dense_bytes"] for r in records)
+        rows.append({"codec": name, "accuracy": summary["final_accuracy"], "best": summary["best_accuracy"],
+                     "update_bytes": update_bytes, "bytes_up_http": summary["bytes_up"],
+                     "compression": dense / update_bytes, "wall_s": round(wall, 1)})
+    dense_acc = rows[0]["accuracy"]
+    for r in rows:
+        r["acc_drop_points"] = round(100 * (dense_acc - r["accuracy"]), 2)
+    return rows
+
+
+def part_privacy(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each phone takes part in about sample * rounds updates; epsilon is per phone over the run."""
+    base = SimulateConfig(phones=50, rounds=args.rounds, dataset="mnist5k", partition="dirichlet:0.5",
+                          seed=args.seed, model=args.model, clip=args.clip)
+    rows = []
+    for eps in (1.0, 4.0, 8.0, None):
+        extra: dict[str, Any] = {}
+        if eps is not None:  # calibrate per release so that the whole run stays within eps
+            from protocol.privacy import calibrate_noise_multiplier
+
+            releases = int(np.ceil(base.sample * base.rounds * 1.3))
+            extra = {"noise_multiplier": calibrate_noise_multiplier("gaussian", eps, base.delta, releases=releases),
+                     "epsilon_budget": eps}
+        cfg = dataclasses.replace(base, out=f"runs/bench_accuracy/eps-{eps}", **extra)
+        records, summary, wall = run_sim(cfg)
+        rows.append({"epsilon_target": eps if eps is not None else "inf",
+                     "noise_multiplier": extra.get("noise_multiplier"),
+                     "epsilon_max": summary["privacy"]["epsilon_max"], "accuracy": summary["final_accuracy"],
+                     "best": summary["best_accuracy"], "wall_s": round(wall, 1)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["central", "codec", "privacy"])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--central-epochs", type=int, default=20)
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows = {"central": part_central, "codec": part_codec, "privacy": part_privacy}[args.part](args)
+    print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
+    print(f"wrote {write(f'accuracy_{args.part}', {'args': vars(args), 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Helpers shared by the federated-run benchmarks: run simulations, print a table, write JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedfleet.simulate import SimulateConfig, simulate
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_sim(cfg: SimulateConfig) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    t0 = time.perf_counter()
+    result, summary = asyncio.run(simulate(cfg))
+    return result.rounds, summary, time.perf_counter() - t0
+
+
+def first_reaching(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The first round record whose accuracy reaches ``target``, with cumulative totals."""
+    updates = up = 0
+    for row in rows:
+        updates += row["updates"]
+        up += row["bytes_up"]
+        if row.get("accuracy") is not None and row["accuracy"] >= target:
+            return {"round": row["round"], "time_s": row["time_s"], "updates": updates, "bytes_up": up}
+    return None
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def write(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+               **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

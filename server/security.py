@@ -1,0 +1,52 @@
+"""Checking phone signatures and refusing replays (the scheme is in ``protocol/signing.py``)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+
+from protocol.signing import public_key_ok, signature_ok, signed_text
+
+
+class SignatureError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def parse_public_key(text: object) -> bytes:
+    """A base64 raw 32-byte Ed25519 public key, checked to be a valid point."""
+    try:
+        raw = base64.b64decode(str(text), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32 or not public_key_ok(raw):
+        raise SignatureError("bad_public_key", "public_key must be a base64 raw 32-byte Ed25519 key")
+    return raw
+
+
+class NonceBook:
+    """The last nonce each phone used. In memory: after a restart the skew window still
+    bounds how old a replayed request can be, and merged updates stay idempotent."""
+
+    def __init__(self, max_skew_s: float = 300.0) -> None:
+        self.max_skew_s = max_skew_s
+        self.last: dict[str, int] = {}
+
+    def verify(self, public_key: bytes, phone: str, base_version: int, update_id: str, body: bytes,
+               signature: str | None, nonce: str | None) -> None:
+        if not signature or not nonce:
+            raise SignatureError("unsigned", "this phone enrolled a key: uploads must be signed")
+        try:
+            n = int(nonce)
+            sig = base64.b64decode(signature, validate=True)
+        except (ValueError, binascii.Error):
+            raise SignatureError("bad_signature", "the nonce must be an integer and the signature base64") from None
+        if abs(n / 1e3 - time.time()) > self.max_skew_s:
+            raise SignatureError("stale_signature", f"the nonce is more than {self.max_skew_s:.0f} s off the server clock")
+        if n <= self.last.get(phone, -1):
+            raise SignatureError("replay", "this nonce was used before: a replayed request")
+        if not signature_ok(public_key, sig, signed_text(phone, base_version, update_id, body, n)):
+            raise SignatureError("bad_signature", "the signature does not match this phone's key and request")
+        self.last[phone] = n

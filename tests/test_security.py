@@ -1,0 +1,103 @@
+"""Signed uploads, replays, admin endpoints and backpressure against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, PhoneKey
+from tests.conftest import MakeClient, update_body
+
+
+async def _enrol(client: Any, name: str, key: PhoneKey | None) -> tuple[dict[str, str], dict[str, Any]]:
+    body: dict[str, Any] = {"name": name}
+    if key is not None:
+        body["public_key"] = key.public_b64()
+    resp = await client.post("/v1/register", json=body)
+    assert resp.status == 201, await resp.text()
+    data = await resp.json()
+    auth = {"Authorization": f"Bearer {data['token']}"}
+    await client.post("/v1/checkin", headers=auth)
+    return auth, data["task"]
+
+
+async def test_signed_upload_accepted_and_replay_forgery_refused(make_server: MakeClient) -> None:
+    client = await make_server(sample_fraction=1.0, min_cohort=3)
+    key = PhoneKey()
+    auth, task = await _enrol(client, "s", key)
+    body = update_body(task)
+    signed = key.headers("s", 0, "u1", body)
+    ok = await client.post("/v1/update", data=body, headers={**auth, **signed})
+    assert ok.status == 200
+    replay = await client.post("/v1/update", data=body, headers={**auth, **signed})
+    assert replay.status == 401 and (await replay.json())["error"] == "replay"
+    # An honest retry signs again: idempotent success, merged once.
+    retry = await client.post("/v1/update", data=body, headers={**auth, **key.headers("s", 0, "u1", body)})
+    assert retry.status == 200 and (await retry.json())["duplicate"] is True
+    forged = PhoneKey().headers("s", 0, "u2", body)  # someone else's key
+    bad = await client.post("/v1/update", data=update_body(task, update_id="u2"), headers={**auth, **forged})
+    assert bad.status == 401 and (await bad.json())["error"] == "bad_signature"
+    tampered = key.headers("s", 0, "u3", body)  # signature over other bytes
+    bad = await client.post("/v1/update", data=update_body(task, update_id="u3"), headers={**auth, **tampered})
+    assert bad.status == 401
+    unsigned = await client.post("/v1/update", data=update_body(task, update_id="u4"), headers=auth)
+    assert unsigned.status == 401 and (await unsigned.json())["error"] == "unsigned"
+    old = dict(key.headers("s", 0, "u5", body))
+    old[NONCE_HEADER] = "1000"  # 1970: outside the skew window
+    bad = await client.post("/v1/update", data=body, headers={**auth, **old, SIGNATURE_HEADER: old[SIGNATURE_HEADER]})
+    assert bad.status == 401
+    st = await (await client.get("/v1/status")).json()
+    assert st["updates_in_round"] == 1
+
+
+async def test_required_signatures_and_bad_keys(make_server: MakeClient) -> None:
+    client = await make_server(require_signatures=True)
+    assert (await client.post("/v1/register", json={"name": "a"})).status == 400
+    assert (await client.post("/v1/register", json={"name": "a", "public_key": "AAAA"})).status == 400
+    assert (await client.post("/v1/register", json={"name": "a", "public_key": PhoneKey().public_b64()})).status == 201
+
+
+async def test_admin_endpoints_need_the_token(make_server: MakeClient) -> None:
+    client = await make_server(admin_token="s3cret", sample_fraction=1.0)
+    auth, _ = await _enrol(client, "p", None)
+    assert (await client.post("/v1/admin/pause")).status == 403
+    assert (await client.post("/v1/admin/pause", headers={"Authorization": "Bearer nope"})).status == 403
+    admin = {"Authorization": "Bearer s3cret"}
+    assert (await client.post("/v1/admin/pause", headers=admin)).status == 200
+    assert (await (await client.post("/v1/checkin", headers=auth)).json())["action"] == "wait"
+    resp = await client.post("/v1/admin/plan", json={"lr": 0.01}, headers=admin)
+    assert resp.status == 200 and (await resp.json())["train"]["lr"] == 0.01
+    assert (await client.post("/v1/admin/plan", json={"lr": -1}, headers=admin)).status == 400
+    assert (await client.post("/v1/admin/plan", json={"model": "cnn"}, headers=admin)).status == 400
+    await client.post("/v1/admin/resume", headers=admin)
+    answer = await (await client.post("/v1/checkin", headers=auth)).json()
+    assert answer["action"] == "train" and answer["train"]["lr"] == 0.01
+    phones = await (await client.get("/v1/admin/phones", headers=admin)).json()
+    assert phones["count"] == 1
+
+
+async def test_admin_disabled_without_token(make_server: MakeClient) -> None:
+    client = await make_server()
+    assert (await client.post("/v1/admin/pause", headers={"Authorization": "Bearer x"})).status == 404
+
+
+async def test_backpressure_503_with_retry_after(make_server: MakeClient) -> None:
+    client = await make_server(max_concurrent_uploads=1, request_timeout_s=0.5, sample_fraction=1.0, min_cohort=3)
+    auth, task = await _enrol(client, "p", None)
+    body = update_body(task)
+
+    async def trickle() -> Any:  # a slow-loris body: holds the only upload slot, then times out
+        async def gen() -> Any:
+            yield body[:10]
+            await asyncio.sleep(2.0)
+            yield body[10:]
+
+        return await client.post("/v1/update", data=gen(), headers={**auth, "Content-Length": str(len(body))})
+
+    slow = asyncio.create_task(trickle())
+    await asyncio.sleep(0.2)
+    busy = await client.post("/v1/update", data=body, headers=auth)
+    assert busy.status == 503 and busy.headers["Retry-After"]
+    slow_resp = await slow
+    assert slow_resp.status == 408
+    assert (await client.post("/v1/update", data=body, headers=auth)).status == 200
