@@ -16,9 +16,10 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from device_runtime.attacks import Attack
 from device_runtime.profiles import DeviceProfile
 from device_runtime.runtimes import TrainConfig
-from device_runtime.trainer import RuntimePool
+from device_runtime.trainer import BatchedTrainer, RuntimePool
 from device_runtime.vclock import PhoneClock, WallClock
 from protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message
 from protocol.signing import PhoneKey
@@ -78,7 +79,7 @@ class PhoneClient:
         server: str,
         name: str,
         data: tuple[np.ndarray, np.ndarray],
-        pool: RuntimePool,
+        pool: RuntimePool | BatchedTrainer,
         rng: np.random.Generator,
         *,
         ledger: Any = None,
@@ -87,9 +88,12 @@ class PhoneClient:
         availability: float = 1.0,
         profile: DeviceProfile | None = None,
         clock: PhoneClock | None = None,
+        attack: Attack | None = None,
+        num_classes: int = 0,
     ) -> None:
         self.session, self.server, self.name = session, server.rstrip("/"), name
-        self.x, self.y = data
+        self.attack = attack or Attack()  # a Byzantine phone (tests, benchmarks); none by default
+        self.x, self.y = data[0], self.attack.apply_labels(data[1], num_classes) if self.attack.poisons_data else data[1]
         self.pool, self.rng = pool, rng
         self.ledger = ledger  # protocol.privacy.PrivacyLedger: this side's count of releases
         self.encoder: UpdateEncoder | None = None
@@ -182,7 +186,8 @@ class PhoneClient:
         plan = {**task["train"], **self.train_overrides}
         cfg = TrainConfig(**{k: plan[k] for k in ("local_epochs", "batch_size", "lr", "prox_mu")})
         wall = time.monotonic()
-        delta, result = await self.pool.train(params, self.x, self.y, cfg, self.rng)
+        delta, result = await self.pool.train(params, self.x, self.y, cfg, self.rng, key=version)
+        delta = self.attack.apply_delta(delta, self.rng)
         if profile is not None:
             emulated = profile.train_s(result.num_examples * cfg.local_epochs)
             if isinstance(clock, WallClock):

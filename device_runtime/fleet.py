@@ -10,11 +10,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from device_runtime.attacks import choose_attackers, parse_attack
 from device_runtime.client import PhoneClient, PhoneStats
 from device_runtime.data import Dataset, partition
 from device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
 from device_runtime.runtimes import TrainingRuntime
-from device_runtime.trainer import RuntimePool
+from device_runtime.trainer import BatchedTrainer, RuntimePool
 from device_runtime.vclock import PhoneClock
 
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
@@ -33,12 +34,20 @@ class FleetConfig:
     poll_s: float = 0.25
     devices: str = "none"  # none (no emulated delays) | default (drawn profiles) | PATH.csv (a trace)
     profile_spec: ProfileSpec = ProfileSpec()
+    trainer: str = "batched"  # batched (phones on the same version in one vmapped step) | pool (one by one)
+    attack: str = "none"  # device_runtime.attacks: none | signflip | scale:F | noise:STD | labelflip
+    attack_fraction: float = 0.0  # share of phones (drawn with the fleet seed) that run ``attack``
 
     def __post_init__(self) -> None:
         if self.phones < 1 or self.workers < 1:
             raise ValueError("phones and workers must be at least 1")
         if not 0 < self.availability <= 1:
             raise ValueError("availability must be in (0, 1]")
+        parse_attack(self.attack)
+        if self.trainer not in ("batched", "pool"):
+            raise ValueError("trainer must be 'batched' or 'pool'")
+        if not 0 <= self.attack_fraction <= 1:
+            raise ValueError("attack_fraction must be in [0, 1]")
 
 
 @dataclass
@@ -63,6 +72,8 @@ async def run_fleet(
     parts = partition(data.y_train, cfg.phones, cfg.partition, rng, cfg.quantity_skew)
     phone_rngs = rng.spawn(cfg.phones)
     profiles = fleet_profiles(cfg, rng)
+    attack = parse_attack(cfg.attack)
+    attackers = set(choose_attackers(cfg.phones, cfg.attack_fraction, rng).tolist())
     ledger = None
     connector = aiohttp.TCPConnector(limit=256)
     timeout = aiohttp.ClientTimeout(total=300)
@@ -75,7 +86,7 @@ async def run_fleet(
             from protocol.privacy import PrivacyLedger
 
             ledger = PrivacyLedger(float(task.get("dp_delta", 1e-5)))
-        pool = RuntimePool(lambda: runtime_factory(task), size=cfg.workers)
+        pool = _trainer(cfg, task, runtime_factory)
         phones = [
             PhoneClient(
                 session,
@@ -89,6 +100,8 @@ async def run_fleet(
                 availability=cfg.availability,
                 profile=profiles[i] if profiles else None,
                 clock=clock,
+                attack=attack if i in attackers else None,
+                num_classes=data.num_classes,
             )
             for i, idx in enumerate(parts)
         ]
@@ -106,6 +119,15 @@ async def run_fleet(
         for p in phones:
             p.stats.epsilon = ledger.epsilon(p.name)
     return FleetResult(rounds=rounds, devices=[p.stats for p in phones])
+
+
+def _trainer(cfg: FleetConfig, task: dict[str, Any], factory: RuntimeFactory) -> RuntimePool | BatchedTrainer:
+    if cfg.trainer == "batched":
+        runtime = factory(task)
+        model = getattr(runtime, "model", None)
+        if model is not None:  # the eager runtime: vectorize across phones
+            return BatchedTrainer(model)
+    return RuntimePool(lambda: factory(task), size=cfg.workers)
 
 
 def fleet_profiles(cfg: FleetConfig, rng: np.random.Generator) -> list[DeviceProfile] | None:

@@ -7,12 +7,14 @@ downloaded parameters, trains, and returns the delta. Pool size = parallel train
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from device_runtime.batched import train_many
 from device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
 
 Params = dict[str, np.ndarray]
@@ -32,7 +34,8 @@ class RuntimePool:
         self.size = size
 
     async def train(
-        self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator
+        self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+        rng: np.random.Generator, key: Hashable = None,
     ) -> tuple[Params, TrainResult]:
         """Train from ``params`` on (x, y); return (new params - params, result)."""
         runtime = await self._free.get()
@@ -58,3 +61,62 @@ def _train_delta(
     result = runtime.train(x, y, cfg, rng)
     new = runtime.get_params()
     return {n: (new[n] - params[n]).astype(np.float32) for n in params}, result
+
+
+class BatchedTrainer:
+    """Trains the phones that start from the same model version together (``train_many``:
+    one vmapped step over their stacked parameters, equal to training them one by one up to
+    float32 rounding). Requests for the same (version, plan) arriving within ``window_s``
+    form one group; groups run one at a time on one worker thread."""
+
+    def __init__(self, model: torch.nn.Module, chunk: int = 128, window_s: float = 0.02) -> None:
+        torch.set_num_threads(1)  # see RuntimePool
+        self.model, self.chunk, self.window_s = model, chunk, window_s
+        self._groups: dict[Hashable, list[_Request]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfleet-vmap")
+        self.calls = 0
+
+    async def train(
+        self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+        rng: np.random.Generator, key: Hashable = None,
+    ) -> tuple[Params, TrainResult]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[Params, TrainResult]] = loop.create_future()
+        group_key = (key if key is not None else id(params), cfg)
+        group = self._groups.setdefault(group_key, [])
+        if not group:
+            loop.call_later(self.window_s, lambda: asyncio.ensure_future(self._flush(group_key)))
+        group.append(_Request(params, x, y, rng, fut))
+        return await fut
+
+    async def _flush(self, group_key: Hashable) -> None:
+        group = self._groups.pop(group_key, [])
+        if not group:
+            return
+        cfg = group_key[1]  # type: ignore[index]
+        jobs = [(r.x, r.y, r.rng) for r in group]
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, lambda: train_many(self.model, group[0].params, jobs, cfg, chunk=self.chunk))
+        except Exception as exc:  # every phone of the group hears about it
+            for r in group:
+                if not r.fut.done():
+                    r.fut.set_exception(exc)
+            return
+        self.calls += 1
+        for r, (delta, result) in zip(group, results, strict=True):
+            if not r.fut.done():
+                r.fut.set_result(({n: d.astype(np.float32) for n, d in delta.items()}, result))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+@dataclass
+class _Request:
+    params: Mapping[str, np.ndarray]
+    x: np.ndarray
+    y: np.ndarray
+    rng: np.random.Generator
+    fut: asyncio.Future[tuple[Params, TrainResult]]

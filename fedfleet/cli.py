@@ -30,7 +30,9 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="local SGD learning rate (default 0.1)")
     p.add_argument("--prox-mu", type=float, help="FedProx proximal weight (default 0 = FedAvg)")
     p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
-    p.add_argument("--workers", type=int, help="local trainings in parallel (default 2)")
+    p.add_argument("--workers", type=int, help="local trainings in parallel with --trainer pool (default 2)")
+    p.add_argument("--trainer", choices=["batched", "pool"], help="batched: phones on one version train in one "
+                                                                   "vmapped step (default); pool: one by one")
     p.add_argument("--runtime", choices=["torch", "executorch", "onnx"], help="on-device runtime (default torch)")
     p.add_argument("--out", help="output folder (default runs/latest)")
     p.add_argument("--mode", choices=["sync", "async"], help="synchronous rounds or FedBuff (default sync)")
@@ -58,6 +60,10 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilon-budget", type=float, help="stop scheduling phones past this local epsilon")
     p.add_argument("--central-clip", type=float, help="central DP: clip each update on the server")
     p.add_argument("--central-noise-multiplier", type=float, help="central DP: noise on the clipped sum")
+    p.add_argument("--robust", help="none | normbound:C | normbound:median*K | median | trimmed:B | krum:F | "
+                                    "multikrum:F[:M], chained with '+' (default none)")
+    p.add_argument("--attack", help="Byzantine phones: signflip | scale:F | noise:STD | labelflip")
+    p.add_argument("--attack-fraction", type=float, help="share of phones that attack (default 0)")
 
 
 def _run_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,7 +71,8 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size", "lr", "prox_mu", "seed", "workers", "runtime", "out", "mode", "concurrency", "buffer",
             "staleness", "max_staleness", "server_optimizer", "server_lr", "devices", "compute_ms", "diurnal",
             "dropout", "clock", "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk",
-            "quant_bits", "error_feedback", "compress", "epsilon_budget", "central_clip", "central_noise_multiplier"]
+            "quant_bits", "error_feedback", "compress", "epsilon_budget", "central_clip", "central_noise_multiplier",
+            "robust", "attack", "attack_fraction", "trainer"]
     return {k: getattr(args, k) for k in keys}
 
 
@@ -97,8 +104,12 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     fleet_cfg = dataclasses.replace(cfg.fleet_config(), max_rounds=args.rounds or 0,
                                     availability=args.sample or 1.0, name_prefix=args.name_prefix)
     t0 = time.perf_counter()
-    result = asyncio.run(run_fleet(args.server, data, fleet_cfg, torch_runtime_for_task,
-                                   on_round=RoundTable(), train_overrides=overrides))
+    table = RoundTable(total=args.rounds or 0)
+    try:
+        result = asyncio.run(run_fleet(args.server, data, fleet_cfg, torch_runtime_for_task,
+                                       on_round=table, train_overrides=overrides))
+    finally:
+        table.close()
     summary = summarize(result.rounds, result.devices, time.perf_counter() - t0)
     write_run(Path(cfg.out), result.rounds, result.devices, summary)
     print(json.dumps({k: summary[k] for k in ("rounds", "final_accuracy", "bytes_up", "bytes_down")}))

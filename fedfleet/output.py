@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,22 +28,46 @@ HEADINGS = {"latency_p50_s": "p50 s", "latency_p95_s": "p95 s", "updates": "phon
 
 
 class RoundTable:
-    """Prints one line per published round as it arrives."""
+    """Prints one line per published round as it arrives; on a terminal, a progress bar
+    (tqdm) below the table shows rounds done, server time, updates/s and accuracy."""
 
-    def __init__(self, stream: TextIO = sys.stdout) -> None:
+    def __init__(self, stream: TextIO = sys.stdout, total: int = 0, progress: bool | None = None) -> None:
         self.stream = stream
         self.printed_header = False
+        self.bar: Any = None
+        self.updates = 0
+        self.t0 = time.perf_counter()
+        if progress if progress is not None else stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total or None, unit="round", file=stream, dynamic_ncols=True, leave=False)
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def __call__(self, row: dict[str, Any]) -> None:
         if not self.printed_header:
-            self.stream.write(" ".join(f"{HEADINGS.get(k, k):>{w}}" for k, _, w in COLUMNS) + "\n")
+            self._line(" ".join(f"{HEADINGS.get(k, k):>{w}}" for k, _, w in COLUMNS))
             self.printed_header = True
         cells = []
         for key, fmt, width in COLUMNS:
             value = row.get(key)
             cells.append(fmt.format(value) if value is not None else f"{'-':>{width}}")
-        self.stream.write(" ".join(cells) + "\n")
-        self.stream.flush()
+        self._line(" ".join(cells))
+        self.updates += int(row.get("updates", 0))
+        if self.bar is not None:
+            rate = self.updates / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix(server_t=f"{row.get('time_s', 0):.0f}s", upd_per_s=f"{rate:.1f}",
+                                 acc=row.get("accuracy"), refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def write_run(out: Path, rounds: Sequence[dict[str, Any]], devices: Sequence[PhoneStats], summary: dict[str, Any]) -> None:

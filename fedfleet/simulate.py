@@ -30,12 +30,16 @@ class SimulateConfig:
     model: str = "cnn"
     partition: str = "iid"
     quantity_skew: float = 0.0
+    attack: str = "none"  # Byzantine phones: none | signflip | scale:F | noise:STD | labelflip
+    attack_fraction: float = 0.0  # share of phones that attack
+    robust: str = "none"  # server rule: none | normbound:C | median | trimmed:B | krum:F | multikrum:F[:M]
     local_epochs: int = 5
     batch_size: int = 8
     lr: float = 0.1
     prox_mu: float = 0.0
     seed: int = 0
     workers: int = 2
+    trainer: str = "batched"  # batched (vmap across phones on one version) | pool (one phone at a time)
     runtime: str = "torch"
     out: str = "runs/latest"
     mode: str = "sync"  # sync | async (FedBuff)
@@ -113,6 +117,7 @@ class SimulateConfig:
             server_optimizer=self.server_optimizer,
             server_lr=self.server_lr,
             codec=self.codec(),
+            robust=self.robust,
             dp_delta=self.delta,
             epsilon_budget=self.epsilon_budget,
             central_clip=self.central_clip,
@@ -131,8 +136,11 @@ class SimulateConfig:
             phones=self.phones,
             partition=self.partition,
             quantity_skew=self.quantity_skew,
+            attack=self.attack,
+            attack_fraction=self.attack_fraction,
             seed=self.seed,
             workers=self.workers,
+            trainer=self.trainer,
             devices=self.devices,
             profile_spec=ProfileSpec(compute_ms=self.compute_ms, diurnal=self.diurnal, dropout=self.dropout),
         )
@@ -190,7 +198,11 @@ def _fresh_state(path: Path) -> None:
 
 
 def run(cfg: SimulateConfig) -> dict[str, Any]:
-    _, summary = asyncio.run(simulate(cfg, RoundTable()))
+    table = RoundTable(total=cfg.rounds)
+    try:
+        _, summary = asyncio.run(simulate(cfg, table))
+    finally:
+        table.close()
     return summary
 
 

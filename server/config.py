@@ -48,6 +48,8 @@ class ServerConfig:
     epsilon_budget: float = 0.0  # a phone whose local-DP epsilon would pass this gets no more work (0 = none)
     central_clip: float = 0.0  # central DP (DP-FedAvg): clip each update to this L2 norm (0 = off)
     central_noise_multiplier: float = 0.0  # ...and add N(0, (z * clip)^2) to the sum
+    # --- Byzantine robustness (server/robust.py) -------------------------------------------
+    robust: str = "none"  # none | normbound:C | normbound:median*K | median | trimmed:B | krum:F | multikrum:F[:M], '+'-chained
     # --- limits -------------------------------------------------------------------------
     max_update_bytes: int = 16 << 20  # bodies over this get 413
     max_examples: int = 10_000_000  # a phone claiming more is refused (400)
@@ -91,6 +93,13 @@ class ServerConfig:
             raise ValueError("central DP needs both central_clip > 0 and central_noise_multiplier > 0")
         ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum, self.server_beta1,
                         self.server_beta2, self.server_tau)
+        from server.robust import parse_rule
+
+        rule = parse_rule(self.robust)
+        if self.central_noise_multiplier > 0 and rule.text != "none":
+            raise ValueError("robust aggregation cannot be combined with central DP: its noise is calibrated to a clipped sum")
+        if self.mode == "async" and self.buffer_size < rule.min_updates:
+            raise ValueError(f"robust {self.robust!r} needs buffer_size >= {rule.min_updates}")
         if self.example_cap < 1 or self.max_update_bytes < 1024:
             raise ValueError("example_cap must be >= 1 and max_update_bytes >= 1024")
 

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from protocol import TensorSpec, decode_message, dense_float32_nbytes, encode_message
-from server.aggregation import Params, example_weight, weighted_mean
+from server.aggregation import Params, example_weight
 from server.config import ServerConfig
 from server.metrics import RoundRecord, percentile
 from server.optimizers import ServerOptimizer
 from server.privacy import central_dp_mean, task_release
+from server.robust import parse_rule
 from server.store import Store
 
 Clock = Callable[[], float]
@@ -94,6 +95,7 @@ class Coordinator:
         self.period = _Period(clock())
         self.rejections: dict[str, int] = {}
         self.release = task_release(config.codec)  # what one update costs in local DP, or None
+        self.robust = parse_rule(config.robust)
         self.ledger = _load_ledger(store, config.dp_delta)
         self.dense_bytes = dense_float32_nbytes(self.specs)
         self.paused = False  # set by an admin: phones are told to wait
@@ -144,9 +146,11 @@ class Coordinator:
             weights = [self.staleness_weight(c.staleness) * example_weight(c.num_examples, self.config.example_cap)
                        for c in contributions]
             norm = sum(example_weight(c.num_examples, self.config.example_cap) for c in contributions)
-            mean = weighted_mean([(c.delta, w) for c, w in zip(contributions, weights, strict=True)])
+            mean, report = self.robust.aggregate([c.delta for c in contributions], weights)
             scale = sum(weights) / norm  # < 1 when stale updates were down-weighted (FedBuff)
             pseudo_grad = {n: v * scale for n, v in mean.items()}
+            extra = {**extra, "robust": report.to_dict([c.phone for c in contributions]),
+                     "robust_suspects": len({s.index for s in report.suspects})}
         self.params, self.opt_state = self.optimizer.step(self.params, pseudo_grad, self.opt_state)
         self.version += 1
         self.merges += 1

@@ -1,0 +1,176 @@
+"""Emulated-fleet local training: the per-phone loop next to ``train_many`` at several chunk sizes.
+
+Each phone holds ~30 digits examples (20-40, drawn from the sklearn digits training split, as
+when 50-100 phones split it) and trains 1 local epoch at batch 16 from the same start. The
+loop is what ``RuntimePool.train`` does per phone today (set_params, train, get_params,
+delta on one eager ``TorchRuntime``). Methods are interleaved within each repeat, so load
+from other processes hits all of them alike; the table shows medians (and minimums). The
+"arith" column is the share of ``train_many``'s time spent inside the vmapped grad + SGD
+calls (median over repeats). Writes bench/results/batched.json.
+
+    .venv/bin/python bench/bench_batched.py [--phones 100 500] [--models mlp cnn]
+        [--chunks 16 32 64 128 0] [--repeats 5] [--threads 1]      (chunk 0 = all phones)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from device_runtime import batched
+from device_runtime.batched import Job, Params, train_many
+from device_runtime.data import load_dataset
+from device_runtime.runtimes.base import TrainConfig, TrainResult
+from device_runtime.runtimes.torch_runtime import TorchRuntime
+from export.models import ModelSpec, build_model
+
+CFG = TrainConfig(local_epochs=1, batch_size=16, lr=0.05)
+Outputs = list[tuple[Params, TrainResult]]
+
+
+def fleet_data(x: np.ndarray, y: np.ndarray, phones: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(20, 41, size=phones)  # mean 30
+    picks = [rng.choice(len(x), size=n, replace=False) for n in sizes]
+    return [(x[p], y[p]) for p in picks]
+
+
+def jobs_for(data: list[tuple[np.ndarray, np.ndarray]]) -> list[Job]:
+    """Fresh per-phone generators with fixed seeds: every method does identical work."""
+    return [(x, y, np.random.default_rng([11, i])) for i, (x, y) in enumerate(data)]
+
+
+def per_phone_loop(model: torch.nn.Module, params: Params, jobs: list[Job]) -> Outputs:
+    runtime = TorchRuntime(model)
+    out = []
+    for x, y, rng in jobs:
+        runtime.set_params(params)
+        result = runtime.train(x, y, CFG, rng)
+        new = runtime.get_params()
+        out.append(({n: (new[n] - params[n]).astype(np.float32) for n in params}, result))
+    return out
+
+
+@contextmanager
+def timed_steps() -> Iterator[list[float]]:
+    """Accumulate the time spent in the vmapped step calls of ``train_many`` (grad + SGD
+    update, excluding batch gathering and bookkeeping) by wrapping the step factory."""
+    spent = [0.0]
+    original = batched._make_step
+
+    def make(*args: Any, **kwargs: Any) -> batched.Step:
+        step = original(*args, **kwargs)
+
+        def timed(*step_args: Any) -> torch.Tensor:
+            start = time.perf_counter()
+            out = step(*step_args)
+            spent[0] += time.perf_counter() - start
+            return out
+
+        return timed
+
+    batched._make_step = make  # type: ignore[assignment]
+    try:
+        yield spent
+    finally:
+        batched._make_step = original  # type: ignore[assignment]
+
+
+def max_diff(a: Outputs, b: Outputs) -> float:
+    return max(float(np.abs(da[n] - db[n]).max()) for (da, _), (db, _) in zip(a, b, strict=True) for n in da)
+
+
+def bench_case(model_name: str, phones: int, chunks: list[int], repeats: int) -> list[dict[str, Any]]:
+    digits = load_dataset("digits", seed=0)
+    model = build_model(ModelSpec(model_name, digits.input_shape, digits.num_classes), seed=0)
+    params = TorchRuntime(model).get_params()
+    data = fleet_data(digits.x_train, digits.y_train, phones, seed=phones)
+
+    def vectorized(size: int) -> Callable[[list[Job]], Outputs]:
+        return lambda jobs: train_many(model, params, jobs, CFG, chunk=size)
+
+    methods: dict[str, Callable[[list[Job]], Outputs]] = {"loop": lambda jobs: per_phone_loop(model, params, jobs)}
+    methods.update({f"chunk {c or 'all'}": vectorized(c or phones) for c in chunks})
+    outputs = {name: fn(jobs_for(data)) for name, fn in methods.items()}  # warm-up, equivalence check
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    arith: dict[str, list[float]] = {name: [] for name in methods if name != "loop"}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            jobs = jobs_for(data)  # seeding 500 generators takes ~35 ms: not timed
+            with timed_steps() as spent:  # two perf_counter calls per step: negligible
+                start = time.perf_counter()
+                fn(jobs)
+                times[name].append(time.perf_counter() - start)
+            if name in arith:
+                arith[name].append(spent[0] / times[name][-1])
+    loop_s = statistics.median(times["loop"])
+    rows = []
+    for name in methods:
+        med = statistics.median(times[name])
+        rows.append(
+            {
+                "model": model_name,
+                "phones": phones,
+                "method": name,
+                "median_s": med,
+                "min_s": min(times[name]),
+                "updates_per_s": phones / med,
+                "speedup_vs_loop": loop_s / med,
+                "arith_fraction": statistics.median(arith[name]) if name in arith else None,
+                "max_abs_diff_vs_loop": max_diff(outputs[name], outputs["loop"]),
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = f"{'model':5} {'phones':>6} {'method':10} {'median s':>9} {'min s':>7} {'upd/s':>7} {'x loop':>7} {'arith':>6} {'max|diff|':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        arith = "" if r["arith_fraction"] is None else f"{r['arith_fraction']:.0%}"
+        print(
+            f"{r['model']:5} {r['phones']:>6} {r['method']:10} {r['median_s']:>9.3f} {r['min_s']:>7.3f} "
+            f"{r['updates_per_s']:>7.0f} {r['speedup_vs_loop']:>7.2f} {arith:>6} {r['max_abs_diff_vs_loop']:>9.1e}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phones", type=int, nargs="+", default=[100, 500])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64, 128, 0], help="0 = all phones")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the fleet uses 1)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batched.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [r for m in args.models for n in args.phones for r in bench_case(m, n, args.chunks, args.repeats)]
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "train_config": asdict(CFG),
+        "examples_per_phone": "uniform 20-40 from sklearn digits train split",
+    }
+    args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""Byzantine-robust aggregation: pure numpy functions over a cohort of update deltas.
+
+A rule (``parse_rule``) is zero or more norm bounds (Sun et al. 2019), then one combiner: the
+weighted mean, the coordinate-wise median or trimmed mean (Yin et al. 2018), or Multi-Krum
+(Blanchard et al. 2017). Weights (staleness x capped examples) enter the mean and the mean of
+Krum's selection; median and trimmed mean ignore them, as in Yin et al. (a weight is a claim).
+The cohort is stacked one column block at a time (n x 2^20/n float64) and clipping is one scale
+per update applied in each block, so 500 x 10^6 parameters never need a 4 GB matrix or a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from server.aggregation import Params, weighted_mean
+
+Deltas = Sequence[Mapping[str, np.ndarray]]
+Weights = Sequence[float] | np.ndarray
+_BLOCK = 1 << 20  # float64 elements per stacked column block (8 MiB)
+
+
+class TooFewUpdates(ValueError):
+    """Krum was given n <= 2f + 2 updates, where its guarantee does not hold."""
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """One update a rule found suspicious. ``value``: robust z-score (``norm_z``), L2 norm before
+    clipping (``clipped``), share of coordinates trimmed (``trimmed``), Krum score (``krum``)."""
+
+    index: int
+    reason: str
+    value: float
+
+
+@dataclass(frozen=True)
+class RobustReport:
+    """What a merge found: suspected outliers by cohort index, the clip bound, any fallback."""
+
+    rule: str
+    updates: int
+    suspects: tuple[Suspect, ...] = ()
+    bound: float | None = None  # the last norm bound applied (absolute, after "median*k")
+    fallback: str | None = None  # set when the combiner could not run and another stood in
+
+    def to_dict(self, labels: Sequence[str] | None = None) -> dict[str, Any]:
+        """JSON-ready, for a round record's ``extra``; ``labels`` name updates (e.g. phone ids)."""
+        return {
+            "rule": self.rule, "updates": self.updates, "bound": self.bound, "fallback": self.fallback,
+            "suspects": [{"update": labels[s.index] if labels is not None else s.index,
+                          "reason": s.reason, "value": float(f"{s.value:.6g}")} for s in self.suspects],
+        }
+
+
+# --- pure building blocks ----------------------------------------------------------------------
+def update_norms(deltas: Deltas) -> np.ndarray:
+    """L2 norm of each update over all its tensors, in float64. Shape (n,)."""
+    return np.sqrt([sum(float(np.sum(np.square(v, dtype=np.float64))) for v in d.values()) for d in deltas])
+
+
+def clip_factors(norms: np.ndarray, bound: float) -> np.ndarray:
+    """min(1, bound / ||u_i||): the factor that bounds each norm (Sun et al. 2019, "Can you
+    really backdoor federated learning?"). Zero updates keep factor 1."""
+    return np.where(norms > bound, bound / np.where(norms > 0, norms, 1.0), 1.0)
+
+
+def robust_z(norms: np.ndarray) -> np.ndarray:
+    """Modified z-score (norm - median) / (1.4826 MAD) (Iglewicz & Hoaglin 1993); where MAD = 0,
+    1.2533 x the mean absolute deviation stands in; all zeros if the norms are all equal."""
+    med = np.median(norms)
+    dev = np.abs(norms - med)
+    scale = 1.4826 * np.median(dev) or 1.2533 * np.mean(dev)
+    return (norms - med) / scale if scale > 0 else np.zeros_like(norms)
+
+
+def _blocks(deltas: Deltas, scales: np.ndarray | None) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(name, start, block): block[i] = scales[i] * ravel(deltas[i][name])[start:start+w], float64.
+    The block is one reused buffer: consume it before taking the next."""
+    n = len(deltas)
+    buf = np.empty((n, max(1, _BLOCK // n)))
+    for name in deltas[0]:
+        flats = [np.ravel(d[name]) for d in deltas]
+        for start in range(0, flats[0].size, buf.shape[1]):
+            block = buf[:, : min(buf.shape[1], flats[0].size - start)]
+            for row, flat in zip(block, flats, strict=True):
+                row[...] = flat[start : start + block.shape[1]]
+            if scales is not None:
+                block *= scales[:, None]
+            yield name, start, block
+
+
+def _coordinatewise(deltas: Deltas, scales: np.ndarray | None,
+                    fn: Callable[[np.ndarray], np.ndarray]) -> Params:
+    """Apply ``fn`` ((n, w) block -> (w,) result) to every column block; reassemble the shapes."""
+    out = {name: np.empty(np.size(v)) for name, v in deltas[0].items()}
+    for name, start, block in _blocks(deltas, scales):
+        out[name][start : start + block.shape[1]] = fn(block)
+    return {name: flat.reshape(np.shape(deltas[0][name])) for name, flat in out.items()}
+
+
+def coordinate_median(deltas: Deltas, scales: np.ndarray | None = None) -> Params:
+    """Coordinate-wise median of (scaled) updates, unweighted (Yin et al. 2018, "Byzantine-robust
+    distributed learning: towards optimal statistical rates"). Equals np.median(..., axis=0)."""
+    n = len(deltas)
+
+    def median(block: np.ndarray) -> np.ndarray:
+        block.sort(axis=0)  # in place: the buffer is ours, and sorting beats np.median's partition here
+        return block[n // 2] if n % 2 else 0.5 * (block[n // 2 - 1] + block[n // 2])
+
+    return _coordinatewise(deltas, scales, median)
+
+
+def trimmed_mean(deltas: Deltas, beta: float, scales: np.ndarray | None = None) -> tuple[Params, np.ndarray]:
+    """Coordinate-wise beta-trimmed mean (Yin et al. 2018): per coordinate, drop the k = int(beta n)
+    largest and k smallest values and average the rest, unweighted (as scipy.stats.trim_mean).
+    Also returns each update's share of coordinates lying strictly outside the kept range."""
+    n = len(deltas)
+    k = int(beta * n)
+    outside = np.zeros(n)
+
+    def trim(block: np.ndarray) -> np.ndarray:
+        ordered = np.sort(block, axis=0)
+        if k:
+            outside[:] += np.count_nonzero((block < ordered[k]) | (block > ordered[n - k - 1]), axis=1)
+        return ordered[k : n - k].mean(axis=0)
+
+    out = _coordinatewise(deltas, scales, trim)
+    size = sum(np.size(v) for v in deltas[0].values())
+    return out, outside / max(size, 1)
+
+
+def gram_matrix(deltas: Deltas, scales: np.ndarray | None = None) -> np.ndarray:
+    """G[i, j] = <s_i u_i, s_j u_j>, accumulated block by block in float64. Shape (n, n)."""
+    gram = np.zeros((len(deltas), len(deltas)))
+    for _, _, block in _blocks(deltas, scales):
+        gram += block @ block.T
+    return gram
+
+
+def pairwise_sq_distances(gram: np.ndarray) -> np.ndarray:
+    """||u_i - u_j||^2 = G_ii + G_jj - 2 G_ij (clamped at 0 against rounding). Shape (n, n)."""
+    sq = np.diag(gram)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+    np.fill_diagonal(dist, 0.0)
+    return dist
+
+
+def krum_scores(dist: np.ndarray, f: int) -> np.ndarray:
+    """Krum score of each update: the sum of squared distances to its n - f - 2 nearest other
+    updates (Blanchard et al. 2017, "Machine learning with adversaries"). Needs n > 2f + 2."""
+    n = len(dist)
+    if n <= 2 * f + 2:
+        raise TooFewUpdates(f"Krum with f={f} needs more than {2 * f + 2} updates, got {n}")
+    others = dist + np.diag(np.full(n, np.inf))  # a vector is not its own neighbour
+    return np.sort(others, axis=1)[:, : n - f - 2].sum(axis=1)
+
+
+def multi_krum_select(dist: np.ndarray, f: int, m: int | None = None) -> np.ndarray:
+    """Indices of the m best-scored updates (m = 1: Krum; m = None: n - f, the Multi-Krum of
+    El Mhamdi et al. 2018). At most n - f are ever selected. Ties go to the lower index."""
+    scores = krum_scores(dist, f)
+    keep = len(dist) - f if m is None else min(m, len(dist) - f)
+    return np.argsort(scores, kind="stable")[:keep]
+
+
+def _scaled_mean(deltas: Deltas, weights: np.ndarray, scales: np.ndarray, idx: np.ndarray) -> Params:
+    """sum_{i in idx} w_i s_i u_i / sum_{i in idx} w_i: the weighted mean of the clipped updates."""
+    coef = weights[idx] * scales[idx]
+    if not coef.sum() > 0:  # every weighted update was clipped to zero
+        return {n: np.zeros(np.shape(v)) for n, v in deltas[0].items()}
+    mean = weighted_mean([(deltas[i], float(c)) for i, c in zip(idx, coef, strict=True)])
+    ratio = coef.sum() / weights[idx].sum()
+    return mean if ratio == 1.0 else {n: v * ratio for n, v in mean.items()}
+
+
+# --- the rule: bounds, then one combiner ----------------------------------------------------------
+Outcome = tuple[Params, list[Suspect], str | None]  # aggregate, suspects, fallback
+
+
+@dataclass(frozen=True)
+class NormBound:
+    """Clip each norm to ``bound``, or to ``bound`` x the cohort's median norm if ``relative``."""
+
+    bound: float
+    relative: bool = False
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.bound) and self.bound > 0):
+            raise ValueError(f"the norm bound should be a positive finite value, got {self.bound}")
+
+    def resolve(self, norms: np.ndarray) -> float:
+        return float(self.bound * np.median(norms)) if self.relative else self.bound
+
+
+@dataclass(frozen=True)
+class Mean:
+    """FedAvg of the (clipped) updates, with their weights."""
+    def __call__(self, deltas: Deltas, weights: np.ndarray, scales: np.ndarray) -> Outcome:
+        return _scaled_mean(deltas, weights, scales, np.arange(len(deltas))), [], None
+
+
+@dataclass(frozen=True)
+class Median:
+    """Coordinate-wise median; weights ignored."""
+    def __call__(self, deltas: Deltas, weights: np.ndarray, scales: np.ndarray) -> Outcome:
+        return coordinate_median(deltas, scales), [], None
+
+
+@dataclass(frozen=True)
+class TrimmedMean:
+    """Coordinate-wise beta-trimmed mean, unweighted after trimming. An update is suspect when
+    its trimmed share passes halfway between the share expected by chance (2k/n) and 1."""
+
+    beta: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.beta < 0.5:
+            raise ValueError(f"the trim fraction beta should be in [0, 0.5), got {self.beta}")
+
+    def __call__(self, deltas: Deltas, weights: np.ndarray, scales: np.ndarray) -> Outcome:
+        out, share = trimmed_mean(deltas, self.beta, scales)
+        n, k = len(deltas), int(self.beta * len(deltas))
+        limit = (2 * k / n + 1) / 2
+        return out, [Suspect(i, "trimmed", float(v)) for i, v in enumerate(share) if k and v > limit], None
+
+
+@dataclass(frozen=True)
+class MultiKrum:
+    """Select m updates by Krum score with f assumed attackers, then take their weighted mean.
+    With n <= 2f + 2 updates Krum is undefined: this merge falls back to the coordinate-wise
+    median, said in the report's ``fallback`` (set sync ``min_updates`` / async ``buffer_size``
+    to at least ``2f + 3`` to never fall back)."""
+
+    f: int
+    m: int | None = 1  # None: n - f
+
+    def __post_init__(self) -> None:
+        if self.f < 0 or (self.m is not None and self.m < 1):
+            raise ValueError(f"Krum needs f >= 0 attackers and m >= 1 selected, got f={self.f}, m={self.m}")
+
+    def __call__(self, deltas: Deltas, weights: np.ndarray, scales: np.ndarray) -> Outcome:
+        if len(deltas) <= 2 * self.f + 2:
+            note = f"median: krum:{self.f} needs {2 * self.f + 3} updates, got {len(deltas)}"
+            return coordinate_median(deltas, scales), [], note
+        dist = pairwise_sq_distances(gram_matrix(deltas, scales))
+        scores, chosen = krum_scores(dist, self.f), multi_krum_select(dist, self.f, self.m)
+        dropped = sorted(set(range(len(deltas))) - set(chosen.tolist()))
+        suspects = [Suspect(i, "krum", float(scores[i])) for i in dropped]
+        return _scaled_mean(deltas, weights, scales, chosen), suspects, None
+
+
+Combiner = Mean | Median | TrimmedMean | MultiKrum
+
+
+@dataclass(frozen=True)
+class RobustRule:
+    """``bounds`` applied in order, then ``combine``; ``rule.aggregate(deltas, weights)``."""
+
+    bounds: tuple[NormBound, ...] = ()
+    combine: Combiner = field(default_factory=Mean)
+    z_threshold: float = 3.0  # a norm with robust z-score above this is reported ("norm_z")
+    text: str = "none"
+
+    @property
+    def min_updates(self) -> int:
+        """Fewest updates the combiner runs with as configured (Krum: 2f + 3), else 1."""
+        return 2 * self.combine.f + 3 if isinstance(self.combine, MultiKrum) else 1
+
+    def aggregate(self, deltas: Deltas, weights: Weights) -> tuple[Params, RobustReport]:
+        """The robust aggregate (float64, like ``weighted_mean``) and the report of suspects."""
+        w = np.asarray(weights, dtype=np.float64)
+        if not deltas or len(w) != len(deltas):
+            raise ValueError(f"need updates and one weight each, got {len(deltas)} and {len(w)} weights")
+        if not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.sum() > 0):
+            raise ValueError("aggregation weights must be finite, non-negative and sum to a positive number")
+        norms = update_norms(deltas)
+        z = robust_z(norms)
+        suspects = [Suspect(int(i), "norm_z", float(z[i])) for i in np.flatnonzero(z > self.z_threshold)]
+        scales, bound = np.ones(len(deltas)), None
+        for nb in self.bounds:
+            bound = nb.resolve(norms * scales)
+            factors = clip_factors(norms * scales, bound)
+            suspects += [Suspect(int(i), "clipped", float(norms[i])) for i in np.flatnonzero(factors < 1)]
+            scales = scales * factors
+        out, more, fallback = self.combine(deltas, w, scales)
+        return out, RobustReport(self.text, len(deltas), tuple(suspects + more), bound, fallback)
+
+    __call__ = aggregate
+
+
+def parse_rule(text: str, z_threshold: float = 3.0) -> RobustRule:
+    """``none`` | steps joined by ``+``: ``normbound:C``, ``normbound:median*K`` (any number, first),
+    then at most one of ``median``, ``trimmed:BETA``, ``krum:F``, ``multikrum:F[:M]`` (M omitted:
+    n - F). E.g. ``normbound:median*3+trimmed:0.1``. Raises ValueError naming the bad step."""
+    steps = [s.strip() for s in text.strip().lower().split("+")]
+    bounds: list[NormBound] = []
+    combine: Combiner | None = None
+    for step in steps:
+        kind, _, arg = step.partition(":")
+        if combine is not None or (step == "none" and len(steps) > 1):
+            raise ValueError(f"robust rule {text!r}: {step!r} must come alone or as the last step")
+        if step == "none":
+            continue
+        try:
+            if kind == "normbound" and arg.startswith("median"):
+                factor = arg.removeprefix("median").removeprefix("*")
+                bounds.append(NormBound(float(factor or 1), relative=True))
+            elif kind == "normbound" and arg:
+                bounds.append(NormBound(float(arg)))
+            elif step == "median":
+                combine = Median()
+            elif kind == "trimmed" and arg:
+                combine = TrimmedMean(float(arg))
+            elif kind == "krum" and arg:
+                combine = MultiKrum(int(arg), 1)
+            elif kind == "multikrum" and arg:
+                f, _, m = arg.partition(":")
+                combine = MultiKrum(int(f), int(m) if m else None)
+            else:
+                raise ValueError("unknown step")
+        except ValueError as exc:
+            raise ValueError(f"robust rule {text!r}, step {step!r}: {exc}; use none, normbound:C, "
+                             "normbound:median*K, median, trimmed:BETA, krum:F or multikrum:F[:M]") from None
+    return RobustRule(tuple(bounds), combine or Mean(), z_threshold, text.strip())
