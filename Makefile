@@ -22,7 +22,13 @@ $(BROWSER_DEPS): tests/browser/package-lock.json
 	cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --ignore-scripts --no-audit --no-fund
 	touch $(BROWSER_DEPS)
 
-install: $(STAMP) $(BROWSER_DEPS)
+# The Java protocol client (android_demo/fedclient) is tested on the JVM: JUnit 5 and org.json from Debian.
+JAVA_DEPS := /usr/share/java/junit-platform-console-standalone.jar
+$(JAVA_DEPS):
+	command -v javac >/dev/null || { apt-get update && apt-get install -y openjdk-17-jdk-headless; }
+	dpkg -s junit5 libandroid-json-java >/dev/null 2>&1 || { apt-get update && apt-get install -y junit5 libandroid-json-java; }
+
+install: $(STAMP) $(BROWSER_DEPS) $(JAVA_DEPS)
 
 demo: install
 	$(VENV)/bin/fedfleet simulate

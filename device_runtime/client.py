@@ -79,7 +79,7 @@ class PhoneClient:
         server: str,
         name: str,
         data: tuple[np.ndarray, np.ndarray],
-        pool: RuntimePool | BatchedTrainer,
+        pool: RuntimePool | BatchedTrainer | None,
         rng: np.random.Generator,
         *,
         ledger: Any = None,
@@ -148,13 +148,15 @@ class PhoneClient:
         return self.task
 
     async def download(self, version: int) -> dict[str, np.ndarray]:
-        """The model at ``version``; a cached copy is revalidated with its ETag (304 = free)."""
-        headers = {"If-None-Match": f'"v{self._model[0]}"'} if self._model else {}
-        status, payload, resp_headers = await self._request("GET", "/v1/model", headers=headers)
-        if status == 304 and self._model is not None:
+        """The model at ``version`` (the one the task was handed out for: in async mode the
+        current version may already be newer). Versions never change, so a cached copy is reused."""
+        if self._model is not None and self._model[0] == version:
             return self._model[1]
+        _, payload, _ = await self._request("GET", f"/v1/model?version={version}")
         msg = decode_message(payload, expected=self.specs)
-        self._model = (int(msg.meta["version"]), msg.tensors)
+        if msg.meta.get("version") != version:
+            raise ServerError(502, "bad_answer", f"asked for version {version}, got {msg.meta.get('version')}")
+        self._model = (version, msg.tensors)
         return msg.tensors
 
     async def step(self) -> str:
@@ -186,6 +188,8 @@ class PhoneClient:
         plan = {**task["train"], **self.train_overrides}
         cfg = TrainConfig(**{k: plan[k] for k in ("local_epochs", "batch_size", "lr", "prox_mu")})
         wall = time.monotonic()
+        if self.pool is None:
+            raise RuntimeError("phone has no trainer: the fleet sets one after registration")
         delta, result = await self.pool.train(params, self.x, self.y, cfg, self.rng, key=version)
         delta = self.attack.apply_delta(delta, self.rng)
         if profile is not None:

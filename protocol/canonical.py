@@ -72,12 +72,20 @@ def _reject_constant(name: str) -> Any:
     raise MalformedMessage(f"header contains {name}, which JSON does not allow")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf: not a number JSON can carry
+        raise MalformedMessage(f"header number {text} overflows a double")
+    return value
+
+
 def parse_header(raw: bytes, kinds: Sequence[str], max_tensors: int) -> dict[str, Any]:
     """Strict parse: UTF-8 JSON object with exactly kind/meta/tensors, no duplicate keys,
     no NaN/Infinity. Key order is not checked (decoders accept any order)."""
     try:
         header = json.loads(
-            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicates
+            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float,
+            object_pairs_hook=_no_duplicates,
         )
     except ProtocolError:
         raise

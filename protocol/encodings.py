@@ -145,7 +145,7 @@ def _sparse_params(fields: Fields, size: int) -> tuple[int, str, int, int | None
         raise MalformedMessage(f"nnz must be an int in [0, {size}], got {nnz!r}")
     if coding not in INDEX_CODINGS:
         raise MalformedMessage(f"index must be one of {list(INDEX_CODINGS)}, got {coding!r}")
-    if bits == 32:
+    if type(bits) is int and bits == 32:  # 32.0 is not a JSON integer (FORMAT.md)
         _only_keys(fields, ("nnz", "index", "bits"), "sparse")
         return nnz, coding, 32, None
     _only_keys(fields, ("nnz", "index", "bits", "chunk"), "sparse")

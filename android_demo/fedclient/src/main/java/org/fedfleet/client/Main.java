@@ -1,0 +1,102 @@
+package org.fedfleet.client;
+
+import java.io.FileInputStream;
+import java.io.IOException;
+import java.io.InputStream;
+import java.net.URI;
+import java.security.SecureRandom;
+import java.util.Random;
+
+/**
+ * A Java phone from the command line, to join a running {@code fedfleet serve} (or a
+ * simulate/fleet run's server):
+ *
+ * <pre>
+ * java -cp fedclient.jar:android-json.jar org.fedfleet.client.Main --server http://127.0.0.1:8080 --name java-0
+ *     [--shard 0/3] [--examples N] [--data FILE] [--seed S] [--max-errors 20]
+ * </pre>
+ *
+ * It trains on the bundled digits sample (or FILE in the same format), runs until the server
+ * says done, and prints one JSON line of its stats. Exit status 0 when done, 1 on error.
+ */
+public final class Main {
+  private Main() {}
+
+  public static void main(String[] argv) {
+    try {
+      PhoneStats stats = run(Args.parse(argv));
+      System.out.println(stats.toJson());
+    } catch (IllegalArgumentException e) {
+      System.err.println("fedclient: " + e.getMessage());
+      System.err.println("usage: Main --server URL --name NAME [--shard I/N] [--examples N] [--data FILE] "
+          + "[--seed S] [--max-errors N]");
+      System.exit(2);
+    } catch (IOException | RuntimeException e) {
+      System.err.println("fedclient: " + e);
+      System.exit(1);
+    }
+  }
+
+  static PhoneStats run(Args a) throws IOException {
+    Dataset data = load(a.data).shard(a.shardIndex, a.shardCount).take(a.examples);
+    // With --seed, everything is reproducible (tests); without, the codec's noise comes from SecureRandom.
+    Random trainRng = a.seed == null ? new SecureRandom() : new Random(a.seed);
+    Random codecRng = a.seed == null ? new SecureRandom() : new Random(a.seed * 31 + 7);
+    Http http = new Http(URI.create(a.server), Http.REAL_SLEEP, new Random());
+    FedClient client = new FedClient(http, a.name, new MlpTrainer(data), trainRng, codecRng);
+    client.register();
+    return client.run(a.maxErrors);
+  }
+
+  private static Dataset load(String path) throws IOException {
+    if (path == null) {
+      return Digits.bundled();
+    }
+    try (InputStream in = new FileInputStream(path)) {
+      return Digits.read(in);
+    }
+  }
+
+  /** Command-line flags; unknown flags are an error, not silently ignored. */
+  static final class Args {
+    String server;
+    String name = "java-phone";
+    int shardIndex = 0;
+    int shardCount = 1;
+    int examples = Integer.MAX_VALUE;
+    String data;
+    Long seed;
+    int maxErrors = 20;
+
+    static Args parse(String[] argv) {
+      Args a = new Args();
+      for (int i = 0; i < argv.length; i += 2) {
+        if (i + 1 >= argv.length) {
+          throw new IllegalArgumentException(argv[i] + " needs a value");
+        }
+        String v = argv[i + 1];
+        switch (argv[i]) {
+          case "--server" -> a.server = v;
+          case "--name" -> a.name = v;
+          case "--shard" -> {
+            String[] parts = v.split("/");
+            if (parts.length != 2) {
+              throw new IllegalArgumentException("--shard takes INDEX/COUNT, e.g. 0/3");
+            }
+            a.shardIndex = Integer.parseInt(parts[0]);
+            a.shardCount = Integer.parseInt(parts[1]);
+          }
+          case "--examples" -> a.examples = Integer.parseInt(v);
+          case "--data" -> a.data = v;
+          case "--seed" -> a.seed = Long.parseLong(v);
+          case "--max-errors" -> a.maxErrors = Integer.parseInt(v);
+          default -> throw new IllegalArgumentException("unknown flag " + argv[i]);
+        }
+      }
+      if (a.server == null) {
+        throw new IllegalArgumentException("--server is required");
+      }
+      return a;
+    }
+  }
+}

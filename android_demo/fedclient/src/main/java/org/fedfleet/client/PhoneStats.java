@@ -1,0 +1,46 @@
+package org.fedfleet.client;
+
+import org.json.JSONException;
+import org.json.JSONObject;
+
+/** What one phone saw, from its side of the wire (the Python client's PhoneStats, plus status). */
+public final class PhoneStats {
+  public final String phone;
+  public int examples;
+  public int participations;
+  public int rejected; // uploads the server refused with 409 (round closed, stale base)
+  public int refused; // updates this phone would not send (NaN/Inf after training)
+  public int errors;
+  public long bytesUp;
+  public long bytesDown;
+  public int lastVersion = -1; // model version of the last download
+  public int lastRound;
+  public double lastLoss = Double.NaN;
+  public double epsilon; // local-DP epsilon this phone has spent (its own accountant)
+
+  PhoneStats(String phone) {
+    this.phone = phone;
+  }
+
+  /** One JSON line, for Main's summary and the app's status screen. */
+  public String toJson() {
+    try {
+      JSONObject o = new JSONObject();
+      o.put("phone", phone);
+      o.put("examples", examples);
+      o.put("participations", participations);
+      o.put("rejected", rejected);
+      o.put("refused", refused);
+      o.put("errors", errors);
+      o.put("bytes_up", bytesUp);
+      o.put("bytes_down", bytesDown);
+      o.put("last_version", lastVersion);
+      o.put("last_round", lastRound);
+      o.put("train_loss", Double.isNaN(lastLoss) ? JSONObject.NULL : lastLoss);
+      o.put("epsilon", epsilon);
+      return o.toString();
+    } catch (JSONException e) {
+      throw new IllegalStateException(e); // only thrown for NaN/Inf numbers, which are never put
+    }
+  }
+}

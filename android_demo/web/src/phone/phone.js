@@ -1,0 +1,354 @@
+// The web phone's protocol loop, as device_runtime/client.py's PhoneClient: register, check in,
+// download the model, train locally (WASM), encode the update (FORMAT.md section 6), upload.
+//
+// Differences that come from living in a browser tab: the bundle's graphs are downloaded and
+// verified here; what must survive a reload (identity, residual, ledger, an unacknowledged
+// upload) is in IndexedDB; and an upload lost to the network is retried later with the same
+// bytes and update_id (the server is idempotent on (phone, update_id)) instead of being
+// retrained. The DOM is not touched here: `onChange(state)` reports every change.
+
+import { UpdateEncoder } from "../codec/encoder.js";
+import { localEpsilon } from "../codec/privacy.js";
+import { CryptoRandom } from "../codec/rng.js";
+import { float } from "../wire/canonical.js";
+import { decodeMessage } from "../wire/wire.js";
+import { NetworkError, ServerError } from "./api.js";
+import { cachedBundle, downloadBundle } from "./bundle.js";
+import { tensorData } from "./data.js";
+import { recall, remember } from "./offline.js";
+import { Signer, newSigningKey, publicKeyB64 } from "./signing.js";
+import { WasmTrainer } from "./trainer.js";
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const UPLOAD_ATTEMPTS = 6; // on 503/429, as the Python phone
+const MAX_ERRORS = 20;
+
+export class WebPhone {
+  constructor({ api, store, name, examples, sign = true, onChange = () => {}, log = () => {} }) {
+    Object.assign(this, { api, store, name, examples, sign, onChange, log });
+    this.rng = new CryptoRandom();
+    this.running = false;
+    this.identity = null; // { phoneId, token, counter, key }
+    this.task = null;
+    this.model = null; // { version, params: Map name -> Float32Array }
+    this.encoder = null;
+    this.codecKey = null;
+    this.pending = null; // an encoded update not yet acknowledged
+    this.ledger = []; // [{ mechanism, z, count }]: local-DP releases that left this phone
+    this.state = {
+      phase: "idle", phoneId: null, mode: null, signed: false, version: null, round: null, tasks: 0, accepted: 0,
+      duplicates: 0, rejected: 0, networkRetries: 0, loss: null, localAccuracy: null, serverAccuracy: null,
+      serverVersion: null, updateBytes: 0, lastUpdateBytes: null, bytesUp: 0, bytesDown: 0, epsilon: null,
+      delta: null, epsilonSource: "phone's RDP ledger (dp_accounting's formula, computed in JS)", lastUpload: null,
+      uploads: [], stepMs: null, bundleBytes: null, examples: examples.length, error: null,
+    };
+  }
+
+  set(changes) {
+    Object.assign(this.state, changes, { bytesUp: this.api.bytesUp, bytesDown: this.api.bytesDown });
+    this.onChange(this.state);
+  }
+
+  async start() {
+    this.running = true;
+    await this.restore();
+    await this.loadOffline();
+    await this.run();
+  }
+
+  /** The last task, bundle and model kept on the phone: predictions work before any network. */
+  async loadOffline() {
+    this.task = (await this.store.get("task")) ?? null;
+    if (!this.task) return;
+    this.set({ mode: this.task.mode, delta: this.task.dp_delta });
+    try {
+      const bundle = await cachedBundle(this.task);
+      if (bundle) this.trainer = await WasmTrainer.create(bundle.files, bundle.manifest);
+      const body = await recall("/v1/model");
+      if (body) this.model = this.decodeModel(body);
+    } catch (err) {
+      this.log(`offline copies not usable (${err.message}); waiting for the network`);
+    }
+    this.set({ version: this.model?.version ?? null });
+  }
+
+  /** Whatever is missing of task, registration and a fresh verified bundle (needs the network). */
+  async ensureReady() {
+    if (!this.taskFresh) {
+      this.task = await this.api.json("GET", "/v1/task");
+      await this.store.set("task", this.task);
+      this.taskFresh = true;
+      this.set({ mode: this.task.mode, delta: this.task.dp_delta });
+    }
+    if (!this.identity) await this.register();
+    if (!this.bundleFresh) {
+      this.set({ phase: "bundle" });
+      const bundle = await downloadBundle(this.api, this.task);
+      this.trainer = await WasmTrainer.create(bundle.files, bundle.manifest);
+      this.bundleFresh = true;
+      this.set({ bundleBytes: bundle.bytes });
+    }
+  }
+
+  stop() {
+    this.running = false;
+  }
+
+  async restore() {
+    this.identity = (await this.store.get("identity")) ?? null;
+    this.pending = (await this.store.get("pending")) ?? null;
+    this.ledger = (await this.store.get("ledger")) ?? [];
+    const saved = await this.store.get("encoder");
+    if (saved) [this.codecKey, this.savedEncoderState] = [saved.codec, saved.state];
+    if (this.identity) this.api.token = this.identity.token;
+    this.set({ phoneId: this.identity?.phoneId ?? null, signed: Boolean(this.identity?.key), uploads: (await this.store.get("uploads")) ?? [] });
+  }
+
+  async register() {
+    this.set({ phase: "registering" });
+    const key = this.sign ? await newSigningKey() : null;
+    const enrol = { name: this.name, platform: "web", runtime: "onnxruntime-web" };
+    if (key) enrol.public_key = await publicKeyB64(key);
+    this.api.token = "";
+    let answer;
+    try {
+      answer = await this.api.json("POST", "/v1/register", enrol);
+    } catch (err) {
+      if (!(err instanceof ServerError && err.reason === "name_taken")) throw err;
+      enrol.name = `${this.name}-${Math.floor(this.rng.random() * 1e6)}`; // another browser holds that name
+      answer = await this.api.json("POST", "/v1/register", enrol);
+    }
+    this.identity = { phoneId: answer.phone_id, token: answer.token, counter: 0, key };
+    this.api.token = answer.token;
+    await this.store.set("identity", this.identity);
+    this.set({ phoneId: answer.phone_id, signed: Boolean(key) });
+    this.log(`registered as ${answer.phone_id}${key ? " with an Ed25519 key" : " (unsigned)"}`);
+  }
+
+  /** Check in until the server says the task is done; network losses wait and retry. */
+  async run() {
+    let backoff = 500;
+    let errors = 0;
+    while (this.running) {
+      try {
+        await this.ensureReady();
+        await this.flushPending();
+        if ((await this.step()) === "done") break;
+        backoff = 500;
+      } catch (err) {
+        if (err instanceof NetworkError) {
+          this.set({ phase: "offline" });
+          this.log(`network lost (${err.message}); retrying`);
+          await waitForNetwork(backoff);
+          backoff = Math.min(2 * backoff, 10000);
+          continue;
+        }
+        if (err instanceof ServerError && err.reason === "unknown_phone") {
+          this.log("the server does not know this phone any more: registering again");
+          await this.forget();
+          await this.register();
+          continue;
+        }
+        errors++;
+        this.set({ error: err.message });
+        this.log(`error: ${err.message}`);
+        if (errors > MAX_ERRORS) throw err;
+        await sleep(err.retryAfter ? err.retryAfter * 1000 : backoff);
+        backoff = Math.min(2 * backoff, 10000);
+      }
+    }
+    this.set({ phase: this.running ? "finished" : "stopped" });
+  }
+
+  async forget() {
+    this.identity = null;
+    this.pending = null;
+    await Promise.all(["identity", "pending"].map((k) => this.store.delete(k)));
+  }
+
+  async step() {
+    this.set({ phase: "checking in" });
+    const answer = await this.api.json("POST", "/v1/checkin", {});
+    this.set({ serverVersion: answer.version ?? this.state.serverVersion });
+    if (answer.action === "wait") {
+      this.set({ phase: "waiting" });
+      await sleep(1000 * Number(answer.retry_after_s ?? 1));
+    } else if (answer.action === "train") {
+      await this.trainAndUpload(answer);
+    }
+    this.refreshServerAccuracy();
+    return answer.action;
+  }
+
+  /** The model of `version` (?version= keeps base_version exact); a cached copy revalidates with its ETag. */
+  async download(version) {
+    const headers = this.model?.version === version ? { "If-None-Match": `"v${version}"` } : {};
+    const { status, data } = await this.api.request("GET", `/v1/model?version=${version}`, { headers });
+    if (status === 304) return this.model.params;
+    this.model = this.decodeModel(data);
+    await remember("/v1/model", data);
+    return this.model.params;
+  }
+
+  /** A model message checked against the task's tensors: { version, params: Map name -> Float32Array }. */
+  decodeModel(body) {
+    const specs = new Map(this.task.params.map((p) => [p.name, { shape: p.shape, dtype: p.dtype }]));
+    const message = decodeMessage(body, { expected: specs });
+    return { version: message.meta.version, params: new Map([...message.tensors].map(([name, t]) => [name, t.data])) };
+  }
+
+  async trainAndUpload(task) {
+    const version = task.version;
+    this.set({ phase: "downloading", round: task.round });
+    const params = await this.download(version);
+    this.set({ phase: "training", version });
+    const data = tensorData(this.examples);
+    const result = await this.trainer.train(params, data, task.train, this.rng);
+    const evalResult = await this.trainer.evaluate(result.params, data);
+    const delta = this.task.params.map(({ name, shape }) => {
+      const before = params.get(name);
+      return { name, shape, data: result.params.get(name).map((w, i) => w - before[i]) }; // Float32Array: rounded like numpy's
+    });
+    this.set({ loss: result.loss, localAccuracy: evalResult.accuracy, stepMs: stepStats(this.trainer.stepMs), tasks: this.state.tasks + 1 });
+    const encoder = await this.encoderFor(task.train.codec ?? {});
+    this.identity.counter += 1;
+    const meta = {
+      update_id: `${this.identity.phoneId}-${this.identity.counter}`, base_version: version,
+      num_examples: result.examples, train_loss: float(result.loss), round: task.round,
+    };
+    const base = encoder.residualBaseVersion;
+    const before = encoder.state();
+    const body = await encoder.encode(delta, meta, { staleness: base === null ? 0 : Math.max(version - base, 0) });
+    const release = encoder.release();
+    if (release) this.charge(release); // spent once it leaves, whatever happens next
+    this.pending = { body, meta, before, attempts: 0 };
+    await this.store.set("identity", this.identity);
+    await this.store.set("encoder", { codec: this.codecKey, state: encoder.state() });
+    await this.store.set("ledger", this.ledger);
+    await this.store.set("pending", this.pending);
+    await this.flushPending();
+  }
+
+  /** The encoder the task asks for; kept across tasks (and reloads) for its residual. */
+  async encoderFor(codec) {
+    const key = JSON.stringify(codec);
+    if (this.encoder && key === this.codecKey) return this.encoder;
+    this.encoder = new UpdateEncoder(codec, this.rng);
+    if (key === this.codecKey && this.savedEncoderState) this.encoder.load(this.savedEncoderState);
+    this.codecKey = key;
+    return this.encoder;
+  }
+
+  charge({ mechanism, z }) {
+    const row = this.ledger.find((r) => r.mechanism === mechanism && r.z === z);
+    if (row) row.count += 1;
+    else this.ledger.push({ mechanism, z, count: 1 });
+    this.set({ epsilon: localEpsilon(this.ledger, this.task.dp_delta) });
+  }
+
+  /** Upload the pending update, if any. Network loss keeps it for later; a refusal drops it. */
+  async flushPending() {
+    const p = this.pending;
+    if (!p) return;
+    this.set({ phase: "uploading" });
+    const record = { updateId: p.meta.update_id, round: p.meta.round, baseVersion: p.meta.base_version, bytes: p.body.length };
+    let answer;
+    try {
+      answer = await this.upload(p);
+    } catch (err) {
+      if (err instanceof NetworkError) {
+        p.attempts += 1;
+        await this.store.set("pending", p);
+        this.recordUpload({ ...record, status: "pending", attempts: p.attempts });
+        this.set({ networkRetries: this.state.networkRetries + 1 });
+        throw err;
+      }
+      if (err instanceof ServerError && [400, 409, 413].includes(err.status)) {
+        this.rollback(p);
+        await this.dropPending();
+        this.recordUpload({ ...record, status: `rejected: ${err.reason}`, attempts: p.attempts + 1 });
+        this.set({ rejected: this.state.rejected + 1 });
+        return;
+      }
+      throw err;
+    }
+    await this.dropPending();
+    this.recordUpload({ ...record, status: answer.duplicate ? "duplicate" : "accepted", attempts: p.attempts + 1 });
+    this.set({
+      accepted: this.state.accepted + 1, duplicates: this.state.duplicates + (answer.duplicate ? 1 : 0),
+      updateBytes: this.state.updateBytes + p.body.length, lastUpdateBytes: p.body.length,
+    });
+    this.log(`update ${p.meta.update_id} (${p.body.length} bytes) ${answer.duplicate ? "was already merged" : "accepted"}`);
+  }
+
+  /** Nothing was merged: the residual goes back to what it was before this update. */
+  rollback(p) {
+    if (!p.before) return;
+    if (this.encoder) this.encoder.load(p.before);
+    else this.savedEncoderState = p.before; // restored after a reload, before any task built the encoder
+  }
+
+  async upload(p) {
+    for (let attempt = 0; ; attempt++) {
+      const headers = { "Content-Type": "application/octet-stream" };
+      if (this.identity.key) {
+        const signer = (this.signer ??= new Signer(this.identity.key));
+        Object.assign(headers, await signer.headers(this.identity.phoneId, p.meta.base_version, p.meta.update_id, p.body));
+      }
+      try {
+        const { data } = await this.api.request("POST", "/v1/update", { body: p.body, headers });
+        return JSON.parse(new TextDecoder().decode(data));
+      } catch (err) {
+        if (!(err instanceof ServerError && [429, 503].includes(err.status)) || attempt === UPLOAD_ATTEMPTS - 1) throw err;
+        await sleep(1000 * (err.retryAfter ?? 1));
+      }
+    }
+  }
+
+  async dropPending() {
+    this.pending = null;
+    await this.store.delete("pending");
+    const state = this.encoder ? this.encoder.state() : this.savedEncoderState;
+    if (this.codecKey !== null) await this.store.set("encoder", { codec: this.codecKey, state });
+  }
+
+  recordUpload(row) {
+    const uploads = this.state.uploads.filter((u) => u.updateId !== row.updateId).concat([row]).slice(-50);
+    this.set({ uploads, lastUpload: row });
+    this.store.set("uploads", uploads);
+  }
+
+  /** The server's held-out accuracy of its newest version (GET /v1/rounds; not phone traffic). */
+  async refreshServerAccuracy() {
+    try {
+      const since = Math.max(0, (this.lastRound ?? 1) - 1);
+      const answer = await (await fetch(`${this.api.base}/v1/rounds?since=${since}`, { cache: "no-store" })).json();
+      const last = answer.rounds.at(-1);
+      if (last) {
+        this.lastRound = last.round;
+        this.set({ serverAccuracy: last.accuracy, serverVersion: last.version });
+      }
+    } catch {
+      // offline: keep the last value
+    }
+  }
+}
+
+function stepStats(ms) {
+  const warm = ms.length > 1 ? ms.slice(1) : ms; // the first step also sets up the session
+  const sorted = [...warm].sort((a, b) => a - b);
+  return { count: warm.length, medianMs: sorted[Math.floor(sorted.length / 2)], meanMs: warm.reduce((a, b) => a + b, 0) / warm.length };
+}
+
+/** Resolve when the browser is back online, or after `ms` (navigator.onLine can lag). */
+function waitForNetwork(ms) {
+  if (typeof navigator === "undefined" || navigator.onLine) return sleep(ms);
+  return new Promise((resolve) => {
+    const done = () => {
+      removeEventListener("online", done);
+      resolve();
+    };
+    addEventListener("online", done);
+    setTimeout(done, Math.max(ms, 5000));
+  });
+}

@@ -1,0 +1,178 @@
+"""Java phones (android_demo/fedclient) next to Python phones, against the real server.
+
+Each run starts ``fedfleet serve`` on a free loopback port in a subprocess, three Java phones
+(``org.fedfleet.client.Main``, trained by the plain-Java MLP trainer on bundled digits) and a
+Python fleet of three (``fedfleet fleet``), and checks the server's own records: every round
+merged all six phones, nothing was rejected, accuracy rose, and the bytes the phones say they
+sent are the bytes the round records count. The codec run has every phone clip, add Gaussian
+noise, keep the top 10% with error feedback and quantize to 8 bits, so the Python server
+decodes and merges the Java encoder's sparse messages, and both sides agree on epsilon.
+
+Also runs the JUnit suite (golden vectors, codec, client), so ``make test`` covers it. Skips only
+when there is no ``javac``; a missing junit5 or libandroid-json-java package is a failure.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD = REPO / "android_demo" / "fedclient" / "build.sh"
+JAVA_PHONES = 3
+PY_PHONES = 3
+ROUNDS = 3
+CODEC = ('{clip = 1.0, noise = "gaussian", noise_multiplier = 0.3, sparsify = "topk", density = 0.1, '
+         "quant_bits = 8, error_feedback = true}")
+
+pytestmark = pytest.mark.skipif(shutil.which("javac") is None, reason="javac not found: the Java client needs JDK 17+")
+
+
+def _build(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(BUILD), *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def classpath() -> str:
+    built = _build("build")
+    assert built.returncode == 0, built.stderr + built.stdout
+    return _build("classpath").stdout.strip()
+
+
+def test_junit_suite() -> None:
+    run = _build("test")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert " 0 tests failed" in run.stdout and " tests successful" in run.stdout, run.stdout[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_ready(url: str, server: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"fedfleet serve exited with {server.returncode}:\n{log.read_text()}")
+        try:
+            _get(url + "/v1/status")
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"fedfleet serve did not answer within {timeout} s:\n{log.read_text()}")
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_mixed(tmp: Path, classpath: str, codec: str | None) -> dict[str, Any]:
+    """Server + Java phones + Python fleet; returns the server's records and both sides' stats."""
+    toml = tmp / "server.toml"
+    # min_cohort = all six phones: each round waits for every phone, so each one trains every round
+    toml.write_text("[server]\nmin_cohort = 6\nsample_fraction = 1.0\nround_timeout_s = 120\n"
+                    + (f"codec = {codec}\n" if codec else ""))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp / "server.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "fedfleet.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--data-dir", str(tmp / "data"), "--model", "mlp", "--dataset", "digits", "--rounds", str(ROUNDS),
+             "--config", str(toml)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    java: list[subprocess.Popen[str]] = []
+    try:
+        _wait_ready(url, server, log)
+        java = [subprocess.Popen(["java", "-cp", classpath, "org.fedfleet.client.Main", "--server", url,
+                                  "--name", f"java-{i}", "--shard", f"{i}/{JAVA_PHONES}", "--seed", str(i)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for i in range(JAVA_PHONES)]
+        fleet = subprocess.run(
+            [sys.executable, "-m", "fedfleet.cli", "fleet", "--server", url, "--phones", str(PY_PHONES),
+             "--name-prefix", "py", "--rounds", str(ROUNDS), "--seed", "1", "--workers", "1", "--out", str(tmp / "run")],
+            capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+        assert fleet.returncode == 0, fleet.stderr[-4000:] + log.read_text()[-4000:]
+        summaries = []
+        for proc in java:
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"Java phone failed: {stderr}\n{log.read_text()[-4000:]}"
+            summaries.append(json.loads(stdout.strip().splitlines()[-1]))
+        rounds = _get(url + "/v1/rounds")
+        status = _get(url + "/v1/status")
+    finally:
+        for proc in java:
+            _stop(proc)
+        _stop(server)
+    with (tmp / "run" / "devices.csv").open() as f:
+        python = list(csv.DictReader(f))
+    return {"rounds": rounds["rounds"], "finished": rounds["finished"], "status": status, "java": summaries,
+            "python": python}
+
+
+def _check_merged_and_counted(run: dict[str, Any]) -> None:
+    rounds, java, python = run["rounds"], run["java"], run["python"]
+    assert run["finished"] and [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert all(r["updates"] == JAVA_PHONES + PY_PHONES and r["rejected"] == 0 for r in rounds), rounds
+    assert run["status"]["rejections"] == {} and run["status"]["done"]
+    for s in java:  # every Java phone's update was accepted and merged in every round
+        assert (s["participations"], s["rejected"], s["refused"], s["errors"]) == (ROUNDS, 0, 0, 0), s
+    assert all(int(p["participations"]) == ROUNDS and int(p["rejected"]) == 0 for p in python), python
+    # The round records count every phone request body from the start until the last merge; only
+    # the final check-ins that got "done" ("{}", 2 bytes each) fall outside them. So the bytes the
+    # phones say they sent, Java's included, are the bytes in the metrics.
+    phones_up = sum(s["bytes_up"] for s in java) + sum(int(p["bytes_up"]) for p in python)
+    recorded_up = sum(r["bytes_up"] for r in rounds)
+    assert 0 <= phones_up - recorded_up <= 2 * 4 * (JAVA_PHONES + PY_PHONES), (phones_up, recorded_up)
+    java_up = sum(s["bytes_up"] for s in java)
+    assert sum(r["update_bytes"] for r in rounds) > java_up / 2  # Java's uploads are in update_bytes too
+
+
+@pytest.mark.slow
+def test_java_and_python_phones_train_one_model(tmp_path: Path, classpath: str) -> None:
+    run = run_mixed(tmp_path, classpath, codec=None)
+    _check_merged_and_counted(run)
+    accs = [r["accuracy"] for r in run["rounds"]]
+    assert accs[0] > 0.5 and accs[-1] > 0.85 and accs[-1] >= accs[0], accs  # chance is 0.1
+    for s in run["java"]:
+        assert s["epsilon"] == 0 and s["last_version"] == ROUNDS - 1 and 0 < s["train_loss"] < 2.3, s
+
+
+@pytest.mark.slow
+def test_server_merges_java_encoded_compressed_noised_updates(tmp_path: Path, classpath: str) -> None:
+    run = run_mixed(tmp_path, classpath, codec=CODEC)
+    _check_merged_and_counted(run)
+    rounds = run["rounds"]
+    accs = [r["accuracy"] for r in rounds]
+    assert accs[-1] > accs[0] and accs[-1] > 0.2, accs  # noisy (z = 0.3 on every phone), but it learns
+    # top-10% of 2,410 values at 8 bits with varint indices: several times smaller than dense float32
+    assert all(r["compression_ratio"] > 4 for r in rounds), [r["compression_ratio"] for r in rounds]
+    # Every phone was charged one Gaussian release per round, on both sides of the wire: the Java
+    # phone's own accountant agrees with the server's ledger (dp_accounting) on epsilon.
+    assert rounds[-1]["noise_multiplier"] == 0.3
+    for s in run["java"]:
+        assert s["epsilon"] == pytest.approx(rounds[-1]["epsilon_max"], rel=1e-9), (s, rounds[-1])
