@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 
 from device_runtime.attacks import choose_attackers, parse_attack
+from device_runtime.bundle_client import fetch_bundle
 from device_runtime.client import PhoneClient, PhoneStats
 from device_runtime.data import Dataset, partition
 from device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
@@ -34,6 +38,7 @@ class FleetConfig:
     poll_s: float = 0.25
     devices: str = "none"  # none (no emulated delays) | default (drawn profiles) | PATH.csv (a trace)
     profile_spec: ProfileSpec = ProfileSpec()
+    runtime: str = "torch"  # torch | executorch | onnx: executorch and onnx run the server's bundle
     trainer: str = "batched"  # batched (phones on the same version in one vmapped step) | pool (one by one)
     attack: str = "none"  # device_runtime.attacks: none | signflip | scale:F | noise:STD | labelflip
     attack_fraction: float = 0.0  # share of phones (drawn with the fleet seed) that run ``attack``
@@ -44,6 +49,8 @@ class FleetConfig:
         if not 0 < self.availability <= 1:
             raise ValueError("availability must be in (0, 1]")
         parse_attack(self.attack)
+        if self.runtime not in ("torch", "executorch", "onnx"):
+            raise ValueError("runtime must be torch, executorch or onnx")
         if self.trainer not in ("batched", "pool"):
             raise ValueError("trainer must be 'batched' or 'pool'")
         if not 0 <= self.attack_fraction <= 1:
@@ -86,14 +93,13 @@ async def run_fleet(
             from protocol.privacy import PrivacyLedger
 
             ledger = PrivacyLedger(float(task.get("dp_delta", 1e-5)))
-        pool = _trainer(cfg, task, runtime_factory)
         phones = [
             PhoneClient(
                 session,
                 server,
                 f"{cfg.name_prefix}-{i:05d}",
                 (data.x_train[idx], data.y_train[idx]),
-                pool,
+                None,
                 phone_rngs[i],
                 ledger=ledger,
                 train_overrides=train_overrides,
@@ -106,23 +112,38 @@ async def run_fleet(
             for i, idx in enumerate(parts)
         ]
         stop = asyncio.Event()
+        pool: RuntimePool | BatchedTrainer | None = None
         monitor = asyncio.create_task(_monitor(session, server, cfg, on_round, stop))
         try:
             await asyncio.gather(*(p.register() for p in phones))
+            if cfg.runtime != "torch":  # the exported artifacts a phone would run, hash-checked
+                bundle_dir = Path(tempfile.mkdtemp(prefix="fedfleet-bundle-"))
+                await fetch_bundle(session, server, phones[0].token, bundle_dir)
+                runtime_factory = partial(_bundle_runtime, cfg.runtime, bundle_dir)
+            pool = _trainer(cfg, task, runtime_factory)
+            for p in phones:
+                p.pool = pool
             await asyncio.gather(*(p.run(stop) for p in phones))
             rounds = await asyncio.wait_for(monitor, timeout=120)
         finally:
             stop.set()
             monitor.cancel()
-            pool.close()
+            if pool is not None:
+                pool.close()
     if ledger is not None:
         for p in phones:
             p.stats.epsilon = ledger.epsilon(p.name)
     return FleetResult(rounds=rounds, devices=[p.stats for p in phones])
 
 
+def _bundle_runtime(kind: str, bundle_dir: Path, task: dict[str, Any]) -> TrainingRuntime:
+    from device_runtime.runtimes.loader import load_runtime
+
+    return load_runtime(kind, bundle_dir)
+
+
 def _trainer(cfg: FleetConfig, task: dict[str, Any], factory: RuntimeFactory) -> RuntimePool | BatchedTrainer:
-    if cfg.trainer == "batched":
+    if cfg.trainer == "batched" and cfg.runtime == "torch":
         runtime = factory(task)
         model = getattr(runtime, "model", None)
         if model is not None:  # the eager runtime: vectorize across phones

@@ -101,7 +101,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     # Training settings the user gave explicitly override the server's plan on these phones.
     overrides = {k: getattr(args, k) for k in ("local_epochs", "batch_size", "lr", "prox_mu")
                  if getattr(args, k) is not None}
-    fleet_cfg = dataclasses.replace(cfg.fleet_config(), max_rounds=args.rounds or 0,
+    fleet_cfg = dataclasses.replace(cfg.fleet_config(), max_rounds=args.rounds or 0, runtime=cfg.runtime,
                                     availability=args.sample or 1.0, name_prefix=args.name_prefix)
     t0 = time.perf_counter()
     table = RoundTable(total=args.rounds or 0)
@@ -133,14 +133,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset or values.pop("dataset", "digits"), seed=args.seed or 0)
     values.update({"input_shape": data.input_shape, "num_classes": data.num_classes})
     for key, flag in (("model", args.model), ("rounds", args.rounds), ("sample_fraction", args.sample),
-                      ("seed", args.seed), ("data_dir", args.data_dir)):
+                      ("seed", args.seed), ("data_dir", args.data_dir), ("bundle_dir", args.bundle)):
         if flag is not None:
             values[key] = flag
     config = ServerConfig().replace(**values)
     app = make_app(config, test_data=(data.x_test, data.y_test))
+    scheme = "https" if args.tls_cert else "http"
     print(f"fedfleet server: task {config.model} on {data.name}, {config.rounds or 'unlimited'} rounds, "
-          f"state in {config.data_dir or 'memory'}; listening on http://{args.host}:{args.port}", flush=True)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+          f"state in {config.data_dir or 'memory'}; listening on {scheme}://{args.host}:{args.port}", flush=True)
+    ssl_context = None
+    if args.tls_cert or args.tls_key:
+        import ssl
+
+        if not (args.tls_cert and args.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, ssl_context=ssl_context)
     return 0
 
 
@@ -159,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int)
     p.add_argument("--sample", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--bundle", help="the task's exported bundle directory (fedfleet export), served to phones")
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) ...")
+    p.add_argument("--tls-key", help="... and this private key")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="in-process server on loopback plus an emulated fleet")

@@ -141,6 +141,7 @@ class SimulateConfig:
             seed=self.seed,
             workers=self.workers,
             trainer=self.trainer,
+            runtime=self.runtime,
             devices=self.devices,
             profile_spec=ProfileSpec(compute_ms=self.compute_ms, diurnal=self.diurnal, dropout=self.dropout),
         )
@@ -157,12 +158,12 @@ def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Sim
 
 
 async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tuple[FleetResult, dict[str, Any]]:
-    if cfg.runtime != "torch":
-        raise ValueError(f"runtime {cfg.runtime!r} is not available in simulate yet; use torch")
     t0 = time.perf_counter()
     data = load_dataset(cfg.dataset, seed=cfg.seed)
     out = Path(cfg.out)
     server_cfg = cfg.server_config(data, str(out / "server"))
+    if cfg.runtime != "torch":  # phones run the exported artifacts: export them for this task
+        server_cfg = server_cfg.replace(bundle_dir=str(ensure_bundle(cfg, data, out / "bundle")))
     _fresh_state(out / "server")
     clock = VirtualClock() if cfg.virtual else WallClock()
     app = make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now)
@@ -189,6 +190,23 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
     summary["privacy"] = privacy_summary(app_release(server_cfg), server_cfg, result.rounds)
     write_run(out, result.rounds, result.devices, summary)
     return result, summary
+
+
+def ensure_bundle(cfg: SimulateConfig, data: Dataset, path: Path) -> Path:
+    """Export the task's bundle into ``path`` unless an intact one for the same task is there."""
+    from export.build import ExportConfig, export_bundle
+    from export.bundle import verify_bundle
+    from export.manifest import BundleError
+
+    try:
+        m = verify_bundle(path)
+        if (m.model, m.input_shape, m.num_classes, m.seed) == (cfg.model, data.input_shape, data.num_classes, cfg.seed):
+            return path
+    except (BundleError, FileNotFoundError, ValueError):
+        pass
+    export_bundle(ExportConfig(cfg.model, data.name, data.input_shape, data.num_classes, seed=cfg.seed,
+                               batch_size=min(cfg.batch_size, 64), lr=cfg.lr), path)
+    return path
 
 
 def _fresh_state(path: Path) -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 from export.models import ModelSpec, build_model, trainable_params
 from protocol import ProtocolError, decode_message, encode_message
 from server.async_coordinator import AsyncCoordinator
+from server.bundles import check_bundle, setup_bundle
 from server.config import ServerConfig
 from server.coordinator import Clock, SyncCoordinator, UpdateRejected, wall_clock
 from server.evaluation import Evaluator
@@ -53,7 +54,10 @@ def make_app(
     app[NONCES] = NonceBook(config.signature_skew_s)
     if test_data is not None:
         app[EVALUATOR] = Evaluator(spec, test_data[0], test_data[1], seed=config.seed)
+    if config.bundle_dir is not None:
+        check_bundle(Path(config.bundle_dir), config.model, app[COORD].specs)
     setup_routes(app)
+    setup_bundle(app, Path(config.bundle_dir) if config.bundle_dir else None)
     setup_observability(app)
     app.cleanup_ctx.append(background)
     return app

@@ -61,6 +61,7 @@ class ServerConfig:
     admin_token: str | None = None  # bearer token for /v1/admin/*; None disables admin endpoints
     # --- state ---------------------------------------------------------------------------
     data_dir: str | None = None  # SQLite file and metrics live here; None = in memory
+    bundle_dir: str | None = None  # the task's exported bundle (fedfleet export), served at /v1/bundle
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -41,6 +41,7 @@ def task_spec(request: web.Request) -> dict[str, Any]:
         "params": [{"name": n, "shape": list(s.shape), "dtype": s.dtype} for n, s in coord.specs.items()],
         "train": cfg.train_plan(),
         "dp_delta": cfg.dp_delta,
+        "bundle": cfg.bundle_dir is not None,
         "max_update_bytes": cfg.max_update_bytes,
         "rounds": cfg.rounds,
     }
