@@ -220,7 +220,7 @@ class PhoneClient:
         if profile is not None:
             await clock.sleep(profile.transfer_s(len(body), uplink=True))  # arrives when fully sent
         try:
-            await self._upload(body, meta)
+            answer = await self._upload(body, meta)
         except ServerError as exc:
             encoder.rollback()  # nothing was merged: keep the residual as it was
             if exc.status == 409:  # the round closed or the base got too stale: a straggler
@@ -233,20 +233,25 @@ class PhoneClient:
         self.stats.upload_s.append(clock.now() - t2)
         self.stats.participations += 1
         self.stats.latencies_s.append(clock.now() - t0)
+        rest = float(answer.get("next_checkin_s") or 0.0)
+        if rest > 0:  # the server paces how often one phone contributes
+            await clock.sleep(rest)
 
-    async def _upload(self, body: bytes, meta: dict[str, Any], attempts: int = 6) -> None:
+    async def _upload(self, body: bytes, meta: dict[str, Any], attempts: int = 6) -> dict[str, Any]:
         """POST the update; on 503/429 wait as long as Retry-After says and sign again."""
         for attempt in range(attempts):
             headers = {"Content-Type": "application/octet-stream"}
             if self.key is not None:
                 headers.update(self.key.headers(self.name, meta["base_version"], meta["update_id"], body))
             try:
-                await self._request("POST", "/v1/update", data=body, headers=headers)
-                return
+                _, payload, _ = await self._request("POST", "/v1/update", data=body, headers=headers)
+                answer = json.loads(payload)
+                return answer if isinstance(answer, dict) else {}
             except ServerError as exc:
                 if exc.status not in (429, 503) or attempt == attempts - 1:
                     raise
                 await self.clock.sleep(exc.retry_after or 1.0)
+        return {}
 
     def _encoder(self, codec: dict[str, Any]) -> UpdateEncoder:
         """The update encoder the task asks for; kept across tasks for its error-feedback residual."""
@@ -255,12 +260,14 @@ class PhoneClient:
             self._codec = dict(codec)
         return self.encoder
 
-    async def run(self, stop: asyncio.Event | None = None, max_errors: int = 20) -> PhoneStats:
-        """Check in until the server says the task is done (or ``stop`` is set)."""
+    async def run(self, stop: asyncio.Event | None = None, max_errors: int = 20,
+                  until: float | None = None) -> PhoneStats:
+        """Check in until the server says the task is done, ``stop`` is set, or the clock
+        passes ``until``."""
         backoff = 0.2
         self.clock.join()
         try:
-            while stop is None or not stop.is_set():
+            while (stop is None or not stop.is_set()) and (until is None or self.clock.now() < until):
                 try:
                     if await self.step() == "done":
                         break

@@ -36,6 +36,7 @@ class FleetConfig:
     name_prefix: str = "phone"
     max_rounds: int = 0  # stop after the server recorded this many rounds (0 = until it finishes)
     poll_s: float = 0.25
+    hours: float = 0.0  # stop after this much (virtual) time; 0 = until the server's task is done
     devices: str = "none"  # none (no emulated delays) | default (drawn profiles) | PATH.csv (a trace)
     profile_spec: ProfileSpec = ProfileSpec()
     runtime: str = "torch"  # torch | executorch | onnx: executorch and onnx run the server's bundle
@@ -113,7 +114,8 @@ async def run_fleet(
         ]
         stop = asyncio.Event()
         pool: RuntimePool | BatchedTrainer | None = None
-        monitor = asyncio.create_task(_monitor(session, server, cfg, on_round, stop))
+        phones_done = asyncio.Event()
+        monitor = asyncio.create_task(_monitor(session, server, cfg, on_round, stop, phones_done))
         try:
             await asyncio.gather(*(p.register() for p in phones))
             if cfg.runtime != "torch":  # the exported artifacts a phone would run, hash-checked
@@ -123,7 +125,9 @@ async def run_fleet(
             pool = _trainer(cfg, task, runtime_factory)
             for p in phones:
                 p.pool = pool
-            await asyncio.gather(*(p.run(stop) for p in phones))
+            until = cfg.hours * 3600 if cfg.hours > 0 else None
+            await asyncio.gather(*(p.run(stop, until=until) for p in phones))
+            phones_done.set()
             rounds = await asyncio.wait_for(monitor, timeout=120)
         finally:
             stop.set()
@@ -173,16 +177,20 @@ async def _monitor(
     cfg: FleetConfig,
     on_round: Callable[[dict[str, Any]], None],
     stop: asyncio.Event,
+    phones_done: asyncio.Event,
 ) -> list[dict[str, Any]]:
-    """Poll the server's round records; set ``stop`` when the run is over."""
+    """Poll the server's round records; set ``stop`` when the run is over. When the phones
+    stop first (``hours`` elapsed), wait for the merges in flight to be recorded, then return."""
     seen: list[dict[str, Any]] = []
+    quiet = 0
     while True:
         async with session.get(f"{server.rstrip('/')}/v1/rounds", params={"since": str(seen[-1]["round"] if seen else 0)}) as resp:
             answer = await resp.json()
         for row in answer["rounds"]:
             seen.append(row)
             on_round(row)
-        if answer["finished"] or (cfg.max_rounds and len(seen) >= cfg.max_rounds):
+        quiet = quiet + 1 if phones_done.is_set() and not answer["rounds"] else 0
+        if answer["finished"] or (cfg.max_rounds and len(seen) >= cfg.max_rounds) or quiet >= 4:
             stop.set()  # phones leave after their current step
             return seen
         await asyncio.sleep(cfg.poll_s)

@@ -47,6 +47,7 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diurnal", type=float, help="default devices: fraction available only at night (0)")
     p.add_argument("--dropout", type=float, help="default devices: probability of vanishing mid-task (0)")
     p.add_argument("--clock", choices=["auto", "wall", "virtual"], help="virtual time (default: when devices are emulated)")
+    p.add_argument("--hours", type=float, help="stop after this much (virtual) time, e.g. 24 for a day")
     p.add_argument("--clip", type=float, help="L2 clipping norm C of each update")
     p.add_argument("--noise", choices=["gaussian", "laplace"], help="local DP mechanism (default gaussian)")
     p.add_argument("--noise-multiplier", type=float, help="local DP noise = z * C per update")
@@ -72,7 +73,7 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
             "staleness", "max_staleness", "server_optimizer", "server_lr", "devices", "compute_ms", "diurnal",
             "dropout", "clock", "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk",
             "quant_bits", "error_feedback", "compress", "epsilon_budget", "central_clip", "central_noise_multiplier",
-            "robust", "attack", "attack_fraction", "trainer"]
+            "robust", "attack", "attack_fraction", "trainer", "hours"]
     return {k: getattr(args, k) for k in keys}
 
 

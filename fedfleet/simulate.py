@@ -54,6 +54,7 @@ class SimulateConfig:
     diurnal: float = 0.0  # default devices: fraction of phones only available at night
     dropout: float = 0.0  # default devices: probability of vanishing mid-task
     clock: str = "auto"  # wall | virtual | auto (virtual when devices are emulated)
+    hours: float = 0.0  # stop the fleet after this much (virtual) time; 0 = when the rounds are done
     # update codec and privacy (the task tells phones how to encode; see protocol/FORMAT.md)
     clip: float | None = None  # L2 clipping norm C of each update
     noise: str | None = None  # gaussian | laplace (default gaussian when a noise level is given)
@@ -142,6 +143,7 @@ class SimulateConfig:
             workers=self.workers,
             trainer=self.trainer,
             runtime=self.runtime,
+            hours=self.hours,
             devices=self.devices,
             profile_spec=ProfileSpec(compute_ms=self.compute_ms, diurnal=self.diurnal, dropout=self.dropout),
         )

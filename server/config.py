@@ -54,6 +54,7 @@ class ServerConfig:
     max_update_bytes: int = 16 << 20  # bodies over this get 413
     max_examples: int = 10_000_000  # a phone claiming more is refused (400)
     checkin_retry_s: float = 1.0  # how long a phone without work should wait
+    rest_after_update_s: float = 0.0  # a phone that just contributed checks in again after this
     max_concurrent_uploads: int = 64  # beyond this, uploads get 503 + Retry-After (backpressure)
     request_timeout_s: float = 30.0  # a body that takes longer to arrive gets 408 (slow-loris)
     require_signatures: bool = False  # phones must enrol an Ed25519 key and sign every upload

@@ -205,7 +205,7 @@ class Coordinator:
         self._hold(c)
         self.charge(phone)
         return {"accepted": True, "duplicate": False, "version": self.version, "staleness": c.staleness,
-                "round": self.merges + 1}
+                "round": self.merges + 1, "next_checkin_s": self.config.rest_after_update_s}
 
     def _admit(self, phone: str, update_id: str, base: int) -> float:
         """Mode-specific checks; return when this phone's task started (for its latency)."""
