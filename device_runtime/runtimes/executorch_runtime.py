@@ -1,0 +1,115 @@
+"""ExecuTorch backend: the ``model.pte`` training program of a bundle.
+
+The program returns ``(loss, logits)``, then gradients, then the trainable parameters as
+tensors that alias the program's own weights (ExecuTorch ``TrainingModule``). Each
+``forward_backward`` recomputes gradients from scratch (they do not accumulate), and this
+runtime applies SGD with the FedProx term in place on the aliased weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
+from export.manifest import MODEL_PTE, PTE_PREFIX, Manifest, ParameterMismatch
+
+
+def set_threads(count: int) -> None:
+    """Size ExecuTorch's process-wide kernel threadpool (XNNPACK uses it); 1 emulates one phone core.
+
+    Process-wide and not safe while another thread runs a program: call it at start-up.
+    """
+    from executorch.extension.pybindings.portable_lib import (
+        _threadpool_get_thread_count,
+        _unsafe_reset_threadpool,
+    )
+
+    if _threadpool_get_thread_count() != count:
+        _unsafe_reset_threadpool(count)
+
+
+class ExecuTorchRuntime:
+    name = "executorch"
+
+    def __init__(self, program: bytes, manifest: Manifest, threads: int | None = 1) -> None:
+        """``threads`` sizes the process-wide kernel threadpool (see ``set_threads``); None leaves it."""
+        from executorch.extension.training import _load_for_executorch_for_training_from_buffer
+
+        if threads is not None:
+            set_threads(threads)
+        # The module reads the program from this buffer without copying it: keep it alive.
+        self._program = program
+        self._module = _load_for_executorch_for_training_from_buffer(self._program)
+        self._manifest = manifest
+        self._max_batch = manifest.max_batch
+        # The parameter tensors are only handed out by a first forward_backward; run it on
+        # a dummy batch (it changes no weight: the optimizer step is ours).
+        c, h, w = manifest.input_shape
+        self._module.forward_backward("forward", (torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.int64)))
+        self._params = self._named(self._module.named_parameters())
+        self._check_params()
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: Path, manifest: Manifest) -> ExecuTorchRuntime:
+        return cls((Path(bundle_dir) / MODEL_PTE).read_bytes(), manifest)
+
+    def param_names(self) -> list[str]:
+        return list(self._params)
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        return {n: p.detach().numpy().copy() for n, p in self._params.items()}
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for n, p in self._params.items():
+                p.copy_(torch.from_numpy(np.asarray(params[n], dtype=np.float32)).reshape(p.shape))
+
+    def train(self, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> TrainResult:
+        if cfg.batch_size > self._max_batch:
+            raise ValueError(f"batch_size {cfg.batch_size} > max_batch {self._max_batch} of this model.pte")
+        xt, yt = (
+            torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+            torch.from_numpy(y.astype(np.int64)),
+        )
+        anchor = {n: p.clone() for n, p in self._params.items()} if cfg.prox_mu > 0 else {}
+        total, steps = 0.0, 0
+        with torch.no_grad():
+            for idx in iterate_batches(len(x), cfg, rng):
+                ti = torch.from_numpy(idx)
+                loss = self._module.forward_backward("forward", (xt[ti], yt[ti]))[0]
+                total += float(loss)
+                grads = self._named(self._module.named_gradients())
+                for n, p in self._params.items():
+                    g = grads[n]
+                    if anchor:  # FedProx: d/dw mu/2 ||w - w0||^2 = mu (w - w0)
+                        g = g + cfg.prox_mu * (p - anchor[n])
+                    p.sub_(cfg.lr * g)
+                steps += 1
+        return TrainResult(loss=total / max(steps, 1), num_examples=len(x), steps=steps)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalResult:
+        """Loss and accuracy from the training program's logits; the weights do not change."""
+        step = min(batch_size, self._max_batch)
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(x), step):
+            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + step], dtype=np.float32))
+            yb = torch.from_numpy(y[start : start + step].astype(np.int64))
+            loss, logits = self._module.forward_backward("forward", (xb, yb))[:2]
+            loss_sum += float(loss) * len(xb)  # the program's loss is the batch mean
+            correct += int((logits.argmax(1) == yb).sum())
+        n = max(len(x), 1)
+        return EvalResult(loss=loss_sum / n, accuracy=correct / n, num_examples=len(x))
+
+    @staticmethod
+    def _named(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(PTE_PREFIX): v for k, v in tensors.items()}
+
+    def _check_params(self) -> None:
+        expected = {p.name: p.shape for p in self._manifest.trainable()}
+        actual = {n: tuple(p.shape) for n, p in self._params.items()}
+        if list(actual) != list(expected) or actual != expected:
+            raise ParameterMismatch(f"model.pte parameters {actual} != manifest {expected}")

@@ -1,0 +1,141 @@
+"""Export one model into a bundle directory and describe it in ``manifest.json``.
+
+Each artifact is produced independently: if one cannot be exported for a model, the
+manifest records the op and the reason and the other artifacts are still written.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from torch import nn
+
+from export.bundle import artifact_info, sha256_file, verify_bundle, write_manifest
+from export.manifest import (
+    MODEL_ONNX,
+    MODEL_PTE,
+    PTE_PREFIX,
+    TRAIN_STEP_ONNX,
+    ArtifactInfo,
+    Manifest,
+    ParamSpec,
+    UnsupportedExport,
+    train_step_signature,
+)
+from export.models import ModelSpec, build_model, trainable_names
+
+VERSIONED = ("torch", "executorch", "onnx", "onnxruntime", "onnxscript")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``fedfleet export`` turns into a bundle; defaults match ``TrainConfig``."""
+
+    model: str
+    dataset: str
+    input_shape: tuple[int, int, int]  # C, H, W of the dataset
+    num_classes: int
+    seed: int = 0  # build_model seed: the initial weights every runtime starts from
+    batch_size: int = 16  # default task batch size, recorded in the manifest
+    lr: float = 0.05  # default task learning rate, recorded in the manifest
+    max_batch: int = 64  # largest batch model.pte accepts (ExecuTorch plans memory for it)
+    backbone_weights: Path | None = None  # torchvision MobileNetV3-small state dict
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= self.max_batch:
+            raise ValueError(f"batch_size must be in 1..max_batch ({self.max_batch}), got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError("lr must be positive")
+
+
+def export_bundle(cfg: ExportConfig, out_dir: Path) -> Manifest:
+    """Build the model from ``cfg``, write every artifact it supports, then verify the bundle."""
+    from export.executorch_export import export_executorch
+    from export.onnx_export import export_inference_onnx, export_train_step_onnx
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = ModelSpec(cfg.model, cfg.input_shape, cfg.num_classes)
+    model = build_model(spec, seed=cfg.seed, backbone_weights=cfg.backbone_weights)
+    opsets: list[int] = []
+    backends: dict[str, str] = {}
+
+    def write_pte(path: Path) -> None:
+        program, backends[MODEL_PTE] = export_executorch(model, cfg.input_shape, cfg.max_batch)
+        path.write_bytes(program)
+
+    def write_onnx(
+        exporter: Callable[[nn.Module, tuple[int, int, int], Path], int],
+    ) -> Callable[[Path], None]:
+        return lambda path: opsets.append(exporter(model, cfg.input_shape, path))
+
+    writers: dict[str, Callable[[Path], None]] = {
+        MODEL_PTE: write_pte,
+        MODEL_ONNX: write_onnx(export_inference_onnx),
+        TRAIN_STEP_ONNX: write_onnx(export_train_step_onnx),
+    }
+    artifacts = {
+        name: replace(_produce(out_dir / name, writer), backend=backends.get(name))
+        for name, writer in writers.items()
+    }
+    manifest = Manifest(
+        model=cfg.model,
+        dataset=cfg.dataset,
+        input_shape=cfg.input_shape,
+        num_classes=cfg.num_classes,
+        seed=cfg.seed,
+        parameters=tuple(
+            ParamSpec(n, tuple(p.shape), "float32", p.requires_grad) for n, p in model.named_parameters()
+        ),
+        max_batch=cfg.max_batch,
+        hyperparameters={"lr": cfg.lr, "batch_size": float(cfg.batch_size)},
+        artifacts=artifacts,
+        versions=_versions(),
+        backbone_weights_sha256=sha256_file(cfg.backbone_weights) if cfg.backbone_weights else None,
+        onnx_opset=min(opsets) if opsets else None,
+        inputs={
+            "x": {"dtype": "float32", "shape": ["batch", *cfg.input_shape]},
+            "y": {"dtype": "int64", "shape": ["batch"]},
+            "lr": {"dtype": "float32", "shape": []},
+            "mu": {"dtype": "float32", "shape": []},
+        },
+        signatures=_signatures(trainable_names(model)),
+    )
+    write_manifest(out_dir, manifest)
+    return verify_bundle(out_dir)
+
+
+def _signatures(names: list[str]) -> dict[str, dict[str, list[str]]]:
+    step_inputs, step_outputs = train_step_signature(names)
+    return {
+        MODEL_PTE: {
+            "inputs": ["x", "y"],
+            "outputs": ["loss", "logits"],
+            "parameters": [PTE_PREFIX + n for n in names],
+        },
+        MODEL_ONNX: {"inputs": ["x", *names], "outputs": ["logits"]},
+        TRAIN_STEP_ONNX: {"inputs": step_inputs, "outputs": step_outputs},
+    }
+
+
+def _produce(path: Path, writer: Callable[[Path], None]) -> ArtifactInfo:
+    path.unlink(missing_ok=True)  # never leave a stale artifact from an earlier export
+    try:
+        writer(path)
+    except UnsupportedExport as exc:
+        path.unlink(missing_ok=True)
+        return ArtifactInfo(available=False, op=exc.op, reason=exc.reason)
+    return artifact_info(path)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in VERSIONED:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "absent"
+    return out

@@ -1,0 +1,142 @@
+"""ONNX artifacts: ``model.onnx`` (inference) and ``train_step.onnx`` (one SGD step, standard ops).
+
+``train_step.onnx`` has the signature
+``(params..., x, y, lr, mu, anchor.<param>...) -> (loss, new.<param>...)``:
+one step of ``w' = w - lr * (grad CE(w) + mu * (w - anchor))``, i.e. SGD on the mean
+cross-entropy plus the FedProx term mu/2 ||w - w0||^2 (Li et al. 2020, "Federated
+Optimization in Heterogeneous Networks"); mu = 0 is FedAvg. It runs in stock
+onnxruntime (no onnxruntime-training): the step is written with ``torch.autograd.grad``,
+traced to forward ops with ``make_fx`` and the decompositions of ``export.onnx_decomp``,
+then translated with ``torch.onnx.export(..., dynamo=True)``. Exporting a module that
+calls ``autograd.grad`` directly fails, hence the ``make_fx`` detour.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from export.manifest import UnsupportedExport, train_step_signature
+from export.models import trainable_names
+from export.onnx_decomp import training_decompositions
+
+STANDARD_DOMAINS = ("", "ai.onnx")  # what onnxruntime-web and every other runtime implements
+MIN_OPSET = 17
+
+
+def export_inference_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path) -> int:
+    """Write ``x [batch, C, H, W] -> logits`` and return its opset.
+
+    The trainable weights are initializers *and* graph inputs, i.e. defaults a caller may
+    override: a phone evaluates its current weights without rebuilding the session.
+    """
+    model = copy.deepcopy(model).eval()
+    x = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(0))
+    try:
+        program = torch.onnx.export(
+            model,
+            (x,),
+            dynamo=True,
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
+    except Exception as exc:
+        raise UnsupportedExport.from_exception("ONNX inference export", exc) from exc
+    assert program is not None  # dynamo=True always returns an ONNXProgram
+    proto = program.model_proto
+    _expose_initializers(proto, trainable_names(model))
+    return _check_and_save(proto, path)
+
+
+def export_train_step_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path) -> int:
+    """Write ``train_step.onnx`` for a dynamic batch and return its opset."""
+    model = copy.deepcopy(model).train()
+    names = trainable_names(model)
+    params = [p.detach().clone().requires_grad_(True) for p in model.parameters() if p.requires_grad]
+    k = len(names)
+
+    def step(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weights, (x, y, lr, mu), anchors = args[:k], args[k : k + 4], args[k + 4 :]
+        # frozen parameters and buffers are read from the model: constants of the graph
+        logits = torch.func.functional_call(model, dict(zip(names, weights, strict=True)), (x,))
+        loss = nn.functional.cross_entropy(logits, y)
+        grads = torch.autograd.grad(loss, weights)
+        new = [w - lr * (g + mu * (w - a)) for w, g, a in zip(weights, grads, anchors, strict=True)]
+        return (loss.detach(), *new)
+
+    batch = _distinct_batch(params, input_shape)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((batch, *input_shape), generator=gen)
+    y = torch.zeros(batch, dtype=torch.int64)
+    scalars = (torch.tensor(0.1), torch.tensor(0.0))  # lr, mu
+    args = (*params, x, y, *scalars, *[p.detach().clone() for p in params])
+    dyn = {0: torch.export.Dim("batch")}
+    input_names, output_names = train_step_signature(names)
+    try:
+        # frozen weights are real tensors captured by the closure, hence _allow_non_fake_inputs
+        graph = make_fx(
+            step,
+            decomposition_table=training_decompositions(),
+            tracing_mode="symbolic",
+            _allow_non_fake_inputs=True,
+        )(*args)
+        program = torch.onnx.export(
+            graph,
+            args,
+            dynamo=True,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=(*[None] * k, dyn, dyn, None, None, *[None] * k),
+            verbose=False,
+        )
+    except UnsupportedExport:
+        raise
+    except Exception as exc:
+        raise UnsupportedExport.from_exception("ONNX train-step export", exc) from exc
+    assert program is not None  # dynamo=True always returns an ONNXProgram
+    return _check_and_save(program.model_proto, path)
+
+
+def _distinct_batch(params: list[torch.Tensor], input_shape: tuple[int, ...]) -> int:
+    """An example batch size equal to no other input dimension.
+
+    Symbolic ``make_fx`` gives equal input sizes one symbol ("duck sizing"); a batch of 16
+    next to a 16-channel weight would tie the batch to the weight's shape in the graph.
+    """
+    taken = {d for p in params for d in p.shape} | set(input_shape)
+    return next(b for b in range(2, 1 << 16) if b not in taken)
+
+
+def _expose_initializers(proto: onnx.ModelProto, names: list[str]) -> None:
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    missing = [n for n in names if n not in inits]
+    if missing:
+        raise UnsupportedExport(
+            "model.onnx", f"trainable weights {missing} were not kept as named initializers"
+        )
+    for name in names:
+        dims = list(inits[name].dims)
+        graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+
+
+def _check_and_save(proto: onnx.ModelProto, path: Path) -> int:
+    """Refuse graphs that stock runtimes (and onnxruntime-web) cannot run; save; return the opset."""
+    opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
+    if opset < MIN_OPSET:
+        raise UnsupportedExport("opset", f"opset {opset} < {MIN_OPSET}")
+    custom = sorted(
+        {f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in STANDARD_DOMAINS}
+    )
+    if custom or proto.functions:
+        raise UnsupportedExport(custom[0] if custom else "onnx function", "graph needs non-standard ONNX ops")
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    return opset
