@@ -36,7 +36,7 @@ def _start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
                 return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "server died")
+                raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "server died") from None
             time.sleep(0.1)
     raise TimeoutError("server did not start")
 
