@@ -54,6 +54,8 @@ CODECS: dict[str, dict[str, Any]] = {
     "dense float32": {},
     "int8": {"quant_bits": 8},
     "int8 + top10%": {"quant_bits": 8, "topk": 0.1},
+    "int4 + top3% + EF": {"quant_bits": 4, "topk": 0.03, "error_feedback": True},
+    "int4 + top2% + EF": {"quant_bits": 4, "topk": 0.02, "error_feedback": True},
     "int4 + top1% + EF": {"quant_bits": 4, "topk": 0.01, "error_feedback": True},
 }
 
