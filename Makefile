@@ -28,7 +28,13 @@ $(JAVA_DEPS):
 	command -v javac >/dev/null || { apt-get update && apt-get install -y openjdk-17-jdk-headless; }
 	dpkg -s junit5 libandroid-json-java >/dev/null 2>&1 || { apt-get update && apt-get install -y junit5 libandroid-json-java; }
 
-install: $(STAMP) $(BROWSER_DEPS) $(JAVA_DEPS)
+# The zero-install web phone: onnxruntime-web from the npm registry, served by our server (no CDN).
+WEB_DEPS := android_demo/web/node_modules/.package-lock.json
+$(WEB_DEPS): android_demo/web/package-lock.json
+	cd android_demo/web && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(WEB_DEPS)
+
+install: $(STAMP) $(BROWSER_DEPS) $(JAVA_DEPS) $(WEB_DEPS)
 
 demo: install
 	$(VENV)/bin/fedfleet simulate

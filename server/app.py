@@ -23,6 +23,7 @@ from server.routes import setup_routes
 from server.security import NonceBook
 from server.state import CONFIG, COORD, EVALUATOR, NONCES, STORE, UPLOADS, UploadGate, background
 from server.store import Store
+from server.webphone import setup_webphone
 
 log = logging.getLogger("fedfleet.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,6 +60,7 @@ def make_app(
     setup_routes(app)
     setup_bundle(app, Path(config.bundle_dir) if config.bundle_dir else None)
     setup_observability(app)
+    setup_webphone(app)
     app.cleanup_ctx.append(background)
     return app
 

@@ -28,6 +28,8 @@ const PRECACHE = [
   "src/phone/bundle.js",
   "src/phone/data.js",
   "src/phone/offline.js",
+  "src/phone/onnx_graph.js",
+  "src/phone/outbox.js",
   "src/phone/phone.js",
   "src/phone/signing.js",
   "src/phone/store.js",

@@ -65,3 +65,27 @@ function serverError(resp, data) {
   }
   return new ServerError(resp.status, reason, message, Number.isFinite(retry) && retry > 0 ? retry : null);
 }
+
+/** Resolve when the browser is back online, or after `ms` (navigator.onLine can lag behind). */
+export function waitForNetwork(ms) {
+  const sleep = () => new Promise((resolve) => setTimeout(resolve, ms));
+  if (typeof navigator === "undefined" || navigator.onLine) return sleep();
+  return new Promise((resolve) => {
+    const done = () => {
+      removeEventListener("online", done);
+      resolve();
+    };
+    addEventListener("online", done);
+    setTimeout(done, Math.max(ms, 5000));
+  });
+}
+
+/** The newest round record after round `since` (GET /v1/rounds), or null (none yet, or offline). */
+export async function latestRound(base, since) {
+  try {
+    const answer = await (await fetch(`${base}/v1/rounds?since=${Math.max(0, since - 1)}`, { cache: "no-store" })).json();
+    return answer.rounds.at(-1) ?? null;
+  } catch {
+    return null;
+  }
+}

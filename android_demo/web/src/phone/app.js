@@ -66,8 +66,12 @@ function setupPad(phone, store, drawn) {
     if (!pixels) return;
     drawDigit($("preview"), pixels);
     if (phone.trainer && phone.model) {
-      const guess = await phone.trainer.predict(phone.model.params, Float32Array.from(pixels, (v) => v / 16));
-      $("prediction").textContent = `model v${phone.model.version} says ${guess}`;
+      try {
+        const guess = await phone.trainer.predict(phone.model.params, Float32Array.from(pixels, (v) => v / 16));
+        $("prediction").textContent = `model v${phone.model.version} says ${guess}`;
+      } catch (err) {
+        log(`could not predict: ${err.message}`);
+      }
     }
   });
   const clear = () => {

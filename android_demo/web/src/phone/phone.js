@@ -12,15 +12,15 @@ import { localEpsilon } from "../codec/privacy.js";
 import { CryptoRandom } from "../codec/rng.js";
 import { float } from "../wire/canonical.js";
 import { decodeMessage } from "../wire/wire.js";
-import { NetworkError, ServerError } from "./api.js";
+import { NetworkError, ServerError, latestRound, waitForNetwork } from "./api.js";
 import { cachedBundle, downloadBundle } from "./bundle.js";
 import { tensorData } from "./data.js";
 import { recall, remember } from "./offline.js";
-import { Signer, newSigningKey, publicKeyB64 } from "./signing.js";
+import { Outbox } from "./outbox.js";
+import { newSigningKey, publicKeyB64 } from "./signing.js";
 import { WasmTrainer } from "./trainer.js";
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-const UPLOAD_ATTEMPTS = 6; // on 503/429, as the Python phone
 const MAX_ERRORS = 20;
 
 export class WebPhone {
@@ -33,7 +33,7 @@ export class WebPhone {
     this.model = null; // { version, params: Map name -> Float32Array }
     this.encoder = null;
     this.codecKey = null;
-    this.pending = null; // an encoded update not yet acknowledged
+    this.outbox = new Outbox(api, store); // an encoded update not yet acknowledged
     this.ledger = []; // [{ mechanism, z, count }]: local-DP releases that left this phone
     this.state = {
       phase: "idle", phoneId: null, mode: null, signed: false, version: null, round: null, tasks: 0, accepted: 0,
@@ -96,7 +96,7 @@ export class WebPhone {
 
   async restore() {
     this.identity = (await this.store.get("identity")) ?? null;
-    this.pending = (await this.store.get("pending")) ?? null;
+    await this.outbox.restore();
     this.ledger = (await this.store.get("ledger")) ?? [];
     const saved = await this.store.get("encoder");
     if (saved) [this.codecKey, this.savedEncoderState] = [saved.codec, saved.state];
@@ -145,8 +145,7 @@ export class WebPhone {
         }
         if (err instanceof ServerError && err.reason === "unknown_phone") {
           this.log("the server does not know this phone any more: registering again");
-          await this.forget();
-          await this.register();
+          await this.forget(); // ensureReady registers on the next turn
           continue;
         }
         errors++;
@@ -157,24 +156,30 @@ export class WebPhone {
         backoff = Math.min(2 * backoff, 10000);
       }
     }
+    for (let i = 0; i < 20 && this.state.serverVersion !== this.state.version; i++) {
+      await this.refreshServerAccuracy(); // the final version's evaluation may still be running
+      await sleep(250);
+    }
     this.set({ phase: this.running ? "finished" : "stopped" });
   }
 
   async forget() {
     this.identity = null;
-    this.pending = null;
-    await Promise.all(["identity", "pending"].map((k) => this.store.delete(k)));
+    await this.store.delete("identity");
+    await this.outbox.drop();
   }
 
   async step() {
     this.set({ phase: "checking in" });
     const answer = await this.api.json("POST", "/v1/checkin", {});
-    this.set({ serverVersion: answer.version ?? this.state.serverVersion });
     if (answer.action === "wait") {
       this.set({ phase: "waiting" });
       await sleep(1000 * Number(answer.retry_after_s ?? 1));
     } else if (answer.action === "train") {
       await this.trainAndUpload(answer);
+    } else if (answer.action === "done" && Number.isInteger(answer.version)) {
+      await this.download(answer.version); // keep the final model for predictions, also offline
+      this.set({ version: answer.version });
     }
     this.refreshServerAccuracy();
     return answer.action;
@@ -209,7 +214,7 @@ export class WebPhone {
       const before = params.get(name);
       return { name, shape, data: result.params.get(name).map((w, i) => w - before[i]) }; // Float32Array: rounded like numpy's
     });
-    this.set({ loss: result.loss, localAccuracy: evalResult.accuracy, stepMs: stepStats(this.trainer.stepMs), tasks: this.state.tasks + 1 });
+    this.set({ loss: result.loss, localAccuracy: evalResult.accuracy, stepMs: this.trainer.stepStats(), tasks: this.state.tasks + 1 });
     const encoder = await this.encoderFor(task.train.codec ?? {});
     this.identity.counter += 1;
     const meta = {
@@ -221,11 +226,10 @@ export class WebPhone {
     const body = await encoder.encode(delta, meta, { staleness: base === null ? 0 : Math.max(version - base, 0) });
     const release = encoder.release();
     if (release) this.charge(release); // spent once it leaves, whatever happens next
-    this.pending = { body, meta, before, attempts: 0 };
     await this.store.set("identity", this.identity);
     await this.store.set("encoder", { codec: this.codecKey, state: encoder.state() });
     await this.store.set("ledger", this.ledger);
-    await this.store.set("pending", this.pending);
+    await this.outbox.put({ body, meta, before, attempts: 0 });
     await this.flushPending();
   }
 
@@ -248,37 +252,35 @@ export class WebPhone {
 
   /** Upload the pending update, if any. Network loss keeps it for later; a refusal drops it. */
   async flushPending() {
-    const p = this.pending;
+    const p = this.outbox.pending;
     if (!p) return;
     this.set({ phase: "uploading" });
     const record = { updateId: p.meta.update_id, round: p.meta.round, baseVersion: p.meta.base_version, bytes: p.body.length };
     let answer;
     try {
-      answer = await this.upload(p);
+      answer = await this.outbox.send(this.identity);
     } catch (err) {
       if (err instanceof NetworkError) {
-        p.attempts += 1;
-        await this.store.set("pending", p);
         this.recordUpload({ ...record, status: "pending", attempts: p.attempts });
         this.set({ networkRetries: this.state.networkRetries + 1 });
         throw err;
       }
       if (err instanceof ServerError && [400, 409, 413].includes(err.status)) {
         this.rollback(p);
-        await this.dropPending();
-        this.recordUpload({ ...record, status: `rejected: ${err.reason}`, attempts: p.attempts + 1 });
+        await this.settle();
+        this.recordUpload({ ...record, status: `rejected: ${err.reason}`, attempts: p.attempts });
         this.set({ rejected: this.state.rejected + 1 });
         return;
       }
       throw err;
     }
-    await this.dropPending();
-    this.recordUpload({ ...record, status: answer.duplicate ? "duplicate" : "accepted", attempts: p.attempts + 1 });
+    await this.settle();
+    this.recordUpload({ ...record, status: answer.duplicate ? "duplicate" : "accepted", attempts: p.attempts });
     this.set({
       accepted: this.state.accepted + 1, duplicates: this.state.duplicates + (answer.duplicate ? 1 : 0),
       updateBytes: this.state.updateBytes + p.body.length, lastUpdateBytes: p.body.length,
     });
-    this.log(`update ${p.meta.update_id} (${p.body.length} bytes) ${answer.duplicate ? "was already merged" : "accepted"}`);
+    this.log(`update ${p.meta.update_id} (${p.body.length} bytes) ${answer.duplicate ? "was already received" : "accepted"}`);
   }
 
   /** Nothing was merged: the residual goes back to what it was before this update. */
@@ -288,26 +290,9 @@ export class WebPhone {
     else this.savedEncoderState = p.before; // restored after a reload, before any task built the encoder
   }
 
-  async upload(p) {
-    for (let attempt = 0; ; attempt++) {
-      const headers = { "Content-Type": "application/octet-stream" };
-      if (this.identity.key) {
-        const signer = (this.signer ??= new Signer(this.identity.key));
-        Object.assign(headers, await signer.headers(this.identity.phoneId, p.meta.base_version, p.meta.update_id, p.body));
-      }
-      try {
-        const { data } = await this.api.request("POST", "/v1/update", { body: p.body, headers });
-        return JSON.parse(new TextDecoder().decode(data));
-      } catch (err) {
-        if (!(err instanceof ServerError && [429, 503].includes(err.status)) || attempt === UPLOAD_ATTEMPTS - 1) throw err;
-        await sleep(1000 * (err.retryAfter ?? 1));
-      }
-    }
-  }
-
-  async dropPending() {
-    this.pending = null;
-    await this.store.delete("pending");
+  /** The pending update is answered: drop it and keep the residual as it now stands. */
+  async settle() {
+    await this.outbox.drop();
     const state = this.encoder ? this.encoder.state() : this.savedEncoderState;
     if (this.codecKey !== null) await this.store.set("encoder", { codec: this.codecKey, state });
   }
@@ -318,37 +303,9 @@ export class WebPhone {
     this.store.set("uploads", uploads);
   }
 
-  /** The server's held-out accuracy of its newest version (GET /v1/rounds; not phone traffic). */
+  /** The server's held-out accuracy of its newest version (not phone traffic: GET /v1/rounds). */
   async refreshServerAccuracy() {
-    try {
-      const since = Math.max(0, (this.lastRound ?? 1) - 1);
-      const answer = await (await fetch(`${this.api.base}/v1/rounds?since=${since}`, { cache: "no-store" })).json();
-      const last = answer.rounds.at(-1);
-      if (last) {
-        this.lastRound = last.round;
-        this.set({ serverAccuracy: last.accuracy, serverVersion: last.version });
-      }
-    } catch {
-      // offline: keep the last value
-    }
+    const last = await latestRound(this.api.base, this.state.round ?? 0);
+    if (last) this.set({ serverAccuracy: last.accuracy, serverVersion: last.version });
   }
-}
-
-function stepStats(ms) {
-  const warm = ms.length > 1 ? ms.slice(1) : ms; // the first step also sets up the session
-  const sorted = [...warm].sort((a, b) => a - b);
-  return { count: warm.length, medianMs: sorted[Math.floor(sorted.length / 2)], meanMs: warm.reduce((a, b) => a + b, 0) / warm.length };
-}
-
-/** Resolve when the browser is back online, or after `ms` (navigator.onLine can lag). */
-function waitForNetwork(ms) {
-  if (typeof navigator === "undefined" || navigator.onLine) return sleep(ms);
-  return new Promise((resolve) => {
-    const done = () => {
-      removeEventListener("online", done);
-      resolve();
-    };
-    addEventListener("online", done);
-    setTimeout(done, Math.max(ms, 5000));
-  });
 }

@@ -9,6 +9,7 @@
 import * as ort from "../../vendor/ort.wasm.min.mjs";
 
 import { MODEL_ONNX, TRAIN_STEP_ONNX } from "./bundle.js";
+import { dropInitializers } from "./onnx_graph.js";
 
 ort.env.wasm.wasmPaths = new URL("../../vendor/", import.meta.url).href;
 ort.env.wasm.numThreads = 1; // a phone core; no SharedArrayBuffer needed
@@ -23,12 +24,15 @@ const f32 = (data, dims) => new ort.Tensor("float32", data, dims);
 export class WasmTrainer {
   static async create(files, manifest) {
     const opts = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
+    const trainable = manifest.parameters.filter((p) => p.trainable);
     const step = await ort.InferenceSession.create(files[TRAIN_STEP_ONNX], opts);
-    const infer = await ort.InferenceSession.create(files[MODEL_ONNX], opts);
+    // the weights become plain inputs: onnxruntime-web will not override initializers
+    const inference = dropInitializers(files[MODEL_ONNX], trainable.map((p) => p.name));
+    const infer = await ort.InferenceSession.create(inference, opts);
     const sig = manifest.signatures[TRAIN_STEP_ONNX];
     const missing = [...sig.inputs.filter((n) => !step.inputNames.includes(n)), ...sig.outputs.filter((n) => !step.outputNames.includes(n))];
     if (missing.length) throw new Error(`${TRAIN_STEP_ONNX} lacks ${missing}`);
-    return new WasmTrainer(step, infer, manifest.parameters.filter((p) => p.trainable), manifest.input_shape);
+    return new WasmTrainer(step, infer, trainable, manifest.input_shape);
   }
 
   constructor(step, infer, params, inputShape) {
@@ -69,6 +73,35 @@ export class WasmTrainer {
     }
     const params = new Map(this.params.map(({ name }) => [name, current[name].data]));
     return { params, loss: total / Math.max(steps, 1), steps, examples: n };
+  }
+
+  /**
+   * Mean wall time of one step over `steps` back-to-back steps on one batch of `data` (the
+   * new weights fed back, as in training): a benchmark without shuffling or bookkeeping.
+   */
+  async timeSteps(start, data, batchSize, steps = 200) {
+    const idx = Array.from({ length: Math.min(batchSize, data.y.length) }, (_, i) => i);
+    const fixed = { ...this.batch(data, idx), lr: f32(new Float32Array([0.01]), []), mu: f32(new Float32Array([0]), []) };
+    let current = {};
+    for (const { name, shape } of this.params) {
+      current[name] = f32(Float32Array.from(start.get(name)), shape);
+      fixed[ANCHOR + name] = f32(start.get(name), shape);
+    }
+    const run = async () => {
+      const out = await this.step.run({ ...current, ...fixed });
+      current = Object.fromEntries(this.params.map(({ name }) => [name, out[NEW + name]]));
+    };
+    for (let i = 0; i < 10; i++) await run(); // warm up
+    const t0 = performance.now();
+    for (let i = 0; i < steps; i++) await run();
+    return (performance.now() - t0) / steps;
+  }
+
+  /** Wall time per train step so far: median and mean (the first step, which also warms up, left out). */
+  stepStats() {
+    const warm = this.stepMs.length > 1 ? this.stepMs.slice(1) : this.stepMs;
+    const sorted = [...warm].sort((a, b) => a - b);
+    return { count: warm.length, medianMs: sorted[Math.floor(sorted.length / 2)], meanMs: warm.reduce((a, b) => a + b, 0) / warm.length };
   }
 
   /** Logits of `params` on `data` (model.onnx, one batch): Float32Array(N * classes). */

@@ -1,0 +1,54 @@
+// The update that left the encoder but has no answer yet. It is persisted before the first
+// attempt, so a lost connection or a reload re-sends the same bytes and update_id (the
+// server answers a repeat with "duplicate" and merges nothing twice). Each attempt is signed
+// afresh (a new nonce) when the phone enrolled a key; 503/429 wait for Retry-After.
+
+import { ServerError } from "./api.js";
+import { Signer } from "./signing.js";
+
+const ATTEMPTS = 6; // on 503/429, as the Python phone
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+export class Outbox {
+  constructor(api, store) {
+    this.api = api;
+    this.store = store;
+    this.pending = null; // { body, meta, before (residual to roll back to), attempts }
+    this.signer = null;
+  }
+
+  async restore() {
+    this.pending = (await this.store.get("pending")) ?? null;
+  }
+
+  async put(pending) {
+    this.pending = pending;
+    await this.store.set("pending", pending);
+  }
+
+  async drop() {
+    this.pending = null;
+    await this.store.delete("pending");
+  }
+
+  /** POST the pending update; the server's JSON answer, or ServerError / NetworkError. */
+  async send(identity) {
+    const p = this.pending;
+    p.attempts += 1;
+    await this.store.set("pending", p);
+    for (let attempt = 0; ; attempt++) {
+      const headers = { "Content-Type": "application/octet-stream" };
+      if (identity.key) {
+        this.signer ??= new Signer(identity.key);
+        Object.assign(headers, await this.signer.headers(identity.phoneId, p.meta.base_version, p.meta.update_id, p.body));
+      }
+      try {
+        const { data } = await this.api.request("POST", "/v1/update", { body: p.body, headers });
+        return JSON.parse(new TextDecoder().decode(data));
+      } catch (err) {
+        if (!(err instanceof ServerError && [429, 503].includes(err.status)) || attempt === ATTEMPTS - 1) throw err;
+        await sleep(1000 * (err.retryAfter ?? 1));
+      }
+    }
+  }
+}
