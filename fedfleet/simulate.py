@@ -19,6 +19,7 @@ from device_runtime.vclock import VirtualClock, WallClock
 from fedfleet.output import RoundTable, summarize, write_run
 from server.app import make_app
 from server.config import ServerConfig
+from server.privacy import task_release
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
     summary["config"] = dataclasses.asdict(cfg)
     summary["dataset_sizes"] = {"train": len(data.y_train), "test": len(data.y_test)}
     summary["clock"] = "virtual" if cfg.virtual else "wall"
-    summary["privacy"] = privacy_summary(app_release(server_cfg), server_cfg, result.rounds)
+    summary["privacy"] = privacy_summary(task_release(server_cfg.codec), server_cfg, result.rounds)
     write_run(out, result.rounds, result.devices, summary)
     return result, summary
 
@@ -224,12 +225,6 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
     finally:
         table.close()
     return summary
-
-
-def app_release(server_cfg: ServerConfig) -> Any:
-    from server.privacy import task_release
-
-    return task_release(server_cfg.codec)
 
 
 def privacy_summary(release: Any, server_cfg: ServerConfig, rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import math
 import secrets
+import sqlite3
 from typing import Any
 
 from aiohttp import web
@@ -68,7 +69,7 @@ async def register(request: web.Request) -> web.Response:
     token = secrets.token_urlsafe(24)
     try:
         store.add_phone(phone_id, token, info)
-    except Exception:  # sqlite3.IntegrityError: the name is taken
+    except sqlite3.IntegrityError:  # the name is taken
         fail(409, "name_taken", f"a phone named {phone_id!r} is already registered")
     return json_response({"phone_id": phone_id, "token": token, "task": task_spec(request)}, status=201)
 
