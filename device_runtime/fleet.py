@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,6 +43,8 @@ class FleetConfig:
     trainer: str = "batched"  # batched (phones on the same version in one vmapped step) | pool (one by one)
     attack: str = "none"  # device_runtime.attacks: none | signflip | scale:F | noise:STD | labelflip
     attack_fraction: float = 0.0  # share of phones (drawn with the fleet seed) that run ``attack``
+    shard_index: int = 0  # run only this shard's phones (see ``shard_phones``); data and names as if all ran
+    shard_count: int = 1
 
     def __post_init__(self) -> None:
         if self.phones < 1 or self.workers < 1:
@@ -56,6 +58,15 @@ class FleetConfig:
             raise ValueError("trainer must be 'batched' or 'pool'")
         if not 0 <= self.attack_fraction <= 1:
             raise ValueError("attack_fraction must be in [0, 1]")
+        if not 0 <= self.shard_index < self.shard_count <= self.phones:
+            raise ValueError(f"shard {self.shard_index} of {self.shard_count} is not a shard of {self.phones} phones")
+
+
+def shard_phones(phones: int, shard_index: int, shard_count: int) -> range:
+    """The phone indices of one shard: contiguous blocks, sizes differing by at most one."""
+    size, extra = divmod(phones, shard_count)
+    start = shard_index * size + min(shard_index, extra)
+    return range(start, start + size + (shard_index < extra))
 
 
 @dataclass
@@ -73,9 +84,12 @@ async def run_fleet(
     on_round: Callable[[dict[str, Any]], None] = lambda r: None,
     train_overrides: dict[str, Any] | None = None,
     clock: PhoneClock | None = None,
+    registered: Callable[[], Awaitable[Any]] | None = None,
 ) -> FleetResult:
     """Register ``cfg.phones`` phones holding disjoint shards of ``data``, run them until the
-    server's task finishes, and report every round record as it is published."""
+    server's task finishes, and report every round record as it is published. With
+    ``cfg.shard_count`` > 1 only shard ``cfg.shard_index`` of the phones runs; ``registered`` is
+    awaited once they are registered, before any trains (a barrier across shards)."""
     rng = np.random.default_rng(cfg.seed)
     parts = partition(data.y_train, cfg.phones, cfg.partition, rng, cfg.quantity_skew)
     phone_rngs = rng.spawn(cfg.phones)
@@ -111,6 +125,7 @@ async def run_fleet(
                 num_classes=data.num_classes,
             )
             for i, idx in enumerate(parts)
+            if i in shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count)
         ]
         stop = asyncio.Event()
         pool: RuntimePool | BatchedTrainer | None = None
@@ -118,6 +133,8 @@ async def run_fleet(
         monitor = asyncio.create_task(_monitor(session, server, cfg, on_round, stop, phones_done))
         try:
             await asyncio.gather(*(p.register() for p in phones))
+            if registered is not None:
+                await registered()
             if cfg.runtime != "torch":  # the exported artifacts a phone would run, hash-checked
                 bundle_dir = Path(tempfile.mkdtemp(prefix="fedfleet-bundle-"))
                 await fetch_bundle(session, server, phones[0].token, bundle_dir)

@@ -98,23 +98,53 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     from fedfleet.simulate import merge_config
 
     cfg = merge_config(load_toml(args.config, "fleet") if args.config else {}, _run_values(args))
-    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    backend = getattr(args, "backend", "local")
+    if backend != "ray" and (getattr(args, "address", None) or getattr(args, "shards", None)):
+        raise ValueError("--address and --shards go with --backend ray")
+    if backend == "ray" and cfg.clock == "virtual":
+        raise ValueError("--backend ray runs on the wall clock: a virtual clock cannot be shared by phones in "
+                         "several processes; drop --clock virtual or use --backend local")
     # Training settings the user gave explicitly override the server's plan on these phones.
     overrides = {k: getattr(args, k) for k in ("local_epochs", "batch_size", "lr", "prox_mu")
                  if getattr(args, k) is not None}
     fleet_cfg = dataclasses.replace(cfg.fleet_config(), max_rounds=args.rounds or 0, runtime=cfg.runtime,
                                     availability=args.sample or 1.0, name_prefix=args.name_prefix)
     t0 = time.perf_counter()
-    table = RoundTable(total=args.rounds or 0)
+    table = RoundTable(stream=sys.stdout, total=args.rounds or 0)
     try:
-        result = asyncio.run(run_fleet(args.server, data, fleet_cfg, torch_runtime_for_task,
-                                       on_round=table, train_overrides=overrides))
+        if backend == "ray":
+            result = _fleet_on_ray(args, cfg.dataset, cfg.seed, fleet_cfg, overrides, table)
+        else:
+            result = asyncio.run(run_fleet(args.server, load_dataset(cfg.dataset, seed=cfg.seed), fleet_cfg,
+                                           torch_runtime_for_task, on_round=table, train_overrides=overrides))
     finally:
         table.close()
     summary = summarize(result.rounds, result.devices, time.perf_counter() - t0)
     write_run(Path(cfg.out), result.rounds, result.devices, summary)
     print(json.dumps({k: summary[k] for k in ("rounds", "final_accuracy", "bytes_up", "bytes_down")}))
     return 0
+
+
+def _fleet_on_ray(args: argparse.Namespace, dataset: str, seed: int, fleet_cfg: Any, overrides: dict[str, Any],
+                  table: Any) -> Any:
+    """The same fleet, sharded over a Ray cluster (started locally unless --address names one)."""
+    from device_runtime.ray_backend import LOCAL_ADDRESSES, ray_cluster, run_ray_fleet
+
+    if args.shards is not None and not 1 <= args.shards <= fleet_cfg.phones:
+        raise ValueError(f"--shards must be between 1 and the number of phones ({fleet_cfg.phones})")
+    host = args.server.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+    if args.address not in LOCAL_ADDRESSES and host in ("127.0.0.1", "localhost", "[::1]"):
+        print(f"fedfleet: warning: --server {args.server} is a loopback address; shards on other machines "
+              "will not reach it", file=sys.stderr, flush=True)
+
+    def shard_done(s: Any) -> None:
+        print(f"shard {s.shard}: {len(s.devices)} phones on {s.host} (pid {s.pid}) done in {s.wall_s:.1f} s",
+              flush=True)
+
+    with ray_cluster(args.address, quiet=not args.verbose) as ray:
+        print(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs on {len(ray.nodes())} node(s)", flush=True)
+        return asyncio.run(run_ray_fleet(args.server, dataset, fleet_cfg, shards=args.shards, dataset_seed=seed,
+                                         train_overrides=overrides, on_round=table, on_shard=shard_done))
 
 
 def cmd_phone(args: argparse.Namespace) -> int:
@@ -181,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fleet", help="an emulated fleet against a running server")
     p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
     p.add_argument("--name-prefix", default="phone", help="phones are named PREFIX-00000, ...")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: every phone in this process (default); ray: phones sharded over a Ray cluster")
+    p.add_argument("--address", help="ray: 'local' (default) starts a Ray cluster on this machine; 'auto' or "
+                                      "HOST:PORT joins a running one (`ray start --head`)")
+    p.add_argument("--shards", type=int, help="ray: shards of phones, one Ray task each (default: one per CPU)")
     _common_run_flags(p)
     p.set_defaults(func=cmd_fleet)
 
