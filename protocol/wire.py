@@ -4,8 +4,8 @@ Layout (little-endian; FORMAT.md is the normative text)::
 
     magic        4 bytes  b"FFLT"
     version      u16      1
-    flags        u16      bit 0: payload is zlib-compressed
-    header_len   u32      length of the JSON header in bytes
+    flags        u16      bit 0: payload is zlib-compressed; bit 1: header is zlib-compressed
+    header_len   u32      length of the header in bytes (as on the wire)
     header       JSON     {"kind", "meta", "tensors": [{name, dtype, shape, encoding, ..., nbytes}]}
     payload_len  u32      length of the payload as it is on the wire
     payload      bytes    tensor blobs, concatenated in header order
@@ -42,6 +42,8 @@ from protocol.packing import Blob
 MAGIC = b"FFLT"
 FORMAT_VERSION = 1
 FLAG_ZLIB = 1
+FLAG_ZLIB_HEADER = 2  # the header is a zlib stream of the canonical JSON (FORMAT.md section 1)
+KNOWN_FLAGS = FLAG_ZLIB | FLAG_ZLIB_HEADER
 ZLIB_LEVEL = 6
 _PREFIX = struct.Struct("<4sHHI")  # magic, version, flags, header_len
 _U32 = struct.Struct("<I")
@@ -111,7 +113,9 @@ def encode_message(
 def encode_wire(
     kind: str, meta: Mapping[str, Any], tensors: Sequence[WireTensor], *, compress: bool = False
 ) -> bytes:
-    """Frame already-encoded tensors. The header is canonical JSON (protocol.canonical)."""
+    """Frame already-encoded tensors. The header is canonical JSON (protocol.canonical).
+    ``compress``: zlib over the payload, and over the header too when that makes it shorter
+    (the header of a small sparse update is most of its bytes)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     entries: list[dict[str, Any]] = []
@@ -132,7 +136,11 @@ def encode_wire(
     header = canonical_header(kind, meta, entries)
     blobs = [t.blob for t in tensors]
     if compress:
-        return frame(header, zlib.compress(b"".join(blobs), ZLIB_LEVEL), flags=FLAG_ZLIB)
+        flags = FLAG_ZLIB
+        packed = zlib.compress(header, 9)
+        if len(packed) < len(header):
+            header, flags = packed, flags | FLAG_ZLIB_HEADER
+        return frame(header, zlib.compress(b"".join(blobs), ZLIB_LEVEL), flags=flags)
     return frame(header, *blobs)
 
 
@@ -213,7 +221,7 @@ def decode_message(
         raise UnsupportedVersion(
             f"format version {version} is not supported (this side speaks {FORMAT_VERSION})"
         )
-    if flags & ~FLAG_ZLIB:
+    if flags & ~KNOWN_FLAGS:
         raise MalformedMessage(f"unknown flag bits 0x{flags:04x}")
     (crc,) = _U32.unpack_from(data, len(data) - 4)
     if zlib.crc32(memoryview(data)[:-4]) != crc:
@@ -221,7 +229,10 @@ def decode_message(
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len + 8 > len(data):
         raise MalformedMessage(f"header length {header_len} does not fit the message")
     pos = _PREFIX.size
-    header = parse_header(bytes(data[pos : pos + header_len]), KINDS, MAX_TENSORS)
+    raw_header: Blob = memoryview(data)[pos : pos + header_len]
+    if flags & FLAG_ZLIB_HEADER:
+        raw_header = _inflate(raw_header, MAX_HEADER_BYTES, "header")  # at most 1 MiB, as a plain one
+    header = parse_header(bytes(raw_header), KINDS, MAX_TENSORS)
     pos += header_len
     (payload_len,) = _U32.unpack_from(data, pos)
     pos += 4
@@ -257,15 +268,17 @@ def decode_message(
     return TensorMessage(header["kind"], header["meta"], tensors, len(data), encodings)
 
 
-def _inflate(payload: Blob, limit: int) -> bytes:
+def _inflate(payload: Blob, limit: int, what: str = "payload") -> bytes:
     """Decompress at most ``limit`` bytes: a compression bomb stops at the limit, and the
-    limit itself is bounded by the (already checked) shapes."""
+    limit itself is bounded by the (already checked) shapes, or MAX_HEADER_BYTES."""
     d = zlib.decompressobj()
     try:
         out = d.decompress(payload, limit + 1)
     except zlib.error as exc:
-        raise MalformedMessage(f"payload does not inflate: {exc}") from None
+        raise MalformedMessage(f"{what} does not inflate: {exc}") from None
     if len(out) > limit or d.unconsumed_tail or not d.eof or d.unused_data:
+        if what == "header":
+            raise MalformedMessage(f"compressed header is not one zlib stream of at most {limit} bytes")
         raise MalformedMessage("compressed payload does not inflate to the declared size")
     return out
 

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 
 import numpy as np
 import pytest
 
 from protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message, dense_float32_nbytes
 from protocol.codec.sparsify import keep_count
+from protocol.errors import MalformedMessage
 from protocol.quant import quantized_norm_bound
+from protocol.wire import FLAG_ZLIB, FLAG_ZLIB_HEADER, MAX_HEADER_BYTES, frame
+from tests.conftest import MakeClient, register
 
 META = {"update_id": "u-1", "base_version": 4, "num_examples": 32, "train_loss": 0.25, "round": 1}
 
@@ -381,3 +386,100 @@ def test_dense_float32_nbytes() -> None:
     delta = sample()
     assert dense_float32_nbytes(delta) == 4 * sum(a.size for a in delta.values())
     assert dense_float32_nbytes({"a": TensorSpec((3, 4)), "b": (5,)}) == 4 * 17
+
+
+# --- header compression (flag bit 1) ----------------------------------------------------------
+
+
+def _parts(body: bytes) -> tuple[int, bytes, bytes]:
+    """(flags, header bytes as transmitted, payload bytes as transmitted)."""
+    (flags,) = struct.unpack_from("<H", body, 6)
+    (header_len,) = struct.unpack_from("<I", body, 8)
+    return flags, body[12 : 12 + header_len], body[16 + header_len : -4]
+
+
+def cnn_delta(seed: int = 3) -> dict[str, np.ndarray]:
+    """The shapes of the 20k-parameter CNN of the accuracy benchmark."""
+    rng = np.random.default_rng(seed)
+    shapes = {"conv1.weight": (16, 1, 3, 3), "conv1.bias": (16,), "conv2.weight": (32, 16, 3, 3),
+              "conv2.bias": (32,), "fc.weight": (10, 1568), "fc.bias": (10,)}
+    return {n: (0.01 * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()}
+
+
+SPARSE_INT4 = {"sparsify": "topk", "density": 0.02, "quant_bits": 4, "error_feedback": True}
+
+
+def test_compress_also_shrinks_the_header_and_decodes_the_same() -> None:
+    delta = cnn_delta()
+    plain = UpdateEncoder(EncoderConfig(**SPARSE_INT4), np.random.default_rng(5)).encode(delta, META)
+    packed = UpdateEncoder(EncoderConfig(**SPARSE_INT4, compress=True), np.random.default_rng(5)).encode(delta, META)
+    flags, header, _ = _parts(packed)
+    _, plain_header, _ = _parts(plain)
+    assert flags == FLAG_ZLIB | FLAG_ZLIB_HEADER
+    assert zlib.decompress(header) == plain_header  # the same canonical JSON, compressed
+    assert len(header) * 2 < len(plain_header)
+    assert dense_float32_nbytes(delta) / len(packed) > 75  # 49x without compression
+    specs = {n: TensorSpec(a.shape) for n, a in delta.items()}
+    a, b = decode_message(plain, expected=specs), decode_message(packed, expected=specs)
+    assert a.meta == b.meta == META
+    for name in delta:
+        np.testing.assert_array_equal(a.tensors[name], b.tensors[name])
+
+
+def test_header_stays_plain_when_zlib_would_not_shrink_it() -> None:
+    body = UpdateEncoder(EncoderConfig(compress=True), np.random.default_rng(0)).encode({}, {})
+    flags, header, _ = _parts(body)
+    assert flags == FLAG_ZLIB and header == b'{"kind":"update","meta":{},"tensors":[]}'  # zlib: 48 bytes
+    assert decode_message(body).tensors == {}
+
+
+@pytest.mark.parametrize("flags", [0, FLAG_ZLIB, FLAG_ZLIB_HEADER, FLAG_ZLIB | FLAG_ZLIB_HEADER])
+def test_every_combination_of_the_zlib_flags_decodes(flags: int) -> None:
+    """Messages from before the header flag (0 and 1) still decode, and each bit works alone."""
+    delta = sample()
+    _, header, payload = _parts(UpdateEncoder(EncoderConfig(), np.random.default_rng(0)).encode(delta, META))
+    body = frame(
+        zlib.compress(header) if flags & FLAG_ZLIB_HEADER else header,
+        zlib.compress(payload) if flags & FLAG_ZLIB else payload,
+        flags=flags,
+    )
+    msg = decode_message(body, expected={n: TensorSpec(a.shape) for n, a in delta.items()})
+    assert msg.meta == META
+    for name, arr in delta.items():
+        np.testing.assert_array_equal(msg.tensors[name], arr)
+
+
+def test_header_bomb_stops_at_one_mebibyte() -> None:
+    padding = " " * (MAX_HEADER_BYTES + 1)  # JSON allows whitespace, and the cap counts it
+    bomb = zlib.compress(('{"kind":"update","meta":{},"tensors":[]}' + padding).encode(), 9)
+    assert len(bomb) < 2048
+    with pytest.raises(MalformedMessage, match="at most 1048576 bytes"):
+        decode_message(frame(bomb, b"", flags=FLAG_ZLIB_HEADER))
+    # the same header just under the cap is accepted (the cap is on the inflated bytes)
+    fits = zlib.compress(('{"kind":"update","meta":{},"tensors":[]}' + padding[:-100]).encode(), 9)
+    assert decode_message(frame(fits, b"", flags=FLAG_ZLIB_HEADER)).tensors == {}
+
+
+async def test_server_merges_a_header_compressed_update(make_server: MakeClient) -> None:
+    """The real server over loopback: a sparse int4 update with both zlib flags is merged and
+    moves the model by exactly what it decodes to; one with a broken header stream is a 400."""
+    client = await make_server(sample_fraction=1.0, min_cohort=1)
+    _, auth, task = await register(client, "z")
+    await client.post("/v1/checkin", headers=auth)
+    before = decode_message(await (await client.get("/v1/model", headers=auth)).read()).tensors
+    delta = {p["name"]: np.random.default_rng(1).standard_normal(p["shape"]).astype(np.float32) for p in task["params"]}
+    meta = {"update_id": "z1", "base_version": 0, "num_examples": 10, "train_loss": 1.0, "round": 1}
+    encoder = UpdateEncoder(EncoderConfig(**SPARSE_INT4, compress=True), np.random.default_rng(2))
+    body = encoder.encode(delta, meta)
+    flags, header, payload = _parts(body)
+    assert flags == FLAG_ZLIB | FLAG_ZLIB_HEADER
+    broken = frame(header + b"\x00", payload, flags=flags)  # a byte after the header's zlib stream
+    resp = await client.post("/v1/update", data=broken, headers=auth)
+    assert resp.status == 400 and (await resp.json())["error"] == "malformed", await resp.text()
+    resp = await client.post("/v1/update", data=body, headers=auth)
+    assert resp.status == 200, await resp.text()
+    after = decode_message(await (await client.get("/v1/model", headers=auth)).read())
+    assert after.meta["version"] == 1
+    sent = decode_message(body).tensors
+    for name, arr in sent.items():
+        np.testing.assert_allclose(after.tensors[name] - before[name], arr, rtol=1e-5, atol=1e-7)

@@ -34,7 +34,7 @@ from protocol.packing import (
     pack_codes,
     unpack_codes,
 )
-from protocol.wire import FLAG_ZLIB, frame
+from protocol.wire import FLAG_ZLIB, FLAG_ZLIB_HEADER, frame
 
 GOLDEN = sorted((Path(__file__).parent / "golden").glob("*.json"))
 META = {"update_id": "u-9", "base_version": 2, "num_examples": 10, "train_loss": None, "round": 0}
@@ -42,9 +42,13 @@ FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_
 
 
 def split(body: bytes) -> tuple[dict[str, Any], bytes, int]:
+    """(header as plain JSON, payload, flags without the header flag, for re-framing)."""
     (header_len,) = struct.unpack_from("<I", body, 8)
     (flags,) = struct.unpack_from("<H", body, 6)
-    return json.loads(body[12 : 12 + header_len]), body[16 + header_len : -4], flags
+    header = body[12 : 12 + header_len]
+    if flags & FLAG_ZLIB_HEADER:
+        header = zlib.decompress(header)
+    return json.loads(header), body[16 + header_len : -4], flags & ~FLAG_ZLIB_HEADER
 
 
 def tensors_of(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:

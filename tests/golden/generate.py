@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from protocol import EncoderConfig, UpdateEncoder, decode_message, encode_message
-from protocol.wire import FLAG_ZLIB, frame
+from protocol.wire import FLAG_ZLIB, FLAG_ZLIB_HEADER, frame
 
 HERE = Path(__file__).parent
 META = {"update_id": "phone-7/42", "base_version": 3, "num_examples": 128, "train_loss": 0.6931, "round": 5}
@@ -166,7 +166,24 @@ def decode_vectors() -> list[dict[str, Any]]:
                 "chunk": 16,
             },
         ),
-        ("dense_zlib", "Dense float32 with the zlib flag.", {"compress": True}),
+        (
+            "dense_zlib",
+            "Dense float32 with both zlib flags (payload, and the header, which compresses).",
+            {"compress": True},
+        ),
+        (
+            "topk_ef_quant4_zlib",
+            "Top-25% with error feedback, 4-bit stochastic, chunk 4, both zlib flags: a small sparse "
+            "update, whose header is most of its bytes until it is compressed.",
+            {
+                "sparsify": "topk",
+                "density": 0.25,
+                "error_feedback": True,
+                "quant_bits": 4,
+                "chunk": 4,
+                "compress": True,
+            },
+        ),
         (
             "laplace_quant1_zlib",
             "L1 clip 2, Laplace z = 1, 1-bit stochastic, chunk 8, zlib.",
@@ -278,7 +295,18 @@ def invalid_vectors() -> list[dict[str, Any]]:
             b"FFLX" + dense[4:-4] + struct.pack("<I", zlib.crc32(b"FFLX" + dense[4:-4])),
         ),
         ("version_2", "unsupported_version", frame(*_frame_parts(dense), version=2)),
-        ("unknown_flag", "malformed", frame(*_frame_parts(dense), flags=2)),
+        ("unknown_flag", "malformed", frame(*_frame_parts(dense), flags=4)),
+        ("header_flag_plain_json", "malformed", frame(*_frame_parts(dense), flags=FLAG_ZLIB_HEADER)),
+        (
+            "header_zlib_trailing_bytes",
+            "malformed",
+            frame(zlib.compress(_frame_parts(dense)[0]) + b"\x00", _frame_parts(dense)[1], flags=FLAG_ZLIB_HEADER),
+        ),
+        (
+            "header_zlib_not_json",
+            "malformed",
+            frame(zlib.compress(b"{not json"), b"", flags=FLAG_ZLIB_HEADER),
+        ),
         ("unknown_encoding", "unsupported_encoding", _reheader(dense, set_(encoding="lz4"))),
         ("nbytes_wrong", "malformed", _reheader(dense, set_(nbytes=36))),
         ("bits_3", "malformed", _reheader(q_body, set_(bits=3))),

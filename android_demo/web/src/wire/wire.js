@@ -1,7 +1,7 @@
 // Wire format v1, the container (FORMAT.md section 1), as protocol/wire.py:
 //
-//   magic "FFLT" | version u16 | flags u16 | header_len u32 | header (canonical JSON)
-//   | payload_len u32 | payload (tensor blobs in header order, zlib if flag bit 0) | crc32 u32
+//   magic "FFLT" | version u16 | flags u16 | header_len u32 | header (canonical JSON, zlib if
+//   flag bit 1) | payload_len u32 | payload (tensor blobs in header order, zlib if flag bit 0) | crc32 u32
 //
 // Everything received is untrusted: decodeMessage checks each field against hard limits and
 // the receiver's expectations before it allocates or inflates, and throws only ProtocolErrors,
@@ -19,6 +19,7 @@ import { deflateZlib, inflateZlib } from "./inflate.js";
 export const MAGIC = [0x46, 0x46, 0x4c, 0x54]; // "FFLT"
 export const FORMAT_VERSION = 1;
 export const FLAG_ZLIB = 1;
+export const FLAG_ZLIB_HEADER = 2; // the header is a zlib stream of the canonical JSON
 export const MAX_HEADER_BYTES = 1 << 20;
 export const MAX_TENSORS = 4096;
 export const MAX_NDIM = 8;
@@ -52,6 +53,7 @@ export function frame(header, parts, { flags = 0, version = FORMAT_VERSION } = {
 /**
  * Frame already-encoded tensors: each { name, dtype, shape, encoding, fields, blob } with
  * `fields` the encoding's own header keys in canonical order. Async only for zlib.
+ * `compress`: zlib over the payload, and over the header too when that makes it shorter.
  */
 export async function encodeWire(kind, meta, tensors, { compress = false } = {}) {
   if (!KINDS.includes(kind)) throw new RangeError(`kind must be one of ${KINDS}`);
@@ -61,12 +63,18 @@ export async function encodeWire(kind, meta, tensors, { compress = false } = {})
     }
     return { name: t.name, dtype: t.dtype, shape: [...t.shape], encoding: t.encoding, ...t.fields, nbytes: t.blob.length };
   });
-  const header = canonicalHeader(kind, meta, entries);
+  let header = canonicalHeader(kind, meta, entries);
   const blobs = tensors.map((t) => t.blob);
   if (!compress) return frame(header, blobs);
   const joined = new Uint8Array(blobs.reduce((n, b) => n + b.length, 0));
   blobs.reduce((pos, b) => (joined.set(b, pos), pos + b.length), 0);
-  return frame(header, [await deflateZlib(joined)], { flags: FLAG_ZLIB });
+  let flags = FLAG_ZLIB;
+  const packed = await deflateZlib(header);
+  if (packed.length < header.length) {
+    header = packed;
+    flags |= FLAG_ZLIB_HEADER;
+  }
+  return frame(header, [await deflateZlib(joined)], { flags });
 }
 
 /** A message of dense tensors, each { name, dtype, shape, data }. */
@@ -161,7 +169,7 @@ export function decodeMessage(data, { expected = null, maxBytes = null } = {}) {
   const version = view.getUint16(4, true);
   if (version !== FORMAT_VERSION) throw new UnsupportedVersion(`format version ${version} is not supported (this side speaks 1)`);
   const flags = view.getUint16(6, true);
-  if (flags & ~FLAG_ZLIB) throw new MalformedMessage(`unknown flag bits 0x${flags.toString(16)}`);
+  if (flags & ~(FLAG_ZLIB | FLAG_ZLIB_HEADER)) throw new MalformedMessage(`unknown flag bits 0x${flags.toString(16)}`);
   if (crc32(data.subarray(0, data.length - 4)) !== view.getUint32(data.length - 4, true)) {
     throw new ChecksumMismatch("CRC-32 does not match: the message was truncated or corrupted");
   }
@@ -169,7 +177,16 @@ export function decodeMessage(data, { expected = null, maxBytes = null } = {}) {
   if (headerLen > MAX_HEADER_BYTES || 12 + headerLen + 8 > data.length) {
     throw new MalformedMessage(`header length ${headerLen} does not fit the message`);
   }
-  const header = parseHeader(data.subarray(12, 12 + headerLen));
+  let rawHeader = data.subarray(12, 12 + headerLen);
+  if (flags & FLAG_ZLIB_HEADER) {
+    try {
+      rawHeader = inflateZlib(rawHeader, MAX_HEADER_BYTES); // at most 1 MiB, as a plain header
+    } catch (err) {
+      if (err instanceof MalformedMessage) err.message = `compressed header: ${err.message}`;
+      throw err;
+    }
+  }
+  const header = parseHeader(rawHeader);
   let pos = 12 + headerLen;
   const payloadLen = view.getUint32(pos, true);
   pos += 4;

@@ -17,7 +17,8 @@ import java.util.zip.Inflater;
 
 /**
  * Wire format v1 (protocol/FORMAT.md): magic "FFLT", u16 version, u16 flags, u32 header length,
- * canonical JSON header, u32 payload length, payload (zlib if flag bit 0), CRC-32 of all before.
+ * canonical JSON header (zlib if flag bit 1), u32 payload length, payload (zlib if flag bit 0),
+ * CRC-32 of all before.
  *
  * <p>Everything received is untrusted: {@link #decode} checks each field against hard limits and
  * the receiver's expectations, in FORMAT.md's order, before it allocates or inflates anything,
@@ -26,6 +27,8 @@ import java.util.zip.Inflater;
 public final class WireFormat {
   public static final int VERSION = 1;
   public static final int FLAG_ZLIB = 1;
+  /** The header is a zlib stream of the canonical JSON (FORMAT.md section 1). */
+  public static final int FLAG_ZLIB_HEADER = 2;
   static final byte[] MAGIC = {'F', 'F', 'L', 'T'};
   static final int MAX_HEADER_BYTES = 1 << 20;
   static final int MAX_TENSORS = 4096;
@@ -45,7 +48,10 @@ public final class WireFormat {
     return encode(kind, meta, wire, false);
   }
 
-  /** Frames already-encoded tensors; the header is canonical JSON. */
+  /**
+   * Frames already-encoded tensors; the header is canonical JSON. {@code compress}: zlib over the
+   * payload, and over the header too when that makes it shorter.
+   */
   public static byte[] encode(String kind, Map<String, ?> meta, List<WireTensor> tensors, boolean compress) {
     if (!KINDS.contains(kind)) {
       throw new IllegalArgumentException("kind must be 'update' or 'model', got " + kind);
@@ -70,7 +76,16 @@ public final class WireFormat {
     }
     byte[] header = CanonicalJson.header(kind, meta, entries).getBytes(StandardCharsets.US_ASCII);
     byte[] body = payload.toByteArray();
-    return compress ? frame(header, deflate(body), FLAG_ZLIB, VERSION) : frame(header, body, 0, VERSION);
+    if (!compress) {
+      return frame(header, body, 0, VERSION);
+    }
+    int flags = FLAG_ZLIB;
+    byte[] packed = deflate(header);
+    if (packed.length < header.length) {
+      header = packed;
+      flags |= FLAG_ZLIB_HEADER;
+    }
+    return frame(header, deflate(body), flags, VERSION);
   }
 
   /** prefix + header + payload length + payload + CRC-32. */
@@ -107,7 +122,7 @@ public final class WireFormat {
       throw new WireException(WireException.Reason.UNSUPPORTED_VERSION,
           "format version " + version + " is not supported (this side speaks " + VERSION + ")");
     }
-    if ((flags & ~FLAG_ZLIB) != 0) {
+    if ((flags & ~(FLAG_ZLIB | FLAG_ZLIB_HEADER)) != 0) {
       throw WireException.malformed(String.format("unknown flag bits 0x%04x", flags));
     }
     CRC32 crc = new CRC32();
@@ -118,7 +133,10 @@ public final class WireFormat {
     if (headerLen > MAX_HEADER_BYTES || 12 + headerLen + 8 > data.length) {
       throw WireException.malformed("header length " + headerLen + " does not fit the message");
     }
-    Map<String, Object> header = Header.parse(Arrays.copyOfRange(data, 12, 12 + (int) headerLen));
+    byte[] rawHeader = (flags & FLAG_ZLIB_HEADER) != 0
+        ? inflate(data, 12, (int) headerLen, MAX_HEADER_BYTES, "header")
+        : Arrays.copyOfRange(data, 12, 12 + (int) headerLen);
+    Map<String, Object> header = Header.parse(rawHeader);
     int pos = 12 + (int) headerLen;
     long payloadLen = b.getInt(pos) & 0xffffffffL;
     pos += 4;
@@ -136,7 +154,7 @@ public final class WireFormat {
     byte[] payload;
     int off;
     if ((flags & FLAG_ZLIB) != 0) {
-      payload = inflate(data, pos, (int) payloadLen, declared);
+      payload = inflate(data, pos, (int) payloadLen, declared, "payload");
       off = 0;
     } else {
       payload = data;
@@ -180,9 +198,10 @@ public final class WireFormat {
 
   /**
    * Inflates at most {@code limit + 1} bytes, so a compression bomb stops early; the stream must
-   * end exactly at the payload's end and give exactly {@code limit} bytes.
+   * end exactly at the section's end ({@code what}: "payload" or "header"). The payload's size is
+   * then compared with the declared one; a header may be shorter than its limit.
    */
-  private static byte[] inflate(byte[] data, int off, int len, long limit) throws WireException {
+  private static byte[] inflate(byte[] data, int off, int len, long limit, String what) throws WireException {
     Inflater inf = new Inflater();
     try {
       inf.setInput(data, off, len);
@@ -196,11 +215,13 @@ public final class WireFormat {
         n += k;
       }
       if (n > limit || !inf.finished() || inf.getRemaining() > 0) {
-        throw WireException.malformed("compressed payload does not inflate to the declared size");
+        throw WireException.malformed("payload".equals(what)
+            ? "compressed payload does not inflate to the declared size"
+            : "compressed header is not one zlib stream of at most " + limit + " bytes");
       }
       return Arrays.copyOf(out, n);
     } catch (DataFormatException e) {
-      throw WireException.malformed("payload does not inflate: " + e.getMessage());
+      throw WireException.malformed(what + " does not inflate: " + e.getMessage());
     } finally {
       inf.end();
     }
