@@ -6,6 +6,15 @@ baseline (numpy copy of the same 4 MB) is measured in the same run, so the ratio
 any machine. Writes bench/results/codec.json.
 
     .venv/bin/python bench/bench_codec.py [--repeats 15] [--out bench/results/codec.json]
+
+``--breakdown`` instead shows where the bytes of one real update go: the CNN of the accuracy
+benchmark is trained on one phone's mnist5k shard (Dirichlet 0.5, 5 local epochs), and its
+delta is encoded with each sparse config, with and without ``compress`` (zlib over payload
+and header). Every byte of the message is attributed: the fixed container (prefix, payload
+length, CRC), the header (meta, each tensor's entry) and, per tensor, index / scales /
+codes. Writes bench/results/codec_breakdown.json.
+
+    .venv/bin/python -m bench.bench_codec --breakdown
 """
 
 from __future__ import annotations
@@ -17,9 +26,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+import zlib  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -27,6 +38,9 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 from protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message, dense_float32_nbytes  # noqa: E402
+from protocol.canonical import canonical_header  # noqa: E402
+from protocol.quant import num_chunks, packed_nbytes  # noqa: E402
+from protocol.wire import FLAG_ZLIB_HEADER  # noqa: E402
 
 SHAPES = {  # 1,000,000 parameters
     "fc1.weight": (768, 1024),
@@ -87,11 +101,117 @@ def bench_config(
     }
 
 
+BREAKDOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "int4+top1%+EF": {"quant_bits": 4, "sparsify": "topk", "density": 0.01, "error_feedback": True},
+    "int4+top2%+EF": {"quant_bits": 4, "sparsify": "topk", "density": 0.02, "error_feedback": True},
+    "int4+top3%+EF": {"quant_bits": 4, "sparsify": "topk", "density": 0.03, "error_feedback": True},
+    "int8+top10%": {"quant_bits": 8, "sparsify": "topk", "density": 0.1},
+}
+
+
+def trained_cnn_delta(seed: int = 0, phone: int = 3) -> dict[str, np.ndarray]:
+    """One phone's real update of the accuracy benchmark's setting (mnist5k, Dirichlet 0.5,
+    50 phones, CNN, 5 local epochs, batch 8, lr 0.1), from the initial model."""
+    import torch
+
+    from device_runtime.data import load_dataset, partition
+    from device_runtime.runtimes import TrainConfig
+    from device_runtime.runtimes.torch_runtime import TorchRuntime
+    from export.models import ModelSpec, build_model
+
+    torch.set_num_threads(1)
+    data = load_dataset("mnist5k", seed=seed)
+    shard = partition(data.y_train, 50, "dirichlet:0.5", np.random.default_rng(seed))[phone]
+    rt = TorchRuntime(build_model(ModelSpec("cnn", data.input_shape, data.num_classes), seed=seed))
+    before = rt.get_params()
+    rt.train(data.x_train[shard], data.y_train[shard], TrainConfig(local_epochs=5, batch_size=8, lr=0.1),
+             np.random.default_rng(seed))
+    return {n: a - before[n] for n, a in rt.get_params().items()}
+
+
+def byte_breakdown(body: bytes, meta: dict[str, Any]) -> dict[str, Any]:
+    """Attribute every byte of one encoded update (FORMAT.md sections 1-5)."""
+    flags = int.from_bytes(body[6:8], "little")
+    header_len = int.from_bytes(body[8:12], "little")
+    header = body[12 : 12 + header_len]
+    if flags & FLAG_ZLIB_HEADER:
+        header = zlib.decompress(header)
+    parsed = json.loads(header)
+    empty = canonical_header(parsed["kind"], meta, [])
+    tensors = []
+    for t in parsed["tensors"]:
+        entry = canonical_header(parsed["kind"], meta, [t])
+        row = {"name": t["name"], "n": math.prod(t["shape"]), "encoding": t["encoding"], "nnz": t.get("nnz"),
+               "index_coding": t.get("index"), "header_entry": len(entry) - len(empty), "blob": t["nbytes"]}
+        count = t["nnz"] if t["encoding"] == "sparse" else row["n"]
+        bits = t.get("bits", 32)
+        values = 4 * count if bits == 32 else 4 * num_chunks(count, t["chunk"]) + packed_nbytes(count, bits)
+        row["scales"] = 0 if bits == 32 else 4 * num_chunks(count, t["chunk"])
+        row["codes"] = values - row["scales"]
+        row["index"] = t["nbytes"] - values
+        tensors.append(row)
+    payload_len = len(body) - 20 - header_len
+    return {
+        "total": len(body),
+        "container_fixed": 20,
+        "header_wire": header_len,
+        "header_json": len(header),
+        "header_meta_and_frame": len(empty),
+        "header_entries": sum(r["header_entry"] for r in tensors),
+        "payload_wire": payload_len,
+        "payload_plain": sum(r["blob"] for r in tensors),
+        "index": sum(r["index"] for r in tensors),
+        "scales": sum(r["scales"] for r in tensors),
+        "codes": sum(r["codes"] for r in tensors),
+        "tensors": tensors,
+    }
+
+
+def main_breakdown(out: Path) -> None:
+    delta = trained_cnn_delta()
+    dense = dense_float32_nbytes(delta)
+    meta = {"base_version": 7, "num_examples": 83, "round": 7, "train_loss": 0.12345678901234566,
+            "update_id": "phone-31-12"}  # a typical phone's meta (17-digit float loss)
+    rows = []
+    for name, settings in BREAKDOWN_CONFIGS.items():
+        for compress in (False, True):
+            body = UpdateEncoder(EncoderConfig(**settings, compress=compress), np.random.default_rng(0)).encode(
+                delta, meta)
+            b = byte_breakdown(body, meta)
+            rows.append({"config": name + (" +zlib" if compress else ""), "ratio": dense / b["total"], **b})
+    cols = ["total", "ratio", "container_fixed", "header_wire", "header_json", "header_meta_and_frame",
+            "header_entries", "payload_wire", "payload_plain", "index", "scales", "codes"]
+    print(f"one real CNN update ({sum(a.size for a in delta.values())} params, dense float32 {dense} bytes); "
+          "bytes per part")
+    labels = ["total", "ratio", "fixed", "hdr wire", "hdr json", "hdr meta", "hdr ents", "pay wire", "pay raw",
+              "index", "scales", "codes"]  # hdr meta: meta + the header's frame; hdr ents: tensor entries
+    print(f"{'config':<22}" + "".join(f"{c:>9}" for c in labels))
+    for r in rows:
+        print(f"{r['config']:<22}" + "".join(
+            f"{r[c]:>9.1f}" if isinstance(r[c], float) else f"{r[c]:>9}" for c in cols))
+    print("\nper tensor, int4+top2%+EF (plain):")
+    print(f"{'tensor':<14}{'n':>7}{'nnz':>6}{'coding':>8}{'hdr entry':>10}{'index':>7}{'scales':>7}{'codes':>7}")
+    for t in rows[2]["tensors"]:
+        print(f"{t['name']:<14}{t['n']:>7}{t['nnz']:>6}{t['index_coding']:>8}{t['header_entry']:>10}"
+              f"{t['index']:>7}{t['scales']:>7}{t['codes']:>7}")
+    result = {"benchmark": "codec_breakdown", "params": sum(a.size for a in delta.values()), "dense_bytes": dense,
+              "meta": meta, "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "codec.json")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--breakdown", action="store_true", help="where the bytes of one real CNN update go")
     args = parser.parse_args()
+    results = Path(__file__).parent / "results"
+    if args.breakdown:
+        main_breakdown(args.out or results / "codec_breakdown.json")
+        return
+    args.out = args.out or results / "codec.json"
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # pin to one core
     rng = np.random.default_rng(1)
