@@ -43,7 +43,7 @@ class EncoderConfig:
     stochastic_rounding: bool = True  # False: round half up (biased, reproducible)
     chunk: int = 256  # values per quantization scale
     # 5. container
-    compress: bool = False  # zlib over the payload (FLAG_ZLIB)
+    compress: bool = False  # zlib over the payload (FLAG_ZLIB), and the header when shorter (FLAG_ZLIB_HEADER)
 
     def __post_init__(self) -> None:
         self._check_clip()
