@@ -6,6 +6,25 @@ weighted mean, the coordinate-wise median or trimmed mean (Yin et al. 2018), or 
 Krum's selection; median and trimmed mean ignore them, as in Yin et al. (a weight is a claim).
 The cohort is stacked one column block at a time (n x 2^20/n float64) and clipping is one scale
 per update applied in each block, so 500 x 10^6 parameters never need a 4 GB matrix or a copy.
+
+Every step has a default that needs no knowledge of how many phones attack (the knobs):
+
+- ``normbound`` = ``normbound:median*2``: clip to twice the cohort's median norm. Honest IID
+  updates rarely exceed 1.5x the median, and a bound relative to the cohort follows the norms
+  down as training converges, which a constant bound cannot.
+- ``trimmed`` = ``trimmed:0.25``: drop the 25% largest and 25% smallest values per coordinate.
+  It tolerates up to a quarter of the cohort attacking; a sampled cohort drawn from a fleet
+  with 20% attackers often holds more than 20% of them, hence the margin.
+- ``krum`` / ``multikrum`` = ``krum:25%`` / ``multikrum:25%``: assume f = 25% of each merge's
+  updates attack, capped at Krum's limit f <= (n - 3) / 2, so the rule runs at any cohort size
+  (3 or more updates) and follows a changing cohort (sampling, async buffers). ``multikrum``
+  averages the n - f best-scored updates.
+
+The report names suspects by four tests: a robust z-score of the norm above ``z_threshold``
+(``norm_z``, on every rule), clipping (``clipped``), a mostly trimmed update (``trimmed``), not
+selected by Krum (``krum``), and a direction far from the cohort's (``direction``: the cosine to
+the rule's aggregate has a robust z-score below -``z_threshold``, e.g. sign-flipped or noise
+updates whose norm looks honest).
 """
 
 from __future__ import annotations
@@ -21,6 +40,9 @@ from server.aggregation import Params, weighted_mean
 Deltas = Sequence[Mapping[str, np.ndarray]]
 Weights = Sequence[float] | np.ndarray
 _BLOCK = 1 << 20  # float64 elements per stacked column block (8 MiB)
+DEFAULT_NORM_FACTOR = 2.0  # ``normbound``: clip at this multiple of the cohort's median norm
+DEFAULT_TRIM = 0.25  # ``trimmed``: beta, the share trimmed from each end per coordinate
+DEFAULT_KRUM_SHARE = 0.25  # ``krum`` / ``multikrum``: f as a share of each merge's updates
 
 
 class TooFewUpdates(ValueError):
@@ -30,7 +52,8 @@ class TooFewUpdates(ValueError):
 @dataclass(frozen=True)
 class Suspect:
     """One update a rule found suspicious. ``value``: robust z-score (``norm_z``), L2 norm before
-    clipping (``clipped``), share of coordinates trimmed (``trimmed``), Krum score (``krum``)."""
+    clipping (``clipped``), share of coordinates trimmed (``trimmed``), Krum score (``krum``),
+    cosine to the aggregate (``direction``)."""
 
     index: int
     reason: str
@@ -46,11 +69,13 @@ class RobustReport:
     suspects: tuple[Suspect, ...] = ()
     bound: float | None = None  # the last norm bound applied (absolute, after "median*k")
     fallback: str | None = None  # set when the combiner could not run and another stood in
+    krum_f: int | None = None  # the f Krum assumed in this merge (resolved from a share like 25%)
 
     def to_dict(self, labels: Sequence[str] | None = None) -> dict[str, Any]:
         """JSON-ready, for a round record's ``extra``; ``labels`` name updates (e.g. phone ids)."""
         return {
             "rule": self.rule, "updates": self.updates, "bound": self.bound, "fallback": self.fallback,
+            "krum_f": self.krum_f,
             "suspects": [{"update": labels[s.index] if labels is not None else s.index,
                           "reason": s.reason, "value": float(f"{s.value:.6g}")} for s in self.suspects],
         }
@@ -75,6 +100,21 @@ def robust_z(norms: np.ndarray) -> np.ndarray:
     dev = np.abs(norms - med)
     scale = 1.4826 * np.median(dev) or 1.2533 * np.mean(dev)
     return (norms - med) / scale if scale > 0 else np.zeros_like(norms)
+
+
+def cosines(deltas: Deltas, reference: Mapping[str, np.ndarray], norms: np.ndarray | None = None) -> np.ndarray:
+    """cos(u_i, reference) for each update, in float64, one pass over the column blocks. Shape
+    (n,); 0 for a zero update; all zeros if the reference is zero."""
+    norms = update_norms(deltas) if norms is None else norms
+    ref = {name: np.ravel(np.asarray(v, dtype=np.float64)) for name, v in reference.items()}
+    ref_norm = float(np.sqrt(sum(float(v @ v) for v in ref.values())))
+    dots = np.zeros(len(deltas))
+    if ref_norm == 0:
+        return dots
+    for name, start, block in _blocks(deltas, None):
+        dots += block @ ref[name][start : start + block.shape[1]]
+    denom = norms * ref_norm
+    return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
 
 
 def _blocks(deltas: Deltas, scales: np.ndarray | None) -> Iterator[tuple[str, int, np.ndarray]]:
@@ -231,23 +271,34 @@ class TrimmedMean:
 @dataclass(frozen=True)
 class MultiKrum:
     """Select m updates by Krum score with f assumed attackers, then take their weighted mean.
-    With n <= 2f + 2 updates Krum is undefined: this merge falls back to the coordinate-wise
-    median, said in the report's ``fallback`` (set sync ``min_updates`` / async ``buffer_size``
-    to at least ``2f + 3`` to never fall back)."""
+    f is a count, or with ``share`` set, ``min(floor(share x n), (n - 3) // 2)`` of each merge's
+    n updates. With n <= 2f + 2 updates Krum is undefined: this merge falls back to the
+    coordinate-wise median, said in the report's ``fallback`` (set sync ``min_updates`` / async
+    ``buffer_size`` to at least ``min_updates`` to never fall back)."""
 
     f: int
     m: int | None = 1  # None: n - f
+    share: float | None = None  # f as a share of the updates merged (overrides ``f``)
 
     def __post_init__(self) -> None:
         if self.f < 0 or (self.m is not None and self.m < 1):
             raise ValueError(f"Krum needs f >= 0 attackers and m >= 1 selected, got f={self.f}, m={self.m}")
+        if self.share is not None and not 0 <= self.share < 0.5:
+            raise ValueError(f"Krum's share of attackers should be in [0%, 50%), got {self.share:.0%}")
+
+    def f_for(self, n: int) -> int:
+        """The f this merge of n updates assumes."""
+        if self.share is None:
+            return self.f
+        return max(0, min(int(self.share * n), (n - 3) // 2))
 
     def __call__(self, deltas: Deltas, weights: np.ndarray, scales: np.ndarray) -> Outcome:
-        if len(deltas) <= 2 * self.f + 2:
-            note = f"median: krum:{self.f} needs {2 * self.f + 3} updates, got {len(deltas)}"
+        f = self.f_for(len(deltas))
+        if len(deltas) <= 2 * f + 2:
+            note = f"median: krum:{f} needs {2 * f + 3} updates, got {len(deltas)}"
             return coordinate_median(deltas, scales), [], note
         dist = pairwise_sq_distances(gram_matrix(deltas, scales))
-        scores, chosen = krum_scores(dist, self.f), multi_krum_select(dist, self.f, self.m)
+        scores, chosen = krum_scores(dist, f), multi_krum_select(dist, f, self.m)
         dropped = sorted(set(range(len(deltas))) - set(chosen.tolist()))
         suspects = [Suspect(i, "krum", float(scores[i])) for i in dropped]
         return _scaled_mean(deltas, weights, scales, chosen), suspects, None
@@ -267,8 +318,11 @@ class RobustRule:
 
     @property
     def min_updates(self) -> int:
-        """Fewest updates the combiner runs with as configured (Krum: 2f + 3), else 1."""
-        return 2 * self.combine.f + 3 if isinstance(self.combine, MultiKrum) else 1
+        """Fewest updates the combiner runs with as configured (Krum: 2f + 3, or 3 with f a
+        share), else 1."""
+        if not isinstance(self.combine, MultiKrum):
+            return 1
+        return 3 if self.combine.share is not None else 2 * self.combine.f + 3
 
     def aggregate(self, deltas: Deltas, weights: Weights) -> tuple[Params, RobustReport]:
         """The robust aggregate (float64, like ``weighted_mean``) and the report of suspects."""
@@ -287,15 +341,21 @@ class RobustRule:
             suspects += [Suspect(int(i), "clipped", float(norms[i])) for i in np.flatnonzero(factors < 1)]
             scales = scales * factors
         out, more, fallback = self.combine(deltas, w, scales)
-        return out, RobustReport(self.text, len(deltas), tuple(suspects + more), bound, fallback)
+        cos = cosines(deltas, out, norms)
+        z_cos = robust_z(cos)
+        suspects += [Suspect(int(i), "direction", float(cos[i])) for i in np.flatnonzero(z_cos < -self.z_threshold)]
+        krum_f = self.combine.f_for(len(deltas)) if isinstance(self.combine, MultiKrum) and not fallback else None
+        return out, RobustReport(self.text, len(deltas), tuple(suspects + more), bound, fallback, krum_f)
 
     __call__ = aggregate
 
 
 def parse_rule(text: str, z_threshold: float = 3.0) -> RobustRule:
-    """``none`` | steps joined by ``+``: ``normbound:C``, ``normbound:median*K`` (any number, first),
-    then at most one of ``median``, ``trimmed:BETA``, ``krum:F``, ``multikrum:F[:M]`` (M omitted:
-    n - F). E.g. ``normbound:median*3+trimmed:0.1``. Raises ValueError naming the bad step."""
+    """``none`` | steps joined by ``+``: ``normbound[:C | :median*K]`` (any number, first), then at
+    most one of ``median``, ``trimmed[:BETA]``, ``krum[:F | :P%]``, ``multikrum[:F | :P%][:M]``
+    (M omitted: n - F; P%: F is P% of each merge's updates). A step without its argument takes
+    the default in the module docstring. E.g. ``normbound+trimmed``,
+    ``normbound:median*3+trimmed:0.1``, ``multikrum:20%``. Raises ValueError naming the bad step."""
     steps = [s.strip() for s in text.strip().lower().split("+")]
     bounds: list[NormBound] = []
     combine: Combiner | None = None
@@ -306,23 +366,39 @@ def parse_rule(text: str, z_threshold: float = 3.0) -> RobustRule:
         if step == "none":
             continue
         try:
-            if kind == "normbound" and arg.startswith("median"):
+            if step == "normbound":
+                bounds.append(NormBound(DEFAULT_NORM_FACTOR, relative=True))
+            elif kind == "normbound" and arg.startswith("median"):
                 factor = arg.removeprefix("median").removeprefix("*")
                 bounds.append(NormBound(float(factor or 1), relative=True))
             elif kind == "normbound" and arg:
                 bounds.append(NormBound(float(arg)))
             elif step == "median":
                 combine = Median()
+            elif step == "trimmed":
+                combine = TrimmedMean(DEFAULT_TRIM)
             elif kind == "trimmed" and arg:
                 combine = TrimmedMean(float(arg))
-            elif kind == "krum" and arg:
-                combine = MultiKrum(int(arg), 1)
-            elif kind == "multikrum" and arg:
+            elif step in ("krum", "multikrum") or (kind in ("krum", "multikrum") and arg):
                 f, _, m = arg.partition(":")
-                combine = MultiKrum(int(f), int(m) if m else None)
+                if (step != kind and not f) or (kind == "krum" and m):
+                    raise ValueError("krum takes F or P%, multikrum F or P% and optionally M")
+                combine = _krum(f, 1 if kind == "krum" else int(m) if m else None)
             else:
                 raise ValueError("unknown step")
         except ValueError as exc:
-            raise ValueError(f"robust rule {text!r}, step {step!r}: {exc}; use none, normbound:C, "
-                             "normbound:median*K, median, trimmed:BETA, krum:F or multikrum:F[:M]") from None
+            raise ValueError(f"robust rule {text!r}, step {step!r}: {exc}; use none, normbound[:C], "
+                             "normbound:median*K, median, trimmed[:BETA], krum[:F|:P%] or multikrum[:F|:P%][:M]") from None
     return RobustRule(tuple(bounds), combine or Mean(), z_threshold, text.strip())
+
+
+def _krum(f: str, m: int | None) -> MultiKrum:
+    """Krum's f from ``F`` (a count), ``P%`` (a share of each merge) or nothing (the default share)."""
+    if not f:
+        return MultiKrum(0, m, DEFAULT_KRUM_SHARE)
+    if f.endswith("%"):
+        share = float(f[:-1]) / 100
+        if not np.isfinite(share):
+            raise ValueError(f"Krum's share should be a finite percentage, got {f!r}")
+        return MultiKrum(0, m, share)
+    return MultiKrum(int(f), m)

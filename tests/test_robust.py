@@ -181,8 +181,11 @@ def test_robust_rules_stay_in_honest_hull_while_mean_is_destroyed(
     hi = {k: stacked(honest, k).max(axis=0) for k in SHAPES}
     mean, _ = parse_rule("none").aggregate(deltas, weights)
     assert max(np.max(np.abs(mean[k] - 1.0)) for k in SHAPES) > 10  # the attack works on FedAvg
-    for rule in ["median", f"trimmed:{(f + 0.5) / n}", f"krum:{f}", f"multikrum:{f}",
-                 "normbound:median*3+median", f"normbound:median*3+trimmed:{(f + 0.5) / n}"]:
+    rules = ["median", f"trimmed:{(f + 0.5) / n}", f"krum:{f}", f"multikrum:{f}",
+             "normbound:median*3+median", f"normbound:median*3+trimmed:{(f + 0.5) / n}"]
+    if int(0.25 * n) >= f:  # the defaults assume up to a quarter of the cohort attacks
+        rules += ["trimmed", "multikrum", "krum", "normbound+trimmed"]
+    for rule in rules:
         got, report = parse_rule(rule).aggregate(deltas, weights)
         for k in SHAPES:
             assert np.all(got[k] >= lo[k] - 1e-6) and np.all(got[k] <= hi[k] + 1e-6), rule
@@ -228,10 +231,11 @@ def test_krum_with_too_few_updates_falls_back_to_median() -> None:
     np.testing.assert_allclose(got["w"], np.median(stacked(deltas, "w"), axis=0))
 
 
-@pytest.mark.parametrize("text", ["bogus", "krum", "krum:-1", "krum:1.5", "multikrum:1:0", "trimmed:0.5",
-                                  "trimmed:-0.1", "trimmed:x", "normbound:0", "normbound:-2", "normbound:inf",
-                                  "normbound:median*0", "normbound", "median:3", "median+trimmed:0.1",
-                                  "trimmed:0.1+normbound:3", "none+median", "median+none"])
+@pytest.mark.parametrize("text", ["bogus", "krum:", "krum:-1", "krum:1.5", "multikrum:1:0", "trimmed:0.5",
+                                  "trimmed:-0.1", "trimmed:x", "trimmed:", "normbound:0", "normbound:-2",
+                                  "normbound:inf", "normbound:median*0", "normbound:", "median:3",
+                                  "median+trimmed:0.1", "trimmed:0.1+normbound:3", "none+median", "median+none",
+                                  "krum:1:2", "multikrum::3", "multikrum:50%", "krum:-5%", "krum:nan%", "krum:x%"])
 def test_parse_rule_rejects_bad_rules(text: str) -> None:
     with pytest.raises(ValueError, match="robust rule"):
         parse_rule(text)
@@ -298,3 +302,61 @@ def test_choose_attackers_is_seeded_and_sized() -> None:
     assert np.array_equal(a, choose_attackers(50, 0.2, np.random.default_rng(3)))
     with pytest.raises(ValueError):
         choose_attackers(10, 1.5, np.random.default_rng(0))
+
+
+# --- defaults that need no attacker count, Krum's f as a share, direction suspects --------------
+def test_bare_steps_take_the_documented_defaults() -> None:
+    assert parse_rule("normbound").bounds == (robust.NormBound(robust.DEFAULT_NORM_FACTOR, relative=True),)
+    assert parse_rule("normbound").bounds == parse_rule("normbound:median*2").bounds
+    assert parse_rule("trimmed").combine == robust.TrimmedMean(0.25)
+    assert parse_rule("multikrum").combine == robust.MultiKrum(0, None, 0.25)
+    assert parse_rule("krum").combine == robust.MultiKrum(0, 1, 0.25)
+    assert parse_rule("multikrum:10%:4").combine == robust.MultiKrum(0, 4, 0.1)
+    rule = parse_rule("normbound+median")
+    assert rule.bounds == parse_rule("normbound").bounds and rule.combine == robust.Median()
+
+
+@pytest.mark.parametrize(("n", "f"), [(3, 0), (4, 0), (5, 1), (8, 2), (10, 2), (12, 3), (50, 12)])
+def test_krum_share_resolves_f_per_merge_and_never_falls_back(n: int, f: int) -> None:
+    # f = min(floor(n / 4), (n - 3) // 2): 25% of each cohort, capped where Krum is defined.
+    deltas = cohort(n, seed=20 + n)
+    weights = np.random.default_rng(n).uniform(1, 5, size=n)
+    rule = parse_rule("multikrum:25%")
+    assert rule.min_updates == 3 and rule.combine.f_for(n) == f  # type: ignore[union-attr]
+    got, report = rule.aggregate(deltas, weights)
+    fixed, _ = parse_rule(f"multikrum:{f}").aggregate(deltas, weights)  # the same as f given as a count
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], fixed[k], rtol=1e-12)
+    assert report.fallback is None and report.krum_f == f and report.to_dict()["krum_f"] == f
+    assert len([s for s in report.suspects if s.reason == "krum"]) == f
+
+
+def test_krum_share_with_two_updates_falls_back_to_median() -> None:
+    deltas = cohort(2, seed=21)
+    got, report = parse_rule("multikrum").aggregate(deltas, [1.0, 1.0])
+    assert report.fallback is not None and report.krum_f is None
+    np.testing.assert_allclose(got["w"], np.median(stacked(deltas, "w"), axis=0))
+
+
+def test_cosines_match_direct_computation() -> None:
+    deltas = cohort(6, seed=22)
+    ref = cohort(1, seed=23)[0]
+    flat = [np.concatenate([np.ravel(d[k]).astype(np.float64) for k in SHAPES]) for d in deltas]
+    r = np.concatenate([np.ravel(ref[k]).astype(np.float64) for k in SHAPES])
+    expected = [float(u @ r / np.linalg.norm(u) / np.linalg.norm(r)) for u in flat]
+    np.testing.assert_allclose(robust.cosines(deltas, ref), expected, rtol=1e-12)
+    deltas[2] = {k: np.zeros_like(v) for k, v in deltas[2].items()}
+    assert robust.cosines(deltas, ref)[2] == 0.0
+    assert not robust.cosines(deltas, {k: np.zeros_like(v) for k, v in ref.items()}).any()
+
+
+@pytest.mark.parametrize("rule", ["none", "median", "trimmed", "multikrum", "normbound"])
+def test_direction_names_sign_flipped_updates_whose_norm_looks_honest(rule: str) -> None:
+    rng = np.random.default_rng(24)
+    honest = [{k: (1.0 + 0.5 * rng.normal(size=s)).astype(np.float32) for k, s in SHAPES.items()} for _ in range(16)]
+    deltas = honest[:5] + [sign_flip(honest[0]), sign_flip(honest[1])] + honest[5:] + [sign_flip(honest[2])]
+    flipped = {5, 6, 18}
+    _, report = parse_rule(rule).aggregate(deltas, [1.0] * len(deltas))
+    assert not [s for s in report.suspects if s.reason == "norm_z"]  # same norms: only direction tells
+    direction = {s.index: s.value for s in report.suspects if s.reason == "direction"}
+    assert set(direction) == flipped and max(direction.values()) < 0, rule
