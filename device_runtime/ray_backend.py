@@ -53,8 +53,10 @@ def ray_cluster(address: str | None = "local", num_cpus: int | None = None, quie
 
     level = logging.WARNING if quiet else logging.INFO
     if address in LOCAL_ADDRESSES:
+        # Ray renices its workers to 15 by default; on this machine the shards are the fleet itself
+        # and should compete for the cores on equal terms with the server, as --backend local does.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 logging_level=level)
+                 logging_level=level, _system_config={"worker_niceness": 0})
     else:
         ray.init(address=address, logging_level=level)
     try:

@@ -115,6 +115,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # ~35 s on an idle 2-core machine, most of it Ray and torch starting; ~75 s when shared
 def test_cli_fleet_on_a_local_ray_cluster(tmp_path: Path, ray_tmpdir: Path) -> None:
     data = load_dataset("digits", seed=0)
     config = ServerConfig(model="mlp", input_shape=data.input_shape, num_classes=data.num_classes, rounds=2,
