@@ -41,6 +41,7 @@ def make_app(
     app = web.Application(
         middlewares=[bytes_middleware, errors_middleware],
         client_max_size=config.max_update_bytes + (1 << 16),
+        handler_args={"auto_decompress": False},  # no HTTP-level inflation: see server.http.read_body
     )
     spec = ModelSpec(config.model, config.input_shape, config.num_classes)
     store = Store(_db_path(config), keep_versions=max(16, config.max_staleness + 2))

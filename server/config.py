@@ -53,6 +53,7 @@ class ServerConfig:
     # --- limits -------------------------------------------------------------------------
     max_update_bytes: int = 16 << 20  # bodies over this get 413
     max_examples: int = 10_000_000  # a phone claiming more is refused (400)
+    max_update_norm: float = 1e6  # an update whose L2 norm exceeds this is refused (400; 0 = no limit)
     checkin_retry_s: float = 1.0  # how long a phone without work should wait
     rest_after_update_s: float = 0.0  # a phone that just contributed checks in again after this
     max_concurrent_uploads: int = 64  # beyond this, uploads get 503 + Retry-After (backpressure)
@@ -102,6 +103,8 @@ class ServerConfig:
             raise ValueError("robust aggregation cannot be combined with central DP: its noise is calibrated to a clipped sum")
         if self.mode == "async" and self.buffer_size < rule.min_updates:
             raise ValueError(f"robust {self.robust!r} needs buffer_size >= {rule.min_updates}")
+        if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
+            raise ValueError("max_update_norm must be a finite number >= 0 (0 = no limit)")
         if self.example_cap < 1 or self.max_update_bytes < 1024:
             raise ValueError("example_cap must be >= 1 and max_update_bytes >= 1024")
 

@@ -9,6 +9,7 @@ import re
 from typing import Any, NoReturn
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from server.store import Store
 
@@ -46,7 +47,14 @@ def fail(status: int, reason: str, message: str) -> NoReturn:
 async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -> bytes:
     """Read at most ``limit`` bytes from the stream within ``timeout_s``; refuse larger bodies
     with 413 before buffering them (the declared length first, then the bytes that arrive),
-    and bodies that trickle in too slowly (slow-loris) with 408."""
+    bodies that trickle in too slowly (slow-loris) with 408, and any HTTP ``Content-Encoding``
+    with 415: nothing is inflated at the HTTP layer (the app turns aiohttp's auto_decompress off),
+    so an HTTP compression bomb has nothing to explode; wire messages carry their own bounded
+    zlib flag (protocol/FORMAT.md)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        fail(415, "content_encoding", f"Content-Encoding {encoding[:32]!r} is not accepted: send the body as is "
+                                      "(wire messages compress themselves, protocol/FORMAT.md)")
     declared = request.content_length
     if declared is not None and declared > limit:
         fail(413, "too_large", f"body of {declared} bytes exceeds the limit of {limit} bytes")
@@ -61,17 +69,19 @@ async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -
                 chunks.append(chunk)
     except TimeoutError:
         fail(408, "timeout", f"the body did not arrive within {timeout_s:.0f} s")
+    except (ConnectionResetError, HttpProcessingError, web.RequestPayloadError):  # a broken or cut body: the client's fault
+        fail(400, "incomplete_body", f"the connection closed after {size} bytes, before the whole body arrived")
     return b"".join(chunks)
 
 
-async def read_json(request: web.Request, limit: int = 16 << 10) -> dict[str, Any]:
-    raw = await read_body(request, limit)
+async def read_json(request: web.Request, limit: int = 16 << 10, timeout_s: float = 30.0) -> dict[str, Any]:
+    raw = await read_body(request, limit, timeout_s)
     if not raw:
         return {}
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        fail(400, "malformed", f"body is not valid JSON: {exc}")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        fail(400, "malformed", f"body is not valid JSON: {str(exc)[:200]}")
     if not isinstance(data, dict):
         fail(400, "malformed", "body must be a JSON object")
     return data

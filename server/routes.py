@@ -27,6 +27,7 @@ from server.http import (
     read_body,
     read_json,
 )
+from server.robust import update_norms
 from server.security import SignatureError, parse_public_key
 from server.state import CONFIG, COORD, NONCES, STORE, UPLOADS, schedule_merge
 
@@ -50,7 +51,7 @@ def task_spec(request: web.Request) -> dict[str, Any]:
 
 async def register(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    body = await read_json(request)
+    body = await read_json(request, timeout_s=request.app[CONFIG].request_timeout_s)
     name = body.get("name")
     info: dict[str, Any] = {k: str(body[k])[:64] for k in ("platform", "runtime") if k in body}
     if "public_key" in body:
@@ -80,7 +81,7 @@ async def task(request: web.Request) -> web.Response:
 
 async def checkin(request: web.Request) -> web.Response:
     phone = authenticate(request, request.app[STORE])
-    await read_json(request)  # reserved for device state (battery, network); bounded
+    await read_json(request, timeout_s=request.app[CONFIG].request_timeout_s)  # reserved for device state; bounded
     coord = request.app[COORD]
     if coord.paused and not coord.done:
         return json_response(coord.wait())
@@ -98,6 +99,8 @@ async def model(request: web.Request) -> web.Response:
             version = int(request.query["version"])
         except ValueError:
             fail(400, "bad_query", "version must be an integer")
+        if not 0 <= version < 1 << 63:  # SQLite integers are 64-bit
+            fail(400, "bad_query", "version must be a non-negative 64-bit integer")
         if version != coord.version:
             old = request.app[STORE].version_blob(version)
             if old is None:
@@ -154,6 +157,9 @@ async def _update(request: web.Request) -> web.Response:
     if msg.kind != "update":
         fail(400, "malformed", f"expected an 'update' message, got {msg.kind!r}")
     meta = {**_update_meta(msg.meta, cfg.max_examples), "wire_bytes": len(body)}
+    norm = float(update_norms([msg.tensors])[0])  # finite values can still overflow a float32 merge
+    if cfg.max_update_norm and not norm <= cfg.max_update_norm:
+        fail(400, "huge_norm", f"the update's L2 norm {norm:.3g} exceeds max_update_norm {cfg.max_update_norm:g}")
     key = app[STORE].public_key(phone)
     if key is not None or cfg.require_signatures:
         try:
