@@ -187,20 +187,27 @@ class PhoneClient:
         self.stats.download_s.append(t1 - t0)
         plan = {**task["train"], **self.train_overrides}
         cfg = TrainConfig(**{k: plan[k] for k in ("local_epochs", "batch_size", "lr", "prox_mu")})
-        wall = time.monotonic()
         if self.pool is None:
             raise RuntimeError("phone has no trainer: the fleet sets one after registration")
-        delta, result = await self.pool.train(params, self.x, self.y, cfg, self.rng, key=version)
+        wall = time.monotonic()
+        training = self.pool.submit(params, self.x, self.y, cfg, self.rng, key=version)
+        if profile is not None and profile.dropout and self.rng.random() < profile.dropout:
+            # Vanishes mid-training: the server never hears back (the arithmetic still runs;
+            # its result is dropped, so the phone's random stream stays the same either way).
+            await clock.sleep(profile.train_s(len(self.x) * cfg.local_epochs) * self.rng.random())
+            await training
+            self.stats.drops += 1
+            return
+        if isinstance(clock, WallClock):
+            delta, result = await training
+            if profile is not None:  # the real compute already took part of the device's time
+                await clock.sleep(profile.train_s(result.num_examples * cfg.local_epochs) - (time.monotonic() - wall))
+        else:
+            # Virtual time: the phone is busy for its device's training time while the
+            # arithmetic runs beside the event loop; it needs the result only when done.
+            await clock.sleep(profile.train_s(len(self.x) * cfg.local_epochs) if profile is not None else 0.0)
+            delta, result = await training
         delta = self.attack.apply_delta(delta, self.rng)
-        if profile is not None:
-            emulated = profile.train_s(result.num_examples * cfg.local_epochs)
-            if isinstance(clock, WallClock):
-                emulated -= time.monotonic() - wall  # the real compute already took its time
-            if profile.dropout and self.rng.random() < profile.dropout:
-                await clock.sleep(emulated * self.rng.random())
-                self.stats.drops += 1  # vanished mid-training: the server never hears back
-                return
-            await clock.sleep(emulated)
         t2 = clock.now()
         self.stats.train_s.append(t2 - t1)
         self._updates_sent += 1

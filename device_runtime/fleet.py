@@ -140,6 +140,8 @@ async def run_fleet(
                 await fetch_bundle(session, server, phones[0].token, bundle_dir)
                 runtime_factory = partial(_bundle_runtime, cfg.runtime, bundle_dir)
             pool = _trainer(cfg, task, runtime_factory)
+            if clock is not None:
+                pool.bind(clock)
             for p in phones:
                 p.pool = pool
             until = cfg.hours * 3600 if cfg.hours > 0 else None

@@ -16,6 +16,7 @@ import torch
 
 from device_runtime.batched import train_many
 from device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
+from device_runtime.runtimes.torch_runtime import TorchRuntime
 
 Params = dict[str, np.ndarray]
 
@@ -45,6 +46,16 @@ class RuntimePool:
         finally:
             self._free.put_nowait(runtime)
 
+    def submit(
+        self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+        rng: np.random.Generator, key: Hashable = None,
+    ) -> asyncio.Future[tuple[Params, TrainResult]]:
+        """Start one phone's training now; await the future for its result."""
+        return asyncio.ensure_future(self.train(params, x, y, cfg, rng, key))
+
+    def bind(self, clock: object) -> None:
+        """Nothing to align with a virtual clock: each training starts when submitted."""
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
@@ -66,48 +77,82 @@ def _train_delta(
 class BatchedTrainer:
     """Trains the phones that start from the same model version together (``train_many``:
     one vmapped step over their stacked parameters, equal to training them one by one up to
-    float32 rounding). Requests for the same (version, plan) arriving within ``window_s``
-    form one group; groups run one at a time on one worker thread."""
+    float32 rounding). Groups run one at a time on one worker thread, beside the event loop.
 
-    def __init__(self, model: torch.nn.Module, chunk: int = 128, window_s: float = 0.02) -> None:
+    Which requests form a group: on the wall clock, those for the same (version, plan)
+    arriving within ``window_s``; on a virtual clock (``bind``), those submitted at the same
+    virtual instant, flushed when the clock is about to move on, so grouping (and therefore
+    every float) is the same from run to run. A group smaller than ``min_group`` trains phone
+    by phone on the eager runtime (the reference path): a vmapped call costs a few plain steps
+    of fixed overhead, so it only pays from about 4 phones on (bench/bench_batched.py)."""
+
+    def __init__(self, model: torch.nn.Module, chunk: int = 128, window_s: float = 0.02, min_group: int = 4) -> None:
         torch.set_num_threads(1)  # see RuntimePool
-        self.model, self.chunk, self.window_s = model, chunk, window_s
+        self.model, self.chunk, self.window_s, self.min_group = model, chunk, window_s, min_group
+        self._eager = TorchRuntime(model)
         self._groups: dict[Hashable, list[_Request]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfleet-vmap")
+        self._virtual = False
         self.calls = 0
+        self.group_sizes: list[int] = []
+
+    def bind(self, clock: object) -> None:
+        """Group by virtual instant: flush whenever ``clock`` is about to advance."""
+        hooks = getattr(clock, "before_advance", None)
+        if hooks is not None:
+            hooks.append(self._flush_all)
+            self._virtual = True
+
+    def submit(
+        self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+        rng: np.random.Generator, key: Hashable = None,
+    ) -> asyncio.Future[tuple[Params, TrainResult]]:
+        """Queue one phone's training; the future resolves once its group has run."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[Params, TrainResult]] = loop.create_future()
+        group_key = (key if key is not None else id(params), cfg)
+        group = self._groups.setdefault(group_key, [])
+        if not group and not self._virtual:
+            loop.call_later(self.window_s, self._flush, group_key)
+        group.append(_Request(params, x, y, rng, fut))
+        return fut
 
     async def train(
         self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
         rng: np.random.Generator, key: Hashable = None,
     ) -> tuple[Params, TrainResult]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[Params, TrainResult]] = loop.create_future()
-        group_key = (key if key is not None else id(params), cfg)
-        group = self._groups.setdefault(group_key, [])
-        if not group:
-            loop.call_later(self.window_s, lambda: asyncio.ensure_future(self._flush(group_key)))
-        group.append(_Request(params, x, y, rng, fut))
-        return await fut
+        return await self.submit(params, x, y, cfg, rng, key)
 
-    async def _flush(self, group_key: Hashable) -> None:
+    def _flush_all(self) -> None:
+        for group_key in list(self._groups):
+            self._flush(group_key)
+
+    def _flush(self, group_key: Hashable) -> None:
         group = self._groups.pop(group_key, [])
-        if not group:
-            return
-        cfg = group_key[1]  # type: ignore[index]
+        if group:
+            asyncio.ensure_future(self._run(group, group_key[1]))  # type: ignore[index]
+
+    async def _run(self, group: list[_Request], cfg: TrainConfig) -> None:
         jobs = [(r.x, r.y, r.rng) for r in group]
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(
-                self._executor, lambda: train_many(self.model, group[0].params, jobs, cfg, chunk=self.chunk))
+            results = await loop.run_in_executor(self._executor, self._train_group, group[0].params, jobs, cfg)
         except Exception as exc:  # every phone of the group hears about it
             for r in group:
                 if not r.fut.done():
                     r.fut.set_exception(exc)
             return
         self.calls += 1
+        self.group_sizes.append(len(group))
         for r, (delta, result) in zip(group, results, strict=True):
             if not r.fut.done():
                 r.fut.set_result(({n: d.astype(np.float32) for n, d in delta.items()}, result))
+
+    def _train_group(self, params: Mapping[str, np.ndarray], jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]],
+                     cfg: TrainConfig) -> list[tuple[Params, TrainResult]]:
+        if len(jobs) >= self.min_group:
+            return train_many(self.model, params, jobs, cfg, chunk=self.chunk)
+        return [_train_delta(self._eager, params, x, y, cfg, rng) for x, y, rng in jobs]
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -13,6 +13,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -53,6 +54,9 @@ class VirtualClock:
         self._members = 0  # phones taking part
         self._sleeping = 0  # phones blocked in sleep()
         self._advance_scheduled = False
+        # Called when every phone is asleep, before time moves on: work queued at this
+        # instant (a batched trainer's groups) is released here, deterministically.
+        self.before_advance: list[Callable[[], None]] = []
 
     def now(self) -> float:
         return self.t
@@ -88,6 +92,8 @@ class VirtualClock:
             heapq.heappop(self._heap)
         if not self._heap or self._sleeping < self._members:
             return  # someone is still working; the last one to fall asleep advances time
+        for hook in self.before_advance:
+            hook()
         self.t = max(self.t, self._heap[0][0])
         while self._heap and self._heap[0][0] <= self.t:
             _, _, fut = heapq.heappop(self._heap)

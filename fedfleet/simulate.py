@@ -111,6 +111,7 @@ class SimulateConfig:
             prox_mu=self.prox_mu,
             checkin_retry_s=5.0 if self.virtual else 0.25,
             data_dir=data_dir,
+            sqlite_sync="normal",  # an emulation's state need not survive a power cut, only a crash
             mode=self.mode,
             concurrency=self.concurrency,
             buffer_size=self.buffer,

@@ -56,6 +56,8 @@ class ServerConfig:
     max_update_norm: float = 1e6  # an update whose L2 norm exceeds this is refused (400; 0 = no limit)
     checkin_retry_s: float = 1.0  # how long a phone without work should wait
     rest_after_update_s: float = 0.0  # a phone that just contributed checks in again after this
+    checkin_pace: float = 4.0  # pace steering: check-ins wanted per task handed out (<= 1: fixed checkin_retry_s)
+    max_checkin_retry_s: float = 6 * 3600.0  # pace steering never asks a phone to stay away longer
     max_concurrent_uploads: int = 64  # beyond this, uploads get 503 + Retry-After (backpressure)
     request_timeout_s: float = 30.0  # a body that takes longer to arrive gets 408 (slow-loris)
     require_signatures: bool = False  # phones must enrol an Ed25519 key and sign every upload
@@ -63,10 +65,15 @@ class ServerConfig:
     admin_token: str | None = None  # bearer token for /v1/admin/*; None disables admin endpoints
     # --- state ---------------------------------------------------------------------------
     data_dir: str | None = None  # SQLite file and metrics live here; None = in memory
+    sqlite_sync: str = "full"  # full: fsync every commit (survives power loss) | normal: survives kill -9 only
     bundle_dir: str | None = None  # the task's exported bundle (fedfleet export), served at /v1/bundle
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.checkin_pace < 0 or self.checkin_retry_s < 0:
+            raise ValueError("checkin_pace and checkin_retry_s must be >= 0")
+        if self.sqlite_sync not in ("full", "normal"):
+            raise ValueError("sqlite_sync must be 'full' or 'normal'")
         if not 0 < self.sample_fraction <= 1:
             raise ValueError("sample_fraction must be in (0, 1]")
         if self.over_selection < 1:

@@ -85,7 +85,10 @@ async def checkin(request: web.Request) -> web.Response:
     coord = request.app[COORD]
     if coord.paused and not coord.done:
         return json_response(coord.wait())
-    return json_response(coord.checkin(phone))
+    answer = coord.checkin(phone)
+    if answer["action"] in ("train", "wait"):
+        coord.pace.observe(answer["action"] == "train")
+    return json_response(answer)
 
 
 async def model(request: web.Request) -> web.Response:

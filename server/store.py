@@ -60,14 +60,19 @@ def token_hash(token: str) -> str:
 
 
 class Store:
-    def __init__(self, path: str | Path = ":memory:", keep_versions: int = 16) -> None:
+    def __init__(self, path: str | Path = ":memory:", keep_versions: int = 16, sync: str = "full") -> None:
+        if sync not in ("full", "normal"):
+            raise ValueError("sqlite_sync must be 'full' or 'normal'")
         self.path = str(path)
         self.keep_versions = keep_versions
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         if self.path != ":memory:":
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
+            # WAL + NORMAL: a commit survives the process being killed, not the machine losing power.
+            self.db.execute(f"PRAGMA synchronous={sync.upper()}")
         self.db.executescript(_SCHEMA)
+        self._tokens: dict[str, str] = {}  # token hash -> phone id: authentication without a query
+        self._phones = -1  # cached count
 
     def close(self) -> None:
         self.db.close()
@@ -136,12 +141,19 @@ class Store:
             "INSERT INTO phones(phone_id, token_sha256, registered, info) VALUES (?, ?, ?, ?)",
             (phone_id, token_hash(token), time.time(), json.dumps(info)),
         )
+        self._tokens[token_hash(token)] = phone_id
+        if self._phones >= 0:
+            self._phones += 1
 
     def phone_for_token(self, token: str) -> str | None:
-        row = self.db.execute(
-            "SELECT phone_id FROM phones WHERE token_sha256 = ?", (token_hash(token),)
-        ).fetchone()
-        return str(row[0]) if row else None
+        key = token_hash(token)
+        if key in self._tokens:
+            return self._tokens[key]
+        row = self.db.execute("SELECT phone_id FROM phones WHERE token_sha256 = ?", (key,)).fetchone()
+        if row is None:
+            return None  # unknown tokens are not cached: a flood of them cannot grow memory
+        self._tokens[key] = str(row[0])
+        return str(row[0])
 
     def public_key(self, phone_id: str) -> bytes | None:
         row = self.db.execute("SELECT info FROM phones WHERE phone_id = ?", (phone_id,)).fetchone()
@@ -152,7 +164,9 @@ class Store:
         return [str(r[0]) for r in self.db.execute("SELECT phone_id FROM phones ORDER BY rowid LIMIT ?", (limit,))]
 
     def phone_count(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM phones").fetchone()[0])
+        if self._phones < 0:
+            self._phones = int(self.db.execute("SELECT COUNT(*) FROM phones").fetchone()[0])
+        return self._phones
 
     # --- rounds and settings ------------------------------------------------------------
     def add_round(self, record: dict[str, Any]) -> None:
