@@ -45,8 +45,9 @@ def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2, synthetic
 
         xs, ys = mnist_data()
         x, y = xs.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0, ys.astype(np.int64)
-    elif kind == "synthetic":
-        x, y = _synthetic(int(arg) if arg else synthetic_size, rng)
+    elif kind == "synthetic":  # synthetic[:N[:SIDE]]: SIDE x SIDE inputs (an MLP on 92x92 has 1.08M parameters)
+        size, _, side = arg.partition(":")
+        x, y = _synthetic(int(size) if size else synthetic_size, rng, side=int(side) if side else 8)
     elif kind in ("mnist", "fashion", "cifar10"):
         x, y, xt, yt = _torchvision_folder(kind, arg)
         return Dataset(name, x, y, xt, yt, int(max(y.max(), yt.max()) + 1))
@@ -59,7 +60,7 @@ def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2, synthetic
 
 
 def _synthetic(n: int, rng: np.random.Generator, classes: int = 10, side: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian blobs around one random 8x8 prototype per class: learnable, any size."""
+    """Gaussian blobs around one random side x side prototype per class: learnable, any size."""
     if n < classes:
         raise ValueError(f"synthetic dataset needs at least {classes} examples")
     protos = rng.uniform(0, 1, size=(classes, 1, side, side)).astype(np.float32)

@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from export.models import MODEL_NAMES
+# export.models.MODEL_NAMES, spelled out: importing export.models loads torch (~4 s), and every
+# `fedfleet` command builds this parser, so a restarted `fedfleet serve` would wait for it.
+MODEL_NAMES = ("mlp", "cnn", "mobilenet")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from export.models import ModelSpec, build_model, trainable_params
 from protocol import ProtocolError, decode_message, encode_message
 from server.async_coordinator import AsyncCoordinator
 from server.bundles import check_bundle, setup_bundle
@@ -43,9 +42,8 @@ def make_app(
         client_max_size=config.max_update_bytes + (1 << 16),
         handler_args={"auto_decompress": False},  # no HTTP-level inflation: see server.http.read_body
     )
-    spec = ModelSpec(config.model, config.input_shape, config.num_classes)
     store = Store(_db_path(config), keep_versions=max(16, config.max_staleness + 2))
-    version, params = _initial_state(config, spec, store)
+    version, params = _initial_state(config, store)
     opt_blob = store.optimizer_state(version)
     opt_state = decode_message(opt_blob).tensors if opt_blob else None
     coordinator = AsyncCoordinator if config.mode == "async" else SyncCoordinator
@@ -55,7 +53,8 @@ def make_app(
     app[UPLOADS] = UploadGate()
     app[NONCES] = NonceBook(config.signature_skew_s)
     if test_data is not None:
-        app[EVALUATOR] = Evaluator(spec, test_data[0], test_data[1], seed=config.seed)
+        task = (config.model, config.input_shape, config.num_classes)  # torch loads at the first evaluation
+        app[EVALUATOR] = Evaluator(task, test_data[0], test_data[1], seed=config.seed)
     if config.bundle_dir is not None:
         check_bundle(Path(config.bundle_dir), config.model, app[COORD].specs)
     setup_routes(app)
@@ -74,9 +73,11 @@ def _db_path(config: ServerConfig) -> str:
     return str(path / "server.sqlite")
 
 
-def _initial_state(config: ServerConfig, spec: ModelSpec, store: Store) -> tuple[int, dict[str, np.ndarray]]:
-    """Resume from the newest durable version, or draw version 0 from the seed."""
-    fingerprint = json.dumps({"model": spec.name, "input_shape": list(spec.input_shape), "classes": spec.num_classes})
+def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, np.ndarray]]:
+    """Resume from the newest durable version, or draw version 0 from the seed. Only a fresh
+    start imports torch (to draw version 0): a restart after a crash serves in well under 2 s."""
+    fingerprint = json.dumps({"model": config.model, "input_shape": list(config.input_shape),
+                              "classes": config.num_classes})
     saved = store.get_meta("model_spec")
     if saved is not None and saved != fingerprint:
         raise ValueError(f"data dir {config.data_dir} holds a different task ({saved}); use a fresh --data-dir")
@@ -84,6 +85,9 @@ def _initial_state(config: ServerConfig, spec: ModelSpec, store: Store) -> tuple
     if latest is not None:
         version, blob = latest
         return version, decode_message(blob).tensors
+    from export.models import ModelSpec, build_model, trainable_params
+
+    spec = ModelSpec(config.model, config.input_shape, config.num_classes)
     params = {n: p.detach().numpy().copy() for n, p in trainable_params(build_model(spec, config.seed)).items()}
     store.set_meta("model_spec", fingerprint)
     store.save_version(0, encode_message("model", {"version": 0, "model": spec.name}, params))

@@ -8,6 +8,7 @@ never await inside a state change, so concurrent requests see consistent state.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -96,9 +97,14 @@ class Coordinator:
         self.rejections: dict[str, int] = {}
         self.release = task_release(config.codec)  # what one update costs in local DP, or None
         self.robust = parse_rule(config.robust)
-        self.ledger = _load_ledger(store, config.dp_delta)
         self.dense_bytes = dense_float32_nbytes(self.specs)
         self.paused = False  # set by an admin: phones are told to wait
+
+    @functools.cached_property
+    def ledger(self) -> Any:
+        """The privacy ledger (protocol.privacy.PrivacyLedger), loaded at first use: only local DP
+        needs it, and importing dp_accounting would add seconds to every restart."""
+        return _load_ledger(self.store, self.config.dp_delta)
 
     def allowed(self, phone: str) -> bool:
         """False once this phone's local-DP budget cannot pay for another update."""

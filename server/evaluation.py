@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from export.models import ModelSpec, build_model
+if TYPE_CHECKING:
+    from torch import nn
+
+    from export.models import ModelSpec
+
+TaskSpec = tuple[str, tuple[int, int, int], int]  # model name, input shape, classes
 
 
 @dataclass(frozen=True)
@@ -18,25 +23,41 @@ class Evaluation:
 
 
 class Evaluator:
-    """Holds one eager model and the test split; ``evaluate`` loads parameters and scores them."""
+    """Holds the test split and one eager model; ``evaluate`` loads parameters and scores them.
 
-    def __init__(self, spec: ModelSpec, x_test: np.ndarray, y_test: np.ndarray, seed: int = 0) -> None:
+    The model, and torch with it, is built at the first evaluation (in the publisher's thread),
+    so that a server restarting after a crash answers requests without waiting for torch."""
+
+    def __init__(self, spec: ModelSpec | TaskSpec, x_test: np.ndarray, y_test: np.ndarray, seed: int = 0) -> None:
         if len(x_test) != len(y_test) or len(x_test) == 0:
             raise ValueError("the test split needs as many labels as examples, and at least one")
-        self.model = build_model(spec, seed=seed)
-        self.x = torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32))
-        self.y = torch.from_numpy(np.asarray(y_test, dtype=np.int64))
+        self.spec, self.seed = spec, seed
+        self.x = np.ascontiguousarray(x_test, dtype=np.float32)
+        self.y = np.asarray(y_test, dtype=np.int64)
+        self._model: nn.Module | None = None
 
-    @torch.no_grad()
+    def _built(self) -> nn.Module:
+        if self._model is None:
+            from export.models import ModelSpec, build_model
+
+            spec = self.spec if isinstance(self.spec, ModelSpec) else ModelSpec(*self.spec)
+            self._model = build_model(spec, seed=self.seed)
+        return self._model
+
     def evaluate(self, params: Mapping[str, np.ndarray], batch_size: int = 512) -> Evaluation:
-        named = dict(self.model.named_parameters())
-        for name, value in params.items():
-            named[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
-        self.model.eval()
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(self.x), batch_size):
-            logits = self.model(self.x[start : start + batch_size])
-            yb = self.y[start : start + batch_size]
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-        return Evaluation(loss=loss_sum / len(self.x), accuracy=correct / len(self.x))
+        import torch
+
+        model = self._built()
+        x, y = torch.from_numpy(self.x), torch.from_numpy(self.y)
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for name, value in params.items():
+                named[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+            model.eval()
+            loss_sum, correct = 0.0, 0
+            for start in range(0, len(x), batch_size):
+                logits = model(x[start : start + batch_size])
+                yb = y[start : start + batch_size]
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
+                correct += int((logits.argmax(1) == yb).sum())
+        return Evaluation(loss=loss_sum / len(x), accuracy=correct / len(x))
