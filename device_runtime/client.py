@@ -40,6 +40,7 @@ class PhoneStats:
     phone: str
     examples: int
     participations: int = 0
+    checkins: int = 0
     rejected: int = 0
     errors: int = 0
     drops: int = 0
@@ -59,6 +60,7 @@ class PhoneStats:
             "phone": self.phone,
             "examples": self.examples,
             "participations": self.participations,
+            "checkins": self.checkins,
             "rejected": self.rejected,
             "drops": self.drops,
             "errors": self.errors,
@@ -166,6 +168,7 @@ class PhoneClient:
             await self.clock.sleep(away or 1.0)  # not idle-and-charging now
             return "away"
         answer = await self._json("POST", "/v1/checkin")
+        self.stats.checkins += 1
         action = str(answer.get("action"))
         if action == "wait":
             await self.clock.sleep(float(answer.get("retry_after_s", 1.0)))
@@ -207,6 +210,7 @@ class PhoneClient:
             # arithmetic runs beside the event loop; it needs the result only when done.
             await clock.sleep(profile.train_s(len(self.x) * cfg.local_epochs) if profile is not None else 0.0)
             delta, result = await training
+        self._model = None  # an idle phone holds no model copy (memory stays flat in large fleets)
         delta = self.attack.apply_delta(delta, self.rng)
         t2 = clock.now()
         self.stats.train_s.append(t2 - t1)

@@ -73,6 +73,7 @@ def shard_phones(phones: int, shard_index: int, shard_count: int) -> range:
 class FleetResult:
     rounds: list[dict[str, Any]]
     devices: list[PhoneStats]
+    train_compute_s: float = 0.0  # CPU time of the training arithmetic (the emulation's physical floor)
 
 
 async def run_fleet(
@@ -156,7 +157,8 @@ async def run_fleet(
     if ledger is not None:
         for p in phones:
             p.stats.epsilon = ledger.epsilon(p.name)
-    return FleetResult(rounds=rounds, devices=[p.stats for p in phones])
+    return FleetResult(rounds=rounds, devices=[p.stats for p in phones],
+                       train_compute_s=pool.busy_s if pool is not None else 0.0)
 
 
 def _bundle_runtime(kind: str, bundle_dir: Path, task: dict[str, Any]) -> TrainingRuntime:

@@ -7,6 +7,7 @@ downloaded parameters, trains, and returns the delta. Pool size = parallel train
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class RuntimePool:
             self._free.put_nowait(factory())
         self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="fedfleet-train")
         self.size = size
+        self.busy_s = 0.0  # thread CPU time spent in training arithmetic
 
     async def train(
         self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
@@ -42,7 +44,10 @@ class RuntimePool:
         runtime = await self._free.get()
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, _train_delta, runtime, params, x, y, cfg, rng)
+            delta, result, busy = await loop.run_in_executor(self._executor, _timed, _train_delta, runtime, params, x, y,
+                                                             cfg, rng)
+            self.busy_s += busy
+            return delta, result
         finally:
             self._free.put_nowait(runtime)
 
@@ -58,6 +63,12 @@ class RuntimePool:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _timed(fn: Callable[..., tuple[Params, TrainResult]], *args: object) -> tuple[Params, TrainResult, float]:
+    t0 = time.thread_time()
+    delta, result = fn(*args)
+    return delta, result, time.thread_time() - t0
 
 
 def _train_delta(
@@ -93,6 +104,7 @@ class BatchedTrainer:
         self._groups: dict[Hashable, list[_Request]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfleet-vmap")
         self._virtual = False
+        self.busy_s = 0.0  # thread CPU time spent in training arithmetic
         self.calls = 0
         self.group_sizes: list[int] = []
 
@@ -150,9 +162,13 @@ class BatchedTrainer:
 
     def _train_group(self, params: Mapping[str, np.ndarray], jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]],
                      cfg: TrainConfig) -> list[tuple[Params, TrainResult]]:
-        if len(jobs) >= self.min_group:
-            return train_many(self.model, params, jobs, cfg, chunk=self.chunk)
-        return [_train_delta(self._eager, params, x, y, cfg, rng) for x, y, rng in jobs]
+        t0 = time.thread_time()
+        try:
+            if len(jobs) >= self.min_group:
+                return train_many(self.model, params, jobs, cfg, chunk=self.chunk)
+            return [_train_delta(self._eager, params, x, y, cfg, rng) for x, y, rng in jobs]
+        finally:
+            self.busy_s += time.thread_time() - t0
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -191,6 +191,11 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
     summary["config"] = dataclasses.asdict(cfg)
     summary["dataset_sizes"] = {"train": len(data.y_train), "test": len(data.y_test)}
     summary["clock"] = "virtual" if cfg.virtual else "wall"
+    summary["emulation"] = {
+        "checkins": sum(d.checkins for d in result.devices),
+        "train_compute_s": round(result.train_compute_s, 3),
+        "train_fraction": round(result.train_compute_s / summary["wall_s"], 4) if summary["wall_s"] else None,
+    }
     summary["privacy"] = privacy_summary(task_release(server_cfg.codec), server_cfg, result.rounds)
     write_run(out, result.rounds, result.devices, summary)
     return result, summary

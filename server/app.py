@@ -42,7 +42,7 @@ def make_app(
         client_max_size=config.max_update_bytes + (1 << 16),
         handler_args={"auto_decompress": False},  # no HTTP-level inflation: see server.http.read_body
     )
-    store = Store(_db_path(config), keep_versions=max(16, config.max_staleness + 2))
+    store = Store(_db_path(config), keep_versions=max(16, config.max_staleness + 2), sync=config.sqlite_sync)
     version, params = _initial_state(config, store)
     opt_blob = store.optimizer_state(version)
     opt_state = decode_message(opt_blob).tensors if opt_blob else None

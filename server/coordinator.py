@@ -23,6 +23,7 @@ from server.aggregation import Params, example_weight
 from server.config import ServerConfig
 from server.metrics import RoundRecord, percentile
 from server.optimizers import ServerOptimizer
+from server.pacing import PaceSteering
 from server.privacy import central_dp_mean, task_release
 from server.robust import parse_rule
 from server.store import Store
@@ -99,6 +100,8 @@ class Coordinator:
         self.robust = parse_rule(config.robust)
         self.dense_bytes = dense_float32_nbytes(self.specs)
         self.paused = False  # set by an admin: phones are told to wait
+        self.pace = PaceSteering(config.checkin_retry_s, config.max_checkin_retry_s, config.checkin_pace,
+                                 config.seed, clock)
 
     @functools.cached_property
     def ledger(self) -> Any:
@@ -130,7 +133,8 @@ class Coordinator:
                 "deadline_s": max(0.0, deadline_s), "train": self.config.train_plan()}
 
     def wait(self) -> dict[str, Any]:
-        return {"action": "wait", "retry_after_s": self.config.checkin_retry_s, "version": self.version}
+        self.pace.base_s = self.config.checkin_retry_s  # an admin may have changed it
+        return {"action": "wait", "retry_after_s": self.pace.retry_after(), "version": self.version}
 
     def count_bytes(self, up: int, down: int) -> None:
         self.period.bytes_up += up
