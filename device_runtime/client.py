@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,7 +194,10 @@ class PhoneClient:
             raise RuntimeError("phone has no trainer: the fleet sets one after registration")
         wall = time.monotonic()
         training = self.pool.submit(params, self.x, self.y, cfg, self.rng, key=version)
+        vanish = None  # a phone that drops out does so mid-training or mid-upload (even odds)
         if profile is not None and profile.dropout and self.rng.random() < profile.dropout:
+            vanish = "training" if self.rng.random() < 0.5 else "upload"
+        if vanish == "training" and profile is not None:
             # Vanishes mid-training: the server never hears back (the arithmetic still runs;
             # its result is dropped, so the phone's random stream stays the same either way).
             await clock.sleep(profile.train_s(len(self.x) * cfg.local_epochs) * self.rng.random())
@@ -228,6 +231,13 @@ class PhoneClient:
         release = encoder.release()
         if release is not None and self.ledger is not None:
             self.ledger.charge(self.name, release)  # spent once it leaves, whatever happens next
+        if vanish == "upload" and profile is not None:
+            cut = int(len(body) * self.rng.random())
+            await clock.sleep(profile.transfer_s(cut, uplink=True))
+            encoder.rollback()  # the server never got it whole: keep the residual
+            self.stats.drops += 1
+            await self._send_truncated(body, cut, meta)
+            return
         if profile is not None:
             await clock.sleep(profile.transfer_s(len(body), uplink=True))  # arrives when fully sent
         try:
@@ -247,6 +257,25 @@ class PhoneClient:
         rest = float(answer.get("next_checkin_s") or 0.0)
         if rest > 0:  # the server paces how often one phone contributes
             await clock.sleep(rest)
+
+    async def _send_truncated(self, body: bytes, cut: int, meta: dict[str, Any]) -> None:
+        """Start the upload for real and lose the connection after ``cut`` of its bytes (the
+        phone left coverage): the server sees a body shorter than its Content-Length."""
+
+        async def part() -> AsyncIterator[bytes]:
+            yield body[:cut]
+            raise ConnectionAbortedError("phone left coverage mid-upload")
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)),
+                   "Authorization": f"Bearer {self.token}"}
+        if self.key is not None:
+            headers.update(self.key.headers(self.name, meta["base_version"], meta["update_id"], body))
+        self.stats.bytes_up += cut
+        try:
+            async with self.session.post(self.server + "/v1/update", data=part(), headers=headers) as resp:
+                await resp.read()  # not reached: the request cannot complete
+        except (ConnectionAbortedError, aiohttp.ClientError, TimeoutError):
+            pass
 
     async def _upload(self, body: bytes, meta: dict[str, Any], attempts: int = 6) -> dict[str, Any]:
         """POST the update; on 503/429 wait as long as Retry-After says and sign again."""

@@ -1,0 +1,142 @@
+"""The fleet emulator: virtual-clock ordering, run-to-run determinism, phones vanishing
+mid-upload, and pace steering of check-ins — all through the real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from device_runtime.vclock import VirtualClock
+from fedfleet.simulate import SimulateConfig, simulate
+from server.app import make_app
+from server.config import ServerConfig
+from server.pacing import PaceSteering
+from tests.conftest import register
+
+WALL_CLOCK_FIELDS = ("aggregate_ms",)  # measured in wall time on purpose (server processing time)
+
+
+async def test_virtual_clock_wakes_in_time_order_and_waits_for_the_busy() -> None:
+    clock = VirtualClock()
+    woke: list[tuple[str, float]] = []
+    advances: list[float] = []
+    clock.before_advance.append(lambda: advances.append(clock.now()))
+
+    async def phone(name: str, naps: list[float], busy_s: float = 0.0) -> None:
+        clock.join()
+        try:
+            for nap in naps:
+                if busy_s:
+                    await asyncio.sleep(busy_s)  # real work: virtual time must not move meanwhile
+                await clock.sleep(nap)
+                woke.append((name, clock.now()))
+        finally:
+            clock.leave()
+
+    await asyncio.gather(phone("a", [3.0, 1.0]), phone("b", [1.0, 1.0, 1.0]), phone("c", [2.0], busy_s=0.05),
+                         phone("d", [2.0]))
+    times = [t for _, t in woke]
+    assert times == sorted(times)
+    assert woke[0] == ("b", 1.0)
+    # equal wake-up times keep the order the sleeps were taken in (c slept after d: it was busy)
+    at_two = [n for n, t in woke if t == 2.0]
+    assert at_two.index("d") < at_two.index("c")
+    assert ("a", 4.0) in woke and ("b", 3.0) in woke
+    assert advances and all(x <= y for x, y in zip(advances, advances[1:], strict=False))
+
+
+def _run(tmp: Path, name: str, **kw: Any) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Any]]:
+    # 30 phones, 2 virtual minutes, each phone resting 20 s after it contributed: ~100 updates
+    cfg = SimulateConfig(phones=30, dataset="digits", model="mlp", local_epochs=1, mode="async", concurrency=6,
+                         buffer=3, rounds=0, hours=2 / 60, devices="default", dropout=0.3, seed=7,
+                         out=str(tmp / name), server={"rest_after_update_s": 20.0}, **kw)
+    result, summary = asyncio.run(simulate(cfg))
+    lines = (tmp / name / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    with (tmp / name / "devices.csv").open() as f:
+        devices = list(csv.DictReader(f))
+    return rows, devices, summary
+
+
+def _without_wall(rows: list[dict[str, Any]]) -> str:
+    return "\n".join(json.dumps({k: v for k, v in r.items() if k not in WALL_CLOCK_FIELDS}, sort_keys=True)
+                     for r in rows)
+
+
+def test_same_seed_same_metrics_and_devices_byte_for_byte(tmp_path: Path) -> None:
+    first, dev1, s1 = _run(tmp_path, "one")
+    second, dev2, _ = _run(tmp_path, "two")
+    assert len(first) >= 5, "the run should publish several versions"
+    assert _without_wall(first) == _without_wall(second)
+    assert (tmp_path / "one" / "devices.csv").read_bytes() == (tmp_path / "two" / "devices.csv").read_bytes()
+    assert s1["clock"] == "virtual"
+    assert sum(int(d["drops"]) for d in dev1) > 0, "dropout 0.3 should drop some phones"
+
+
+def test_phones_vanishing_mid_upload_leave_the_server_consistent(tmp_path: Path) -> None:
+    rows, devices, summary = _run(tmp_path, "drops")
+    assert summary["updates"] == sum(r["updates"] for r in rows)
+    with sqlite3.connect(tmp_path / "drops" / "server" / "server.sqlite") as db:
+        merged = db.execute("SELECT COUNT(*) FROM merged").fetchone()[0]
+        pending = db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
+    participations = sum(int(d["participations"]) for d in devices)
+    # every acknowledged upload is merged exactly once or still buffered; truncated ones are not
+    assert merged == summary["updates"]
+    assert merged + pending == participations
+    assert sum(int(d["errors"]) for d in devices) == 0  # no 5xx, no crash: a drop is not an error
+    metrics = (tmp_path / "drops" / "server" / "metrics.jsonl").read_text()
+    assert metrics  # the server kept publishing while phones vanished
+
+
+def test_pace_steering_window_follows_supply_and_demand() -> None:
+    now = [0.0]
+    pace = PaceSteering(base_s=10.0, max_s=1000.0, pace=4.0, seed=0, clock=lambda: now[0])
+    for _ in range(100):  # 95% of check-ins find no work: too many phones come back too soon
+        for got in [True] + [False] * 19:
+            pace.observe(got)
+        now[0] += pace.window_s
+    assert pace.window_s > 100.0
+    grown = pace.window_s
+    draws = [pace.retry_after() for _ in range(200)]
+    assert all(max(10.0, grown / 2) <= d <= min(1000.0, grown * 1.5) for d in draws) and len(set(draws)) > 50
+    for _ in range(5):  # now every check-in finds work: phones stay away too long
+        for _ in range(20):
+            pace.observe(True)
+        now[0] += pace.window_s
+    assert pace.window_s < grown / 10
+    assert pace.window_s >= 10.0  # never below the configured floor
+    again = PaceSteering(base_s=10.0, max_s=1000.0, pace=0.0, seed=0, clock=lambda: now[0])
+    for _ in range(500):
+        again.observe(False)
+    assert again.retry_after() == 10.0  # pace 0: fixed retry
+
+
+async def test_server_paces_a_crowd_of_idle_phones(aiohttp_client: Any) -> None:
+    now = [0.0]
+    cfg = ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10, mode="async", concurrency=2, buffer_size=2,
+                       checkin_retry_s=5.0, checkin_pace=4.0, max_checkin_retry_s=3600.0)
+    client = await aiohttp_client(make_app(cfg, clock=lambda: now[0]))
+    phones = [await register(client, f"p{i}") for i in range(40)]
+    retries: list[float] = []
+    for _ in range(6):
+        for _, auth, _ in phones:
+            resp = await client.post("/v1/checkin", headers=auth, json={})
+            assert resp.status == 200
+            answer = await resp.json()
+            if answer["action"] == "wait":
+                retries.append(answer["retry_after_s"])
+        now[0] += max(retries[-1], 5.0)
+    assert min(retries) >= 5.0 and max(retries) > 20.0, "a crowd should be told to stay away longer"
+    assert max(retries) <= 3600.0
+
+
+@pytest.mark.parametrize("bad", [{"checkin_pace": -1.0}, {"sqlite_sync": "sometimes"}])
+def test_bad_pacing_or_sync_settings_are_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        ServerConfig(**bad)
