@@ -110,6 +110,7 @@ class SimulateConfig:
             lr=self.lr,
             prox_mu=self.prox_mu,
             checkin_retry_s=5.0 if self.virtual else 0.25,
+            checkin_hold_s=0.0 if self.virtual else 5.0,  # long poll on the wall clock only
             data_dir=data_dir,
             sqlite_sync="normal",  # an emulation's state need not survive a power cut, only a crash
             mode=self.mode,

@@ -20,7 +20,18 @@ from server.http import COUNTED_KEY, JsonError, json_response
 from server.observability import setup_observability
 from server.routes import setup_routes
 from server.security import NonceBook
-from server.state import CONFIG, COORD, EVALUATOR, NONCES, STORE, UPLOADS, UploadGate, background
+from server.state import (
+    CONFIG,
+    COORD,
+    EVALUATOR,
+    NONCES,
+    STORE,
+    UPLOADS,
+    WORK,
+    UploadGate,
+    WorkSignal,
+    background,
+)
 from server.store import Store
 from server.webphone import setup_webphone
 
@@ -51,6 +62,7 @@ def make_app(
     app[STORE] = store
     app[COORD] = coordinator(config, store, params, version, clock, opt_state)
     app[UPLOADS] = UploadGate()
+    app[WORK] = WorkSignal()
     app[NONCES] = NonceBook(config.signature_skew_s)
     if test_data is not None:
         task = (config.model, config.input_shape, config.num_classes)  # torch loads at the first evaluation

@@ -56,6 +56,8 @@ class ServerConfig:
     max_update_norm: float = 1e6  # an update whose L2 norm exceeds this is refused (400; 0 = no limit)
     checkin_retry_s: float = 1.0  # how long a phone without work should wait
     rest_after_update_s: float = 0.0  # a phone that just contributed checks in again after this
+    checkin_hold_s: float = 0.0  # long poll: a check-in finding no work waits up to this for some (0 = answer now;
+    # keep 0 when the server follows a virtual clock: a held phone would stop that clock)
     checkin_pace: float = 4.0  # pace steering: check-ins wanted per task handed out (<= 1: fixed checkin_retry_s)
     max_checkin_retry_s: float = 6 * 3600.0  # pace steering never asks a phone to stay away longer
     max_concurrent_uploads: int = 64  # beyond this, uploads get 503 + Retry-After (backpressure)
@@ -70,8 +72,8 @@ class ServerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.checkin_pace < 0 or self.checkin_retry_s < 0:
-            raise ValueError("checkin_pace and checkin_retry_s must be >= 0")
+        if self.checkin_pace < 0 or self.checkin_retry_s < 0 or self.checkin_hold_s < 0:
+            raise ValueError("checkin_pace, checkin_retry_s and checkin_hold_s must be >= 0")
         if self.sqlite_sync not in ("full", "normal"):
             raise ValueError("sqlite_sync must be 'full' or 'normal'")
         if not 0 < self.sample_fraction <= 1:

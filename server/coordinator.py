@@ -190,7 +190,7 @@ class Coordinator:
         """Hand out work (``train``), ask the phone to come back (``wait``), or end (``done``)."""
         raise NotImplementedError
 
-    def add_update(self, phone: str, meta: dict[str, Any], delta: Params) -> dict[str, Any]:
+    def add_update(self, phone: str, meta: dict[str, Any], delta: Params, wire: bytes | None = None) -> dict[str, Any]:
         """Accept a decoded update or raise ``UpdateRejected``; merging is ``merge``'s job.
 
         Idempotent on (phone, update_id): a retry of an update that is pending or already
@@ -211,7 +211,8 @@ class Coordinator:
         started = self._admit(phone, update_id, base)
         c = Contribution(phone, update_id, delta, int(meta["num_examples"]), meta.get("train_loss"),
                          self.clock() - started, self.version - base, int(meta.get("wire_bytes", 0)), base)
-        self.store.add_pending(phone, update_id, c.info(), encode_message("update", {}, delta))
+        # the message as it arrived (already validated) is what a restart decodes again
+        self.store.add_pending(phone, update_id, c.info(), wire if wire is not None else encode_message("update", {}, delta))
         self._hold(c)
         self.charge(phone)
         return {"accepted": True, "duplicate": False, "version": self.version, "staleness": c.staleness,

@@ -6,6 +6,7 @@ error before the coordinator's state is touched.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 import secrets
@@ -29,7 +30,7 @@ from server.http import (
 )
 from server.robust import update_norms
 from server.security import SignatureError, parse_public_key
-from server.state import CONFIG, COORD, NONCES, STORE, UPLOADS, schedule_merge
+from server.state import CONFIG, COORD, NONCES, STORE, UPLOADS, WORK, schedule_merge
 
 
 def task_spec(request: web.Request) -> dict[str, Any]:
@@ -86,6 +87,15 @@ async def checkin(request: web.Request) -> web.Response:
     if coord.paused and not coord.done:
         return json_response(coord.wait())
     answer = coord.checkin(phone)
+    hold = request.app[CONFIG].checkin_hold_s
+    if answer["action"] == "wait" and hold > 0:  # long poll: answer as soon as there is work
+        deadline = asyncio.get_running_loop().time() + hold
+        while answer["action"] == "wait" and not request.app[UPLOADS].closing:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            await request.app[WORK].wait(left)
+            answer = coord.wait() if coord.paused and not coord.done else coord.checkin(phone)
     if answer["action"] in ("train", "wait"):
         coord.pace.observe(answer["action"] == "train")
     return json_response(answer)
@@ -172,12 +182,14 @@ async def _update(request: web.Request) -> web.Response:
                                request.headers.get(SIGNATURE_HEADER), request.headers.get(NONCE_HEADER))
         except SignatureError as exc:
             fail(401, exc.reason, exc.message)
-    answer = coord.add_update(phone, meta, msg.tensors)
+    answer = coord.add_update(phone, meta, msg.tensors, wire=body)
     response = json_response(answer)
     coord.count_bytes(len(body), response.content_length or 0)  # before a merge closes the round
     request[COUNTED_KEY] = True
     if coord.ready():
         schedule_merge(app)
+    else:
+        app[WORK].notify()  # an async slot is free again
     return response
 
 

@@ -31,7 +31,26 @@ class UploadGate:
     closing: bool = False
 
 
+class WorkSignal:
+    """Wakes check-ins held for work (long poll) whenever work may have appeared: an update
+    freed a slot, a merge opened a round, a deadline passed."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+
 UPLOADS = web.AppKey("uploads", UploadGate)
+WORK = web.AppKey("work", WorkSignal)
 NONCES = web.AppKey("nonces", NonceBook)
 TICK_S = 0.2
 
@@ -40,6 +59,7 @@ def schedule_merge(app: web.Application) -> None:
     """Merge the open round now (a state change with no await) and queue its evaluation."""
     published = app[COORD].merge()
     app[PUBLISH_QUEUE].put_nowait(published)
+    app[WORK].notify()
 
 
 async def _publisher(app: web.Application) -> None:
@@ -70,6 +90,7 @@ async def _ticker(app: web.Application) -> None:
         coord.tick()
         if coord.ready():
             schedule_merge(app)
+        app[WORK].notify()  # held check-ins look again (a slot may have timed out)
 
 
 async def background(app: web.Application) -> AsyncIterator[None]:
@@ -77,6 +98,7 @@ async def background(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(_publisher(app)), asyncio.create_task(_ticker(app))]
     yield
     app[UPLOADS].closing = True  # graceful: acknowledged work is durable; refuse new uploads
+    app[WORK].notify()
     for _ in range(100):  # let uploads in progress finish (at most ~5 s)
         if not app[UPLOADS].active:
             break

@@ -73,6 +73,7 @@ class Store:
         self.db.executescript(_SCHEMA)
         self._tokens: dict[str, str] = {}  # token hash -> phone id: authentication without a query
         self._phones = -1  # cached count
+        self._keys: dict[str, bytes | None] = {}  # phone id -> enrolled Ed25519 public key
 
     def close(self) -> None:
         self.db.close()
@@ -156,9 +157,14 @@ class Store:
         return str(row[0])
 
     def public_key(self, phone_id: str) -> bytes | None:
+        if phone_id in self._keys:
+            return self._keys[phone_id]
         row = self.db.execute("SELECT info FROM phones WHERE phone_id = ?", (phone_id,)).fetchone()
-        key = json.loads(row[0]).get("public_key") if row else None
-        return base64.b64decode(key) if key else None
+        if row is None:
+            return None
+        key = json.loads(row[0]).get("public_key")
+        self._keys[phone_id] = base64.b64decode(key) if key else None  # enrolment never changes
+        return self._keys[phone_id]
 
     def phone_ids(self, limit: int = 1000) -> list[str]:
         return [str(r[0]) for r in self.db.execute("SELECT phone_id FROM phones ORDER BY rowid LIMIT ?", (limit,))]
