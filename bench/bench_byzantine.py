@@ -62,7 +62,7 @@ GOALS = {0.10: 0.02, 0.20: 0.05}  # attacker fraction -> largest accuracy loss a
 def base_config(args: argparse.Namespace) -> SimulateConfig:
     return SimulateConfig(phones=args.phones, rounds=args.rounds, sample=1.0, dataset=args.dataset,
                           model=args.model, partition=args.partition, seed=args.seed, workers=1,
-                          trainer="batched", out="runs/bench_byzantine")
+                          trainer="batched", out=f"runs/bench_byzantine/seed{args.seed}")
 
 
 def true_attackers(cfg: SimulateConfig) -> list[str]:
