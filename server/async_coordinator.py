@@ -35,6 +35,9 @@ class AsyncCoordinator(Coordinator):
         self.buffer: list[Contribution] = self._restore()  # acknowledged before a crash
         self.assigned_since_merge = 0
 
+    def openings(self) -> tuple[Any, ...]:
+        return (*super().openings(), len(self.in_flight))
+
     def staleness_weight(self, staleness: int) -> float:
         return self.staleness_fn(staleness)
 

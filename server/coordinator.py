@@ -247,6 +247,10 @@ class Coordinator:
     def tick(self) -> None:
         """Let time-outs take effect (called on requests and by a background ticker)."""
 
+    def openings(self) -> tuple[Any, ...]:
+        """Changes whenever work may have become available (held check-ins then look again)."""
+        return (self.version, self.paused, self.done)
+
     def staleness_weight(self, staleness: int) -> float:
         return 1.0
 
@@ -357,6 +361,9 @@ class SyncCoordinator(Coordinator):
         rnd = self.round
         if self.clock() - rnd.opened_at >= self.config.round_timeout_s and len(rnd.updates) < self.config.min_updates:
             self.round = _Round(rnd.number, self.clock(), self._target())
+
+    def openings(self) -> tuple[Any, ...]:
+        return (*super().openings(), self.round.number, self.round.opened_at)
 
     def merge(self) -> Published:
         rnd = self.round

@@ -87,10 +87,12 @@ async def _ticker(app: web.Application) -> None:
     coord = app[COORD]
     while True:
         await asyncio.sleep(TICK_S)
+        before = coord.openings()
         coord.tick()
         if coord.ready():
             schedule_merge(app)
-        app[WORK].notify()  # held check-ins look again (a slot may have timed out)
+        elif coord.openings() != before:
+            app[WORK].notify()  # a slot timed out or a round restarted: held check-ins look again
 
 
 async def background(app: web.Application) -> AsyncIterator[None]:
