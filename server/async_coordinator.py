@@ -72,6 +72,9 @@ class AsyncCoordinator(Coordinator):
     def _hold(self, c: Contribution) -> None:
         self.buffer.append(c)
 
+    def forget(self, phone: str, update_id: str) -> None:
+        self.buffer = [c for c in self.buffer if (c.phone, c.update_id) != (phone, update_id)]
+
     def pending(self) -> list[Contribution]:
         return list(self.buffer)
 

@@ -100,6 +100,7 @@ class Coordinator:
         self.robust = parse_rule(config.robust)
         self.dense_bytes = dense_float32_nbytes(self.specs)
         self.paused = False  # set by an admin: phones are told to wait
+        self.durable: Any = None  # the last accepted update's commit (a future, in a running loop)
         self.pace = PaceSteering(config.checkin_retry_s, config.max_checkin_retry_s, config.checkin_pace,
                                  config.seed, clock)
 
@@ -202,6 +203,7 @@ class Coordinator:
         if merged_into is not None:
             return {"accepted": True, "duplicate": True, "version": self.version, "merged_into": merged_into}
         if any(c.phone == phone and c.update_id == update_id for c in self.pending()):
+            self.durable = self.store.commit_of(phone, update_id)  # a retry is acknowledged no sooner
             return {"accepted": True, "duplicate": True, "version": self.version, "pending": True}
         if self.done:
             raise UpdateRejected(409, "finished", "the task has finished; no more updates are merged")
@@ -212,7 +214,8 @@ class Coordinator:
         c = Contribution(phone, update_id, delta, int(meta["num_examples"]), meta.get("train_loss"),
                          self.clock() - started, self.version - base, int(meta.get("wire_bytes", 0)), base)
         # the message as it arrived (already validated) is what a restart decodes again
-        self.store.add_pending(phone, update_id, c.info(), wire if wire is not None else encode_message("update", {}, delta))
+        self.durable = self.store.add_pending(phone, update_id, c.info(),
+                                              wire if wire is not None else encode_message("update", {}, delta))
         self._hold(c)
         self.charge(phone)
         return {"accepted": True, "duplicate": False, "version": self.version, "staleness": c.staleness,
@@ -223,6 +226,10 @@ class Coordinator:
         raise NotImplementedError
 
     def _hold(self, c: Contribution) -> None:
+        raise NotImplementedError
+
+    def forget(self, phone: str, update_id: str) -> None:
+        """Drop an accepted update whose commit failed (it was never acknowledged)."""
         raise NotImplementedError
 
     def pending(self) -> list[Contribution]:
@@ -344,6 +351,11 @@ class SyncCoordinator(Coordinator):
 
     def _hold(self, c: Contribution) -> None:
         self.round.updates[c.phone] = c
+
+    def forget(self, phone: str, update_id: str) -> None:
+        c = self.round.updates.get(phone)
+        if c is not None and c.update_id == update_id:
+            del self.round.updates[phone]
 
     def pending(self) -> list[Contribution]:
         return list(self.round.updates.values())

@@ -183,6 +183,7 @@ async def _update(request: web.Request) -> web.Response:
         except SignatureError as exc:
             fail(401, exc.reason, exc.message)
     answer = coord.add_update(phone, meta, msg.tensors, wire=body)
+    durable, coord.durable = coord.durable, None
     response = json_response(answer)
     coord.count_bytes(len(body), response.content_length or 0)  # before a merge closes the round
     request[COUNTED_KEY] = True
@@ -190,6 +191,13 @@ async def _update(request: web.Request) -> web.Response:
         schedule_merge(app)
     else:
         app[WORK].notify()  # an async slot is free again
+    if durable is not None:
+        try:
+            await durable  # acknowledged only once committed (group commit: one fsync for many uploads)
+        except sqlite3.Error as exc:
+            coord.forget(phone, meta["update_id"])  # not durable, so not accepted: the phone retries
+            raise JsonError(503, "storage_unavailable", f"the update could not be made durable ({exc}); retry",
+                            headers={"Retry-After": "1"}) from None
     return response
 
 

@@ -6,6 +6,7 @@ newest version it ever published.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -55,6 +56,15 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+def _settle(queued: list[tuple[Any, asyncio.Future[None]]], exc: BaseException | None) -> None:
+    for _, fut in queued:
+        if not fut.done():
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -74,6 +84,8 @@ class Store:
         self._tokens: dict[str, str] = {}  # token hash -> phone id: authentication without a query
         self._phones = -1  # cached count
         self._keys: dict[str, bytes | None] = {}  # phone id -> enrolled Ed25519 public key
+        self._queued: list[tuple[tuple[str, str, str, bytes], asyncio.Future[None]]] = []  # group commit
+        self._flush_scheduled = False
 
     def close(self) -> None:
         self.db.close()
@@ -85,8 +97,11 @@ class Store:
         updates from pending to merged, in one transaction: a crash leaves all or nothing."""
         digest = hashlib.sha256(blob).hexdigest()
         db = self.db
+        queued, self._queued = self._queued, []  # acknowledged-to-be updates go first, same transaction
         db.execute("BEGIN IMMEDIATE")
         try:
+            db.executemany("INSERT INTO pending(phone, update_id, info, delta) VALUES (?, ?, ?, ?)",
+                           [row for row, _ in queued])
             db.execute("INSERT INTO versions(version, created, sha256, params) VALUES (?, ?, ?, ?)",
                        (version, time.time(), digest, blob))
             if opt_state is not None:
@@ -99,9 +114,11 @@ class Store:
             db.execute("DELETE FROM versions WHERE version <= ?", (version - self.keep_versions,))
             db.execute("DELETE FROM optimizer WHERE version < ?", (version,))
             db.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             db.execute("ROLLBACK")
+            _settle(queued, exc)
             raise
+        _settle(queued, None)
         return digest
 
     def optimizer_state(self, version: int) -> bytes | None:
@@ -117,9 +134,46 @@ class Store:
         return bytes(row[0]) if row else None
 
     # --- updates between acknowledgement and merge ------------------------------------------
-    def add_pending(self, phone: str, update_id: str, info: dict[str, Any], delta: bytes) -> None:
-        self.db.execute("INSERT INTO pending(phone, update_id, info, delta) VALUES (?, ?, ?, ?)",
-                        (phone, update_id, json.dumps(info), delta))
+    def add_pending(self, phone: str, update_id: str, info: dict[str, Any], delta: bytes) -> asyncio.Future[None] | None:
+        """Make an accepted update durable. Inside an event loop this is a group commit: rows
+        queued during one pass of the loop are written in one transaction (one fsync), and the
+        returned future resolves once theirs is committed; acknowledge only then. Without a
+        running loop the row is committed before returning (None)."""
+        row = (phone, update_id, json.dumps(info), delta)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.db.execute("INSERT INTO pending(phone, update_id, info, delta) VALUES (?, ?, ?, ?)", row)
+            return None
+        fut: asyncio.Future[None] = loop.create_future()
+        self._queued.append((row, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def commit_of(self, phone: str, update_id: str) -> asyncio.Future[None] | None:
+        """The commit a queued (accepted, not yet durable) update waits for, if it is queued."""
+        return next((fut for row, fut in self._queued if row[0] == phone and row[1] == update_id), None)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        queued, self._queued = self._queued, []
+        if not queued:
+            return  # a version commit took them
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.executemany("INSERT INTO pending(phone, update_id, info, delta) VALUES (?, ?, ?, ?)",
+                                    [row for row, _ in queued])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        except Exception as exc:  # every waiting upload hears about it; none is acknowledged
+            _settle(queued, exc)
+            return
+        _settle(queued, None)
 
     def pending(self) -> list[tuple[str, str, dict[str, Any], bytes]]:
         rows = self.db.execute("SELECT phone, update_id, info, delta FROM pending ORDER BY rowid").fetchall()
