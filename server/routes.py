@@ -156,12 +156,20 @@ async def update(request: web.Request) -> web.Response:
                         headers={"Retry-After": str(max(1, round(cfg.checkin_retry_s)))})
     gate.active += 1
     try:
-        return await _update(request)
+        response, durable, phone, update_id = await _update(request)
     finally:
-        gate.active -= 1
+        gate.active -= 1  # the body is in; waiting for the group commit holds no upload slot
+    if durable is not None:
+        try:
+            await durable  # acknowledged only once committed (group commit: one fsync for many uploads)
+        except sqlite3.Error as exc:
+            app[COORD].forget(phone, update_id)  # not durable, so not accepted: the phone retries
+            raise JsonError(503, "storage_unavailable", f"the update could not be made durable ({exc}); retry",
+                            headers={"Retry-After": "1"}) from None
+    return response
 
 
-async def _update(request: web.Request) -> web.Response:
+async def _update(request: web.Request) -> tuple[web.Response, Any, str, str]:
     app = request.app
     cfg, coord = app[CONFIG], app[COORD]
     phone = authenticate(request, app[STORE])
@@ -191,14 +199,7 @@ async def _update(request: web.Request) -> web.Response:
         schedule_merge(app)
     else:
         app[WORK].notify()  # an async slot is free again
-    if durable is not None:
-        try:
-            await durable  # acknowledged only once committed (group commit: one fsync for many uploads)
-        except sqlite3.Error as exc:
-            coord.forget(phone, meta["update_id"])  # not durable, so not accepted: the phone retries
-            raise JsonError(503, "storage_unavailable", f"the update could not be made durable ({exc}); retry",
-                            headers={"Retry-After": "1"}) from None
-    return response
+    return response, durable, phone, str(meta["update_id"])
 
 
 async def status(request: web.Request) -> web.Response:

@@ -109,4 +109,5 @@ async def background(app: web.Application) -> AsyncIterator[None]:
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    app[STORE].flush()  # nothing accepted is left only in memory
     app[STORE].close()

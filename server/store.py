@@ -149,14 +149,15 @@ class Store:
         self._queued.append((row, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
+            loop.call_soon(self.flush)
         return fut
 
     def commit_of(self, phone: str, update_id: str) -> asyncio.Future[None] | None:
         """The commit a queued (accepted, not yet durable) update waits for, if it is queued."""
         return next((fut for row, fut in self._queued if row[0] == phone and row[1] == update_id), None)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Commit the queued rows now (also run by the loop right after they were queued)."""
         self._flush_scheduled = False
         queued, self._queued = self._queued, []
         if not queued:
