@@ -57,12 +57,13 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--randk", type=float, help="send a random fraction of each tensor (unbiased)")
     p.add_argument("--quant-bits", type=int, choices=[32, 8, 4, 2, 1], help="bits per value sent (default 32)")
     p.add_argument("--error-feedback", action="store_true", default=None, help="carry unsent residuals forward")
-    p.add_argument("--compress", action="store_true", default=None, help="zlib over the update payload")
+    p.add_argument("--compress", action="store_true", default=None, help="zlib over the update payload and header")
     p.add_argument("--epsilon-budget", type=float, help="stop scheduling phones past this local epsilon")
     p.add_argument("--central-clip", type=float, help="central DP: clip each update on the server")
     p.add_argument("--central-noise-multiplier", type=float, help="central DP: noise on the clipped sum")
-    p.add_argument("--robust", help="none | normbound:C | normbound:median*K | median | trimmed:B | krum:F | "
-                                    "multikrum:F[:M], chained with '+' (default none)")
+    p.add_argument("--robust", help="none | normbound[:C|:median*K] | median | trimmed[:B] | krum[:F|:P%%] | "
+                                    "multikrum[:F|:P%%][:M], chained with '+' (default none; bare forms need no "
+                                    "attacker count)")
     p.add_argument("--attack", help="Byzantine phones: signflip | scale:F | noise:STD | labelflip")
     p.add_argument("--attack-fraction", type=float, help="share of phones that attack (default 0)")
 
