@@ -21,6 +21,13 @@ FULL = [
     ["bench.bench_accuracy", "central"],
     ["bench.bench_accuracy", "codec"],
     ["bench.bench_accuracy", "privacy"],
+    ["bench.bench_scale", "--phones", "1000,10000"],
+    ["bench.bench_faults", "all"],
+    ["bench.bench_attack"],
+    ["bench.bench_load", "--conns", "100,1000,5000"],
+    ["bench.bench_byzantine", "--jobs", "2"],
+    ["bench.bench_ray"],
+    ["bench.bench_flower", "--phones", "100,10000"],
 ]
 
 
