@@ -43,6 +43,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from bench.common import wait_listening
 from protocol import encode_message
 from protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, PhoneKey, signed_text
 from protocol.wire import FLAG_ZLIB, WireTensor, encode_wire, frame
@@ -721,16 +722,8 @@ def start_server(data_dir: Path, settings: dict[str, Any], port: int) -> subproc
     proc = subprocess.Popen([sys.executable, "-m", "fedfleet.cli", "serve", "--port", str(port), "--data-dir",
                              str(data_dir), "--config", str(cfg)], stdout=subprocess.DEVNULL,
                             stderr=open(data_dir / "server.log", "wb"), env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((data_dir / "server.log").read_text()) from None
-            time.sleep(0.2)
-    raise TimeoutError("server did not start")
+    wait_listening(proc, port, data_dir / "server.log")
+    return proc
 
 
 def rss_kib(pid: int) -> tuple[int, int]:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import table, write
+from bench.common import table, wait_listening, write
 
 
 def _free_port() -> int:
@@ -37,16 +37,8 @@ def _serve(data_dir: Path, port: int, args: argparse.Namespace) -> subprocess.Po
         [sys.executable, "-m", "fedfleet.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
          "--model", args.model, "--dataset", args.dataset, "--rounds", str(args.rounds), "--sample", str(args.sample),
          "--seed", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError("server died") from None
-            time.sleep(0.2)
-    raise TimeoutError("server did not start")
+    wait_listening(proc, port)
+    return proc
 
 
 def run(backend: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -54,3 +54,19 @@ def write(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def wait_listening(proc: Any, port: int, log: Path | None = None, timeout_s: float = 120.0) -> None:
+    """Return once a server subprocess accepts connections on ``port``; raise (with its log) if it dies."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(log.read_text() if log is not None else "server died") from None
+            time.sleep(0.2)
+    raise TimeoutError("server did not start")
