@@ -277,8 +277,9 @@ class PhoneClient:
         except (ConnectionAbortedError, aiohttp.ClientError, TimeoutError):
             pass
 
-    async def _upload(self, body: bytes, meta: dict[str, Any], attempts: int = 6) -> dict[str, Any]:
-        """POST the update; on 503/429 wait as long as Retry-After says and sign again."""
+    async def _upload(self, body: bytes, meta: dict[str, Any], attempts: int = 8) -> dict[str, Any]:
+        """POST the update; on 503/429 back off (Retry-After, doubled per attempt, jittered so that
+        phones turned away together do not return together) and sign again."""
         for attempt in range(attempts):
             headers = {"Content-Type": "application/octet-stream"}
             if self.key is not None:
@@ -290,7 +291,7 @@ class PhoneClient:
             except ServerError as exc:
                 if exc.status not in (429, 503) or attempt == attempts - 1:
                     raise
-                await self.clock.sleep(exc.retry_after or 1.0)
+                await self.clock.sleep((exc.retry_after or 1.0) * 2 ** min(attempt, 5) * (0.5 + self.rng.random()))
         return {}
 
     def _encoder(self, codec: dict[str, Any]) -> UpdateEncoder:
