@@ -92,8 +92,10 @@ class PhoneClient:
         clock: PhoneClock | None = None,
         attack: Attack | None = None,
         num_classes: int = 0,
+        poll_session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.session, self.server, self.name = session, server.rstrip("/"), name
+        self.poll_session = poll_session or session  # check-ins (long polls) may use their own connections
         self.attack = attack or Attack()  # a Byzantine phone (tests, benchmarks); none by default
         self.x, self.y = data[0], self.attack.apply_labels(data[1], num_classes) if self.attack.poisons_data else data[1]
         self.pool, self.rng = pool, rng
@@ -113,14 +115,15 @@ class PhoneClient:
 
     # --- HTTP -----------------------------------------------------------------------------
     async def _request(self, method: str, path: str, *, json_body: Any = None, data: bytes | None = None,
-                       headers: dict[str, str] | None = None) -> tuple[int, bytes, Mapping[str, str]]:
+                       headers: dict[str, str] | None = None,
+                       session: aiohttp.ClientSession | None = None) -> tuple[int, bytes, Mapping[str, str]]:
         hdrs = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         hdrs.update(headers or {})
         body = data
         if json_body is not None:
             body = json.dumps(json_body).encode()
             hdrs["Content-Type"] = "application/json"
-        async with self.session.request(method, self.server + path, data=body, headers=hdrs) as resp:
+        async with (session or self.session).request(method, self.server + path, data=body, headers=hdrs) as resp:
             payload = await resp.read()
             self.stats.bytes_up += len(body or b"")
             self.stats.bytes_down += len(payload)
@@ -131,8 +134,9 @@ class PhoneClient:
                 raise err
             return resp.status, payload, resp.headers
 
-    async def _json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        _, payload, _ = await self._request(method, path, json_body=body if body is not None else {})
+    async def _json(self, method: str, path: str, body: Any = None,
+                    session: aiohttp.ClientSession | None = None) -> dict[str, Any]:
+        _, payload, _ = await self._request(method, path, json_body=body if body is not None else {}, session=session)
         answer = json.loads(payload)
         if not isinstance(answer, dict):
             raise ServerError(502, "bad_answer", "server answered with something other than a JSON object")
@@ -167,7 +171,7 @@ class PhoneClient:
         if away > 0 or self.rng.random() >= self.availability:
             await self.clock.sleep(away or 1.0)  # not idle-and-charging now
             return "away"
-        answer = await self._json("POST", "/v1/checkin")
+        answer = await self._json("POST", "/v1/checkin", session=self.poll_session)
         self.stats.checkins += 1
         action = str(answer.get("action"))
         if action == "wait":

@@ -100,7 +100,10 @@ async def run_fleet(
     ledger = None
     connector = aiohttp.TCPConnector(limit=256)
     timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    # Check-ins get their own connections: a long poll held by the server must not keep a
+    # phone's download or upload waiting for a free connection.
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256), timeout=timeout) as polls:
         async with session.get(f"{server.rstrip('/')}/v1/task") as resp:
             resp.raise_for_status()
             task = await resp.json()
@@ -124,6 +127,7 @@ async def run_fleet(
                 clock=clock,
                 attack=attack if i in attackers else None,
                 num_classes=data.num_classes,
+                poll_session=polls,
             )
             for i, idx in enumerate(parts)
             if i in shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count)
