@@ -270,10 +270,8 @@ class PhoneClient:
             yield body[:cut]
             raise ConnectionAbortedError("phone left coverage mid-upload")
 
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)),
+        headers = {**self._upload_headers(body, meta), "Content-Length": str(len(body)),
                    "Authorization": f"Bearer {self.token}"}
-        if self.key is not None:
-            headers.update(self.key.headers(self.name, meta["base_version"], meta["update_id"], body))
         self.stats.bytes_up += cut
         try:
             async with self.session.post(self.server + "/v1/update", data=part(), headers=headers) as resp:
@@ -281,15 +279,20 @@ class PhoneClient:
         except (ConnectionAbortedError, aiohttp.ClientError, TimeoutError):
             pass
 
+    def _upload_headers(self, body: bytes, meta: dict[str, Any]) -> dict[str, str]:
+        """Content type and, with an enrolled key, a fresh signature over this upload."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.key is not None:
+            headers.update(self.key.headers(self.name, meta["base_version"], meta["update_id"], body))
+        return headers
+
     async def _upload(self, body: bytes, meta: dict[str, Any], attempts: int = 8) -> dict[str, Any]:
         """POST the update; on 503/429 back off (Retry-After, doubled per attempt, jittered so that
         phones turned away together do not return together) and sign again."""
         for attempt in range(attempts):
-            headers = {"Content-Type": "application/octet-stream"}
-            if self.key is not None:
-                headers.update(self.key.headers(self.name, meta["base_version"], meta["update_id"], body))
             try:
-                _, payload, _ = await self._request("POST", "/v1/update", data=body, headers=headers)
+                _, payload, _ = await self._request("POST", "/v1/update", data=body,
+                                                    headers=self._upload_headers(body, meta))
                 answer = json.loads(payload)
                 return answer if isinstance(answer, dict) else {}
             except ServerError as exc:
