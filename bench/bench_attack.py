@@ -324,7 +324,8 @@ class Fuzzer:
                                                              b"{"))
         if kind == "json_streamed":
             return Case("oversized", kind, path="/v1/register", stream_bytes=int(self.rng.integers(17 << 10, 1 << 20)))
-        return Case("oversized", kind, headers=a.auth,
+        # signed (over nothing, with a fresh nonce) so that the headers pass and the stream has to be cut
+        return Case("oversized", kind, headers=self._signed(a, b""),
                     stream_bytes=int(self.limit * self.rng.uniform(1.01, 64)))
 
     def _http_bomb(self) -> Case:
@@ -534,14 +535,17 @@ def _describe(text: str) -> tuple[str, bool]:
     return text.split("\n", 1)[0][:60], bool(text.strip())
 
 
-async def slow_loris(host: str, port: int, kind: str, token: str, stop: asyncio.Event,
+async def slow_loris(host: str, port: int, kind: str, attacker: Attacker, stop: asyncio.Event,
                      gap_s: float = 1.0) -> list[dict[str, Any]]:
     """Hold one slow connection after another until ``stop``: ``headers`` trickles an upload's header
-    block one byte per ``gap_s`` and never ends it; ``body`` sends whole headers, then the body one
-    byte per ``gap_s``; ``idle`` connects and sends nothing. Each episode: how it ended, how long."""
-    head = f"POST /v1/update HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 4096\r\n"
+    block one byte per ``gap_s`` and never ends it; ``body`` sends whole headers (signed with a fresh
+    nonce, so that they pass), then the body one byte per ``gap_s``; ``idle`` connects and sends
+    nothing. Each episode: how it ended, how long."""
     episodes = []
     while not stop.is_set():
+        signed = "".join(f"{k}: {v}\r\n" for k, v in attacker.sign(0, "x", b"").items())
+        head = (f"POST /v1/update HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {attacker.token}\r\n{signed}"
+                "Content-Length: 4096\r\n")
         t0 = time.monotonic()
         reader, writer = await asyncio.open_connection(host, port)
         if kind == "body":
@@ -677,7 +681,7 @@ def attacker_main(url: str, seed: int, requests: int, rps: float, concurrency: i
         conn = aiohttp.TCPConnector(limit=concurrency, force_close=False)
         kinds = ["headers", "body", "idle"]
         stop = asyncio.Event()
-        lorises = [asyncio.create_task(slow_loris(host, int(port), kinds[i % 3], attackers[i % 4].token, stop))
+        lorises = [asyncio.create_task(slow_loris(host, int(port), kinds[i % 3], attackers[i % 4], stop))
                    for i in range(loris)]
         t0 = time.time()
         async with aiohttp.ClientSession(connector=conn) as http:

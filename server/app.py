@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from protocol import ProtocolError, decode_message, encode_message
 from server.async_coordinator import AsyncCoordinator
@@ -18,6 +20,7 @@ from server.coordinator import Clock, SyncCoordinator, UpdateRejected, wall_cloc
 from server.evaluation import Evaluator
 from server.http import COUNTED_KEY, JsonError, json_response
 from server.observability import setup_observability
+from server.ratelimit import setup_failure_limits
 from server.routes import setup_routes
 from server.security import NonceBook
 from server.state import (
@@ -51,7 +54,8 @@ def make_app(
     app = web.Application(
         middlewares=[bytes_middleware, errors_middleware],
         client_max_size=config.max_update_bytes + (1 << 16),
-        handler_args={"auto_decompress": False},  # no HTTP-level inflation: see server.http.read_body
+        # no HTTP-level inflation (see server.http.read_body); idle and slow-loris connections closed early
+        handler_args={"auto_decompress": False, "keepalive_timeout": config.idle_timeout_s},
     )
     store = Store(_db_path(config), keep_versions=max(16, config.max_staleness + 2), sync=config.sqlite_sync)
     version, params = _initial_state(config, store)
@@ -71,10 +75,43 @@ def make_app(
         check_bundle(Path(config.bundle_dir), config.model, app[COORD].specs)
     setup_routes(app)
     setup_bundle(app, Path(config.bundle_dir) if config.bundle_dir else None)
+    setup_failure_limits(app, config, store)
     setup_observability(app)
     setup_webphone(app)
     app.cleanup_ctx.append(background)
+    if config.gc_freeze:
+        app.on_startup.append(_freeze_heap)
+        app.on_cleanup.append(_unfreeze_heap)
+    _quiet_parser_errors()
     return app
+
+
+async def _freeze_heap(app: web.Application) -> None:
+    """Freeze what exists at startup (``gc.freeze``, O(1)): the modules, the model and the app live as
+    long as the server, and each full collection would otherwise walk all of them, a 100-200 ms pause
+    of the event loop with torch loaded (and failed requests leave reference cycles, so collections
+    come often under malformed traffic). Garbage made later is still collected."""
+    gc.freeze()
+
+
+async def _unfreeze_heap(app: web.Application) -> None:
+    gc.unfreeze()  # several apps in one process (tests): what the last one froze can be collected again
+
+
+class _ClientParseErrors(logging.Filter):
+    """aiohttp answers malformed HTTP (bad request line, headers, chunking) with a 400 itself and logs
+    each with a full traceback at ERROR: the client's fault, and formatting a traceback per request
+    is work an attacker can make the server do. Such records are dropped; other errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+def _quiet_parser_errors() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientParseErrors) for f in logger.filters):
+        logger.addFilter(_ClientParseErrors())
 
 
 def _db_path(config: ServerConfig) -> str:

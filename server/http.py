@@ -44,13 +44,8 @@ def fail(status: int, reason: str, message: str) -> NoReturn:
     raise JsonError(status, reason, message)
 
 
-async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -> bytes:
-    """Read at most ``limit`` bytes from the stream within ``timeout_s``; refuse larger bodies
-    with 413 before buffering them (the declared length first, then the bytes that arrive),
-    bodies that trickle in too slowly (slow-loris) with 408, and any HTTP ``Content-Encoding``
-    with 415: nothing is inflated at the HTTP layer (the app turns aiohttp's auto_decompress off),
-    so an HTTP compression bomb has nothing to explode; wire messages carry their own bounded
-    zlib flag (protocol/FORMAT.md)."""
+def check_body_headers(request: web.Request, limit: int) -> None:
+    """Refuse from the headers alone a body that is compressed (415) or declared over ``limit`` (413)."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding != "identity":
         fail(415, "content_encoding", f"Content-Encoding {encoding[:32]!r} is not accepted: send the body as is "
@@ -58,6 +53,16 @@ async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -
     declared = request.content_length
     if declared is not None and declared > limit:
         fail(413, "too_large", f"body of {declared} bytes exceeds the limit of {limit} bytes")
+
+
+async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """Read at most ``limit`` bytes from the stream within ``timeout_s``; refuse larger bodies
+    with 413 before buffering them (the declared length first, then the bytes that arrive),
+    bodies that trickle in too slowly (slow-loris) with 408, and any HTTP ``Content-Encoding``
+    with 415: nothing is inflated at the HTTP layer (the app turns aiohttp's auto_decompress off),
+    so an HTTP compression bomb has nothing to explode; wire messages carry their own bounded
+    zlib flag (protocol/FORMAT.md)."""
+    check_body_headers(request, limit)
     chunks: list[bytes] = []
     size = 0
     try:

@@ -11,6 +11,7 @@ import base64
 import math
 import secrets
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from server.http import (
     NAME_RE,
     JsonError,
     authenticate,
+    check_body_headers,
     fail,
     json_response,
     read_body,
@@ -173,6 +175,12 @@ async def _update(request: web.Request) -> tuple[web.Response, Any, str, str]:
     app = request.app
     cfg, coord = app[CONFIG], app[COORD]
     phone = authenticate(request, app[STORE])
+    check_body_headers(request, cfg.max_update_bytes)
+    key = app[STORE].public_key(phone)
+    signed = key is not None or cfg.require_signatures
+    if signed:  # what the headers alone can refuse is refused before the body is read
+        _check_signature(lambda: app[NONCES].precheck(phone, request.headers.get(SIGNATURE_HEADER),
+                                                      request.headers.get(NONCE_HEADER)), key)
     body = await read_body(request, cfg.max_update_bytes, cfg.request_timeout_s)
     msg = decode_message(body, expected=coord.specs, max_bytes=cfg.max_update_bytes)  # ProtocolError -> 400
     if msg.kind != "update":
@@ -181,15 +189,10 @@ async def _update(request: web.Request) -> tuple[web.Response, Any, str, str]:
     norm = float(update_norms([msg.tensors])[0])  # finite values can still overflow a float32 merge
     if cfg.max_update_norm and not norm <= cfg.max_update_norm:
         fail(400, "huge_norm", f"the update's L2 norm {norm:.3g} exceeds max_update_norm {cfg.max_update_norm:g}")
-    key = app[STORE].public_key(phone)
-    if key is not None or cfg.require_signatures:
-        try:
-            if key is None:
-                raise SignatureError("unsigned", "this server requires signed uploads; enrol a key")
-            app[NONCES].verify(key, phone, meta["base_version"], meta["update_id"], body,
-                               request.headers.get(SIGNATURE_HEADER), request.headers.get(NONCE_HEADER))
-        except SignatureError as exc:
-            fail(401, exc.reason, exc.message)
+    if signed:
+        _check_signature(lambda: app[NONCES].verify(key or b"", phone, meta["base_version"], meta["update_id"], body,
+                                                    request.headers.get(SIGNATURE_HEADER),
+                                                    request.headers.get(NONCE_HEADER)), key)
     answer = coord.add_update(phone, meta, msg.tensors, wire=body)
     durable, coord.durable = coord.durable, None
     response = json_response(answer)
@@ -200,6 +203,16 @@ async def _update(request: web.Request) -> tuple[web.Response, Any, str, str]:
     else:
         app[WORK].notify()  # an async slot is free again
     return response, durable, phone, str(meta["update_id"])
+
+
+def _check_signature(check: Callable[[], None], key: bytes | None) -> None:
+    """Run a signature check; a phone without an enrolled key, or a failed check, is a 401."""
+    try:
+        if key is None:
+            raise SignatureError("unsigned", "this server requires signed uploads; enrol a key")
+        check()
+    except SignatureError as exc:
+        fail(401, exc.reason, exc.message)
 
 
 async def status(request: web.Request) -> web.Response:

@@ -34,8 +34,12 @@ class NonceBook:
         self.max_skew_s = max_skew_s
         self.last: dict[str, int] = {}
 
-    def verify(self, public_key: bytes, phone: str, base_version: int, update_id: str, body: bytes,
-               signature: str | None, nonce: str | None) -> None:
+    def precheck(self, phone: str, signature: str | None, nonce: str | None) -> None:
+        """What the headers alone can refuse (missing, malformed, stale or replayed), before the
+        body is read; ``verify`` then checks the signature over the body."""
+        self._nonce(phone, signature, nonce)
+
+    def _nonce(self, phone: str, signature: str | None, nonce: str | None) -> tuple[int, bytes]:
         if not signature or not nonce:
             raise SignatureError("unsigned", "this phone enrolled a key: uploads must be signed")
         try:
@@ -47,6 +51,11 @@ class NonceBook:
             raise SignatureError("stale_signature", f"the nonce is more than {self.max_skew_s:.0f} s off the server clock")
         if n <= self.last.get(phone, -1):
             raise SignatureError("replay", "this nonce was used before: a replayed request")
+        return n, sig
+
+    def verify(self, public_key: bytes, phone: str, base_version: int, update_id: str, body: bytes,
+               signature: str | None, nonce: str | None) -> None:
+        n, sig = self._nonce(phone, signature, nonce)
         if not signature_ok(public_key, sig, signed_text(phone, base_version, update_id, body, n)):
             raise SignatureError("bad_signature", "the signature does not match this phone's key and request")
         self.last[phone] = n

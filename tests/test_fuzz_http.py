@@ -37,12 +37,12 @@ async def _snapshot(client: TestClient, auth: dict[str, str]) -> dict[str, Any]:
     return {**status, "model_sha256": hashlib.sha256(model).hexdigest()}
 
 
-async def _setup(make_server: MakeClient) -> tuple[TestClient, dict[str, str], dict[str, Any], PhoneKey,
-                                                    list[Attacker]]:
+async def _setup(make_server: MakeClient, **overrides: Any) -> tuple[TestClient, dict[str, str], dict[str, Any],
+                                                                      PhoneKey, list[Attacker]]:
     # Sync rounds that need 3 updates: one accepted honest update waits, and anything the fuzzer
     # got accepted would show up as a second pending update (or a merge).
     client = await make_server(sample_fraction=1.0, min_cohort=3, max_update_bytes=LIMIT, request_timeout_s=0.5,
-                               require_signatures=True)
+                               require_signatures=True, **overrides)
     key = PhoneKey()
     resp = await client.post("/v1/register", json={"name": "honest", "public_key": key.public_b64()})
     body = await resp.json()
@@ -59,7 +59,8 @@ async def _setup(make_server: MakeClient) -> tuple[TestClient, dict[str, str], d
 
 
 async def test_thousand_fuzzed_requests_get_4xx_and_change_nothing(make_server: MakeClient) -> None:
-    client, auth, task, key, attackers = await _setup(make_server)
+    # Failure budgets off: every case must reach the check it targets (tests/test_ratelimit.py has them on).
+    client, auth, task, key, attackers = await _setup(make_server, reject_burst=0)
     host, port = str(client.server.host), int(client.server.port or 0)
     honest_body = update_body(task, update_id="h1")
     signed = {**auth, **key.headers("honest", 0, "h1", honest_body)}
@@ -99,7 +100,7 @@ async def test_slow_loris_is_cut_off_and_honest_uploads_still_work(make_server: 
     client, auth, task, key, attackers = await _setup(make_server)
     host, port = str(client.server.host), int(client.server.port or 0)
     stop = asyncio.Event()
-    loris = [asyncio.create_task(slow_loris(host, port, kind, attackers[0].token, stop, gap_s=0.1))
+    loris = [asyncio.create_task(slow_loris(host, port, kind, attackers[0], stop, gap_s=0.1))
              for kind in ("body", "body", "headers", "idle")]
     await asyncio.sleep(1.5)  # a body trickled for longer than request_timeout_s (0.5 s) gets 408
     body = update_body(task, update_id="h1")

@@ -1,0 +1,154 @@
+"""Budgets for failed requests: a client that keeps sending bad requests is refused from its headers.
+
+Every 4xx answer (except 429 itself) costs its client one token of a token bucket; a client whose
+bucket is empty gets ``429`` + ``Retry-After`` before its body is read or decoded, so a flood of
+malformed traffic costs the server a header lookup per request instead of a decode, a signature
+check and a traceback. Successful requests cost nothing: honest phones, which almost never get a
+4xx, are never throttled, however busy the attacker next to them is.
+
+Clients are keyed by the authenticated phone when the ``Authorization`` token belongs to one (each
+phone has its own bucket, so one misbehaving phone cannot use up another's), and otherwise by the
+peer address. Many phones can share one address (carrier-grade NAT, a campus), so the per-address
+budget, which only meters unauthenticated failures (unknown tokens, registrations, garbage), is
+much larger than the per-phone one; behind a reverse proxy the address is taken from the header it
+sets (``ratelimit_peer_header``), never from a header a client could forge on a direct connection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from server.config import ServerConfig
+from server.http import json_response
+from server.state import COORD
+from server.store import Store
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Clock = Callable[[], float]
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class TokenBuckets:
+    """One bucket per key: ``burst`` tokens at most, refilled at ``rate_per_s``. A key that was never
+    charged (or whose bucket refilled) holds a full bucket; at most ``max_keys`` buckets are kept
+    (full ones are dropped first, then the least recently charged), so a flood of new keys cannot
+    grow memory without bound."""
+
+    def __init__(self, burst: float, rate_per_s: float, max_keys: int = 100_000, clock: Clock = time.monotonic) -> None:
+        if burst < 1 or rate_per_s <= 0 or max_keys < 1:
+            raise ValueError("a token bucket needs burst >= 1, rate_per_s > 0 and max_keys >= 1")
+        self.burst, self.rate, self.max_keys, self.clock = float(burst), float(rate_per_s), max_keys, clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    def _level(self, b: _Bucket, now: float) -> float:
+        return min(self.burst, b.tokens + (now - b.stamp) * self.rate)
+
+    def retry_after(self, key: str) -> float:
+        """0 if ``key`` may make a request now, else the seconds until its bucket holds a token."""
+        b = self._buckets.get(key)
+        if b is None:
+            return 0.0
+        level = self._level(b, self.clock())
+        return 0.0 if level >= 1 else (1 - level) / self.rate
+
+    def charge(self, key: str) -> None:
+        now = self.clock()
+        b = self._buckets.pop(key, None)  # re-inserted last: the dict stays ordered by last charge
+        level = self.burst if b is None else self._level(b, now)
+        self._buckets[key] = _Bucket(max(0.0, level - 1), now)
+        if len(self._buckets) > self.max_keys:
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        full = [k for k, b in self._buckets.items() if self._level(b, now) >= self.burst]
+        for k in full:
+            del self._buckets[k]
+        while len(self._buckets) > self.max_keys * 3 // 4:  # forgive the longest-quiet clients
+            del self._buckets[next(iter(self._buckets))]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class FailureLimits:
+    """The per-phone and per-address budgets of failed requests (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig, store: Store, clock: Clock = time.monotonic) -> None:
+        self.enabled = config.reject_burst > 0
+        self.phones = TokenBuckets(max(1, config.reject_burst), config.reject_rate_per_s, clock=clock)
+        self.peers = TokenBuckets(max(1, config.peer_reject_burst), config.peer_reject_rate_per_s, clock=clock)
+        self.peer_header = config.ratelimit_peer_header
+        self.store = store
+        self.throttled = 0  # requests answered 429
+
+    def client(self, request: web.Request) -> tuple[TokenBuckets, str]:
+        """The bucket a request draws on: its phone's when its bearer token is a phone's, else its address's."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and 0 < len(token) <= 512:
+            phone = self.store.phone_for_token(token.strip())  # cached for known tokens
+            if phone is not None:
+                return self.phones, phone
+        return self.peers, self._address(request)
+
+    def _address(self, request: web.Request) -> str:
+        if self.peer_header:  # a trusted proxy in front appends the real client last
+            forwarded = request.headers.get(self.peer_header, "")
+            last = forwarded.rsplit(",", 1)[-1].strip()
+            if last:
+                return last[:64]
+        return request.remote or "unknown"
+
+
+LIMITS = web.AppKey("failure_limits", FailureLimits)
+
+
+@web.middleware
+async def failure_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a client out of failure budget from its headers alone; charge it for each 4xx it gets."""
+    limits = request.app[LIMITS]
+    if not limits.enabled:
+        return await handler(request)
+    buckets, key = limits.client(request)
+    wait = buckets.retry_after(key)
+    if wait > 0:
+        limits.throttled += 1
+        if request.path == "/v1/update":
+            request.app[COORD].count_rejection("rate_limited")
+        refusal = json_response(
+            {"error": "rate_limited", "message": f"too many failed requests from this {_who(buckets, limits)}; "
+                                                 f"retry in {wait:.1f} s"},
+            status=429, headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+        if request.can_read_body:  # the unread body is not worth draining: close instead
+            refusal.force_close()
+        return refusal
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if 400 <= exc.status < 500 and exc.status != 429:
+            buckets.charge(key)
+        raise
+    if 400 <= response.status < 500 and response.status != 429:
+        buckets.charge(key)
+    return response
+
+
+def _who(buckets: TokenBuckets, limits: FailureLimits) -> str:
+    return "phone" if buckets is limits.phones else "address"
+
+
+def setup_failure_limits(app: web.Application, config: ServerConfig, store: Store) -> None:
+    """Install before ``setup_observability`` (whose middleware must stay outermost to see the 429s)."""
+    app[LIMITS] = FailureLimits(config, store)
+    app.middlewares.insert(0, failure_limit_middleware)
+
+
+__all__ = ["FailureLimits", "TokenBuckets", "failure_limit_middleware", "setup_failure_limits"]
