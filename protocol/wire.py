@@ -162,6 +162,7 @@ class _Entry:
     encoding: Encoding
     fields: dict[str, Any]
     nbytes: int
+    dtype_name: str  # as the header names it (numpy's dtype.name is slow to look up)
 
 
 def _check_entry(raw: object, seen: set[str]) -> _Entry:
@@ -199,7 +200,7 @@ def _check_entry(raw: object, seen: set[str]) -> _Entry:
         raise type(exc)(f"tensor {name!r}: {exc}") from None
     if not lo <= nbytes <= hi:
         raise MalformedMessage(f"tensor {name!r}: nbytes {nbytes} is outside [{lo}, {hi}] for its fields")
-    return _Entry(name, tuple(shape), dtype, encoding, fields, nbytes)
+    return _Entry(name, tuple(shape), dtype, encoding, fields, nbytes, str(raw["dtype"]))
 
 
 def decode_message(
@@ -246,7 +247,7 @@ def decode_message(
             f"message declares {total_elements} elements, over the limit of {MAX_ELEMENTS}"
         )
     if expected is not None:
-        check_against({e.name: TensorSpec(e.shape, e.dtype.name) for e in entries}, expected)
+        check_against({e.name: TensorSpec(e.shape, e.dtype_name) for e in entries}, expected)
     payload: Blob = memoryview(data)[pos : pos + payload_len]  # no copy: decoders copy out
     declared = sum(e.nbytes for e in entries)
     if flags & FLAG_ZLIB:
