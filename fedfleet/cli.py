@@ -81,7 +81,8 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedfleet.simulate import merge_config, run
 
-    cfg = merge_config(load_toml(args.config, "simulate") if args.config else {}, _run_values(args))
+    cfg = merge_config(load_toml(args.config, "simulate") if args.config else {},
+                       {**_run_values(args), "server_process": args.server_process})
     print(f"fedfleet simulate: {cfg.phones} phones, {cfg.dataset}, {cfg.model}, {cfg.rounds} rounds, "
           f"sample {cfg.sample}, partition {cfg.partition}, runtime {cfg.runtime}", flush=True)
     summary = run(cfg)
@@ -205,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="... and this private key")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("simulate", help="in-process server on loopback plus an emulated fleet")
+    p = sub.add_parser("simulate", help="a server on loopback plus an emulated fleet")
     _common_run_flags(p)
+    p.add_argument("--server-process", choices=["auto", "yes", "no"],
+                   help="run the server in its own process (wall clock only; auto: when there are 2+ cores)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("fleet", help="an emulated fleet against a running server")

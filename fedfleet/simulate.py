@@ -1,10 +1,20 @@
-"""``fedfleet simulate``: an in-process server on a loopback port and a fleet of phones."""
+"""``fedfleet simulate``: a server on a loopback port and a fleet of phones.
+
+The server runs in this process, on the fleet's event loop, or (``server_process``, wall clock
+only) in a child process of its own, as a deployed server would: the fleet and the server then
+use a core each. On the virtual clock it must share the fleet's process (one clock).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import multiprocessing as mp
+import os
+import signal
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +66,7 @@ class SimulateConfig:
     dropout: float = 0.0  # default devices: probability of vanishing mid-task
     clock: str = "auto"  # wall | virtual | auto (virtual when devices are emulated)
     hours: float = 0.0  # stop the fleet after this much (virtual) time; 0 = when the rounds are done
+    server_process: str = "no"  # auto | yes | no: the server in a child process (wall clock only; auto = 2+ cores)
     # update codec and privacy (the task tells phones how to encode; see protocol/FORMAT.md)
     clip: float | None = None  # L2 clipping norm C of each update
     noise: str | None = None  # gaussian | laplace (default gaussian when a noise level is given)
@@ -109,6 +120,9 @@ class SimulateConfig:
             batch_size=self.batch_size,
             lr=self.lr,
             prox_mu=self.prox_mu,
+            # Over-selection guards against stragglers and dropouts; phones without emulated devices
+            # have neither, so the extra phones' work would only be thrown away.
+            over_selection=ServerConfig.over_selection if self.devices != "none" else 1.0,
             checkin_retry_s=5.0 if self.virtual else 0.25,
             checkin_hold_s=0.0 if self.virtual else 5.0,  # long poll on the wall clock only
             data_dir=data_dir,
@@ -128,6 +142,16 @@ class SimulateConfig:
             central_noise_multiplier=self.central_noise_multiplier,
         )
         return base.replace(**self.server) if self.server else base
+
+    @property
+    def use_server_process(self) -> bool:
+        if self.server_process not in ("auto", "yes", "no"):
+            raise ValueError("server_process must be auto, yes or no")
+        if self.server_process == "yes" and self.virtual:
+            raise ValueError("server_process yes needs the wall clock: a virtual clock is shared in one process "
+                             "(use --clock wall, or --server-process no)")
+        return not self.virtual and (self.server_process == "yes" or
+                                     (self.server_process == "auto" and (os.cpu_count() or 1) >= 2))
 
     @property
     def virtual(self) -> bool:
@@ -171,27 +195,15 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
         server_cfg = server_cfg.replace(bundle_dir=str(ensure_bundle(cfg, data, out / "bundle")))
     _fresh_state(out / "server")
     clock = VirtualClock() if cfg.virtual else WallClock()
-    app = make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        result = await run_fleet(
-            f"http://127.0.0.1:{port}",
-            data,
-            cfg.fleet_config(),
-            torch_runtime_for_task,
-            on_round=table or (lambda r: None),
-            clock=clock,
-        )
-    finally:
-        await runner.cleanup()
+    served = serve_child if cfg.use_server_process else serve_here
+    async with served(server_cfg, data, clock) as url:
+        result = await run_fleet(url, data, cfg.fleet_config(), torch_runtime_for_task,
+                                 on_round=table or (lambda r: None), clock=clock)
     summary = summarize(result.rounds, result.devices, time.perf_counter() - t0)
     summary["config"] = dataclasses.asdict(cfg)
     summary["dataset_sizes"] = {"train": len(data.y_train), "test": len(data.y_test)}
     summary["clock"] = "virtual" if cfg.virtual else "wall"
+    summary["server_process"] = cfg.use_server_process
     summary["emulation"] = {
         "checkins": sum(d.checkins for d in result.devices),
         "train_compute_s": round(result.train_compute_s, 3),
@@ -200,6 +212,80 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
     summary["privacy"] = privacy_summary(task_release(server_cfg.codec), server_cfg, result.rounds)
     write_run(out, result.rounds, result.devices, summary)
     return result, summary
+
+
+@contextlib.asynccontextmanager
+async def serve_here(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock) -> AsyncIterator[str]:
+    """The server on this event loop (the only way on a virtual clock); yields its URL."""
+    app = make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serve_child(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock,
+                      start_timeout_s: float = 120.0) -> AsyncIterator[str]:
+    """The server in a child process on the wall clock; yields its URL. On exit the child is
+    stopped with SIGTERM (its graceful shutdown flushes the store), and killed if it hangs."""
+    if not isinstance(clock, WallClock):
+        raise ValueError("a server in its own process runs on the wall clock")
+    ctx = mp.get_context("spawn")  # no forked copy of this process's event loop and threads
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_serve_child_main, args=(server_cfg, data.x_test, data.y_test, child),
+                       name="fedfleet-server", daemon=True)
+    proc.start()
+    child.close()
+    loop = asyncio.get_running_loop()
+    try:
+        ready = await loop.run_in_executor(None, parent.poll, start_timeout_s)
+        if not ready:
+            raise RuntimeError(f"the server process did not start within {start_timeout_s:.0f} s")
+        try:
+            port = int(parent.recv())
+        except EOFError:
+            proc.join(5)
+            raise RuntimeError(f"the server process exited while starting (exit code {proc.exitcode})") from None
+        yield f"http://127.0.0.1:{port}"
+        if not proc.is_alive():
+            raise RuntimeError(f"the server process died during the run (exit code {proc.exitcode})")
+    finally:
+        parent.close()
+        if proc.is_alive():
+            proc.terminate()
+        await loop.run_in_executor(None, proc.join, 30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _serve_child_main(server_cfg: ServerConfig, x_test: Any, y_test: Any, conn: Any) -> None:
+    """Child process: serve on a free loopback port, report it, run until SIGTERM."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        app = make_app(server_cfg, test_data=(x_test, y_test))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            conn.send(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+            conn.close()
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
 
 
 def ensure_bundle(cfg: SimulateConfig, data: Dataset, path: Path) -> Path:

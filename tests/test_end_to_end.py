@@ -56,7 +56,7 @@ def test_cli_simulate_smoke(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "fedfleet.cli", "simulate", "--config", str(toml), "--rounds", "2",
-         "--out", str(out), "--seed", "3"],
+         "--out", str(out), "--seed", "3", "--server-process", "yes"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -64,6 +64,17 @@ def test_cli_simulate_smoke(tmp_path: Path) -> None:
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["phones"] == 6 and summary["config"]["server"] == {"over_selection": 1.0}
+    # The server ran in its own process and wrote its state where the in-process one would.
+    assert summary["server_process"] is True and (out / "server" / "server.sqlite").exists()
+
+
+def test_server_process_needs_the_wall_clock(tmp_path: Path) -> None:
+    cfg = SimulateConfig(devices="default", server_process="yes", out=str(tmp_path))
+    with pytest.raises(ValueError, match="wall clock"):
+        _ = cfg.use_server_process
+    assert not SimulateConfig(devices="default", server_process="auto").use_server_process  # virtual: in-process
+    with pytest.raises(ValueError, match="auto, yes or no"):
+        _ = SimulateConfig(server_process="maybe").use_server_process
 
 
 def test_cli_rejects_bad_flags(tmp_path: Path) -> None:
