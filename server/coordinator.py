@@ -202,7 +202,7 @@ class Coordinator:
         merged_into = self.store.merged_version(phone, update_id)
         if merged_into is not None:
             return {"accepted": True, "duplicate": True, "version": self.version, "merged_into": merged_into}
-        if any(c.phone == phone and c.update_id == update_id for c in self.pending()):
+        if self.is_pending(phone, update_id):
             self.durable = self.store.commit_of(phone, update_id)  # a retry is acknowledged no sooner
             return {"accepted": True, "duplicate": True, "version": self.version, "pending": True}
         if self.done:
@@ -235,6 +235,10 @@ class Coordinator:
     def pending(self) -> list[Contribution]:
         """Accepted updates waiting for the next merge."""
         raise NotImplementedError
+
+    def is_pending(self, phone: str, update_id: str) -> bool:
+        """Whether this update is accepted and waiting for the next merge (a retry)."""
+        return any(c.phone == phone and c.update_id == update_id for c in self.pending())
 
     def _restore(self) -> list[Contribution]:
         """Acknowledged updates that a crash left unmerged, read back from the store."""
@@ -359,6 +363,10 @@ class SyncCoordinator(Coordinator):
 
     def pending(self) -> list[Contribution]:
         return list(self.round.updates.values())
+
+    def is_pending(self, phone: str, update_id: str) -> bool:
+        c = self.round.updates.get(phone)  # one update per phone per round: no scan of the round
+        return c is not None and c.update_id == update_id
 
     def ready(self) -> bool:
         """Whether the open round should be merged now (target reached or deadline passed)."""
