@@ -15,7 +15,7 @@ import pytest
 from protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message, dense_float32_nbytes
 from protocol.codec.sparsify import keep_count
 from protocol.errors import MalformedMessage
-from protocol.quant import quantized_norm_bound
+from protocol.quant import fit_scales, quantized_norm_bound
 from protocol.wire import FLAG_ZLIB, FLAG_ZLIB_HEADER, MAX_HEADER_BYTES, frame
 from tests.conftest import MakeClient, register
 
@@ -190,6 +190,71 @@ def test_sum_over_phones_is_unbiased() -> None:
     assert _sum_error_z(EncoderConfig(sparsify="randk", density=0.25, randk_rescale=False), deltas) > 10.0
 
 
+# --- fitted scales (quant_scale="fit") ------------------------------------------------------
+
+
+def _topk_values(seed: int, n: int = 4000, k: int = 300) -> np.ndarray:
+    """What a top-k sparsifier hands the quantizer: the k largest of a heavy-tailed tensor."""
+    x = np.random.default_rng(seed).standard_t(3, n).astype(np.float32)
+    return x[np.sort(np.argsort(-np.abs(x), kind="stable")[:k])]
+
+
+def _decode_sparse_values(config: EncoderConfig, v: np.ndarray) -> np.ndarray:
+    return run(config, {"v": v})["v"].astype(np.float64)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_fitted_scale_never_raises_the_error(bits: int, chunk: int) -> None:
+    """Per chunk, the squared error with the fitted scale is at most that of s = max|x|, and
+    every value decodes to the level nearest to it on the fitted grid (oracle: all levels)."""
+    for seed in range(3):
+        v = _topk_values(seed)
+        fixed = _decode_sparse_values(EncoderConfig(quant_bits=bits, chunk=chunk, stochastic_rounding=False), v)
+        fitted = _decode_sparse_values(
+            EncoderConfig(quant_bits=bits, chunk=chunk, stochastic_rounding=False, quant_scale="fit"), v
+        )
+        x = v.astype(np.float64)
+        scales = fit_scales(v, bits, chunk).astype(np.float64)  # what the message carries
+        lv = 2**bits - 1
+        for c in range(0, v.size, chunk):
+            part = slice(c, c + chunk)
+            assert np.sum((fitted[part] - x[part]) ** 2) <= np.sum((fixed[part] - x[part]) ** 2)
+            grid = (scales[c // chunk] * (2 * np.arange(lv + 1) - lv)) / lv
+            nearest = grid[np.abs(x[part][:, None] - grid[None, :]).argmin(axis=1)]
+            np.testing.assert_allclose(fitted[part], nearest, rtol=1e-6, atol=0)
+
+
+def test_one_bit_fitted_scale_is_sign_times_mean_magnitude() -> None:
+    """At 1 bit the fitted code is STC's (Sattler et al. 2019): sign(x) * mean|x| per chunk."""
+    v = _topk_values(7)
+    chunk = 50
+    out = _decode_sparse_values(EncoderConfig(quant_bits=1, chunk=chunk, stochastic_rounding=False,
+                                              quant_scale="fit"), v)
+    x = v.astype(np.float64)
+    for c in range(0, v.size, chunk):
+        mean = np.float32(np.abs(x[c : c + chunk]).mean())
+        np.testing.assert_array_equal(out[c : c + chunk], np.sign(x[c : c + chunk]) * np.float64(mean))
+
+
+def test_fitted_scale_with_error_feedback_conserves_mass() -> None:
+    config = EncoderConfig(sparsify="topk", density=0.1, quant_bits=1, chunk=8, error_feedback=True,
+                           stochastic_rounding=False, quant_scale="fit")
+    encoder = UpdateEncoder(config, np.random.default_rng(0))
+    total_in = {n: np.zeros(a.shape) for n, a in sample().items()}
+    total_sent = {n: np.zeros(a.shape) for n, a in sample().items()}
+    for step in range(5):
+        delta = sample(step)
+        sent = decode_message(encoder.encode(delta, META)).tensors
+        for name, d in delta.items():
+            total_in[name] += d
+            total_sent[name] += sent[name]
+    for name in total_in:
+        np.testing.assert_allclose(
+            total_sent[name] + encoder.residual()[name], total_in[name], rtol=0, atol=1e-13
+        )
+
+
 # --- error feedback --------------------------------------------------------------------------
 
 
@@ -359,6 +424,9 @@ def test_noise_calibrated_from_epsilon() -> None:
         ({"quant_bits": 8, "chunk": 0}, "chunk must be"),
         ({"ef_decay": 1.5}, "ef_decay"),
         ({"per_layer_clip": True}, "per_layer_clip needs clip"),
+        ({"quant_bits": 4, "quant_scale": "fit"}, "stochastic_rounding=False"),
+        ({"quant_scale": "fit", "stochastic_rounding": False}, "quant_bits < 32"),
+        ({"quant_bits": 4, "quant_scale": "mse"}, "quant_scale must be"),
     ],
 )
 def test_config_rejects(kwargs: dict, message: str) -> None:

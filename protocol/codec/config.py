@@ -42,6 +42,7 @@ class EncoderConfig:
     quant_bits: Literal[32, 8, 4, 2, 1] = 32  # 32: plain float32
     stochastic_rounding: bool = True  # False: round half up (biased, reproducible)
     chunk: int = 256  # values per quantization scale
+    quant_scale: Literal["max", "fit"] = "max"  # fit: least-squares scale per chunk (deterministic rounding only)
     # 5. container
     compress: bool = False  # zlib over the payload (FLAG_ZLIB), and the header when shorter (FLAG_ZLIB_HEADER)
 
@@ -119,6 +120,11 @@ class EncoderConfig:
             raise ValueError("stochastic_rounding must be a bool")
         if type(self.chunk) is not int or not 1 <= self.chunk <= MAX_CHUNK:
             raise ValueError(f"chunk must be an int in [1, {MAX_CHUNK}], got {self.chunk!r}")
+        if self.quant_scale not in ("max", "fit"):
+            raise ValueError(f"quant_scale must be 'max' or 'fit', got {self.quant_scale!r}")
+        if self.quant_scale == "fit" and (self.quant_bits == 32 or self.stochastic_rounding):
+            # a fitted scale clamps values beyond it: stochastic rounding would lose its unbiasedness
+            raise ValueError("quant_scale='fit' needs quant_bits < 32 and stochastic_rounding=False")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EncoderConfig:

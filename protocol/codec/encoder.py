@@ -57,7 +57,7 @@ def dense_steps(config: EncoderConfig, noise_multiplier: float | None) -> list[D
 def value_coder(config: EncoderConfig) -> ValueCoder:
     if config.quant_bits == 32:
         return Float32()
-    return Quantize(config.quant_bits, config.chunk, config.stochastic_rounding)
+    return Quantize(config.quant_bits, config.chunk, config.stochastic_rounding, config.quant_scale == "fit")
 
 
 class UpdateEncoder:

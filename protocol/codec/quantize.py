@@ -1,7 +1,8 @@
 """Step 4 and 5: quantize the values picked for each tensor and lay them out on the wire.
 
 ``Quantize`` is the stochastic uniform quantizer of ``protocol.quant`` (QSGD, Alistarh et
-al., 2017); ``Float32`` sends values as they are. Both return the wire bytes and the
+al., 2017), optionally with least-squares scales for deterministic rounding
+(``quant.fit_scales``); ``Float32`` sends values as they are. Both return the wire bytes and the
 float32 values the server will decode, which error feedback needs. ``to_wire`` then picks
 the tensor encoding: "dense"/"quant" for a full tensor, "sparse" (with the smaller of
 bitmap and delta-varint index coding) for a picked subset.
@@ -52,9 +53,11 @@ class Quantize:
     bits: int
     chunk: int = 256
     stochastic: bool = True
+    fit_scale: bool = False  # least-squares scales (``quant.fit_scales``); deterministic rounding only
 
     def __call__(self, values: np.ndarray, rng: np.random.Generator) -> Section:
-        scales, codes = quant.quantize(values, self.bits, self.chunk, rng if self.stochastic else None)
+        fitted = quant.fit_scales(values, self.bits, self.chunk) if self.fit_scale else None
+        scales, codes = quant.quantize(values, self.bits, self.chunk, rng if self.stochastic else None, fitted)
         fields, blob = encode_quant(scales, codes, self.bits, self.chunk)
         return Section(blob, fields, lambda: quant.dequantize(scales, codes, self.bits, self.chunk))
 
