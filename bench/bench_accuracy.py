@@ -2,15 +2,20 @@
 
     python -m bench.bench_accuracy central   # FedAvg (IID and Dirichlet 0.5) vs the same CNN trained centrally
     python -m bench.bench_accuracy codec     # accuracy vs upload bytes: dense, int8, int8+top10%, int4+topk+EF(+zlib)
+    python -m bench.bench_accuracy codec-seeds  # the codec rows of seeds 0,1,2 side by side, with means
     python -m bench.bench_accuracy privacy   # accuracy vs local-DP epsilon per phone over the whole run
 
 Writes bench/results/accuracy_<part>.json and prints a table. ``codec --jobs 2`` runs two
 settings at once; ``--only`` picks rows by name (e.g. a second seed of two rows), written to
 accuracy_codec_seed<N>.json when the seed is not 0.
 
-Rounds wait for their whole cohort (``--round-timeout``, default 900 s, instead of the
-server's 60 s): on a loaded machine a 60 s round closes with a fraction of the updates, and
-the rows would then differ by machine load, not by codec.
+``codec`` runs on the virtual clock (``--clock virtual``, the default): the phones' order
+of check-ins and uploads, hence every round's cohort, then follows from the seed alone, so
+the same command gives the same accuracy run to run and under any machine load (on the
+wall clock, cohorts depended on timing and dense varied +-1.2 points between runs). Rounds
+wait for their whole cohort (``--round-timeout``, default 900 s, instead of the server's
+60 s), which matters on the wall clock: a 60 s round on a loaded machine closes with a
+fraction of the updates.
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ def part_central(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+# Each row: SimulateConfig fields, and under "encoder" any further EncoderConfig fields
+# (protocol/codec/config.py) that SimulateConfig has no field for; they reach the phones
+# through the task's codec, which the server hands out unchanged.
 CODECS: dict[str, dict[str, Any]] = {
     "dense float32": {},
     "int8": {"quant_bits": 8},
@@ -69,7 +77,27 @@ CODECS: dict[str, dict[str, Any]] = {
     # accuracy as the row without it; the JSON header was 57% of a top-2% update's bytes
     "int4 + top3% + EF + zlib": {"quant_bits": 4, "topk": 0.03, "error_feedback": True, "compress": True},
     "int4 + top4% + EF + zlib": {"quant_bits": 4, "topk": 0.04, "error_feedback": True, "compress": True},
+    # deterministic rounding with least-squares scales (quant_scale="fit", protocol/quant.py
+    # fit_scales): at 1 bit each kept value is sent as sign * mean|x| of its chunk (STC,
+    # Sattler et al. 2019), so the bytes int4 spends on values buy more coordinates instead
+    "int4 fit + top4% + EF + zlib": {"quant_bits": 4, "topk": 0.04, "error_feedback": True, "compress": True,
+                                     "encoder": {"stochastic_rounding": False, "quant_scale": "fit"}},
+    "int1 fit + top6% + EF + zlib": {"quant_bits": 1, "topk": 0.06, "error_feedback": True, "compress": True,
+                                     "encoder": {"stochastic_rounding": False, "quant_scale": "fit"}},
 }
+# the rows run when --only is not given: the issue's four and the >= 50x candidates
+TABLE = ["dense float32", "int8", "int8 + top10%", "int4 + top1% + EF", "int4 + top3% + EF + zlib",
+         "int4 + top4% + EF + zlib", "int1 fit + top6% + EF + zlib"]
+
+
+def row_config(base: SimulateConfig, name: str, out: str = "runs/bench_accuracy") -> SimulateConfig:
+    """The simulation of one CODECS row on top of ``base``."""
+    fields = dict(CODECS[name])
+    encoder = fields.pop("encoder", {})
+    cfg = dataclasses.replace(base, out=f"{out}/codec-s{base.seed}-{name.replace(' ', '')}", **fields)
+    if encoder:
+        cfg = dataclasses.replace(cfg, server={**cfg.server, "codec": {**cfg.codec(), **encoder}})
+    return cfg
 
 
 def _codec_row(name: str, cfg: SimulateConfig) -> dict[str, Any]:
@@ -86,18 +114,53 @@ def _codec_row(name: str, cfg: SimulateConfig) -> dict[str, Any]:
 
 def part_codec(args: argparse.Namespace) -> list[dict[str, Any]]:
     base = SimulateConfig(phones=50, rounds=args.rounds, dataset="mnist5k", partition="dirichlet:0.5",
-                          seed=args.seed, model=args.model, server={"round_timeout_s": args.round_timeout})
-    names = [n.strip() for n in args.only.split(",")] if args.only else list(CODECS)
+                          seed=args.seed, model=args.model, clock=args.clock,
+                          server={"round_timeout_s": args.round_timeout})
+    names = [n.strip() for n in args.only.split(",")] if args.only else TABLE
     unknown = sorted(set(names) - set(CODECS))
     if unknown or names[0] != "dense float32":
         raise SystemExit(f"--only: names from {list(CODECS)}, dense float32 first; unknown {unknown}")
-    cfgs = [dataclasses.replace(base, out=f"runs/bench_accuracy/codec-s{args.seed}-{n.replace(' ', '')}", **CODECS[n])
-            for n in names]
+    cfgs = [row_config(base, n) for n in names]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = list(pool.map(_codec_row, names, cfgs))
     dense_acc = rows[0]["accuracy"]
     for r in rows:
         r["acc_drop_points"] = round(100 * (dense_acc - r["accuracy"]), 2)
+    return rows
+
+
+def part_codec_seeds(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per codec over the seeds' accuracy_codec*.json (written by ``codec --seed S``):
+    accuracy and drop vs dense per seed, their mean, and the worst drop. Refuses files whose
+    rounds or clock differ, or that lack dense float32."""
+    import json
+
+    from bench.common import RESULTS
+
+    runs = {}
+    for seed in (int(x) for x in args.seeds.split(",")):
+        payload = json.loads((RESULTS / f"accuracy_codec{f'_seed{seed}' if seed else ''}.json").read_text())
+        runs[seed] = payload
+    settings = {(p["args"]["rounds"], p["args"].get("clock", "wall")) for p in runs.values()}
+    if len(settings) != 1:
+        raise SystemExit(f"the seeds' files differ in (rounds, clock): {sorted(settings)}")
+    by_codec: dict[str, dict[int, dict[str, Any]]] = {}
+    for seed, payload in runs.items():
+        for r in payload["rows"]:
+            by_codec.setdefault(r["codec"], {})[seed] = r
+    rows = []
+    for name, seeds in by_codec.items():
+        row: dict[str, Any] = {"codec": name, "compression": round(float(np.mean([r["compression"] for r in
+                                                                                   seeds.values()])), 1)}
+        for seed in runs:
+            r = seeds.get(seed)
+            row[f"acc_s{seed}"] = r["accuracy"] if r else None
+            row[f"drop_s{seed}"] = r["acc_drop_points"] if r else None
+        if len(seeds) == len(runs):
+            row["acc_mean"] = round(float(np.mean([r["accuracy"] for r in seeds.values()])), 4)
+            row["drop_mean"] = round(float(np.mean([r["acc_drop_points"] for r in seeds.values()])), 2)
+            row["drop_max"] = max(r["acc_drop_points"] for r in seeds.values())
+        rows.append(row)
     return rows
 
 
@@ -125,7 +188,7 @@ def part_privacy(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["central", "codec", "privacy"])
+    parser.add_argument("part", choices=["central", "codec", "codec-seeds", "privacy"])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--central-epochs", type=int, default=20)
     parser.add_argument("--model", default="cnn")
@@ -134,10 +197,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="codec: settings run at once, each on one thread")
     parser.add_argument("--only", help="codec: comma-separated row names (dense float32 first)")
     parser.add_argument("--round-timeout", type=float, default=900.0, help="codec: seconds a round waits")
+    parser.add_argument("--clock", choices=["virtual", "wall"], default="virtual",
+                        help="codec: virtual (deterministic cohorts, the default) or wall")
+    parser.add_argument("--seeds", default="0,1,2", help="codec-seeds: the seeds whose codec results to combine")
     args = parser.parse_args()
-    rows = {"central": part_central, "codec": part_codec, "privacy": part_privacy}[args.part](args)
+    parts = {"central": part_central, "codec": part_codec, "codec-seeds": part_codec_seeds, "privacy": part_privacy}
+    rows = parts[args.part](args)
     print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
     name = f"accuracy_{args.part}" + (f"_seed{args.seed}" if args.part == "codec" and args.seed else "")
+    name = name.replace("-", "_")  # codec-seeds -> accuracy_codec_seeds.json
     print(f"wrote {write(name, {'args': vars(args), 'rows': rows})}")
 
 
