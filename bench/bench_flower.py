@@ -15,14 +15,18 @@ baseline.
 Figures: ``updates/s`` = merged updates / the summed wall time of the rounds (round 1 opens
 after process start-up: for fedfleet it includes the phones' registration, for Flower the Ray
 actors' first task, which imports torch in each actor); ``steady/s`` = the same over rounds
-2..R. fedfleet hands work to 1.3x the target (over-selection against stragglers), so it trains
-30% more phones than it merges; only merged updates count. 10,000 phones cannot split sklearn
+2..R. Without emulated devices there are no stragglers, so fedfleet hands work to exactly the
+cohort, as Flower does (over-selection is for emulated fleets); only merged updates count.
+fedfleet runs with its server on the fleet's event loop and, ``--server-process yes``, in a
+process of its own (a core each). When Flower gives no result within ``--flower-timeout``,
+the client trainings it had finished by then (logged by flower_side.py, none aggregated)
+give an upper bound of its rate, and the ratio is taken against that. 10,000 phones cannot split sklearn
 digits (1,438 training examples), so scale points above ``--digits-max`` phones use
 ``synthetic:M`` (8x8 inputs, the same MLP) with M chosen to give each phone as many examples
 as digits gives 100 phones (~14: one SGD step per round).
 
     .venv/bin/python -m bench.bench_flower [--phones 100,10000] [--rounds 10] [--scale-rounds 3]
-        [--client-cpus 1.0,0.5] [--flower-timeout 900] [--skip-flower-above 0]
+        [--client-cpus 1.0,0.5] [--flower-timeout 900] [--skip-flower-above 0] [--server-process no,yes]
 
 Prints a table and writes bench/results/flower.json.
 """
@@ -94,14 +98,17 @@ def _fedfleet_child(cfg_kwargs: dict[str, Any], conn: Any) -> None:
     from fedfleet.simulate import SimulateConfig
 
     rows, summary, total_s = run_sim(SimulateConfig(**cfg_kwargs))
-    conn.send({"rows": rows, "total_s": total_s,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    # With the server in its own (finished) child process, its peak counts too.
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    conn.send({"rows": rows, "total_s": total_s, "peak_rss_mb": peak_kib / 1024})
     conn.close()
 
 
-def run_fedfleet(phones: int, rounds: int, dataset: str, out: Path) -> dict[str, Any]:
-    """``fedfleet simulate`` through bench.common.run_sim, in a fresh process (clean peak RSS)."""
-    cfg = dict(phones=phones, rounds=rounds, dataset=dataset, devices="none", out=str(out), **WORKLOAD)
+def run_fedfleet(phones: int, rounds: int, dataset: str, out: Path, server_process: str = "no") -> dict[str, Any]:
+    """``fedfleet simulate`` through bench.common.run_sim, in a fresh process (clean peak RSS);
+    ``server_process`` yes: the server in a child process of its own (a core each)."""
+    cfg = dict(phones=phones, rounds=rounds, dataset=dataset, devices="none", out=str(out),
+               server_process=server_process, **WORKLOAD)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_fedfleet_child, args=(cfg, child))
@@ -121,6 +128,7 @@ def run_fedfleet(phones: int, rounds: int, dataset: str, out: Path) -> dict[str,
         "accuracy": rows[-1]["accuracy"], "accuracy_per_round": [r["accuracy"] for r in rows],
         "aggregate_ms": [r["aggregate_ms"] for r in rows],
         "total_s": got["total_s"], "peak_rss_mb": got["peak_rss_mb"], "run_dir": str(out),
+        "server_process": server_process == "yes",
     }
 
 
@@ -131,7 +139,10 @@ def run_flower(python: Path, npz: Path, rounds: int, client_cpus: float, timeout
            "--lr", str(WORKLOAD["lr"]), "--batch-size", str(WORKLOAD["batch_size"]),
            "--local-epochs", str(WORKLOAD["local_epochs"]), "--seed", str(WORKLOAD["seed"])]
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    env.update(RAY_DISABLE_USAGE_STATS="1", FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+    progress_path = log.with_suffix(".progress")
+    progress_path.unlink(missing_ok=True)
+    env.update(RAY_DISABLE_USAGE_STATS="1", FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1",
+               FLOWER_BENCH_PROGRESS=str(progress_path))
     base = {"system": "flower", "client_cpus": client_cpus, "rounds": rounds, "log": str(log)}
     t0 = time.perf_counter()
     with log.open("w") as f:
@@ -139,10 +150,11 @@ def run_flower(python: Path, npz: Path, rounds: int, client_cpus: float, timeout
         try:
             stdout, _ = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            killed_at = time.time()
             _kill_tree(proc.pid)
             proc.communicate()
             return {**base, "error": f"timeout: no result after {timeout_s:.0f} s (killed)",
-                    "elapsed_s": time.perf_counter() - t0}
+                    "elapsed_s": time.perf_counter() - t0, **partial_progress(progress_path, killed_at)}
         finally:
             _kill_tree(proc.pid)  # Ray processes the driver may have left behind
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
@@ -151,6 +163,24 @@ def run_flower(python: Path, npz: Path, rounds: int, client_cpus: float, timeout
         return {**base, "error": f"exit {proc.returncode}: {' | '.join(tail)[-400:]}",
                 "elapsed_s": time.perf_counter() - t0}
     return {**base, **json.loads(lines[-1])}
+
+
+def partial_progress(path: Path, killed_at: float) -> dict[str, Any]:
+    """What a killed Flower run had done: client trainings finished between its round 1 start
+    and the kill (none of them aggregated: the run never finished a round). Their rate is an
+    upper bound of what Flower would have merged per second."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {"partial_trained": 0, "partial_note": "round 1 never started"}
+    starts = [float(ln.split()[1]) for ln in lines if ln.startswith("start ")]
+    trained = [float(ln.split()[1]) for ln in lines if ln.startswith("trained ")]
+    if not starts:
+        return {"partial_trained": 0, "partial_note": "round 1 never started"}
+    span = killed_at - starts[0]
+    return {"partial_trained": len(trained), "partial_span_s": round(span, 1),
+            "partial_trained_per_s": len(trained) / span if span > 0 else None,
+            "partial_note": "client trainings finished before the kill, none aggregated"}
 
 
 def _kill_tree(pid: int) -> None:
@@ -191,6 +221,15 @@ def ratios(rows: list[dict[str, Any]]) -> None:
         if r["system"] != "fedfleet":
             continue
         same = [f for f in flower_ok if f["phones"] == r["phones"]]
+        partial = [f for f in rows if f["system"] == "flower" and f["phones"] == r["phones"]
+                   and f.get("partial_trained_per_s")]
+        if not same and partial:  # Flower gave no result here: compare with what it trained before the kill
+            best = max(partial, key=lambda f: f["partial_trained_per_s"])
+            r["ratio_updates_per_s"] = r["updates_per_s"] / best["partial_trained_per_s"]
+            r["ratio_updates_per_s_vs"] = (f"flower@{best['phones']} cpus={best['client_cpus']}: "
+                                           f"{best['partial_trained']} trainings in {best['partial_span_s']} s, "
+                                           "none aggregated (killed)")
+            continue
         pool = same or flower_ok
         if not pool:
             continue
@@ -213,6 +252,8 @@ def main() -> None:
     p.add_argument("--scale-client-cpus", default="best",
                    help="Flower settings above --digits-max phones: 'best' (the best steady one so far) or a list")
     p.add_argument("--flower-timeout", type=float, default=900.0, help="seconds per Flower run before it is killed")
+    p.add_argument("--server-process", default="no,yes",
+                   help="fedfleet settings to run: no (server on the fleet's event loop), yes (its own process)")
     p.add_argument("--skip-flower-above", type=int, default=0, help="do not run Flower above this many phones (0: always)")
     args = p.parse_args()
     phone_counts = [int(x) for x in args.phones.split(",")]
@@ -226,9 +267,11 @@ def main() -> None:
         npz = work / f"data-{phones}.npz"
         write_npz(npz, dataset, phones, SEED)
         print(f"== {phones} phones, {dataset}, {rounds} rounds", flush=True)
-        ff = run_fedfleet(phones, rounds, dataset, work / f"fedfleet-{phones}")
-        rows.append(ff)
-        print(f"fedfleet: {ff['updates_per_s']:.1f} updates/s (steady {ff['steady_updates_per_s'] or 0:.1f})", flush=True)
+        for sp in args.server_process.split(","):
+            ff = run_fedfleet(phones, rounds, dataset, work / f"fedfleet-{phones}-{sp}", server_process=sp)
+            rows.append(ff)
+            print(f"fedfleet server_process={sp}: {ff['updates_per_s']:.1f} updates/s "
+                  f"(steady {ff['steady_updates_per_s'] or 0:.1f})", flush=True)
         if args.skip_flower_above and phones > args.skip_flower_above:
             rows.append({"system": "flower", "phones": phones, "rounds": rounds, "dataset": dataset,
                          "error": f"not run (--skip-flower-above {args.skip_flower_above})"})
@@ -241,7 +284,8 @@ def main() -> None:
                                              f"(steady {fl['steady_updates_per_s'] or 0:.1f})"), flush=True)
     ratios(rows)
     for r in rows:
-        r["setting"] = f"cpus={r['client_cpus']}" if r["system"] == "flower" else "vmap+http"
+        r["setting"] = (f"cpus={r['client_cpus']}" if r["system"] == "flower" else
+                        "vmap+http" + (", server process" if r.get("server_process") else ""))
         r["result"] = r.get("error", "ok")[:40]
     columns = ["system", "setting", "phones", "rounds", "updates", "wall_s", "updates_per_s", "steady_updates_per_s",
                "accuracy", "peak_rss_mb", "ratio_updates_per_s", "ratio_steady_updates_per_s", "result"]

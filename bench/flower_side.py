@@ -42,6 +42,21 @@ from flwr.simulation import run_simulation
 from torch import nn
 
 DATA_ENV = "FLOWER_BENCH_DATA"  # the .npz, read by every Ray actor process
+# Optional: a file every finished client training appends a line to (and the ServerApp a
+# "start" line before round 1), so that a run killed at its time limit still shows how many
+# client updates Flower had trained by then. Small O_APPEND writes from many processes do not
+# interleave.
+PROGRESS_ENV = "FLOWER_BENCH_PROGRESS"
+
+
+def progress(line: str) -> None:
+    path = os.environ.get(PROGRESS_ENV)
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{line} {time.time():.3f}\n".encode())
+        finally:
+            os.close(fd)
 _DATA: dict[str, np.ndarray] = {}  # per process: the arrays of the .npz
 _MODEL: list[nn.Module] = []  # per process: one model that every client task reuses
 
@@ -107,6 +122,7 @@ def train(msg: Message, context: Context) -> Message:
             steps += 1
     metrics = MetricRecord({"train_loss": total / max(steps, 1), "num-examples": len(x)})
     content = RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics})
+    progress("trained")
     return Message(content=content, reply_to=msg)
 
 
@@ -174,6 +190,7 @@ def server_main(grid: Grid, context: Context) -> None:
     )
     train_config = ConfigRecord({"lr": args.lr, "batch-size": args.batch_size, "local-epochs": args.local_epochs,
                                  "seed": args.seed})
+    progress("start")
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=args.rounds, train_config=train_config,
                             evaluate_fn=evaluate, timeout=args.round_timeout)
     RUN["marks"], RUN["accuracy"] = marks, accuracy
