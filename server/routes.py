@@ -193,6 +193,7 @@ async def _update(request: web.Request) -> tuple[web.Response, Any, str, str]:
         _check_signature(lambda: app[NONCES].verify(key or b"", phone, meta["base_version"], meta["update_id"], body,
                                                     request.headers.get(SIGNATURE_HEADER),
                                                     request.headers.get(NONCE_HEADER)), key)
+    openings = coord.openings()
     answer = coord.add_update(phone, meta, msg.tensors, wire=body)
     durable, coord.durable = coord.durable, None
     response = json_response(answer)
@@ -200,8 +201,8 @@ async def _update(request: web.Request) -> tuple[web.Response, Any, str, str]:
     request[COUNTED_KEY] = True
     if coord.ready():
         schedule_merge(app)
-    else:
-        app[WORK].notify()  # an async slot is free again
+    elif coord.openings() != openings:
+        app[WORK].notify()  # an async slot is free again (in a sync round an upload frees nothing)
     return response, durable, phone, str(meta["update_id"])
 
 
