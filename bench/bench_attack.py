@@ -7,8 +7,11 @@
 category of ``CATEGORIES`` at ``--rps`` with ``--concurrency`` connections, and holds ``--loris``
 slow-loris connections (headers or bodies trickled a byte at a time) open meanwhile. It reports
 the status codes per category (all must be 4xx), the merges (only honest updates may be merged:
-checked in the server's SQLite file afterwards), honest p50/p99 before and during the attack, and
-the server's RSS before, after and at its peak. Writes bench/results/attack.json.
+checked in the server's SQLite file afterwards), honest p50/p99 before, during and ``--after-s``
+after the attack (the same phones, timed the same way, by each request's start), and the server's
+RSS before, after and at its peak, and every ``--rss-every-s`` during the attack with the growth of
+its first and second half (``--soak-s`` runs the attack for a duration instead of a count, to show
+that memory plateaus). Writes bench/results/attack.json (``--out``).
 
 The fuzzer (``Fuzzer``) is shared with tests/test_fuzz_http.py, which runs ~1,000 of its cases
 against the in-process server.
@@ -793,7 +796,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu_attack1 = (cpu_s(server.pid), cpu_s(honest.pid or 0), attacker_cpu, time.time())
         attacker.join()
         rss_after = rss_kib(server.pid)[0]
-        time.sleep(args.tail_s)
+        quiet_until = time.time() + max(args.tail_s, args.after_s + 1.0)
+        while time.time() < quiet_until:  # honest phones alone again: the "after" baseline
+            samples.append((time.time(), rss_kib(server.pid)[0]))
+            time.sleep(0.25)
         stop.set()
         honest_res = h_out.get(timeout=600)
         honest.join()
@@ -860,6 +866,7 @@ def summarize(args: argparse.Namespace, attack: dict[str, Any], honest: dict[str
     recs = honest["records"]
     base = [s for (t, _k, s, _st) in recs if base_lo <= t < attack_at]
     under = [s for (t, _k, s, _st) in recs if t0 <= t <= t1]
+    after = [s for (t, _k, s, _st) in recs if t1 + 1.0 <= t < t1 + 1.0 + args.after_s]  # measured as the baseline
     by_kind = {}
     for kind in ("checkin", "model", "upload"):
         b = [s for (t, k, s, _st) in recs if k == kind and base_lo <= t < attack_at]
@@ -872,7 +879,7 @@ def summarize(args: argparse.Namespace, attack: dict[str, Any], honest: dict[str
     merged_updates = sum(r["updates"] for r in rounds)
     buffered = int(status.get("buffered", 0))
     peak_attack = max((kib for (t, kib) in samples if t >= t0), default=rss_after)
-    b99, a99 = pct(base, 99), pct(under, 99)
+    b99, a99, f99 = pct(base, 99), pct(under, 99), pct(after, 99)
     result = {
         "config": {k: v for k, v in vars(args).items()},
         "attack": {
@@ -883,7 +890,8 @@ def summarize(args: argparse.Namespace, attack: dict[str, Any], honest: dict[str
             "no_answer": sum(1 for r in rows if r["status"] == 0), "non_4xx_examples": bad[:20],
             "4xx_without_message": no_message,
             "errors": dict(Counter(f"{r['category']}:{r['error']}" for r in rows).most_common(80)),
-            "slow_loris": attack["loris"],
+            "slow_loris": loris_summary(attack["loris"]),
+            "slow_loris_first_episodes": attack["loris"][:12],
         },
         "merges": {
             "honest_accepted": len(honest["accepted"]), "server_merged_updates": merged_updates,
@@ -897,13 +905,44 @@ def summarize(args: argparse.Namespace, attack: dict[str, Any], honest: dict[str
             "baseline_p50_ms": _ms(pct(base, 50)), "baseline_p99_ms": _ms(b99),
             "attack_p50_ms": _ms(pct(under, 50)), "attack_p99_ms": _ms(a99),
             "p99_ratio": round(a99 / b99, 2) if a99 and b99 else None, "n_baseline": len(base), "n_attack": len(under),
+            "after_p50_ms": _ms(pct(after, 50)), "after_p99_ms": _ms(f99), "n_after": len(after),
+            "p99_ratio_to_after": round(a99 / f99, 2) if a99 and f99 else None,
             "by_kind": by_kind,
         },
         "server_rss_mib": {"before": round(rss_before / 1024, 1), "after": round(rss_after / 1024, 1),
                            "settled": round(rss_settled / 1024, 1), "peak_during_attack": round(peak_attack / 1024, 1),
                            "high_water_mark": round(rss_hwm / 1024, 1)},
+        "server_rss_curve": rss_curve(samples, t0, t1, args.rss_every_s),
     }
     return result
+
+
+def loris_summary(episodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Slow-loris episodes grouped by kind and how they ended (a 429 ends one at once, a timeout later)."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for e in episodes:
+        groups.setdefault((e["kind"], str(e["status"] or e["end"])), []).append(e["held_s"])
+    return [{"kind": k, "outcome": o, "episodes": len(v), "min_held_s": min(v), "max_held_s": max(v)}
+            for (k, o), v in sorted(groups.items())]
+
+
+def rss_curve(samples: list[tuple[float, int]], t0: float, t1: float, every_s: float) -> dict[str, Any]:
+    """The server's RSS during the attack every ``every_s`` seconds, and its growth in the first and
+    the second half of the attack: bounded memory shows as a second half that grows (almost) nothing."""
+    during = [(t - t0, kib / 1024) for t, kib in samples if t0 <= t <= t1]
+    if len(during) < 2:
+        return {}
+    curve, next_t = [], 0.0
+    for t, mib in during:
+        if t >= next_t:
+            curve.append([round(t, 1), round(mib, 1)])
+            next_t = t + every_s
+    mid = (t1 - t0) / 2
+    at_mid = min(during, key=lambda p: abs(p[0] - mid))[1]
+    first, last = during[0][1], during[-1][1]
+    return {"every_s": every_s, "t_s_and_mib": curve, "start_mib": round(first, 1), "mid_mib": round(at_mid, 1),
+            "end_mib": round(last, 1), "max_mib": round(max(m for _, m in during), 1),
+            "growth_first_half_mib": round(at_mid - first, 1), "growth_second_half_mib": round(last - at_mid, 1)}
 
 
 def _ms(v: float | None) -> float | None:
@@ -920,27 +959,34 @@ def report(result: dict[str, Any]) -> str:
     lines.append(f"attack: {a['requests']} requests in {a['seconds']} s ({a['achieved_rps']}/s); statuses "
                  f"{a['status_histogram']}; non-4xx {a['non_4xx']}, 5xx {a['five_xx']}, no answer {a['no_answer']}, "
                  f"4xx without a message {a['4xx_without_message']}")
-    lines.append("slow-loris: " + "; ".join(f"{s['kind']} -> {s['status'] or s['end']} after {s['held_s']} s"
-                                            for s in a["slow_loris"]))
+    lines.append("slow-loris: " + "; ".join(f"{s['kind']} -> {s['outcome']}: {s['episodes']}x, held {s['min_held_s']}-"
+                                            f"{s['max_held_s']} s" for s in a["slow_loris"]))
     lines.append(f"merges: honest accepted {m['honest_accepted']}, server merged {m['server_merged_updates']} + "
                  f"buffered {m['server_buffered']}; store rows merged {m['store_merged_rows']} + pending "
                  f"{m['store_pending_rows']}, of attacker phones {m['store_rows_of_attacker_phones']}")
     lines.append("")
     hrows = [{"phase": "baseline", "requests": h["n_baseline"], "p50_ms": h["baseline_p50_ms"], "p99_ms": h["baseline_p99_ms"]},
-             {"phase": "under attack", "requests": h["n_attack"], "p50_ms": h["attack_p50_ms"], "p99_ms": h["attack_p99_ms"]}]
+             {"phase": "under attack", "requests": h["n_attack"], "p50_ms": h["attack_p50_ms"], "p99_ms": h["attack_p99_ms"]},
+             {"phase": "after attack", "requests": h["n_after"], "p50_ms": h["after_p50_ms"], "p99_ms": h["after_p99_ms"]}]
     for kind, k in h["by_kind"].items():
         hrows.append({"phase": f"  {kind} base", "requests": k["n_baseline"], "p50_ms": k["baseline_p50_ms"],
                       "p99_ms": k["baseline_p99_ms"]})
         hrows.append({"phase": f"  {kind} attack", "requests": k["n_attack"], "p50_ms": k["attack_p50_ms"],
                       "p99_ms": k["attack_p99_ms"]})
     lines.append(table(hrows, ["phase", "requests", "p50_ms", "p99_ms"]))
-    lines.append(f"honest p99 ratio (attack / baseline): {h['p99_ratio']}; honest statuses {h['status']} "
+    lines.append(f"honest p99 ratio (attack / baseline): {h['p99_ratio']} (attack / after: {h['p99_ratio_to_after']}); honest statuses {h['status']} "
                  f"(upload 503 backpressure: {h['upload_503']})")
     cpu = result.get("cpu_percent_of_one_core", {})
     lines.append(f"CPU % of one core: baseline {cpu.get('baseline')}, under attack {cpu.get('attack')}; "
                  f"load average at the end {cpu.get('loadavg_at_end')} (2 cores, shared with other work)")
     lines.append(f"server RSS MiB: at the start of the baseline {rss.get('baseline_start')}, before {rss['before']}, after {rss['after']}, settled {rss['settled']}, peak during "
                  f"attack {rss['peak_during_attack']}, high-water mark {rss['high_water_mark']}")
+    curve = result.get("server_rss_curve") or {}
+    if curve:
+        lines.append(f"server RSS during the attack: {curve['start_mib']} -> {curve['mid_mib']} (half-way) -> "
+                     f"{curve['end_mib']} MiB; growth first half {curve['growth_first_half_mib']} MiB, second half "
+                     f"{curve['growth_second_half_mib']} MiB; every {curve['every_s']} s: "
+                     + " ".join(f"{m:.0f}" for _, m in curve["t_s_and_mib"]))
     return "\n".join(lines)
 
 
@@ -955,12 +1001,19 @@ def main() -> None:
     p.add_argument("--warmup-s", type=float, default=5.0)
     p.add_argument("--baseline-s", type=float, default=30.0)
     p.add_argument("--tail-s", type=float, default=2.0)
+    p.add_argument("--after-s", type=float, default=15.0,
+                   help="honest phones alone again after the attack, measured like the baseline")
+    p.add_argument("--soak-s", type=float, default=None,
+                   help="attack for this long (sets --requests to rps x soak-s): shows whether memory plateaus")
+    p.add_argument("--rss-every-s", type=float, default=5.0, help="spacing of the reported server RSS curve")
     p.add_argument("--max-update-bytes", type=int, default=1 << 20)
     p.add_argument("--request-timeout-s", type=float, default=5.0)
     p.add_argument("--attacker-nice", type=int, default=10, help="niceness of the attacker process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="attack")
     args = p.parse_args()
+    if args.soak_s is not None:
+        args.requests = int(args.rps * args.soak_s)
     result = run(args)
     print(report(result))
     from bench.common import write
