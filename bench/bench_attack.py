@@ -761,7 +761,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "max_update_bytes": args.max_update_bytes, "request_timeout_s": args.request_timeout_s,
                 "seed": args.seed}
     server = start_server(data_dir, settings, port)
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, float]] = []  # (time, server RSS KiB, 1-minute load average)
     try:
         captures, h_out, a_out = ctx.Queue(maxsize=256), ctx.Queue(), ctx.Queue()
         t_start = time.time()
@@ -775,7 +775,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu_base = (cpu_s(server.pid), cpu_s(honest.pid or 0), time.time())
         rss_baseline_start = rss_kib(server.pid)[0]
         while time.time() < attack_at:
-            samples.append((time.time(), rss_kib(server.pid)[0]))
+            samples.append((time.time(), rss_kib(server.pid)[0], load1()))
             time.sleep(0.25)
         rss_before = rss_kib(server.pid)[0]
         attacker = ctx.Process(target=attacker_main, args=(url, args.seed, args.requests, args.rps, args.concurrency,
@@ -786,7 +786,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         attacker_cpu = 0.0
         attack: dict[str, Any] | None = None
         while attack is None:
-            samples.append((time.time(), rss_kib(server.pid)[0]))
+            samples.append((time.time(), rss_kib(server.pid)[0], load1()))
             attacker_cpu = cpu_s(attacker.pid or 0) or attacker_cpu
             try:
                 attack = a_out.get(timeout=0.25)
@@ -798,7 +798,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rss_after = rss_kib(server.pid)[0]
         quiet_until = time.time() + max(args.tail_s, args.after_s + 1.0)
         while time.time() < quiet_until:  # honest phones alone again: the "after" baseline
-            samples.append((time.time(), rss_kib(server.pid)[0]))
+            samples.append((time.time(), rss_kib(server.pid)[0], load1()))
             time.sleep(0.25)
         stop.set()
         honest_res = h_out.get(timeout=600)
@@ -850,7 +850,7 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def summarize(args: argparse.Namespace, attack: dict[str, Any], honest: dict[str, Any], samples: list[tuple[float, int]],
+def summarize(args: argparse.Namespace, attack: dict[str, Any], honest: dict[str, Any], samples: list[tuple[float, int, float]],
               rss_before: int, rss_after: int, rss_settled: int, rss_hwm: int, status: dict[str, Any],
               rounds: list[dict[str, Any]], merged_rows: int, pending_rows: int, attacker_rows: int,
               attack_at: float) -> dict[str, Any]:
@@ -878,7 +878,7 @@ def summarize(args: argparse.Namespace, attack: dict[str, Any], honest: dict[str
     honest_503 = sum(1 for (t, k, _s, st) in recs if k == "upload" and st == 503)
     merged_updates = sum(r["updates"] for r in rounds)
     buffered = int(status.get("buffered", 0))
-    peak_attack = max((kib for (t, kib) in samples if t >= t0), default=rss_after)
+    peak_attack = max((kib for (t, kib, _l) in samples if t >= t0), default=rss_after)
     b99, a99, f99 = pct(base, 99), pct(under, 99), pct(after, 99)
     result = {
         "config": {k: v for k, v in vars(args).items()},
@@ -913,6 +913,7 @@ def summarize(args: argparse.Namespace, attack: dict[str, Any], honest: dict[str
                            "settled": round(rss_settled / 1024, 1), "peak_during_attack": round(peak_attack / 1024, 1),
                            "high_water_mark": round(rss_hwm / 1024, 1)},
         "server_rss_curve": rss_curve(samples, t0, t1, args.rss_every_s),
+        "honest_windows": latency_windows(recs, samples, t0, t1, args.window_s),
     }
     return result
 
@@ -926,10 +927,30 @@ def loris_summary(episodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for (k, o), v in sorted(groups.items())]
 
 
-def rss_curve(samples: list[tuple[float, int]], t0: float, t1: float, every_s: float) -> dict[str, Any]:
+def load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def latency_windows(recs: list[tuple[float, str, float, int]], samples: list[tuple[float, int, float]], t0: float,
+                    t1: float, window_s: float) -> list[dict[str, Any]]:
+    """Honest p50/p99 in consecutive windows of the attack, next to the machine's load average then
+    (the machine is shared: a window whose p99 rises with the load is other work, not the attack)."""
+    rows = []
+    start = t0
+    while start < t1:
+        end = min(t1, start + window_s)
+        lat = [s for (t, _k, s, _st) in recs if start <= t < end]
+        loads = [ld for (t, _kib, ld) in samples if start <= t < end]
+        rows.append({"from_s": round(start - t0), "n": len(lat), "p50_ms": _ms(pct(lat, 50)), "p99_ms": _ms(pct(lat, 99)),
+                     "load1": round(sum(loads) / len(loads), 2) if loads else None})
+        start = end
+    return rows
+
+
+def rss_curve(samples: list[tuple[float, int, float]], t0: float, t1: float, every_s: float) -> dict[str, Any]:
     """The server's RSS during the attack every ``every_s`` seconds, and its growth in the first and
     the second half of the attack: bounded memory shows as a second half that grows (almost) nothing."""
-    during = [(t - t0, kib / 1024) for t, kib in samples if t0 <= t <= t1]
+    during = [(t - t0, kib / 1024) for t, kib, _l in samples if t0 <= t <= t1]
     if len(during) < 2:
         return {}
     curve, next_t = [], 0.0
@@ -981,6 +1002,10 @@ def report(result: dict[str, Any]) -> str:
                  f"load average at the end {cpu.get('loadavg_at_end')} (2 cores, shared with other work)")
     lines.append(f"server RSS MiB: at the start of the baseline {rss.get('baseline_start')}, before {rss['before']}, after {rss['after']}, settled {rss['settled']}, peak during "
                  f"attack {rss['peak_during_attack']}, high-water mark {rss['high_water_mark']}")
+    windows = result.get("honest_windows") or []
+    if windows:
+        lines.append("honest p99 ms per window of the attack (load average): " + " ".join(
+            f"{w['p99_ms']:.0f}({w['load1']})" for w in windows if w["p99_ms"] is not None))
     curve = result.get("server_rss_curve") or {}
     if curve:
         lines.append(f"server RSS during the attack: {curve['start_mib']} -> {curve['mid_mib']} (half-way) -> "
@@ -1006,6 +1031,7 @@ def main() -> None:
     p.add_argument("--soak-s", type=float, default=None,
                    help="attack for this long (sets --requests to rps x soak-s): shows whether memory plateaus")
     p.add_argument("--rss-every-s", type=float, default=5.0, help="spacing of the reported server RSS curve")
+    p.add_argument("--window-s", type=float, default=30.0, help="honest latency is also reported per window this long")
     p.add_argument("--max-update-bytes", type=int, default=1 << 20)
     p.add_argument("--request-timeout-s", type=float, default=5.0)
     p.add_argument("--attacker-nice", type=int, default=10, help="niceness of the attacker process")

@@ -6,12 +6,17 @@ malformed traffic costs the server a header lookup per request instead of a deco
 check and a traceback. Successful requests cost nothing: honest phones, which almost never get a
 4xx, are never throttled, however busy the attacker next to them is.
 
-Clients are keyed by the authenticated phone when the ``Authorization`` token belongs to one (each
-phone has its own bucket, so one misbehaving phone cannot use up another's), and otherwise by the
-peer address. Many phones can share one address (carrier-grade NAT, a campus), so the per-address
-budget, which only meters unauthenticated failures (unknown tokens, registrations, garbage), is
-much larger than the per-phone one; behind a reverse proxy the address is taken from the header it
-sets (``ratelimit_peer_header``), never from a header a client could forge on a direct connection.
+Clients are keyed by the authenticated phone and the peer address together when the
+``Authorization`` token belongs to a phone (each phone has its own bucket, so one misbehaving phone
+cannot use up another's; and whoever replays or forges a phone's requests from elsewhere, with a
+captured token, spends the budget of that phone *at their own address*, not the phone's), and
+otherwise by the peer address alone. Many phones can share one address (carrier-grade NAT, a
+campus), so the per-address budget, which only meters unauthenticated failures (unknown tokens,
+registrations, garbage), is much larger than the per-phone one; behind a reverse proxy the address
+is taken from the header it sets (``ratelimit_peer_header``), never from a header a client could
+forge on a direct connection. (A phone that changes address gets a fresh budget there: on a mobile
+network that is a phone moving, and an attacker's own phone gains ``reject_burst`` failures per
+address it can use.)
 """
 
 from __future__ import annotations
@@ -91,13 +96,15 @@ class FailureLimits:
         self.throttled = 0  # requests answered 429
 
     def client(self, request: web.Request) -> tuple[TokenBuckets, str]:
-        """The bucket a request draws on: its phone's when its bearer token is a phone's, else its address's."""
+        """The bucket a request draws on: its phone's at its address when its bearer token is a
+        phone's, else its address's."""
+        address = self._address(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and 0 < len(token) <= 512:
             phone = self.store.phone_for_token(token.strip())  # cached for known tokens
             if phone is not None:
-                return self.phones, phone
-        return self.peers, self._address(request)
+                return self.phones, f"{phone}@{address}"
+        return self.peers, address
 
     def _address(self, request: web.Request) -> str:
         if self.peer_header:  # a trusted proxy in front appends the real client last

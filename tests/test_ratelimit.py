@@ -113,6 +113,23 @@ async def test_throttled_upload_is_refused_before_its_body_is_read(make_server: 
     writer.close()
 
 
+async def test_a_captured_token_used_elsewhere_does_not_throttle_its_phone(make_server: MakeClient) -> None:
+    # Behind a proxy that reports client addresses: the thief replays from 10.0.0.66, the phone is at 10.0.0.1.
+    client = await make_server(sample_fraction=1.0, min_cohort=3, require_signatures=True, reject_burst=3,
+                               reject_rate_per_s=0.01, ratelimit_peer_header="X-Forwarded-For")
+    auth, key, task = await _phone(client, "honest")
+    body = update_body(task, update_id="h1")
+    signed = {**auth, **key.headers("honest", 0, "h1", body)}
+    here, there = {"X-Forwarded-For": "10.0.0.1"}, {"X-Forwarded-For": "192.0.2.7, 10.0.0.66"}
+    assert (await client.post("/v1/update", data=body, headers={**signed, **here})).status == 200
+    replays = [(await client.post("/v1/update", data=body, headers={**signed, **there})).status for _ in range(5)]
+    assert replays == [401] * 3 + [429] * 2
+    assert (await client.post("/v1/checkin", headers={**auth, **here})).status == 200
+    body = update_body(task, update_id="h2")  # judged on its merits (one update a round), not refused unread
+    resp = await client.post("/v1/update", data=body, headers={**auth, **key.headers("honest", 0, "h2", body), **here})
+    assert resp.status == 409 and (await resp.json())["error"] == "duplicate"
+
+
 async def test_unknown_tokens_are_metered_per_address_not_per_phone(make_server: MakeClient) -> None:
     client = await make_server(peer_reject_burst=4, peer_reject_rate_per_s=0.01)
     resp = await client.post("/v1/register", json={"name": "honest"})
