@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
+from server.store import Store
 from tests.conftest import MakeClient, register, update_body, zero_delta
 
 
@@ -64,3 +66,22 @@ async def test_no_acknowledgement_when_the_commit_fails(make_server: MakeClient,
     resp = await client.post("/v1/update", data=update_body(task, update_id="u1"), headers=auth)
     assert resp.status == 200 and not (await resp.json())["duplicate"]  # the retry is a fresh acceptance
     assert _durable(tmp_path / "server.sqlite", phone, "u1")
+
+
+async def test_a_merge_waits_for_pending_rows_still_being_written(tmp_path: Path) -> None:
+    """Group commits run on a writer thread; a version commit that moves an update to the merged
+    set must come after that update's pending row is written, or the row would outlive its merge
+    (and a restart would merge it again)."""
+    store = Store(tmp_path / "s.sqlite")
+    gate = threading.Event()
+    assert store._writer is not None
+    store._writer.submit(gate.wait)  # keep the writer busy: the next group commit waits behind this
+    acked = store.add_pending("p", "u1", {"examples": 1}, b"wire")
+    assert acked is not None
+    await asyncio.sleep(0)  # the loop runs the flush: the row is handed to the writer, not yet written
+    assert store.commit_of("p", "u1") is acked and not acked.done()
+    threading.Timer(0.2, gate.set).start()
+    store.save_version(1, b"model", merged=[("p", "u1")])  # waits for the row, then moves it
+    await acked
+    assert store.pending() == [] and store.merged_version("p", "u1") == 1
+    store.close()
