@@ -92,7 +92,7 @@ CODECS: dict[str, dict[str, Any]] = {
 }
 # the rows run when --only is not given: the four and the >= 50x candidates
 TABLE = ["dense float32", "int8", "int8 + top10%", "int4 + top1% + EF", "int4 + top3% + EF + zlib",
-         "int4 + top4% + EF + zlib", "int1 fit + top6% + EF + zlib"]
+         "int4 + top4% + EF + zlib", "int1 fit + top6% + EF + zlib", "int1 fit + top4% + EF + zlib"]
 
 
 def row_config(base: SimulateConfig, name: str, out: str = "runs/bench_accuracy") -> SimulateConfig:
@@ -220,7 +220,9 @@ def main() -> None:
     rows = parts[args.part](args)
     print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
     name = f"accuracy_{args.part}" + (f"_seed{args.seed}" if args.part == "codec" and args.seed else "")
-    name = name.replace("-", "_")  # codec-seeds -> accuracy_codec_seeds.json
+    name = name.replace("-", "_")  # codec-seeds -> accuracy_codec_seeds.json (other seeds: ..._seeds_01234.json)
+    if args.part == "codec-seeds" and args.seeds != "0,1,2":
+        name += "_" + args.seeds.replace(",", "")
     print(f"wrote {write(name, {'args': vars(args), 'rows': rows})}")
 
 
