@@ -58,6 +58,11 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-bits", type=int, choices=[32, 8, 4, 2, 1], help="bits per value sent (default 32)")
     p.add_argument("--error-feedback", action="store_true", default=None, help="carry unsent residuals forward")
     p.add_argument("--compress", action="store_true", default=None, help="zlib over the update payload and header")
+    p.add_argument("--quant-rounding", choices=["stochastic", "nearest"],
+                   help="stochastic (unbiased, default) or nearest (deterministic; pair with --error-feedback)")
+    p.add_argument("--quant-scale", choices=["max", "fit"],
+                   help="per-chunk scale: max|x| (default) or fit (least squares; needs --quant-rounding nearest; "
+                        "at 1 bit: sign x mean|x|, STC)")
     p.add_argument("--epsilon-budget", type=float, help="stop scheduling phones past this local epsilon")
     p.add_argument("--central-clip", type=float, help="central DP: clip each update on the server")
     p.add_argument("--central-noise-multiplier", type=float, help="central DP: noise on the clipped sum")
@@ -73,8 +78,8 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size", "lr", "prox_mu", "seed", "workers", "runtime", "out", "mode", "concurrency", "buffer",
             "staleness", "max_staleness", "server_optimizer", "server_lr", "devices", "compute_ms", "diurnal",
             "dropout", "clock", "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk",
-            "quant_bits", "error_feedback", "compress", "epsilon_budget", "central_clip", "central_noise_multiplier",
-            "robust", "attack", "attack_fraction", "trainer", "hours"]
+            "quant_bits", "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget",
+            "central_clip", "central_noise_multiplier", "robust", "attack", "attack_fraction", "trainer", "hours"]
     return {k: getattr(args, k) for k in keys}
 
 

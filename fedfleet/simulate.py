@@ -78,6 +78,8 @@ class SimulateConfig:
     quant_bits: int = 32  # 32 | 8 | 4 | 2 | 1 (stochastic, per-chunk scales)
     error_feedback: bool = False  # keep what sparsification dropped for the next update
     compress: bool = False  # zlib over the payload
+    quant_rounding: str = "stochastic"  # stochastic (unbiased) | nearest (deterministic; for error feedback)
+    quant_scale: str = "max"  # max | fit (least-squares scale per chunk; needs quant_rounding nearest)
     epsilon_budget: float = 0.0  # stop scheduling a phone past this local epsilon (0 = no limit)
     central_clip: float = 0.0  # central DP on the server (DP-FedAvg): clip ...
     central_noise_multiplier: float = 0.0  # ... and noise the sum
@@ -105,6 +107,12 @@ class SimulateConfig:
             c["error_feedback"] = True
         if self.compress:
             c["compress"] = True
+        if self.quant_rounding not in ("stochastic", "nearest"):
+            raise ValueError("quant_rounding must be stochastic or nearest")
+        if self.quant_rounding == "nearest":
+            c["stochastic_rounding"] = False
+        if self.quant_scale != "max":
+            c["quant_scale"] = self.quant_scale
         return c
     server: dict[str, Any] = field(default_factory=dict)  # any other ServerConfig field
 

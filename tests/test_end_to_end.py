@@ -97,3 +97,12 @@ def test_server_resumes_from_data_dir(tmp_path: Path) -> None:
         assert (again.params[name] == value).all()
     with pytest.raises(ValueError, match="different task"):
         make_app(cfg.replace(model="cnn"))
+
+
+def test_codec_flags_reach_the_task() -> None:
+    codec = SimulateConfig(quant_bits=1, topk=0.06, error_feedback=True, quant_rounding="nearest",
+                           quant_scale="fit").codec()
+    assert codec["stochastic_rounding"] is False and codec["quant_scale"] == "fit" and codec["quant_bits"] == 1
+    assert "stochastic_rounding" not in SimulateConfig(quant_bits=8).codec()  # unbiased by default
+    with pytest.raises(ValueError, match="quant_rounding"):
+        SimulateConfig(quant_rounding="down").codec()
