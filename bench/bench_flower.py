@@ -166,21 +166,25 @@ def run_flower(python: Path, npz: Path, rounds: int, client_cpus: float, timeout
 
 
 def partial_progress(path: Path, killed_at: float) -> dict[str, Any]:
-    """What a killed Flower run had done: client trainings finished between its round 1 start
-    and the kill (none of them aggregated: the run never finished a round). Their rate is an
-    upper bound of what Flower would have merged per second."""
+    """What a killed Flower run had done between its round 1 start and the kill: client
+    trainings finished and rounds aggregated. The training rate is an upper bound of what
+    Flower would have merged per second."""
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
         return {"partial_trained": 0, "partial_note": "round 1 never started"}
     starts = [float(ln.split()[1]) for ln in lines if ln.startswith("start ")]
     trained = [float(ln.split()[1]) for ln in lines if ln.startswith("trained ")]
+    aggregated = [ln.split()[0].split(":") for ln in lines if ln.startswith("aggregated:")]
     if not starts:
         return {"partial_trained": 0, "partial_note": "round 1 never started"}
     span = killed_at - starts[0]
+    merged = sum(int(a[2]) for a in aggregated)
     return {"partial_trained": len(trained), "partial_span_s": round(span, 1),
             "partial_trained_per_s": len(trained) / span if span > 0 else None,
-            "partial_note": "client trainings finished before the kill, none aggregated"}
+            "partial_rounds_aggregated": len(aggregated), "partial_aggregated": merged,
+            "partial_note": f"{len(trained)} client trainings finished and {len(aggregated)} round(s) "
+                            f"({merged} updates) aggregated before the kill"}
 
 
 def _kill_tree(pid: int) -> None:
@@ -226,9 +230,8 @@ def ratios(rows: list[dict[str, Any]]) -> None:
         if not same and partial:  # Flower gave no result here: compare with what it trained before the kill
             best = max(partial, key=lambda f: f["partial_trained_per_s"])
             r["ratio_updates_per_s"] = r["updates_per_s"] / best["partial_trained_per_s"]
-            r["ratio_updates_per_s_vs"] = (f"flower@{best['phones']} cpus={best['client_cpus']}: "
-                                           f"{best['partial_trained']} trainings in {best['partial_span_s']} s, "
-                                           "none aggregated (killed)")
+            r["ratio_updates_per_s_vs"] = (f"flower@{best['phones']} cpus={best['client_cpus']}, killed after "
+                                           f"{best['partial_span_s']} s: {best['partial_note']} (its training rate)")
             continue
         pool = same or flower_ok
         if not pool:
@@ -252,6 +255,7 @@ def main() -> None:
     p.add_argument("--scale-client-cpus", default="best",
                    help="Flower settings above --digits-max phones: 'best' (the best steady one so far) or a list")
     p.add_argument("--flower-timeout", type=float, default=900.0, help="seconds per Flower run before it is killed")
+    p.add_argument("--out", default="flower", help="results file bench/results/OUT.json")
     p.add_argument("--server-process", default="no,yes",
                    help="fedfleet settings to run: no (server on the fleet's event loop), yes (its own process)")
     p.add_argument("--skip-flower-above", type=int, default=0, help="do not run Flower above this many phones (0: always)")
@@ -295,7 +299,7 @@ def main() -> None:
         if r.get("ratio_updates_per_s_vs"):
             print(f"fedfleet@{r['phones']}: ratios against {r['ratio_updates_per_s_vs']} (all rounds), "
                   f"{r.get('ratio_steady_updates_per_s_vs')} (steady)")
-    path = write("flower", {"workload": WORKLOAD, "phones": phone_counts, "rounds": args.rounds,
+    path = write(args.out, {"workload": WORKLOAD, "phones": phone_counts, "rounds": args.rounds,
                             "scale_rounds": args.scale_rounds, "flower_timeout_s": args.flower_timeout,
                             "runs": rows})
     print(f"wrote {path}")

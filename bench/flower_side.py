@@ -137,6 +137,7 @@ class CountingFedAvg(FedAvg):
         replies = list(replies)
         errors = sum(1 for m in replies if m.has_error())
         RUN.setdefault("updates", []).append(len(replies) - errors)
+        progress(f"aggregated:{server_round}:{len(replies) - errors}")
         RUN.setdefault("errors", []).append(errors)
         return super().aggregate_train(server_round, replies)
 

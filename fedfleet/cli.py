@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="a server on loopback plus an emulated fleet")
     _common_run_flags(p)
     p.add_argument("--server-process", choices=["auto", "yes", "no"],
-                   help="run the server in its own process (wall clock only; auto: when there are 2+ cores)")
+                   help="run the server in its own process (wall clock only; auto, the default: for 1,000+ "
+                        "phones on 2+ cores)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("fleet", help="an emulated fleet against a running server")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,8 @@ def test_server_process_needs_the_wall_clock(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="wall clock"):
         _ = cfg.use_server_process
     assert not SimulateConfig(devices="default", server_process="auto").use_server_process  # virtual: in-process
+    assert not SimulateConfig(phones=50).use_server_process  # auto: small fleets share the loop
+    assert SimulateConfig(phones=10_000).use_server_process == ((os.cpu_count() or 1) >= 2)
     with pytest.raises(ValueError, match="auto, yes or no"):
         _ = SimulateConfig(server_process="maybe").use_server_process
 
