@@ -229,16 +229,24 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
 @contextlib.asynccontextmanager
 async def serve_here(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock) -> AsyncIterator[str]:
     """The server on this event loop (the only way on a virtual clock); yields its URL."""
-    app = make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now)
+    runner, port = await _serve_on_free_port(make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def _serve_on_free_port(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on a free loopback port; the caller cleans the runner up."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        yield f"http://127.0.0.1:{port}"
-    finally:
+    except BaseException:
         await runner.cleanup()
+        raise
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 @contextlib.asynccontextmanager
@@ -285,13 +293,9 @@ def _serve_child_main(server_cfg: ServerConfig, x_test: Any, y_test: Any, conn: 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        app = make_app(server_cfg, test_data=(x_test, y_test))
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
+        runner, port = await _serve_on_free_port(make_app(server_cfg, test_data=(x_test, y_test)))
         try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            conn.send(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+            conn.send(port)
             conn.close()
             await stop.wait()
         finally:

@@ -109,13 +109,7 @@ class Store:
     def close(self) -> None:
         self._drain()
         queued, self._queued = self._queued, []
-        if queued:  # not flushed by the loop: commit them here
-            try:
-                self._write_pending([row for row, _ in queued], self.db)
-            except Exception as exc:
-                _settle(queued, exc)
-            else:
-                _settle(queued, None)
+        self._commit_here(queued)  # not flushed by the loop: commit them on this connection
         if self._writer is not None:
             self._writer.submit(self._wdb.close if self._wdb is not None else lambda: None).result()
             self._writer.shutdown(wait=True)
@@ -205,6 +199,18 @@ class Store:
             db.execute("ROLLBACK")
             raise
 
+    def _commit_here(self, queued: list[tuple[Any, asyncio.Future[None]]]) -> None:
+        """Write queued rows on the loop's connection and settle their futures (a failure: none
+        of them is acknowledged)."""
+        if not queued:
+            return
+        try:
+            self._write_pending([row for row, _ in queued], self.db)
+        except Exception as exc:
+            _settle(queued, exc)
+            return
+        _settle(queued, None)
+
     def flush(self) -> None:
         """Commit the queued rows (run by the loop right after they were queued): on the writer
         thread when there is one, each waiting upload's future settled by the loop once the
@@ -213,17 +219,11 @@ class Store:
         queued, self._queued = self._queued, []
         if not queued:
             return  # a version commit took them
-        rows = [row for row, _ in queued]
         if self._writer is None or self._wdb is None:  # in memory: one connection, commit here
-            try:
-                self._write_pending(rows, self.db)
-            except Exception as exc:  # every waiting upload hears about it; none is acknowledged
-                _settle(queued, exc)
-                return
-            _settle(queued, None)
+            self._commit_here(queued)
             return
         loop = asyncio.get_running_loop()
-        cf = self._writer.submit(self._write_pending, rows, self._wdb)
+        cf = self._writer.submit(self._write_pending, [row for row, _ in queued], self._wdb)
         entry = (cf, queued)
         self._inflight.append(entry)
 
