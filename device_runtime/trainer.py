@@ -91,17 +91,21 @@ class BatchedTrainer:
     float32 rounding). Groups run one at a time on one worker thread, beside the event loop.
 
     Which requests form a group: on the wall clock, those for the same (version, plan)
-    arriving within ``window_s``; on a virtual clock (``bind``), those submitted at the same
+    arriving until none came for ``quiet_s`` (a round's phones get their tasks in one burst),
+    at most ``window_s`` after the first; on a virtual clock (``bind``), those submitted at the same
     virtual instant, flushed when the clock is about to move on, so grouping (and therefore
     every float) is the same from run to run. A group smaller than ``min_group`` trains phone
     by phone on the eager runtime (the reference path): a vmapped call costs a few plain steps
     of fixed overhead, so it only pays from about 4 phones on (bench/bench_batched.py)."""
 
-    def __init__(self, model: torch.nn.Module, chunk: int = 128, window_s: float = 0.02, min_group: int = 4) -> None:
+    def __init__(self, model: torch.nn.Module, chunk: int = 128, window_s: float = 0.02, min_group: int = 4,
+                 quiet_s: float = 0.003) -> None:
         torch.set_num_threads(1)  # see RuntimePool
         self.model, self.chunk, self.window_s, self.min_group = model, chunk, window_s, min_group
+        self.quiet_s = min(quiet_s, window_s)
         self._eager = TorchRuntime(model)
         self._groups: dict[Hashable, list[_Request]] = {}
+        self._arrivals: dict[Hashable, tuple[float, float]] = {}  # wall clock: group's first and last request
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfleet-vmap")
         self._virtual = False
         self.busy_s = 0.0  # thread CPU time spent in training arithmetic
@@ -124,10 +128,27 @@ class BatchedTrainer:
         fut: asyncio.Future[tuple[Params, TrainResult]] = loop.create_future()
         group_key = (key if key is not None else id(params), cfg)
         group = self._groups.setdefault(group_key, [])
-        if not group and not self._virtual:
-            loop.call_later(self.window_s, self._flush, group_key)
+        if not self._virtual:
+            now = loop.time()
+            if not group:
+                self._arrivals[group_key] = (now, now)
+                loop.call_later(self.quiet_s, self._flush_when_quiet, group_key)
+            else:
+                self._arrivals[group_key] = (self._arrivals[group_key][0], now)
         group.append(_Request(params, x, y, rng, fut))
         return fut
+
+    def _flush_when_quiet(self, group_key: Hashable) -> None:
+        """Flush once no request has joined for ``quiet_s``, or ``window_s`` after the first."""
+        if not self._groups.get(group_key):
+            return
+        now = asyncio.get_running_loop().time()
+        first, last = self._arrivals[group_key]
+        due = min(last + self.quiet_s, first + self.window_s)
+        if now >= due - 1e-4:
+            self._flush(group_key)
+        else:
+            asyncio.get_running_loop().call_later(due - now, self._flush_when_quiet, group_key)
 
     async def train(
         self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
