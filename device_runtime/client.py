@@ -93,6 +93,7 @@ class PhoneClient:
         attack: Attack | None = None,
         num_classes: int = 0,
         poll_session: aiohttp.ClientSession | None = None,
+        inline_model: bool = True,
     ) -> None:
         self.session, self.server, self.name = session, server.rstrip("/"), name
         self.poll_session = poll_session or session  # check-ins (long polls) may use their own connections
@@ -111,6 +112,8 @@ class PhoneClient:
         self.task: dict[str, Any] = {}
         self.stats = PhoneStats(name, len(self.x))
         self._model: tuple[int, dict[str, np.ndarray]] | None = None
+        self.inline_model = inline_model  # ask for the model inside the check-in's "train" answer
+        self._inline_bytes = 0  # size of the check-in answer that brought the model, if one did
         self._updates_sent = 0
 
     # --- HTTP -----------------------------------------------------------------------------
@@ -171,7 +174,7 @@ class PhoneClient:
         if away > 0 or self.rng.random() >= self.availability:
             await self.clock.sleep(away or 1.0)  # not idle-and-charging now
             return "away"
-        answer = await self._json("POST", "/v1/checkin", session=self.poll_session)
+        answer = await self._checkin()
         self.stats.checkins += 1
         action = str(answer.get("action"))
         if action == "wait":
@@ -180,6 +183,27 @@ class PhoneClient:
             await self._train_and_upload(answer)
         return action
 
+    async def _checkin(self) -> dict[str, Any]:
+        """POST /v1/checkin. With ``inline_model`` a "train" answer may come as the model's wire
+        message with the task in its meta (protocol/FORMAT.md section 9): the model is then
+        kept as if downloaded, and no GET /v1/model follows."""
+        if not self.inline_model:
+            return await self._json("POST", "/v1/checkin", session=self.poll_session)
+        _, payload, headers = await self._request("POST", "/v1/checkin", json_body={"inline_model": True},
+                                                  session=self.poll_session)
+        if not headers.get("Content-Type", "").startswith("application/octet-stream"):
+            answer = json.loads(payload)
+            if not isinstance(answer, dict):
+                raise ServerError(502, "bad_answer", "server answered with something other than a JSON object")
+            return answer
+        msg = decode_message(payload, expected=self.specs)
+        task, version = msg.meta.get("task"), msg.meta.get("version")
+        if not isinstance(task, dict) or task.get("action") != "train" or task.get("version") != version \
+                or not isinstance(version, int):
+            raise ServerError(502, "bad_answer", "an inline model's meta must carry the train task for its version")
+        self._model, self._inline_bytes = (version, msg.tensors), len(payload)
+        return task
+
     async def _train_and_upload(self, task: dict[str, Any]) -> None:
         """Download, train, upload; with a device profile, each step also takes the time it
         would take on that phone (its link speed times the real bytes, its compute speed)."""
@@ -187,9 +211,11 @@ class PhoneClient:
         t0 = clock.now()
         version = int(task["version"])
         down_before = self.stats.bytes_down
+        inline, self._inline_bytes = self._inline_bytes, 0
         params = await self.download(version)
-        if profile is not None:
-            await clock.sleep(profile.transfer_s(self.stats.bytes_down - down_before, uplink=False))
+        if profile is not None:  # an inline model came with the check-in: its bytes, no round trip of its own
+            await clock.sleep(profile.transfer_s(inline, uplink=False, round_trip=False) if inline
+                              else profile.transfer_s(self.stats.bytes_down - down_before, uplink=False))
         t1 = clock.now()
         self.stats.download_s.append(t1 - t0)
         plan = {**task["train"], **self.train_overrides}

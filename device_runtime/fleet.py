@@ -45,6 +45,7 @@ class FleetConfig:
     attack_fraction: float = 0.0  # share of phones (drawn with the fleet seed) that run ``attack``
     shard_index: int = 0  # run only this shard's phones (see ``shard_phones``); data and names as if all ran
     shard_count: int = 1
+    inline_model: bool = True  # phones ask for the model inside the check-in's answer (one request less)
 
     def __post_init__(self) -> None:
         if self.phones < 1 or self.workers < 1:
@@ -128,6 +129,7 @@ async def run_fleet(
                 attack=attack if i in attackers else None,
                 num_classes=data.num_classes,
                 poll_session=polls,
+                inline_model=cfg.inline_model,
             )
             for i, idx in enumerate(parts)
             if i in shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count)

@@ -40,9 +40,11 @@ class DeviceProfile:
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
 
-    def transfer_s(self, nbytes: int, uplink: bool) -> float:
+    def transfer_s(self, nbytes: int, uplink: bool, round_trip: bool = True) -> float:
+        """Seconds to move ``nbytes`` over this phone's link, plus one round trip unless the
+        bytes ride on a request already under way (``round_trip`` False)."""
         mbps = self.up_mbps if uplink else self.down_mbps
-        return self.rtt_ms / 1e3 + nbytes * 8 / (mbps * 1e6)
+        return (self.rtt_ms / 1e3 if round_trip else 0.0) + nbytes * 8 / (mbps * 1e6)
 
     def train_s(self, samples: int) -> float:
         return self.ms_per_sample * samples / 1e3

@@ -71,6 +71,9 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
                                     "attacker count)")
     p.add_argument("--attack", help="Byzantine phones: signflip | scale:F | noise:STD | labelflip")
     p.add_argument("--attack-fraction", type=float, help="share of phones that attack (default 0)")
+    p.add_argument("--inline-model", choices=["yes", "no"],
+                   help="phones take the model in the check-in's answer (yes, default: one request per task "
+                        "less) or download it with GET /v1/model (no, as the Java and web clients do)")
 
 
 def _run_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,7 +83,9 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
             "dropout", "clock", "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk",
             "quant_bits", "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget",
             "central_clip", "central_noise_multiplier", "robust", "attack", "attack_fraction", "trainer", "hours"]
-    return {k: getattr(args, k) for k in keys}
+    values = {k: getattr(args, k) for k in keys}
+    values["inline_model"] = None if args.inline_model is None else args.inline_model == "yes"
+    return values
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

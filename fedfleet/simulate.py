@@ -69,6 +69,7 @@ class SimulateConfig:
     clock: str = "auto"  # wall | virtual | auto (virtual when devices are emulated)
     hours: float = 0.0  # stop the fleet after this much (virtual) time; 0 = when the rounds are done
     server_process: str = "auto"  # auto | yes | no: the server in a child process (wall clock only; see use_server_process)
+    inline_model: bool = True  # phones take the model in the check-in's answer (no GET /v1/model)
     # update codec and privacy (the task tells phones how to encode; see protocol/FORMAT.md)
     clip: float | None = None  # L2 clipping norm C of each update
     noise: str | None = None  # gaussian | laplace (default gaussian when a noise level is given)
@@ -183,6 +184,7 @@ class SimulateConfig:
             trainer=self.trainer,
             runtime=self.runtime,
             hours=self.hours,
+            inline_model=self.inline_model,
             devices=self.devices,
             profile_spec=ProfileSpec(compute_ms=self.compute_ms, diurnal=self.diurnal, dropout=self.dropout),
         )

@@ -32,9 +32,44 @@ MAX_SAFE_INT = (1 << 53) - 1  # beyond this, JavaScript numbers lose integers
 HEADER_KEYS = ("kind", "meta", "tensors")
 
 
+class _NotPlain(Exception):
+    """``_plain_meta`` met something only ``_general_meta`` handles (or rejects with a path)."""
+
+
+def _plain_meta(value: Any) -> Any:
+    """``canonical_meta`` for plain JSON values (exact dict/list/str/int/float/bool/None), the
+    common case, without building error paths; anything else raises ``_NotPlain``."""
+    t = type(value)
+    if t is str or t is bool or value is None:
+        return value
+    if t is int:
+        if -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+            return value
+        raise _NotPlain
+    if t is float:
+        if math.isfinite(value):
+            return value
+        raise _NotPlain
+    if t is dict:
+        for k in value:
+            if type(k) is not str:
+                raise _NotPlain
+        return {k: _plain_meta(value[k]) for k in sorted(value)}
+    if t is list:
+        return [_plain_meta(v) for v in value]
+    raise _NotPlain
+
+
 def canonical_meta(value: Any, path: str = "meta") -> Any:
     """Normalise ``meta`` to JSON types with keys sorted; ValueError on what JSON (or a
     JavaScript peer) cannot carry exactly."""
+    try:
+        return _plain_meta(value)
+    except _NotPlain:
+        return _general_meta(value, path)
+
+
+def _general_meta(value: Any, path: str) -> Any:
     if isinstance(value, np.generic):
         value = value.item()
     if value is None or isinstance(value, bool | str):
@@ -50,9 +85,9 @@ def canonical_meta(value: Any, path: str = "meta") -> Any:
     if isinstance(value, Mapping):
         if not all(isinstance(k, str) for k in value):
             raise ValueError(f"{path}: object keys must be strings")
-        return {k: canonical_meta(value[k], f"{path}.{k}") for k in sorted(value)}
+        return {k: _general_meta(value[k], f"{path}.{k}") for k in sorted(value)}
     if isinstance(value, list | tuple):
-        return [canonical_meta(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_general_meta(v, f"{path}[{i}]") for i, v in enumerate(value)]
     raise ValueError(f"{path}: {type(value).__name__} cannot go into the JSON header")
 
 

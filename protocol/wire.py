@@ -96,6 +96,14 @@ def encode_message(
 ) -> bytes:
     """Serialise named tensors. ``encoded`` supplies pre-encoded blobs (name -> (encoding,
     fields, blob)) for tensors the update codec compressed; the rest are sent dense."""
+    return encode_wire(kind, meta, wire_tensors(tensors, encoded), compress=compress)
+
+
+def wire_tensors(
+    tensors: Mapping[str, np.ndarray], encoded: Mapping[str, tuple[str, dict[str, Any], bytes]] | None = None
+) -> list[WireTensor]:
+    """Named tensors as they go on the wire (dense unless ``encoded`` has them). A sender
+    that frames the same tensors under different meta keeps these and calls ``encode_wire``."""
     wire: list[WireTensor] = []
     for name, arr in tensors.items():
         arr = np.asarray(arr)
@@ -107,7 +115,7 @@ def encode_message(
             enc_name = "dense"
             fields, blob = encode_dense(arr)
         wire.append(WireTensor(name, arr.dtype.name, tuple(arr.shape), enc_name, dict(fields), blob))
-    return encode_wire(kind, meta, wire, compress=compress)
+    return wire
 
 
 def encode_wire(

@@ -62,6 +62,8 @@ class ServerConfig:
     max_checkin_retry_s: float = 6 * 3600.0  # pace steering never asks a phone to stay away longer
     max_concurrent_uploads: int = 64  # beyond this, uploads get 503 + Retry-After (backpressure)
     request_timeout_s: float = 30.0  # a body that takes longer to arrive gets 408 (slow-loris)
+    inline_model_max_bytes: int = 1 << 20  # a check-in asking for it gets its task and model in one answer
+    # when the model message is at most this size (one round trip less per task; 0 = never)
     # Failed-request budgets (server/ratelimit.py): each 4xx costs its client a token; a client with
     # none left gets 429 + Retry-After from its headers alone. Honest phones almost never see a 4xx.
     reject_burst: int = 30  # failed requests a phone may make at once (0 = no failure budgets at all)
@@ -86,6 +88,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.checkin_pace < 0 or self.checkin_retry_s < 0 or self.checkin_hold_s < 0:
             raise ValueError("checkin_pace, checkin_retry_s and checkin_hold_s must be >= 0")
+        if self.inline_model_max_bytes < 0:
+            raise ValueError("inline_model_max_bytes must be >= 0 (0 = never inline the model)")
         if self.sqlite_sync not in ("full", "normal"):
             raise ValueError("sqlite_sync must be 'full' or 'normal'")
         if not 0 < self.sample_fraction <= 1:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from protocol import TensorSpec, decode_message, dense_float32_nbytes, encode_message
+from protocol.wire import WireTensor, encode_wire, wire_tensors
 from server.aggregation import Params, example_weight
 from server.config import ServerConfig
 from server.metrics import RoundRecord, percentile
@@ -52,6 +53,7 @@ class Contribution:
     staleness: int = 0
     wire_bytes: int = 0  # the update's body as it crossed the wire
     base_version: int = 0
+    norm: float | None = None  # the update's L2 norm, as the upload checked it (None: not known)
 
     def info(self) -> dict[str, Any]:
         return {"num_examples": self.num_examples, "train_loss": self.train_loss, "latency_s": self.latency_s,
@@ -127,7 +129,22 @@ class Coordinator:
         return self.config.rounds > 0 and self.merges >= self.config.rounds
 
     def _model_message(self) -> bytes:
-        return encode_message("model", {"version": self.version, "model": self.config.model}, self.params)
+        self._model_wire: list[WireTensor] | None = wire_tensors(self.params)
+        blob = encode_wire("model", self._model_meta(), self._model_wire)
+        if len(blob) > self.config.inline_model_max_bytes:
+            self._model_wire = None  # never inlined: keep no second copy of its bytes
+        return blob
+
+    def _model_meta(self) -> dict[str, Any]:
+        return {"version": self.version, "model": self.config.model}
+
+    def model_with_task(self, task: dict[str, Any]) -> bytes | None:
+        """The current model as a wire message whose meta also carries ``task`` (a check-in's
+        "train" answer), for phones that ask for both in one answer; None when the model is
+        over ``inline_model_max_bytes`` or the task is for another version."""
+        if self._model_wire is None or task.get("version") != self.version:
+            return None
+        return encode_wire("model", {**self._model_meta(), "task": task}, self._model_wire)
 
     def train_task(self, deadline_s: float) -> dict[str, Any]:
         return {"action": "train", "round": self.merges + 1, "version": self.version,
@@ -157,7 +174,9 @@ class Coordinator:
             weights = [self.staleness_weight(c.staleness) * example_weight(c.num_examples, self.config.example_cap)
                        for c in contributions]
             norm = sum(example_weight(c.num_examples, self.config.example_cap) for c in contributions)
-            mean, report = self.robust.aggregate([c.delta for c in contributions], weights)
+            norms = [c.norm for c in contributions]
+            mean, report = self.robust.aggregate([c.delta for c in contributions], weights,
+                                                 None if None in norms else np.array(norms, dtype=np.float64))
             scale = sum(weights) / norm  # < 1 when stale updates were down-weighted (FedBuff)
             pseudo_grad = {n: v * scale for n, v in mean.items()}
             extra = {**extra, "robust": report.to_dict([c.phone for c in contributions]),
@@ -191,7 +210,8 @@ class Coordinator:
         """Hand out work (``train``), ask the phone to come back (``wait``), or end (``done``)."""
         raise NotImplementedError
 
-    def add_update(self, phone: str, meta: dict[str, Any], delta: Params, wire: bytes | None = None) -> dict[str, Any]:
+    def add_update(self, phone: str, meta: dict[str, Any], delta: Params, wire: bytes | None = None,
+                   norm: float | None = None) -> dict[str, Any]:
         """Accept a decoded update or raise ``UpdateRejected``; merging is ``merge``'s job.
 
         Idempotent on (phone, update_id): a retry of an update that is pending or already
@@ -212,7 +232,7 @@ class Coordinator:
             raise UpdateRejected(400, "future_version", f"version {base} does not exist yet (current {self.version})")
         started = self._admit(phone, update_id, base)
         c = Contribution(phone, update_id, delta, int(meta["num_examples"]), meta.get("train_loss"),
-                         self.clock() - started, self.version - base, int(meta.get("wire_bytes", 0)), base)
+                         self.clock() - started, self.version - base, int(meta.get("wire_bytes", 0)), base, norm)
         # the message as it arrived (already validated) is what a restart decodes again
         self.durable = self.store.add_pending(phone, update_id, c.info(),
                                               wire if wire is not None else encode_message("update", {}, delta))

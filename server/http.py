@@ -15,6 +15,7 @@ from server.store import Store
 
 PHONE_KEY = web.RequestKey("phone", str)  # the authenticated phone id
 COUNTED_KEY = web.RequestKey("bytes_counted", bool)  # the handler charged its bytes itself
+NEW_UPDATE_KEY = web.RequestKey("new_update", bool)  # this upload was accepted and is not a retry
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -66,6 +67,14 @@ async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -
     chunks: list[bytes] = []
     size = 0
     try:
+        if request.content_length:  # usually all there already: take it without the timed loop
+            first = request.content.read_nowait(limit + 1)
+            if len(first) == request.content_length:
+                return first
+            size = len(first)
+            if size > limit:
+                fail(413, "too_large", f"body exceeds the limit of {limit} bytes")
+            chunks.append(first)
         async with asyncio.timeout(timeout_s):
             async for chunk in request.content.iter_chunked(1 << 16):
                 size += len(chunk)

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.http import PHONE_KEY, json_response
+from server.http import NEW_UPDATE_KEY, PHONE_KEY, json_response
 from server.state import COORD, STORE
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -117,7 +117,7 @@ def _observe(request: web.Request, response: web.StreamResponse, elapsed: float)
         obs.last_seen[phone] = now
     if 400 <= status < 500:
         obs.rejected.labels(endpoint, str(_json_body(response).get("error", f"http_{status}"))).inc()
-    elif endpoint == "/v1/update" and status == 200 and _json_body(response).get("duplicate") is False:
+    elif status == 200 and request.get(NEW_UPDATE_KEY):
         obs.accepted.append(now)
 
 

@@ -84,7 +84,8 @@ class RobustReport:
 # --- pure building blocks ----------------------------------------------------------------------
 def update_norms(deltas: Deltas) -> np.ndarray:
     """L2 norm of each update over all its tensors, in float64. Shape (n,)."""
-    return np.sqrt([sum(float(np.sum(np.square(v, dtype=np.float64))) for v in d.values()) for d in deltas])
+    flat = (np.concatenate([np.ravel(v) for v in d.values()]).astype(np.float64) if d else np.zeros(0) for d in deltas)
+    return np.sqrt(np.array([float(x @ x) for x in flat], dtype=np.float64))
 
 
 def clip_factors(norms: np.ndarray, bound: float) -> np.ndarray:
@@ -324,14 +325,17 @@ class RobustRule:
             return 1
         return 3 if self.combine.share is not None else 2 * self.combine.f + 3
 
-    def aggregate(self, deltas: Deltas, weights: Weights) -> tuple[Params, RobustReport]:
-        """The robust aggregate (float64, like ``weighted_mean``) and the report of suspects."""
+    def aggregate(self, deltas: Deltas, weights: Weights, norms: np.ndarray | None = None) -> tuple[Params, RobustReport]:
+        """The robust aggregate (float64, like ``weighted_mean``) and the report of suspects;
+        ``norms``: the updates' ``update_norms`` when the caller has them already."""
         w = np.asarray(weights, dtype=np.float64)
         if not deltas or len(w) != len(deltas):
             raise ValueError(f"need updates and one weight each, got {len(deltas)} and {len(w)} weights")
         if not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.sum() > 0):
             raise ValueError("aggregation weights must be finite, non-negative and sum to a positive number")
-        norms = update_norms(deltas)
+        norms = update_norms(deltas) if norms is None else np.asarray(norms, dtype=np.float64)
+        if len(norms) != len(deltas):
+            raise ValueError(f"need one norm per update, got {len(norms)} for {len(deltas)} updates")
         # Honest norms are right-skewed (roughly log-normal): a z-score of the norms themselves
         # named ~1 honest phone in 70 per merge; on the log scale the tail is symmetric.
         z = robust_z(np.log(np.maximum(norms, np.finfo(np.float64).tiny)))

@@ -22,6 +22,7 @@ from server.admin import admin_routes
 from server.http import (
     COUNTED_KEY,
     NAME_RE,
+    NEW_UPDATE_KEY,
     JsonError,
     authenticate,
     check_body_headers,
@@ -84,7 +85,10 @@ async def task(request: web.Request) -> web.Response:
 
 async def checkin(request: web.Request) -> web.Response:
     phone = authenticate(request, request.app[STORE])
-    await read_json(request, timeout_s=request.app[CONFIG].request_timeout_s)  # reserved for device state; bounded
+    body = await read_json(request, timeout_s=request.app[CONFIG].request_timeout_s)  # bounded
+    inline = body.get("inline_model", False)
+    if not isinstance(inline, bool):
+        fail(400, "bad_checkin", "inline_model must be true or false")
     coord = request.app[COORD]
     if coord.paused and not coord.done:
         return json_response(coord.wait())
@@ -100,6 +104,11 @@ async def checkin(request: web.Request) -> web.Response:
             answer = coord.wait() if coord.paused and not coord.done else coord.checkin(phone)
     if answer["action"] in ("train", "wait"):
         coord.pace.observe(answer["action"] == "train")
+    if inline and answer["action"] == "train":
+        blob = coord.model_with_task(answer)
+        if blob is not None:  # the task rides in the model message's meta: no GET /v1/model
+            return web.Response(body=blob, content_type="application/octet-stream",
+                                headers={"X-Fedfleet-Version": str(answer["version"])})
     return json_response(answer)
 
 
@@ -194,11 +203,12 @@ async def _update(request: web.Request) -> tuple[web.Response, Any, str, str]:
                                                     request.headers.get(SIGNATURE_HEADER),
                                                     request.headers.get(NONCE_HEADER)), key)
     openings = coord.openings()
-    answer = coord.add_update(phone, meta, msg.tensors, wire=body)
+    answer = coord.add_update(phone, meta, msg.tensors, wire=body, norm=norm)
     durable, coord.durable = coord.durable, None
     response = json_response(answer)
     coord.count_bytes(len(body), response.content_length or 0)  # before a merge closes the round
     request[COUNTED_KEY] = True
+    request[NEW_UPDATE_KEY] = answer.get("duplicate") is False
     if coord.ready():
         schedule_merge(app)
     elif coord.openings() != openings:

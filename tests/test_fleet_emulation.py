@@ -10,13 +10,18 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from device_runtime.fleet import FleetConfig, run_fleet
+from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from device_runtime.vclock import VirtualClock
 from fedfleet.simulate import SimulateConfig, simulate
 from server.app import make_app
 from server.config import ServerConfig
 from server.pacing import PaceSteering
+from server.state import COORD
 from tests.conftest import register
 
 WALL_CLOCK_FIELDS = ("aggregate_ms",)  # measured in wall time on purpose (server processing time)
@@ -140,3 +145,31 @@ async def test_server_paces_a_crowd_of_idle_phones(aiohttp_client: Any) -> None:
 def test_bad_pacing_or_sync_settings_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         ServerConfig(**bad)
+
+
+async def _fleet_requests(make_server: Any, digits: Any, inline: bool) -> tuple[dict[str, float], list[Any]]:
+    client = await make_server(rounds=2, sample_fraction=1.0, checkin_hold_s=5.0)
+    url = str(client.make_url("")).rstrip("/")
+    cfg = FleetConfig(phones=4, seed=0, trainer="pool", workers=1, inline_model=inline)
+    result = await run_fleet(url, digits, cfg, torch_runtime_for_task, train_overrides={"local_epochs": 1})
+    text = await (await client.get("/metrics")).text()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "fedfleet_http_requests_total" and sample.labels["status"] == "200":
+                key = f"{sample.labels['method']} {sample.labels['endpoint']}"
+                counts[key] = counts.get(key, 0) + sample.value
+    params = client.server.app[COORD].params
+    return counts, [params[n] for n in sorted(params)] + [len(result.rounds)]
+
+
+async def test_phones_take_the_model_with_the_checkin(make_server: Any, digits: Any) -> None:
+    """With inline models a task costs two requests (check-in, upload), not three; the run
+    is otherwise the same: same rounds, same final model up to float summation order."""
+    inline, model_a = await _fleet_requests(make_server, digits, inline=True)
+    plain, model_b = await _fleet_requests(make_server, digits, inline=False)
+    assert inline.get("GET /v1/model", 0) == 0 and inline["POST /v1/update"] == 8
+    assert plain["GET /v1/model"] == 8 and plain["POST /v1/update"] == 8
+    assert model_a[-1] == model_b[-1] == 2
+    for a, b in zip(model_a[:-1], model_b[:-1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

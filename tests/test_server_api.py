@@ -160,3 +160,33 @@ async def test_update_on_an_old_version_is_stale(make_server: MakeClient) -> Non
     old = await client.get("/v1/model?version=0", headers=a)
     assert old.status == 200 and old.headers["X-Fedfleet-Version"] == "0"
     assert (await client.get("/v1/model?version=99", headers=a)).status == 404
+
+
+async def test_checkin_can_carry_the_model_inline(make_server: MakeClient) -> None:
+    """A phone that asks gets its "train" task inside the model's wire message (one round trip
+    instead of two); a "wait" answer, a phone that does not ask, and a model over the inline
+    limit all get the plain JSON answer; a malformed flag is a 400."""
+    client = await make_server(sample_fraction=0.5, min_cohort=1, over_selection=1.0)
+    (_, a, task), (_, b, _) = await register(client, "a"), await register(client, "b")
+    resp = await client.post("/v1/checkin", json={"inline_model": True}, headers=a)
+    assert resp.status == 200 and resp.content_type == "application/octet-stream"
+    assert resp.headers["X-Fedfleet-Version"] == "0"
+    msg = decode_message(await resp.read())
+    assert msg.kind == "model" and msg.meta["version"] == 0
+    assert msg.meta["task"]["action"] == "train" and msg.meta["task"]["version"] == 0
+    assert msg.meta["task"]["train"] == task["train"]
+    served = decode_message(await (await client.get("/v1/model", headers=a)).read())
+    for name, value in served.tensors.items():
+        np.testing.assert_array_equal(msg.tensors[name], value)
+    waiting = await client.post("/v1/checkin", json={"inline_model": True}, headers=b)  # the cohort of 1 is full
+    assert waiting.content_type == "application/json" and (await waiting.json())["action"] == "wait"
+    bad = await client.post("/v1/checkin", json={"inline_model": "yes"}, headers=b)
+    assert bad.status == 400 and (await bad.json())["error"] == "bad_checkin"
+
+    small = await make_server(sample_fraction=1.0, inline_model_max_bytes=1024)  # the MLP's model is ~10 KB
+    (_, c, _) = await register(small, "c")
+    plain = await small.post("/v1/checkin", json={"inline_model": True}, headers=c)
+    assert plain.content_type == "application/json" and (await plain.json())["action"] == "train"
+    (_, d, _) = await register(small, "d")
+    unasked = await small.post("/v1/checkin", json={}, headers=d)
+    assert unasked.content_type == "application/json"
