@@ -288,7 +288,7 @@ def main() -> None:
                                              f"(steady {fl['steady_updates_per_s'] or 0:.1f})"), flush=True)
     ratios(rows)
     for r in rows:
-        r["setting"] = (f"cpus={r['client_cpus']}" if r["system"] == "flower" else
+        r["setting"] = (f"cpus={r.get('client_cpus', '-')}" if r["system"] == "flower" else
                         "vmap+http" + (", server process" if r.get("server_process") else ""))
         r["result"] = r.get("error", "ok")[:40]
     columns = ["system", "setting", "phones", "rounds", "updates", "wall_s", "updates_per_s", "steady_updates_per_s",
