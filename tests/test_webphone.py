@@ -155,8 +155,9 @@ def spy_on_updates(app: Any) -> list[dict[str, Any]]:
     seen: list[dict[str, Any]] = []
     add = coord.add_update
 
-    def recording(phone: str, meta: dict[str, Any], delta: Any, wire: bytes | None = None) -> dict[str, Any]:
-        answer: dict[str, Any] = add(phone, meta, delta, wire)
+    def recording(phone: str, meta: dict[str, Any], delta: Any, wire: bytes | None = None,
+                  **kwargs: Any) -> dict[str, Any]:
+        answer: dict[str, Any] = add(phone, meta, delta, wire, **kwargs)
         seen.append({"phone": phone, "update_id": meta["update_id"], "wire_bytes": meta["wire_bytes"],
                      "num_examples": meta["num_examples"], **answer})
         return answer
