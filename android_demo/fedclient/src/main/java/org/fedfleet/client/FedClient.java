@@ -3,12 +3,14 @@ package org.fedfleet.client;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
 import java.util.LinkedHashMap;
+import java.util.Locale;
 import java.util.Map;
 import java.util.Random;
 import org.fedfleet.codec.EncoderConfig;
 import org.fedfleet.codec.NonFiniteUpdateException;
 import org.fedfleet.codec.PrivacyAccountant;
 import org.fedfleet.codec.UpdateEncoder;
+import org.fedfleet.wire.CanonicalJson;
 import org.fedfleet.wire.Message;
 import org.fedfleet.wire.Tensor;
 import org.fedfleet.wire.WireException;
@@ -21,6 +23,8 @@ import org.json.JSONObject;
  * behaves as {@code device_runtime/client.py}: one encoder kept across tasks for its
  * error-feedback residual, rolled back when an upload is refused; 409 counts as a straggler's
  * rejection; 400/401 end the run. Everything the server sends is checked before it is used.
+ * Check-ins ask for the model inside a "train" answer ({@link #inlineModel(boolean)}, on by
+ * default), which saves the download's round trip whenever the server sends it that way.
  */
 public final class FedClient {
   private static final Map<String, String> NO_HEADERS = java.util.Collections.emptyMap();
@@ -33,7 +37,8 @@ public final class FedClient {
   private final PrivacyAccountant accountant;
   private final BundleFiles bundles;
   private Task task;
-  private Message model; // the last downloaded model; revalidated with its ETag
+  private Message model; // the last model received (downloaded or inline); revalidated with its ETag
+  private boolean inlineModel = true;
   private UpdateEncoder encoder;
   private Map<String, Object> encoderCodec;
   private int updatesSent;
@@ -85,8 +90,63 @@ public final class FedClient {
     return http.token();
   }
 
+  /**
+   * Whether check-ins send {@code {"inline_model": true}} (FORMAT.md section 9): a "train" answer
+   * may then come as the model's wire message with the task in its meta, and {@link
+   * #participate(Checkin)} needs no download. On by default; off, every answer is JSON.
+   */
+  public FedClient inlineModel(boolean on) {
+    inlineModel = on;
+    return this;
+  }
+
+  public boolean inlineModel() {
+    return inlineModel;
+  }
+
+  /**
+   * POST /v1/checkin. Asking for the model inline, the answer is JSON ({@code wait}, {@code done},
+   * or a task whose model is over the server's inline limit) or, by its Content-Type, a model
+   * message carrying the task under {@code meta.task}; that model is checked as a downloaded one
+   * is, and must be of the task's version. It comes back as {@link Checkin#model()}.
+   */
   public Checkin checkin() throws IOException {
-    return Checkin.parse(json("POST", "/v1/checkin", new JSONObject(), false));
+    JSONObject body = new JSONObject();
+    if (inlineModel) {
+      try {
+        body.put("inline_model", true);
+      } catch (JSONException e) {
+        throw new IllegalStateException(e);
+      }
+    }
+    Http.Response r = http.send("POST", "/v1/checkin", body.toString().getBytes(StandardCharsets.UTF_8),
+        "application/json", NO_HEADERS, false);
+    String type = r.header("Content-Type");
+    if (inlineModel && type != null && type.toLowerCase(Locale.ROOT).startsWith("application/octet-stream")) {
+      return inlineTask(r.body());
+    }
+    return Checkin.parse(Answers.object(r.body()));
+  }
+
+  /** The task inside an inline model's meta, with that model; the model becomes the ETag-cached copy. */
+  private Checkin inlineTask(byte[] body) throws BadAnswerException {
+    Message m = decodeModel(body);
+    if (!(m.meta().get("task") instanceof Map<?, ?> raw)) {
+      throw new BadAnswerException("an inline model's meta must carry the task under 'task'");
+    }
+    Checkin c;
+    try {
+      c = Checkin.parse(Answers.object(CanonicalJson.write(raw, false).getBytes(StandardCharsets.UTF_8)));
+    } catch (IllegalArgumentException e) {
+      throw new BadAnswerException("an inline model's meta.task: " + e.getMessage());
+    }
+    if (!c.action().equals("train") || c.version() != (Long) m.meta().get("version")) {
+      throw new BadAnswerException("an inline model's meta.task must be a train task for its version "
+          + m.meta().get("version") + ", got " + c.action() + " for version " + c.version());
+    }
+    model = m;
+    stats.inlineModels++;
+    return c.withModel(m);
   }
 
   /** The current model; a cached copy is revalidated with {@code If-None-Match} (304 = free). */
@@ -96,15 +156,21 @@ public final class FedClient {
       headers.put("If-None-Match", "\"v" + model.meta().get("version") + "\"");
     }
     Http.Response r = http.send("GET", "/v1/model", null, null, headers, true);
+    stats.modelDownloads++;
     if (r.status() == 304 && model != null) {
       return model;
     }
+    model = decodeModel(r.body());
+    return model;
+  }
+
+  /** A model message checked against the task's tensors, of kind "model" with an integer meta.version. */
+  private Message decodeModel(byte[] body) throws BadAnswerException {
     try {
-      Message m = WireFormat.decode(r.body(), requireTask().params(), 0);
+      Message m = WireFormat.decode(body, requireTask().params(), 0);
       if (!"model".equals(m.kind()) || !(m.meta().get("version") instanceof Long)) {
         throw new BadAnswerException("the model message must be of kind 'model' with an integer meta.version");
       }
-      model = m;
       return m;
     } catch (WireException e) {
       throw new BadAnswerException("model message refused (" + e.reason() + "): " + e.getMessage(), e);
@@ -140,11 +206,12 @@ public final class FedClient {
   }
 
   /**
-   * Download, train, encode, upload. Returns true when the server accepted the update, false
-   * when it refused it as a straggler's (409). NaN/Inf after training is never uploaded.
+   * Download (unless the model came with the check-in), train, encode, upload. Returns true when
+   * the server accepted the update, false when it refused it as a straggler's (409). NaN/Inf
+   * after training is never uploaded.
    */
   public boolean participate(Checkin work) throws IOException {
-    Message m = downloadModel();
+    Message m = work.model() != null ? work.model() : downloadModel();
     int version = ((Long) m.meta().get("version")).intValue();
     stats.lastVersion = version;
     TrainPlan plan = work.train();

@@ -13,11 +13,13 @@ import java.util.Random;
  *
  * <pre>
  * java -cp fedclient.jar:android-json.jar org.fedfleet.client.Main --server http://127.0.0.1:8080 --name java-0
- *     [--shard 0/3] [--examples N] [--data FILE] [--seed S] [--max-errors 20]
+ *     [--shard 0/3] [--examples N] [--data FILE] [--seed S] [--max-errors 20] [--inline-model yes|no]
  * </pre>
  *
  * It trains on the bundled digits sample (or FILE in the same format), runs until the server
  * says done, and prints one JSON line of its stats. Exit status 0 when done, 1 on error.
+ * {@code --inline-model no} stops asking for the model inside check-in answers (it then comes
+ * from GET /v1/model), to compare.
  */
 public final class Main {
   private Main() {}
@@ -29,7 +31,7 @@ public final class Main {
     } catch (IllegalArgumentException e) {
       System.err.println("fedclient: " + e.getMessage());
       System.err.println("usage: Main --server URL --name NAME [--shard I/N] [--examples N] [--data FILE] "
-          + "[--seed S] [--max-errors N]");
+          + "[--seed S] [--max-errors N] [--inline-model yes|no]");
       System.exit(2);
     } catch (IOException | RuntimeException e) {
       System.err.println("fedclient: " + e);
@@ -43,7 +45,7 @@ public final class Main {
     Random trainRng = a.seed == null ? new SecureRandom() : new Random(a.seed);
     Random codecRng = a.seed == null ? new SecureRandom() : new Random(a.seed * 31 + 7);
     Http http = new Http(URI.create(a.server), Http.REAL_SLEEP, new Random());
-    FedClient client = new FedClient(http, a.name, new MlpTrainer(data), trainRng, codecRng);
+    FedClient client = new FedClient(http, a.name, new MlpTrainer(data), trainRng, codecRng).inlineModel(a.inlineModel);
     client.register();
     return client.run(a.maxErrors);
   }
@@ -67,6 +69,7 @@ public final class Main {
     String data;
     Long seed;
     int maxErrors = 20;
+    boolean inlineModel = true;
 
     static Args parse(String[] argv) {
       Args a = new Args();
@@ -90,6 +93,12 @@ public final class Main {
           case "--data" -> a.data = v;
           case "--seed" -> a.seed = Long.parseLong(v);
           case "--max-errors" -> a.maxErrors = Integer.parseInt(v);
+          case "--inline-model" -> {
+            if (!v.equals("yes") && !v.equals("no")) {
+              throw new IllegalArgumentException("--inline-model takes yes or no");
+            }
+            a.inlineModel = v.equals("yes");
+          }
           default -> throw new IllegalArgumentException("unknown flag " + argv[i]);
         }
       }

@@ -11,9 +11,11 @@ public final class PhoneStats {
   public int rejected; // uploads the server refused with 409 (round closed, stale base)
   public int refused; // updates this phone would not send (NaN/Inf after training)
   public int errors;
+  public int inlineModels; // models that came inside a check-in's answer (no download of their own)
+  public int modelDownloads; // GET /v1/model requests answered (200, or 304 for the cached copy)
   public long bytesUp;
   public long bytesDown;
-  public int lastVersion = -1; // model version of the last download
+  public int lastVersion = -1; // model version of the last task (downloaded or inline)
   public int lastRound;
   public double lastLoss = Double.NaN;
   public double epsilon; // local-DP epsilon this phone has spent (its own accountant)
@@ -32,6 +34,8 @@ public final class PhoneStats {
       o.put("rejected", rejected);
       o.put("refused", refused);
       o.put("errors", errors);
+      o.put("inline_models", inlineModels);
+      o.put("model_downloads", modelDownloads);
       o.put("bytes_up", bytesUp);
       o.put("bytes_down", bytesDown);
       o.put("last_version", lastVersion);

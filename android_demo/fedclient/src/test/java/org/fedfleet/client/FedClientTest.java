@@ -13,6 +13,7 @@ import java.util.List;
 import java.util.Map;
 import java.util.Random;
 import org.fedfleet.codec.NonFiniteUpdateException;
+import org.fedfleet.wire.Json;
 import org.fedfleet.wire.Message;
 import org.fedfleet.wire.Tensor;
 import org.fedfleet.wire.WireFormat;
@@ -20,7 +21,10 @@ import org.junit.jupiter.api.AfterEach;
 import org.junit.jupiter.api.BeforeEach;
 import org.junit.jupiter.api.Test;
 
-/** The client against a scripted server: retries, ETags, refusals, bundle hashes, the NaN guard. */
+/**
+ * The client against a scripted server: retries, ETags, inline models, refusals, bundle hashes,
+ * the NaN guard.
+ */
 class FedClientTest {
   private static final String PARAMS = "[{\"name\":\"fc1.weight\",\"shape\":[8,64],\"dtype\":\"float32\"},"
       + "{\"name\":\"fc1.bias\",\"shape\":[8],\"dtype\":\"float32\"},"
@@ -31,8 +35,9 @@ class FedClientTest {
   private static final String TASK = "{\"format_version\":1,\"mode\":\"sync\",\"model\":\"mlp\",\"input_shape\":[1,8,8],"
       + "\"num_classes\":10,\"params\":" + PARAMS + ",\"train\":" + PLAN + ",\"dp_delta\":1e-05,"
       + "\"max_update_bytes\":16777216,\"rounds\":3}";
-  private static final FakeServer.Reply TRAIN = FakeServer.Reply.json(200,
-      "{\"action\":\"train\",\"round\":2,\"version\":3,\"deadline_s\":59.5,\"train\":" + PLAN + "}");
+  private static final String TRAIN_ANSWER =
+      "{\"action\":\"train\",\"round\":2,\"version\":3,\"deadline_s\":59.5,\"train\":" + PLAN + "}";
+  private static final FakeServer.Reply TRAIN = FakeServer.Reply.json(200, TRAIN_ANSWER);
   private static final FakeServer.Reply ACCEPTED = FakeServer.Reply.json(200,
       "{\"accepted\":true,\"duplicate\":false,\"round\":2,\"version\":3}");
 
@@ -57,6 +62,18 @@ class FedClientTest {
     Map<String, Tensor> p = MlpTrainerTest.mlp(64, 8, 10, version);
     byte[] body = WireFormat.encodeDense("model", Map.of("version", version, "model", "mlp"), p.values());
     return new FakeServer.Reply(200, body, Map.of("ETag", "\"v" + version + "\""));
+  }
+
+  /**
+   * A check-in answer carrying the model (FORMAT.md section 9): the model message of {@code version}
+   * whose meta also holds {@code task}, sent as application/octet-stream.
+   */
+  static FakeServer.Reply inline(int version, String task) throws Exception {
+    Map<String, Tensor> p = MlpTrainerTest.mlp(64, 8, 10, version);
+    byte[] body = WireFormat.encodeDense("model", Map.of("version", version, "model", "mlp", "task", Json.parse(task)),
+        p.values());
+    return new FakeServer.Reply(200, body, Map.of("Content-Type", "application/octet-stream",
+        "X-Fedfleet-Version", "" + version));
   }
 
   private Http http() {
@@ -99,6 +116,85 @@ class FedClientTest {
 
   private long countJsonUp() {
     return server.requests.stream().filter(r -> !r.path().equals("/v1/update")).mapToLong(r -> r.body().length).sum();
+  }
+
+  @Test
+  void anInlineModelIsTrainedOnWithoutADownload() throws Exception {
+    server.on("/v1/checkin", inline(3, TRAIN_ANSWER));
+    FedClient c = client(digits());
+    Checkin work = c.checkin();
+    assertEquals("{\"inline_model\":true}",
+        new String(server.requestsTo("/v1/checkin").get(0).body(), StandardCharsets.UTF_8));
+    assertEquals("application/json", server.requestsTo("/v1/checkin").get(0).headers().get("content-type"));
+    assertEquals(List.of("train", 2, 3, 59.5), List.of(work.action(), work.round(), work.version(), work.deadlineS()));
+    assertEquals(8, work.train().batchSize());
+    assertEquals(3L, work.model().meta().get("version"));
+    assertTrue(c.participate(work));
+    assertEquals(0, server.requestsTo("/v1/model").size(), "the model came with the check-in");
+    Message up = WireFormat.decode(server.requestsTo("/v1/update").get(0).body(), c.task().params(), 0);
+    assertEquals(3L, up.meta().get("base_version"));
+    assertEquals(2L, up.meta().get("round"));
+    PhoneStats s = c.stats();
+    assertEquals(List.of(1, 0, 1, 3), List.of(s.participations, s.modelDownloads, s.inlineModels, s.lastVersion));
+    assertTrue(s.bytesDown > 4 * (8 * 64 + 8 + 80 + 10), "the inline model's bytes were counted");
+    assertTrue(s.toJson().contains("\"inline_models\":1") && s.toJson().contains("\"model_downloads\":0"), s.toJson());
+
+    // The inline model is the cached copy: a later JSON task revalidates it with its ETag (304 = free).
+    server.on("/v1/checkin", TRAIN).on("/v1/model", new FakeServer.Reply(304, new byte[0], Map.of("ETag", "\"v3\"")));
+    assertTrue(c.participate(c.checkin()));
+    List<FakeServer.Request> models = server.requestsTo("/v1/model");
+    assertEquals(1, models.size());
+    assertEquals("\"v3\"", models.get(0).headers().get("if-none-match"));
+    assertEquals(List.of(2, 1, 1), List.of(c.stats().participations, c.stats().modelDownloads, c.stats().inlineModels));
+  }
+
+  @Test
+  void aJsonTrainAnswerStillDownloadsAndAskingIsAnOption() throws Exception {
+    FedClient c = client(digits()); // asks for the model inline; the server answers JSON (e.g. over its limit)
+    assertTrue(c.participate(c.checkin()));
+    assertEquals(1, server.requestsTo("/v1/model").size());
+    assertEquals(List.of(1, 0), List.of(c.stats().modelDownloads, c.stats().inlineModels));
+
+    FedClient plain = client(digits()).inlineModel(false);
+    assertFalse(plain.inlineModel());
+    assertTrue(plain.participate(plain.checkin()));
+    List<FakeServer.Request> checkins = server.requestsTo("/v1/checkin");
+    assertEquals("{\"inline_model\":true}", new String(checkins.get(0).body(), StandardCharsets.UTF_8));
+    assertEquals("{}", new String(checkins.get(1).body(), StandardCharsets.UTF_8));
+    assertEquals(2, server.requestsTo("/v1/model").size());
+    // A phone that did not ask takes no model message for a check-in answer.
+    server.on("/v1/checkin", inline(3, TRAIN_ANSWER));
+    assertThrows(BadAnswerException.class, plain::checkin);
+  }
+
+  @Test
+  void aBadInlineModelIsRefused() throws Exception {
+    FedClient c = client(digits());
+    String waitTask = "{\"action\":\"wait\",\"retry_after_s\":1.0,\"version\":3}";
+    String otherVersion = TRAIN_ANSWER.replace("\"version\":3", "\"version\":2");
+    String badPlan = TRAIN_ANSWER.replace("\"local_epochs\":1", "\"local_epochs\":\"1\"");
+    Map<String, Tensor> p = MlpTrainerTest.mlp(64, 8, 10, 3);
+    Map<String, String> octets = Map.of("Content-Type", "application/octet-stream");
+    List<FakeServer.Reply> bad = List.of(
+        new FakeServer.Reply(200, WireFormat.encodeDense("model", Map.of("version", 3), p.values()), octets), // no task
+        new FakeServer.Reply(200, WireFormat.encodeDense("model", Map.of("version", 3, "task", "train"), p.values()),
+            octets),
+        inline(3, waitTask), inline(3, otherVersion), inline(3, badPlan),
+        new FakeServer.Reply(200, WireFormat.encodeDense("update", Map.of("version", 3, "task", Json.parse(TRAIN_ANSWER)),
+            p.values()), octets), // not a model message
+        new FakeServer.Reply(200, WireFormat.encodeDense("model", Map.of("version", "3", "task",
+            Json.parse(TRAIN_ANSWER)), p.values()), octets), // meta.version not an integer
+        new FakeServer.Reply(200, WireFormat.encodeDense("model", Map.of("version", 3, "task", Json.parse(TRAIN_ANSWER)),
+            List.of(Tensor.ofFloats("fc1.weight", new int[] {2}, new float[2]))), octets), // not the task's tensors
+        new FakeServer.Reply(200, "FFLTgarbage".getBytes(StandardCharsets.UTF_8), octets));
+    for (FakeServer.Reply reply : bad) {
+      server.on("/v1/checkin", reply);
+      BadAnswerException e = assertThrows(BadAnswerException.class, c::step);
+      assertTrue(e.getMessage().startsWith("unusable answer from the server"), e.getMessage());
+    }
+    assertEquals(0, server.requestsTo("/v1/update").size());
+    assertEquals(0, server.requestsTo("/v1/model").size());
+    assertEquals(0, c.stats().inlineModels);
   }
 
   @Test
