@@ -4,9 +4,11 @@ Each run starts ``fedfleet serve`` on a free loopback port in a subprocess, thre
 (``org.fedfleet.client.Main``, trained by the plain-Java MLP trainer on bundled digits) and a
 Python fleet of three (``fedfleet fleet``), and checks the server's own records: every round
 merged all six phones, nothing was rejected, accuracy rose, and the bytes the phones say they
-sent are the bytes the round records count. The codec run has every phone clip, add Gaussian
-noise, keep the top 10% with error feedback and quantize to 8 bits, so the Python server
-decodes and merges the Java encoder's sparse messages, and both sides agree on epsilon.
+sent are the bytes the round records count. Phones ask for the model inside the check-in's
+answer (protocol/FORMAT.md section 9), so a task costs no GET /v1/model; in the codec run one
+Java phone does not ask and downloads every model instead. The codec run has every phone clip,
+add Gaussian noise, keep the top 10% with error feedback and quantize to 8 bits, so the Python
+server decodes and merges the Java encoder's sparse messages, and both sides agree on epsilon.
 
 Also runs the JUnit suite (golden vectors, codec, client), so ``make test`` covers it. Skips only
 when there is no ``javac``; a missing junit5 or libandroid-json-java package is a failure.
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "android_demo" / "fedclient" / "build.sh"
@@ -67,6 +70,15 @@ def _get(url: str) -> Any:
         return json.loads(resp.read())
 
 
+def _model_gets(url: str) -> int:
+    """GET /v1/model requests the server answered, from its /metrics counters."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return int(sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == "fedfleet_http_requests_total" and s.labels["endpoint"] == "/v1/model"
+                   and s.labels["method"] == "GET"))
+
+
 def _wait_ready(url: str, server: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -90,8 +102,9 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
             proc.wait()
 
 
-def run_mixed(tmp: Path, classpath: str, codec: str | None) -> dict[str, Any]:
-    """Server + Java phones + Python fleet; returns the server's records and both sides' stats."""
+def run_mixed(tmp: Path, classpath: str, codec: str | None, plain_java: int = 0) -> dict[str, Any]:
+    """Server + Java phones + Python fleet; returns the server's records and both sides' stats.
+    The first ``plain_java`` Java phones do not ask for inline models (``--inline-model no``)."""
     toml = tmp / "server.toml"
     # min_cohort = all six phones: each round waits for every phone, so each one trains every round
     toml.write_text("[server]\nmin_cohort = 6\nsample_fraction = 1.0\nround_timeout_s = 120\n"
@@ -109,7 +122,8 @@ def run_mixed(tmp: Path, classpath: str, codec: str | None) -> dict[str, Any]:
     try:
         _wait_ready(url, server, log)
         java = [subprocess.Popen(["java", "-cp", classpath, "org.fedfleet.client.Main", "--server", url,
-                                  "--name", f"java-{i}", "--shard", f"{i}/{JAVA_PHONES}", "--seed", str(i)],
+                                  "--name", f"java-{i}", "--shard", f"{i}/{JAVA_PHONES}", "--seed", str(i),
+                                  "--inline-model", "no" if i < plain_java else "yes"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for i in range(JAVA_PHONES)]
         fleet = subprocess.run(
@@ -124,6 +138,7 @@ def run_mixed(tmp: Path, classpath: str, codec: str | None) -> dict[str, Any]:
             summaries.append(json.loads(stdout.strip().splitlines()[-1]))
         rounds = _get(url + "/v1/rounds")
         status = _get(url + "/v1/status")
+        model_gets = _model_gets(url)
     finally:
         for proc in java:
             _stop(proc)
@@ -131,7 +146,7 @@ def run_mixed(tmp: Path, classpath: str, codec: str | None) -> dict[str, Any]:
     with (tmp / "run" / "devices.csv").open() as f:
         python = list(csv.DictReader(f))
     return {"rounds": rounds["rounds"], "finished": rounds["finished"], "status": status, "java": summaries,
-            "python": python}
+            "python": python, "model_gets": model_gets}
 
 
 def _check_merged_and_counted(run: dict[str, Any]) -> None:
@@ -143,11 +158,11 @@ def _check_merged_and_counted(run: dict[str, Any]) -> None:
         assert (s["participations"], s["rejected"], s["refused"], s["errors"]) == (ROUNDS, 0, 0, 0), s
     assert all(int(p["participations"]) == ROUNDS and int(p["rejected"]) == 0 for p in python), python
     # The round records count every phone request body from the start until the last merge; only
-    # the final check-ins that got "done" ("{}", 2 bytes each) fall outside them. So the bytes the
-    # phones say they sent, Java's included, are the bytes in the metrics.
+    # the final check-ins that got "done" ('{"inline_model": true}', 22 bytes at most) fall outside
+    # them. So the bytes the phones say they sent, Java's included, are the bytes in the metrics.
     phones_up = sum(s["bytes_up"] for s in java) + sum(int(p["bytes_up"]) for p in python)
     recorded_up = sum(r["bytes_up"] for r in rounds)
-    assert 0 <= phones_up - recorded_up <= 2 * 4 * (JAVA_PHONES + PY_PHONES), (phones_up, recorded_up)
+    assert 0 <= phones_up - recorded_up <= 2 * 22 * (JAVA_PHONES + PY_PHONES), (phones_up, recorded_up)
     java_up = sum(s["bytes_up"] for s in java)
     assert sum(r["update_bytes"] for r in rounds) > java_up / 2  # Java's uploads are in update_bytes too
 
@@ -156,6 +171,9 @@ def _check_merged_and_counted(run: dict[str, Any]) -> None:
 def test_java_and_python_phones_train_one_model(tmp_path: Path, classpath: str) -> None:
     run = run_mixed(tmp_path, classpath, codec=None)
     _check_merged_and_counted(run)
+    # every Java phone took each task's model inside the check-in's answer; nobody downloaded one
+    assert [(s["inline_models"], s["model_downloads"]) for s in run["java"]] == [(ROUNDS, 0)] * JAVA_PHONES
+    assert run["model_gets"] == 0
     accs = [r["accuracy"] for r in run["rounds"]]
     assert accs[0] > 0.5 and accs[-1] > 0.85 and accs[-1] >= accs[0], accs  # chance is 0.1
     for s in run["java"]:
@@ -164,8 +182,12 @@ def test_java_and_python_phones_train_one_model(tmp_path: Path, classpath: str) 
 
 @pytest.mark.slow
 def test_server_merges_java_encoded_compressed_noised_updates(tmp_path: Path, classpath: str) -> None:
-    run = run_mixed(tmp_path, classpath, codec=CODEC)
+    run = run_mixed(tmp_path, classpath, codec=CODEC, plain_java=1)
     _check_merged_and_counted(run)
+    # java-0 did not ask for inline models: it downloaded each task's model, the others never did
+    assert [(s["inline_models"], s["model_downloads"]) for s in run["java"]] == (
+        [(0, ROUNDS)] + [(ROUNDS, 0)] * (JAVA_PHONES - 1))
+    assert run["model_gets"] == ROUNDS
     rounds = run["rounds"]
     accs = [r["accuracy"] for r in rounds]
     assert accs[-1] > accs[0] and accs[-1] > 0.2, accs  # noisy (z = 0.3 on every phone), but it learns
