@@ -2,7 +2,8 @@
 
 (a) the JS codec against every golden vector, byte for byte, with node's test runner;
 (b) five tabs of Debian's headless Chromium train in WASM (onnxruntime-web) next to five Python
-    phones, three synchronous rounds, signed uploads: every tab's update is merged and counted;
+    phones, three synchronous rounds, signed uploads: every tab's update is merged and counted,
+    and every task's model came inside its check-in's answer (FORMAT.md section 9);
 (c) a tab whose upload answer is lost (then offline for a while) re-sends the same update,
     which the server merges once; asynchronous mode, local DP on, epsilon on both sides.
 
@@ -22,9 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from device_runtime.fleet import FleetConfig, run_fleet
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
@@ -166,6 +169,15 @@ def spy_on_updates(app: Any) -> list[dict[str, Any]]:
     return seen
 
 
+async def model_gets(base: str) -> int:
+    """GET /v1/model requests the server answered, from its /metrics counters."""
+    async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as resp:
+        text = await resp.text()
+    return int(sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == "fedfleet_http_requests_total" and s.labels["endpoint"] == "/v1/model"
+                   and s.labels["method"] == "GET"))
+
+
 def python_step_ms(bundle_dir: Path, batch: int, steps: int = STEPS) -> float:
     """Mean wall time of one train_step.onnx step in Python onnxruntime (one thread, as on a phone),
     timed as the page times it (trainer.js timeSteps): one batch, new weights fed back, 10 warm-up steps."""
@@ -233,6 +245,7 @@ async def test_browser_tabs_train_in_wasm_next_to_python_phones(
         done = await driver.until("done", 300)
     finally:
         await driver.close()
+    downloads = await model_gets(base)
 
     rounds = fleet.rounds
     web = {t["phoneId"]: t for t in done["tabs"]}
@@ -254,6 +267,10 @@ async def test_browser_tabs_train_in_wasm_next_to_python_phones(
             assert store.merged_version(phone, up["updateId"]) == i + 1
             server_side = [u for u in updates if u["phone"] == phone and u["update_id"] == up["updateId"]]
             assert [u["wire_bytes"] for u in server_side] == [up["bytes"]]
+    # each task's model came inside the tab's check-in answer; the only download is the final model,
+    # which a tab keeps for predictions; the Python phones (inline too) downloaded none
+    assert [(t["inlineModels"], t["modelDownloads"]) for t in web.values()] == [(ROUNDS, 1)] * TABS
+    assert downloads == TABS
     # the tabs' bytes are in the round records: update_bytes is the sum over the merged uploads
     for r in rounds:
         merged = [u for u in updates if store.merged_version(u["phone"], u["update_id"]) == r["version"]]
@@ -333,6 +350,7 @@ async def test_lost_upload_is_resent_and_merged_once(aiohttp_server: Any, digits
     ledger = app[COORD].ledger
     for tab in done["tabs"]:
         assert tab["mode"] == "async"
+        assert tab["inlineModels"] == tab["tasks"] > 0  # every task's model came with its check-in
         released = local_epsilon({Release("gaussian", z): tab["tasks"]}, cfg.dp_delta)
         assert tab["epsilon"] == pytest.approx(released, rel=1e-9)
         accepted = sum(1 for p, _ in fresh if p == tab["phoneId"])

@@ -3,6 +3,8 @@
 // ServerError carries the server's status, JSON `error` reason and Retry-After; NetworkError
 // means the request (or its answer) was lost and may be retried.
 
+import { decodeMessage } from "../wire/wire.js";
+
 export class ServerError extends Error {
   constructor(status, reason, message, retryAfter = null) {
     super(`${status} ${reason}: ${message}`);
@@ -50,6 +52,42 @@ export class Api {
     const { data } = await this.request(method, path, method === "GET" ? {} : { json: body });
     return JSON.parse(new TextDecoder().decode(data));
   }
+
+  /**
+   * POST /v1/checkin: { answer, model, body }. With `inlineModel` the phone asks for the model
+   * inside a "train" answer (FORMAT.md section 9); the server may then answer, by Content-Type,
+   * with the task's model message whose meta carries the task under "task". That message is
+   * checked as a downloaded one (decodeModel against the task's `params`) and the task must be a
+   * train task for its version: `answer` is then that task, `model` the decoded model and `body`
+   * its bytes. Every other answer is JSON, with `model` and `body` null.
+   */
+  async checkin({ inlineModel = false, params = null } = {}) {
+    const json = inlineModel ? { inline_model: true } : {};
+    const { headers, data } = await this.request("POST", "/v1/checkin", { json });
+    if (!inlineModel || !(headers.get("Content-Type") ?? "").startsWith("application/octet-stream")) {
+      return { answer: JSON.parse(new TextDecoder().decode(data)), model: null, body: null };
+    }
+    const model = decodeModel(data, params);
+    const task = model.meta.task;
+    if (task === null || typeof task !== "object" || task.action !== "train" || task.version !== model.version) {
+      throw new Error(`the check-in's model message (version ${model.version}) must carry the train task for its version`);
+    }
+    return { answer: task, model, body: data };
+  }
+}
+
+/**
+ * A model message checked against the task's tensors (`params`: [{ name, shape, dtype }]), of kind
+ * "model" with an integer meta.version: { version, params: Map name -> Float32Array, meta }.
+ */
+export function decodeModel(body, params) {
+  const expected = new Map(params.map((p) => [p.name, { shape: p.shape, dtype: p.dtype }]));
+  const message = decodeMessage(body, { expected });
+  if (message.kind !== "model" || !Number.isInteger(message.meta.version)) {
+    throw new Error("the model message must be of kind 'model' with an integer meta.version");
+  }
+  const tensors = new Map([...message.tensors].map(([name, t]) => [name, t.data]));
+  return { version: message.meta.version, params: tensors, meta: message.meta };
 }
 
 function serverError(resp, data) {

@@ -1,5 +1,7 @@
 // The web phone's protocol loop, as device_runtime/client.py's PhoneClient: register, check in,
 // download the model, train locally (WASM), encode the update (FORMAT.md section 6), upload.
+// Check-ins ask for the model inside a "train" answer (FORMAT.md section 9): when the server
+// sends it that way, the task comes in the model message's meta and there is no download.
 //
 // Differences that come from living in a browser tab: the bundle's graphs are downloaded and
 // verified here; what must survive a reload (identity, residual, ledger, an unacknowledged
@@ -11,8 +13,7 @@ import { UpdateEncoder } from "../codec/encoder.js";
 import { localEpsilon } from "../codec/privacy.js";
 import { CryptoRandom } from "../codec/rng.js";
 import { float } from "../wire/canonical.js";
-import { decodeMessage } from "../wire/wire.js";
-import { NetworkError, ServerError, latestRound, waitForNetwork } from "./api.js";
+import { NetworkError, ServerError, decodeModel, latestRound, waitForNetwork } from "./api.js";
 import { cachedBundle, downloadBundle } from "./bundle.js";
 import { tensorData } from "./data.js";
 import { recall, remember } from "./offline.js";
@@ -24,13 +25,14 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const MAX_ERRORS = 20;
 
 export class WebPhone {
-  constructor({ api, store, name, examples, sign = true, onChange = () => {}, log = () => {} }) {
-    Object.assign(this, { api, store, name, examples, sign, onChange, log });
+  constructor({ api, store, name, examples, sign = true, inlineModel = true, onChange = () => {}, log = () => {} }) {
+    Object.assign(this, { api, store, name, examples, sign, inlineModel, onChange, log });
     this.rng = new CryptoRandom();
     this.running = false;
     this.identity = null; // { phoneId, token, counter, key }
     this.task = null;
     this.model = null; // { version, params: Map name -> Float32Array }
+    this.inlineTask = null; // the check-in answer whose model came inside it (this.model)
     this.encoder = null;
     this.codecKey = null;
     this.outbox = new Outbox(api, store); // an encoded update not yet acknowledged
@@ -39,6 +41,7 @@ export class WebPhone {
       phase: "idle", phoneId: null, mode: null, signed: false, version: null, round: null, tasks: 0, accepted: 0,
       duplicates: 0, rejected: 0, networkRetries: 0, loss: null, localAccuracy: null, serverAccuracy: null,
       serverVersion: null, updateBytes: 0, lastUpdateBytes: null, bytesUp: 0, bytesDown: 0, epsilon: null,
+      inlineModels: 0, modelDownloads: 0, // task models that came inside a check-in's answer; GET /v1/model requests
       delta: null, epsilonSource: "phone's RDP ledger (dp_accounting's formula, computed in JS)", lastUpload: null,
       uploads: [], stepMs: null, bundleBytes: null, examples: examples.length, error: null,
     };
@@ -171,7 +174,7 @@ export class WebPhone {
 
   async step() {
     this.set({ phase: "checking in" });
-    const answer = await this.api.json("POST", "/v1/checkin", {});
+    const answer = await this.checkin();
     if (answer.action === "wait") {
       this.set({ phase: "waiting" });
       await sleep(1000 * Number(answer.retry_after_s ?? 1));
@@ -185,10 +188,28 @@ export class WebPhone {
     return answer.action;
   }
 
+  /**
+   * POST /v1/checkin. Asking for the model inline, the answer is JSON (wait, done, or a task whose
+   * model is over the server's limit) or, by its Content-Type, the task's model message with the
+   * task under meta.task: that model is checked like a downloaded one, kept (also offline) as if
+   * downloaded, and trainAndUpload uses it without a GET /v1/model.
+   */
+  async checkin() {
+    const { answer, model, body } = await this.api.checkin({ inlineModel: this.inlineModel, params: this.task.params });
+    if (model) {
+      this.model = { version: model.version, params: model.params };
+      this.inlineTask = answer;
+      await remember("/v1/model", body);
+      this.set({ inlineModels: this.state.inlineModels + 1 });
+    }
+    return answer;
+  }
+
   /** The model of `version` (?version= keeps base_version exact); a cached copy revalidates with its ETag. */
   async download(version) {
     const headers = this.model?.version === version ? { "If-None-Match": `"v${version}"` } : {};
     const { status, data } = await this.api.request("GET", `/v1/model?version=${version}`, { headers });
+    this.set({ modelDownloads: this.state.modelDownloads + 1 });
     if (status === 304) return this.model.params;
     this.model = this.decodeModel(data);
     await remember("/v1/model", data);
@@ -197,15 +218,16 @@ export class WebPhone {
 
   /** A model message checked against the task's tensors: { version, params: Map name -> Float32Array }. */
   decodeModel(body) {
-    const specs = new Map(this.task.params.map((p) => [p.name, { shape: p.shape, dtype: p.dtype }]));
-    const message = decodeMessage(body, { expected: specs });
-    return { version: message.meta.version, params: new Map([...message.tensors].map(([name, t]) => [name, t.data])) };
+    const { version, params } = decodeModel(body, this.task.params);
+    return { version, params };
   }
 
   async trainAndUpload(task) {
     const version = task.version;
-    this.set({ phase: "downloading", round: task.round });
-    const params = await this.download(version);
+    const inline = task === this.inlineTask && this.model?.version === version; // the model came with the task
+    this.inlineTask = null;
+    this.set({ phase: inline ? "training" : "downloading", round: task.round });
+    const params = inline ? this.model.params : await this.download(version);
     this.set({ phase: "training", version });
     const data = tensorData(this.examples);
     const result = await this.trainer.train(params, data, task.train, this.rng);
