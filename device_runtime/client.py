@@ -335,12 +335,14 @@ class PhoneClient:
         return self.encoder
 
     async def run(self, stop: asyncio.Event | None = None, max_errors: int = 20,
-                  until: float | None = None) -> PhoneStats:
+                  until: float | None = None, start_after: float = 0.0) -> PhoneStats:
         """Check in until the server says the task is done, ``stop`` is set, or the clock
-        passes ``until``."""
+        passes ``until``; the first check-in ``start_after`` seconds from now."""
         backoff = 0.2
         self.clock.join()
         try:
+            if start_after > 0:
+                await self.clock.sleep(start_after)
             while (stop is None or not stop.is_set()) and (until is None or self.clock.now() < until):
                 try:
                     if await self.step() == "done":

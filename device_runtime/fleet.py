@@ -22,7 +22,7 @@ from device_runtime.data import Dataset, partition
 from device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
 from device_runtime.runtimes import TrainingRuntime
 from device_runtime.trainer import BatchedTrainer, RuntimePool
-from device_runtime.vclock import PhoneClock
+from device_runtime.vclock import PhoneClock, WallClock
 
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
 
@@ -48,6 +48,7 @@ class FleetConfig:
     shard_index: int = 0  # run only this shard's phones (see ``shard_phones``); data and names as if all ran
     shard_count: int = 1
     inline_model: bool = True  # phones ask for the model inside the check-in's answer (one request less)
+    start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
 
     def __post_init__(self) -> None:
         if self.phones < 1 or self.workers < 1:
@@ -115,6 +116,12 @@ async def run_fleet(
     profiles = fleet_profiles(cfg, rng)
     attack = parse_attack(cfg.attack)
     attackers = set(choose_attackers(cfg.phones, cfg.attack_fraction, rng).tolist())
+    # On a virtual clock, requests at one instant race one another to the server (which phone takes
+    # the last free slot depends on socket timing); at distinct instants they run strictly in
+    # time order. So the fleet does not start at one instant: each phone's first check-in is
+    # at its own seeded time (a real fleet does not wake in unison either).
+    virtual = clock is not None and not isinstance(clock, WallClock)
+    starts = rng.uniform(0.0, cfg.start_spread_s, cfg.phones) if virtual else np.zeros(cfg.phones)
     ledger = None
     connector = aiohttp.TCPConnector(limit=256)
     timeout = aiohttp.ClientTimeout(total=300)
@@ -154,6 +161,7 @@ async def run_fleet(
             for i, idx in enumerate(parts)
             if i in shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count)
         ]
+        first_checkin = [float(starts[i]) for i in shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count)]
         stop = asyncio.Event()
         pool: RuntimePool | BatchedTrainer | None = None
         phones_done = asyncio.Event()
@@ -178,7 +186,7 @@ async def run_fleet(
             gc.freeze()
             gc.set_threshold(*thresholds[:2], max(thresholds[2], 100))
             until = cfg.hours * 3600 if cfg.hours > 0 else None
-            await asyncio.gather(*(p.run(stop, until=until) for p in phones))
+            await asyncio.gather(*(p.run(stop, until=until, start_after=t) for p, t in zip(phones, first_checkin, strict=True)))
             phones_done.set()
             rounds = await asyncio.wait_for(monitor, timeout=120)
         finally:

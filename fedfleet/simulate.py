@@ -70,6 +70,7 @@ class SimulateConfig:
     hours: float = 0.0  # stop the fleet after this much (virtual) time; 0 = when the rounds are done
     server_process: str = "auto"  # auto | yes | no: the server in a child process (wall clock only; see use_server_process)
     inline_model: bool = True  # phones take the model in the check-in's answer (no GET /v1/model)
+    start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
     # update codec and privacy (the task tells phones how to encode; see protocol/FORMAT.md)
     clip: float | None = None  # L2 clipping norm C of each update
     noise: str | None = None  # gaussian | laplace (default gaussian when a noise level is given)
@@ -188,6 +189,7 @@ class SimulateConfig:
             runtime=self.runtime,
             hours=self.hours,
             inline_model=self.inline_model,
+            start_spread_s=self.start_spread_s,
             devices=self.devices,
             profile_spec=ProfileSpec(compute_ms=self.compute_ms, diurnal=self.diurnal, dropout=self.dropout),
         )
