@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import resource
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from device_runtime.attacks import choose_attackers, parse_attack
 from device_runtime.bundle_client import fetch_bundle
 from device_runtime.client import PhoneClient, PhoneStats
 from device_runtime.data import Dataset, partition
+from device_runtime.limits import open_file_limit
 from device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
 from device_runtime.runtimes import TrainingRuntime
 from device_runtime.trainer import BatchedTrainer, RuntimePool
@@ -64,21 +64,6 @@ class FleetConfig:
             raise ValueError("attack_fraction must be in [0, 1]")
         if not 0 <= self.shard_index < self.shard_count <= self.phones:
             raise ValueError(f"shard {self.shard_index} of {self.shard_count} is not a shard of {self.phones} phones")
-
-
-def open_file_limit() -> int:
-    """Raise this process's soft limit on open files to its hard limit (children started later
-    inherit it) and return the soft limit now in force: each emulated phone's long poll holds a
-    socket, and a server in the same process holds the other end."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):  # not allowed here: live with the soft limit
-            pass
-    return int(soft) if soft != resource.RLIM_INFINITY else 1 << 16
 
 
 def shard_phones(phones: int, shard_index: int, shard_count: int) -> range:

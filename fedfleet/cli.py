@@ -169,9 +169,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from device_runtime.data import load_dataset
+    from device_runtime.limits import open_file_limit
     from server.app import make_app
     from server.config import ServerConfig
 
+    open_file_limit()  # each long-polling phone holds a socket: go up to the hard limit
     values = load_toml(args.config, "server") if args.config else {}
     data = load_dataset(args.dataset or values.pop("dataset", "digits"), seed=args.seed or 0)
     values.update({"input_shape": data.input_shape, "num_classes": data.num_classes})

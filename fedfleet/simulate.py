@@ -22,7 +22,8 @@ from typing import Any
 from aiohttp import web
 
 from device_runtime.data import Dataset, load_dataset
-from device_runtime.fleet import FleetConfig, FleetResult, open_file_limit, run_fleet
+from device_runtime.fleet import FleetConfig, FleetResult, run_fleet
+from device_runtime.limits import open_file_limit
 from device_runtime.profiles import ProfileSpec
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from device_runtime.vclock import VirtualClock, WallClock
