@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from device_runtime.profiles import DeviceProfile
 from device_runtime.runtimes import TrainConfig
 from device_runtime.trainer import BatchedTrainer, RuntimePool
 from device_runtime.vclock import PhoneClock, WallClock
-from protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message
+from protocol import EncoderConfig, TensorMessage, TensorSpec, UpdateEncoder, decode_message
 from protocol.signing import PhoneKey
 
 
@@ -74,6 +75,29 @@ class PhoneStats:
         }
 
 
+class ModelMemo:
+    """Model messages already decoded by some phone of this fleet, by their exact bytes: the
+    phones handed tasks together get byte-identical answers (the server frames a burst once), and
+    decoding the same bytes again would give the same tensors. Shared tensors are never written
+    (runtimes copy parameters in). Keeps the last ``size`` messages."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._items: OrderedDict[bytes, tuple[Mapping[str, TensorSpec], TensorMessage]] = OrderedDict()
+        self.hits = 0
+
+    def decode(self, payload: bytes, expected: Mapping[str, TensorSpec]) -> TensorMessage:
+        hit = self._items.get(payload)
+        if hit is not None and hit[0] == expected:
+            self.hits += 1
+            return hit[1]
+        msg = decode_message(payload, expected=expected)
+        self._items[payload] = (expected, msg)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return msg
+
+
 class PhoneClient:
     def __init__(
         self,
@@ -94,6 +118,7 @@ class PhoneClient:
         num_classes: int = 0,
         poll_session: aiohttp.ClientSession | None = None,
         inline_model: bool = True,
+        models: ModelMemo | None = None,
     ) -> None:
         self.session, self.server, self.name = session, server.rstrip("/"), name
         self.poll_session = poll_session or session  # check-ins (long polls) may use their own connections
@@ -114,6 +139,7 @@ class PhoneClient:
         self._model: tuple[int, dict[str, np.ndarray]] | None = None
         self.inline_model = inline_model  # ask for the model inside the check-in's "train" answer
         self._inline_bytes = 0  # size of the check-in answer that brought the model, if one did
+        self.models = models  # shared by a fleet's phones: identical model messages decoded once
         self._updates_sent = 0
 
     # --- HTTP -----------------------------------------------------------------------------
@@ -162,7 +188,8 @@ class PhoneClient:
         if self._model is not None and self._model[0] == version:
             return self._model[1]
         _, payload, _ = await self._request("GET", f"/v1/model?version={version}")
-        msg = decode_message(payload, expected=self.specs)
+        msg = self.models.decode(payload, self.specs) if self.models is not None else \
+            decode_message(payload, expected=self.specs)
         if msg.meta.get("version") != version:
             raise ServerError(502, "bad_answer", f"asked for version {version}, got {msg.meta.get('version')}")
         self._model = (version, msg.tensors)
@@ -196,7 +223,8 @@ class PhoneClient:
             if not isinstance(answer, dict):
                 raise ServerError(502, "bad_answer", "server answered with something other than a JSON object")
             return answer
-        msg = decode_message(payload, expected=self.specs)
+        msg = self.models.decode(payload, self.specs) if self.models is not None else \
+            decode_message(payload, expected=self.specs)
         task, version = msg.meta.get("task"), msg.meta.get("version")
         if not isinstance(task, dict) or task.get("action") != "train" or task.get("version") != version \
                 or not isinstance(version, int):

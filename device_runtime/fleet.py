@@ -16,7 +16,7 @@ import numpy as np
 
 from device_runtime.attacks import choose_attackers, parse_attack
 from device_runtime.bundle_client import fetch_bundle
-from device_runtime.client import PhoneClient, PhoneStats
+from device_runtime.client import ModelMemo, PhoneClient, PhoneStats
 from device_runtime.data import Dataset, partition
 from device_runtime.limits import open_file_limit
 from device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
@@ -125,6 +125,7 @@ async def run_fleet(
             from protocol.privacy import PrivacyLedger
 
             ledger = PrivacyLedger(float(task.get("dp_delta", 1e-5)))
+        models = ModelMemo()  # the phones handed tasks together decode their common model once
         phones = [
             PhoneClient(
                 session,
@@ -142,6 +143,7 @@ async def run_fleet(
                 num_classes=data.num_classes,
                 poll_session=polls,
                 inline_model=cfg.inline_model,
+                models=models,
             )
             for i, idx in enumerate(parts)
             if i in shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count)

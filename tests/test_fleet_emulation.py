@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from device_runtime.client import ModelMemo
 from device_runtime.fleet import FleetConfig, run_fleet
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from device_runtime.vclock import VirtualClock
 from fedfleet.simulate import SimulateConfig, simulate
+from protocol import ChecksumMismatch, ShapeMismatch, TensorSpec, encode_message
 from server.app import make_app
 from server.config import ServerConfig
 from server.pacing import PaceSteering
@@ -189,3 +191,20 @@ async def test_phones_take_the_model_with_the_checkin(make_server: Any, digits: 
     assert model_a[-1] == model_b[-1] == 2
     for a, b in zip(model_a[:-1], model_b[:-1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_model_memo_decodes_identical_bytes_once_and_checks_the_rest() -> None:
+    specs = {"w": TensorSpec((2, 3)), "b": TensorSpec((3,))}
+    tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    blob = encode_message("model", {"version": 4}, tensors)
+    memo = ModelMemo(size=2)
+    first, again = memo.decode(blob, specs), memo.decode(bytes(blob), specs)  # equal bytes, another object
+    assert again is first and memo.hits == 1
+    np.testing.assert_array_equal(first.tensors["w"], tensors["w"])
+    with pytest.raises(ShapeMismatch):  # the same bytes against other expectations are checked again
+        memo.decode(blob, {"w": TensorSpec((3, 2)), "b": TensorSpec((3,))})
+    with pytest.raises(ChecksumMismatch):  # one byte off is another message: decoded, and refused
+        memo.decode(blob[:-5] + bytes([blob[-5] ^ 1]) + blob[-4:], specs)
+    for v in (5, 6):  # older entries fall out
+        memo.decode(encode_message("model", {"version": v}, tensors), specs)
+    assert memo.decode(blob, specs) is not first and memo.hits == 1
