@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from device_runtime.batched import Job, Params, train_many
-from device_runtime.runtimes.base import TrainConfig, TrainResult
+from device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
 from device_runtime.runtimes.torch_runtime import TorchRuntime
 from export.models import ModelSpec, build_model
 
@@ -148,3 +148,29 @@ def test_rejects_missing_params() -> None:
     model = build_model(ModelSpec("mlp", (1, 8, 8), 10))
     with pytest.raises(ValueError, match="fc2.bias"):
         train_many(model, {"fc1.weight": np.zeros((32, 64), np.float32)}, [], CFG)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_eager_runtime_steps_exactly_as_torch_optim_sgd(digits: Any, mu: float) -> None:
+    """TorchRuntime takes its SGD steps by hand (torch.optim's first use imports torch._dynamo);
+    they must be torch.optim.SGD's, bit for bit, with and without the FedProx term."""
+    cfg = TrainConfig(local_epochs=2, batch_size=8, lr=0.1, prox_mu=mu)
+    model = build_model(ModelSpec("mlp", digits.input_shape, digits.num_classes), seed=1)
+    reference = build_model(ModelSpec("mlp", digits.input_shape, digits.num_classes), seed=1)
+    x, y = digits.x_train[:37], digits.y_train[:37]
+    TorchRuntime(model).train(x, y, cfg, np.random.default_rng(3))
+
+    params = [p for p in reference.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=cfg.lr)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    for idx in iterate_batches(len(x), cfg, np.random.default_rng(3)):
+        ti = torch.from_numpy(idx)
+        loss = nn.functional.cross_entropy(reference(xt[ti]), yt[ti])
+        if mu:
+            loss = loss + 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name

@@ -33,7 +33,9 @@ class TorchRuntime:
         xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
         params = list(self._trainable.values())
         anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
-        opt = torch.optim.SGD(params, lr=cfg.lr)
+        # Plain SGD by hand, exactly torch.optim.SGD(lr)'s step (param.add_(grad, alpha=-lr)): the
+        # first torch.optim optimizer in a process imports torch._dynamo (~1.4 s, 900 modules),
+        # which stalled the first round of a fleet whose server runs in another process.
         self.model.train()
         total, steps = 0.0, 0
         for idx in iterate_batches(len(x), cfg, rng):
@@ -42,9 +44,13 @@ class TorchRuntime:
             total += float(loss.detach())
             if anchor:  # FedProx: mu/2 * ||w - w_global||^2
                 loss = loss + 0.5 * cfg.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-            opt.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             loss.backward()
-            opt.step()
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-cfg.lr)
             steps += 1
         return TrainResult(loss=total / max(steps, 1), num_examples=len(x), steps=steps)
 
