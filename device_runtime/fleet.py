@@ -108,15 +108,15 @@ async def run_fleet(
     virtual = clock is not None and not isinstance(clock, WallClock)
     starts = rng.uniform(0.0, cfg.start_spread_s, cfg.phones) if virtual else np.zeros(cfg.phones)
     ledger = None
+    connector = aiohttp.TCPConnector(limit=256)
     timeout = aiohttp.ClientTimeout(total=300)
-    # A connection per phone, as on real phones (as many as the open-file limit allows): a phone
-    # has at most one request in flight, but a long poll holds its connection until work appears,
-    # and with a shared pool of 256 a crowd of held polls kept the phones that had work from
-    # checking in at all. One pool for every request: the connection a phone registered on
-    # serves its check-ins and uploads too.
+    # Check-ins get their own connections, one per phone as on real phones (as many as the open-file
+    # limit allows): a long poll holds its connection until work appears, and with a shared pool of
+    # 256 a crowd of held polls kept the phones that had work from checking in at all.
     shard_size = len(shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count))
-    limit = max(256, min(shard_size + 16, (open_file_limit() - 1024) // 2))  # / 2: a server here holds the other ends
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), timeout=timeout) as session:
+    polls_limit = max(256, min(shard_size, (open_file_limit() - 1024) // 2))  # / 2: a server here holds the other ends
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=polls_limit), timeout=timeout) as polls:
         async with session.get(f"{server.rstrip('/')}/v1/task") as resp:
             resp.raise_for_status()
             task = await resp.json()
@@ -141,6 +141,7 @@ async def run_fleet(
                 clock=clock,
                 attack=attack if i in attackers else None,
                 num_classes=data.num_classes,
+                poll_session=polls,
                 inline_model=cfg.inline_model,
                 models=models,
             )
