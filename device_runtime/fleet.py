@@ -49,6 +49,7 @@ class FleetConfig:
     shard_count: int = 1
     inline_model: bool = True  # phones ask for the model inside the check-in's answer (one request less)
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
+    server_here: bool = True  # the server runs in this process (its sockets count against the same limit)
 
     def __post_init__(self) -> None:
         if self.phones < 1 or self.workers < 1:
@@ -114,7 +115,8 @@ async def run_fleet(
     # limit allows): a long poll holds its connection until work appears, and with a shared pool of
     # 256 a crowd of held polls kept the phones that had work from checking in at all.
     shard_size = len(shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count))
-    polls_limit = max(256, min(shard_size, (open_file_limit() - 1024) // 2))  # / 2: a server here holds the other ends
+    budget = open_file_limit() - 1024
+    polls_limit = max(256, min(shard_size, budget // 2 if cfg.server_here else budget))  # a server here holds the other ends
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=polls_limit), timeout=timeout) as polls:
         async with session.get(f"{server.rstrip('/')}/v1/task") as resp:

@@ -119,7 +119,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     # Training settings the user gave explicitly override the server's plan on these phones.
     overrides = {k: getattr(args, k) for k in ("local_epochs", "batch_size", "lr", "prox_mu")
                  if getattr(args, k) is not None}
-    fleet_cfg = dataclasses.replace(cfg.fleet_config(), max_rounds=args.rounds or 0, runtime=cfg.runtime,
+    fleet_cfg = dataclasses.replace(cfg.fleet_config(), max_rounds=args.rounds or 0, runtime=cfg.runtime, server_here=False,
                                     availability=args.sample or 1.0, name_prefix=args.name_prefix)
     t0 = time.perf_counter()
     table = RoundTable(stream=sys.stdout, total=args.rounds or 0)

@@ -191,6 +191,7 @@ class SimulateConfig:
             hours=self.hours,
             inline_model=self.inline_model,
             start_spread_s=self.start_spread_s,
+            server_here=not self.use_server_process,
             devices=self.devices,
             profile_spec=ProfileSpec(compute_ms=self.compute_ms, diurnal=self.diurnal, dropout=self.dropout),
         )
