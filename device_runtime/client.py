@@ -166,10 +166,13 @@ class PhoneClient:
     async def _json(self, method: str, path: str, body: Any = None,
                     session: aiohttp.ClientSession | None = None) -> dict[str, Any]:
         _, payload, _ = await self._request(method, path, json_body=body if body is not None else {}, session=session)
-        answer = json.loads(payload)
-        if not isinstance(answer, dict):
-            raise ServerError(502, "bad_answer", "server answered with something other than a JSON object")
-        return answer
+        return _json_object(payload)
+
+    def _decode_model(self, payload: bytes) -> TensorMessage:
+        """A model message checked against the task's tensors (through the fleet's memo, if any)."""
+        if self.models is not None:
+            return self.models.decode(payload, self.specs)
+        return decode_message(payload, expected=self.specs)
 
     # --- protocol steps ---------------------------------------------------------------------
     async def register(self) -> dict[str, Any]:
@@ -188,8 +191,7 @@ class PhoneClient:
         if self._model is not None and self._model[0] == version:
             return self._model[1]
         _, payload, _ = await self._request("GET", f"/v1/model?version={version}")
-        msg = self.models.decode(payload, self.specs) if self.models is not None else \
-            decode_message(payload, expected=self.specs)
+        msg = self._decode_model(payload)
         if msg.meta.get("version") != version:
             raise ServerError(502, "bad_answer", f"asked for version {version}, got {msg.meta.get('version')}")
         self._model = (version, msg.tensors)
@@ -219,12 +221,8 @@ class PhoneClient:
         _, payload, headers = await self._request("POST", "/v1/checkin", json_body={"inline_model": True},
                                                   session=self.poll_session)
         if not headers.get("Content-Type", "").startswith("application/octet-stream"):
-            answer = json.loads(payload)
-            if not isinstance(answer, dict):
-                raise ServerError(502, "bad_answer", "server answered with something other than a JSON object")
-            return answer
-        msg = self.models.decode(payload, self.specs) if self.models is not None else \
-            decode_message(payload, expected=self.specs)
+            return _json_object(payload)
+        msg = self._decode_model(payload)
         task, version = msg.meta.get("task"), msg.meta.get("version")
         if not isinstance(task, dict) or task.get("action") != "train" or task.get("version") != version \
                 or not isinstance(version, int):
@@ -385,6 +383,13 @@ class PhoneClient:
         finally:
             self.clock.leave()
         return self.stats
+
+
+def _json_object(payload: bytes) -> dict[str, Any]:
+    answer = json.loads(payload)
+    if not isinstance(answer, dict):
+        raise ServerError(502, "bad_answer", "server answered with something other than a JSON object")
+    return answer
 
 
 def _server_error(status: int, payload: bytes) -> ServerError:

@@ -114,9 +114,9 @@ async def run_fleet(
     # Check-ins get their own connections, one per phone as on real phones (as many as the open-file
     # limit allows): a long poll holds its connection until work appears, and with a shared pool of
     # 256 a crowd of held polls kept the phones that had work from checking in at all.
-    shard_size = len(shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count))
+    shard = shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count)
     budget = open_file_limit() - 1024
-    polls_limit = max(256, min(shard_size, budget // 2 if cfg.server_here else budget))  # a server here holds the other ends
+    polls_limit = max(256, min(len(shard), budget // 2 if cfg.server_here else budget))  # a server here holds the other ends
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=polls_limit), timeout=timeout) as polls:
         async with session.get(f"{server.rstrip('/')}/v1/task") as resp:
@@ -148,9 +148,9 @@ async def run_fleet(
                 models=models,
             )
             for i, idx in enumerate(parts)
-            if i in shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count)
+            if i in shard
         ]
-        first_checkin = [float(starts[i]) for i in shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count)]
+        first_checkin = [float(starts[i]) for i in shard]
         stop = asyncio.Event()
         pool: RuntimePool | BatchedTrainer | None = None
         phones_done = asyncio.Event()

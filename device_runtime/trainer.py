@@ -162,6 +162,7 @@ class BatchedTrainer:
 
     def _flush(self, group_key: Hashable) -> None:
         group = self._groups.pop(group_key, [])
+        self._arrivals.pop(group_key, None)
         if group:
             asyncio.ensure_future(self._run(group, group_key[1]))  # type: ignore[index]
 
