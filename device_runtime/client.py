@@ -22,7 +22,7 @@ from device_runtime.profiles import DeviceProfile
 from device_runtime.runtimes import TrainConfig
 from device_runtime.trainer import BatchedTrainer, RuntimePool
 from device_runtime.vclock import PhoneClock, WallClock
-from protocol import EncoderConfig, TensorMessage, TensorSpec, UpdateEncoder, decode_message
+from protocol import EncoderConfig, ProtocolError, TensorMessage, TensorSpec, UpdateEncoder, decode_message
 from protocol.signing import PhoneKey
 
 
@@ -169,10 +169,14 @@ class PhoneClient:
         return _json_object(payload)
 
     def _decode_model(self, payload: bytes) -> TensorMessage:
-        """A model message checked against the task's tensors (through the fleet's memo, if any)."""
-        if self.models is not None:
-            return self.models.decode(payload, self.specs)
-        return decode_message(payload, expected=self.specs)
+        """A model message checked against the task's tensors (through the fleet's memo, if any);
+        one the phone must refuse is the server's fault (502), counted like any bad answer."""
+        try:
+            if self.models is not None:
+                return self.models.decode(payload, self.specs)
+            return decode_message(payload, expected=self.specs)
+        except ProtocolError as exc:
+            raise ServerError(502, "bad_answer", f"model message refused ({exc.reason}): {exc}") from None
 
     # --- protocol steps ---------------------------------------------------------------------
     async def register(self) -> dict[str, Any]:

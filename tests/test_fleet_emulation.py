@@ -10,11 +10,12 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from device_runtime.client import ModelMemo
+from device_runtime.client import ModelMemo, PhoneClient, ServerError
 from device_runtime.fleet import FleetConfig, run_fleet
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from device_runtime.vclock import VirtualClock
@@ -208,3 +209,22 @@ def test_model_memo_decodes_identical_bytes_once_and_checks_the_rest() -> None:
     for v in (5, 6):  # older entries fall out
         memo.decode(encode_message("model", {"version": v}, tensors), specs)
     assert memo.decode(blob, specs) is not first and memo.hits == 1
+
+
+async def test_a_model_the_phone_must_refuse_is_a_bad_answer_not_a_crash(make_server: Any, digits: Any) -> None:
+    """A corrupt or wrong-shape model from the server is counted as the server's fault (502, which
+    the phone's run loop retries and counts), not an exception that would stop the whole fleet."""
+    client = await make_server(sample_fraction=1.0)
+    url = str(client.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as session:
+        phone = PhoneClient(session, url, "p0", (digits.x_train[:10], digits.y_train[:10]), None,
+                            np.random.default_rng(0), models=ModelMemo())
+        task = await phone.register()
+        good = encode_message("model", {"version": 0}, {p["name"]: np.zeros(p["shape"], np.float32)
+                                                        for p in task["params"]})
+        assert phone._decode_model(good).meta["version"] == 0
+        for bad, reason in ((good[:-5] + bytes([good[-5] ^ 1]) + good[-4:], "checksum"),
+                            (encode_message("model", {"version": 0}, {"w": np.zeros(2, np.float32)}), "shape_mismatch")):
+            with pytest.raises(ServerError) as err:
+                phone._decode_model(bad)
+            assert err.value.status == 502 and reason in str(err.value)
