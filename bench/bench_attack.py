@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from bench.common import wait_listening
+from device_runtime import aio
 from protocol import encode_message
 from protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, PhoneKey, signed_text
 from protocol.wire import FLAG_ZLIB, WireTensor, encode_wire, frame
@@ -648,7 +649,7 @@ def honest_main(url: str, phones: int, seed: int, stop: Any, think_s: float, cap
         async with aiohttp.ClientSession(connector=conn) as http:
             await asyncio.gather(*(phone(i, http) for i in range(phones)))
 
-    asyncio.run(main())
+    aio.run(main())
     out.put({"records": records, "accepted": accepted})
 
 
@@ -710,7 +711,7 @@ def attacker_main(url: str, seed: int, requests: int, rps: float, concurrency: i
         loris_rows = [e for episodes in await asyncio.gather(*lorises) for e in episodes]
         return rows, loris_rows, t0, t1
 
-    rows, loris_rows, t0, t1 = asyncio.run(main())
+    rows, loris_rows, t0, t1 = aio.run(main())
     out.put({"rows": rows, "loris": loris_rows, "t0": t0, "t1": t1})
 
 
@@ -812,7 +813,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 async with http.get(f"{url}/v1/rounds") as r:
                     rounds = (await r.json())["rounds"]
             return st, rounds
-        status, rounds = asyncio.run(final())
+        status, rounds = aio.run(final())
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -43,6 +43,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from device_runtime import aio
 from protocol import decode_message, encode_message
 from protocol.signing import PhoneKey
 
@@ -826,13 +827,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedfleet-faults-") as tmp:
         work = Path(tmp)
         if args.what in ("churn", "all"):
-            results["churn"] = asyncio.run(bench_churn(args.phones, [float(x) for x in args.drops.split(",")],
-                                                       args.seed, work))
+            results["churn"] = aio.run(bench_churn(args.phones, [float(x) for x in args.drops.split(",")],
+                                                   args.seed, work))
         if args.what in ("retry", "all"):
-            results["retry"] = asyncio.run(bench_retry(args.retry_phones, args.seed, work))
+            results["retry"] = aio.run(bench_retry(args.retry_phones, args.seed, work))
         if args.what in ("crash", "all"):
-            results["crash"] = asyncio.run(bench_crash(args.crash_phones, args.kills, args.seed, work,
-                                                       args.crash_dataset))
+            results["crash"] = aio.run(bench_crash(args.crash_phones, args.kills, args.seed, work,
+                                                   args.crash_dataset))
     rows = []
     for r in results.get("churn", []):
         rows.append({"scenario": r["scenario"], "phones": r["phones"], "faults": f"{r['dropped']} dropped mid-body, "

@@ -2,7 +2,7 @@
 
 The same federated workload on both systems, side by side in one run: N phones each holding a
 disjoint IID shard (fedfleet's own ``load_dataset`` and ``partition``, seed 0), the 64-32-10 MLP
-from the same initial parameters, 1 local epoch of plain SGD at batch 16 and lr 0.05, FedAvg
+from the same initial parameters, 1 local epoch of plain SGD at batch 16 and lr 0.5, FedAvg
 over a 50% sample of the phones per round, central evaluation of every new version on the
 held-out split. fedfleet runs ``fedfleet simulate`` (its aiohttp server on a loopback port,
 SQLite state, every phone a real HTTP client, phones on one version trained in one vmapped
@@ -18,7 +18,8 @@ actors' first task, which imports torch in each actor); ``steady/s`` = the same 
 2..R. Without emulated devices there are no stragglers, so fedfleet hands work to exactly the
 cohort, as Flower does (over-selection is for emulated fleets); only merged updates count.
 fedfleet runs with its server on the fleet's event loop and, ``--server-process yes``, in a
-process of its own (a core each). When Flower gives no result within ``--flower-timeout``,
+process of its own (a core each), on uvloop (its default) and, ``--loops uvloop,asyncio``, also on
+the standard library's loop. When Flower gives no result within ``--flower-timeout``,
 the client trainings it had finished by then (logged by flower_side.py, none aggregated)
 give an upper bound of its rate, and the ratio is taken against that. 10,000 phones cannot split sklearn
 digits (1,438 training examples), so scale points above ``--digits-max`` phones use
@@ -27,6 +28,7 @@ as digits gives 100 phones (~14: one SGD step per round).
 
     .venv/bin/python -m bench.bench_flower [--phones 100,10000] [--rounds 10] [--scale-rounds 3]
         [--client-cpus 1.0,0.5] [--flower-timeout 900] [--skip-flower-above 0] [--server-process no,yes]
+        [--loops uvloop[,asyncio]]
 
 Prints a table and writes bench/results/flower.json.
 """
@@ -53,7 +55,9 @@ VENV = ROOT / ".flower-venv"
 FLOWER_SIDE = ROOT / "flower_side.py"
 REQUIREMENTS = ["flwr[simulation]==1.41.0", "torch==2.14.1", "psutil"]
 SEED = 0
-WORKLOAD: dict[str, Any] = {"model": "mlp", "local_epochs": 1, "batch_size": 16, "lr": 0.05, "sample": 0.5,
+# lr 0.5: with ~14 examples a phone takes one SGD step per round, and at lr 0.05 neither system got past
+# ~10% accuracy in 10 rounds (0.63 at 0.5); the speed figures do not depend on it.
+WORKLOAD: dict[str, Any] = {"model": "mlp", "local_epochs": 1, "batch_size": 16, "lr": 0.5, "sample": 0.5,
                             "seed": SEED}
 EXAMPLES_PER_PHONE = 1438 / 100  # digits' training split over 100 phones
 
@@ -93,25 +97,28 @@ def write_npz(path: Path, dataset: str, phones: int, seed: int) -> None:
     np.savez(path, **arrays)
 
 
-def _fedfleet_child(cfg_kwargs: dict[str, Any], conn: Any) -> None:
+def _fedfleet_child(cfg_kwargs: dict[str, Any], loop: str, conn: Any) -> None:
+    os.environ["FEDFLEET_LOOP"] = loop  # this process and a server process it starts
     from bench.common import run_sim
     from fedfleet.simulate import SimulateConfig
 
     rows, summary, total_s = run_sim(SimulateConfig(**cfg_kwargs))
     # With the server in its own (finished) child process, its peak counts too.
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    conn.send({"rows": rows, "total_s": total_s, "peak_rss_mb": peak_kib / 1024})
+    conn.send({"rows": rows, "total_s": total_s, "peak_rss_mb": peak_kib / 1024, "event_loop": summary["event_loop"]})
     conn.close()
 
 
-def run_fedfleet(phones: int, rounds: int, dataset: str, out: Path, server_process: str = "no") -> dict[str, Any]:
+def run_fedfleet(phones: int, rounds: int, dataset: str, out: Path, server_process: str = "no",
+                 loop: str = "uvloop") -> dict[str, Any]:
     """``fedfleet simulate`` through bench.common.run_sim, in a fresh process (clean peak RSS);
-    ``server_process`` yes: the server in a child process of its own (a core each)."""
+    ``server_process`` yes: the server in a child process of its own (a core each); ``loop``:
+    the event loop of both (uvloop, fedfleet's default, or asyncio's own)."""
     cfg = dict(phones=phones, rounds=rounds, dataset=dataset, devices="none", out=str(out),
                server_process=server_process, **WORKLOAD)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_fedfleet_child, args=(cfg, child))
+    proc = ctx.Process(target=_fedfleet_child, args=(cfg, loop, child))
     proc.start()
     child.close()
     got = parent.recv()
@@ -128,7 +135,7 @@ def run_fedfleet(phones: int, rounds: int, dataset: str, out: Path, server_proce
         "accuracy": rows[-1]["accuracy"], "accuracy_per_round": [r["accuracy"] for r in rows],
         "aggregate_ms": [r["aggregate_ms"] for r in rows],
         "total_s": got["total_s"], "peak_rss_mb": got["peak_rss_mb"], "run_dir": str(out),
-        "server_process": server_process == "yes",
+        "server_process": server_process == "yes", "event_loop": got["event_loop"],
     }
 
 
@@ -258,6 +265,8 @@ def main() -> None:
     p.add_argument("--out", default="flower", help="results file bench/results/OUT.json")
     p.add_argument("--server-process", default="no,yes",
                    help="fedfleet settings to run: no (server on the fleet's event loop), yes (its own process)")
+    p.add_argument("--loops", default="uvloop",
+                   help="fedfleet event loops to run: uvloop (its default), asyncio (the standard library's), or both")
     p.add_argument("--skip-flower-above", type=int, default=0, help="do not run Flower above this many phones (0: always)")
     args = p.parse_args()
     phone_counts = [int(x) for x in args.phones.split(",")]
@@ -271,11 +280,13 @@ def main() -> None:
         npz = work / f"data-{phones}.npz"
         write_npz(npz, dataset, phones, SEED)
         print(f"== {phones} phones, {dataset}, {rounds} rounds", flush=True)
-        for sp in args.server_process.split(","):
-            ff = run_fedfleet(phones, rounds, dataset, work / f"fedfleet-{phones}-{sp}", server_process=sp)
-            rows.append(ff)
-            print(f"fedfleet server_process={sp}: {ff['updates_per_s']:.1f} updates/s "
-                  f"(steady {ff['steady_updates_per_s'] or 0:.1f})", flush=True)
+        for loop in args.loops.split(","):
+            for sp in args.server_process.split(","):
+                ff = run_fedfleet(phones, rounds, dataset, work / f"fedfleet-{phones}-{sp}-{loop}", server_process=sp,
+                                  loop=loop)
+                rows.append(ff)
+                print(f"fedfleet {ff['event_loop']} server_process={sp}: {ff['updates_per_s']:.1f} updates/s "
+                      f"(steady {ff['steady_updates_per_s'] or 0:.1f})", flush=True)
         if args.skip_flower_above and phones > args.skip_flower_above:
             rows.append({"system": "flower", "phones": phones, "rounds": rounds, "dataset": dataset,
                          "error": f"not run (--skip-flower-above {args.skip_flower_above})"})
@@ -289,7 +300,7 @@ def main() -> None:
     ratios(rows)
     for r in rows:
         r["setting"] = (f"cpus={r.get('client_cpus', '-')}" if r["system"] == "flower" else
-                        "vmap+http" + (", server process" if r.get("server_process") else ""))
+                        f"vmap+http, {r['event_loop']}" + (", server process" if r.get("server_process") else ""))
         r["result"] = r.get("error", "ok")[:40]
     columns = ["system", "setting", "phones", "rounds", "updates", "wall_s", "updates_per_s", "steady_updates_per_s",
                "accuracy", "peak_rss_mb", "ratio_updates_per_s", "ratio_steady_updates_per_s", "result"]

@@ -37,6 +37,7 @@ import aiohttp
 import numpy as np
 
 from bench.bench_attack import cpu_s, free_port, rss_kib, start_server
+from device_runtime import aio
 from protocol import encode_message
 
 
@@ -98,7 +99,7 @@ def client_main(url: str, index: int, phones: int, seed: int, nice: int, ready: 
             ready.put(index)
             await asyncio.gather(*tasks)
 
-    asyncio.run(main())
+    aio.run(main())
     start, end = window[0], window[1]
     out.put({"records": [r for r in records if start <= r[0] < end], "errors": dict(errors)})
 

@@ -16,7 +16,6 @@ second, peak RSS, and the share of wall time spent in the training arithmetic it
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import resource
 import subprocess
@@ -25,6 +24,7 @@ import time
 from typing import Any
 
 from bench.common import table, write
+from device_runtime import aio
 
 
 def workload(phones: int, hours: float, seed: int = 0) -> Any:
@@ -44,7 +44,7 @@ def one(phones: int, hours: float) -> dict[str, Any]:
 
     cfg = workload(phones, hours)
     t0, c0 = time.perf_counter(), time.process_time()
-    result, summary = asyncio.run(simulate(cfg))
+    result, summary = aio.run(simulate(cfg))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     emu = summary["emulation"]
     return {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import platform
 import time
@@ -10,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from device_runtime import aio
 from fedfleet.simulate import SimulateConfig, simulate
 
 RESULTS = Path(__file__).parent / "results"
@@ -17,7 +17,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def run_sim(cfg: SimulateConfig) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
     t0 = time.perf_counter()
-    result, summary = asyncio.run(simulate(cfg))
+    result, summary = aio.run(simulate(cfg))
     return result.rounds, summary, time.perf_counter() - t0
 
 

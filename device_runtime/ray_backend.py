@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from device_runtime import aio
 from device_runtime.client import PhoneStats
 from device_runtime.fleet import FleetConfig, FleetResult, _monitor, run_fleet, shard_phones
 
@@ -102,8 +103,8 @@ def run_shard(spec: ShardSpec, barrier: Any = None) -> ShardResult:
         if barrier is not None:  # every shard has registered its phones: start training together
             await asyncio.wait_for(asyncio.wrap_future(barrier.arrive.remote().future()), spec.barrier_timeout_s)
 
-    result = asyncio.run(run_fleet(spec.server, data, spec.fleet, torch_runtime_for_task,
-                                   train_overrides=spec.train_overrides, registered=all_registered))
+    result = aio.run(run_fleet(spec.server, data, spec.fleet, torch_runtime_for_task,
+                               train_overrides=spec.train_overrides, registered=all_registered))
     return ShardResult(spec.fleet.shard_index, socket.gethostname(), os.getpid(), result.devices,
                        time.perf_counter() - t0)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import logging
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from device_runtime import aio
 from server.config import load_toml
 
 
@@ -127,8 +127,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         if backend == "ray":
             result = _fleet_on_ray(args, cfg.dataset, cfg.seed, fleet_cfg, overrides, table)
         else:
-            result = asyncio.run(run_fleet(args.server, load_dataset(cfg.dataset, seed=cfg.seed), fleet_cfg,
-                                           torch_runtime_for_task, on_round=table, train_overrides=overrides))
+            result = aio.run(run_fleet(args.server, load_dataset(cfg.dataset, seed=cfg.seed), fleet_cfg,
+                                         torch_runtime_for_task, on_round=table, train_overrides=overrides))
     finally:
         table.close()
     summary = summarize(result.rounds, result.devices, time.perf_counter() - t0)
@@ -155,8 +155,8 @@ def _fleet_on_ray(args: argparse.Namespace, dataset: str, seed: int, fleet_cfg: 
 
     with ray_cluster(args.address, quiet=not args.verbose) as ray:
         print(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs on {len(ray.nodes())} node(s)", flush=True)
-        return asyncio.run(run_ray_fleet(args.server, dataset, fleet_cfg, shards=args.shards, dataset_seed=seed,
-                                         train_overrides=overrides, on_round=table, on_shard=shard_done))
+        return aio.run(run_ray_fleet(args.server, dataset, fleet_cfg, shards=args.shards, dataset_seed=seed,
+                                       train_overrides=overrides, on_round=table, on_shard=shard_done))
 
 
 def cmd_phone(args: argparse.Namespace) -> int:
@@ -194,7 +194,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError("--tls-cert and --tls-key go together")
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, ssl_context=ssl_context)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, ssl_context=ssl_context,
+                loop=aio.new_event_loop())
     return 0
 
 

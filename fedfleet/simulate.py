@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from device_runtime import aio
 from device_runtime.data import Dataset, load_dataset
 from device_runtime.fleet import FleetConfig, FleetResult, run_fleet
 from device_runtime.limits import open_file_limit
@@ -226,6 +227,7 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
     summary["dataset_sizes"] = {"train": len(data.y_train), "test": len(data.y_test)}
     summary["clock"] = "virtual" if cfg.virtual else "wall"
     summary["server_process"] = cfg.use_server_process
+    summary["event_loop"] = aio.running_loop_name()
     summary["emulation"] = {
         "checkins": sum(d.checkins for d in result.devices),
         "train_compute_s": round(result.train_compute_s, 3),
@@ -311,7 +313,7 @@ def _serve_child_main(server_cfg: ServerConfig, x_test: Any, y_test: Any, conn: 
         finally:
             await runner.cleanup()
 
-    asyncio.run(main())
+    aio.run(main())
 
 
 def ensure_bundle(cfg: SimulateConfig, data: Dataset, path: Path) -> Path:
@@ -340,7 +342,7 @@ def _fresh_state(path: Path) -> None:
 def run(cfg: SimulateConfig) -> dict[str, Any]:
     table = RoundTable(total=cfg.rounds)
     try:
-        _, summary = asyncio.run(simulate(cfg, table))
+        _, summary = aio.run(simulate(cfg, table))
     finally:
         table.close()
     return summary

@@ -67,6 +67,7 @@ def test_cli_simulate_smoke(tmp_path: Path) -> None:
     assert summary["config"]["phones"] == 6 and summary["config"]["server"] == {"over_selection": 1.0}
     # The server ran in its own process and wrote its state where the in-process one would.
     assert summary["server_process"] is True and (out / "server" / "server.sqlite").exists()
+    assert summary["event_loop"] == "uvloop"  # fedfleet's processes run on uvloop where it is installed
 
 
 def test_server_process_needs_the_wall_clock(tmp_path: Path) -> None:

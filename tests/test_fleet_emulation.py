@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from device_runtime import aio
 from device_runtime.client import ModelMemo, PhoneClient, ServerError
 from device_runtime.fleet import FleetConfig, run_fleet
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
@@ -90,17 +91,19 @@ def test_same_seed_same_metrics_and_devices_byte_for_byte(tmp_path: Path) -> Non
 def test_a_crowd_is_deterministic_too(tmp_path: Path) -> None:
     """300 phones for 10 slots: had they all first checked in at one virtual instant, which
     of them took the slots would depend on socket timing (two runs differed, tried with
-    start_spread_s=0); with seeded first check-ins they are ordered by virtual time."""
-    def crowd(name: str) -> tuple[str, bytes]:
+    start_spread_s=0); with seeded first check-ins they are ordered by virtual time. So the
+    event loop does not matter either: one run on uvloop (fedfleet's own), one on asyncio's."""
+    def crowd(name: str, loop: str) -> tuple[str, bytes]:
         cfg = SimulateConfig(phones=300, dataset="digits", model="mlp", local_epochs=1, mode="async", concurrency=10,
                              buffer=5, rounds=0, hours=2 / 60, devices="default", dropout=0.1, seed=7,
                              out=str(tmp_path / name), server={"rest_after_update_s": 60.0})
-        asyncio.run(simulate(cfg))
+        _, summary = aio.run(simulate(cfg)) if loop == "uvloop" else asyncio.run(simulate(cfg))
+        assert summary["event_loop"] == loop
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) >= 5, "the run should publish several versions"
         return _without_wall(rows), (tmp_path / name / "devices.csv").read_bytes()
 
-    assert crowd("one") == crowd("two")
+    assert crowd("one", "uvloop") == crowd("two", "asyncio")
 
 
 def test_phones_vanishing_mid_upload_leave_the_server_consistent(tmp_path: Path) -> None:
