@@ -114,14 +114,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_HEADER_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
+                                   object_pairs_hook=_no_duplicates)  # built once: json.loads builds one per call
+
+
 def parse_header(raw: bytes, kinds: Sequence[str], max_tensors: int) -> dict[str, Any]:
     """Strict parse: UTF-8 JSON object with exactly kind/meta/tensors, no duplicate keys,
     no NaN/Infinity. Key order is not checked (decoders accept any order)."""
     try:
-        header = json.loads(
-            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float,
-            object_pairs_hook=_no_duplicates,
-        )
+        header = _HEADER_DECODER.decode(raw.decode("utf-8"))
     except ProtocolError:
         raise
     except (ValueError, RecursionError) as exc:  # includes UnicodeDecodeError, JSONDecodeError

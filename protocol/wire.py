@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -247,8 +248,7 @@ def decode_message(
     pos += 4
     if pos + payload_len + 4 != len(data):
         raise MalformedMessage(f"payload length {payload_len} disagrees with the message size")
-    seen: set[str] = set()
-    entries = [_check_entry(e, seen) for e in header["tensors"]]
+    entries = _entries(header["tensors"])
     total_elements = sum(math.prod(e.shape) for e in entries)
     if total_elements > MAX_ELEMENTS:
         raise MalformedMessage(
@@ -262,7 +262,10 @@ def decode_message(
         payload = _inflate(payload, declared)
     if len(payload) != declared:
         raise MalformedMessage(f"payload holds {len(payload)} bytes but tensors declare {declared}")
-    tensors: dict[str, np.ndarray] = {}
+    tensors = _decode_uniform_dense(entries, payload)
+    if tensors is not None:
+        return TensorMessage(header["kind"], header["meta"], tensors, len(data), {e.name: "dense" for e in entries})
+    tensors = {}
     offset = 0
     for e in entries:
         blob = payload[offset : offset + e.nbytes]
@@ -275,6 +278,56 @@ def decode_message(
             raise MalformedMessage(f"tensor {e.name!r}: {exc}") from None
     encodings = {e.name: e.encoding.name for e in entries}
     return TensorMessage(header["kind"], header["meta"], tensors, len(data), encodings)
+
+
+_ENTRY_CACHE: dict[str, list[_Entry]] = {}  # repr of a validated tensor list -> its entries
+_ENTRY_CACHE_MAX = 64
+_ENTRY_CACHE_KEY_MAX = 1 << 14  # characters: longer lists are validated every time
+_ENTRY_LOCK = threading.Lock()
+
+
+def _entries(raw: list[Any]) -> list[_Entry]:
+    """The validated entries of a header's tensor list. A federation's messages repeat a few
+    tensor lists (one model, its codec settings), so validated lists are remembered by their
+    ``repr``: it tells apart every value parsed JSON can hold (1, 1.0, true, "1", null), so
+    equal keys are equal lists, which pass or fail alike. At most 64 short lists are kept;
+    anything else is validated as it comes. Entries are never mutated after validation."""
+    key = repr(raw)
+    if len(key) <= _ENTRY_CACHE_KEY_MAX:
+        hit = _ENTRY_CACHE.get(key)
+        if hit is not None:
+            return hit
+    seen: set[str] = set()
+    entries = [_check_entry(e, seen) for e in raw]
+    if len(key) <= _ENTRY_CACHE_KEY_MAX:
+        with _ENTRY_LOCK:
+            while len(_ENTRY_CACHE) >= _ENTRY_CACHE_MAX:
+                del _ENTRY_CACHE[next(iter(_ENTRY_CACHE))]  # oldest first
+            _ENTRY_CACHE[key] = entries
+    return entries
+
+
+def _decode_uniform_dense(entries: list[_Entry], payload: Blob) -> dict[str, np.ndarray] | None:
+    """Every tensor dense and of one dtype (an uncompressed model or update): one read, one
+    finiteness check and one copy for the whole payload, each tensor a view of its part.
+    None when the message is not like that, or holds NaN/Inf: the per-tensor path then
+    decodes it, or names the tensor at fault."""
+    if not entries or any(e.encoding.name != "dense" or e.dtype != entries[0].dtype for e in entries):
+        return None
+    dtype = entries[0].dtype
+    if any(e.nbytes != math.prod(e.shape) * dtype.itemsize for e in entries):
+        return None
+    flat = np.frombuffer(payload, dtype=dtype)
+    if dtype.kind == "f" and not np.isfinite(flat).all():
+        return None
+    flat = flat.astype(dtype.newbyteorder("="), copy=True)
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for e in entries:
+        count = e.nbytes // dtype.itemsize
+        out[e.name] = flat[offset : offset + count].reshape(e.shape)
+        offset += count
+    return out
 
 
 def _inflate(payload: Blob, limit: int, what: str = "payload") -> bytes:

@@ -80,6 +80,32 @@ def test_every_dtype_round_trips() -> None:
         assert_same_values(msg.tensors, tensors)
 
 
+def test_repeated_tensor_lists_are_still_checked_message_by_message() -> None:
+    """Validated tensor lists are remembered (a federation repeats one model's list) and a
+    message of dense tensors of one dtype is decoded in one pass: neither lets through what
+    the full checks refuse, nor mixes up look-alike lists."""
+    w, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1.5, -2.0], np.float32)
+    good = encode_message("update", META, {"w": w, "b": b})
+    for _ in range(2):  # the second decode takes the remembered list and the one-pass path
+        msg = decode_message(good)
+        assert_same_values(msg.tensors, {"w": w, "b": b})
+        assert msg.encodings == {"w": "dense", "b": "dense"}
+    msg.tensors["w"][0, 0] = 99.0  # each tensor owns its values: no view of the message or of the other
+    assert msg.tensors["b"].tolist() == [1.5, -2.0] and decode_message(good).tensors["w"][0, 0] == 0.0
+    header, payload, _ = split(good)
+    nan = payload[:-4] + np.array([np.nan], np.float32).tobytes()  # the same list, NaN in the last value of b
+    with pytest.raises(ProtocolError, match="tensor 'b'.*NaN"):
+        decode_message(frame(json.dumps(header).encode(), nan))
+    for edit in ({"shape": [2.0, 3]}, {"shape": [3, 2], "nbytes": 25}, {"name": "b"}, {"dtype": "float64"}):
+        bad = json.loads(json.dumps(header))
+        bad["tensors"][0].update(edit)  # a float dimension, a size that disagrees, a repeated name, a dtype
+        for _ in range(2):
+            with pytest.raises(ProtocolError):
+                decode_message(frame(json.dumps(bad).encode(), payload))
+    mixed = {"f": w, "i": np.array([7, -7], np.int64), "h": np.array([0.5], np.float16)}
+    assert_same_values(decode_message(encode_message("model", {}, mixed)).tensors, mixed)
+
+
 def test_canonical_meta_sorts_and_refuses_what_json_cannot_carry() -> None:
     assert list(canonical_meta({"b": 1, "a": {"d": 2, "c": np.float32(0.5)}})) == ["a", "b"]
     assert canonical_meta({"x": (np.int64(3), [np.bool_(True)])}) == {"x": [3, [True]]}
