@@ -91,9 +91,18 @@ def _general_meta(value: Any, path: str) -> Any:
     raise ValueError(f"{path}: {type(value).__name__} cannot go into the JSON header")
 
 
-def canonical_header(kind: str, meta: Mapping[str, Any], tensors: Sequence[Mapping[str, Any]]) -> bytes:
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def canonical_header(kind: str, meta: Mapping[str, Any], tensors: Sequence[Mapping[str, Any]] | str) -> bytes:
+    """The header's canonical JSON; ``tensors`` may come as the canonical JSON of the list
+    already (a sender's repeated tensor list): the bytes are the same as from the list."""
+    if isinstance(tensors, str):
+        return ('{"kind":' + canonical_json(kind) + ',"meta":' + canonical_json(canonical_meta(dict(meta)))
+                + ',"tensors":' + tensors + "}").encode("ascii")
     header = {"kind": kind, "meta": canonical_meta(dict(meta)), "tensors": list(tensors)}
-    return json.dumps(header, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    return canonical_json(header).encode("ascii")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.canonical import canonical_header, parse_header
+from protocol.canonical import canonical_header, canonical_json, parse_header
 from protocol.encodings import DTYPES, ENCODINGS, Encoding, dtype_of, encode_dense
 from protocol.errors import (
     ChecksumMismatch,
@@ -127,6 +127,34 @@ def encode_wire(
     (the header of a small sparse update is most of its bytes)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
+    header = canonical_header(kind, meta, _tensor_list_json(tensors))
+    blobs = [t.blob for t in tensors]
+    if compress:
+        flags = FLAG_ZLIB
+        packed = zlib.compress(header, 9)
+        if len(packed) < len(header):
+            header, flags = packed, flags | FLAG_ZLIB_HEADER
+        return frame(header, zlib.compress(b"".join(blobs), ZLIB_LEVEL), flags=flags)
+    return frame(header, *blobs)
+
+
+_LIST_JSON: dict[tuple[Any, ...], str] = {}  # a tensor list's identity -> its canonical JSON
+_LIST_JSON_MAX = 64
+_LIST_JSON_LOCK = threading.Lock()
+
+
+def _tensor_list_json(tensors: Sequence[WireTensor]) -> str:
+    """The header's "tensors" array as canonical JSON. A sender repeats a few lists (one
+    model's tensors, dense or with fixed codec fields), so short ones are remembered by
+    every value that goes into them."""
+    key = tuple((t.name, t.dtype, t.shape, t.encoding, tuple((k, type(v), v) for k, v in t.fields.items()), len(t.blob))
+                for t in tensors)  # with each field's type: 1, 1.0 and True are equal keys but not equal JSON
+    try:
+        hit = _LIST_JSON.get(key)
+    except TypeError:  # a field value that cannot be a key (a list): not remembered
+        key, hit = (), None
+    if hit is not None:
+        return hit
     entries: list[dict[str, Any]] = []
     for t in tensors:
         if not isinstance(t.name, str) or not 0 < len(t.name) <= MAX_NAME_LEN or len(t.shape) > MAX_NDIM:
@@ -142,15 +170,13 @@ def encode_wire(
         entry.update(t.fields)
         entry["nbytes"] = len(t.blob)
         entries.append(entry)
-    header = canonical_header(kind, meta, entries)
-    blobs = [t.blob for t in tensors]
-    if compress:
-        flags = FLAG_ZLIB
-        packed = zlib.compress(header, 9)
-        if len(packed) < len(header):
-            header, flags = packed, flags | FLAG_ZLIB_HEADER
-        return frame(header, zlib.compress(b"".join(blobs), ZLIB_LEVEL), flags=flags)
-    return frame(header, *blobs)
+    text = canonical_json(entries)
+    if key and len(text) <= _ENTRY_CACHE_KEY_MAX:
+        with _LIST_JSON_LOCK:
+            while len(_LIST_JSON) >= _LIST_JSON_MAX:
+                del _LIST_JSON[next(iter(_LIST_JSON))]
+            _LIST_JSON[key] = text
+    return text
 
 
 def frame(header: bytes, *payload: bytes, flags: int = 0, version: int = FORMAT_VERSION) -> bytes:

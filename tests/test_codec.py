@@ -5,6 +5,7 @@ the configured scale. Oracles are plain numpy restatements of FORMAT.md."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import struct
 import zlib
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message, dense_float32_nbytes
+from protocol.canonical import canonical_header
 from protocol.codec.sparsify import keep_count
 from protocol.errors import MalformedMessage
 from protocol.quant import fit_scales, quantized_norm_bound
@@ -448,6 +450,31 @@ def test_encoder_rejects_bad_input() -> None:
         encoder.encode({"w": np.ones(2, np.float32)}, META, staleness=-1)
     with pytest.raises(ValueError, match="no error feedback"):
         encoder.load_state_dict({"residual/w": np.ones(2)})
+
+
+def test_default_codec_shortcut_sends_the_pipelines_bytes() -> None:
+    """The default codec (float32, no clip/noise/sparsify/feedback) skips the float64 pipeline;
+    its messages are byte for byte what the pipeline makes, for float32, float64 (one
+    rounding either way) and the int/NaN deltas it leaves to the pipeline. The header's
+    remembered tensor list gives the same bytes as one built from scratch."""
+    rng = np.random.default_rng(3)
+    deltas = [sample(), {"a": rng.standard_normal((3, 5)), "b": np.float64(1e-40) * np.ones(4)},
+              {"w": np.arange(6, dtype=np.int64).reshape(2, 3)}, {"s": np.array(2.5, np.float32)}]
+    for compress in (False, True):
+        fast = UpdateEncoder(EncoderConfig(compress=compress), np.random.default_rng(0))
+        full = UpdateEncoder(EncoderConfig(compress=compress), np.random.default_rng(0))
+        full._plain = False  # the whole pipeline
+        assert fast._plain
+        for delta in deltas * 2:  # twice: the second time the tensor list's JSON is remembered
+            assert fast.encode(delta, META) == full.encode(delta, META)
+    for bad in ({"w": np.array([1.0, np.inf])}, {"w": np.array([1.0, np.nan], np.float32)}):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            fast.encode(bad, META)
+    entries = [{"name": "w", "dtype": "float32", "shape": [2], "encoding": "quant", "bits": 8, "chunk": 256,
+                "nbytes": 6}]
+    assert canonical_header("update", META, entries) == canonical_header(
+        "update", META, json.dumps(entries, separators=(",", ":")))
+    assert not UpdateEncoder(EncoderConfig(quant_bits=8), np.random.default_rng(0))._plain
 
 
 def test_dense_float32_nbytes() -> None:

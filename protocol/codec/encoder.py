@@ -77,6 +77,9 @@ class UpdateEncoder:
         self.values = value_coder(config)
         self.feedback = ErrorFeedback(config.ef_decay) if config.error_feedback else None
         self._previous: tuple[Update, int | None] | None = None  # residual before the last encode
+        # Nothing to do but send float32 (the default codec): skip the float64 round trip.
+        self._plain = not self.steps and self.sparsifier is None and self.feedback is None and isinstance(
+            self.values, Float32)
 
     def encode(
         self, delta: Mapping[str, np.ndarray], meta: Mapping[str, Any], *, staleness: int = 0
@@ -86,6 +89,10 @@ class UpdateEncoder:
         Returns a full wire message of kind "update" with ``meta`` in its header."""
         if type(staleness) is not int or staleness < 0:
             raise ValueError(f"staleness must be an int >= 0, got {staleness!r}")
+        if self._plain:
+            plain = _plain_float32(delta)
+            if plain is not None:
+                return encode_wire("update", meta, plain, compress=self.config.compress)
         update = _as_float64(delta)
         for step in self.steps:
             update = step(update, self.rng)
@@ -141,6 +148,23 @@ class UpdateEncoder:
         from protocol.privacy import Release
 
         return Release(self.config.noise, self.noise_multiplier)
+
+
+def _plain_float32(delta: Mapping[str, np.ndarray]) -> list[WireTensor] | None:
+    """The default codec's wire tensors straight from float32/float64 deltas: the same bytes
+    as the float64 pipeline (float32 -> float64 -> float32 is exact, and float64 -> float32
+    rounds once either way). None for other dtypes or non-finite values, which the full
+    path converts or refuses with its own message."""
+    wire: list[WireTensor] = []
+    for name, arr in delta.items():
+        a = np.asarray(arr)
+        if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
+            return None
+        if not np.isfinite(a).all():
+            return None
+        blob = np.ascontiguousarray(a, dtype="<f4").tobytes()
+        wire.append(WireTensor(name, "float32", tuple(a.shape), "dense", {}, blob))
+    return wire
 
 
 def _as_float64(delta: Mapping[str, np.ndarray]) -> Update:
