@@ -107,6 +107,12 @@ async def test_unmatched_paths_share_one_label(make_observed: MakeClient) -> Non
     samples = await scrape(client)
     assert value(samples, "fedfleet_http_requests_total", method="GET", endpoint="unmatched", status="404") == 3
     assert value(samples, "fedfleet_rejected_requests_total", endpoint="unmatched", reason="http_404") == 3
+    for method in ("PROPFIND", "MKCOL", "LOCK"):  # WebDAV and other methods the parser knows share one label value
+        assert 400 <= (await client.request(method, "/v1/status")).status < 500
+    samples = await scrape(client)
+    assert sum(v for (name, labels), v in samples.items()
+               if name == "fedfleet_http_requests_total" and dict(labels)["method"] == "other") == 3
+    assert not [key for key in samples if dict(key[1]).get("method") in ("PROPFIND", "MKCOL", "LOCK")]
 
 
 async def test_dashboard_json_matches_status_and_rounds(make_observed: MakeClient) -> None:
