@@ -119,6 +119,7 @@ class PhoneClient:
         poll_session: aiohttp.ClientSession | None = None,
         inline_model: bool = True,
         models: ModelMemo | None = None,
+        chain_checkin: bool = True,
     ) -> None:
         self.session, self.server, self.name = session, server.rstrip("/"), name
         self.poll_session = poll_session or session  # check-ins (long polls) may use their own connections
@@ -140,6 +141,10 @@ class PhoneClient:
         self.inline_model = inline_model  # ask for the model inside the check-in's "train" answer
         self._inline_bytes = 0  # size of the check-in answer that brought the model, if one did
         self.models = models  # shared by a fleet's phones: identical model messages decoded once
+        # The next check-in rides on the upload (one request per task): only for a phone that is
+        # always available, as one with a device profile may be away before it checks in again.
+        self.chain_checkin = chain_checkin and profile is None and availability >= 1.0
+        self._next: dict[str, Any] | None = None  # a check-in answer that came with the upload's
         self._updates_sent = 0
 
     # --- HTTP -----------------------------------------------------------------------------
@@ -207,7 +212,7 @@ class PhoneClient:
         if away > 0 or self.rng.random() >= self.availability:
             await self.clock.sleep(away or 1.0)  # not idle-and-charging now
             return "away"
-        answer = await self._checkin()
+        answer, self._next = self._next or await self._checkin(), None
         self.stats.checkins += 1
         action = str(answer.get("action"))
         if action == "wait":
@@ -224,6 +229,10 @@ class PhoneClient:
             return await self._json("POST", "/v1/checkin", session=self.poll_session)
         _, payload, headers = await self._request("POST", "/v1/checkin", json_body={"inline_model": True},
                                                   session=self.poll_session)
+        return self._checkin_answer(payload, headers)
+
+    def _checkin_answer(self, payload: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
+        """A check-in's answer: JSON, or (asked for inline) the task's model message."""
         if not headers.get("Content-Type", "").startswith("application/octet-stream"):
             return _json_object(payload)
         msg = self._decode_model(payload)
@@ -345,11 +354,21 @@ class PhoneClient:
     async def _upload(self, body: bytes, meta: dict[str, Any], attempts: int = 8) -> dict[str, Any]:
         """POST the update; on 503/429 back off (Retry-After, doubled per attempt, jittered so that
         phones turned away together do not return together) and sign again."""
+        path, session = "/v1/update", None
+        if self.chain_checkin:  # held like a check-in once accepted: on this phone's own connection
+            path, session = "/v1/update?checkin=" + ("inline" if self.inline_model else "json"), self.poll_session
         for attempt in range(attempts):
             try:
-                _, payload, _ = await self._request("POST", "/v1/update", data=body,
-                                                    headers=self._upload_headers(body, meta))
-                answer = json.loads(payload)
+                _, payload, headers = await self._request("POST", path, data=body, session=session,
+                                                          headers=self._upload_headers(body, meta))
+                if headers.get("X-Fedfleet-Checkin") == "1":  # the answer is the next check-in's
+                    answer = json.loads(headers.get("X-Fedfleet-Update", "{}"))
+                    try:
+                        self._next = self._checkin_answer(payload, headers)
+                    except (ServerError, ValueError):
+                        self._next = None  # the update was accepted; the next check-in is made anew
+                else:
+                    answer = json.loads(payload)
                 return answer if isinstance(answer, dict) else {}
             except ServerError as exc:
                 if exc.status not in (429, 503) or attempt == attempts - 1:

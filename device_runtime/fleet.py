@@ -48,6 +48,7 @@ class FleetConfig:
     shard_index: int = 0  # run only this shard's phones (see ``shard_phones``); data and names as if all ran
     shard_count: int = 1
     inline_model: bool = True  # phones ask for the model inside the check-in's answer (one request less)
+    chain_checkin: bool = True  # phones make their next check-in with their upload (one request less again)
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
     server_here: bool = True  # the server runs in this process (its sockets count against the same limit)
 
@@ -145,6 +146,7 @@ async def run_fleet(
                 num_classes=data.num_classes,
                 poll_session=polls,
                 inline_model=cfg.inline_model,
+                chain_checkin=cfg.chain_checkin,
                 models=models,
             )
             for i, idx in enumerate(parts)

@@ -73,7 +73,10 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-fraction", type=float, help="share of phones that attack (default 0)")
     p.add_argument("--inline-model", choices=["yes", "no"],
                    help="phones take the model in the check-in's answer (yes, default: one request per task "
-                        "less) or download it with GET /v1/model (no, as the Java and web clients do)")
+                        "less) or download it with GET /v1/model (no)")
+    p.add_argument("--chain-checkin", choices=["yes", "no"],
+                   help="phones without an emulated device make their next check-in in the same request as "
+                        "their upload (yes, default: one request per task less) or on its own (no)")
 
 
 def _run_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,6 +88,7 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
             "central_clip", "central_noise_multiplier", "robust", "attack", "attack_fraction", "trainer", "hours"]
     values = {k: getattr(args, k) for k in keys}
     values["inline_model"] = None if args.inline_model is None else args.inline_model == "yes"
+    values["chain_checkin"] = None if args.chain_checkin is None else args.chain_checkin == "yes"
     return values
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import math
 import secrets
 import sqlite3
@@ -89,7 +90,16 @@ async def checkin(request: web.Request) -> web.Response:
     inline = body.get("inline_model", False)
     if not isinstance(inline, bool):
         fail(400, "bad_checkin", "inline_model must be true or false")
+    return await _checkin_answer(request, phone, inline)
+
+
+async def _checkin_answer(request: web.Request, phone: str, inline: bool, chained: bool = False) -> web.Response:
+    """What a check-in answers: a task, ``wait`` (held up to ``checkin_hold_s`` while there is
+    no work: a long poll) or ``done``; a task as its model message when ``inline`` allows.
+    A check-in ``chained`` to an upload lets the held check-ins that work just woke go first."""
     coord = request.app[COORD]
+    if chained:
+        await request.app[WORK].settled()
     if coord.paused and not coord.done:
         return json_response(coord.wait())
     answer = coord.checkin(phone)
@@ -158,9 +168,18 @@ def _update_meta(meta: dict[str, Any], max_examples: int) -> dict[str, Any]:
 
 async def update(request: web.Request) -> web.Response:
     """Bounded, authenticated, decoded and checked before the coordinator sees it; at most
-    ``max_concurrent_uploads`` at once (503 + Retry-After beyond, which also paces phones)."""
+    ``max_concurrent_uploads`` at once (503 + Retry-After beyond, which also paces phones).
+
+    ``?checkin=json|inline``: once the update is durable, the phone's next check-in is made in
+    the same request (FORMAT.md section 9): the answer is then that check-in's (JSON, or the
+    task's model message with ``inline``), with ``X-Fedfleet-Checkin: 1`` and the upload's own
+    JSON answer in ``X-Fedfleet-Update``. Not when the server asks the phone to rest first
+    (``next_checkin_s`` > 0): then the upload's answer as usual, without that header."""
     app = request.app
     cfg = app[CONFIG]
+    then = request.query.get("checkin")
+    if then not in (None, "json", "inline"):
+        fail(400, "bad_query", "checkin must be json or inline")
     gate = app[UPLOADS]
     if gate.closing or gate.active >= cfg.max_concurrent_uploads:
         raise JsonError(503, "busy", "too many uploads in progress; retry later",
@@ -177,7 +196,16 @@ async def update(request: web.Request) -> web.Response:
             app[COORD].forget(phone, update_id)  # not durable, so not accepted: the phone retries
             raise JsonError(503, "storage_unavailable", f"the update could not be made durable ({exc}); retry",
                             headers={"Retry-After": "1"}) from None
-    return response
+    if then is None or not isinstance(response.body, bytes):
+        return response
+    ack = json.loads(response.body)
+    if float(ack.get("next_checkin_s") or 0.0) > 0:
+        return response  # the phone rests before its next check-in
+    answer = await _checkin_answer(request, phone, then == "inline", chained=True)
+    app[COORD].count_bytes(0, len(answer.body) if isinstance(answer.body, bytes) else 0)  # the next task's bytes
+    answer.headers["X-Fedfleet-Checkin"] = "1"
+    answer.headers["X-Fedfleet-Update"] = response.body.decode()
+    return answer
 
 
 async def _update(request: web.Request) -> tuple[web.Response, Any, str, str]:

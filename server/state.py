@@ -33,20 +33,45 @@ class UploadGate:
 
 class WorkSignal:
     """Wakes check-ins held for work (long poll) whenever work may have appeared: an update
-    freed a slot, a merge opened a round, a deadline passed."""
+    freed a slot, a merge opened a round, a deadline passed.
+
+    Check-ins that were held go first: a phone whose check-in comes with its upload (which
+    may itself have opened the round) waits in ``settled`` until every check-in the last
+    notify woke has run again, so phones that sat a round out are not overtaken by those
+    that just contributed (with sample 0.5, they would otherwise never get a seat)."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._waiting = 0  # check-ins blocked in wait()
+        self._waking = 0  # of those, woken by a notify and not yet running again
+        self._settled = asyncio.Event()
+        self._settled.set()
 
     def notify(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
+        self._waking = self._waiting  # everyone blocked now was woken (earlier wakers included)
+        if self._waking:
+            self._settled.clear()
 
     async def wait(self, timeout_s: float) -> None:
+        event = self._event
+        self._waiting += 1
         try:
-            await asyncio.wait_for(self._event.wait(), timeout_s)
+            await asyncio.wait_for(event.wait(), timeout_s)
         except TimeoutError:
             pass
+        finally:
+            self._waiting -= 1
+            if event.is_set():  # it was blocked when a notify came: counted in _waking
+                self._waking -= 1
+                if self._waking <= 0:
+                    self._waking = 0
+                    self._settled.set()
+
+    async def settled(self) -> None:
+        """Return once the check-ins woken by the last notify have all run again."""
+        await self._settled.wait()
 
 
 UPLOADS = web.AppKey("uploads", UploadGate)

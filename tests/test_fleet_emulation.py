@@ -21,12 +21,12 @@ from device_runtime.fleet import FleetConfig, run_fleet
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from device_runtime.vclock import VirtualClock
 from fedfleet.simulate import SimulateConfig, simulate
-from protocol import ChecksumMismatch, ShapeMismatch, TensorSpec, encode_message
+from protocol import ChecksumMismatch, ShapeMismatch, TensorSpec, decode_message, encode_message
 from server.app import make_app
 from server.config import ServerConfig
 from server.pacing import PaceSteering
 from server.state import COORD
-from tests.conftest import register
+from tests.conftest import register, update_body
 
 WALL_CLOCK_FIELDS = ("aggregate_ms",)  # measured in wall time on purpose (server processing time)
 
@@ -169,10 +169,11 @@ def test_bad_pacing_or_sync_settings_are_refused(bad: dict[str, Any]) -> None:
         ServerConfig(**bad)
 
 
-async def _fleet_requests(make_server: Any, digits: Any, inline: bool) -> tuple[dict[str, float], list[Any]]:
+async def _fleet_requests(make_server: Any, digits: Any, inline: bool,
+                          chain: bool = False) -> tuple[dict[str, float], list[Any]]:
     client = await make_server(rounds=2, sample_fraction=1.0, checkin_hold_s=5.0)
     url = str(client.make_url("")).rstrip("/")
-    cfg = FleetConfig(phones=4, seed=0, trainer="pool", workers=1, inline_model=inline)
+    cfg = FleetConfig(phones=4, seed=0, trainer="pool", workers=1, inline_model=inline, chain_checkin=chain)
     result = await run_fleet(url, digits, cfg, torch_runtime_for_task, train_overrides={"local_epochs": 1})
     text = await (await client.get("/metrics")).text()
     counts: dict[str, float] = {}
@@ -195,6 +196,60 @@ async def test_phones_take_the_model_with_the_checkin(make_server: Any, digits: 
     assert model_a[-1] == model_b[-1] == 2
     for a, b in zip(model_a[:-1], model_b[:-1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+async def test_phones_check_in_again_with_their_upload(make_server: Any, digits: Any) -> None:
+    """Chained check-ins: after the first check-in, a task costs one request (the upload,
+    whose answer is the next task or "done"); the run ends with the same model."""
+    chained, model_a = await _fleet_requests(make_server, digits, inline=True, chain=True)
+    single, model_b = await _fleet_requests(make_server, digits, inline=True, chain=False)
+    assert chained["POST /v1/checkin"] == 4 and chained["POST /v1/update"] == 8
+    assert single["POST /v1/checkin"] >= 12 and single["POST /v1/update"] == 8
+    assert model_a[-1] == model_b[-1] == 2
+    for a, b in zip(model_a[:-1], model_b[:-1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+async def test_chained_check_ins_do_not_take_the_seats_of_waiting_phones(make_server: Any, digits: Any,
+                                                                          tmp_path: Path) -> None:
+    """Half of 16 phones per round: the phones that just uploaded check in again with their
+    upload, and the merge's commit releases them all before the others' held check-ins have
+    run. Without letting those go first, the same 8 phones took every round (the other 8
+    never trained); now each phone gets its turn."""
+    client = await make_server(rounds=6, sample_fraction=0.5, over_selection=1.0, checkin_hold_s=10.0,
+                               data_dir=str(tmp_path), sqlite_sync="normal")
+    url = str(client.make_url("")).rstrip("/")
+    cfg = FleetConfig(phones=16, seed=0, chain_checkin=True)
+    result = await run_fleet(url, digits, cfg, torch_runtime_for_task, train_overrides={"local_epochs": 1})
+    turns = sorted(d.participations for d in result.devices)
+    assert sum(turns) == 48 and turns[0] >= 2, turns
+
+
+async def test_an_upload_with_a_check_in(make_server: Any) -> None:
+    """?checkin=inline: the answer is the next check-in's (here the next round's task with its
+    model), the upload's own answer in a header; a bad value is refused before anything is
+    read; a server asking phones to rest after an update answers the upload alone."""
+    for rest in (0.0, 30.0):
+        client = await make_server(sample_fraction=1.0, min_cohort=1, rest_after_update_s=rest)
+        phone, auth, task = await register(client, "solo")
+        assert (await (await client.post("/v1/checkin", json={}, headers=auth)).json())["action"] == "train"
+        body = update_body(task, update_id="a1")
+        bad = await client.post("/v1/update?checkin=maybe", data=body, headers=auth)
+        assert bad.status == 400 and (await bad.json())["error"] == "bad_query"
+        assert (await (await client.get("/v1/status")).json())["version"] == 0  # nothing was taken
+        resp = await client.post("/v1/update?checkin=inline", data=body, headers=auth)
+        assert resp.status == 200
+        if rest:
+            assert "X-Fedfleet-Checkin" not in resp.headers and (await resp.json())["next_checkin_s"] == rest
+            continue
+        assert resp.headers["X-Fedfleet-Checkin"] == "1" and resp.headers["Content-Type"] == "application/octet-stream"
+        ack = json.loads(resp.headers["X-Fedfleet-Update"])
+        assert ack["accepted"] is True and ack["duplicate"] is False
+        msg = decode_message(await resp.read())
+        assert msg.meta["version"] == 1 and msg.meta["task"]["action"] == "train" and msg.meta["task"]["version"] == 1
+        again = await client.post("/v1/update?checkin=json", data=body, headers=auth)  # a retry: same update
+        assert json.loads(again.headers["X-Fedfleet-Update"])["duplicate"] is True
+        assert (await again.json())["action"] == "train"  # JSON check-in answer: already in this round's cohort
 
 
 def test_model_memo_decodes_identical_bytes_once_and_checks_the_rest() -> None:
