@@ -6,7 +6,11 @@ Python fleet of three (``fedfleet fleet``), and checks the server's own records:
 merged all six phones, nothing was rejected, accuracy rose, and the bytes the phones say they
 sent are the bytes the round records count. Phones ask for the model inside the check-in's
 answer (protocol/FORMAT.md section 9), so a task costs no GET /v1/model; in the codec run one
-Java phone does not ask and downloads every model instead. The codec run has every phone clip,
+Java phone does not ask and downloads every model instead. Phones also ask for their next
+check-in with each upload (same section), which the server holds as a long poll until the next
+round opens: in the first run every phone does, and after its first check-in a task costs one
+request; in the codec run only the Java phone without inline models does (as JSON), the others
+are switched off and check in on their own, as before. The codec run has every phone clip,
 add Gaussian noise, keep the top 10% with error feedback and quantize to 8 bits, so the Python
 server decodes and merges the Java encoder's sparse messages, and both sides agree on epsilon.
 
@@ -70,13 +74,17 @@ def _get(url: str) -> Any:
         return json.loads(resp.read())
 
 
-def _model_gets(url: str) -> int:
-    """GET /v1/model requests the server answered, from its /metrics counters."""
+def _requests(url: str) -> dict[str, int]:
+    """Requests the server answered by "METHOD endpoint", from its /metrics counters."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    return int(sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-                   if s.name == "fedfleet_http_requests_total" and s.labels["endpoint"] == "/v1/model"
-                   and s.labels["method"] == "GET"))
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "fedfleet_http_requests_total":
+                key = f"{s.labels['method']} {s.labels['endpoint']}"
+                counts[key] = counts.get(key, 0) + int(s.value)
+    return counts
 
 
 def _wait_ready(url: str, server: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:
@@ -102,12 +110,16 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
             proc.wait()
 
 
-def run_mixed(tmp: Path, classpath: str, codec: str | None, plain_java: int = 0) -> dict[str, Any]:
-    """Server + Java phones + Python fleet; returns the server's records and both sides' stats.
-    The first ``plain_java`` Java phones do not ask for inline models (``--inline-model no``)."""
+def run_mixed(tmp: Path, classpath: str, codec: str | None, plain_java: int = 0, chain: bool = True) -> dict[str, Any]:
+    """Server + Java phones + Python fleet; returns the server's records, both sides' stats and the
+    server's request counts. The first ``plain_java`` Java phones do not ask for inline models
+    (``--inline-model no``); without ``chain`` only those ask for their next check-in with their
+    upload (``--chain-checkin no`` for the other Java phones and the Python fleet)."""
     toml = tmp / "server.toml"
-    # min_cohort = all six phones: each round waits for every phone, so each one trains every round
-    toml.write_text("[server]\nmin_cohort = 6\nsample_fraction = 1.0\nround_timeout_s = 120\n"
+    # min_cohort = all six phones: each round waits for every phone, so each one trains every round.
+    # A check-in finding no work is held (long poll, below the Java client's 60 s read timeout), so a
+    # check-in made with an upload waits there for the next round's task instead of answering "wait".
+    toml.write_text("[server]\nmin_cohort = 6\nsample_fraction = 1.0\nround_timeout_s = 120\ncheckin_hold_s = 30\n"
                     + (f"codec = {codec}\n" if codec else ""))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -123,12 +135,14 @@ def run_mixed(tmp: Path, classpath: str, codec: str | None, plain_java: int = 0)
         _wait_ready(url, server, log)
         java = [subprocess.Popen(["java", "-cp", classpath, "org.fedfleet.client.Main", "--server", url,
                                   "--name", f"java-{i}", "--shard", f"{i}/{JAVA_PHONES}", "--seed", str(i),
-                                  "--inline-model", "no" if i < plain_java else "yes"],
+                                  "--inline-model", "no" if i < plain_java else "yes",
+                                  "--chain-checkin", "yes" if chain or i < plain_java else "no"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for i in range(JAVA_PHONES)]
         fleet = subprocess.run(
             [sys.executable, "-m", "fedfleet.cli", "fleet", "--server", url, "--phones", str(PY_PHONES),
-             "--name-prefix", "py", "--rounds", str(ROUNDS), "--seed", "1", "--workers", "1", "--out", str(tmp / "run")],
+             "--name-prefix", "py", "--rounds", str(ROUNDS), "--seed", "1", "--workers", "1", "--out", str(tmp / "run"),
+             "--chain-checkin", "yes" if chain else "no"],
             capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
         assert fleet.returncode == 0, fleet.stderr[-4000:] + log.read_text()[-4000:]
         summaries = []
@@ -138,7 +152,7 @@ def run_mixed(tmp: Path, classpath: str, codec: str | None, plain_java: int = 0)
             summaries.append(json.loads(stdout.strip().splitlines()[-1]))
         rounds = _get(url + "/v1/rounds")
         status = _get(url + "/v1/status")
-        model_gets = _model_gets(url)
+        requests = _requests(url)
     finally:
         for proc in java:
             _stop(proc)
@@ -146,7 +160,7 @@ def run_mixed(tmp: Path, classpath: str, codec: str | None, plain_java: int = 0)
     with (tmp / "run" / "devices.csv").open() as f:
         python = list(csv.DictReader(f))
     return {"rounds": rounds["rounds"], "finished": rounds["finished"], "status": status, "java": summaries,
-            "python": python, "model_gets": model_gets}
+            "python": python, "requests": requests}
 
 
 def _check_merged_and_counted(run: dict[str, Any]) -> None:
@@ -173,7 +187,17 @@ def test_java_and_python_phones_train_one_model(tmp_path: Path, classpath: str) 
     _check_merged_and_counted(run)
     # every Java phone took each task's model inside the check-in's answer; nobody downloaded one
     assert [(s["inline_models"], s["model_downloads"]) for s in run["java"]] == [(ROUNDS, 0)] * JAVA_PHONES
-    assert run["model_gets"] == 0
+    assert run["requests"].get("GET /v1/model", 0) == 0
+    # Every upload brought the phone's next check-in (the next round's task, held until the round
+    # opened, or "done"): after its first check-in, a phone needed no other (a few more when a
+    # held check-in outlasted the hold while the Python fleet was starting).
+    for s in run["java"]:
+        assert s["chained_checkins"] == ROUNDS and s["checkins"] >= ROUNDS + 1, s
+    posts = {k: v for k, v in run["requests"].items() if k in ("POST /v1/checkin", "POST /v1/update")}
+    print("requests, every phone chained:", posts, "Java phones' own check-ins:",
+          [s["checkins"] - s["chained_checkins"] for s in run["java"]])
+    assert posts["POST /v1/update"] == ROUNDS * (JAVA_PHONES + PY_PHONES)
+    assert posts["POST /v1/checkin"] <= posts["POST /v1/update"] // 2, posts
     accs = [r["accuracy"] for r in run["rounds"]]
     assert accs[0] > 0.5 and accs[-1] > 0.85 and accs[-1] >= accs[0], accs  # chance is 0.1
     for s in run["java"]:
@@ -182,12 +206,19 @@ def test_java_and_python_phones_train_one_model(tmp_path: Path, classpath: str) 
 
 @pytest.mark.slow
 def test_server_merges_java_encoded_compressed_noised_updates(tmp_path: Path, classpath: str) -> None:
-    run = run_mixed(tmp_path, classpath, codec=CODEC, plain_java=1)
+    run = run_mixed(tmp_path, classpath, codec=CODEC, plain_java=1, chain=False)
     _check_merged_and_counted(run)
     # java-0 did not ask for inline models: it downloaded each task's model, the others never did
     assert [(s["inline_models"], s["model_downloads"]) for s in run["java"]] == (
         [(0, ROUNDS)] + [(ROUNDS, 0)] * (JAVA_PHONES - 1))
-    assert run["model_gets"] == ROUNDS
+    assert run["requests"]["GET /v1/model"] == ROUNDS
+    # java-0 asked for its next check-in with each upload (as JSON: its tasks still downloaded their
+    # models); the others were switched off: every task, and the final "done", took a check-in
+    java0, *others = run["java"]
+    assert java0["chained_checkins"] == ROUNDS, java0
+    assert all(s["chained_checkins"] == 0 and s["checkins"] >= ROUNDS + 1 for s in others), others
+    unchained = len(others) + PY_PHONES
+    assert run["requests"]["POST /v1/checkin"] >= unchained * (ROUNDS + 1) + 1, run["requests"]
     rounds = run["rounds"]
     accs = [r["accuracy"] for r in rounds]
     assert accs[-1] > accs[0] and accs[-1] > 0.2, accs  # noisy (z = 0.3 on every phone), but it learns

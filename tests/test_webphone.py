@@ -3,9 +3,12 @@
 (a) the JS codec against every golden vector, byte for byte, with node's test runner;
 (b) five tabs of Debian's headless Chromium train in WASM (onnxruntime-web) next to five Python
     phones, three synchronous rounds, signed uploads: every tab's update is merged and counted,
-    and every task's model came inside its check-in's answer (FORMAT.md section 9);
+    every task's model came inside its check-in's answer, and every upload brought the tab's next
+    check-in (FORMAT.md section 9), so the server saw far fewer check-ins than uploads;
 (c) a tab whose upload answer is lost (then offline for a while) re-sends the same update,
-    which the server merges once; asynchronous mode, local DP on, epsilon on both sides.
+    which the server merges once; asynchronous mode, local DP on, epsilon on both sides. That tab
+    is opened with ?chain=0 (its uploads do not ask for the next check-in, as before), the other
+    tab chains.
 
 Browser tests follow tests/test_dashboard_browser.py: the real app on a loopback port, a
 playwright-core driver (tests/browser/webphone.mjs) that never downloads a browser.
@@ -22,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import numpy as np
@@ -169,13 +173,29 @@ def spy_on_updates(app: Any) -> list[dict[str, Any]]:
     return seen
 
 
-async def model_gets(base: str) -> int:
-    """GET /v1/model requests the server answered, from its /metrics counters."""
+async def requests_answered(base: str) -> dict[str, int]:
+    """Requests the server answered by "METHOD endpoint", from its /metrics counters."""
     async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as resp:
         text = await resp.text()
-    return int(sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-                   if s.name == "fedfleet_http_requests_total" and s.labels["endpoint"] == "/v1/model"
-                   and s.labels["method"] == "GET"))
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "fedfleet_http_requests_total":
+                key = f"{s.labels['method']} {s.labels['endpoint']}"
+                counts[key] = counts.get(key, 0) + int(s.value)
+    return counts
+
+
+def open_with(app: web.Application, params: dict[str, dict[str, str]]) -> str:
+    """A path that opens the phone page with more URL parameters for some tabs (by name): the
+    driver opens every tab with only name, shard and autostart, so it goes through this redirect."""
+
+    async def redirect(request: web.Request) -> web.Response:
+        query = {**request.query, **params.get(request.query.get("name", ""), {})}
+        raise web.HTTPFound("/phone/?" + urlencode(query))
+
+    app.router.add_get("/open-phone/", redirect)
+    return "/open-phone/"
 
 
 def python_step_ms(bundle_dir: Path, batch: int, steps: int = STEPS) -> float:
@@ -225,7 +245,8 @@ async def test_browser_tabs_train_in_wasm_next_to_python_phones(
     codec = {"sparsify": "topk", "density": 0.25, "quant_bits": 8, "chunk": 64, "error_feedback": True}
     cfg = ServerConfig(model="mlp", input_shape=digits.input_shape, num_classes=digits.num_classes, rounds=ROUNDS,
                        sample_fraction=1.0, min_cohort=2 * TABS, local_epochs=2, lr=0.1, checkin_retry_s=0.2,
-                       round_timeout_s=240.0, require_signatures=True, codec=codec, bundle_dir=str(bundle))
+                       round_timeout_s=240.0, require_signatures=True, codec=codec, bundle_dir=str(bundle),
+                       checkin_hold_s=20.0)  # long poll: a check-in made with an upload waits for the next round
     app = make_app(cfg, test_data=(digits.x_test, digits.y_test))
     setup_webphone(app)
     updates = spy_on_updates(app)
@@ -245,7 +266,7 @@ async def test_browser_tabs_train_in_wasm_next_to_python_phones(
         done = await driver.until("done", 300)
     finally:
         await driver.close()
-    downloads = await model_gets(base)
+    requests = await requests_answered(base)
 
     rounds = fleet.rounds
     web = {t["phoneId"]: t for t in done["tabs"]}
@@ -270,7 +291,16 @@ async def test_browser_tabs_train_in_wasm_next_to_python_phones(
     # each task's model came inside the tab's check-in answer; the only download is the final model,
     # which a tab keeps for predictions; the Python phones (inline too) downloaded none
     assert [(t["inlineModels"], t["modelDownloads"]) for t in web.values()] == [(ROUNDS, 1)] * TABS
-    assert downloads == TABS
+    assert requests["GET /v1/model"] == TABS
+    # every upload brought the tab's next check-in (the next round's task, held until the round
+    # opened, or "done"): after its first check-in a tab needed no other (a few more when a held
+    # check-in outlasted the hold while the Python phones were starting); the Python phones chain too
+    assert all(t["chainedCheckins"] == ROUNDS and t["checkins"] >= ROUNDS + 1 for t in web.values()), web
+    posts = {k: v for k, v in requests.items() if k in ("POST /v1/checkin", "POST /v1/update")}
+    print("requests, every phone chained:", posts, "tabs' own check-ins:",
+          [t["checkins"] - t["chainedCheckins"] for t in web.values()])
+    assert posts["POST /v1/update"] == 2 * TABS * ROUNDS
+    assert posts["POST /v1/checkin"] <= posts["POST /v1/update"] // 2, posts
     # the tabs' bytes are in the round records: update_bytes is the sum over the merged uploads
     for r in rounds:
         merged = [u for u in updates if store.merged_version(u["phone"], u["update_id"]) == r["version"]]
@@ -318,11 +348,14 @@ async def test_lost_upload_is_resent_and_merged_once(aiohttp_server: Any, digits
     app = make_app(cfg, test_data=(digits.x_test, digits.y_test))
     setup_webphone(app)
     updates = spy_on_updates(app)
+    # The lossy tab does not chain: the driver drops the answer of the first POST /v1/update, a
+    # route that an upload asking for its next check-in (/v1/update?checkin=inline) does not match.
+    page = open_with(app, {"web-lossy": {"chain": "0"}})
     server = await aiohttp_server(app)
     base = str(server.make_url("")).rstrip("/")
     tabs: list[dict[str, Any]] = [{"name": "web-lossy", "shard": "0/2", "lose": {"offlineMs": 3000}},
                                   {"name": "web-ok", "shard": "1/2"}]
-    driver = await Driver.start({"url": base + "/phone/", "tabs": tabs, "timeoutMs": 240_000})
+    driver = await Driver.start({"url": base + page, "tabs": tabs, "timeoutMs": 240_000})
     try:
         lost = await driver.until("lost", 240)
         done = await driver.until("done", 240)
@@ -357,6 +390,11 @@ async def test_lost_upload_is_resent_and_merged_once(aiohttp_server: Any, digits
         assert ledger.epsilon(tab["phoneId"]) == pytest.approx(
             local_epsilon({Release("gaussian", z): accepted}, cfg.dp_delta), rel=1e-12)
     assert rows[-1]["epsilon_max"] == pytest.approx(max(ledger.epsilons().values()))
+    # web-lossy was switched off (?chain=0): every task, and the final "done", took a check-in of its
+    # own; web-ok's every acknowledged upload brought its next check-in
+    ok = done["tabs"][1]
+    assert lossy["chainedCheckins"] == 0 and lossy["checkins"] >= lossy["tasks"] + 1, lossy
+    assert ok["chainedCheckins"] == ok["accepted"] > 0, ok
     assert rows[-1]["noise_multiplier"] == z
     print(f"lost upload {first['updateId']}: {first['attempts']} attempts, last answer {first['status']}; "
           f"merges {[r['updates'] for r in rows]}; epsilon per tab (phone ledger) "

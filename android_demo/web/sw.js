@@ -4,7 +4,7 @@
 // error-feedback residual and any unacknowledged upload in IndexedDB (src/phone/store.js).
 // Bump VERSION when the file list or the app changes.
 
-const VERSION = "fedfleet-phone-2";
+const VERSION = "fedfleet-phone-3";
 const APP_CACHE = `app-${VERSION}`;
 const DATA_CACHE = "fedfleet-data"; // written by the page: kept across app versions
 const PRECACHE = [

@@ -64,16 +64,51 @@ export class Api {
   async checkin({ inlineModel = false, params = null } = {}) {
     const json = inlineModel ? { inline_model: true } : {};
     const { headers, data } = await this.request("POST", "/v1/checkin", { json });
-    if (!inlineModel || !(headers.get("Content-Type") ?? "").startsWith("application/octet-stream")) {
-      return { answer: JSON.parse(new TextDecoder().decode(data)), model: null, body: null };
-    }
-    const model = decodeModel(data, params);
-    const task = model.meta.task;
-    if (task === null || typeof task !== "object" || task.action !== "train" || task.version !== model.version) {
-      throw new Error(`the check-in's model message (version ${model.version}) must carry the train task for its version`);
-    }
-    return { answer: task, model, body: data };
+    return checkinAnswer(headers, data, { inlineModel, params });
   }
+
+  /**
+   * POST /v1/update: { answer, next, nextError }, `answer` the upload's own JSON answer. With `chain` the
+   * phone asks for its next check-in in the same request (`?checkin=inline` or `json`, as
+   * `inlineModel` says; FORMAT.md section 9, "The next check-in with the upload"): when the
+   * server made it (header X-Fedfleet-Checkin: 1) the body is that check-in's answer, read as
+   * `checkin` reads one, and the upload's answer is in the header X-Fedfleet-Update. `next` is
+   * then { answer, model, body } as from `checkin`; it is null when the server answered the
+   * upload alone, or when the check-in part is unusable (`nextError` says why): the update was
+   * accepted all the same, and the phone checks in anew.
+   */
+  async update(body, { headers = {}, chain = false, inlineModel = false, params = null } = {}) {
+    const path = chain ? `/v1/update?checkin=${inlineModel ? "inline" : "json"}` : "/v1/update";
+    const resp = await this.request("POST", path, { body, headers });
+    if (!chain || resp.headers.get("X-Fedfleet-Checkin") !== "1") {
+      return { answer: JSON.parse(new TextDecoder().decode(resp.data)), next: null, nextError: null };
+    }
+    const ack = resp.headers.get("X-Fedfleet-Update");
+    if (ack === null) throw new Error("an upload answered with a check-in must carry its own answer in X-Fedfleet-Update");
+    const answer = JSON.parse(ack);
+    try {
+      return { answer, next: checkinAnswer(resp.headers, resp.data, { inlineModel, params }), nextError: null };
+    } catch (err) {
+      return { answer, next: null, nextError: err };
+    }
+  }
+}
+
+/** A check-in's answer (see Api.checkin): JSON, or (asked for inline) the task's model message. */
+function checkinAnswer(headers, data, { inlineModel, params }) {
+  if (!inlineModel || !(headers.get("Content-Type") ?? "").startsWith("application/octet-stream")) {
+    const answer = JSON.parse(new TextDecoder().decode(data));
+    if (answer === null || typeof answer !== "object" || typeof answer.action !== "string") {
+      throw new Error("a check-in answer must be a JSON object with an action");
+    }
+    return { answer, model: null, body: null };
+  }
+  const model = decodeModel(data, params);
+  const task = model.meta.task;
+  if (task === null || typeof task !== "object" || task.action !== "train" || task.version !== model.version) {
+    throw new Error(`the check-in's model message (version ${model.version}) must carry the train task for its version`);
+  }
+  return { answer: task, model, body: data };
 }
 
 /**

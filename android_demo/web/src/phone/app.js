@@ -3,7 +3,8 @@
 // URL parameters (all optional): name=NAME (the phone's name at registration), phone=ID (a
 // separate identity, i.e. IndexedDB database, for several phones in one browser profile),
 // shard=I/N (hold every N-th bundled sample digit from the I-th), autostart=1, inline=0 (check-ins
-// do not ask for the model inside the answer: it always comes from GET /v1/model).
+// do not ask for the model inside the answer: it always comes from GET /v1/model), chain=0 (uploads
+// do not ask for the next check-in: every task starts with its own POST /v1/checkin).
 
 import { Api } from "./api.js";
 import { digitFromCanvas, drawDigit, loadSamples } from "./data.js";
@@ -117,7 +118,8 @@ async function main() {
   const examples = [...(await loadSamples("data/samples.json", { shard, of })), ...drawn];
   const name = params.get("name") ?? `web-${crypto.randomUUID().slice(0, 8)}`;
   const inlineModel = params.get("inline") !== "0";
-  const phone = new WebPhone({ api: new Api(), store, name, examples, inlineModel, onChange: render, log });
+  const chainCheckin = params.get("chain") !== "0";
+  const phone = new WebPhone({ api: new Api(), store, name, examples, inlineModel, chainCheckin, onChange: render, log });
   window.fedfleet = { phone, snapshot: () => JSON.parse(JSON.stringify(phone.state)) };
   render(phone.state);
   setupPad(phone, store, drawn);

@@ -1,7 +1,9 @@
 // The update that left the encoder but has no answer yet. It is persisted before the first
 // attempt, so a lost connection or a reload re-sends the same bytes and update_id (the
 // server answers a repeat with "duplicate" and merges nothing twice). Each attempt is signed
-// afresh (a new nonce) when the phone enrolled a key; 503/429 wait for Retry-After.
+// afresh (a new nonce) when the phone enrolled a key; 503/429 wait for Retry-After. A re-sent
+// update may ask for the next check-in as the first attempt did: the duplicate's answer then
+// carries it as well.
 
 import { ServerError } from "./api.js";
 import { Signer } from "./signing.js";
@@ -31,8 +33,11 @@ export class Outbox {
     await this.store.delete("pending");
   }
 
-  /** POST the pending update; the server's JSON answer, or ServerError / NetworkError. */
-  async send(identity) {
+  /**
+   * POST the pending update: { answer, next, nextError } (Api.update; `checkin` are its chain,
+   * inlineModel and params options), or ServerError / NetworkError.
+   */
+  async send(identity, checkin = {}) {
     const p = this.pending;
     p.attempts += 1;
     await this.store.set("pending", p);
@@ -43,8 +48,7 @@ export class Outbox {
         Object.assign(headers, await this.signer.headers(identity.phoneId, p.meta.base_version, p.meta.update_id, p.body));
       }
       try {
-        const { data } = await this.api.request("POST", "/v1/update", { body: p.body, headers });
-        return JSON.parse(new TextDecoder().decode(data));
+        return await this.api.update(p.body, { ...checkin, headers });
       } catch (err) {
         if (!(err instanceof ServerError && [429, 503].includes(err.status)) || attempt === ATTEMPTS - 1) throw err;
         await sleep(1000 * (err.retryAfter ?? 1));

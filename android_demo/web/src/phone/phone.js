@@ -1,7 +1,9 @@
 // The web phone's protocol loop, as device_runtime/client.py's PhoneClient: register, check in,
 // download the model, train locally (WASM), encode the update (FORMAT.md section 6), upload.
 // Check-ins ask for the model inside a "train" answer (FORMAT.md section 9): when the server
-// sends it that way, the task comes in the model message's meta and there is no download.
+// sends it that way, the task comes in the model message's meta and there is no download. Uploads
+// ask for the next check-in too (`?checkin=`, same section): its answer comes with the upload's,
+// so after the first check-in a task costs one request.
 //
 // Differences that come from living in a browser tab: the bundle's graphs are downloaded and
 // verified here; what must survive a reload (identity, residual, ledger, an unacknowledged
@@ -25,14 +27,16 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const MAX_ERRORS = 20;
 
 export class WebPhone {
-  constructor({ api, store, name, examples, sign = true, inlineModel = true, onChange = () => {}, log = () => {} }) {
-    Object.assign(this, { api, store, name, examples, sign, inlineModel, onChange, log });
+  constructor({ api, store, name, examples, sign = true, inlineModel = true, chainCheckin = true, onChange = () => {},
+    log = () => {} }) {
+    Object.assign(this, { api, store, name, examples, sign, inlineModel, chainCheckin, onChange, log });
     this.rng = new CryptoRandom();
     this.running = false;
     this.identity = null; // { phoneId, token, counter, key }
     this.task = null;
     this.model = null; // { version, params: Map name -> Float32Array }
     this.inlineTask = null; // the check-in answer whose model came inside it (this.model)
+    this.next = null; // the next check-in's answer, when it came with the last upload's ({ answer, model, body })
     this.encoder = null;
     this.codecKey = null;
     this.outbox = new Outbox(api, store); // an encoded update not yet acknowledged
@@ -42,6 +46,7 @@ export class WebPhone {
       duplicates: 0, rejected: 0, networkRetries: 0, loss: null, localAccuracy: null, serverAccuracy: null,
       serverVersion: null, updateBytes: 0, lastUpdateBytes: null, bytesUp: 0, bytesDown: 0, epsilon: null,
       inlineModels: 0, modelDownloads: 0, // task models that came inside a check-in's answer; GET /v1/model requests
+      checkins: 0, chainedCheckins: 0, // check-in answers acted on; of those, the ones that came with an upload
       delta: null, epsilonSource: "phone's RDP ledger (dp_accounting's formula, computed in JS)", lastUpload: null,
       uploads: [], stepMs: null, bundleBytes: null, examples: examples.length, error: null,
     };
@@ -168,6 +173,7 @@ export class WebPhone {
 
   async forget() {
     this.identity = null;
+    this.next = null;
     await this.store.delete("identity");
     await this.outbox.drop();
   }
@@ -189,13 +195,18 @@ export class WebPhone {
   }
 
   /**
-   * POST /v1/checkin. Asking for the model inline, the answer is JSON (wait, done, or a task whose
-   * model is over the server's limit) or, by its Content-Type, the task's model message with the
-   * task under meta.task: that model is checked like a downloaded one, kept (also offline) as if
-   * downloaded, and trainAndUpload uses it without a GET /v1/model.
+   * The answer the last upload brought, or else POST /v1/checkin. Asking for the model inline, the
+   * answer is JSON (wait, done, or a task whose model is over the server's limit) or, by its
+   * Content-Type, the task's model message with the task under meta.task: that model is checked
+   * like a downloaded one, kept (also offline) as if downloaded, and trainAndUpload uses it
+   * without a GET /v1/model.
    */
   async checkin() {
-    const { answer, model, body } = await this.api.checkin({ inlineModel: this.inlineModel, params: this.task.params });
+    const chained = this.next !== null;
+    const { answer, model, body } = this.next
+      ?? await this.api.checkin({ inlineModel: this.inlineModel, params: this.task.params });
+    this.next = null;
+    this.set({ checkins: this.state.checkins + 1, chainedCheckins: this.state.chainedCheckins + (chained ? 1 : 0) });
     if (model) {
       this.model = { version: model.version, params: model.params };
       this.inlineTask = answer;
@@ -278,9 +289,12 @@ export class WebPhone {
     if (!p) return;
     this.set({ phase: "uploading" });
     const record = { updateId: p.meta.update_id, round: p.meta.round, baseVersion: p.meta.base_version, bytes: p.body.length };
+    const checkin = { chain: this.chainCheckin, inlineModel: this.inlineModel, params: this.task.params };
     let answer;
+    let next;
+    let nextError;
     try {
-      answer = await this.outbox.send(this.identity);
+      ({ answer, next, nextError } = await this.outbox.send(this.identity, checkin));
     } catch (err) {
       if (err instanceof NetworkError) {
         this.recordUpload({ ...record, status: "pending", attempts: p.attempts });
@@ -297,6 +311,8 @@ export class WebPhone {
       throw err;
     }
     await this.settle();
+    this.next = next; // step() acts on it instead of checking in
+    if (nextError) this.log(`the check-in that came with the upload was unusable (${nextError.message}); checking in anew`);
     this.recordUpload({ ...record, status: answer.duplicate ? "duplicate" : "accepted", attempts: p.attempts });
     this.set({
       accepted: this.state.accepted + 1, duplicates: this.state.duplicates + (answer.duplicate ? 1 : 0),

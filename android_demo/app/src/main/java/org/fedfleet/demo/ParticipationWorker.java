@@ -47,6 +47,10 @@ public final class ParticipationWorker extends Worker {
       Task task = enroll(probe, state);
       FedClient client = new FedClient(http, state.name(), trainer(probe, task, data), rng, rng, state.accountant());
       client.resume(state.token());
+      // WorkManager may stop this worker after any upload (budget spent, phone unplugged or in
+      // use): a check-in made with that upload could hand it a task it never does, which the
+      // round would wait for until its deadline (FORMAT.md section 9). So check in on its own.
+      client.chainCheckin(false);
       long end = System.currentTimeMillis() + BUDGET_MS;
       String action = "";
       while (System.currentTimeMillis() < end && !action.equals("done") && !isStopped()) {

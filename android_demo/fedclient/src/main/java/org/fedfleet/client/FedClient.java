@@ -24,7 +24,9 @@ import org.json.JSONObject;
  * error-feedback residual, rolled back when an upload is refused; 409 counts as a straggler's
  * rejection; 400/401 end the run. Everything the server sends is checked before it is used.
  * Check-ins ask for the model inside a "train" answer ({@link #inlineModel(boolean)}, on by
- * default), which saves the download's round trip whenever the server sends it that way.
+ * default), which saves the download's round trip whenever the server sends it that way; uploads
+ * ask for the next check-in ({@link #chainCheckin(boolean)}, on by default), which saves the
+ * check-in's request whenever the server makes it with the upload.
  */
 public final class FedClient {
   private static final Map<String, String> NO_HEADERS = java.util.Collections.emptyMap();
@@ -39,6 +41,8 @@ public final class FedClient {
   private Task task;
   private Message model; // the last model received (downloaded or inline); revalidated with its ETag
   private boolean inlineModel = true;
+  private boolean chainCheckin = true;
+  private Checkin next; // the next check-in's answer, when it came with the last upload's
   private UpdateEncoder encoder;
   private Map<String, Object> encoderCodec;
   private int updatesSent;
@@ -81,6 +85,7 @@ public final class FedClient {
    */
   public Task resume(String token) throws IOException {
     http.token(token);
+    next = null;
     task = Task.parse(Answers.object(http.send("GET", "/v1/task", null, null, NO_HEADERS, true).body()));
     return task;
   }
@@ -105,12 +110,36 @@ public final class FedClient {
   }
 
   /**
-   * POST /v1/checkin. Asking for the model inline, the answer is JSON ({@code wait}, {@code done},
-   * or a task whose model is over the server's inline limit) or, by its Content-Type, a model
-   * message carrying the task under {@code meta.task}; that model is checked as a downloaded one
-   * is, and must be of the task's version. It comes back as {@link Checkin#model()}.
+   * Whether uploads ask for the phone's next check-in ({@code POST /v1/update?checkin=inline}, or
+   * {@code json} without {@link #inlineModel()}; FORMAT.md section 9, "The next check-in with the
+   * upload"): the server then answers the upload with that check-in's answer, which the next
+   * {@link #checkin()} returns without a request of its own. On by default; turn it off for a phone
+   * that may stop before its next check-in (a task it was handed would go undone until its deadline).
+   */
+  public FedClient chainCheckin(boolean on) {
+    chainCheckin = on;
+    return this;
+  }
+
+  public boolean chainCheckin() {
+    return chainCheckin;
+  }
+
+  /**
+   * The next check-in's answer: the one the last upload brought, if it did, or else POST
+   * /v1/checkin. Asking for the model inline, the answer is JSON ({@code wait}, {@code done}, or a
+   * task whose model is over the server's inline limit) or, by its Content-Type, a model message
+   * carrying the task under {@code meta.task}; that model is checked as a downloaded one is, and
+   * must be of the task's version. It comes back as {@link Checkin#model()}.
    */
   public Checkin checkin() throws IOException {
+    if (next != null) {
+      Checkin c = next;
+      next = null;
+      stats.checkins++;
+      stats.chainedCheckins++;
+      return c;
+    }
     JSONObject body = new JSONObject();
     if (inlineModel) {
       try {
@@ -121,6 +150,13 @@ public final class FedClient {
     }
     Http.Response r = http.send("POST", "/v1/checkin", body.toString().getBytes(StandardCharsets.UTF_8),
         "application/json", NO_HEADERS, false);
+    Checkin c = checkinAnswer(r);
+    stats.checkins++;
+    return c;
+  }
+
+  /** A check-in's answer: JSON, or (asked for inline, by its Content-Type) the task's model message. */
+  private Checkin checkinAnswer(Http.Response r) throws BadAnswerException {
     String type = r.header("Content-Type");
     if (inlineModel && type != null && type.toLowerCase(Locale.ROOT).startsWith("application/octet-stream")) {
       return inlineTask(r.body());
@@ -241,9 +277,15 @@ public final class FedClient {
       stats.epsilon = accountant.epsilon(requireTask().dpDelta());
     }
     try {
-      JSONObject answer = json("POST", "/v1/update", body, true);
+      String path = chainCheckin ? "/v1/update?checkin=" + (inlineModel ? "inline" : "json") : "/v1/update";
+      Http.Response r = http.send("POST", path, body, "application/octet-stream", NO_HEADERS, true);
+      boolean chained = chainCheckin && "1".equals(r.header("X-Fedfleet-Checkin"));
+      JSONObject answer = Answers.object(chained ? uploadAnswer(r) : r.body());
       if (!answer.optBoolean("accepted", false)) {
         throw new BadAnswerException("upload answer without accepted=true: " + answer);
+      }
+      if (chained) {
+        next = chainedCheckin(r);
       }
     } catch (ServerException e) {
       enc.rollback(); // nothing was merged: keep the residual as it was
@@ -262,6 +304,27 @@ public final class FedClient {
     stats.lastRound = work.round();
     stats.lastLoss = result.loss();
     return true;
+  }
+
+  /** The upload's own answer when the server made the next check-in with it: header X-Fedfleet-Update. */
+  private static byte[] uploadAnswer(Http.Response r) throws BadAnswerException {
+    String ack = r.header("X-Fedfleet-Update");
+    if (ack == null) {
+      throw new BadAnswerException("an upload answered with a check-in must carry its own answer in X-Fedfleet-Update");
+    }
+    return ack.getBytes(StandardCharsets.UTF_8);
+  }
+
+  /**
+   * The check-in that came with an accepted upload, or null when it is unusable: the update was
+   * accepted all the same (its residual must not be rolled back), and {@link #checkin()} asks anew.
+   */
+  private Checkin chainedCheckin(Http.Response r) {
+    try {
+      return checkinAnswer(r);
+    } catch (BadAnswerException e) {
+      return null;
+    }
   }
 
   /**

@@ -14,12 +14,14 @@ import java.util.Random;
  * <pre>
  * java -cp fedclient.jar:android-json.jar org.fedfleet.client.Main --server http://127.0.0.1:8080 --name java-0
  *     [--shard 0/3] [--examples N] [--data FILE] [--seed S] [--max-errors 20] [--inline-model yes|no]
+ *     [--chain-checkin yes|no]
  * </pre>
  *
  * It trains on the bundled digits sample (or FILE in the same format), runs until the server
  * says done, and prints one JSON line of its stats. Exit status 0 when done, 1 on error.
  * {@code --inline-model no} stops asking for the model inside check-in answers (it then comes
- * from GET /v1/model), to compare.
+ * from GET /v1/model), to compare; {@code --chain-checkin no} stops asking for the next check-in
+ * with each upload (each task then starts with its own POST /v1/checkin).
  */
 public final class Main {
   private Main() {}
@@ -31,7 +33,7 @@ public final class Main {
     } catch (IllegalArgumentException e) {
       System.err.println("fedclient: " + e.getMessage());
       System.err.println("usage: Main --server URL --name NAME [--shard I/N] [--examples N] [--data FILE] "
-          + "[--seed S] [--max-errors N] [--inline-model yes|no]");
+          + "[--seed S] [--max-errors N] [--inline-model yes|no] [--chain-checkin yes|no]");
       System.exit(2);
     } catch (IOException | RuntimeException e) {
       System.err.println("fedclient: " + e);
@@ -45,7 +47,8 @@ public final class Main {
     Random trainRng = a.seed == null ? new SecureRandom() : new Random(a.seed);
     Random codecRng = a.seed == null ? new SecureRandom() : new Random(a.seed * 31 + 7);
     Http http = new Http(URI.create(a.server), Http.REAL_SLEEP, new Random());
-    FedClient client = new FedClient(http, a.name, new MlpTrainer(data), trainRng, codecRng).inlineModel(a.inlineModel);
+    FedClient client = new FedClient(http, a.name, new MlpTrainer(data), trainRng, codecRng)
+        .inlineModel(a.inlineModel).chainCheckin(a.chainCheckin);
     client.register();
     return client.run(a.maxErrors);
   }
@@ -70,6 +73,7 @@ public final class Main {
     Long seed;
     int maxErrors = 20;
     boolean inlineModel = true;
+    boolean chainCheckin = true;
 
     static Args parse(String[] argv) {
       Args a = new Args();
@@ -93,12 +97,8 @@ public final class Main {
           case "--data" -> a.data = v;
           case "--seed" -> a.seed = Long.parseLong(v);
           case "--max-errors" -> a.maxErrors = Integer.parseInt(v);
-          case "--inline-model" -> {
-            if (!v.equals("yes") && !v.equals("no")) {
-              throw new IllegalArgumentException("--inline-model takes yes or no");
-            }
-            a.inlineModel = v.equals("yes");
-          }
+          case "--inline-model" -> a.inlineModel = yesNo("--inline-model", v);
+          case "--chain-checkin" -> a.chainCheckin = yesNo("--chain-checkin", v);
           default -> throw new IllegalArgumentException("unknown flag " + argv[i]);
         }
       }
@@ -106,6 +106,13 @@ public final class Main {
         throw new IllegalArgumentException("--server is required");
       }
       return a;
+    }
+
+    private static boolean yesNo(String flag, String v) {
+      if (!v.equals("yes") && !v.equals("no")) {
+        throw new IllegalArgumentException(flag + " takes yes or no");
+      }
+      return v.equals("yes");
     }
   }
 }

@@ -11,6 +11,8 @@ public final class PhoneStats {
   public int rejected; // uploads the server refused with 409 (round closed, stale base)
   public int refused; // updates this phone would not send (NaN/Inf after training)
   public int errors;
+  public int checkins; // check-in answers acted on, POST /v1/checkin's and those that came with an upload
+  public int chainedCheckins; // of those, the ones that came with an upload (no request of their own)
   public int inlineModels; // models that came inside a check-in's answer (no download of their own)
   public int modelDownloads; // GET /v1/model requests answered (200, or 304 for the cached copy)
   public long bytesUp;
@@ -34,6 +36,8 @@ public final class PhoneStats {
       o.put("rejected", rejected);
       o.put("refused", refused);
       o.put("errors", errors);
+      o.put("checkins", checkins);
+      o.put("chained_checkins", chainedCheckins);
       o.put("inline_models", inlineModels);
       o.put("model_downloads", modelDownloads);
       o.put("bytes_up", bytesUp);

@@ -15,7 +15,7 @@ import java.util.Map;
 
 /**
  * A scripted server on a loopback port: each path answers from a queue of canned responses
- * (the last one repeats), and every request is recorded.
+ * (the last one repeats), whatever its query, and every request is recorded (with its query).
  */
 final class FakeServer implements AutoCloseable {
   record Reply(int status, byte[] body, Map<String, String> headers) {
@@ -25,7 +25,7 @@ final class FakeServer implements AutoCloseable {
     }
   }
 
-  record Request(String method, String path, Map<String, String> headers, byte[] body) {}
+  record Request(String method, String path, Map<String, String> headers, byte[] body, String query) {}
 
   private final HttpServer server;
   private final Map<String, Deque<Reply>> replies = new HashMap<>();
@@ -57,7 +57,7 @@ final class FakeServer implements AutoCloseable {
     Reply reply;
     synchronized (this) {
       String path = ex.getRequestURI().getPath();
-      requests.add(new Request(ex.getRequestMethod(), path, headers, body));
+      requests.add(new Request(ex.getRequestMethod(), path, headers, body, ex.getRequestURI().getRawQuery()));
       Deque<Reply> q = replies.get(path);
       reply = q == null ? Reply.json(404, "{\"error\":\"not_found\",\"message\":\"no route\"}")
           : q.size() > 1 ? q.poll() : q.peek();

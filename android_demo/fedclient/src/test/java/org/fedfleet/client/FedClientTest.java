@@ -22,8 +22,8 @@ import org.junit.jupiter.api.BeforeEach;
 import org.junit.jupiter.api.Test;
 
 /**
- * The client against a scripted server: retries, ETags, inline models, refusals, bundle hashes,
- * the NaN guard.
+ * The client against a scripted server: retries, ETags, inline models, check-ins chained to
+ * uploads, refusals, bundle hashes, the NaN guard.
  */
 class FedClientTest {
   private static final String PARAMS = "[{\"name\":\"fc1.weight\",\"shape\":[8,64],\"dtype\":\"float32\"},"
@@ -38,8 +38,8 @@ class FedClientTest {
   private static final String TRAIN_ANSWER =
       "{\"action\":\"train\",\"round\":2,\"version\":3,\"deadline_s\":59.5,\"train\":" + PLAN + "}";
   private static final FakeServer.Reply TRAIN = FakeServer.Reply.json(200, TRAIN_ANSWER);
-  private static final FakeServer.Reply ACCEPTED = FakeServer.Reply.json(200,
-      "{\"accepted\":true,\"duplicate\":false,\"round\":2,\"version\":3}");
+  private static final String ACK = "{\"accepted\":true,\"duplicate\":false,\"round\":2,\"version\":3}";
+  private static final FakeServer.Reply ACCEPTED = FakeServer.Reply.json(200, ACK);
 
   private FakeServer server;
   private final List<Double> sleeps = new ArrayList<>();
@@ -74,6 +74,18 @@ class FedClientTest {
         p.values());
     return new FakeServer.Reply(200, body, Map.of("Content-Type", "application/octet-stream",
         "X-Fedfleet-Version", "" + version));
+  }
+
+  /**
+   * An upload's answer that carries the next check-in's (FORMAT.md section 9, "The next check-in
+   * with the upload"): {@code checkin}'s body and type, X-Fedfleet-Checkin: 1 and the upload's own
+   * answer {@code ack} in X-Fedfleet-Update.
+   */
+  static FakeServer.Reply chained(FakeServer.Reply checkin, String ack) {
+    Map<String, String> headers = new java.util.HashMap<>(checkin.headers());
+    headers.put("X-Fedfleet-Checkin", "1");
+    headers.put("X-Fedfleet-Update", ack);
+    return new FakeServer.Reply(200, checkin.body(), headers);
   }
 
   private Http http() {
@@ -195,6 +207,101 @@ class FedClientTest {
     assertEquals(0, server.requestsTo("/v1/update").size());
     assertEquals(0, server.requestsTo("/v1/model").size());
     assertEquals(0, c.stats().inlineModels);
+  }
+
+  @Test
+  void theNextCheckInComesWithTheUpload() throws Exception {
+    String next = TRAIN_ANSWER.replace("\"version\":3", "\"version\":4").replace("\"round\":2", "\"round\":3");
+    server.on("/v1/checkin", inline(3, TRAIN_ANSWER))
+        .on("/v1/update", chained(inline(4, next), ACK),
+            chained(FakeServer.Reply.json(200, "{\"action\":\"wait\",\"retry_after_s\":0.25}"), ACK),
+            chained(FakeServer.Reply.json(200, "{\"action\":\"done\",\"version\":5}"),
+                ACK.replace("\"duplicate\":false", "\"duplicate\":true")));
+    FedClient c = client(digits());
+    assertTrue(c.chainCheckin());
+    assertEquals("train", c.step()); // POST /v1/checkin, then the upload brings round 3's task
+    assertEquals(1, server.requestsTo("/v1/checkin").size());
+    assertEquals("train", c.step()); // that task, without a check-in of its own; its upload brings "wait"
+    assertEquals(1, server.requestsTo("/v1/checkin").size(), "the second task came with the first upload");
+    List<FakeServer.Request> ups = server.requestsTo("/v1/update");
+    assertEquals(List.of("checkin=inline", "checkin=inline"), ups.stream().map(FakeServer.Request::query).toList());
+    Message second = WireFormat.decode(ups.get(1).body(), c.task().params(), 0);
+    assertEquals(List.of(4L, 3L), List.of(second.meta().get("base_version"), second.meta().get("round")));
+    assertEquals("wait", c.step());
+    assertEquals(List.of(0.25), sleeps);
+    // The wait was acted on; now a check-in of its own, whose task's upload brings "done".
+    server.on("/v1/checkin", TRAIN).on("/v1/model", model(3));
+    PhoneStats s = c.run(0);
+    assertEquals(2, server.requestsTo("/v1/checkin").size());
+    assertEquals(List.of(3, 0, 0, 3), List.of(s.participations, s.rejected, s.errors, s.lastVersion));
+    assertEquals(List.of(5, 3, 2, 1), List.of(s.checkins, s.chainedCheckins, s.inlineModels, s.modelDownloads));
+    assertTrue(s.toJson().contains("\"checkins\":5") && s.toJson().contains("\"chained_checkins\":3"), s.toJson());
+  }
+
+  @Test
+  void withoutItsHeaderAnUploadIsAnsweredAloneAndChainingIsAnOption() throws Exception {
+    FedClient c = client(digits()); // asks; this server answers the upload alone (e.g. the phone must rest)
+    assertTrue(c.participate(c.checkin()));
+    assertTrue(c.participate(c.checkin()));
+    assertEquals(2, server.requestsTo("/v1/checkin").size());
+    assertEquals(List.of(2, 0), List.of(c.stats().checkins, c.stats().chainedCheckins));
+
+    // Not asking for inline models: the check-in that comes with the upload is asked for as JSON.
+    FedClient json = client(digits()).inlineModel(false);
+    server.on("/v1/update", chained(TRAIN, ACK));
+    assertTrue(json.participate(json.checkin()));
+    assertEquals("checkin=json", server.requestsTo("/v1/update").get(2).query());
+    assertEquals(3, server.requestsTo("/v1/checkin").size());
+    assertEquals("train", json.checkin().action());
+    assertEquals(3, server.requestsTo("/v1/checkin").size());
+
+    // Off: nothing is asked, and a header the phone did not ask for is not taken for a check-in.
+    FedClient plain = client(digits()).chainCheckin(false);
+    assertFalse(plain.chainCheckin());
+    server.on("/v1/update", chained(ACCEPTED, ACK));
+    assertTrue(plain.participate(plain.checkin()));
+    assertNull(server.requestsTo("/v1/update").get(3).query());
+    plain.checkin();
+    assertEquals(5, server.requestsTo("/v1/checkin").size());
+    assertEquals(List.of(2, 0), List.of(plain.stats().checkins, plain.stats().chainedCheckins));
+  }
+
+  @Test
+  void anUnusableChainedCheckInKeepsTheAcceptedUpload() throws Exception {
+    FedClient c = client(digits());
+    Map<String, String> octets = Map.of("Content-Type", "application/octet-stream");
+    Map<String, Tensor> p = MlpTrainerTest.mlp(64, 8, 10, 4);
+    List<FakeServer.Reply> bad = List.of(
+        new FakeServer.Reply(200, "FFLTgarbage".getBytes(StandardCharsets.UTF_8), octets),
+        new FakeServer.Reply(200, WireFormat.encodeDense("model", Map.of("version", 4), p.values()), octets), // no task
+        inline(4, TRAIN_ANSWER), // a task of another version than its model
+        FakeServer.Reply.json(200, "<html>busy</html>"),
+        FakeServer.Reply.json(200, "{\"action\":\"dance\"}"));
+    int checkins = 0;
+    for (FakeServer.Reply reply : bad) {
+      server.on("/v1/update", chained(reply, ACK));
+      assertTrue(c.participate(c.checkin()), "the upload was accepted");
+      checkins++;
+      assertEquals(checkins, server.requestsTo("/v1/checkin").size(), "each task needed its own check-in");
+    }
+    PhoneStats s = c.stats();
+    assertEquals(List.of(5, 0, 0, 5, 0), List.of(s.participations, s.rejected, s.errors, s.checkins, s.chainedCheckins));
+    assertEquals(0, s.inlineModels);
+
+    // Without its own answer, the upload's fate is unknown: that is an unusable answer, not an acceptance.
+    server.on("/v1/update", new FakeServer.Reply(200, "{\"action\":\"done\"}".getBytes(StandardCharsets.UTF_8),
+        Map.of("Content-Type", "application/json", "X-Fedfleet-Checkin", "1")));
+    BadAnswerException e = assertThrows(BadAnswerException.class, () -> c.participate(c.checkin()));
+    assertTrue(e.getMessage().contains("X-Fedfleet-Update"), e.getMessage());
+    assertEquals(5, c.stats().participations);
+  }
+
+  @Test
+  void mainTakesTheSwitches() {
+    Main.Args a = Main.Args.parse(new String[] {"--server", "http://x", "--chain-checkin", "no"});
+    assertEquals(List.of(false, true), List.of(a.chainCheckin, a.inlineModel));
+    assertTrue(Main.Args.parse(new String[] {"--server", "http://x"}).chainCheckin);
+    assertThrows(IllegalArgumentException.class, () -> Main.Args.parse(new String[] {"--server", "x", "--chain-checkin", "1"}));
   }
 
   @Test
