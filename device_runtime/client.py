@@ -188,7 +188,8 @@ class PhoneClient:
         enrol: dict[str, Any] = {"name": self.name, "platform": "emulated"}
         if self.key is not None:
             enrol["public_key"] = self.key.public_b64()
-        answer = await self._json("POST", "/v1/register", enrol)
+        # On the connection its check-ins (and chained uploads) will use: one set-up, not two.
+        answer = await self._json("POST", "/v1/register", enrol, session=self.poll_session)
         self.token, self.task = str(answer["token"]), dict(answer["task"])
         self.name = str(answer["phone_id"])
         self.specs = {p["name"]: TensorSpec(tuple(p["shape"]), p["dtype"]) for p in self.task["params"]}
