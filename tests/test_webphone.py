@@ -6,9 +6,9 @@
     every task's model came inside its check-in's answer, and every upload brought the tab's next
     check-in (FORMAT.md section 9), so the server saw far fewer check-ins than uploads;
 (c) a tab whose upload answer is lost (then offline for a while) re-sends the same update,
-    which the server merges once; asynchronous mode, local DP on, epsilon on both sides. That tab
-    is opened with ?chain=0 (its uploads do not ask for the next check-in, as before), the other
-    tab chains.
+    which the server merges once; asynchronous mode, local DP on, epsilon on both sides. The lost
+    answer also carried the tab's next check-in (the upload chained it): the re-sent update asks
+    again and its duplicate answer brings the check-in.
 
 Browser tests follow tests/test_dashboard_browser.py: the real app on a loopback port, a
 playwright-core driver (tests/browser/webphone.mjs) that never downloads a browser.
@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import aiohttp
 import numpy as np
@@ -186,18 +185,6 @@ async def requests_answered(base: str) -> dict[str, int]:
     return counts
 
 
-def open_with(app: web.Application, params: dict[str, dict[str, str]]) -> str:
-    """A path that opens the phone page with more URL parameters for some tabs (by name): the
-    driver opens every tab with only name, shard and autostart, so it goes through this redirect."""
-
-    async def redirect(request: web.Request) -> web.Response:
-        query = {**request.query, **params.get(request.query.get("name", ""), {})}
-        raise web.HTTPFound("/phone/?" + urlencode(query))
-
-    app.router.add_get("/open-phone/", redirect)
-    return "/open-phone/"
-
-
 def python_step_ms(bundle_dir: Path, batch: int, steps: int = STEPS) -> float:
     """Mean wall time of one train_step.onnx step in Python onnxruntime (one thread, as on a phone),
     timed as the page times it (trainer.js timeSteps): one batch, new weights fed back, 10 warm-up steps."""
@@ -348,14 +335,11 @@ async def test_lost_upload_is_resent_and_merged_once(aiohttp_server: Any, digits
     app = make_app(cfg, test_data=(digits.x_test, digits.y_test))
     setup_webphone(app)
     updates = spy_on_updates(app)
-    # The lossy tab does not chain: the driver drops the answer of the first POST /v1/update, a
-    # route that an upload asking for its next check-in (/v1/update?checkin=inline) does not match.
-    page = open_with(app, {"web-lossy": {"chain": "0"}})
     server = await aiohttp_server(app)
     base = str(server.make_url("")).rstrip("/")
     tabs: list[dict[str, Any]] = [{"name": "web-lossy", "shard": "0/2", "lose": {"offlineMs": 3000}},
                                   {"name": "web-ok", "shard": "1/2"}]
-    driver = await Driver.start({"url": base + page, "tabs": tabs, "timeoutMs": 240_000})
+    driver = await Driver.start({"url": base + "/phone/", "tabs": tabs, "timeoutMs": 240_000})
     try:
         lost = await driver.until("lost", 240)
         done = await driver.until("done", 240)
@@ -364,6 +348,7 @@ async def test_lost_upload_is_resent_and_merged_once(aiohttp_server: Any, digits
 
     # the server took the first upload and answered; the tab never heard it
     assert lost["status"] == 200 and lost["answer"]["accepted"] and not lost["answer"]["duplicate"]
+    assert lost["chained"]  # and the answer was the tab's next check-in, lost with it
     lossy = done["tabs"][0]
     first = lossy["uploads"][0]
     assert lossy["networkRetries"] >= 1 and first["attempts"] >= 2 and first["status"] == "duplicate"
@@ -390,11 +375,10 @@ async def test_lost_upload_is_resent_and_merged_once(aiohttp_server: Any, digits
         assert ledger.epsilon(tab["phoneId"]) == pytest.approx(
             local_epsilon({Release("gaussian", z): accepted}, cfg.dp_delta), rel=1e-12)
     assert rows[-1]["epsilon_max"] == pytest.approx(max(ledger.epsilons().values()))
-    # web-lossy was switched off (?chain=0): every task, and the final "done", took a check-in of its
-    # own; web-ok's every acknowledged upload brought its next check-in
+    # every acknowledged upload brought the tab's next check-in, the re-sent one (a duplicate) too
     ok = done["tabs"][1]
-    assert lossy["chainedCheckins"] == 0 and lossy["checkins"] >= lossy["tasks"] + 1, lossy
-    assert ok["chainedCheckins"] == ok["accepted"] > 0, ok
+    for tab in (lossy, ok):
+        assert tab["chainedCheckins"] == tab["accepted"] > 0, tab
     assert rows[-1]["noise_multiplier"] == z
     print(f"lost upload {first['updateId']}: {first['attempts']} attempts, last answer {first['status']}; "
           f"merges {[r['updates'] for r in rows]}; epsilon per tab (phone ledger) "

@@ -4,7 +4,7 @@
 //
 // Config: url; tabs: [{ name, shard, draw (a label: before joining, draw a digit and add it),
 // lose (drop the answer to the first upload after the server got it, then go offline for
-// offlineMs) }]; screenshot (PNG path, of tab 0); offlineReload (reload tab 0 offline at the end);
+// offlineMs), query (more URL parameters for this tab, e.g. {"chain": "0"}) }]; screenshot (PNG path, of tab 0); offlineReload (reload tab 0 offline at the end);
 // benchmark ({ batch, steps }: time train_step.onnx in tab 0 once every tab is idle); timeoutMs.
 // Every tab is its own browser context (its own IndexedDB: its own phone).
 //
@@ -46,14 +46,16 @@ async function waitFor(tabs, predicate, what) {
 /** Drop the answer to this tab's first upload after the server received it, then go offline. */
 async function loseFirstUpload(tab, { offlineMs = 3000 }) {
   let lost = false;
-  await tab.context.route("**/v1/update", async (route) => {
+  // /v1/update with or without ?checkin=... (an upload that brings the next check-in)
+  await tab.context.route((url) => url.pathname.endsWith("/v1/update"), async (route) => {
     if (lost) return route.continue();
     lost = true;
     const response = await route.fetch(); // the server gets the update and answers...
-    const answer = await response.json().catch(() => null);
+    const chained = response.headers()["x-fedfleet-update"]; // the upload's answer, when the body is a check-in's
+    const answer = chained ? JSON.parse(chained) : await response.json().catch(() => null);
     await tab.context.setOffline(true);
     await route.abort("internetdisconnected"); // ...but the phone never hears it
-    emit("lost", { tab: tab.name, status: response.status(), answer });
+    emit("lost", { tab: tab.name, status: response.status(), answer, chained: Boolean(chained) });
     setTimeout(() => tab.context.setOffline(false).catch(() => {}), offlineMs);
   });
 }
@@ -93,7 +95,7 @@ try {
     page.on("pageerror", (e) => tab.errors.push(`pageerror: ${e.message}`));
     page.on("console", (m) => { if (m.type() === "error") tab.errors.push(`console: ${m.text()}`); });
     if (spec.lose) await loseFirstUpload(tab, spec.lose);
-    const query = new URLSearchParams({ name: spec.name, shard: spec.shard ?? "0/1" });
+    const query = new URLSearchParams({ name: spec.name, shard: spec.shard ?? "0/1", ...(spec.query ?? {}) });
     if (spec.draw === undefined) query.set("autostart", "1");
     await page.goto(`${config.url}?${query}`, { waitUntil: "load", timeout: TIMEOUT_MS });
     if (spec.draw !== undefined) { // as a user would: draw a digit, label it, add it, then join
