@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from device_runtime.data import load_dataset
 from protocol import encode_message
@@ -51,3 +52,15 @@ def update_body(task: dict[str, Any], delta: dict[str, np.ndarray] | None = None
     m = {"update_id": "u1", "base_version": 0, "num_examples": 10, "train_loss": 1.0, "round": 1}
     m.update(meta)
     return encode_message("update", m, delta if delta is not None else zero_delta(task, 0.01))
+
+
+def request_counts(metrics_text: str, status: str | None = None) -> dict[str, int]:
+    """Requests the server answered by "METHOD endpoint" (only ``status`` ones if given), from
+    the text of its /metrics."""
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "fedfleet_http_requests_total" and status in (None, s.labels["status"]):
+                key = f"{s.labels['method']} {s.labels['endpoint']}"
+                counts[key] = counts.get(key, 0) + int(s.value)
+    return counts

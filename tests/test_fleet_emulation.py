@@ -13,7 +13,6 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from device_runtime import aio
 from device_runtime.client import ModelMemo, PhoneClient, ServerError
@@ -26,7 +25,7 @@ from server.app import make_app
 from server.config import ServerConfig
 from server.pacing import PaceSteering
 from server.state import COORD
-from tests.conftest import register, update_body
+from tests.conftest import register, request_counts, update_body
 
 WALL_CLOCK_FIELDS = ("aggregate_ms",)  # measured in wall time on purpose (server processing time)
 
@@ -170,18 +169,12 @@ def test_bad_pacing_or_sync_settings_are_refused(bad: dict[str, Any]) -> None:
 
 
 async def _fleet_requests(make_server: Any, digits: Any, inline: bool,
-                          chain: bool = False) -> tuple[dict[str, float], list[Any]]:
+                          chain: bool = False) -> tuple[dict[str, int], list[Any]]:
     client = await make_server(rounds=2, sample_fraction=1.0, checkin_hold_s=5.0)
     url = str(client.make_url("")).rstrip("/")
     cfg = FleetConfig(phones=4, seed=0, trainer="pool", workers=1, inline_model=inline, chain_checkin=chain)
     result = await run_fleet(url, digits, cfg, torch_runtime_for_task, train_overrides={"local_epochs": 1})
-    text = await (await client.get("/metrics")).text()
-    counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "fedfleet_http_requests_total" and sample.labels["status"] == "200":
-                key = f"{sample.labels['method']} {sample.labels['endpoint']}"
-                counts[key] = counts.get(key, 0) + sample.value
+    counts = request_counts(await (await client.get("/metrics")).text(), status="200")
     params = client.server.app[COORD].params
     return counts, [params[n] for n in sorted(params)] + [len(result.rounds)]
 

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import request_counts
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "android_demo" / "fedclient" / "build.sh"
@@ -77,14 +78,7 @@ def _get(url: str) -> Any:
 def _requests(url: str) -> dict[str, int]:
     """Requests the server answered by "METHOD endpoint", from its /metrics counters."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    counts: dict[str, int] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "fedfleet_http_requests_total":
-                key = f"{s.labels['method']} {s.labels['endpoint']}"
-                counts[key] = counts.get(key, 0) + int(s.value)
-    return counts
+        return request_counts(resp.read().decode())
 
 
 def _wait_ready(url: str, server: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:

@@ -30,7 +30,6 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from device_runtime.fleet import FleetConfig, run_fleet
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
@@ -41,6 +40,7 @@ from server.config import ServerConfig
 from server.evaluation import Evaluator
 from server.state import COORD, STORE
 from server.webphone import ORT_DIST, VENDOR_FILES, WEB_DIR_KEY, setup_webphone
+from tests.conftest import request_counts
 
 REPO = Path(__file__).resolve().parent.parent
 WEB_DIR = REPO / "android_demo" / "web"
@@ -175,14 +175,7 @@ def spy_on_updates(app: Any) -> list[dict[str, Any]]:
 async def requests_answered(base: str) -> dict[str, int]:
     """Requests the server answered by "METHOD endpoint", from its /metrics counters."""
     async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as resp:
-        text = await resp.text()
-    counts: dict[str, int] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "fedfleet_http_requests_total":
-                key = f"{s.labels['method']} {s.labels['endpoint']}"
-                counts[key] = counts.get(key, 0) + int(s.value)
-    return counts
+        return request_counts(await resp.text())
 
 
 def python_step_ms(bundle_dir: Path, batch: int, steps: int = STEPS) -> float:
