@@ -76,7 +76,8 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
                         "less) or download it with GET /v1/model (no)")
     p.add_argument("--chain-checkin", choices=["yes", "no"],
                    help="phones without an emulated device make their next check-in in the same request as "
-                        "their upload (yes, default: one request per task less) or on its own (no)")
+                        "their upload (yes: one request per task less) or on its own (no); default: yes for "
+                        "fleets of up to 1,000 phones")
 
 
 def _run_values(args: argparse.Namespace) -> dict[str, Any]:
