@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import resource
 
+# Connections a server's socket queues before accepting them (the kernel caps it at
+# net.core.somaxconn): thousands of phones connect at once when a fleet starts, and with
+# aiohttp's default of 128 the kernel dropped their SYNs, whose retries (1, 3, 7, 15 s ...)
+# pushed some phones' first check-in of a 10,000-phone fleet past round 1's 60 s deadline.
+ACCEPT_BACKLOG = 4096
+
 
 def open_file_limit() -> int:
     """Raise this process's soft limit on open files to its hard limit (children started later

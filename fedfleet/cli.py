@@ -174,7 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from device_runtime.data import load_dataset
-    from device_runtime.limits import open_file_limit
+    from device_runtime.limits import ACCEPT_BACKLOG, open_file_limit
     from server.app import make_app
     from server.config import ServerConfig
 
@@ -200,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, ssl_context=ssl_context,
-                loop=aio.new_event_loop())
+                loop=aio.new_event_loop(), backlog=ACCEPT_BACKLOG)
     return 0
 
 

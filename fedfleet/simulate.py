@@ -24,7 +24,7 @@ from aiohttp import web
 from device_runtime import aio
 from device_runtime.data import Dataset, load_dataset
 from device_runtime.fleet import FleetConfig, FleetResult, run_fleet
-from device_runtime.limits import open_file_limit
+from device_runtime.limits import ACCEPT_BACKLOG, open_file_limit
 from device_runtime.profiles import ProfileSpec
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from device_runtime.vclock import VirtualClock, WallClock
@@ -255,7 +255,7 @@ async def _serve_on_free_port(app: web.Application) -> tuple[web.AppRunner, int]
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=ACCEPT_BACKLOG)
         await site.start()
     except BaseException:
         await runner.cleanup()
