@@ -24,7 +24,7 @@ import threading
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -56,6 +56,8 @@ MAX_NAME_LEN = 256
 MAX_ELEMENTS = 1 << 28  # per message, after decompression: 1 GiB of float32
 KINDS = ("update", "model")
 _COMMON_KEYS = ("name", "dtype", "shape", "encoding", "nbytes")
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -138,15 +140,34 @@ def encode_wire(
     return frame(header, *blobs)
 
 
-_LIST_JSON: dict[tuple[Any, ...], str] = {}  # a tensor list's identity -> its canonical JSON
-_LIST_JSON_MAX = 64
-_LIST_JSON_LOCK = threading.Lock()
+class _Remembered(Generic[K, V]):
+    """At most ``size`` values by key, the oldest forgotten first; safe across threads. A
+    federation's messages repeat a few tensor lists (one model, its codec settings), so the
+    work a list costs (validating it, writing its JSON) is done once per list."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._items: dict[K, V] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        return self._items.get(key)
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            while len(self._items) >= self.size:
+                del self._items[next(iter(self._items))]
+            self._items[key] = value
+
+
+_REMEMBER_MAX_CHARS = 1 << 14  # lists whose JSON or repr is longer are worked out every time
+_LIST_JSON: _Remembered[tuple[Any, ...], str] = _Remembered()  # a tensor list's values -> its canonical JSON
+_ENTRIES: _Remembered[str, list[_Entry]] = _Remembered()  # repr of a validated tensor list -> its entries
 
 
 def _tensor_list_json(tensors: Sequence[WireTensor]) -> str:
-    """The header's "tensors" array as canonical JSON. A sender repeats a few lists (one
-    model's tensors, dense or with fixed codec fields), so short ones are remembered by
-    every value that goes into them."""
+    """The header's "tensors" array as canonical JSON, short ones remembered by every value
+    that goes into them."""
     key = tuple((t.name, t.dtype, t.shape, t.encoding, tuple((k, type(v), v) for k, v in t.fields.items()), len(t.blob))
                 for t in tensors)  # with each field's type: 1, 1.0 and True are equal keys but not equal JSON
     try:
@@ -171,11 +192,8 @@ def _tensor_list_json(tensors: Sequence[WireTensor]) -> str:
         entry["nbytes"] = len(t.blob)
         entries.append(entry)
     text = canonical_json(entries)
-    if key and len(text) <= _ENTRY_CACHE_KEY_MAX:
-        with _LIST_JSON_LOCK:
-            while len(_LIST_JSON) >= _LIST_JSON_MAX:
-                del _LIST_JSON[next(iter(_LIST_JSON))]
-            _LIST_JSON[key] = text
+    if key and len(text) <= _REMEMBER_MAX_CHARS:
+        _LIST_JSON.put(key, text)
     return text
 
 
@@ -306,30 +324,20 @@ def decode_message(
     return TensorMessage(header["kind"], header["meta"], tensors, len(data), encodings)
 
 
-_ENTRY_CACHE: dict[str, list[_Entry]] = {}  # repr of a validated tensor list -> its entries
-_ENTRY_CACHE_MAX = 64
-_ENTRY_CACHE_KEY_MAX = 1 << 14  # characters: longer lists are validated every time
-_ENTRY_LOCK = threading.Lock()
-
-
 def _entries(raw: list[Any]) -> list[_Entry]:
-    """The validated entries of a header's tensor list. A federation's messages repeat a few
-    tensor lists (one model, its codec settings), so validated lists are remembered by their
+    """The validated entries of a header's tensor list, short lists remembered by their
     ``repr``: it tells apart every value parsed JSON can hold (1, 1.0, true, "1", null), so
-    equal keys are equal lists, which pass or fail alike. At most 64 short lists are kept;
-    anything else is validated as it comes. Entries are never mutated after validation."""
+    equal keys are equal lists, which pass or fail alike (only passing ones are kept).
+    Entries are never mutated after validation."""
     key = repr(raw)
-    if len(key) <= _ENTRY_CACHE_KEY_MAX:
-        hit = _ENTRY_CACHE.get(key)
-        if hit is not None:
-            return hit
+    short = len(key) <= _REMEMBER_MAX_CHARS
+    hit = _ENTRIES.get(key) if short else None
+    if hit is not None:
+        return hit
     seen: set[str] = set()
     entries = [_check_entry(e, seen) for e in raw]
-    if len(key) <= _ENTRY_CACHE_KEY_MAX:
-        with _ENTRY_LOCK:
-            while len(_ENTRY_CACHE) >= _ENTRY_CACHE_MAX:
-                del _ENTRY_CACHE[next(iter(_ENTRY_CACHE))]  # oldest first
-            _ENTRY_CACHE[key] = entries
+    if short:
+        _ENTRIES.put(key, entries)
     return entries
 
 

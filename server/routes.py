@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import math
 import secrets
 import sqlite3
@@ -186,7 +185,7 @@ async def update(request: web.Request) -> web.Response:
                         headers={"Retry-After": str(max(1, round(cfg.checkin_retry_s)))})
     gate.active += 1
     try:
-        response, durable, phone, update_id = await _update(request)
+        response, ack, durable, phone, update_id = await _update(request)
     finally:
         gate.active -= 1  # the body is in; waiting for the group commit holds no upload slot
     if durable is not None:
@@ -196,11 +195,8 @@ async def update(request: web.Request) -> web.Response:
             app[COORD].forget(phone, update_id)  # not durable, so not accepted: the phone retries
             raise JsonError(503, "storage_unavailable", f"the update could not be made durable ({exc}); retry",
                             headers={"Retry-After": "1"}) from None
-    if then is None or not isinstance(response.body, bytes):
-        return response
-    ack = json.loads(response.body)
-    if float(ack.get("next_checkin_s") or 0.0) > 0:
-        return response  # the phone rests before its next check-in
+    if then is None or not isinstance(response.body, bytes) or float(ack.get("next_checkin_s") or 0.0) > 0:
+        return response  # no check-in asked for, or the phone rests before its next one
     answer = await _checkin_answer(request, phone, then == "inline", chained=True)
     app[COORD].count_bytes(0, len(answer.body) if isinstance(answer.body, bytes) else 0)  # the next task's bytes
     answer.headers["X-Fedfleet-Checkin"] = "1"
@@ -208,7 +204,7 @@ async def update(request: web.Request) -> web.Response:
     return answer
 
 
-async def _update(request: web.Request) -> tuple[web.Response, Any, str, str]:
+async def _update(request: web.Request) -> tuple[web.Response, dict[str, Any], Any, str, str]:
     app = request.app
     cfg, coord = app[CONFIG], app[COORD]
     phone = authenticate(request, app[STORE])
@@ -241,7 +237,7 @@ async def _update(request: web.Request) -> tuple[web.Response, Any, str, str]:
         schedule_merge(app)
     elif coord.openings() != openings:
         app[WORK].notify()  # an async slot is free again (in a sync round an upload frees nothing)
-    return response, durable, phone, str(meta["update_id"])
+    return response, answer, durable, phone, str(meta["update_id"])
 
 
 def _check_signature(check: Callable[[], None], key: bytes | None) -> None:
