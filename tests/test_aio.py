@@ -28,6 +28,10 @@ def test_an_unknown_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDFLEET_LOOP", "trio")
     with pytest.raises(ValueError, match="FEDFLEET_LOOP must be one of uvloop, asyncio"):
         aio.loop_name()
+    main = _which()
+    with pytest.raises(ValueError, match="FEDFLEET_LOOP"):
+        aio.run(main)
+    assert main.cr_frame is None  # closed, not left pending
 
 
 def test_a_run_returns_its_result_and_raises_its_error() -> None:
