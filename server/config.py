@@ -60,7 +60,9 @@ class ServerConfig:
     # keep 0 when the server follows a virtual clock: a held phone would stop that clock)
     checkin_pace: float = 4.0  # pace steering: check-ins wanted per task handed out (<= 1: fixed checkin_retry_s)
     max_checkin_retry_s: float = 6 * 3600.0  # pace steering never asks a phone to stay away longer
-    max_concurrent_uploads: int = 64  # beyond this, uploads get 503 + Retry-After (backpressure)
+    max_concurrent_uploads: int = 64  # bodies read and checked at once; later uploads queue for a slot (FIFO)
+    max_waiting_uploads: int = 16384  # ...this many at most (a waiting upload's body stays in its socket);
+    upload_wait_s: float = 30.0  # ...for this long at most; beyond either, 503 + Retry-After (backpressure)
     request_timeout_s: float = 30.0  # a body that takes longer to arrive gets 408 (slow-loris)
     inline_model_max_bytes: int = 1 << 20  # a check-in asking for it gets its task and model in one answer
     # when the model message is at most this size (one round trip less per task; 0 = never)
@@ -88,6 +90,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.checkin_pace < 0 or self.checkin_retry_s < 0 or self.checkin_hold_s < 0:
             raise ValueError("checkin_pace, checkin_retry_s and checkin_hold_s must be >= 0")
+        if self.max_concurrent_uploads < 1 or self.max_waiting_uploads < 0 or not self.upload_wait_s >= 0:
+            raise ValueError("max_concurrent_uploads must be >= 1, max_waiting_uploads and upload_wait_s >= 0")
         if self.inline_model_max_bytes < 0:
             raise ValueError("inline_model_max_bytes must be >= 0 (0 = never inline the model)")
         if self.sqlite_sync not in ("full", "normal"):

@@ -107,6 +107,14 @@ class Coordinator:
         self.pace = PaceSteering(config.checkin_retry_s, config.max_checkin_retry_s, config.checkin_pace,
                                  config.seed, clock)
 
+    def open(self) -> None:
+        """The server starts serving: the open period (and a sync round's deadline) counts from
+        now, not from when the server was built (store, model, evaluator): no phone could take
+        part before. Restored contributions keep their own timings."""
+        now = self.clock()
+        self.started_at = now
+        self.period = _Period(now)
+
     @functools.cached_property
     def ledger(self) -> Any:
         """The privacy ledger (protocol.privacy.PrivacyLedger), loaded at first use: only local DP
@@ -227,7 +235,11 @@ class Coordinator:
         the store before this returns, so an acknowledged update survives a crash."""
         self.tick()
         update_id = str(meta["update_id"])
-        merged_into = self.store.merged_version(phone, update_id)
+        base = int(meta["base_version"])
+        # Merging an update based on version v publishes a version above v, and versions only grow:
+        # an update based on the current version (every update of an open sync round) cannot have
+        # been merged yet, and the store need not be asked.
+        merged_into = self.store.merged_version(phone, update_id) if base < self.version else None
         if merged_into is not None:
             return {"accepted": True, "duplicate": True, "version": self.version, "merged_into": merged_into}
         if self.is_pending(phone, update_id):
@@ -235,7 +247,6 @@ class Coordinator:
             return {"accepted": True, "duplicate": True, "version": self.version, "pending": True}
         if self.done:
             raise UpdateRejected(409, "finished", "the task has finished; no more updates are merged")
-        base = int(meta["base_version"])
         if base > self.version:
             raise UpdateRejected(400, "future_version", f"version {base} does not exist yet (current {self.version})")
         started = self._admit(phone, update_id, base)
@@ -348,6 +359,10 @@ class SyncCoordinator(Coordinator):
             if c.base_version == version:
                 self.round.cohort[c.phone] = clock() - c.latency_s
                 self.round.updates[c.phone] = c
+
+    def open(self) -> None:
+        super().open()
+        self.round.opened_at = self.period.opened_at
 
     def _target(self) -> int:
         registered = max(self.store.phone_count(), 1)

@@ -167,7 +167,8 @@ def _update_meta(meta: dict[str, Any], max_examples: int) -> dict[str, Any]:
 
 async def update(request: web.Request) -> web.Response:
     """Bounded, authenticated, decoded and checked before the coordinator sees it; at most
-    ``max_concurrent_uploads`` at once (503 + Retry-After beyond, which also paces phones).
+    ``max_concurrent_uploads`` at once, later ones queued for a slot (bounded in length and time:
+    503 + Retry-After beyond, which also paces phones).
 
     ``?checkin=json|inline``: once the update is durable, the phone's next check-in is made in
     the same request (FORMAT.md section 9): the answer is then that check-in's (JSON, or the
@@ -180,14 +181,13 @@ async def update(request: web.Request) -> web.Response:
     if then not in (None, "json", "inline"):
         fail(400, "bad_query", "checkin must be json or inline")
     gate = app[UPLOADS]
-    if gate.closing or gate.active >= cfg.max_concurrent_uploads:
+    if not await gate.enter(cfg.max_concurrent_uploads, cfg.max_waiting_uploads, cfg.upload_wait_s):
         raise JsonError(503, "busy", "too many uploads in progress; retry later",
                         headers={"Retry-After": str(max(1, round(cfg.checkin_retry_s)))})
-    gate.active += 1
     try:
         response, ack, durable, phone, update_id = await _update(request)
     finally:
-        gate.active -= 1  # the body is in; waiting for the group commit holds no upload slot
+        gate.leave()  # the body is in; waiting for the group commit holds no upload slot
     if durable is not None:
         try:
             await durable  # acknowledged only once committed (group commit: one fsync for many uploads)

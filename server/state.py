@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -25,10 +26,56 @@ PUBLISH_QUEUE = web.AppKey("publish_queue", asyncio.Queue)
 
 @dataclass
 class UploadGate:
-    """Uploads in progress, and whether the server is shutting down (then it takes no more)."""
+    """Upload slots: uploads in progress (``active``), the uploads queued for a slot in arrival
+    order, and whether the server is shutting down (then it takes no more).
+
+    A queue rather than an immediate 503: when a merge hands out thousands of tasks at once, their
+    uploads come back together, and answering all but the first few with "busy" made them back off
+    for seconds (past the round's deadline at 10,000 phones). A queued upload has not been read:
+    its body waits in its socket, so the queue costs little memory; it is still bounded in length
+    and in time, and beyond either the answer is 503 as before."""
 
     active: int = 0
     closing: bool = False
+    waiting: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+    async def enter(self, limit: int, max_waiting: int, wait_s: float) -> bool:
+        """Take a slot: at once while fewer than ``limit`` are taken and nobody queues, else after
+        the uploads queued before this one, waiting up to ``wait_s``. False (no slot taken) when
+        the server is closing, the queue is full or the wait ran out."""
+        if self.closing:
+            return False
+        if self.active < limit and not self.waiting:
+            self.active += 1
+            return True
+        if len(self.waiting) >= max_waiting or wait_s <= 0:
+            return False
+        turn = asyncio.get_running_loop().create_future()
+        self.waiting.append(turn)
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), wait_s)
+        except BaseException as exc:  # the wait ran out, or the request was cancelled (the phone left)
+            if turn.done():  # handed a slot just as the wait ended: pass it on
+                self.leave()
+            else:
+                turn.cancel()
+                self.waiting.remove(turn)
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+        if self.closing:  # woken to learn that the server is shutting down
+            self.leave()
+            return False
+        return True
+
+    def leave(self) -> None:
+        """Give a slot back: to the longest-waiting upload, if any (``active`` is unchanged)."""
+        while self.waiting:
+            turn = self.waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.active -= 1
 
 
 class WorkSignal:
@@ -122,6 +169,7 @@ async def _ticker(app: web.Application) -> None:
 
 async def background(app: web.Application) -> AsyncIterator[None]:
     app[PUBLISH_QUEUE] = asyncio.Queue()
+    app[COORD].open()  # the first period opens as the server starts serving
     tasks = [asyncio.create_task(_publisher(app)), asyncio.create_task(_ticker(app))]
     yield
     app[UPLOADS].closing = True  # graceful: acknowledged work is durable; refuse new uploads

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, PhoneKey
+from server.state import UPLOADS
 from tests.conftest import MakeClient, update_body
 
 
@@ -82,7 +83,8 @@ async def test_admin_disabled_without_token(make_server: MakeClient) -> None:
 
 
 async def test_backpressure_503_with_retry_after(make_server: MakeClient) -> None:
-    client = await make_server(max_concurrent_uploads=1, request_timeout_s=0.5, sample_fraction=1.0, min_cohort=3)
+    client = await make_server(max_concurrent_uploads=1, max_waiting_uploads=0, request_timeout_s=0.5,
+                               sample_fraction=1.0, min_cohort=3)
     auth, task = await _enrol(client, "p", None)
     body = update_body(task)
 
@@ -101,3 +103,65 @@ async def test_backpressure_503_with_retry_after(make_server: MakeClient) -> Non
     slow_resp = await slow
     assert slow_resp.status == 408
     assert (await client.post("/v1/update", data=body, headers=auth)).status == 200
+
+
+async def _hold_the_slot(client: Any, auth: dict[str, str], body: bytes, hold_s: float) -> asyncio.Task[Any]:
+    """A slow-loris upload that takes the only slot until the server times its body out."""
+    async def gen() -> Any:
+        yield body[:10]
+        await asyncio.sleep(hold_s)
+        yield body[10:]
+
+    task = asyncio.create_task(client.post("/v1/update", data=gen(), headers={**auth, "Content-Length": str(len(body))}))
+    await asyncio.sleep(0.2)
+    return task
+
+
+async def test_uploads_beyond_the_slots_queue_in_order_and_the_queue_is_bounded(make_server: MakeClient) -> None:
+    """With the only slot taken, the next uploads wait for it instead of a 503 storm: they are
+    served in arrival order once it frees, one past ``max_waiting_uploads`` gets 503 at once."""
+    client = await make_server(max_concurrent_uploads=1, max_waiting_uploads=2, request_timeout_s=0.6,
+                               sample_fraction=1.0, min_cohort=3)
+    phones = [await _enrol(client, f"q{i}", None) for i in range(3)]
+    slow = await _hold_the_slot(client, phones[0][0], update_body(phones[0][1]), 2.0)
+    done: list[str] = []
+
+    async def upload(i: int) -> int:
+        auth, task = phones[i]
+        resp = await client.post("/v1/update", data=update_body(task, update_id=f"u-{i}"), headers=auth)
+        done.append(f"q{i}")
+        return resp.status
+
+    queued = [asyncio.create_task(upload(1))]
+    await asyncio.sleep(0.05)
+    queued.append(asyncio.create_task(upload(2)))
+    await asyncio.sleep(0.05)
+    gate = client.server.app[UPLOADS]
+    assert gate.active == 1 and len(gate.waiting) == 2
+    full = await client.post("/v1/update", data=update_body(phones[0][1], update_id="u-late"), headers=phones[0][0])
+    assert full.status == 503 and full.headers["Retry-After"]
+    assert (await slow).status == 408  # the slot frees when the slow body times out...
+    assert await asyncio.gather(*queued) == [200, 200]  # ...and the queued uploads go through, first come first
+    assert done == ["q1", "q2"]
+    assert gate.active == 0 and not gate.waiting
+
+
+async def test_a_queued_upload_gives_up_after_upload_wait_s_and_a_leaving_one_frees_its_place(make_server: MakeClient) -> None:
+    client = await make_server(max_concurrent_uploads=1, upload_wait_s=0.2, request_timeout_s=1.0,
+                               sample_fraction=1.0, min_cohort=3)
+    (auth, task), (auth2, task2) = await _enrol(client, "w1", None), await _enrol(client, "w2", None)
+    slow = await _hold_the_slot(client, auth, update_body(task), 3.0)
+    gate = client.server.app[UPLOADS]
+    t0 = asyncio.get_running_loop().time()
+    waited = await client.post("/v1/update", data=update_body(task2, update_id="u-w"), headers=auth2)
+    assert waited.status == 503 and (await waited.json())["error"] == "busy"
+    assert 0.15 < asyncio.get_running_loop().time() - t0 < 0.8 and not gate.waiting
+    leaver = asyncio.create_task(client.post("/v1/update", data=update_body(task2, update_id="u-x"), headers=auth2))
+    await asyncio.sleep(0.05)
+    assert len(gate.waiting) == 1
+    leaver.cancel()  # the phone goes away while queued
+    await asyncio.sleep(0.1)
+    assert not gate.waiting and gate.active == 1
+    assert (await slow).status == 408
+    ok = await client.post("/v1/update", data=update_body(task2, update_id="u-y"), headers=auth2)
+    assert ok.status == 200 and gate.active == 0  # no slot was lost on the way
