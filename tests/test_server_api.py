@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import zlib
 
@@ -190,3 +191,27 @@ async def test_checkin_can_carry_the_model_inline(make_server: MakeClient) -> No
     (_, d, _) = await register(small, "d")
     unasked = await small.post("/v1/checkin", json={}, headers=d)
     assert unasked.content_type == "application/json"
+
+
+async def test_the_first_round_opens_when_the_server_starts_serving(aiohttp_client, digits) -> None:  # type: ignore[no-untyped-def]
+    """Building the server (store, model, evaluator) is not part of round 1: its figures and its
+    deadline count from when the server starts serving."""
+    from server.app import make_app
+    from server.config import ServerConfig
+
+    now = [0.0]
+    cfg = ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10, round_timeout_s=30.0, sample_fraction=1.0)
+    app = make_app(cfg, clock=lambda: now[0])
+    now[0] = 100.0  # a slow start: 100 s between building the server and serving
+    client = await aiohttp_client(app)
+    now[0] = 110.0
+    _, auth, task = await register(client, "a")
+    assert (await (await client.post("/v1/checkin", headers=auth)).json())["action"] == "train"  # not past a deadline
+    now[0] = 111.0
+    assert (await client.post("/v1/update", data=update_body(task), headers=auth)).status == 200
+    for _ in range(50):
+        rounds = (await (await client.get("/v1/rounds")).json())["rounds"]
+        if rounds:
+            break
+        await asyncio.sleep(0.02)
+    assert rounds[0]["updates"] == 1 and rounds[0]["wall_s"] == 11.0 and rounds[0]["time_s"] == 11.0
