@@ -19,6 +19,7 @@ import base64
 import hashlib
 import time
 
+from nacl.bindings import crypto_sign_ed25519_pk_to_curve25519
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -36,7 +37,7 @@ def public_key_ok(raw: bytes) -> bool:
     if len(raw) != 32:
         return False
     try:
-        VerifyKey(raw).to_curve25519_public_key()  # decodes the point: fails if it is not on the curve
+        crypto_sign_ed25519_pk_to_curve25519(raw)  # decodes the point: fails if it is not on the curve
     except (ValueError, TypeError, RuntimeError):
         return False
     return True
