@@ -34,6 +34,7 @@ from server.http import (
 from server.robust import update_norms
 from server.security import SignatureError, parse_public_key
 from server.state import CONFIG, COORD, NONCES, STORE, UPLOADS, WORK, schedule_merge
+from server.store import NameTaken
 
 
 def task_spec(request: web.Request) -> dict[str, Any]:
@@ -73,9 +74,12 @@ async def register(request: web.Request) -> web.Response:
         phone_id = name
     token = secrets.token_urlsafe(24)
     try:
-        store.add_phone(phone_id, token, info)
-    except sqlite3.IntegrityError:  # the name is taken
+        await store.enrol(phone_id, token, info)  # the token is given only once the phone is committed
+    except NameTaken:
         fail(409, "name_taken", f"a phone named {phone_id!r} is already registered")
+    except sqlite3.Error as exc:  # not committed: not registered, the phone retries
+        raise JsonError(503, "storage_unavailable", f"the registration could not be made durable ({exc}); retry",
+                        headers={"Retry-After": "1"}) from None
     return json_response({"phone_id": phone_id, "token": token, "task": task_spec(request)}, status=201)
 
 

@@ -3,11 +3,12 @@
 A version is committed before it is announced, so a restarted server resumes from the
 newest version it ever published.
 
-Group commit of acknowledged updates runs off the event loop: rows queued during one pass of
-the loop are written by one worker thread on a connection of its own (one transaction, one
-fsync), so an fsync of 25-65 ms no longer stalls every other request. A version commit (on the
-loop's connection) first waits for any such write in flight, so a merged update's pending row
-is always written before the transaction that moves it to the merged set.
+Group commit of acknowledged updates and of phone registrations runs off the event loop: rows
+queued during one pass of the loop (or while the previous group commit was being written) are
+written by one worker thread on a connection of its own (one transaction, one fsync), so an
+fsync of 25-65 ms no longer stalls every other request. A version commit (on the loop's
+connection) first waits for any such write in flight, so a merged update's pending row is
+always written before the transaction that moves it to the merged set.
 """
 
 from __future__ import annotations
@@ -61,15 +62,58 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 """
+_PENDING_SQL = "INSERT INTO pending(phone, update_id, info, delta) VALUES (?, ?, ?, ?)"
+_PHONE_SQL = "INSERT INTO phones(phone_id, token_sha256, registered, info) VALUES (?, ?, ?, ?)"
+PendingRow = tuple[str, str, str, bytes]  # phone, update id, info JSON, delta
+PhoneRow = tuple[str, str, float, str]  # phone id, token hash, registration time, info JSON
+Queue = list[tuple[Any, asyncio.Future[None]]]  # rows waiting for a commit, and who waits for each
+Refused = list[sqlite3.IntegrityError | None]  # per row of a group commit: the constraint it broke
 
 
-def _settle(queued: list[tuple[Any, asyncio.Future[None]]], exc: BaseException | None) -> None:
+class NameTaken(Exception):
+    """A phone of that name is registered, or being registered."""
+
+
+def _resolve(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if not fut.done():  # a waiter that gave up (cancelled) is not answered
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
+def _settle(queued: Queue, exc: BaseException | None) -> None:
     for _, fut in queued:
-        if not fut.done():
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(exc)
+        _resolve(fut, exc)
+
+
+def _insert(db: sqlite3.Connection, sql: str, row: tuple[Any, ...]) -> sqlite3.IntegrityError | None:
+    try:
+        db.execute(sql, row)
+    except sqlite3.IntegrityError as exc:
+        return exc
+    return None
+
+
+def _write_rows(pending: list[PendingRow], phones: list[PhoneRow], db: sqlite3.Connection) -> Refused:
+    """Insert the rows of a group commit in one transaction. If one breaks a constraint, all are
+    inserted one by one (still one transaction) so that only that row is refused."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("SAVEPOINT rows")
+        try:
+            db.executemany(_PENDING_SQL, pending)
+            db.executemany(_PHONE_SQL, phones)
+            refused: Refused = [None] * (len(pending) + len(phones))
+        except sqlite3.IntegrityError:
+            db.execute("ROLLBACK TO rows")
+            refused = [_insert(db, _PENDING_SQL, r) for r in pending] + [_insert(db, _PHONE_SQL, r) for r in phones]
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:  # some errors (a full disk) have rolled it back already
+            db.execute("ROLLBACK")
+        raise
+    return refused
 
 
 def token_hash(token: str) -> str:
@@ -94,11 +138,14 @@ class Store:
         if self.path != ":memory:":
             self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedfleet-commit")
             self._wdb = self._writer.submit(self._open_writer, sync).result()
-        self._inflight: list[tuple[concurrent.futures.Future[None], list[tuple[Any, asyncio.Future[None]]]]] = []
+        # group commits handed to the writer: (its job, pending rows, phone rows); at most one at a time
+        self._inflight: list[tuple[concurrent.futures.Future[Refused], Queue, Queue]] = []
         self._tokens: dict[str, str] = {}  # token hash -> phone id: authentication without a query
         self._phones = -1  # cached count
         self._keys: dict[str, bytes | None] = {}  # phone id -> enrolled Ed25519 public key
-        self._queued: list[tuple[tuple[str, str, str, bytes], asyncio.Future[None]]] = []  # group commit
+        self._queued: Queue = []  # pending rows for the next group commit
+        self._enrolments: Queue = []  # phone rows for the next group commit
+        self._enrolling: set[str] = set()  # names queued or in flight: one batch cannot take a name twice
         self._flush_scheduled = False
 
     def _open_writer(self, sync: str) -> sqlite3.Connection:
@@ -109,7 +156,8 @@ class Store:
     def close(self) -> None:
         self._drain()
         queued, self._queued = self._queued, []
-        self._commit_here(queued)  # not flushed by the loop: commit them on this connection
+        enrolments, self._enrolments = self._enrolments, []
+        self._commit_here(queued, enrolments)  # not flushed by the loop: commit them on this connection
         if self._writer is not None:
             self._writer.submit(self._wdb.close if self._wdb is not None else lambda: None).result()
             self._writer.shutdown(wait=True)
@@ -118,7 +166,7 @@ class Store:
 
     def _drain(self) -> None:
         """Wait for group commits in flight (their futures are settled by the loop)."""
-        for cf, _ in list(self._inflight):
+        for cf, _, _ in list(self._inflight):
             concurrent.futures.wait([cf])
 
     # --- model versions -----------------------------------------------------------------
@@ -129,25 +177,26 @@ class Store:
         digest = hashlib.sha256(blob).hexdigest()
         db = self.db
         self._drain()  # pending rows being written go first: the merge below moves them
-        queued, self._queued = self._queued, []  # acknowledged-to-be updates go first, same transaction
+        # acknowledged-to-be updates go first, same transaction (registrations wait for the flush)
+        queued, self._queued = self._queued, []
+        moved = merged or []
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO pending(phone, update_id, info, delta) VALUES (?, ?, ?, ?)",
-                           [row for row, _ in queued])
+            db.executemany(_PENDING_SQL, [row for row, _ in queued])
             db.execute("INSERT INTO versions(version, created, sha256, params) VALUES (?, ?, ?, ?)",
                        (version, time.time(), digest, blob))
             if opt_state is not None:
                 db.execute("INSERT OR REPLACE INTO optimizer(version, state) VALUES (?, ?)", (version, opt_state))
-            for key, value in (meta or {}).items():
-                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
-            for phone, update_id in merged or []:
-                db.execute("DELETE FROM pending WHERE phone = ? AND update_id = ?", (phone, update_id))
-                db.execute("INSERT INTO merged(phone, update_id, version) VALUES (?, ?, ?)", (phone, update_id, version))
+            db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (meta or {}).items())
+            db.executemany("DELETE FROM pending WHERE phone = ? AND update_id = ?", moved)
+            db.executemany("INSERT INTO merged(phone, update_id, version) VALUES (?, ?, ?)",
+                           [(phone, update_id, version) for phone, update_id in moved])
             db.execute("DELETE FROM versions WHERE version <= ?", (version - self.keep_versions,))
             db.execute("DELETE FROM optimizer WHERE version < ?", (version,))
             db.execute("COMMIT")
         except BaseException as exc:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             _settle(queued, exc)
             raise
         _settle(queued, None)
@@ -173,12 +222,29 @@ class Store:
         running loop the row is committed before returning (None)."""
         row = (phone, update_id, json.dumps(info), delta)
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
-            self.db.execute("INSERT INTO pending(phone, update_id, info, delta) VALUES (?, ?, ?, ?)", row)
+            self.db.execute(_PENDING_SQL, row)
             return None
+        return self._enqueue(self._queued, row)
+
+    def enrol(self, phone_id: str, token: str, info: dict[str, Any]) -> asyncio.Future[None]:
+        """Register a phone in the group commit (inside the event loop; ``add_phone`` outside):
+        the future resolves once its row is committed, so answer the phone (give it its token)
+        only then. Raises, or the future fails with, ``NameTaken``; a failed commit fails it with
+        the storage's error, and the phone is not registered."""
+        row = self._phone_row(phone_id, token, info)
+        if phone_id in self._enrolling or self.db.execute(
+                "SELECT 1 FROM phones WHERE phone_id = ?", (phone_id,)).fetchone() is not None:
+            raise NameTaken(phone_id)
+        fut = self._enqueue(self._enrolments, row)
+        self._enrolling.add(phone_id)
+        return fut
+
+    def _enqueue(self, queue: Queue, row: tuple[Any, ...]) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._queued.append((row, fut))
+        queue.append((row, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self.flush)
@@ -186,48 +252,42 @@ class Store:
 
     def commit_of(self, phone: str, update_id: str) -> asyncio.Future[None] | None:
         """The commit a queued or in-flight (accepted, not yet durable) update waits for."""
-        batches = [self._queued, *(q for _, q in self._inflight)]
+        batches = [self._queued, *(q for _, q, _ in self._inflight)]
         return next((fut for q in batches for row, fut in q if row[0] == phone and row[1] == update_id), None)
 
-    @staticmethod
-    def _write_pending(rows: list[tuple[str, str, str, bytes]], db: sqlite3.Connection) -> None:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany("INSERT INTO pending(phone, update_id, info, delta) VALUES (?, ?, ?, ?)", rows)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
-    def _commit_here(self, queued: list[tuple[Any, asyncio.Future[None]]]) -> None:
+    def _commit_here(self, queued: Queue, enrolments: Queue) -> None:
         """Write queued rows on the loop's connection and settle their futures (a failure: none
         of them is acknowledged)."""
-        if not queued:
+        if not queued and not enrolments:
             return
         try:
-            self._write_pending([row for row, _ in queued], self.db)
+            refused = _write_rows([r for r, _ in queued], [r for r, _ in enrolments], self.db)
         except Exception as exc:
-            _settle(queued, exc)
+            self._settle_batch(queued, enrolments, exc)
             return
-        _settle(queued, None)
+        self._settle_batch(queued, enrolments, refused)
 
     def flush(self) -> None:
         """Commit the queued rows (run by the loop right after they were queued): on the writer
-        thread when there is one, each waiting upload's future settled by the loop once the
-        transaction is committed (or failed: then none of them is acknowledged)."""
+        thread when there is one, each waiter's future settled by the loop once the transaction
+        is committed (or failed: then none of them is acknowledged). While one group commit is
+        being written, rows queue up for the next: it takes all of them when that one ends."""
         self._flush_scheduled = False
+        if self._inflight and self._writer is not None:
+            return  # _settle_inflight flushes again
         queued, self._queued = self._queued, []
-        if not queued:
+        enrolments, self._enrolments = self._enrolments, []
+        if not queued and not enrolments:
             return  # a version commit took them
         if self._writer is None or self._wdb is None:  # in memory: one connection, commit here
-            self._commit_here(queued)
+            self._commit_here(queued, enrolments)
             return
         loop = asyncio.get_running_loop()
-        cf = self._writer.submit(self._write_pending, [row for row, _ in queued], self._wdb)
-        entry = (cf, queued)
+        cf = self._writer.submit(_write_rows, [r for r, _ in queued], [r for r, _ in enrolments], self._wdb)
+        entry = (cf, queued, enrolments)
         self._inflight.append(entry)
 
-        def committed(_: concurrent.futures.Future[None]) -> None:
+        def committed(_: concurrent.futures.Future[Refused]) -> None:
             try:
                 loop.call_soon_threadsafe(self._settle_inflight, entry)
             except RuntimeError:  # the loop is gone (shutdown): nobody waits for these any more
@@ -235,11 +295,24 @@ class Store:
 
         cf.add_done_callback(committed)
 
-    def _settle_inflight(self, entry: tuple[concurrent.futures.Future[None], list[tuple[Any, asyncio.Future[None]]]]) -> None:
-        cf, queued = entry
+    def _settle_inflight(self, entry: tuple[concurrent.futures.Future[Refused], Queue, Queue]) -> None:
+        cf, queued, enrolments = entry
         if entry in self._inflight:
             self._inflight.remove(entry)
-        _settle(queued, cf.exception())
+        exc = cf.exception()
+        self._settle_batch(queued, enrolments, exc if exc is not None else cf.result())
+        self.flush()  # what queued up meanwhile: the next group commit
+
+    def _settle_batch(self, queued: Queue, enrolments: Queue, outcome: Refused | BaseException) -> None:
+        """Answer the waiters of a group commit; committed phones join the caches only now."""
+        refused = [outcome] * (len(queued) + len(enrolments)) if isinstance(outcome, BaseException) else outcome
+        for (_, fut), err in zip(queued, refused[:len(queued)], strict=True):
+            _resolve(fut, err)
+        for (row, fut), err in zip(enrolments, refused[len(queued):], strict=True):
+            self._enrolling.discard(row[0])
+            if err is None:
+                self._enrolled(row)
+            _resolve(fut, NameTaken(row[0]) if isinstance(err, sqlite3.IntegrityError) else err)
 
     def pending(self) -> list[tuple[str, str, dict[str, Any], bytes]]:
         rows = self.db.execute("SELECT phone, update_id, info, delta FROM pending ORDER BY rowid").fetchall()
@@ -258,11 +331,20 @@ class Store:
 
     # --- phones -------------------------------------------------------------------------
     def add_phone(self, phone_id: str, token: str, info: dict[str, Any]) -> None:
-        self.db.execute(
-            "INSERT INTO phones(phone_id, token_sha256, registered, info) VALUES (?, ?, ?, ?)",
-            (phone_id, token_hash(token), time.time(), json.dumps(info)),
-        )
-        self._tokens[token_hash(token)] = phone_id
+        """Register a phone now, on the loop's connection (sqlite3.IntegrityError: name taken)."""
+        row = self._phone_row(phone_id, token, info)
+        self.db.execute(_PHONE_SQL, row)
+        self._enrolled(row)
+
+    @staticmethod
+    def _phone_row(phone_id: str, token: str, info: dict[str, Any]) -> PhoneRow:
+        return (phone_id, token_hash(token), time.time(), json.dumps(info))
+
+    def _enrolled(self, row: PhoneRow) -> None:
+        phone_id, key, _, info = row
+        self._tokens[key] = phone_id
+        public_key = json.loads(info).get("public_key")
+        self._keys[phone_id] = base64.b64decode(public_key) if public_key else None
         if self._phones >= 0:
             self._phones += 1
 
