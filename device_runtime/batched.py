@@ -10,9 +10,9 @@ forward/backward per step instead of one per phone. The result equals ``TorchRun
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -23,7 +23,6 @@ from device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batch
 
 Params = dict[str, np.ndarray]
 Job = tuple[np.ndarray, np.ndarray, np.random.Generator]  # x [n, C, H, W], y [n], that phone's rng
-Chunk = list[tuple[int, tuple[Params, TrainResult]]]  # (job index, (delta, result)) per phone of one chunk
 # step(stacked params of the k active phones [k, ...] (updated in place), x [k, B, C, H, W],
 #      y [k, B], mask [k, B]) -> loss before the FedProx term [k]
 Step = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,33 +49,6 @@ def train_many(
     """
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
-    n = len(jobs)
-    results: dict[int, tuple[Params, TrainResult]] = {}
-    for done in train_chunks(model, params, jobs, cfg, sizes=chunk_sizes(n, chunk), dtype=dtype):
-        results.update(done)
-    return [results[i] for i in range(n)]
-
-
-def chunk_sizes(n: int, chunk: int) -> list[int]:
-    """``n`` phones in chunks of ``chunk``, the last one smaller."""
-    return [min(chunk, n - lo) for lo in range(0, n, chunk)]
-
-
-def train_chunks(
-    model: nn.Module,
-    params: Mapping[str, np.ndarray],
-    jobs: Sequence[Job],
-    cfg: TrainConfig,
-    *,
-    sizes: Sequence[int],
-    dtype: torch.dtype = torch.float32,
-) -> Iterator[Chunk]:
-    """``train_many`` one chunk at a time: chunk i holds ``sizes[i]`` phones, longest first, and
-    is yielded as soon as it is trained, so a caller can hand its results on while the next
-    chunk trains. Arguments are checked and every phone's batch order is drawn (each rng
-    consumed) before this returns; the training itself runs as the iterator is consumed."""
-    if sum(sizes) != len(jobs) or any(s < 1 for s in sizes):
-        raise ValueError(f"chunk sizes {list(sizes)} must be positive and add up to {len(jobs)} jobs")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point type, got {dtype}")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -94,15 +66,13 @@ def train_chunks(
     # Longest first: phones in a chunk then have similar step counts (little padding), and
     # the phones still training at step t are a prefix of the chunk.
     order = sorted(range(len(jobs)), key=lambda i: -len(plans[i]))
-    bounds = np.cumsum([0, *sizes]).tolist()
-
-    def run() -> Iterator[Chunk]:
-        for lo, hi in itertools.pairwise(bounds):
-            ids = order[lo:hi]
-            batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype)
-            yield list(zip(ids, _train_chunk(step, start, batch), strict=True))
-
-    return run()
+    results: dict[int, tuple[Params, TrainResult]] = {}
+    for lo in range(0, len(order), chunk):
+        ids = order[lo : lo + chunk]
+        batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype)
+        for i, out in zip(ids, _train_chunk(step, start, batch), strict=True):
+            results[i] = out
+    return [results[i] for i in range(len(jobs))]
 
 
 @dataclass(frozen=True)
@@ -178,7 +148,7 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], cfg: TrainCo
     """
     frozen = {
         n: t.detach().to(dtype) if t.is_floating_point() else t
-        for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+        for n, t in chain(model.named_parameters(), model.named_buffers())
         if n not in start
     }
     mu, lr = cfg.prox_mu, cfg.lr

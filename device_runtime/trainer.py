@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from device_runtime.batched import Chunk, Job, chunk_sizes, train_chunks
+from device_runtime.batched import train_many
 from device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
 from device_runtime.runtimes.torch_runtime import TorchRuntime
 
@@ -96,15 +96,7 @@ class BatchedTrainer:
     virtual instant, flushed when the clock is about to move on, so grouping (and therefore
     every float) is the same from run to run. A group smaller than ``min_group`` trains phone
     by phone on the eager runtime (the reference path): a vmapped call costs a few plain steps
-    of fixed overhead, so it only pays from about 4 phones on (bench/bench_batched.py).
-
-    On the wall clock a group's results are handed back chunk by chunk (``chunk`` phones each):
-    a chunk's phones encode and upload while the next chunk trains. A group is not cut smaller to
-    get its first results out sooner: measured on the 50-phone groups of a 100-phone sync round
-    (2 shared cores), two chunks of 25 or a first chunk of 8 made rounds no faster, often slower.
-    Each extra chunk costs ~3 ms of fixed vmap overhead, and the later chunk trains while the event
-    loop and the server are busy with the first one's uploads. Nor was ``quiet_s`` of 1.5 ms better
-    than 3 ms with the server in its own process, whose answers reach the phones less bunched."""
+    of fixed overhead, so it only pays from about 4 phones on (bench/bench_batched.py)."""
 
     def __init__(self, model: torch.nn.Module, chunk: int = 128, window_s: float = 0.02, min_group: int = 4,
                  quiet_s: float = 0.003) -> None:
@@ -131,8 +123,7 @@ class BatchedTrainer:
         self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
         rng: np.random.Generator, key: Hashable = None,
     ) -> asyncio.Future[tuple[Params, TrainResult]]:
-        """Queue one phone's training; the future resolves once its chunk of the group has run (the
-        whole group on a virtual clock)."""
+        """Queue one phone's training; the future resolves once its group has run."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[Params, TrainResult]] = loop.create_future()
         group_key = (key if key is not None else id(params), cfg)
@@ -176,40 +167,28 @@ class BatchedTrainer:
             asyncio.ensure_future(self._run(group, group_key[1]))  # type: ignore[index]
 
     async def _run(self, group: list[_Request], cfg: TrainConfig) -> None:
-        """Train the group on the worker thread. On the wall clock each chunk's phones get their results
-        as soon as the chunk is trained, so their encoding and uploading on the loop overlaps the next
-        chunk's training. On a virtual clock all results are handed over together once the group is
-        done, in the group's order, as before: which phone acts first at a virtual instant must not
-        depend on how fast the worker thread trains."""
         jobs = [(r.x, r.y, r.rng) for r in group]
         loop = asyncio.get_running_loop()
-        held: Chunk = []
-        if self._virtual:
-            hand_over: Callable[[Chunk], None] = held.extend
-        else:
-            def hand_over(chunk: Chunk) -> None:  # on the worker thread
-                loop.call_soon_threadsafe(_resolve, group, chunk)
         try:
-            await loop.run_in_executor(self._executor, self._train_group, group[0].params, jobs, cfg, hand_over)
-        except Exception as exc:  # every phone of the group still waiting hears about it
+            results = await loop.run_in_executor(self._executor, self._train_group, group[0].params, jobs, cfg)
+        except Exception as exc:  # every phone of the group hears about it
             for r in group:
                 if not r.fut.done():
                     r.fut.set_exception(exc)
             return
-        # The wall clock's hand-overs were queued on the loop before the executor's answer: all resolved now.
-        _resolve(group, sorted(held, key=lambda item: item[0]))
         self.calls += 1
         self.group_sizes.append(len(group))
+        for r, (delta, result) in zip(group, results, strict=True):
+            if not r.fut.done():
+                r.fut.set_result(({n: d.astype(np.float32) for n, d in delta.items()}, result))
 
-    def _train_group(self, params: Mapping[str, np.ndarray], jobs: list[Job], cfg: TrainConfig,
-                     hand_over: Callable[[Chunk], None]) -> None:
+    def _train_group(self, params: Mapping[str, np.ndarray], jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]],
+                     cfg: TrainConfig) -> list[tuple[Params, TrainResult]]:
         t0 = time.thread_time()
         try:
-            if len(jobs) < self.min_group:
-                hand_over([(i, _train_delta(self._eager, params, x, y, cfg, rng)) for i, (x, y, rng) in enumerate(jobs)])
-                return
-            for chunk in train_chunks(self.model, params, jobs, cfg, sizes=chunk_sizes(len(jobs), self.chunk)):
-                hand_over(chunk)
+            if len(jobs) >= self.min_group:
+                return train_many(self.model, params, jobs, cfg, chunk=self.chunk)
+            return [_train_delta(self._eager, params, x, y, cfg, rng) for x, y, rng in jobs]
         finally:
             self.busy_s += time.thread_time() - t0
 
@@ -224,10 +203,3 @@ class _Request:
     y: np.ndarray
     rng: np.random.Generator
     fut: asyncio.Future[tuple[Params, TrainResult]]
-
-
-def _resolve(group: list[_Request], chunk: Chunk) -> None:
-    for i, (delta, result) in chunk:
-        fut = group[i].fut
-        if not fut.done():
-            fut.set_result(({n: d.astype(np.float32, copy=False) for n, d in delta.items()}, result))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from device_runtime.batched import Job, Params, train_chunks, train_many
+from device_runtime.batched import Job, Params, train_many
 from device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
 from device_runtime.runtimes.torch_runtime import TorchRuntime
 from export.models import ModelSpec, build_model
@@ -125,24 +125,6 @@ def test_chunk_size_does_not_change_the_result(digits: Any) -> None:
     ]
     for other in runs[1:]:
         assert_same(other, runs[0], atol=1e-12)
-
-
-def test_chunks_come_longest_first_and_add_up_to_train_many(digits: Any) -> None:
-    model = build_model(ModelSpec("mlp", (1, 8, 8), 10)).double()
-    params = {n: p.detach().numpy() for n, p in model.named_parameters()}
-    x = digits.x_train.astype(np.float64)
-    whole = train_many(model, params, make_jobs(x, digits.y_train, seed=4), CFG, chunk=3, dtype=torch.float64)
-    chunks = list(train_chunks(model, params, make_jobs(x, digits.y_train, seed=4), CFG, sizes=[2, 5, 1],
-                               dtype=torch.float64))
-    assert [len(c) for c in chunks] == [2, 5, 1]
-    ids = [i for c in chunks for i, _ in c]
-    assert sorted(ids) == list(range(len(SIZES)))
-    steps = [SIZES[i] for i in ids]
-    assert steps == sorted(steps, reverse=True)  # longest first, across chunks too
-    by_job = dict(pair for c in chunks for pair in c)
-    assert_same([by_job[i] for i in range(len(SIZES))], whole, atol=1e-12)
-    with pytest.raises(ValueError, match="add up to"):  # checked at the call, not at the first chunk
-        train_chunks(model, params, make_jobs(x, digits.y_train, seed=4), CFG, sizes=[4, 3])
 
 
 def test_model_is_left_unchanged(digits: Any) -> None:
