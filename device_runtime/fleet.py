@@ -27,7 +27,7 @@ from device_runtime.vclock import PhoneClock, WallClock
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
 
 
-CHAIN_MAX_PHONES = 1000  # FleetConfig.chain_checkin None: chained check-ins up to this many phones
+CHAIN_MAX_PHONES = 1000  # FleetConfig.chain_checkin None: beyond this, only with the server in another process
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,11 @@ class FleetConfig:
     shard_index: int = 0  # run only this shard's phones (see ``shard_phones``); data and names as if all ran
     shard_count: int = 1
     inline_model: bool = True  # phones ask for the model inside the check-in's answer (one request less)
-    # Phones make their next check-in with their upload (one request less again); None: for fleets of at most
-    # CHAIN_MAX_PHONES. Chained uploads go on the phones' own connections, all at once after a batched step:
-    # at 10,000 phones, 5,000 of them met the server's upload limit together, and the 503s' back-off ran
-    # past the round deadline (3 rounds of 60 s, 4,573 of 5,000 updates each; 456 updates/s without).
+    # Phones make their next check-in with their upload (one request less again); None: yes, unless the fleet
+    # has more than CHAIN_MAX_PHONES and shares its process (its one core) with the server. Chained uploads go
+    # on the phones' own connections, all at once after a batched step, and queue at the server: 10,000 phones
+    # x 3 rounds, server in its own process: 505 and 565 updates/s chained vs 388 and 486 not; in one process
+    # 203 vs 298 (round 1: 40 s vs 27 s).
     chain_checkin: bool | None = None
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
     server_here: bool = True  # the server runs in this process (its sockets count against the same limit)
@@ -153,7 +154,7 @@ async def run_fleet(
                 num_classes=data.num_classes,
                 poll_session=polls,
                 inline_model=cfg.inline_model,
-                chain_checkin=cfg.chain_checkin if cfg.chain_checkin is not None else cfg.phones <= CHAIN_MAX_PHONES,
+                chain_checkin=_chains(cfg),
                 models=models,
             )
             for i, idx in enumerate(parts)
@@ -207,6 +208,12 @@ async def run_fleet(
             p.stats.epsilon = ledger.epsilon(p.name)
     return FleetResult(rounds=rounds, devices=[p.stats for p in phones],
                        train_compute_s=pool.busy_s if pool is not None else 0.0)
+
+
+def _chains(cfg: FleetConfig) -> bool:
+    if cfg.chain_checkin is not None:
+        return cfg.chain_checkin
+    return cfg.phones <= CHAIN_MAX_PHONES or not cfg.server_here
 
 
 def _bundle_runtime(kind: str, bundle_dir: Path, task: dict[str, Any]) -> TrainingRuntime:

@@ -76,8 +76,8 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
                         "less) or download it with GET /v1/model (no)")
     p.add_argument("--chain-checkin", choices=["yes", "no"],
                    help="phones without an emulated device make their next check-in in the same request as "
-                        "their upload (yes: one request per task less) or on its own (no); default: yes for "
-                        "fleets of up to 1,000 phones")
+                        "their upload (yes: one request per task less) or on its own (no); default: yes, except "
+                        "for fleets of over 1,000 phones sharing their process with the server")
 
 
 def _run_values(args: argparse.Namespace) -> dict[str, Any]:

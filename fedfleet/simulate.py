@@ -72,7 +72,7 @@ class SimulateConfig:
     hours: float = 0.0  # stop the fleet after this much (virtual) time; 0 = when the rounds are done
     server_process: str = "auto"  # auto | yes | no: the server in a child process (wall clock only; see use_server_process)
     inline_model: bool = True  # phones take the model in the check-in's answer (no GET /v1/model)
-    chain_checkin: bool | None = None  # phones check in again with their upload (None: fleets up to 1,000 phones)
+    chain_checkin: bool | None = None  # phones check in again with their upload (None: see FleetConfig)
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
     # update codec and privacy (the task tells phones how to encode; see protocol/FORMAT.md)
     clip: float | None = None  # L2 clipping norm C of each update
