@@ -35,7 +35,10 @@ async def test_signed_upload_accepted_and_replay_forgery_refused(make_server: Ma
     # An honest retry signs again: idempotent success, merged once.
     retry = await client.post("/v1/update", data=body, headers={**auth, **key.headers("s", 0, "u1", body)})
     assert retry.status == 200 and (await retry.json())["duplicate"] is True
-    forged = PhoneKey().headers("s", 0, "u2", body)  # someone else's key
+    # Someone else's key, with a nonce past the phone's last (two signatures within one millisecond put that
+    # one ahead of the clock): it must fail on the signature, not as a replay.
+    await asyncio.sleep(0.01)
+    forged = PhoneKey().headers("s", 0, "u2", body)
     bad = await client.post("/v1/update", data=update_body(task, update_id="u2"), headers={**auth, **forged})
     assert bad.status == 401 and (await bad.json())["error"] == "bad_signature"
     tampered = key.headers("s", 0, "u3", body)  # signature over other bytes
