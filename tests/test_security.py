@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, PhoneKey
 from server.state import UPLOADS
 from tests.conftest import MakeClient, update_body
@@ -186,3 +188,12 @@ async def test_a_phone_leaving_the_upload_queue_frees_its_place(make_server: Mak
     assert (await slow).status == 408
     ok = await client.post("/v1/update", data=update_body(task2, update_id="u-y"), headers=auth2)
     assert ok.status == 200 and gate.active == 0  # no slot was lost on the way
+
+
+@pytest.mark.parametrize("bad", [{"max_concurrent_uploads": 0}, {"max_waiting_uploads": -1},
+                                 {"upload_wait_s": -1.0}, {"upload_wait_s": float("nan")}])
+def test_upload_queue_settings_are_checked(bad: dict[str, Any]) -> None:
+    from server.config import ServerConfig
+
+    with pytest.raises(ValueError, match="max_concurrent_uploads must be >= 1"):
+        ServerConfig(**bad)
