@@ -187,9 +187,9 @@ class Coordinator:
             pseudo_grad = central_dp_mean([c.delta for c in contributions], self.config.central_clip,
                                           self.config.central_noise_multiplier, rng)
         else:
-            weights = [self.staleness_weight(c.staleness) * example_weight(c.num_examples, self.config.example_cap)
-                       for c in contributions]
-            norm = sum(example_weight(c.num_examples, self.config.example_cap) for c in contributions)
+            examples = [example_weight(c.num_examples, self.config.example_cap) for c in contributions]
+            weights = [self.staleness_weight(c.staleness) * e for c, e in zip(contributions, examples, strict=True)]
+            norm = sum(examples)
             norms = [c.norm for c in contributions]
             mean, report = self.robust.aggregate([c.delta for c in contributions], weights,
                                                  None if None in norms else np.array(norms, dtype=np.float64))

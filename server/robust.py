@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from server.aggregation import Params, weighted_mean
+from server.aggregation import Params, stacked_rows, weighted_mean
 
 Deltas = Sequence[Mapping[str, np.ndarray]]
 Weights = Sequence[float] | np.ndarray
@@ -112,23 +112,25 @@ def cosines(deltas: Deltas, reference: Mapping[str, np.ndarray], norms: np.ndarr
     dots = np.zeros(len(deltas))
     if ref_norm == 0:
         return dots
-    for name, start, block in _blocks(deltas, None):
-        dots += block @ ref[name][start : start + block.shape[1]]
+    for name, flat in ref.items():
+        for i, rows in stacked_rows([d[name] for d in deltas]):
+            dots[i : i + len(rows)] += rows @ flat
     denom = norms * ref_norm
     return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
 
 
 def _blocks(deltas: Deltas, scales: np.ndarray | None) -> Iterator[tuple[str, int, np.ndarray]]:
     """(name, start, block): block[i] = scales[i] * ravel(deltas[i][name])[start:start+w], float64.
-    The block is one reused buffer: consume it before taking the next."""
+    The block is one reused buffer: consume it before taking the next. It is filled by one
+    np.concatenate of the updates' slices (a row-by-row copy took ~90 ms a pass at 5,000)."""
     n = len(deltas)
-    buf = np.empty((n, max(1, _BLOCK // n)))
+    buf = np.empty(n * max(1, _BLOCK // n))
     for name in deltas[0]:
-        flats = [np.ravel(d[name]) for d in deltas]
-        for start in range(0, flats[0].size, buf.shape[1]):
-            block = buf[:, : min(buf.shape[1], flats[0].size - start)]
-            for row, flat in zip(block, flats, strict=True):
-                row[...] = flat[start : start + block.shape[1]]
+        flats = [np.asarray(d[name]).reshape(-1) for d in deltas]
+        for start in range(0, flats[0].size, len(buf) // n):
+            width = min(len(buf) // n, flats[0].size - start)
+            np.concatenate([flat[start : start + width] for flat in flats], out=buf[: n * width])
+            block = buf[: n * width].reshape(n, width)  # contiguous: sorting along axis 0 stays fast
             if scales is not None:
                 block *= scales[:, None]
             yield name, start, block
@@ -213,7 +215,7 @@ def _scaled_mean(deltas: Deltas, weights: np.ndarray, scales: np.ndarray, idx: n
     coef = weights[idx] * scales[idx]
     if not coef.sum() > 0:  # every weighted update was clipped to zero
         return {n: np.zeros(np.shape(v)) for n, v in deltas[0].items()}
-    mean = weighted_mean([(deltas[i], float(c)) for i, c in zip(idx, coef, strict=True)])
+    mean = weighted_mean([(deltas[i], c) for i, c in zip(idx.tolist(), coef.tolist(), strict=True)])
     ratio = coef.sum() / weights[idx].sum()
     return mean if ratio == 1.0 else {n: v * ratio for n, v in mean.items()}
 

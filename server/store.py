@@ -116,6 +116,13 @@ def _write_rows(pending: list[PendingRow], phones: list[PhoneRow], db: sqlite3.C
     return refused
 
 
+def _fast_delete(db: sqlite3.Connection) -> None:
+    """Zero deleted content only where that costs no extra write. With Debian's SECURE_DELETE
+    build, moving a merge's 5,000 updates (~10 KB each) out of ``pending`` wrote ~51 MB of zeroed
+    pages to the WAL (~150 ms on the loop), not ~1 MB; freed pages now keep their bytes until reused."""
+    db.execute("PRAGMA secure_delete=FAST")
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -132,6 +139,7 @@ class Store:
             # WAL + NORMAL: a commit survives the process being killed, not the machine losing power.
             self.db.execute(f"PRAGMA synchronous={sync.upper()}")
         self.db.executescript(_SCHEMA)
+        _fast_delete(self.db)
         # The group-commit writer: its own connection, used only from its one thread.
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._wdb: sqlite3.Connection | None = None
@@ -151,6 +159,7 @@ class Store:
     def _open_writer(self, sync: str) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute(f"PRAGMA synchronous={sync.upper()}")  # per connection
+        _fast_delete(db)
         return db
 
     def close(self) -> None:
@@ -177,18 +186,20 @@ class Store:
         digest = hashlib.sha256(blob).hexdigest()
         db = self.db
         self._drain()  # pending rows being written go first: the merge below moves them
-        # acknowledged-to-be updates go first, same transaction (registrations wait for the flush)
+        # acknowledged-to-be updates join this transaction (registrations wait for the flush);
+        # those merged by it go straight to ``merged``, without a pending row to insert and delete
         queued, self._queued = self._queued, []
         moved = merged or []
+        gone = {(row[0], row[1]) for row, _ in queued}.intersection(moved)
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(_PENDING_SQL, [row for row, _ in queued])
+            db.executemany(_PENDING_SQL, [row for row, _ in queued if (row[0], row[1]) not in gone])
             db.execute("INSERT INTO versions(version, created, sha256, params) VALUES (?, ?, ?, ?)",
                        (version, time.time(), digest, blob))
             if opt_state is not None:
                 db.execute("INSERT OR REPLACE INTO optimizer(version, state) VALUES (?, ?)", (version, opt_state))
             db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (meta or {}).items())
-            db.executemany("DELETE FROM pending WHERE phone = ? AND update_id = ?", moved)
+            db.executemany("DELETE FROM pending WHERE phone = ? AND update_id = ?", [k for k in moved if k not in gone])
             db.executemany("INSERT INTO merged(phone, update_id, version) VALUES (?, ?, ?)",
                            [(phone, update_id, version) for phone, update_id in moved])
             db.execute("DELETE FROM versions WHERE version <= ?", (version - self.keep_versions,))
