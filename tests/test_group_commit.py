@@ -74,8 +74,8 @@ async def test_a_merge_waits_for_pending_rows_still_being_written(tmp_path: Path
     (and a restart would merge it again)."""
     store = Store(tmp_path / "s.sqlite")
     gate = threading.Event()
-    assert store._writer is not None
-    store._writer.submit(gate.wait)  # keep the writer busy: the next group commit waits behind this
+    assert store.commits._writer is not None
+    store.commits._writer.submit(gate.wait)  # keep the writer busy: the next group commit waits behind this
     acked = store.add_pending("p", "u1", {"examples": 1}, b"wire")
     assert acked is not None
     await asyncio.sleep(0)  # the loop runs the flush: the row is handed to the writer, not yet written

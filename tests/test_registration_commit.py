@@ -51,9 +51,9 @@ class PhoneCommits:
 @contextmanager
 def slow_disk(store: Store) -> Iterator[threading.Event]:
     """Hold the writer thread until the event is set (at the latest when the block ends)."""
-    assert store._writer is not None
+    assert store.commits._writer is not None
     gate = threading.Event()
-    store._writer.submit(gate.wait)
+    store.commits._writer.submit(gate.wait)
     try:
         yield gate
     finally:
@@ -64,8 +64,8 @@ async def test_a_burst_of_registrations_shares_commits_and_survives_a_restart(
         make_server: MakeClient, tmp_path: Path) -> None:
     client = await make_server(data_dir=str(tmp_path))
     store = client.server.app[STORE]
-    assert store._wdb is not None
-    commits = PhoneCommits(store.db, store._wdb)
+    assert store.commits._wdb is not None
+    commits = PhoneCommits(store.db, store.commits._wdb)
     n = 100
 
     async def register(i: int) -> tuple[str, str]:
@@ -106,8 +106,8 @@ async def test_no_token_when_the_commit_fails(make_server: MakeClient, tmp_path:
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     client = await make_server(data_dir=str(tmp_path))
     store = client.server.app[STORE]
-    assert store._writer is not None and store._wdb is not None
-    store._writer.submit(store._wdb.close).result()  # the writer's connection is gone: commits fail
+    assert store.commits._writer is not None and store.commits._wdb is not None
+    store.commits._writer.submit(store.commits._wdb.close).result()  # the writer's connection is gone: commits fail
     monkeypatch.setattr("server.routes.secrets.token_urlsafe", lambda _: "the-token")
     resp = await client.post("/v1/register", json={"name": "p"})
     assert resp.status == 503, await resp.text()
@@ -115,7 +115,7 @@ async def test_no_token_when_the_commit_fails(make_server: MakeClient, tmp_path:
     auth = {"Authorization": "Bearer the-token"}
     assert (await client.post("/v1/checkin", headers=auth, json={})).status == 401
     assert store.phone_count() == 0
-    store._wdb = store._writer.submit(store._open_writer, "full").result()  # the disk is back
+    store.commits._wdb = store.commits._writer.submit(store.commits._open_writer, "full").result()  # the disk is back
     resp = await client.post("/v1/register", json={"name": "p"})  # the failed name is free again
     assert resp.status == 201, await resp.text()
     assert (await client.post("/v1/checkin", headers=auth, json={})).status == 200
@@ -123,8 +123,8 @@ async def test_no_token_when_the_commit_fails(make_server: MakeClient, tmp_path:
 
 async def test_registrations_queued_meanwhile_go_in_the_next_single_commit(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite")
-    assert store._writer is not None and store._wdb is not None
-    commits = PhoneCommits(store.db, store._wdb)
+    assert store.commits._writer is not None and store.commits._wdb is not None
+    commits = PhoneCommits(store.db, store.commits._wdb)
     with slow_disk(store) as gate:  # the first group commit waits behind it
         first = store.enrol("a0", "t-a0", {})
         await asyncio.sleep(0)  # its flush hands it to the writer
