@@ -54,9 +54,7 @@ class PhoneStats:
     epsilon: float | None = None  # local-DP epsilon this phone spent (its own ledger)
 
     def row(self) -> dict[str, Any]:
-        def mean(xs: list[float]) -> float | str:
-            return round(float(np.mean(xs)), 4) if xs else ""
-
+        mean = _mean_cell
         return {
             "phone": self.phone,
             "examples": self.examples,
@@ -73,6 +71,21 @@ class PhoneStats:
             "upload_mean_s": mean(self.upload_s),
             "epsilon": "" if self.epsilon is None else round(self.epsilon, 4),
         }
+
+
+def _mean_cell(xs: list[float]) -> float | str:
+    """``round(np.mean(xs), 4)``, or "" for no values, bit for bit. A fleet's devices.csv takes four of
+    these per phone, mostly over one to three values, where np.mean's array round trip cost ~10 us
+    each (~0.4 s at 10,000 phones). numpy adds fewer than 8 float64s one after another from 0.0
+    (from 8 on, with 8 partial sums), so the short lists are summed here in that same order."""
+    if not xs:
+        return ""
+    if len(xs) >= 8:
+        return round(float(np.mean(xs)), 4)
+    total = 0.0
+    for x in xs:
+        total += x
+    return round(float(total) / len(xs), 4)
 
 
 class ModelMemo:
