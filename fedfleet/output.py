@@ -8,9 +8,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from device_runtime.client import PhoneStats
+if TYPE_CHECKING:  # not at run time: device_runtime.client brings torch, and ``fedfleet simulate`` starts
+    from device_runtime.client import PhoneStats  # its server process before it imports torch
 
 COLUMNS = [
     ("round", "{:>5}", 5),

@@ -17,21 +17,21 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from device_runtime import aio
 from device_runtime.data import Dataset, load_dataset
-from device_runtime.fleet import FleetConfig, FleetResult, run_fleet
 from device_runtime.limits import ACCEPT_BACKLOG, open_file_limit
 from device_runtime.profiles import ProfileSpec
-from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from device_runtime.vclock import VirtualClock, WallClock
 from fedfleet.output import RoundTable, summarize, write_run
-from server.app import make_app
 from server.config import ServerConfig
 from server.privacy import task_release
+
+if TYPE_CHECKING:  # the fleet (torch) and the server are imported where they run: see simulate, ServerProcess
+    from aiohttp import web
+
+    from device_runtime.fleet import FleetConfig, FleetResult
 
 AUTO_SERVER_PROCESS_PHONES = 1000  # server_process "auto": its own process from this fleet size on
 
@@ -180,6 +180,8 @@ class SimulateConfig:
         return self.clock == "virtual" or (self.clock == "auto" and self.devices != "none")
 
     def fleet_config(self) -> FleetConfig:
+        from device_runtime.fleet import FleetConfig
+
         return FleetConfig(
             phones=self.phones,
             partition=self.partition,
@@ -212,18 +214,30 @@ def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Sim
 
 async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tuple[FleetResult, dict[str, Any]]:
     t0 = time.perf_counter()
-    data = load_dataset(cfg.dataset, seed=cfg.seed)
-    out = Path(cfg.out)
-    server_cfg = cfg.server_config(data, str(out / "server"))
-    if cfg.runtime != "torch":  # phones run the exported artifacts: export them for this task
-        server_cfg = server_cfg.replace(bundle_dir=str(ensure_bundle(cfg, data, out / "bundle")))
-    _fresh_state(out / "server")
     open_file_limit()  # raised before a server process starts, so that it inherits the limit too
-    clock = VirtualClock() if cfg.virtual else WallClock()
-    served = serve_child if cfg.use_server_process else serve_here
-    async with served(server_cfg, data, clock) as url:
-        result = await run_fleet(url, data, cfg.fleet_config(), torch_runtime_for_task,
-                                 on_round=table or (lambda r: None), clock=clock)
+    child = ServerProcess() if cfg.use_server_process else None  # first: it starts while this process does
+    try:
+        # The fleet's side (torch) is imported here, after the server process is on its way.
+        from device_runtime.fleet import run_fleet
+        from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+
+        data = load_dataset(cfg.dataset, seed=cfg.seed)
+        out = Path(cfg.out)
+        server_cfg = cfg.server_config(data, str(out / "server"))
+        if cfg.runtime != "torch":  # phones run the exported artifacts: export them for this task
+            server_cfg = server_cfg.replace(bundle_dir=str(ensure_bundle(cfg, data, out / "bundle")))
+        _fresh_state(out / "server")
+        clock = VirtualClock() if cfg.virtual else WallClock()
+        async with contextlib.AsyncExitStack() as stack:
+            url = (await child.serve(server_cfg, data) if child is not None
+                   else await stack.enter_async_context(serve_here(server_cfg, data, clock)))
+            result = await run_fleet(url, data, cfg.fleet_config(), torch_runtime_for_task,
+                                     on_round=table or (lambda r: None), clock=clock)
+            if child is not None:
+                child.check_alive()
+    finally:
+        if child is not None:
+            await child.stop()
     summary = summarize(result.rounds, result.devices, time.perf_counter() - t0)
     summary["config"] = dataclasses.asdict(cfg)
     summary["dataset_sizes"] = {"train": len(data.y_train), "test": len(data.y_test)}
@@ -243,6 +257,8 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
 @contextlib.asynccontextmanager
 async def serve_here(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock) -> AsyncIterator[str]:
     """The server on this event loop (the only way on a virtual clock); yields its URL."""
+    from server.app import make_app
+
     runner, port = await _serve_on_free_port(make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now))
     try:
         yield f"http://127.0.0.1:{port}"
@@ -252,6 +268,8 @@ async def serve_here(server_cfg: ServerConfig, data: Dataset, clock: VirtualCloc
 
 async def _serve_on_free_port(app: web.Application) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on a free loopback port; the caller cleans the runner up."""
+    from aiohttp import web
+
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
@@ -263,44 +281,78 @@ async def _serve_on_free_port(app: web.Application) -> tuple[web.AppRunner, int]
     return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
-@contextlib.asynccontextmanager
-async def serve_child(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock,
-                      start_timeout_s: float = 120.0) -> AsyncIterator[str]:
-    """The server in a child process on the wall clock; yields its URL. On exit the child is
-    stopped with SIGTERM (its graceful shutdown flushes the store), and killed if it hangs."""
-    if not isinstance(clock, WallClock):
-        raise ValueError("a server in its own process runs on the wall clock")
-    ctx = mp.get_context("spawn")  # no forked copy of this process's event loop and threads
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_serve_child_main, args=(server_cfg, data.x_test, data.y_test, child),
-                       name="fedfleet-server", daemon=True)
-    proc.start()
-    child.close()
-    loop = asyncio.get_running_loop()
-    try:
-        ready = await loop.run_in_executor(None, parent.poll, start_timeout_s)
+class ServerProcess:
+    """A server in a child process on the wall clock, started before it has a configuration: its
+    interpreter and imports (~2.5 s, torch for its evaluations included) then run while this
+    process loads the fleet's own and the dataset, instead of after them with the fleet idle.
+    ``serve`` hands it the configuration and test split and returns its URL; ``stop`` ends it with
+    SIGTERM (its graceful shutdown flushes the store), and kills it if it hangs."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")  # no forked copy of this process's event loop and threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_child_main, args=(child,), name="fedfleet-server", daemon=True)
+        self._proc.start()
+        child.close()
+
+    async def serve(self, server_cfg: ServerConfig, data: Dataset, start_timeout_s: float = 120.0) -> str:
+        loop = asyncio.get_running_loop()
+        try:  # blocks until the child reads it (~9 MB of test split at 10,000 phones): off the loop
+            await loop.run_in_executor(None, self._conn.send, (server_cfg, data.x_test, data.y_test))
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._exited("while starting") from None
+        ready = await loop.run_in_executor(None, self._conn.poll, start_timeout_s)
         if not ready:
             raise RuntimeError(f"the server process did not start within {start_timeout_s:.0f} s")
         try:
-            port = int(parent.recv())
+            port = int(self._conn.recv())
         except EOFError:
-            proc.join(5)
-            raise RuntimeError(f"the server process exited while starting (exit code {proc.exitcode})") from None
-        yield f"http://127.0.0.1:{port}"
-        if not proc.is_alive():
-            raise RuntimeError(f"the server process died during the run (exit code {proc.exitcode})")
+            raise self._exited("while starting") from None
+        return f"http://127.0.0.1:{port}"
+
+    def check_alive(self) -> None:
+        if not self._proc.is_alive():
+            raise RuntimeError(f"the server process died during the run (exit code {self._proc.exitcode})")
+
+    def _exited(self, when: str) -> RuntimeError:
+        self._proc.join(5)
+        return RuntimeError(f"the server process exited {when} (exit code {self._proc.exitcode})")
+
+    async def stop(self) -> None:
+        self._conn.close()  # a child still waiting for its configuration leaves at once
+        loop = asyncio.get_running_loop()
+        if self._proc.is_alive():
+            self._proc.terminate()
+        await loop.run_in_executor(None, self._proc.join, 30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+
+@contextlib.asynccontextmanager
+async def serve_child(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock,
+                      start_timeout_s: float = 120.0) -> AsyncIterator[str]:
+    """The server in a child process on the wall clock; yields its URL (see ServerProcess)."""
+    if not isinstance(clock, WallClock):
+        raise ValueError("a server in its own process runs on the wall clock")
+    child = ServerProcess()
+    try:
+        yield await child.serve(server_cfg, data, start_timeout_s)
+        child.check_alive()
     finally:
-        parent.close()
-        if proc.is_alive():
-            proc.terminate()
-        await loop.run_in_executor(None, proc.join, 30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        await child.stop()
 
 
-def _serve_child_main(server_cfg: ServerConfig, x_test: Any, y_test: Any, conn: Any) -> None:
-    """Child process: serve on a free loopback port, report it, run until SIGTERM."""
+def _serve_child_main(conn: Any) -> None:
+    """Child process: import what serving needs, wait for the configuration and test split, serve
+    on a free loopback port, report it, run until SIGTERM."""
+    import export.models  # noqa: F401  torch and the model zoo, for the first evaluation (see ServerProcess)
+    from server.app import make_app
+
+    try:
+        server_cfg, x_test, y_test = conn.recv()
+    except EOFError:  # the parent gave up before it had a configuration to send
+        return
 
     async def main() -> None:
         stop = asyncio.Event()
