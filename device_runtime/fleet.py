@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,6 +27,7 @@ from device_runtime.vclock import PhoneClock, WallClock
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
 
 
+WAVE = 256  # phones registered or started per pass of the event loop (see _in_waves)
 CHAIN_MAX_PHONES = 1000  # FleetConfig.chain_checkin None: beyond this, only with the server in another process
 
 
@@ -137,12 +138,13 @@ async def run_fleet(
 
             ledger = PrivacyLedger(float(task.get("dp_delta", 1e-5)))
         models = ModelMemo()  # the phones handed tasks together decode their common model once
-        phones = [
-            PhoneClient(
+
+        def phone(i: int) -> PhoneClient:
+            return PhoneClient(
                 session,
                 server,
                 f"{cfg.name_prefix}-{i:05d}",
-                (data.x_train[idx], data.y_train[idx]),
+                (data.x_train[parts[i]], data.y_train[parts[i]]),
                 None,
                 phone_rngs[i],
                 ledger=ledger,
@@ -157,10 +159,8 @@ async def run_fleet(
                 chain_checkin=_chains(cfg),
                 models=models,
             )
-            for i, idx in enumerate(parts)
-            if i in shard
-        ]
-        first_checkin = [float(starts[i]) for i in shard]
+
+        phones: list[PhoneClient] = []
         stop = asyncio.Event()
         pool: RuntimePool | BatchedTrainer | None = None
         phones_done = asyncio.Event()
@@ -176,17 +176,23 @@ async def run_fleet(
             # at once overflow the server's accept backlog (connection reset by peer).
             enrolling = asyncio.Semaphore(256)
 
-            async def register(phone: PhoneClient) -> None:
+            async def register(p: PhoneClient) -> None:
                 async with enrolling:
-                    await phone.register()
+                    await p.register()
 
-            await asyncio.gather(*(register(p) for p in phones))
+            def built_and_registered() -> Iterator[Awaitable[None]]:
+                for i in shard:  # each phone registers as soon as it is built (~60 us each)
+                    phones.append(phone(i))
+                    yield register(phones[-1])
+
+            await _in_waves(built_and_registered(), WAVE)
             if registered is not None:
                 await registered()
             if cfg.runtime != "torch":  # the exported artifacts a phone would run, hash-checked
                 bundle_dir = Path(tempfile.mkdtemp(prefix="fedfleet-bundle-"))
                 await fetch_bundle(session, server, phones[0].token, bundle_dir)
                 runtime_factory = partial(_bundle_runtime, cfg.runtime, bundle_dir)
+            first_checkin = [float(starts[i]) for i in shard]
             pool = _trainer(cfg, task, runtime_factory)
             if clock is not None:
                 pool.bind(clock)
@@ -196,7 +202,9 @@ async def run_fleet(
             # collections' walks.
             gc.freeze()
             until = cfg.hours * 3600 if cfg.hours > 0 else None
-            await asyncio.gather(*(p.run(stop, until=until, start_after=t) for p, t in zip(phones, first_checkin, strict=True)))
+            # On a virtual clock every phone must have joined it before any time passes: all in one pass.
+            await _in_waves((p.run(stop, until=until, start_after=t) for p, t in zip(phones, first_checkin, strict=True)),
+                            WAVE if not virtual else 0)
             phones_done.set()
             rounds = await asyncio.wait_for(monitor, timeout=120)
         finally:
@@ -211,6 +219,24 @@ async def run_fleet(
             p.stats.epsilon = ledger.epsilon(p.name)
     return FleetResult(rounds=rounds, devices=[p.stats for p in phones],
                        train_compute_s=pool.busy_s if pool is not None else 0.0)
+
+
+async def _in_waves(coros: Iterable[Awaitable[Any]], wave: int) -> None:
+    """Await every one of ``coros``, started ``wave`` at a time with a pass of the event loop between
+    waves (0: all in one pass). Started in one pass, 10,000 phones each ran to its first wait before
+    any request went out: ~2 s of the fleet setting up check-ins (or building phones) with the server
+    idle. Between waves, the requests already started go out and their answers come in."""
+    tasks: list[asyncio.Future[Any]] = []
+    try:
+        for coro in coros:
+            tasks.append(asyncio.ensure_future(coro))
+            if wave and len(tasks) % wave == 0:
+                await asyncio.sleep(0)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+    await asyncio.gather(*tasks)
 
 
 def _chains(cfg: FleetConfig) -> bool:
