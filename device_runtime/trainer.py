@@ -111,6 +111,9 @@ class BatchedTrainer:
         self.busy_s = 0.0  # thread CPU time spent in training arithmetic
         self.calls = 0
         self.group_sizes: list[int] = []
+        # Wall clock, a server in another process: wake the phones of a finished group this many per
+        # loop pass (0: all in one pass); see _run.
+        self.release_every = 0
 
     def bind(self, clock: object) -> None:
         """Group by virtual instant: flush whenever ``clock`` is about to advance."""
@@ -178,9 +181,17 @@ class BatchedTrainer:
             return
         self.calls += 1
         self.group_sizes.append(len(group))
-        for r, (delta, result) in zip(group, results, strict=True):
+        for i, (r, (delta, result)) in enumerate(zip(group, results, strict=True)):
             if not r.fut.done():
                 r.fut.set_result(({n: d.astype(np.float32) for n, d in delta.items()}, result))
+            if self.release_every and not self._virtual and (i + 1) % self.release_every == 0:
+                # Woken all at once, every phone of the group would encode and sign its upload before
+                # any went out (on Python 3.11 aiohttp writes a request's body from a task of its own,
+                # which runs only after all that), leaving a server in another process idle meanwhile;
+                # woken a few per loop pass, their uploads are on the wire while the next few encode.
+                # (Not with the server on this loop: there its group commit would be cut into more
+                # transactions; and a virtual clock keeps one instant's order as it is.)
+                await asyncio.sleep(0)
 
     def _train_group(self, params: Mapping[str, np.ndarray], jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]],
                      cfg: TrainConfig) -> list[tuple[Params, TrainResult]]:

@@ -174,3 +174,41 @@ def test_eager_runtime_steps_exactly_as_torch_optim_sgd(digits: Any, mu: float) 
         opt.step()
     for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("release_every", [0, 2])
+async def test_a_finished_group_wakes_its_phones_a_few_per_loop_pass(digits: Any, release_every: int) -> None:
+    """BatchedTrainer on the wall clock: with ``release_every`` = k, the phones of a finished group
+    are woken k per event-loop pass (so their uploads go out while the next ones encode), with 0 all
+    in one pass; either way every phone gets exactly what training it alone gives."""
+    import asyncio
+
+    from device_runtime.trainer import BatchedTrainer
+
+    model = build_model(ModelSpec("mlp", tuple(digits.x_train.shape[1:]), 10), seed=3)  # type: ignore[arg-type]
+    params = TorchRuntime(model).get_params()
+    cfg = TrainConfig(local_epochs=1, batch_size=8, lr=0.1)
+    sizes = (9, 12, 7, 16, 5, 11)
+    trainer = BatchedTrainer(model, quiet_s=0.001)
+    trainer.release_every = release_every
+    passes = [0]
+
+    def tick() -> None:  # counts event-loop passes
+        passes[0] += 1
+        loop.call_soon(tick)
+
+    loop = asyncio.get_running_loop()
+    loop.call_soon(tick)
+    woken: list[int] = []
+    try:
+        futures = [trainer.submit(params, x, y, cfg, rng, key=1) for x, y, rng in make_jobs(digits.x_train, digits.y_train, 7, sizes)]
+        for f in futures:
+            f.add_done_callback(lambda _: woken.append(passes[0]))
+        got = await asyncio.gather(*futures)
+    finally:
+        trainer.close()
+    assert trainer.group_sizes == [len(sizes)]  # one vmapped group
+    expected_passes = len(sizes) // release_every if release_every else 1
+    assert len(set(woken)) == expected_passes and woken == sorted(woken)
+    want = per_phone(model, params, make_jobs(digits.x_train, digits.y_train, 7, sizes), cfg)
+    assert_same(list(got), want, atol=1e-5)
