@@ -2,35 +2,31 @@
 
 The server runs in this process, on the fleet's event loop, or (``server_process``, wall clock
 only) in a child process of its own, as a deployed server would: the fleet and the server then
-use a core each. On the virtual clock it must share the fleet's process (one clock).
+use a core each. On the virtual clock it must share the fleet's process (one clock). Both ways of
+serving it are in fedfleet.serving.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import multiprocessing as mp
 import os
-import signal
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from device_runtime import aio
 from device_runtime.data import Dataset, load_dataset
-from device_runtime.limits import ACCEPT_BACKLOG, open_file_limit
+from device_runtime.limits import open_file_limit
 from device_runtime.profiles import ProfileSpec
 from device_runtime.vclock import VirtualClock, WallClock
 from fedfleet.output import RoundTable, summarize, write_run
+from fedfleet.serving import ServerProcess, serve_here
 from server.config import ServerConfig
 from server.privacy import task_release
 
 if TYPE_CHECKING:  # the fleet (torch) and the server are imported where they run: see simulate, ServerProcess
-    from aiohttp import web
-
     from device_runtime.fleet import FleetConfig, FleetResult
 
 AUTO_SERVER_PROCESS_PHONES = 1000  # server_process "auto": its own process from this fleet size on
@@ -252,122 +248,6 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
     summary["privacy"] = privacy_summary(task_release(server_cfg.codec), server_cfg, result.rounds)
     write_run(out, result.rounds, result.devices, summary)
     return result, summary
-
-
-@contextlib.asynccontextmanager
-async def serve_here(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock) -> AsyncIterator[str]:
-    """The server on this event loop (the only way on a virtual clock); yields its URL."""
-    from server.app import make_app
-
-    runner, port = await _serve_on_free_port(make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now))
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
-async def _serve_on_free_port(app: web.Application) -> tuple[web.AppRunner, int]:
-    """Serve ``app`` on a free loopback port; the caller cleans the runner up."""
-    from aiohttp import web
-
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=ACCEPT_BACKLOG)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-
-class ServerProcess:
-    """A server in a child process on the wall clock, started before it has a configuration: its
-    interpreter and imports (~2.5 s, torch for its evaluations included) then run while this
-    process loads the fleet's own and the dataset, instead of after them with the fleet idle.
-    ``serve`` hands it the configuration and test split and returns its URL; ``stop`` ends it with
-    SIGTERM (its graceful shutdown flushes the store), and kills it if it hangs."""
-
-    def __init__(self) -> None:
-        ctx = mp.get_context("spawn")  # no forked copy of this process's event loop and threads
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve_child_main, args=(child,), name="fedfleet-server", daemon=True)
-        self._proc.start()
-        child.close()
-
-    async def serve(self, server_cfg: ServerConfig, data: Dataset, start_timeout_s: float = 120.0) -> str:
-        loop = asyncio.get_running_loop()
-        try:  # blocks until the child reads it (~9 MB of test split at 10,000 phones): off the loop
-            await loop.run_in_executor(None, self._conn.send, (server_cfg, data.x_test, data.y_test))
-        except (BrokenPipeError, ConnectionResetError):
-            raise self._exited("while starting") from None
-        ready = await loop.run_in_executor(None, self._conn.poll, start_timeout_s)
-        if not ready:
-            raise RuntimeError(f"the server process did not start within {start_timeout_s:.0f} s")
-        try:
-            port = int(self._conn.recv())
-        except EOFError:
-            raise self._exited("while starting") from None
-        return f"http://127.0.0.1:{port}"
-
-    def check_alive(self) -> None:
-        if not self._proc.is_alive():
-            raise RuntimeError(f"the server process died during the run (exit code {self._proc.exitcode})")
-
-    def _exited(self, when: str) -> RuntimeError:
-        self._proc.join(5)
-        return RuntimeError(f"the server process exited {when} (exit code {self._proc.exitcode})")
-
-    async def stop(self) -> None:
-        self._conn.close()  # a child still waiting for its configuration leaves at once
-        loop = asyncio.get_running_loop()
-        if self._proc.is_alive():
-            self._proc.terminate()
-        await loop.run_in_executor(None, self._proc.join, 30)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-
-
-@contextlib.asynccontextmanager
-async def serve_child(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock,
-                      start_timeout_s: float = 120.0) -> AsyncIterator[str]:
-    """The server in a child process on the wall clock; yields its URL (see ServerProcess)."""
-    if not isinstance(clock, WallClock):
-        raise ValueError("a server in its own process runs on the wall clock")
-    child = ServerProcess()
-    try:
-        yield await child.serve(server_cfg, data, start_timeout_s)
-        child.check_alive()
-    finally:
-        await child.stop()
-
-
-def _serve_child_main(conn: Any) -> None:
-    """Child process: import what serving needs, wait for the configuration and test split, serve
-    on a free loopback port, report it, run until SIGTERM."""
-    import export.models  # noqa: F401  torch and the model zoo, for the first evaluation (see ServerProcess)
-    from server.app import make_app
-
-    try:
-        server_cfg, x_test, y_test = conn.recv()
-    except EOFError:  # the parent gave up before it had a configuration to send
-        return
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        runner, port = await _serve_on_free_port(make_app(server_cfg, test_data=(x_test, y_test)))
-        try:
-            conn.send(port)
-            conn.close()
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-
-    aio.run(main())
 
 
 def ensure_bundle(cfg: SimulateConfig, data: Dataset, path: Path) -> Path:

@@ -19,7 +19,8 @@ import pytest
 from device_runtime import fleet
 from device_runtime.client import _mean_cell
 from device_runtime.data import load_dataset
-from fedfleet.simulate import ServerProcess, SimulateConfig, simulate
+from fedfleet.serving import ServerProcess
+from fedfleet.simulate import SimulateConfig, simulate
 
 
 def test_devices_csv_means_are_numpys_bit_for_bit() -> None:
@@ -78,10 +79,12 @@ async def test_waves_cancel_what_they_started_when_the_source_fails() -> None:
     assert not [t for t in asyncio.all_tasks() - before if not t.done()]
 
 
-def test_the_simulate_module_leaves_torch_to_the_fleet() -> None:
+@pytest.mark.parametrize("module", ["fedfleet.simulate", "fedfleet.serving"])
+def test_the_simulate_modules_leave_torch_to_the_fleet(module: str) -> None:
     """The server process is started before the fleet imports torch (~2.5 s), which only works
-    while importing fedfleet.simulate does not bring torch with it."""
-    code = "import sys, fedfleet.simulate; print(json.dumps(sorted(m for m in ('torch', 'aiohttp') if m in sys.modules)))"
+    while importing fedfleet.simulate (and fedfleet.serving, which it imports) does not bring
+    torch with it."""
+    code = f"import sys, {module}; print(json.dumps(sorted(m for m in ('torch', 'aiohttp') if m in sys.modules)))"
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert json.loads(out.stdout) == []

@@ -1,0 +1,141 @@
+"""Serving the aggregation server for a simulation: on the fleet's own event loop (``serve_here``),
+or in a child process of its own on the wall clock (``ServerProcess``, ``serve_child``).
+
+Nothing here imports torch or aiohttp at module level: fedfleet.simulate imports this module before
+it starts the server process, which is started first so that its imports run while the fleet's
+process imports torch (see ServerProcess).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import signal
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from device_runtime import aio
+from device_runtime.data import Dataset
+from device_runtime.limits import ACCEPT_BACKLOG
+from device_runtime.vclock import VirtualClock, WallClock
+from server.config import ServerConfig
+
+if TYPE_CHECKING:  # aiohttp is imported where it runs
+    from aiohttp import web
+
+
+@contextlib.asynccontextmanager
+async def serve_here(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock) -> AsyncIterator[str]:
+    """The server on this event loop (the only way on a virtual clock); yields its URL."""
+    from server.app import make_app
+
+    runner, port = await _serve_on_free_port(make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def _serve_on_free_port(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on a free loopback port; the caller cleans the runner up."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=ACCEPT_BACKLOG)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+class ServerProcess:
+    """A server in a child process on the wall clock, started before it has a configuration: its
+    interpreter and imports (~2.5 s, torch for its evaluations included) then run while this
+    process loads the fleet's own and the dataset, instead of after them with the fleet idle.
+    ``serve`` hands it the configuration and test split and returns its URL; ``stop`` ends it with
+    SIGTERM (its graceful shutdown flushes the store), and kills it if it hangs."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")  # no forked copy of this process's event loop and threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_child_main, args=(child,), name="fedfleet-server", daemon=True)
+        self._proc.start()
+        child.close()
+
+    async def serve(self, server_cfg: ServerConfig, data: Dataset, start_timeout_s: float = 120.0) -> str:
+        loop = asyncio.get_running_loop()
+        try:  # blocks until the child reads it (~9 MB of test split at 10,000 phones): off the loop
+            await loop.run_in_executor(None, self._conn.send, (server_cfg, data.x_test, data.y_test))
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._exited("while starting") from None
+        ready = await loop.run_in_executor(None, self._conn.poll, start_timeout_s)
+        if not ready:
+            raise RuntimeError(f"the server process did not start within {start_timeout_s:.0f} s")
+        try:
+            port = int(self._conn.recv())
+        except EOFError:
+            raise self._exited("while starting") from None
+        return f"http://127.0.0.1:{port}"
+
+    def check_alive(self) -> None:
+        if not self._proc.is_alive():
+            raise RuntimeError(f"the server process died during the run (exit code {self._proc.exitcode})")
+
+    def _exited(self, when: str) -> RuntimeError:
+        self._proc.join(5)
+        return RuntimeError(f"the server process exited {when} (exit code {self._proc.exitcode})")
+
+    async def stop(self) -> None:
+        self._conn.close()  # a child still waiting for its configuration leaves at once
+        loop = asyncio.get_running_loop()
+        if self._proc.is_alive():
+            self._proc.terminate()
+        await loop.run_in_executor(None, self._proc.join, 30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+
+@contextlib.asynccontextmanager
+async def serve_child(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock,
+                      start_timeout_s: float = 120.0) -> AsyncIterator[str]:
+    """The server in a child process on the wall clock; yields its URL (see ServerProcess)."""
+    if not isinstance(clock, WallClock):
+        raise ValueError("a server in its own process runs on the wall clock")
+    child = ServerProcess()
+    try:
+        yield await child.serve(server_cfg, data, start_timeout_s)
+        child.check_alive()
+    finally:
+        await child.stop()
+
+
+def _serve_child_main(conn: Any) -> None:
+    """Child process: import what serving needs, wait for the configuration and test split, serve
+    on a free loopback port, report it, run until SIGTERM."""
+    import export.models  # noqa: F401  torch and the model zoo, for the first evaluation (see ServerProcess)
+    from server.app import make_app
+
+    try:
+        server_cfg, x_test, y_test = conn.recv()
+    except EOFError:  # the parent gave up before it had a configuration to send
+        return
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        runner, port = await _serve_on_free_port(make_app(server_cfg, test_data=(x_test, y_test)))
+        try:
+            conn.send(port)
+            conn.close()
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    aio.run(main())
