@@ -279,3 +279,21 @@ async def test_a_model_the_phone_must_refuse_is_a_bad_answer_not_a_crash(make_se
             with pytest.raises(ServerError) as err:
                 phone._decode_model(bad)
             assert err.value.status == 502 and reason in str(err.value)
+
+
+def test_a_finished_run_ends_the_same_however_fast_the_fleet_polls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a virtual clock a run of N rounds ends when each phone's own check-in hears "done", not
+    when the fleet's wall-clock poll of the round records sees the server finish: stopped by that
+    poll, how many phones had checked in after the last merge depended on the machine's speed."""
+    import dataclasses
+
+    fleet_config = SimulateConfig.fleet_config
+
+    def run(name: str, poll_s: float) -> bytes:
+        monkeypatch.setattr(SimulateConfig, "fleet_config", lambda self: dataclasses.replace(fleet_config(self), poll_s=poll_s))
+        cfg = SimulateConfig(phones=30, dataset="digits", model="mlp", rounds=3, devices="default", seed=5,
+                             out=str(tmp_path / name))
+        asyncio.run(simulate(cfg))
+        return (tmp_path / name / "devices.csv").read_bytes()
+
+    assert run("eager", 0.001) == run("lazy", 0.5)
