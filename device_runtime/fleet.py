@@ -264,10 +264,8 @@ def _trainer(cfg: FleetConfig, task: dict[str, Any], factory: RuntimeFactory) ->
         runtime = factory(task)
         model = getattr(runtime, "model", None)
         if model is not None:  # the eager runtime: vectorize across phones
-            trainer = BatchedTrainer(model)
-            if not cfg.server_here:  # a server in another process takes each upload while the next phones encode
-                trainer.release_every = RELEASE_EVERY
-            return trainer
+            # a server in another process takes each upload while the next phones encode
+            return BatchedTrainer(model, release_every=0 if cfg.server_here else RELEASE_EVERY)
     return RuntimePool(lambda: factory(task), size=cfg.workers)
 
 

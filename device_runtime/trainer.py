@@ -99,7 +99,7 @@ class BatchedTrainer:
     of fixed overhead, so it only pays from about 4 phones on (bench/bench_batched.py)."""
 
     def __init__(self, model: torch.nn.Module, chunk: int = 128, window_s: float = 0.02, min_group: int = 4,
-                 quiet_s: float = 0.003) -> None:
+                 quiet_s: float = 0.003, release_every: int = 0) -> None:
         torch.set_num_threads(1)  # see RuntimePool
         self.model, self.chunk, self.window_s, self.min_group = model, chunk, window_s, min_group
         self.quiet_s = min(quiet_s, window_s)
@@ -113,7 +113,7 @@ class BatchedTrainer:
         self.group_sizes: list[int] = []
         # Wall clock, a server in another process: wake the phones of a finished group this many per
         # loop pass (0: all in one pass); see _run.
-        self.release_every = 0
+        self.release_every = release_every
 
     def bind(self, clock: object) -> None:
         """Group by virtual instant: flush whenever ``clock`` is about to advance."""

@@ -1,5 +1,5 @@
 """Serving the aggregation server for a simulation: on the fleet's own event loop (``serve_here``),
-or in a child process of its own on the wall clock (``ServerProcess``, ``serve_child``).
+or in a child process of its own on the wall clock (``ServerProcess``).
 
 Nothing here imports torch or aiohttp at module level: fedfleet.simulate imports this module before
 it starts the server process, which is started first so that its imports run while the fleet's
@@ -98,20 +98,6 @@ class ServerProcess:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join()
-
-
-@contextlib.asynccontextmanager
-async def serve_child(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock,
-                      start_timeout_s: float = 120.0) -> AsyncIterator[str]:
-    """The server in a child process on the wall clock; yields its URL (see ServerProcess)."""
-    if not isinstance(clock, WallClock):
-        raise ValueError("a server in its own process runs on the wall clock")
-    child = ServerProcess()
-    try:
-        yield await child.serve(server_cfg, data, start_timeout_s)
-        child.check_alive()
-    finally:
-        await child.stop()
 
 
 def _serve_child_main(conn: Any) -> None:

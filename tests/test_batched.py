@@ -189,8 +189,7 @@ async def test_a_finished_group_wakes_its_phones_a_few_per_loop_pass(digits: Any
     params = TorchRuntime(model).get_params()
     cfg = TrainConfig(local_epochs=1, batch_size=8, lr=0.1)
     sizes = (9, 12, 7, 16, 5, 11)
-    trainer = BatchedTrainer(model, quiet_s=0.001)
-    trainer.release_every = release_every
+    trainer = BatchedTrainer(model, quiet_s=0.001, release_every=release_every)
     passes = [0]
 
     def tick() -> None:  # counts event-loop passes
