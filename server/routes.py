@@ -31,7 +31,7 @@ from server.http import (
     read_body,
     read_json,
 )
-from server.robust import update_norms
+from server.robust_math import update_norms
 from server.security import SignatureError, parse_public_key
 from server.state import CONFIG, COORD, NONCES, STORE, UPLOADS, WORK, schedule_merge
 from server.store import NameTaken

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server import aggregation, robust
+from server import aggregation, robust_math
 from server.aggregation import stacked_rows, weighted_mean
-from server.robust import cosines, parse_rule, update_norms
+from server.robust import parse_rule
+from server.robust_math import cosines, update_norms
 
 SHAPES = {"w": (7, 5), "b": (5,), "one": (1,), "s": ()}
 
@@ -77,9 +78,9 @@ def test_block_width_changes_no_result(monkeypatch: pytest.MonkeyPatch, block: i
     blocks cut mid-tensor) give what one block holding every tensor gives."""
     deltas = cohort(11, seed=5)
     weights = np.arange(1.0, 12.0)
-    monkeypatch.setattr(robust, "_BLOCK", 1 << 20)
+    monkeypatch.setattr(robust_math, "_BLOCK", 1 << 20)
     whole, whole_report = parse_rule(rule).aggregate(deltas, weights)
-    monkeypatch.setattr(robust, "_BLOCK", block)
+    monkeypatch.setattr(robust_math, "_BLOCK", block)
     got, report = parse_rule(rule).aggregate(deltas, weights)
     for name in SHAPES:
         np.testing.assert_allclose(got[name], whole[name], rtol=1e-12, atol=0)

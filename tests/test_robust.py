@@ -15,16 +15,16 @@ from device_runtime.attacks import (
     scale,
     sign_flip,
 )
-from server import robust
+from server import robust, robust_math
 from server.aggregation import weighted_mean
-from server.robust import (
+from server.robust import parse_rule
+from server.robust_math import (
     TooFewUpdates,
     coordinate_median,
     gram_matrix,
     krum_scores,
     multi_krum_select,
     pairwise_sq_distances,
-    parse_rule,
     trimmed_mean,
 )
 
@@ -53,7 +53,7 @@ def oracle_krum(deltas: list[dict[str, np.ndarray]], f: int, m: int) -> tuple[li
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(robust, "_BLOCK", 32)  # several column blocks per tensor even in tiny tests
+    monkeypatch.setattr(robust_math, "_BLOCK", 32)  # several column blocks per tensor even in tiny tests
 
 
 # --- every rule against an independent oracle -------------------------------------------------
@@ -145,7 +145,7 @@ def test_normbound_clips_then_weighted_mean(rule: str) -> None:
 
 def test_composition_clips_before_trimming() -> None:
     deltas = cohort(10, seed=6)
-    norms = robust.update_norms(deltas)
+    norms = robust_math.update_norms(deltas)
     factors = np.minimum(1.0, 0.5 / norms)
     clipped = [{k: v * c for k, v in d.items()} for d, c in zip(deltas, factors, strict=True)]
     got, _ = parse_rule("normbound:0.5+trimmed:0.2").aggregate(deltas, [1.0] * 10)
@@ -344,10 +344,10 @@ def test_cosines_match_direct_computation() -> None:
     flat = [np.concatenate([np.ravel(d[k]).astype(np.float64) for k in SHAPES]) for d in deltas]
     r = np.concatenate([np.ravel(ref[k]).astype(np.float64) for k in SHAPES])
     expected = [float(u @ r / np.linalg.norm(u) / np.linalg.norm(r)) for u in flat]
-    np.testing.assert_allclose(robust.cosines(deltas, ref), expected, rtol=1e-12)
+    np.testing.assert_allclose(robust_math.cosines(deltas, ref), expected, rtol=1e-12)
     deltas[2] = {k: np.zeros_like(v) for k, v in deltas[2].items()}
-    assert robust.cosines(deltas, ref)[2] == 0.0
-    assert not robust.cosines(deltas, {k: np.zeros_like(v) for k, v in ref.items()}).any()
+    assert robust_math.cosines(deltas, ref)[2] == 0.0
+    assert not robust_math.cosines(deltas, {k: np.zeros_like(v) for k, v in ref.items()}).any()
 
 
 @pytest.mark.parametrize("rule", ["none", "median", "trimmed", "multikrum", "normbound"])
