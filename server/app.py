@@ -16,7 +16,7 @@ from protocol import ProtocolError, decode_message, encode_message
 from server.async_coordinator import AsyncCoordinator
 from server.bundles import check_bundle, setup_bundle
 from server.config import ServerConfig
-from server.coordinator import Clock, SyncCoordinator, UpdateRejected, wall_clock
+from server.coordinator import Clock, wall_clock
 from server.evaluation import Evaluator
 from server.http import COUNTED_KEY, JsonError, json_response
 from server.observability import setup_observability
@@ -36,6 +36,8 @@ from server.state import (
     background,
 )
 from server.store import Store
+from server.sync_coordinator import SyncCoordinator
+from server.updates import UpdateRejected
 from server.webphone import setup_webphone
 
 _GC_THRESHOLDS = web.AppKey("gc_thresholds", tuple)  # the process's thresholds before startup, restored at cleanup

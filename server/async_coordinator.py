@@ -13,9 +13,10 @@ from typing import Any
 
 from server.aggregation import Params
 from server.config import ServerConfig
-from server.coordinator import Clock, Contribution, Coordinator, Published, UpdateRejected
+from server.coordinator import Clock, Coordinator
 from server.staleness import parse_staleness
 from server.store import Store
+from server.updates import Contribution, Published, UpdateRejected
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""Coordinators: the only mutable state of the server.
+"""The coordinator: the only mutable state of the server.
 
-``SyncCoordinator`` runs FedAvg rounds (sample a cohort, wait for its updates or the
-deadline, merge). ``AsyncCoordinator`` (server/async_coordinator.py) merges a buffer of
-K updates whatever version they started from (FedBuff). Both run on the event loop and
-never await inside a state change, so concurrent requests see consistent state.
+``Coordinator`` holds what both modes share (parameters, versions, the optimizer, traffic and
+records, accepting an update and publishing a merge). ``SyncCoordinator``
+(server/sync_coordinator.py) runs FedAvg rounds (sample a cohort, wait for its updates or the
+deadline, merge). ``AsyncCoordinator`` (server/async_coordinator.py) merges a buffer of K
+updates whatever version they started from (FedBuff). Both run on the event loop and never
+await inside a state change, so concurrent requests see consistent state.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,45 +30,9 @@ from server.pacing import PaceSteering
 from server.privacy import central_dp_mean, task_release
 from server.robust import parse_rule
 from server.store import Store
+from server.updates import Contribution, Published, UpdateRejected
 
 Clock = Callable[[], float]
-
-
-class UpdateRejected(Exception):
-    """An upload the coordinator refuses; ``status`` is the HTTP code, ``reason`` a short tag."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
-
-
-@dataclass
-class Contribution:
-    """One accepted update waiting to be merged."""
-
-    phone: str
-    update_id: str
-    delta: Params
-    num_examples: int
-    train_loss: float | None
-    latency_s: float
-    staleness: int = 0
-    wire_bytes: int = 0  # the update's body as it crossed the wire
-    base_version: int = 0
-    norm: float | None = None  # the update's L2 norm, as the upload checked it (None: not known)
-
-    def info(self) -> dict[str, Any]:
-        return {"num_examples": self.num_examples, "train_loss": self.train_loss, "latency_s": self.latency_s,
-                "staleness": self.staleness, "wire_bytes": self.wire_bytes, "base_version": self.base_version}
-
-
-@dataclass(frozen=True)
-class Published:
-    """A version that was just merged, for evaluation and the round record."""
-
-    version: int
-    params: Params
-    record: RoundRecord
 
 
 @dataclass
@@ -335,109 +301,6 @@ class Coordinator:
     def status(self) -> dict[str, Any]:
         return {"mode": self.mode, "version": self.version, "round": self.merges + 1, "done": self.done,
                 "rounds_recorded": len(self.history), "rejections": dict(self.rejections)}
-
-
-@dataclass
-class _Round:
-    number: int
-    opened_at: float
-    target: int
-    cohort: dict[str, float] = field(default_factory=dict)  # phone -> time the task was handed out
-    updates: dict[str, Contribution] = field(default_factory=dict)
-
-
-class SyncCoordinator(Coordinator):
-    """Synchronous FedAvg (McMahan et al. 2017) with over-selection (Bonawitz et al. 2019)."""
-
-    mode = "sync"
-
-    def __init__(self, config: ServerConfig, store: Store, params: Params, version: int, clock: Clock,
-                 opt_state: Params | None = None) -> None:
-        super().__init__(config, store, params, version, clock, opt_state)
-        self.round = _Round(self.merges + 1, clock(), self._target())
-        for c in self._restore():  # acknowledged before a crash: still part of this round
-            if c.base_version == version:
-                self.round.cohort[c.phone] = clock() - c.latency_s
-                self.round.updates[c.phone] = c
-
-    def open(self) -> None:
-        super().open()
-        self.round.opened_at = self.period.opened_at
-
-    def _target(self) -> int:
-        registered = max(self.store.phone_count(), 1)
-        return max(self.config.min_cohort, math.ceil(self.config.sample_fraction * registered))
-
-    def checkin(self, phone: str) -> dict[str, Any]:
-        self.tick()
-        if self.done:
-            return {"action": "done", "version": self.version}
-        rnd = self.round
-        if not rnd.cohort:  # the first check-in of a round fixes its target size
-            rnd.target = self._target()
-        if phone in rnd.updates:
-            return self.wait()
-        if not self.allowed(phone):
-            return {"action": "done", "version": self.version, "reason": "privacy budget spent"}
-        if phone not in rnd.cohort:
-            if len(rnd.cohort) >= math.ceil(rnd.target * self.config.over_selection):
-                return self.wait()
-            rnd.cohort[phone] = self.clock()
-        return self.train_task(rnd.opened_at + self.config.round_timeout_s - self.clock())
-
-    def _admit(self, phone: str, update_id: str, base: int) -> float:
-        rnd = self.round
-        if phone in rnd.updates:
-            raise UpdateRejected(409, "duplicate", "this phone already uploaded a different update this round")
-        if base != self.version:
-            raise UpdateRejected(409, "stale", f"update is based on version {base}, current is {self.version}; "
-                                               "check in again")
-        if phone not in rnd.cohort:
-            raise UpdateRejected(409, "not_selected", "this phone has no task in the current round; check in first")
-        return rnd.cohort[phone]
-
-    def _hold(self, c: Contribution) -> None:
-        self.round.updates[c.phone] = c
-
-    def forget(self, phone: str, update_id: str) -> None:
-        c = self.round.updates.get(phone)
-        if c is not None and c.update_id == update_id:
-            del self.round.updates[phone]
-
-    def pending(self) -> list[Contribution]:
-        return list(self.round.updates.values())
-
-    def is_pending(self, phone: str, update_id: str) -> bool:
-        c = self.round.updates.get(phone)  # one update per phone per round: no scan of the round
-        return c is not None and c.update_id == update_id
-
-    def ready(self) -> bool:
-        """Whether the open round should be merged now (target reached or deadline passed)."""
-        rnd = self.round
-        if len(rnd.updates) >= rnd.target:
-            return True
-        expired = self.clock() - rnd.opened_at >= self.config.round_timeout_s
-        return expired and len(rnd.updates) >= self.config.min_updates
-
-    def tick(self) -> None:
-        """Restart a round whose deadline passed with too few updates to merge."""
-        rnd = self.round
-        if self.clock() - rnd.opened_at >= self.config.round_timeout_s and len(rnd.updates) < self.config.min_updates:
-            self.round = _Round(rnd.number, self.clock(), self._target())
-
-    def openings(self) -> tuple[Any, ...]:
-        return (*super().openings(), self.round.number, self.round.opened_at)
-
-    def merge(self) -> Published:
-        rnd = self.round
-        published = self._publish(list(rnd.updates.values()), len(rnd.cohort), {})
-        self.round = _Round(self.merges + 1, self.clock(), self._target())
-        return published
-
-    def status(self) -> dict[str, Any]:
-        rnd = self.round
-        return {**super().status(), "phones": self.store.phone_count(), "target": rnd.target,
-                "selected": len(rnd.cohort), "updates_in_round": len(rnd.updates)}
 
 
 def _load_ledger(store: Store, delta: float) -> Any:

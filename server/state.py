@@ -12,10 +12,11 @@ from pathlib import Path
 from aiohttp import web
 
 from server.config import ServerConfig
-from server.coordinator import Coordinator, Published
+from server.coordinator import Coordinator
 from server.evaluation import Evaluator
 from server.security import NonceBook
 from server.store import Store
+from server.updates import Published
 
 CONFIG = web.AppKey("config", ServerConfig)
 STORE = web.AppKey("store", Store)

@@ -93,7 +93,7 @@ def test_async_staleness_window_future_and_idempotence() -> None:
     pub = coord.merge()
     assert pub.record.extra["staleness_max"] == 2
     np.testing.assert_allclose(coord.params["fc2.bias"] - before["fc2.bias"], 3 + 3**-0.5, rtol=1e-5)
-    from server.coordinator import UpdateRejected
+    from server.updates import UpdateRejected
 
     with pytest.raises(UpdateRejected) as stale:
         _contribute(coord, "c", delta, 5, base=0, uid="c0")

@@ -13,8 +13,8 @@ import pytest
 from fedfleet.simulate import SimulateConfig, merge_config, simulate
 from server.app import make_app
 from server.config import ServerConfig
-from server.coordinator import SyncCoordinator
 from server.state import COORD
+from server.sync_coordinator import SyncCoordinator
 
 
 async def test_simulate_learns_digits(tmp_path: Path) -> None:
