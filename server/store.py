@@ -1,7 +1,9 @@
 """Durable server state in one SQLite file (WAL): model versions, phones, round records.
 
 A version is committed before it is announced, so a restarted server resumes from the
-newest version it ever published.
+newest version it ever published; its round record (unevaluated, a draft) is committed with it,
+so a crash cannot separate the two. One process at a time opens a store on disk: ``Store`` holds
+an exclusive lock on ``<file>.lock`` until ``close`` (the kernel drops it if the process dies).
 
 Acknowledged updates and phone registrations are committed in groups, off the event loop
 (server/commit.py); a version commit first waits for any such write in flight, so a merged
@@ -14,6 +16,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -41,7 +44,7 @@ CREATE TABLE IF NOT EXISTS phones (
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
-    record TEXT NOT NULL                -- one metrics.jsonl line
+    record TEXT NOT NULL                -- one metrics.jsonl line ("_draft": true until evaluated)
 );
 CREATE TABLE IF NOT EXISTS pending (     -- acknowledged, not yet merged: durable before the 200
     phone TEXT NOT NULL,
@@ -67,34 +70,90 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class StoreInUse(ValueError):
+    """Another process holds the store's lock: two servers on one data dir would corrupt each
+    other. A ValueError, so the CLI reports it in one line."""
+
+
+_LOCKS: dict[str, list[int]] = {}  # lock file -> [fd, stores open on it in this process]
+
+
+def _lock(path: str) -> str | None:
+    """Take an exclusive, non-blocking lock on ``path + ".lock"`` (flock) and write our pid in it.
+    The lock is per process: stores opened on one file within this process share it (tests reopen
+    a data dir before the previous app is collected); ``_unlock`` drops it with the last of them,
+    and the kernel drops it when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    lock_path = os.path.realpath(path) + ".lock"
+    if lock_path in _LOCKS:
+        _LOCKS[lock_path][1] += 1
+        return lock_path
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        raise StoreInUse(f"{Path(path).parent} is in use by {who} (it holds {lock_path}): one server per "
+                         "data dir; stop that server or choose another --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _LOCKS[lock_path] = [fd, 1]
+    return lock_path
+
+
+def _unlock(lock_path: str | None) -> None:
+    entry = _LOCKS.get(lock_path) if lock_path is not None else None
+    if entry is not None:
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _LOCKS[lock_path]  # type: ignore[arg-type]
+            os.close(entry[0])  # releases the lock
+
+
 class Store:
     def __init__(self, path: str | Path = ":memory:", keep_versions: int = 16, sync: str = "full") -> None:
         if sync not in ("full", "normal"):
             raise ValueError("sqlite_sync must be 'full' or 'normal'")
         self.path = str(path)
         self.keep_versions = keep_versions
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        if self.path != ":memory:":
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: a commit survives the process being killed, not the machine losing power.
-            self.db.execute(f"PRAGMA synchronous={sync.upper()}")
-        self.db.executescript(_SCHEMA)
-        fast_delete(self.db)
-        # queued updates and registrations, committed in groups by a writer thread (on disk)
-        self.commits = GroupCommit(self.db, self.path, sync, self._enrolled)
+        self._lock = _lock(self.path) if self.path != ":memory:" else None  # before touching the file
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            if self.path != ":memory:":
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # WAL + NORMAL: a commit survives the process being killed, not the machine losing power.
+                self.db.execute(f"PRAGMA synchronous={sync.upper()}")
+            self.db.executescript(_SCHEMA)
+            fast_delete(self.db)
+            # queued updates and registrations, committed in groups by a writer thread (on disk)
+            self.commits = GroupCommit(self.db, self.path, sync, self._enrolled)
+        except BaseException:
+            _unlock(self._lock)
+            raise
         self._tokens: dict[str, str] = {}  # token hash -> phone id: authentication without a query
         self._phones = -1  # cached count
         self._keys: dict[str, bytes | None] = {}  # phone id -> enrolled Ed25519 public key
 
     def close(self) -> None:
-        self.commits.close()
-        self.db.close()
+        try:
+            self.commits.close()
+            self.db.close()
+        finally:
+            _unlock(self._lock)
+            self._lock = None
 
     # --- model versions -----------------------------------------------------------------
     def save_version(self, version: int, blob: bytes, opt_state: bytes | None = None,
-                     meta: dict[str, str] | None = None, merged: list[tuple[str, str]] | None = None) -> str:
-        """Commit a version, its optimizer state, counters, and the move of the ``merged``
-        updates from pending to merged, in one transaction: a crash leaves all or nothing."""
+                     meta: dict[str, str] | None = None, merged: list[tuple[str, str]] | None = None,
+                     record: dict[str, Any] | None = None) -> str:
+        """Commit a version, its optimizer state, counters, the move of the ``merged`` updates
+        from pending to merged, and its round ``record``, in one transaction: a crash leaves all or
+        nothing."""
         digest = hashlib.sha256(blob).hexdigest()
         db = self.db
         self.commits.drain()  # pending rows being written go first: the merge below moves them
@@ -114,6 +173,9 @@ class Store:
             db.executemany("DELETE FROM pending WHERE phone = ? AND update_id = ?", [k for k in moved if k not in gone])
             db.executemany("INSERT INTO merged(phone, update_id, version) VALUES (?, ?, ?)",
                            [(phone, update_id, version) for phone, update_id in moved])
+            if record is not None:
+                db.execute("INSERT OR REPLACE INTO rounds(round, record) VALUES (?, ?)",
+                           (record["round"], json.dumps(record)))
             db.execute("DELETE FROM versions WHERE version <= ?", (version - self.keep_versions,))
             db.execute("DELETE FROM optimizer WHERE version < ?", (version,))
             db.execute("COMMIT")
