@@ -39,8 +39,8 @@ class ExportConfig:
     input_shape: tuple[int, int, int]  # C, H, W of the dataset
     num_classes: int
     seed: int = 0  # build_model seed: the initial weights every runtime starts from
-    batch_size: int = 16  # default task batch size, recorded in the manifest
-    lr: float = 0.05  # default task learning rate, recorded in the manifest
+    batch_size: int = 8  # default task batch size, recorded in the manifest (the server's default plan)
+    lr: float = 0.1  # default task learning rate, recorded in the manifest (the server's default plan)
     max_batch: int = 64  # largest batch model.pte accepts (ExecuTorch plans memory for it)
     backbone_weights: Path | None = None  # torchvision MobileNetV3-small state dict
 
@@ -91,7 +91,7 @@ def export_bundle(cfg: ExportConfig, out_dir: Path) -> Manifest:
             ParamSpec(n, tuple(p.shape), "float32", p.requires_grad) for n, p in model.named_parameters()
         ),
         max_batch=cfg.max_batch,
-        hyperparameters={"lr": cfg.lr, "batch_size": float(cfg.batch_size)},
+        hyperparameters={"lr": float(cfg.lr), "batch_size": int(cfg.batch_size)},
         artifacts=artifacts,
         versions=_versions(),
         backbone_weights_sha256=sha256_file(cfg.backbone_weights) if cfg.backbone_weights else None,

@@ -29,9 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
-    parser.add_argument("--batch-size", type=int, default=16, help="default task batch size (manifest)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="default task batch size, recorded in the manifest (default %(default)s, as the server's plan)")
     parser.add_argument("--max-batch", type=int, default=64, help="largest batch model.pte accepts")
-    parser.add_argument("--lr", type=float, default=0.05, help="default task learning rate (manifest)")
+    parser.add_argument("--lr", type=float, default=0.1,
+                        help="default task learning rate, recorded in the manifest (default %(default)s, as the server's plan)")
     parser.add_argument("--backbone-weights", type=Path, default=None, help="MobileNetV3-small state dict")
 
 

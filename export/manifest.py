@@ -113,7 +113,7 @@ class Manifest:
     seed: int  # export.models.build_model seed: the torch reference rebuilds the same weights
     parameters: tuple[ParamSpec, ...]  # every parameter, model.named_parameters() order
     max_batch: int  # largest batch model.pte accepts (ExecuTorch plans memory for it)
-    hyperparameters: dict[str, float]  # defaults for a task: lr, batch_size
+    hyperparameters: dict[str, int | float]  # defaults for a task: lr (float), batch_size (int)
     artifacts: dict[str, ArtifactInfo]
     versions: dict[str, str]  # torch, executorch, onnx, onnxruntime, onnxscript
     backbone_weights_sha256: str | None = None
@@ -170,7 +170,7 @@ def _parse(doc: dict[str, Any]) -> Manifest:
         seed=int(doc["seed"]),
         parameters=params,
         max_batch=int(doc["max_batch"]),
-        hyperparameters={str(k): float(v) for k, v in doc["hyperparameters"].items()},
+        hyperparameters={str(k): _number(v) for k, v in doc["hyperparameters"].items()},
         artifacts=artifacts,
         versions={str(k): str(v) for k, v in doc["versions"].items()},
         backbone_weights_sha256=doc.get("backbone_weights_sha256"),
@@ -183,3 +183,10 @@ def _parse(doc: dict[str, Any]) -> Manifest:
             for k, v in doc.get("signatures", {}).items()
         },
     )
+
+
+def _number(value: Any) -> int | float:
+    """A hyperparameter as JSON holds it: an integer stays one (batch_size), anything else is a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"hyperparameter {value!r} is not a number")
+    return value if isinstance(value, int) else float(value)

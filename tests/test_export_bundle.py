@@ -63,7 +63,7 @@ def bundle(tmp_path: Path) -> Path:
             ParamSpec("fc1.bias", (32,), "float32", True),
         ),
         max_batch=64,
-        hyperparameters={"lr": 0.05, "batch_size": 16.0},
+        hyperparameters={"lr": 0.05, "batch_size": 16},
         artifacts={
             MODEL_PTE: artifact_info(tmp_path / MODEL_PTE),
             MODEL_ONNX: unavailable,
@@ -86,6 +86,16 @@ def test_manifest_round_trips_through_json(bundle: Path) -> None:
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert manifest.trainable_names() == ["fc1.weight", "fc1.bias"]
     assert manifest.artifacts[MODEL_PTE].size == len(PTE_BYTES)
+    hyper = json.loads((bundle / MANIFEST).read_text())["hyperparameters"]
+    assert hyper == {"lr": 0.05, "batch_size": 16} and type(hyper["batch_size"]) is int  # written "16", not "16.0"
+    assert type(manifest.hyperparameters["batch_size"]) is int
+
+
+@pytest.mark.parametrize("value", (True, "16", None))
+def test_a_hyperparameter_that_is_not_a_number_is_refused(bundle: Path, value: object) -> None:
+    edit(bundle, hyperparameters={"lr": 0.05, "batch_size": value})
+    with pytest.raises(MalformedManifest):
+        load_manifest(bundle)
 
 
 def test_missing_artifact_and_missing_manifest(bundle: Path) -> None:
