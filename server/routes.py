@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import math
 import secrets
 import sqlite3
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,8 @@ from aiohttp import web
 from protocol import FORMAT_VERSION, UPDATE_META_KEYS, decode_message
 from protocol.signing import NONCE_HEADER, SIGNATURE_HEADER
 from server.admin import admin_routes
+from server.config import ServerConfig
+from server.coordinator import Coordinator
 from server.http import (
     COUNTED_KEY,
     NAME_RE,
@@ -36,9 +40,22 @@ from server.security import SignatureError, parse_public_key
 from server.state import CONFIG, COORD, NONCES, STORE, UPLOADS, WORK, schedule_merge
 from server.store import NameTaken
 
+# The task's JSON per coordinator (with the configuration it was made from): nothing in it changes
+# while a server runs (its configuration is frozen, its tensors fixed), and every registration sends it.
+_TASK_JSON: weakref.WeakKeyDictionary[Coordinator, tuple[ServerConfig, bytes]] = weakref.WeakKeyDictionary()
 
-def task_spec(request: web.Request) -> dict[str, Any]:
+
+def task_spec_json(request: web.Request) -> bytes:
+    """``task_spec`` as ``json_response`` would serialise it, made once per server."""
     cfg, coord = request.app[CONFIG], request.app[COORD]
+    cached = _TASK_JSON.get(coord)
+    if cached is None or cached[0] is not cfg:
+        cached = (cfg, json.dumps(task_spec(cfg, coord), separators=(",", ":")).encode())
+        _TASK_JSON[coord] = cached
+    return cached[1]
+
+
+def task_spec(cfg: ServerConfig, coord: Coordinator) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "mode": cfg.mode,
@@ -80,11 +97,15 @@ async def register(request: web.Request) -> web.Response:
     except sqlite3.Error as exc:  # not committed: not registered, the phone retries
         raise JsonError(503, "storage_unavailable", f"the registration could not be made durable ({exc}); retry",
                         headers={"Retry-After": "1"}) from None
-    return json_response({"phone_id": phone_id, "token": token, "task": task_spec(request)}, status=201)
+    # json_response({"phone_id": ..., "token": ..., "task": task_spec(...)}) byte for byte, with the task's
+    # JSON serialised once rather than per phone (~30 us each; 10,000 phones register in round 1)
+    answer = b'{"phone_id":%s,"token":%s,"task":%s}' % (json.dumps(phone_id).encode(), json.dumps(token).encode(),
+                                                         task_spec_json(request))
+    return web.Response(body=answer, status=201, content_type="application/json")
 
 
 async def task(request: web.Request) -> web.Response:
-    return json_response(task_spec(request))
+    return web.Response(body=task_spec_json(request), content_type="application/json")
 
 
 async def checkin(request: web.Request) -> web.Response:
