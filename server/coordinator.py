@@ -33,6 +33,7 @@ from server.store import Store
 from server.updates import Contribution, Published, UpdateRejected
 
 Clock = Callable[[], float]
+DRAFT = "_draft"  # marks a stored round record committed with its version but not yet evaluated and recorded
 
 
 @dataclass
@@ -61,7 +62,9 @@ class Coordinator:
         self.started_at = clock()
         self._inline_last: tuple[dict[str, Any], bytes] | None = None  # the last task framed with the model
         self.model_blob = self._model_message()
-        self.history: list[dict[str, Any]] = store.rounds()
+        rounds = store.rounds()
+        self.history: list[dict[str, Any]] = [r for r in rounds if not r.get(DRAFT)]  # evaluated, recorded
+        self.drafts = [r for r in rounds if r.get(DRAFT)]  # a crash came before they were: the publisher's
         self.merges = int(store.get_meta("merges") or 0)
         self.period = _Period(clock())
         self.rejections: dict[str, int] = {}
@@ -169,9 +172,6 @@ class Coordinator:
         self.model_blob = self._model_message()
         opt_blob = encode_message("model", {"optimizer": self.optimizer.name}, self.opt_state) if self.opt_state else None
         ledger = json.dumps(self.ledger.to_dict()) if self.release is not None else None
-        self.store.save_version(self.version, self.model_blob, opt_blob,
-                                meta={"merges": str(self.merges), **({"ledger": ledger} if ledger else {})},
-                                merged=[(c.phone, c.update_id) for c in contributions])
         latencies = [c.latency_s for c in contributions]
         losses = [float(c.train_loss) for c in contributions if c.train_loss is not None]
         now = self.clock()
@@ -184,6 +184,15 @@ class Coordinator:
             wall_s=now - self.period.opened_at, aggregate_ms=(time.perf_counter() - t0) * 1e3,
             time_s=now - self.started_at, extra={"mode": self.mode, **self._traffic(contributions, selected), **extra},
         )
+        # The record goes into the version's own transaction (a draft: not evaluated yet), so no crash
+        # can leave a published version without its record; the publisher replaces it once evaluated.
+        self.store.save_version(self.version, self.model_blob, opt_blob,
+                                meta={"merges": str(self.merges), **({"ledger": ledger} if ledger else {})},
+                                merged=[(c.phone, c.update_id) for c in contributions],
+                                record={**record.to_json(), DRAFT: True})
+        now = self.clock()  # the final record's timings include the commit, as they always did
+        record.wall_s, record.time_s = now - self.period.opened_at, now - self.started_at
+        record.aggregate_ms = (time.perf_counter() - t0) * 1e3
         self.period = _Period(now)
         return Published(self.version, self.params, record)
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from aiohttp import web
 
+from protocol import decode_message
 from server.config import ServerConfig
-from server.coordinator import Coordinator
+from server.coordinator import DRAFT, Coordinator
 from server.evaluation import Evaluator
+from server.metrics import RoundRecord
 from server.security import NonceBook
 from server.store import Store
 from server.updates import Published
@@ -145,14 +148,41 @@ async def _publisher(app: web.Application) -> None:
     while True:
         pub = await queue.get()
         record = pub.record
-        if evaluator is not None:
+        if evaluator is not None and pub.params:
             ev = await asyncio.to_thread(evaluator.evaluate, pub.params)
             record.accuracy, record.loss = ev.accuracy, ev.loss
-        coord.record(record)
+        coord.record(record)  # replaces the draft committed with the version
         if metrics_path is not None:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record.to_json()) + "\n")
         queue.task_done()
+
+
+def recover_records(app: web.Application) -> None:
+    """After a crash: make metrics.jsonl the recorded rounds again (the store is the truth: a kill
+    may have come between a record and its line, or in the middle of a line), then queue the
+    versions whose record is still a draft for the publisher, oldest first.
+
+    A recovered record is the one committed with its version (counts, bytes, latencies, train
+    loss, timings, robust report as of the merge) with ``recovered: true``; its accuracy and
+    loss are evaluated now, on the version's stored parameters (none if the store no longer keeps
+    that version), and its ``aggregate_ms`` leaves out the version's commit."""
+    coord, store, data_dir = app[COORD], app[STORE], app[CONFIG].data_dir
+    if data_dir is not None:
+        path = Path(data_dir) / "metrics.jsonl"
+        if coord.history or path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in coord.history))
+            os.replace(tmp, path)
+    names = {f.name for f in fields(RoundRecord)} - {"extra"}
+    for row in coord.drafts:
+        known = {k: v for k, v in row.items() if k in names}
+        extra = {k: v for k, v in row.items() if k not in names and k != DRAFT}
+        record = RoundRecord(**known, extra={**extra, "recovered": True})
+        blob = store.version_blob(record.version)
+        params = decode_message(blob).tensors if blob is not None else {}
+        app[PUBLISH_QUEUE].put_nowait(Published(record.version, params, record))
+    coord.drafts = []
 
 
 async def _ticker(app: web.Application) -> None:
@@ -170,6 +200,7 @@ async def _ticker(app: web.Application) -> None:
 
 async def background(app: web.Application) -> AsyncIterator[None]:
     app[PUBLISH_QUEUE] = asyncio.Queue()
+    recover_records(app)
     app[COORD].open()  # the first period opens as the server starts serving
     tasks = [asyncio.create_task(_publisher(app)), asyncio.create_task(_ticker(app))]
     yield
