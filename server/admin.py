@@ -2,12 +2,55 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
 from aiohttp import web
 
+from server.config import ServerConfig
 from server.http import check_admin, fail, json_response, read_json
 from server.state import CONFIG, COORD, STORE
 
-PLAN_KEYS = ("local_epochs", "batch_size", "lr", "prox_mu", "rounds", "checkin_retry_s")
+MAX_LOCAL_EPOCHS = 1000  # passes over a phone's data per task: more is a typo, and a phone would train for hours
+MAX_BATCH_SIZE = 1 << 16
+
+Check = Callable[[Any, ServerConfig], bool]
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What an admin may change, and what each value must be: what the phones' TrainConfig
+# (device_runtime/runtimes/base.py) accepts in a task, with an upper bound on the sizes, and what
+# ServerConfig accepts for the rest. Checked in full before anything changes.
+PLAN_LIMITS: dict[str, tuple[Check, str]] = {
+    "local_epochs": (lambda v, _: _whole(v) and 1 <= v <= MAX_LOCAL_EPOCHS, f"a whole number from 1 to {MAX_LOCAL_EPOCHS}"),
+    "batch_size": (lambda v, _: _whole(v) and 1 <= v <= MAX_BATCH_SIZE, f"a whole number from 1 to {MAX_BATCH_SIZE}"),
+    "lr": (lambda v, _: _number(v) and v > 0, "a positive finite number"),
+    "prox_mu": (lambda v, _: _number(v) and v >= 0, "a finite number >= 0"),
+    "rounds": (lambda v, _: _whole(v) and v >= 0, "a whole number >= 0 (0 = until stopped)"),
+    "checkin_retry_s": (lambda v, c: _number(v) and 0 <= v <= c.max_checkin_retry_s,
+                        "a number of seconds from 0 to max_checkin_retry_s ({limit:g})"),
+}
+PLAN_KEYS = tuple(PLAN_LIMITS)
+
+
+def check_plan(body: dict[str, Any], config: ServerConfig) -> None:
+    """400 naming the first plan field that is unknown or out of its limits."""
+    unknown = sorted(set(body) - set(PLAN_KEYS))
+    if unknown:
+        fail(400, "bad_plan", f"cannot change {unknown}; changeable: {list(PLAN_KEYS)}")
+    for name, value in body.items():
+        ok, words = PLAN_LIMITS[name]
+        if not ok(value, config):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+            fail(400, "bad_plan", f"{name} must be {words.format(limit=config.max_checkin_retry_s)}, got {shown}")
 
 
 async def pause(request: web.Request) -> web.Response:
@@ -26,11 +69,10 @@ async def plan(request: web.Request) -> web.Response:
     """Change the training plan of future tasks, e.g. ``{"lr": 0.05, "rounds": 40}``."""
     check_admin(request, request.app[CONFIG].admin_token)
     body = await read_json(request)
-    unknown = sorted(set(body) - set(PLAN_KEYS))
-    if unknown:
-        fail(400, "bad_plan", f"cannot change {unknown}; changeable: {list(PLAN_KEYS)}")
+    current = request.app[COORD].config
+    check_plan(body, current)
     try:
-        config = request.app[CONFIG].replace(**body)
+        config = current.replace(**body)
     except (TypeError, ValueError) as exc:
         fail(400, "bad_plan", str(exc))
     request.app[COORD].config = config  # the app's CONFIG key is frozen; the coordinator reads its own
