@@ -133,6 +133,7 @@ class PhoneClient:
         inline_model: bool = True,
         models: ModelMemo | None = None,
         chain_checkin: bool = True,
+        key: PhoneKey | None = None,
     ) -> None:
         self.session, self.server, self.name = session, server.rstrip("/"), name
         self.poll_session = poll_session or session  # check-ins (long polls) may use their own connections
@@ -141,7 +142,8 @@ class PhoneClient:
         self.pool, self.rng = pool, rng
         self.ledger = ledger  # protocol.privacy.PrivacyLedger: this side's count of releases
         self.encoder: UpdateEncoder | None = None
-        self.key = PhoneKey() if sign else None  # Ed25519: the server then refuses unsigned or replayed uploads
+        # Ed25519 (the server then refuses unsigned or replayed uploads); ``key``: one made beforehand
+        self.key = (key or PhoneKey()) if sign else None
         self._codec: dict[str, Any] | None = None
         self.train_overrides = dict(train_overrides or {})
         self.availability = availability

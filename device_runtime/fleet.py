@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from device_runtime.attacks import choose_attackers, parse_attack
+from device_runtime.attacks import Attack, choose_attackers, parse_attack
 from device_runtime.bundle_client import fetch_bundle
 from device_runtime.client import ModelMemo, PhoneClient, PhoneStats
 from device_runtime.data import Dataset, partition
@@ -23,11 +23,16 @@ from device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, s
 from device_runtime.runtimes import TrainingRuntime
 from device_runtime.trainer import BatchedTrainer, RuntimePool
 from device_runtime.vclock import PhoneClock, WallClock
+from protocol.signing import PhoneKey
 
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
 
 
 WAVE = 256  # phones registered or started per pass of the event loop (see _in_waves)
+# A phone keeps its connection from its registration to its first check-in. aiohttp's default closes
+# it after 15 s idle: a fleet whose registrations take longer than that (5,000 phones under a
+# profiler) set ~4,700 connections up a second time inside round 1. Below the server's idle limit (3,630 s).
+POLL_KEEPALIVE_S = 600.0
 CHAIN_MAX_PHONES = 1000  # FleetConfig.chain_checkin None: beyond this, only with the server in another process
 
 
@@ -84,6 +89,64 @@ def shard_phones(phones: int, shard_index: int, shard_count: int) -> range:
     return range(start, start + size + (shard_index < extra))
 
 
+PhoneParts = tuple[tuple[np.ndarray, np.ndarray], np.random.Generator, PhoneKey]  # data, generator, key
+
+
+@dataclass
+class FleetPlan:
+    """What a fleet takes from its configuration and data alone, before any server is up: the
+    phones' shards, seeded generators (the fleet generator's ``spawn``, child by child), device
+    profiles, attackers and first check-in times, drawn in that order from ``cfg.seed``. A phone's
+    data, generator and key are made when it is first asked for (``phone``), or all at once by
+    ``make_phones``: then before the server opens, outside round 1 (~0.1 ms a phone, mostly its
+    Ed25519 key; 10,000 phones ~1 s)."""
+
+    cfg: FleetConfig
+    data: Dataset
+    virtual: bool
+    parts: list[np.ndarray]
+    seeds: list[np.random.SeedSequence]
+    bit_generator: type[np.random.BitGenerator]
+    profiles: list[DeviceProfile] | None
+    attack: Attack
+    attackers: set[int]
+    starts: np.ndarray
+    shard: range
+    made: dict[int, PhoneParts]
+
+    def phone(self, i: int) -> PhoneParts:
+        """Phone ``i``'s data, generator (the same stream as ``rng.spawn(phones)[i]``) and key; once."""
+        made = self.made.pop(i, None)
+        if made is not None:
+            return made
+        part = self.parts[i]
+        return (self.data.x_train[part], self.data.y_train[part]), \
+            np.random.Generator(self.bit_generator(self.seeds[i])), PhoneKey()
+
+    def make_phones(self) -> FleetPlan:
+        for i in self.shard:
+            self.made[i] = self.phone(i)
+        return self
+
+
+def plan_fleet(data: Dataset, cfg: FleetConfig, virtual: bool = False) -> FleetPlan:
+    """The fleet's draws from its seed (see FleetPlan); ``virtual``: it will run on a virtual clock."""
+    rng = np.random.default_rng(cfg.seed)
+    parts = partition(data.y_train, cfg.phones, cfg.partition, rng, cfg.quantity_skew)
+    # rng.spawn(cfg.phones) without building the generators yet (~20 us each): their seed sequences
+    seeds = rng.bit_generator.seed_seq.spawn(cfg.phones)  # type: ignore[attr-defined]
+    profiles = fleet_profiles(cfg, rng)
+    attack = parse_attack(cfg.attack)
+    attackers = set(choose_attackers(cfg.phones, cfg.attack_fraction, rng).tolist())
+    # On a virtual clock, requests at one instant race one another to the server (which phone takes
+    # the last free slot depends on socket timing); at distinct instants they run strictly in
+    # time order. So the fleet does not start at one instant: each phone's first check-in is
+    # at its own seeded time (a real fleet does not wake in unison either).
+    starts = rng.uniform(0.0, cfg.start_spread_s, cfg.phones) if virtual else np.zeros(cfg.phones)
+    return FleetPlan(cfg, data, virtual, parts, seeds, type(rng.bit_generator), profiles, attack, attackers, starts,
+                     shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count), {})
+
+
 @dataclass
 class FleetResult:
     rounds: list[dict[str, Any]]
@@ -101,34 +164,31 @@ async def run_fleet(
     train_overrides: dict[str, Any] | None = None,
     clock: PhoneClock | None = None,
     registered: Callable[[], Awaitable[Any]] | None = None,
+    plan: FleetPlan | None = None,
 ) -> FleetResult:
     """Register ``cfg.phones`` phones holding disjoint shards of ``data``, run them until the
     server's task finishes, and report every round record as it is published. With
     ``cfg.shard_count`` > 1 only shard ``cfg.shard_index`` of the phones runs; ``registered`` is
-    awaited once they are registered, before any trains (a barrier across shards)."""
-    rng = np.random.default_rng(cfg.seed)
-    parts = partition(data.y_train, cfg.phones, cfg.partition, rng, cfg.quantity_skew)
-    phone_rngs = rng.spawn(cfg.phones)
-    profiles = fleet_profiles(cfg, rng)
-    attack = parse_attack(cfg.attack)
-    attackers = set(choose_attackers(cfg.phones, cfg.attack_fraction, rng).tolist())
-    # On a virtual clock, requests at one instant race one another to the server (which phone takes
-    # the last free slot depends on socket timing); at distinct instants they run strictly in
-    # time order. So the fleet does not start at one instant: each phone's first check-in is
-    # at its own seeded time (a real fleet does not wake in unison either).
+    awaited once they are registered, before any trains (a barrier across shards). ``plan``:
+    ``plan_fleet(data, cfg, virtual)`` made beforehand (its phones made, before the server opens)."""
     virtual = clock is not None and not isinstance(clock, WallClock)
-    starts = rng.uniform(0.0, cfg.start_spread_s, cfg.phones) if virtual else np.zeros(cfg.phones)
+    if plan is None:
+        plan = plan_fleet(data, cfg, virtual)
+    elif plan.cfg != cfg or plan.data is not data or plan.virtual != virtual:
+        raise ValueError("the fleet plan was made for another configuration, dataset or clock")
+    profiles, attack, attackers, starts = plan.profiles, plan.attack, plan.attackers, plan.starts
     ledger = None
     connector = aiohttp.TCPConnector(limit=256)
     timeout = aiohttp.ClientTimeout(total=300)
     # Check-ins get their own connections, one per phone as on real phones (as many as the open-file
     # limit allows): a long poll holds its connection until work appears, and with a shared pool of
     # 256 a crowd of held polls kept the phones that had work from checking in at all.
-    shard = shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count)
+    shard = plan.shard
     budget = open_file_limit() - 1024
     polls_limit = max(256, min(len(shard), budget // 2 if cfg.server_here else budget))  # a server here holds the other ends
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=polls_limit), timeout=timeout) as polls:
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=polls_limit, keepalive_timeout=POLL_KEEPALIVE_S),
+                                  timeout=timeout) as polls:
         async with session.get(f"{server.rstrip('/')}/v1/task") as resp:
             resp.raise_for_status()
             task = await resp.json()
@@ -140,13 +200,14 @@ async def run_fleet(
         models = ModelMemo()  # the phones handed tasks together decode their common model once
 
         def phone(i: int) -> PhoneClient:
+            shard_data, phone_rng, key = plan.phone(i)
             return PhoneClient(
                 session,
                 server,
                 f"{cfg.name_prefix}-{i:05d}",
-                (data.x_train[parts[i]], data.y_train[parts[i]]),
+                shard_data,
                 None,
-                phone_rngs[i],
+                phone_rng,
                 ledger=ledger,
                 train_overrides=train_overrides,
                 availability=cfg.availability,
@@ -158,6 +219,7 @@ async def run_fleet(
                 inline_model=cfg.inline_model,
                 chain_checkin=_chains(cfg),
                 models=models,
+                key=key,
             )
 
         phones: list[PhoneClient] = []
