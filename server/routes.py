@@ -40,14 +40,15 @@ from server.security import SignatureError, parse_public_key
 from server.state import CONFIG, COORD, NONCES, STORE, UPLOADS, WORK, schedule_merge
 from server.store import NameTaken
 
-# The task's JSON per coordinator (with the configuration it was made from): nothing in it changes
-# while a server runs (its configuration is frozen, its tensors fixed), and every registration sends it.
+# The task's JSON per coordinator, with the configuration it was made from: every registration sends
+# it, and it changes only when an admin plan change gives the coordinator a new configuration.
 _TASK_JSON: weakref.WeakKeyDictionary[Coordinator, tuple[ServerConfig, bytes]] = weakref.WeakKeyDictionary()
 
 
 def task_spec_json(request: web.Request) -> bytes:
-    """``task_spec`` as ``json_response`` would serialise it, made once per server."""
-    cfg, coord = request.app[CONFIG], request.app[COORD]
+    """``task_spec`` as ``json_response`` would serialise it, made once per plan in force."""
+    coord = request.app[COORD]
+    cfg = coord.config  # the plan in force (POST /v1/admin/plan replaces it), as check-ins hand out
     cached = _TASK_JSON.get(coord)
     if cached is None or cached[0] is not cfg:
         cached = (cfg, json.dumps(task_spec(cfg, coord), separators=(",", ":")).encode())

@@ -59,6 +59,16 @@ async def test_accepted_plans_accumulate_and_phones_can_train_them(make_server: 
     TrainConfig(**{k: task[k] for k in ("local_epochs", "batch_size", "lr", "prox_mu")})  # what a phone builds
 
 
+async def test_a_phone_registering_after_a_plan_change_is_told_the_plan_in_force(make_server: MakeClient) -> None:
+    client = await make_server(admin_token="s3cret", sample_fraction=1.0)
+    before = await (await client.get("/v1/task")).json()
+    resp = await client.post("/v1/admin/plan", json={"lr": 0.01, "batch_size": 4}, headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    answer = await (await client.post("/v1/register", json={"name": "late"})).json()
+    assert (answer["task"]["train"]["lr"], answer["task"]["train"]["batch_size"]) == (0.01, 4)
+    assert (await (await client.get("/v1/task")).json())["train"] == answer["task"]["train"] != before["train"]
+
+
 @pytest.mark.parametrize("plan", [{"local_epochs": 1, "batch_size": 1, "lr": 5e-324, "prox_mu": 0.0},
                                   {"local_epochs": MAX_LOCAL_EPOCHS, "batch_size": MAX_BATCH_SIZE, "lr": 1e300,
                                    "prox_mu": 1e300}])
