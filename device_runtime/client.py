@@ -402,8 +402,12 @@ class PhoneClient:
     async def run(self, stop: asyncio.Event | None = None, max_errors: int = 20,
                   until: float | None = None, start_after: float = 0.0) -> PhoneStats:
         """Check in until the server says the task is done, ``stop`` is set, or the clock
-        passes ``until``; the first check-in ``start_after`` seconds from now."""
+        passes ``until``; the first check-in ``start_after`` seconds from now. A failed step
+        (the server unreachable, restarting, or refusing) is retried with backoff (0.2 s doubled
+        up to 10 s); the phone gives up, raising the error, after ``max_errors`` failures in a
+        row (~2.5 min of a server gone), or at once on a 400 or 401 (retrying cannot help)."""
         backoff = 0.2
+        failures = 0  # in a row: a server restarted now and then does not wear the phone out
         self.clock.join()
         try:
             if start_after > 0:
@@ -412,10 +416,11 @@ class PhoneClient:
                 try:
                     if await self.step() == "done":
                         break
-                    backoff = 0.2
+                    backoff, failures = 0.2, 0
                 except (TimeoutError, aiohttp.ClientError, ServerError) as exc:
                     self.stats.errors += 1
-                    if self.stats.errors > max_errors or (isinstance(exc, ServerError) and exc.status in (400, 401)):
+                    failures += 1
+                    if failures > max_errors or (isinstance(exc, ServerError) and exc.status in (400, 401)):
                         raise
                     await self.clock.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)

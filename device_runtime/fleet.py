@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -14,15 +15,18 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from device_runtime import aio
 from device_runtime.attacks import Attack, choose_attackers, parse_attack
 from device_runtime.bundle_client import fetch_bundle
-from device_runtime.client import ModelMemo, PhoneClient, PhoneStats
+from device_runtime.client import ModelMemo, PhoneClient, PhoneStats, ServerError
 from device_runtime.data import Dataset, partition
 from device_runtime.limits import open_file_limit
 from device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
 from device_runtime.runtimes import TrainingRuntime
 from device_runtime.trainer import BatchedTrainer, RuntimePool
 from device_runtime.vclock import PhoneClock, WallClock
+from protocol import EncoderConfig
+from protocol.codec.encoder import resolve_noise_multiplier
 from protocol.signing import PhoneKey
 
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
@@ -65,10 +69,13 @@ class FleetConfig:
     chain_checkin: bool | None = None
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
     server_here: bool = True  # the server runs in this process (its sockets count against the same limit)
+    # failed steps in a row after which a phone gives up (PhoneClient.run: backoff 0.2 s doubled up to
+    # 10 s, so 20 is ~2.5 min of a server gone: time for it to be restarted on its data dir)
+    phone_max_errors: int = 20
 
     def __post_init__(self) -> None:
-        if self.phones < 1 or self.workers < 1:
-            raise ValueError("phones and workers must be at least 1")
+        if self.phones < 1 or self.workers < 1 or self.phone_max_errors < 0:
+            raise ValueError("phones and workers must be at least 1, phone_max_errors at least 0")
         if not 0 < self.availability <= 1:
             raise ValueError("availability must be in (0, 1]")
         parse_attack(self.attack)
@@ -149,9 +156,30 @@ def plan_fleet(data: Dataset, cfg: FleetConfig, virtual: bool = False) -> FleetP
 
 @dataclass
 class FleetResult:
-    rounds: list[dict[str, Any]]
+    rounds: list[dict[str, Any]]  # the round records published after the fleet joined, in order
     devices: list[PhoneStats]
     train_compute_s: float = 0.0  # CPU time of the training arithmetic (the emulation's physical floor)
+    task: dict[str, Any] = dataclasses.field(default_factory=dict)  # the server's task as it served it
+    joined_after_round: int = 0  # rounds the server had merged when the fleet joined (not counted)
+    event_loop: str = ""  # uvloop | asyncio
+
+
+class FleetError(Exception):
+    """The fleet could not run to its end. ``result``: what it saw until then (its rounds and its
+    phones' counts), to be written out like any run's; None when nothing ran."""
+
+    def __init__(self, message: str, result: FleetResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class NamesTaken(FleetError):
+    """The server already has phones of these names (registered by an earlier fleet or phone, which
+    was given their tokens: a name's token is handed out once, so nobody else can act as it)."""
+
+
+class ServerGone(FleetError):
+    """The server stopped answering and did not come back while the phones kept trying."""
 
 
 async def run_fleet(
@@ -226,7 +254,16 @@ async def run_fleet(
         stop = asyncio.Event()
         pool: RuntimePool | BatchedTrainer | None = None
         phones_done = asyncio.Event()
-        monitor = asyncio.create_task(_monitor(session, server, cfg, on_round, stop, phones_done, virtual))
+        loop = asyncio.get_running_loop()
+        # --hours on the wall clock: the fleet ends then, whatever its phones are waiting for (a held
+        # check-in, a back-off sleep); they used to finish those first, up to the server's 25 s hold.
+        deadline = loop.time() + cfg.hours * 3600 if cfg.hours > 0 and not virtual else None
+        joined: list[int] = []  # the monitor's: rounds the server had merged before this fleet
+        monitor = asyncio.create_task(_monitor(session, server, cfg, on_round, stop, phones_done, virtual,
+                                               joined=joined))
+        failures: list[tuple[str, BaseException]] = []  # phones that gave up, and why
+        gone: ServerGone | None = None
+        rounds: list[dict[str, Any]] = []
         thresholds = gc.get_threshold()
         # Thousands of requests in flight survive every young collection, so at Python's default
         # thresholds (700, 10, 10) a 10,000-phone fleet spent ~5 s of a 30 s run collecting (14 full
@@ -247,7 +284,16 @@ async def run_fleet(
                     phones.append(phone(i))
                     yield register(phones[-1])
 
-            await _in_waves(built_and_registered(), WAVE)
+            registrations = built_and_registered()
+            try:
+                # The first phone alone: names taken by an earlier fleet are refused before any other
+                # phone of this one registers (each would stay registered, counted in the cohorts).
+                await next(registrations)
+                await _in_waves(registrations, WAVE)
+            except ServerError as exc:
+                if exc.status == 409 and exc.reason == "name_taken":
+                    raise _names_taken(server, cfg.name_prefix, sum(1 for p in phones if p.token)) from None
+                raise
             if registered is not None:
                 await registered()
             if cfg.runtime != "torch":  # the exported artifacts a phone would run, hash-checked
@@ -265,10 +311,13 @@ async def run_fleet(
             gc.freeze()
             until = cfg.hours * 3600 if cfg.hours > 0 else None
             # On a virtual clock every phone must have joined it before any time passes: all in one pass.
-            await _in_waves((p.run(stop, until=until, start_after=t) for p, t in zip(phones, first_checkin, strict=True)),
-                            WAVE if not virtual else 0)
+            await _in_waves((_run_phone(p, stop, until, t, failures, cfg.phone_max_errors) for p, t in zip(phones, first_checkin, strict=True)),
+                            WAVE if not virtual else 0, deadline=deadline)
             phones_done.set()
-            rounds = await asyncio.wait_for(monitor, timeout=120)
+            try:
+                rounds = await asyncio.wait_for(monitor, timeout=120)
+            except ServerGone as exc:
+                gone, rounds = exc, exc.result.rounds if exc.result is not None else []
         finally:
             gc.unfreeze()  # what the fleet froze can be collected once it is over
             gc.set_threshold(*thresholds)
@@ -279,26 +328,71 @@ async def run_fleet(
     if ledger is not None:
         for p in phones:
             p.stats.epsilon = ledger.epsilon(p.name)
-    return FleetResult(rounds=rounds, devices=[p.stats for p in phones],
-                       train_compute_s=pool.busy_s if pool is not None else 0.0)
+    result = FleetResult(rounds=rounds, devices=[p.stats for p in phones],
+                         train_compute_s=pool.busy_s if pool is not None else 0.0, task=task,
+                         joined_after_round=joined[0] if joined else 0, event_loop=aio.running_loop_name())
+    if gone is not None:
+        raise ServerGone(str(gone), result)
+    if failures:
+        name, why = failures[0]
+        raise FleetError(f"{len(failures)} of {len(phones)} phones gave up; the first, {name}: {_why(why)}", result)
+    return result
 
 
-async def _in_waves(coros: Iterable[Awaitable[Any]], wave: int) -> None:
+async def _run_phone(p: PhoneClient, stop: asyncio.Event, until: float | None, start_after: float,
+                     failures: list[tuple[str, BaseException]], max_errors: int) -> None:
+    """One phone's run; a phone that gives up (see PhoneClient.run) is noted in ``failures`` while
+    the others go on (the fleet reports it at the end, after the rounds and counts it saw)."""
+    try:
+        await p.run(stop, max_errors=max_errors, until=until, start_after=start_after)
+    except (TimeoutError, aiohttp.ClientError, ServerError) as exc:
+        failures.append((p.name, exc))
+
+
+def _names_taken(server: str, prefix: str, registered: int) -> NamesTaken:
+    extra = f" ({registered} phones of this fleet registered before that and stay registered)" if registered else ""
+    return NamesTaken(
+        f"the server at {server.rstrip('/')} already has phones named {prefix}-NNNNN: an earlier fleet or phone "
+        f"registered them and was given their tokens, which the server hands out once, so these phones cannot "
+        f"act as them{extra}; pick another --name-prefix (fedfleet phone: --name)")
+
+
+def _why(exc: BaseException) -> str:
+    """An error in a few words: its text, or its type when it has none (aiohttp's often have none)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc.os_error})"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text and not isinstance(exc, ServerError) else text or type(exc).__name__
+
+
+async def _in_waves(coros: Iterable[Awaitable[Any]], wave: int, deadline: float | None = None) -> None:
     """Await every one of ``coros``, started ``wave`` at a time with a pass of the event loop between
     waves (0: all in one pass). Started in one pass, 10,000 phones each ran to its first wait before
     any request went out: ~2 s of the fleet setting up check-ins (or building phones) with the server
-    idle. Between waves, the requests already started go out and their answers come in."""
+    idle. Between waves, the requests already started go out and their answers come in. At
+    ``deadline`` (the event loop's time) those still running are cancelled. The first error raised
+    by one of them cancels the others and is raised."""
     tasks: list[asyncio.Future[Any]] = []
     try:
         for coro in coros:
             tasks.append(asyncio.ensure_future(coro))
             if wave and len(tasks) % wave == 0:
                 await asyncio.sleep(0)
+        if deadline is None:
+            await asyncio.gather(*tasks)
+            return
+        timeout = max(deadline - asyncio.get_running_loop().time(), 0.0)
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
     except BaseException:
         for t in tasks:
             t.cancel()
         raise
-    await asyncio.gather(*tasks)
+    for t in tasks:
+        t.cancel()  # time is up (a no-op for those already done)
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+            raise outcome
 
 
 def _chains(cfg: FleetConfig) -> bool:
@@ -347,6 +441,11 @@ def _check_task(task: dict[str, Any], data: Dataset) -> None:
         raise ValueError(f"the server trains on inputs {shape} but dataset {data.name} has {data.input_shape}")
 
 
+MONITOR_TIMEOUT = aiohttp.ClientTimeout(total=30)  # one poll of the round records
+MONITOR_MAX_BACKOFF_S = 5.0  # between polls of a server that does not answer
+MONITOR_GIVE_UP = 4  # failed polls in a row, once the phones have stopped, before the server counts as gone
+
+
 async def _monitor(
     session: aiohttp.ClientSession,
     server: str,
@@ -355,24 +454,110 @@ async def _monitor(
     stop: asyncio.Event,
     phones_done: asyncio.Event,
     virtual: bool = False,
+    *,
+    joined: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Poll the server's round records; set ``stop`` when the run is over. When the phones
-    stop first (``hours`` elapsed), wait for the merges in flight to be recorded, then return.
+    stop first (``hours`` elapsed, or they heard "done"), wait until every merge the server made
+    is recorded (GET /v1/status), then return.
     On a virtual clock a finished server does not stop the phones: each leaves when its own next
     check-in hears "done". Stopped by this wall-clock poll, how many had checked in after the last
-    merge depended on the machine's load (devices.csv differed between runs of one seed)."""
+    merge depended on the machine's load (devices.csv differed between runs of one seed).
+
+    Only the rounds merged after the fleet joined are reported and counted (``max_rounds`` of
+    them): those the server had merged already (GET /v1/status, before any phone registers; put
+    in ``joined``) are another fleet's. A server that does not answer (killed, restarting on its
+    data dir) is polled again with backoff for as long as the phones run; once they have
+    stopped, ``ServerGone`` (its ``result`` holding the rounds seen) after MONITOR_GIVE_UP
+    failures in a row."""
+    url = server.rstrip("/")
     seen: list[dict[str, Any]] = []
+    failures = 0
+
+    async def get(path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        nonlocal failures
+        while True:
+            try:
+                async with session.get(url + path, params=params, timeout=MONITOR_TIMEOUT) as resp:
+                    if 400 <= resp.status < 500:
+                        raise FleetError(f"GET {url}{path} answered {resp.status} {resp.reason}",
+                                         FleetResult(seen, []))
+                    resp.raise_for_status()  # 5xx: retried
+                    answer = await resp.json()
+                failures = 0
+                if not isinstance(answer, dict):
+                    raise FleetError(f"GET {url}{path} did not answer a JSON object", FleetResult(seen, []))
+                return answer
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                failures += 1
+                if phones_done.is_set() and failures >= MONITOR_GIVE_UP:
+                    raise ServerGone(f"the server at {url} stopped answering ({_why(exc)})",
+                                     FleetResult(seen, [])) from None
+                await asyncio.sleep(min(cfg.poll_s * 2 ** min(failures, 8), MONITOR_MAX_BACKOFF_S))
+
+    status = await get("/v1/status")
+    since = max(int(status.get("round", 1)) - 1, 0)
+    if joined is not None:
+        joined.append(since)
     quiet = 0
     while True:
-        async with session.get(f"{server.rstrip('/')}/v1/rounds", params={"since": str(seen[-1]["round"] if seen else 0)}) as resp:
-            answer = await resp.json()
+        answer = await get("/v1/rounds", {"since": str(since)})
         for row in answer["rounds"]:
+            if cfg.max_rounds and len(seen) >= cfg.max_rounds:
+                break  # merged in the same poll as the fleet's last: not its own any more
             seen.append(row)
             on_round(row)
+        if seen:
+            since = seen[-1]["round"]
         quiet = quiet + 1 if phones_done.is_set() and not answer["rounds"] else 0
         if answer["finished"] and virtual:
             return seen
-        if answer["finished"] or (cfg.max_rounds and len(seen) >= cfg.max_rounds) or quiet >= 4:
+        # Phones gone and nothing new twice in a row: over once every merge the server made is recorded
+        # (its publisher evaluates each first: a server just restarted imports torch for that, ~4 s).
+        settled = quiet >= 2 and since >= int((await get("/v1/status")).get("round", 1)) - 1
+        if answer["finished"] or (cfg.max_rounds and len(seen) >= cfg.max_rounds) or settled:
             stop.set()  # phones leave after their current step
             return seen
         await asyncio.sleep(cfg.poll_s)
+
+
+def fleet_summary(result: FleetResult, cfg: FleetConfig, data: Dataset, wall_s: float, *, server: str,
+                  train_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``fedfleet simulate`` adds to summary.json (fedfleet.output.summarize's keys), for a fleet
+    against a running server: the same keys where they apply (config, dataset_sizes, clock,
+    event_loop, emulation, privacy), and ``server`` in place of ``server_process`` (the server is
+    not this command's): its URL, the rounds it had merged before the fleet joined, and the task
+    it served (which a fleet does not configure: its model, mode, plan, codec, rounds)."""
+    task = result.task
+    codec = dict((task.get("train") or {}).get("codec") or {})
+    enc = EncoderConfig.from_mapping(codec)
+    z = resolve_noise_multiplier(enc)
+    noised = enc.noise is not None and z is not None
+    last = result.rounds[-1] if result.rounds else {}
+    return {
+        "config": {**dataclasses.asdict(cfg), "dataset": data.name, "train_overrides": dict(train_overrides or {})},
+        "dataset_sizes": {"train": len(data.y_train), "test": len(data.y_test)},
+        "clock": "wall",
+        "event_loop": result.event_loop,
+        "emulation": {
+            "checkins": sum(d.checkins for d in result.devices),
+            "train_compute_s": round(result.train_compute_s, 3),
+            "train_fraction": round(result.train_compute_s / wall_s, 4) if wall_s else None,
+        },
+        "privacy": {
+            "mechanism": enc.noise if noised else None,
+            "clip": codec.get("clip"),
+            "noise_multiplier": z if noised else None,
+            "delta": task.get("dp_delta"),
+            "epsilon_max": last.get("epsilon_max"),
+            "epsilon_median": last.get("epsilon_median"),
+            # central DP is the server's setting, not in its task: what its records say it spent
+            "central": {"epsilon": last["central_epsilon"]} if last.get("central_epsilon") is not None else None,
+            "codec": codec,
+        },
+        "server": {
+            "url": server.rstrip("/"),
+            "joined_after_round": result.joined_after_round,
+            "task": {k: v for k, v in task.items() if k != "params"},
+        },
+    }

@@ -252,6 +252,7 @@ async def _update(request: web.Request) -> tuple[web.Response, dict[str, Any], A
         _check_signature(lambda: app[NONCES].verify(key or b"", phone, meta["base_version"], meta["update_id"], body,
                                                     request.headers.get(SIGNATURE_HEADER),
                                                     request.headers.get(NONCE_HEADER)), key)
+    _check_round(coord, msg.meta.get("round"), meta["base_version"])
     openings = coord.openings()
     answer = coord.add_update(phone, meta, msg.tensors, wire=body, norm=norm)
     durable, coord.durable = coord.durable, None
@@ -264,6 +265,22 @@ async def _update(request: web.Request) -> tuple[web.Response, dict[str, Any], A
     elif coord.openings() != openings:
         app[WORK].notify()  # an async slot is free again (in a sync round an upload frees nothing)
     return response, answer, durable, phone, str(meta["update_id"])
+
+
+def _check_round(coord: Coordinator, claimed: Any, base: int) -> None:
+    """``meta.round`` against the rounds this server handed out (400 ``wrong_round`` otherwise): a task
+    says ``round`` = merges + 1 when it is handed out, so no update can claim a round not begun yet;
+    and in sync mode an update on the current version belongs to the open round, exactly. An update on
+    an older version is judged by ``base_version`` (sync: stale; async: within ``max_staleness``,
+    its round long closed by design), and a retry of an accepted one carries its round unchanged."""
+    if type(claimed) is not int or claimed < 0:
+        fail(400, "bad_meta", "meta.round must be a non-negative integer")
+    current = coord.merges + 1
+    if claimed > current:
+        fail(400, "wrong_round", f"meta.round {claimed} has not begun: the server is in round {current}")
+    if coord.mode == "sync" and base == coord.version and claimed != current:
+        fail(400, "wrong_round", f"meta.round {claimed} disagrees with the round open on version {base}, "
+                                 f"round {current}; the task handed out for it said round {current}")
 
 
 def _check_signature(check: Callable[[], None], key: bytes | None) -> None:
