@@ -34,6 +34,7 @@ from server.state import (
     UploadGate,
     WorkSignal,
     background,
+    stop_holding,
 )
 from server.store import Store
 from server.sync_coordinator import SyncCoordinator
@@ -83,6 +84,7 @@ def make_app(
     setup_observability(app)
     setup_webphone(app)
     app.cleanup_ctx.append(background)
+    app.on_shutdown.append(stop_holding)
     if config.gc_freeze:
         app.on_startup.append(_freeze_heap)
         app.on_cleanup.append(_unfreeze_heap)

@@ -198,6 +198,14 @@ async def _ticker(app: web.Application) -> None:
             app[WORK].notify()  # a slot timed out or a round restarted: held check-ins look again
 
 
+async def stop_holding(app: web.Application) -> None:
+    """On shutdown, before aiohttp waits for the requests in progress: held check-ins (long polls)
+    answer now instead of waiting out ``checkin_hold_s`` for phones that may be gone, and new uploads
+    are refused (503, retry later). ``background``'s cleanup then lets uploads in progress finish."""
+    app[UPLOADS].closing = True
+    app[WORK].notify()
+
+
 async def background(app: web.Application) -> AsyncIterator[None]:
     app[PUBLISH_QUEUE] = asyncio.Queue()
     recover_records(app)
