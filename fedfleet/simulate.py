@@ -8,22 +8,28 @@ serving it are in fedfleet.serving.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import math
 import os
+import signal
+import sys
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from device_runtime import aio
-from device_runtime.data import Dataset, load_dataset
+from device_runtime.attacks import parse_attack
+from device_runtime.data import Dataset, check_dataset_name, load_dataset, parse_partition
 from device_runtime.limits import open_file_limit
-from device_runtime.profiles import ProfileSpec
+from device_runtime.profiles import ProfileSpec, load_profiles
 from device_runtime.vclock import VirtualClock, WallClock
 from fedfleet.output import RoundTable, summarize, write_run
 from fedfleet.serving import ServerProcess, serve_here
-from server.config import ServerConfig
+from server.config import ServerConfig, check_types
 from server.privacy import task_release
 
 if TYPE_CHECKING:  # the fleet (torch) and the server are imported where they run: see simulate, ServerProcess
@@ -87,6 +93,62 @@ class SimulateConfig:
     central_clip: float = 0.0  # central DP on the server (DP-FedAvg): clip ...
     central_noise_multiplier: float = 0.0  # ... and noise the sum
 
+    def __post_init__(self) -> None:
+        """Every setting checked before anything starts, with messages that name it as the flag (and
+        TOML key) a user gave: a bad value must not surface later as a traceback or an obscure error."""
+        check_types(self, _flag)
+        _check_range(self, [
+            ("phones", self.phones >= 1, "at least 1"), ("rounds", self.rounds >= 0, ">= 0 (0 = until stopped)"),
+            ("sample", 0 < self.sample <= 1, "a fraction in (0, 1]"),
+            ("quantity_skew", 0 <= self.quantity_skew < math.inf, ">= 0"),
+            ("attack_fraction", 0 <= self.attack_fraction <= 1, "a fraction in [0, 1]"),
+            ("local_epochs", self.local_epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("lr", 0 < self.lr < math.inf, "a positive number"), ("prox_mu", 0 <= self.prox_mu < math.inf, ">= 0"),
+            ("workers", self.workers >= 1, "at least 1"), ("trainer", self.trainer in ("batched", "pool"), "batched or pool"),
+            ("runtime", self.runtime in ("torch", "executorch", "onnx"), "torch, executorch or onnx"),
+            ("mode", self.mode in ("sync", "async"), "sync or async"),
+            ("concurrency", self.concurrency >= 1, "at least 1"), ("buffer", self.buffer >= 1, "at least 1"),
+            ("max_staleness", self.max_staleness >= 0, ">= 0"),
+            ("server_lr", 0 < self.server_lr < math.inf, "a positive number"),
+            ("compute_ms", 0 < self.compute_ms < math.inf, "a positive number of ms per sample"),
+            ("diurnal", 0 <= self.diurnal <= 1, "a fraction of phones in [0, 1]"),
+            ("dropout", 0 <= self.dropout < 1, "a probability in [0, 1)"),
+            ("clock", self.clock in ("auto", "wall", "virtual"), "auto, wall or virtual"),
+            ("hours", 0 <= self.hours < math.inf, ">= 0 (0 = no time limit)"),
+            ("server_process", self.server_process in ("auto", "yes", "no"), "auto, yes or no"),
+            ("start_spread_s", 0 <= self.start_spread_s < math.inf, ">= 0"),
+            ("clip", self.clip is None or 0 < self.clip < math.inf, "a positive number"),
+            ("noise", self.noise in (None, "gaussian", "laplace"), "gaussian or laplace"),
+            ("noise_multiplier", self.noise_multiplier is None or 0 <= self.noise_multiplier < math.inf, ">= 0"),
+            ("epsilon", self.epsilon is None or 0 < self.epsilon < math.inf, "a positive number"),
+            ("delta", 0 < self.delta < 1, "in (0, 1)"),
+            ("topk", self.topk is None or 0 < self.topk <= 1, "a fraction in (0, 1]"),
+            ("randk", self.randk is None or 0 < self.randk <= 1, "a fraction in (0, 1]"),
+            ("quant_bits", self.quant_bits in (32, 8, 4, 2, 1), "one of 32, 8, 4, 2, 1"),
+            ("quant_rounding", self.quant_rounding in ("stochastic", "nearest"), "stochastic or nearest"),
+            ("quant_scale", self.quant_scale in ("max", "fit"), "max or fit"),
+            ("epsilon_budget", 0 <= self.epsilon_budget < math.inf, ">= 0 (0 = no limit)"),
+            ("central_clip", 0 <= self.central_clip < math.inf, ">= 0"),
+            ("central_noise_multiplier", 0 <= self.central_noise_multiplier < math.inf, ">= 0"),
+        ])
+        if self.quant_scale == "fit" and (self.quant_bits == 32 or self.quant_rounding != "nearest"):
+            raise ValueError("--quant-scale fit needs --quant-bits below 32 and --quant-rounding nearest")
+        if self.noise_multiplier is not None and self.epsilon is not None:
+            raise ValueError("choose --noise-multiplier or --epsilon, not both")
+        if self.devices not in ("none", "default") and not Path(self.devices).is_file():
+            raise ValueError(f"devices (--devices) must be none, default or a CSV file of device profiles; "
+                             f"{self.devices!r} is not a file")
+        if self.devices not in ("none", "default"):
+            load_profiles(self.devices)
+        check_dataset_name(self.dataset)
+        parse_partition(self.partition)
+        parse_attack(self.attack)
+        try:  # what the server would refuse, refused now (the shape is the dataset's, known later)
+            self._server_config((1, 8, 8), 10, None)
+        except ValueError as exc:
+            named = [k for k in self.server if str(exc).startswith(k + " ")]
+            raise ValueError(f"server.{exc}" if named else str(exc)) from None
+
     def codec(self) -> dict[str, Any]:
         """The EncoderConfig fields phones are told to use (empty = dense float32)."""
         c: dict[str, Any] = {}
@@ -120,10 +182,13 @@ class SimulateConfig:
     server: dict[str, Any] = field(default_factory=dict)  # any other ServerConfig field
 
     def server_config(self, data: Dataset, data_dir: str | None) -> ServerConfig:
+        return self._server_config(data.input_shape, data.num_classes, data_dir)
+
+    def _server_config(self, input_shape: tuple[int, int, int], num_classes: int, data_dir: str | None) -> ServerConfig:
         base = ServerConfig(
             model=self.model,
-            input_shape=data.input_shape,
-            num_classes=data.num_classes,
+            input_shape=input_shape,
+            num_classes=num_classes,
             seed=self.seed,
             rounds=self.rounds,
             sample_fraction=self.sample,
@@ -162,7 +227,7 @@ class SimulateConfig:
         if self.server_process not in ("auto", "yes", "no"):
             raise ValueError("server_process must be auto, yes or no")
         if self.server_process == "yes" and self.virtual:
-            raise ValueError("server_process yes needs the wall clock: a virtual clock is shared in one process "
+            raise ValueError("--server-process yes needs the wall clock: a virtual clock is shared in one process "
                              "(use --clock wall, or --server-process no)")
         # auto: measured with bench_flower on 2 cores, its own process gave 10,000 phones 1.3x the
         # updates/s and 100 phones nothing (their rounds are latency-bound, not CPU-bound).
@@ -198,43 +263,90 @@ class SimulateConfig:
         )
 
 
-def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> SimulateConfig:
-    """Defaults < TOML file < command-line flags (flags left unset do not override)."""
+def _flag(name: str) -> str | None:
+    """The command-line flag of a SimulateConfig field (None: a TOML-only setting)."""
+    return None if name in ("server", "start_spread_s") else "--" + name.replace("_", "-")
+
+
+def _check_range(cfg: SimulateConfig, checks: list[tuple[str, bool, str]]) -> None:
+    for name, ok, wanted in checks:
+        if not ok:
+            raise ValueError(f"{name} ({_flag(name)}) must be {wanted}, got {getattr(cfg, name)!r}")
+
+
+def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any], source: str | None = None) -> SimulateConfig:
+    """Defaults < TOML file < command-line flags (flags left unset do not override). ``source``: the
+    TOML file's name, for messages about its values."""
     known = {f.name for f in dataclasses.fields(SimulateConfig)}
     values = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown settings: {', '.join(unknown)}")
-    return SimulateConfig(**values)
+        raise ValueError(f"{source + ': ' if source else ''}unknown settings: {', '.join(unknown)}")
+    try:
+        return SimulateConfig(**values)
+    except ValueError as exc:
+        from_file = source and any(k in file_values and cli_values.get(k) is None for k in _named(str(exc), values))
+        raise ValueError(f"{source}: {exc}" if from_file else str(exc)) from None
 
 
-async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tuple[FleetResult, dict[str, Any]]:
+def _named(message: str, values: dict[str, Any]) -> list[str]:
+    return [k for k in values if message.startswith((k + " ", k + "."))]
+
+
+async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *,
+                   interrupt: Interrupt | None = None) -> tuple[FleetResult, dict[str, Any]]:
+    """Run the simulation and write its outputs. ``interrupt`` (the command line): SIGINT and SIGTERM
+    end the run early but cleanly (see Interrupt); summary["interrupted"] then names the signal."""
     t0 = time.perf_counter()
     open_file_limit()  # raised before a server process starts, so that it inherits the limit too
     child = ServerProcess() if cfg.use_server_process else None  # first: it starts while this process does
+    if interrupt is not None:
+        interrupt.child = child
     try:
-        # The fleet's side (torch) is imported here, after the server process is on its way.
-        from device_runtime.fleet import run_fleet
-        from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+        with interrupt.installed() if interrupt is not None else contextlib.nullcontext():
+            # The fleet's side (torch) is imported here, after the server process is on its way.
+            from device_runtime import fleet as fleet_module
+            from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 
-        data = load_dataset(cfg.dataset, seed=cfg.seed)
-        out = Path(cfg.out)
-        server_cfg = cfg.server_config(data, str(out / "server"))
-        if cfg.runtime != "torch":  # phones run the exported artifacts: export them for this task
-            server_cfg = server_cfg.replace(bundle_dir=str(ensure_bundle(cfg, data, out / "bundle")))
-        _fresh_state(out / "server")
-        clock = VirtualClock() if cfg.virtual else WallClock()
-        async with contextlib.AsyncExitStack() as stack:
-            url = (await child.serve(server_cfg, data) if child is not None
-                   else await stack.enter_async_context(serve_here(server_cfg, data, clock)))
-            result = await run_fleet(url, data, cfg.fleet_config(), torch_runtime_for_task,
-                                     on_round=table or (lambda r: None), clock=clock)
-            if child is not None:
-                child.check_alive()
+            data = load_dataset(cfg.dataset, seed=cfg.seed)
+            out = Path(cfg.out)
+            server_cfg = cfg.server_config(data, str(out / "server"))
+            if cfg.runtime != "torch":  # phones run the exported artifacts: export them for this task
+                server_cfg = server_cfg.replace(bundle_dir=str(ensure_bundle(cfg, data, out / "bundle")))
+            _fresh_state(out / "server")
+            clock = VirtualClock() if cfg.virtual else WallClock()
+            rows: list[dict[str, Any]] = []  # the rounds recorded so far, should the fleet be cancelled
+
+            def on_round(row: dict[str, Any]) -> None:
+                rows.append(row)
+                if table is not None:
+                    table(row)
+
+            async with contextlib.AsyncExitStack() as stack:
+                finish: Callable[[], Awaitable[int]]
+                if child is not None:
+                    url, finish = await child.serve(server_cfg, data), child.finish
+                else:
+                    served = await stack.enter_async_context(serve_here(server_cfg, data, clock))
+                    url, finish = served.url, served.finish
+                fleet = asyncio.ensure_future(fleet_module.run_fleet(
+                    url, data, cfg.fleet_config(), torch_runtime_for_task, on_round=on_round, clock=clock))
+                if interrupt is not None:
+                    interrupt.fleet_started(fleet, finish)
+                try:
+                    result = await fleet
+                except asyncio.CancelledError:
+                    if interrupt is None or not interrupt.cancelled_fleet:
+                        raise
+                    result = fleet_module.FleetResult(rounds=rows, devices=[])  # no round merged: no phone stats
+                if child is not None:
+                    child.check_alive()
     finally:
         if child is not None:
             await child.stop()
     summary = summarize(result.rounds, result.devices, time.perf_counter() - t0)
+    if interrupt is not None and interrupt.signum:
+        summary["interrupted"] = signal.Signals(interrupt.signum).name
     summary["config"] = dataclasses.asdict(cfg)
     summary["dataset_sizes"] = {"train": len(data.y_train), "test": len(data.y_test)}
     summary["clock"] = "virtual" if cfg.virtual else "wall"
@@ -248,6 +360,78 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None) -> tupl
     summary["privacy"] = privacy_summary(task_release(server_cfg.codec), server_cfg, result.rounds)
     write_run(out, result.rounds, result.devices, summary)
     return result, summary
+
+
+class Interrupt:
+    """Ctrl-C (SIGINT) or SIGTERM during ``fedfleet simulate``. The first ends the run after the rounds
+    already merged: the server's task is cut to them (fedfleet.serving.finish_task), so the server
+    reports it finished, the fleet's phones leave, and the run's outputs are written as after a
+    planned last round. Before any merge, it cancels the fleet instead (no round to keep). A second
+    signal exits at once (exit status 128 + signal), killing the server process if there is one.
+    Before the fleet starts, the first cancels the run."""
+
+    def __init__(self) -> None:
+        self.child: ServerProcess | None = None
+        self.signum = 0
+        self.cancelled_fleet = False
+        self.fleet: asyncio.Future[Any] | None = None
+        self.finish: Callable[[], Awaitable[int]] | None = None
+        self.main: asyncio.Task[Any] | None = None
+        self._finishing: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        self.main = asyncio.current_task()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def fleet_started(self, fleet: asyncio.Future[Any], finish: Callable[[], Awaitable[int]]) -> None:
+        self.fleet, self.finish = fleet, finish
+        if self.signum:  # a signal came while the server started: act on it now
+            self._stop_fleet()
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.signum:
+            print(f"fedfleet simulate: {name} again: exiting now, without writing the run's outputs",
+                  file=sys.stderr, flush=True)
+            if self.child is not None:
+                self.child.kill()
+            os._exit(128 + signum)
+        self.signum = signum
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        print(f"\nfedfleet simulate: {name}: stopping after the rounds done, then writing the outputs "
+              f"({again} again to exit at once)", file=sys.stderr, flush=True)
+        if self.fleet is None:
+            if self.main is not None:
+                self.main.cancel()
+            return
+        self._stop_fleet()
+
+    def _stop_fleet(self) -> None:
+        self._finishing = asyncio.ensure_future(self._finish_task())
+
+    def _cancel(self) -> None:
+        if self.fleet is not None and not self.fleet.done():
+            self.cancelled_fleet = True
+            self.fleet.cancel()
+
+    async def _finish_task(self) -> None:
+        assert self.finish is not None
+        try:
+            kept = await self.finish()
+        except RuntimeError as exc:
+            print(f"fedfleet simulate: could not end the server's task ({exc}); stopping the phones",
+                  file=sys.stderr, flush=True)
+            kept = 0
+        if not kept:
+            self._cancel()
 
 
 def ensure_bundle(cfg: SimulateConfig, data: Dataset, path: Path) -> Path:
@@ -273,10 +457,24 @@ def _fresh_state(path: Path) -> None:
         (path / name).unlink(missing_ok=True)
 
 
-def run(cfg: SimulateConfig) -> dict[str, Any]:
+class Interrupted(Exception):
+    """A signal stopped the run before its fleet started: there is nothing to write."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} before the fleet started; nothing written")
+        self.signum = signum
+
+
+def run(cfg: SimulateConfig, interrupt: Interrupt | None = None) -> dict[str, Any]:
+    """``simulate`` with the live round table; ``interrupt``: see ``simulate`` (a run it cancels
+    before its fleet started raises Interrupted)."""
     table = RoundTable(total=cfg.rounds)
     try:
-        _, summary = aio.run(simulate(cfg, table))
+        _, summary = aio.run(simulate(cfg, table, interrupt=interrupt))
+    except asyncio.CancelledError:
+        if interrupt is None or not interrupt.signum:
+            raise
+        raise Interrupted(interrupt.signum) from None
     finally:
         table.close()
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ class ServerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.checkin_pace < 0 or self.checkin_retry_s < 0 or self.checkin_hold_s < 0:
             raise ValueError("checkin_pace, checkin_retry_s and checkin_hold_s must be >= 0")
         if self.max_concurrent_uploads < 1 or self.max_waiting_uploads < 0 or not self.upload_wait_s >= 0:
@@ -164,10 +166,50 @@ class ServerConfig:
 
 
 def load_toml(path: str | Path, section: str = "server") -> dict[str, Any]:
-    """Read one section of a TOML file (the whole file when it has no such table)."""
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
+    """Read one section of a TOML file (the whole file when it has no such table). Errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config {path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"--config {path}: {exc.strerror or exc}") from None
     sub = data.get(section, data)
     if not isinstance(sub, dict):
-        raise ValueError(f"{path}: [{section}] must be a table")
+        raise ValueError(f"--config {path}: [{section}] must be a table")
     return sub
+
+
+_KINDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind.startswith("tuple[int"):
+        return isinstance(value, (tuple, list)) and all(_is_kind(v, "int") for v in value)
+    if kind.startswith("dict["):
+        return isinstance(value, dict)
+    return True  # a type this check does not know: the field's own validation decides
+
+
+def check_types(obj: Any, flag: Any = None) -> None:
+    """Raise ValueError naming the first field of dataclass ``obj`` whose value is not of its annotated
+    type (from a TOML file, say: ``phones = "four"``), before arithmetic on it fails obscurely.
+    ``flag(name)``: the command-line flag of a field, added to the message when not None."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        kind = kinds[0]
+        if not _is_kind(value, kind):
+            words = _KINDS.get(kind, "a list of whole numbers" if kind.startswith("tuple") else "a table")
+            where = flag(f.name) if flag is not None else None
+            raise ValueError(f"{f.name}{f' ({where})' if where else ''} must be {words}, got {value!r}")

@@ -124,7 +124,8 @@ class EncoderConfig:
             raise ValueError(f"quant_scale must be 'max' or 'fit', got {self.quant_scale!r}")
         if self.quant_scale == "fit" and (self.quant_bits == 32 or self.stochastic_rounding):
             # a fitted scale clamps values beyond it: stochastic rounding would lose its unbiasedness
-            raise ValueError("quant_scale='fit' needs quant_bits < 32 and stochastic_rounding=False")
+            raise ValueError("quant_scale='fit' (--quant-scale fit) needs quant_bits < 32 (--quant-bits) and "
+                             "stochastic_rounding=False (--quant-rounding nearest)")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EncoderConfig:
