@@ -336,7 +336,7 @@ def _phone_fleet_config(args: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
 def _run_phones(args: argparse.Namespace, section: str, server: str, cfg: Any, fleet_cfg: Any,
                 overrides: dict[str, Any], rounds: int, backend: str) -> int:
     from device_runtime.data import load_dataset
-    from device_runtime.fleet import run_fleet
+    from device_runtime.fleet import FleetError, NamesTaken, fleet_summary, run_fleet
     from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
     from fedfleet.output import RoundTable, summarize, write_run
 
@@ -348,21 +348,35 @@ def _run_phones(args: argparse.Namespace, section: str, server: str, cfg: Any, f
         rows.append(row)
         table(row)
 
+    data = None
+    failure: FleetError | None = None
     try:
         if backend == "ray":
             result, signum = _fleet_on_ray(args, cfg.dataset, cfg.seed, fleet_cfg, overrides, on_round)
         else:
+            data = load_dataset(cfg.dataset, seed=cfg.seed)
             result, signum = aio.run(_until_signal(run_fleet(
-                server, load_dataset(cfg.dataset, seed=cfg.seed), fleet_cfg, torch_runtime_for_task,
-                on_round=on_round, train_overrides=overrides), section))
+                server, data, fleet_cfg, torch_runtime_for_task, on_round=on_round, train_overrides=overrides),
+                section))
+    except FleetError as exc:
+        if isinstance(exc, NamesTaken) or exc.result is None:
+            raise CliError(str(exc)) from None
+        failure, result, signum = exc, exc.result, 0
     finally:
         table.close()
     devices = result.devices if result is not None else []
-    summary = summarize(result.rounds if result is not None else rows, devices, time.perf_counter() - t0)
+    wall_s = time.perf_counter() - t0
+    summary = summarize(result.rounds if result is not None else rows, devices, wall_s)
+    if result is not None and data is not None:
+        summary.update(fleet_summary(result, fleet_cfg, data, wall_s, server=server, train_overrides=overrides))
     if signum:
         summary["interrupted"] = signal.Signals(signum).name
     write_run(Path(cfg.out), result.rounds if result is not None else rows, devices, summary)
     print(json.dumps({k: summary[k] for k in ("rounds", "final_accuracy", "bytes_up", "bytes_down")}))
+    if failure is not None:  # what the phones saw is written: the error is the server's, not the user's
+        print(f"fedfleet {section}: error: {failure}; wrote its {summary['rounds']} rounds to {cfg.out}",
+              file=sys.stderr, flush=True)
+        return 1
     if signum:
         print(f"fedfleet {section}: stopped by {summary['interrupted']} after {summary['rounds']} rounds; wrote "
               f"{cfg.out}/metrics.jsonl and summary.json (no devices.csv: the phones' counts end with them)",
@@ -570,10 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fleet_task_flags(p: argparse.ArgumentParser) -> None:
-    """What --rounds, --sample and --model mean against a running server (read from run_fleet)."""
-    p.add_argument("--rounds", type=int, help="leave once the server has recorded at least N rounds in all, counting "
-                                              "rounds it ran before these phones joined (default 0: until the "
-                                              "server's task is done)")
+    """What --rounds, --sample and --model mean against a running server (see run_fleet, _monitor)."""
+    p.add_argument("--rounds", type=int, help="leave after N rounds merged since these phones joined (rounds the "
+                                              "server ran before are not counted; default 0: until the server's "
+                                              "task is done)")
     p.add_argument("--sample", type=float, help="probability that a phone is available at each check-in; the "
                                                 "server decides cohorts (default 1)")
     p.add_argument("--model", help="refuse to run unless the server trains this model (default: the server's "

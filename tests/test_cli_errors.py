@@ -223,3 +223,8 @@ def test_phone_trains_on_one_shard_and_says_which(server: str, tmp_path: Path) -
     rows = list(csv.DictReader((tmp_path / "devices.csv").open()))
     assert [(r["phone"], int(r["examples"])) for r in rows] == [("solo-00003", len(shard))]
     assert int(rows[0]["participations"]) >= 1 and time.perf_counter() - started < 300
+    again = subprocess.run([sys.executable, "-m", "fedfleet.cli", "phone", "--server", server, "--name", "solo",
+                            "--shard", "3/10", "--out", str(tmp_path / "again")], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 2
+    _one_error_line(again.stderr, "phone", "solo", "--name")  # its name is taken: one line, no traceback
