@@ -49,6 +49,7 @@ class FleetConfig:
     workers: int = 2  # local trainings running at once (one runtime each)
     availability: float = 1.0  # probability a phone is available at a check-in
     name_prefix: str = "phone"
+    phone_name: str | None = None  # one phone (fedfleet phone --name): it registers as exactly this
     max_rounds: int = 0  # stop after the server recorded this many rounds (0 = until it finishes)
     poll_s: float = 0.25
     hours: float = 0.0  # stop after this much (virtual) time; 0 = until the server's task is done
@@ -87,6 +88,8 @@ class FleetConfig:
             raise ValueError("attack_fraction must be in [0, 1]")
         if not 0 <= self.shard_index < self.shard_count <= self.phones:
             raise ValueError(f"shard {self.shard_index} of {self.shard_count} is not a shard of {self.phones} phones")
+        if self.phone_name is not None and len(shard_phones(self.phones, self.shard_index, self.shard_count)) != 1:
+            raise ValueError("phone_name names one phone: the shard that runs must hold exactly one")
 
 
 def shard_phones(phones: int, shard_index: int, shard_count: int) -> range:
@@ -232,7 +235,7 @@ async def run_fleet(
             return PhoneClient(
                 session,
                 server,
-                f"{cfg.name_prefix}-{i:05d}",
+                cfg.phone_name or f"{cfg.name_prefix}-{i:05d}",
                 shard_data,
                 None,
                 phone_rng,
@@ -292,7 +295,8 @@ async def run_fleet(
                 await _in_waves(registrations, WAVE)
             except ServerError as exc:
                 if exc.status == 409 and exc.reason == "name_taken":
-                    raise _names_taken(server, cfg.name_prefix, sum(1 for p in phones if p.token)) from None
+                    raise _names_taken(server, cfg.phone_name or f"{cfg.name_prefix}-NNNNN",
+                                       sum(1 for p in phones if p.token)) from None
                 raise
             if registered is not None:
                 await registered()
@@ -349,10 +353,10 @@ async def _run_phone(p: PhoneClient, stop: asyncio.Event, until: float | None, s
         failures.append((p.name, exc))
 
 
-def _names_taken(server: str, prefix: str, registered: int) -> NamesTaken:
+def _names_taken(server: str, names: str, registered: int) -> NamesTaken:
     extra = f" ({registered} phones of this fleet registered before that and stay registered)" if registered else ""
     return NamesTaken(
-        f"the server at {server.rstrip('/')} already has phones named {prefix}-NNNNN: an earlier fleet or phone "
+        f"the server at {server.rstrip('/')} already has phones named {names}: an earlier fleet or phone "
         f"registered them and was given their tokens, which the server hands out once, so these phones cannot "
         f"act as them{extra}; pick another --name-prefix (fedfleet phone: --name)")
 

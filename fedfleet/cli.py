@@ -325,10 +325,10 @@ def _phone_fleet_config(args: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
 
     index, count = args.shard
     fleet_cfg = dataclasses.replace(cfg.fleet_config(), phones=count, shard_index=index, shard_count=count,
-                                    server_here=False, name_prefix=args.name)
+                                    server_here=False, name_prefix=args.name, phone_name=args.name)
     data = load_dataset(cfg.dataset, seed=cfg.seed)
     part = partition(data.y_train, count, cfg.partition, np.random.default_rng(cfg.seed), cfg.quantity_skew)[index]
-    return fleet_cfg, (f"fedfleet phone: {args.name}-{index:05d} trains on shard {index} of {count} of "
+    return fleet_cfg, (f"fedfleet phone: {args.name} trains on shard {index} of {count} of "
                        f"{cfg.dataset} ({len(part)} of {len(data.y_train)} examples, partition {cfg.partition}, "
                        f"seed {cfg.seed})")
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from server.config import ServerConfig
 from server.http import check_admin, fail, json_response, read_json
-from server.state import CONFIG, COORD, STORE
+from server.state import CONFIG, COORD, STORE, WORK
 
 MAX_LOCAL_EPOCHS = 1000  # passes over a phone's data per task: more is a typo, and a phone would train for hours
 MAX_BATCH_SIZE = 1 << 16
@@ -76,6 +76,7 @@ async def plan(request: web.Request) -> web.Response:
     except (TypeError, ValueError) as exc:
         fail(400, "bad_plan", str(exc))
     request.app[COORD].config = config  # the app's CONFIG key is frozen; the coordinator reads its own
+    request.app[WORK].notify()  # held check-ins look again: the new plan may have ended the task
     return json_response({"train": config.train_plan(), "rounds": config.rounds})
 
 

@@ -3,13 +3,15 @@ a refused plan answers 400 naming the field and leaves the tasks handed out as t
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from device_runtime.runtimes.base import TrainConfig
 from server.admin import MAX_BATCH_SIZE, MAX_LOCAL_EPOCHS
-from tests.conftest import MakeClient, register
+from tests.conftest import MakeClient, register, update_body
 
 ADMIN = {"Authorization": "Bearer s3cret"}
 BAD = [
@@ -78,3 +80,22 @@ async def test_the_limits_are_inside_what_phones_accept(make_server: MakeClient,
     assert (await client.post("/v1/admin/plan", json=plan, headers=ADMIN)).status == 200
     task = await _task(client, auth)
     TrainConfig(**{k: task[k] for k in plan})
+
+
+async def test_a_plan_that_ends_the_task_answers_the_held_checkins_at_once(make_server: MakeClient) -> None:
+    client = await make_server(admin_token="s3cret", rounds=0, sample_fraction=0.5, over_selection=1.0,
+                               min_cohort=1, checkin_hold_s=30.0)
+    _, auth_a, task = await register(client, "a")
+    _, auth_b, _ = await register(client, "b")
+    assert (await _task(client, auth_a))  # round 1's one seat
+    resp = await client.post("/v1/update", data=update_body(task), headers=auth_a)
+    assert resp.status == 200, await resp.text()  # round 1 merges: version 1, round 2 opens
+    assert (await _task(client, auth_a))  # round 2's one seat
+    held = asyncio.ensure_future(client.post("/v1/checkin", headers=auth_b))  # no seat: held up to 30 s
+    await asyncio.sleep(0.3)
+    assert not held.done()
+    t0 = time.monotonic()
+    resp = await client.post("/v1/admin/plan", json={"rounds": 1}, headers=ADMIN)  # the task is now done
+    assert resp.status == 200, await resp.text()
+    answer = await (await asyncio.wait_for(held, 5.0)).json()
+    assert answer["action"] == "done" and time.monotonic() - t0 < 5.0, answer
