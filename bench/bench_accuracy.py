@@ -34,7 +34,7 @@ from device_runtime.data import load_dataset
 from device_runtime.runtimes import TrainConfig
 from device_runtime.runtimes.torch_runtime import TorchRuntime
 from export.models import ModelSpec, build_model
-from fedfleet.simulate import SimulateConfig
+from fedfleet.simulate_config import SimulateConfig
 
 
 def central_accuracy(dataset: str, model: str, epochs: int, seed: int) -> tuple[float, float]:

@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any
 
 from bench.common import first_reaching, run_sim, table, write
-from fedfleet.simulate import SimulateConfig
+from fedfleet.simulate_config import SimulateConfig
 
 
 def configs(args: argparse.Namespace) -> dict[str, SimulateConfig]:

@@ -41,7 +41,7 @@ import numpy as np
 from bench.common import run_sim, table, write
 from device_runtime.attacks import choose_attackers
 from device_runtime.data import load_dataset, partition
-from fedfleet.simulate import SimulateConfig
+from fedfleet.simulate_config import SimulateConfig
 
 FRACTIONS = (0.02, 0.10, 0.20)
 # Honest MLP deltas on digits (2,410 weights) have an L2 norm of about 0.5; noise:3 (norm ~150)

@@ -100,7 +100,7 @@ def write_npz(path: Path, dataset: str, phones: int, seed: int) -> None:
 def _fedfleet_child(cfg_kwargs: dict[str, Any], loop: str, conn: Any) -> None:
     os.environ["FEDFLEET_LOOP"] = loop  # this process and a server process it starts
     from bench.common import run_sim
-    from fedfleet.simulate import SimulateConfig
+    from fedfleet.simulate_config import SimulateConfig
 
     rows, summary, total_s = run_sim(SimulateConfig(**cfg_kwargs))
     # With the server in its own (finished) child process, its peak counts too.

@@ -28,7 +28,7 @@ from device_runtime import aio
 
 
 def workload(phones: int, hours: float, seed: int = 0) -> Any:
-    from fedfleet.simulate import SimulateConfig
+    from fedfleet.simulate_config import SimulateConfig
 
     concurrency = max(50, phones // 100)
     return SimulateConfig(

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from device_runtime import aio
-from fedfleet.simulate import SimulateConfig, simulate
+from fedfleet.simulate import simulate
+from fedfleet.simulate_config import SimulateConfig
 
 RESULTS = Path(__file__).parent / "results"
 

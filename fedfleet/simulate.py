@@ -11,286 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from device_runtime import aio
-from device_runtime.attacks import parse_attack
-from device_runtime.data import Dataset, check_dataset_name, load_dataset, parse_partition
+from device_runtime.data import Dataset, load_dataset
 from device_runtime.limits import open_file_limit
-from device_runtime.profiles import ProfileSpec, load_profiles
 from device_runtime.vclock import VirtualClock, WallClock
 from fedfleet.output import RoundTable, summarize, write_run
 from fedfleet.serving import ServerProcess, serve_here
-from server.config import ServerConfig, check_types
+from fedfleet.simulate_config import SimulateConfig
+from server.config import ServerConfig
 from server.privacy import task_release
 
 if TYPE_CHECKING:  # the fleet (torch) and the server are imported where they run: see simulate, ServerProcess
-    from device_runtime.fleet import FleetConfig, FleetResult
-
-AUTO_SERVER_PROCESS_PHONES = 1000  # server_process "auto": its own process from this fleet size on
-
-
-@dataclass(frozen=True)
-class SimulateConfig:
-    phones: int = 50
-    rounds: int = 10
-    sample: float = 0.5  # fraction of phones whose updates each round waits for
-    dataset: str = "digits"
-    model: str = "cnn"
-    partition: str = "iid"
-    quantity_skew: float = 0.0
-    attack: str = "none"  # Byzantine phones: none | signflip | scale:F | noise:STD | labelflip
-    attack_fraction: float = 0.0  # share of phones that attack
-    robust: str = "none"  # server rule: none | normbound:C | median | trimmed:B | krum:F | multikrum:F[:M]
-    local_epochs: int = 5
-    batch_size: int = 8
-    lr: float = 0.1
-    prox_mu: float = 0.0
-    seed: int = 0
-    workers: int = 2
-    trainer: str = "batched"  # batched (vmap across phones on one version) | pool (one phone at a time)
-    runtime: str = "torch"
-    out: str = "runs/latest"
-    mode: str = "sync"  # sync | async (FedBuff)
-    concurrency: int = 20  # async: phones training at once
-    buffer: int = 10  # async: updates per merge
-    staleness: str = "poly:0.5"  # async: constant | inverse | poly:A | hinge:A:B
-    max_staleness: int = 20
-    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
-    server_lr: float = 1.0
-    devices: str = "none"  # none | default | PATH.csv: emulated device speeds, links, availability
-    compute_ms: float = 5.0  # default devices: mean ms per training sample
-    diurnal: float = 0.0  # default devices: fraction of phones only available at night
-    dropout: float = 0.0  # default devices: probability of vanishing mid-task
-    clock: str = "auto"  # wall | virtual | auto (virtual when devices are emulated)
-    hours: float = 0.0  # stop the fleet after this much (virtual) time; 0 = when the rounds are done
-    server_process: str = "auto"  # auto | yes | no: the server in a child process (wall clock only; see use_server_process)
-    inline_model: bool = True  # phones take the model in the check-in's answer (no GET /v1/model)
-    chain_checkin: bool | None = None  # phones check in again with their upload (None: see FleetConfig)
-    start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
-    # update codec and privacy (the task tells phones how to encode; see protocol/FORMAT.md)
-    clip: float | None = None  # L2 clipping norm C of each update
-    noise: str | None = None  # gaussian | laplace (default gaussian when a noise level is given)
-    noise_multiplier: float | None = None  # local DP noise std = z * C ...
-    epsilon: float | None = None  # ...or calibrated to this epsilon per release, at delta
-    delta: float = 1e-5
-    topk: float | None = None  # fraction of each tensor sent (top-k by magnitude)
-    randk: float | None = None  # ...or a random fraction (unbiased, rescaled)
-    quant_bits: int = 32  # 32 | 8 | 4 | 2 | 1 (stochastic, per-chunk scales)
-    error_feedback: bool = False  # keep what sparsification dropped for the next update
-    compress: bool = False  # zlib over the payload
-    quant_rounding: str = "stochastic"  # stochastic (unbiased) | nearest (deterministic; for error feedback)
-    quant_scale: str = "max"  # max | fit (least-squares scale per chunk; needs quant_rounding nearest)
-    epsilon_budget: float = 0.0  # stop scheduling a phone past this local epsilon (0 = no limit)
-    central_clip: float = 0.0  # central DP on the server (DP-FedAvg): clip ...
-    central_noise_multiplier: float = 0.0  # ... and noise the sum
-
-    def __post_init__(self) -> None:
-        """Every setting checked before anything starts, with messages that name it as the flag (and
-        TOML key) a user gave: a bad value must not surface later as a traceback or an obscure error."""
-        check_types(self, _flag)
-        _check_range(self, [
-            ("phones", self.phones >= 1, "at least 1"), ("rounds", self.rounds >= 0, ">= 0 (0 = until stopped)"),
-            ("sample", 0 < self.sample <= 1, "a fraction in (0, 1]"),
-            ("quantity_skew", 0 <= self.quantity_skew < math.inf, ">= 0"),
-            ("attack_fraction", 0 <= self.attack_fraction <= 1, "a fraction in [0, 1]"),
-            ("local_epochs", self.local_epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("lr", 0 < self.lr < math.inf, "a positive number"), ("prox_mu", 0 <= self.prox_mu < math.inf, ">= 0"),
-            ("workers", self.workers >= 1, "at least 1"), ("trainer", self.trainer in ("batched", "pool"), "batched or pool"),
-            ("runtime", self.runtime in ("torch", "executorch", "onnx"), "torch, executorch or onnx"),
-            ("mode", self.mode in ("sync", "async"), "sync or async"),
-            ("concurrency", self.concurrency >= 1, "at least 1"), ("buffer", self.buffer >= 1, "at least 1"),
-            ("max_staleness", self.max_staleness >= 0, ">= 0"),
-            ("server_lr", 0 < self.server_lr < math.inf, "a positive number"),
-            ("compute_ms", 0 < self.compute_ms < math.inf, "a positive number of ms per sample"),
-            ("diurnal", 0 <= self.diurnal <= 1, "a fraction of phones in [0, 1]"),
-            ("dropout", 0 <= self.dropout < 1, "a probability in [0, 1)"),
-            ("clock", self.clock in ("auto", "wall", "virtual"), "auto, wall or virtual"),
-            ("hours", 0 <= self.hours < math.inf, ">= 0 (0 = no time limit)"),
-            ("server_process", self.server_process in ("auto", "yes", "no"), "auto, yes or no"),
-            ("start_spread_s", 0 <= self.start_spread_s < math.inf, ">= 0"),
-            ("clip", self.clip is None or 0 < self.clip < math.inf, "a positive number"),
-            ("noise", self.noise in (None, "gaussian", "laplace"), "gaussian or laplace"),
-            ("noise_multiplier", self.noise_multiplier is None or 0 <= self.noise_multiplier < math.inf, ">= 0"),
-            ("epsilon", self.epsilon is None or 0 < self.epsilon < math.inf, "a positive number"),
-            ("delta", 0 < self.delta < 1, "in (0, 1)"),
-            ("topk", self.topk is None or 0 < self.topk <= 1, "a fraction in (0, 1]"),
-            ("randk", self.randk is None or 0 < self.randk <= 1, "a fraction in (0, 1]"),
-            ("quant_bits", self.quant_bits in (32, 8, 4, 2, 1), "one of 32, 8, 4, 2, 1"),
-            ("quant_rounding", self.quant_rounding in ("stochastic", "nearest"), "stochastic or nearest"),
-            ("quant_scale", self.quant_scale in ("max", "fit"), "max or fit"),
-            ("epsilon_budget", 0 <= self.epsilon_budget < math.inf, ">= 0 (0 = no limit)"),
-            ("central_clip", 0 <= self.central_clip < math.inf, ">= 0"),
-            ("central_noise_multiplier", 0 <= self.central_noise_multiplier < math.inf, ">= 0"),
-        ])
-        if self.quant_scale == "fit" and (self.quant_bits == 32 or self.quant_rounding != "nearest"):
-            raise ValueError("--quant-scale fit needs --quant-bits below 32 and --quant-rounding nearest")
-        if self.noise_multiplier is not None and self.epsilon is not None:
-            raise ValueError("choose --noise-multiplier or --epsilon, not both")
-        if self.devices not in ("none", "default") and not Path(self.devices).is_file():
-            raise ValueError(f"devices (--devices) must be none, default or a CSV file of device profiles; "
-                             f"{self.devices!r} is not a file")
-        if self.devices not in ("none", "default"):
-            load_profiles(self.devices)
-        check_dataset_name(self.dataset)
-        parse_partition(self.partition)
-        parse_attack(self.attack)
-        try:  # what the server would refuse, refused now (the shape is the dataset's, known later)
-            self._server_config((1, 8, 8), 10, None)
-        except ValueError as exc:
-            named = [k for k in self.server if str(exc).startswith(k + " ")]
-            raise ValueError(f"server.{exc}" if named else str(exc)) from None
-
-    def codec(self) -> dict[str, Any]:
-        """The EncoderConfig fields phones are told to use (empty = dense float32)."""
-        c: dict[str, Any] = {}
-        if self.clip is not None:
-            c["clip"] = self.clip
-        if self.noise_multiplier is not None or self.epsilon is not None or self.noise is not None:
-            c["noise"] = self.noise or "gaussian"
-            if c["noise"] == "laplace":
-                c["clip_ord"] = 1
-            if self.noise_multiplier is not None:
-                c["noise_multiplier"] = self.noise_multiplier
-            else:
-                c.update(epsilon=self.epsilon, delta=self.delta)
-        if self.topk is not None and self.randk is not None:
-            raise ValueError("choose --topk or --randk, not both")
-        if self.topk is not None or self.randk is not None:
-            c.update(sparsify="topk" if self.topk is not None else "randk", density=self.topk or self.randk)
-        if self.quant_bits != 32:
-            c["quant_bits"] = self.quant_bits
-        if self.error_feedback:
-            c["error_feedback"] = True
-        if self.compress:
-            c["compress"] = True
-        if self.quant_rounding not in ("stochastic", "nearest"):
-            raise ValueError("quant_rounding must be stochastic or nearest")
-        if self.quant_rounding == "nearest":
-            c["stochastic_rounding"] = False
-        if self.quant_scale != "max":
-            c["quant_scale"] = self.quant_scale
-        return c
-    server: dict[str, Any] = field(default_factory=dict)  # any other ServerConfig field
-
-    def server_config(self, data: Dataset, data_dir: str | None) -> ServerConfig:
-        return self._server_config(data.input_shape, data.num_classes, data_dir)
-
-    def _server_config(self, input_shape: tuple[int, int, int], num_classes: int, data_dir: str | None) -> ServerConfig:
-        base = ServerConfig(
-            model=self.model,
-            input_shape=input_shape,
-            num_classes=num_classes,
-            seed=self.seed,
-            rounds=self.rounds,
-            sample_fraction=self.sample,
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            prox_mu=self.prox_mu,
-            # Over-selection guards against stragglers and dropouts; phones without emulated devices
-            # have neither, so the extra phones' work would only be thrown away.
-            over_selection=ServerConfig.over_selection if self.devices != "none" else 1.0,
-            checkin_retry_s=5.0 if self.virtual else 0.25,
-            # Long polls on the wall clock only, held up to 25 s: a phone left out of a round waits for
-            # the next one in one request (at 10,000 phones, rounds take ~20 s; a 5 s hold cost ~1.8
-            # check-ins per update).
-            checkin_hold_s=0.0 if self.virtual else 25.0,
-            data_dir=data_dir,
-            sqlite_sync="normal",  # an emulation's state need not survive a power cut, only a crash
-            mode=self.mode,
-            concurrency=self.concurrency,
-            buffer_size=self.buffer,
-            staleness=self.staleness,
-            max_staleness=self.max_staleness,
-            server_optimizer=self.server_optimizer,
-            server_lr=self.server_lr,
-            codec=self.codec(),
-            robust=self.robust,
-            dp_delta=self.delta,
-            epsilon_budget=self.epsilon_budget,
-            central_clip=self.central_clip,
-            central_noise_multiplier=self.central_noise_multiplier,
-        )
-        return base.replace(**self.server) if self.server else base
-
-    @property
-    def use_server_process(self) -> bool:
-        if self.server_process not in ("auto", "yes", "no"):
-            raise ValueError("server_process must be auto, yes or no")
-        if self.server_process == "yes" and self.virtual:
-            raise ValueError("--server-process yes needs the wall clock: a virtual clock is shared in one process "
-                             "(use --clock wall, or --server-process no)")
-        # auto: measured with bench_flower on 2 cores, its own process gave 10,000 phones 1.3x the
-        # updates/s and 100 phones nothing (their rounds are latency-bound, not CPU-bound).
-        return not self.virtual and (self.server_process == "yes" or (
-            self.server_process == "auto" and (os.cpu_count() or 1) >= 2 and self.phones >= AUTO_SERVER_PROCESS_PHONES))
-
-    @property
-    def virtual(self) -> bool:
-        if self.clock not in ("auto", "wall", "virtual"):
-            raise ValueError("clock must be auto, wall or virtual")
-        return self.clock == "virtual" or (self.clock == "auto" and self.devices != "none")
-
-    def fleet_config(self) -> FleetConfig:
-        from device_runtime.fleet import FleetConfig
-
-        return FleetConfig(
-            phones=self.phones,
-            partition=self.partition,
-            quantity_skew=self.quantity_skew,
-            attack=self.attack,
-            attack_fraction=self.attack_fraction,
-            seed=self.seed,
-            workers=self.workers,
-            trainer=self.trainer,
-            runtime=self.runtime,
-            hours=self.hours,
-            inline_model=self.inline_model,
-            chain_checkin=self.chain_checkin,
-            start_spread_s=self.start_spread_s,
-            server_here=not self.use_server_process,
-            devices=self.devices,
-            profile_spec=ProfileSpec(compute_ms=self.compute_ms, diurnal=self.diurnal, dropout=self.dropout),
-        )
-
-
-def _flag(name: str) -> str | None:
-    """The command-line flag of a SimulateConfig field (None: a TOML-only setting)."""
-    return None if name in ("server", "start_spread_s") else "--" + name.replace("_", "-")
-
-
-def _check_range(cfg: SimulateConfig, checks: list[tuple[str, bool, str]]) -> None:
-    for name, ok, wanted in checks:
-        if not ok:
-            raise ValueError(f"{name} ({_flag(name)}) must be {wanted}, got {getattr(cfg, name)!r}")
-
-
-def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any], source: str | None = None) -> SimulateConfig:
-    """Defaults < TOML file < command-line flags (flags left unset do not override). ``source``: the
-    TOML file's name, for messages about its values."""
-    known = {f.name for f in dataclasses.fields(SimulateConfig)}
-    values = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{source + ': ' if source else ''}unknown settings: {', '.join(unknown)}")
-    try:
-        return SimulateConfig(**values)
-    except ValueError as exc:
-        from_file = source and any(k in file_values and cli_values.get(k) is None for k in _named(str(exc), values))
-        raise ValueError(f"{source}: {exc}" if from_file else str(exc)) from None
-
-
-def _named(message: str, values: dict[str, Any]) -> list[str]:
-    return [k for k in values if message.startswith((k + " ", k + "."))]
+    from device_runtime.fleet_result import FleetResult
 
 
 async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *,
@@ -306,6 +46,7 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *,
         with interrupt.installed() if interrupt is not None else contextlib.nullcontext():
             # The fleet's side (torch) is imported here, after the server process is on its way.
             from device_runtime import fleet as fleet_module
+            from device_runtime.fleet_result import FleetResult
             from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 
             data = load_dataset(cfg.dataset, seed=cfg.seed)
@@ -338,7 +79,7 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *,
                 except asyncio.CancelledError:
                     if interrupt is None or not interrupt.cancelled_fleet:
                         raise
-                    result = fleet_module.FleetResult(rounds=rows, devices=[])  # no round merged: no phone stats
+                    result = FleetResult(rounds=rows, devices=[])  # no round merged: no phone stats
                 if child is not None:
                     child.check_alive()
     finally:

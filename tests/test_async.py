@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfleet.simulate import SimulateConfig, simulate
+from fedfleet.simulate import simulate
+from fedfleet.simulate_config import SimulateConfig
 from server.app import make_app
 from server.config import ServerConfig
 from server.optimizers import ServerOptimizer

@@ -14,7 +14,8 @@ from device_runtime.bundle_client import fetch_bundle
 from device_runtime.data import load_dataset
 from export.build import ExportConfig, export_bundle
 from export.manifest import HashMismatch
-from fedfleet.simulate import SimulateConfig, simulate
+from fedfleet.simulate import simulate
+from fedfleet.simulate_config import SimulateConfig
 from server.app import make_app
 from server.config import ServerConfig
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_byzantine import true_attackers
-from fedfleet.simulate import SimulateConfig, simulate
+from fedfleet.simulate import simulate
+from fedfleet.simulate_config import SimulateConfig
 
 
 async def test_robust_rules_resist_noise_attackers(tmp_path: Path) -> None:

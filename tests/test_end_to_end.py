@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fedfleet.simulate import SimulateConfig, merge_config, simulate
+from fedfleet.simulate import simulate
+from fedfleet.simulate_config import SimulateConfig, merge_config
 from server.app import make_app
 from server.config import ServerConfig
 from server.state import COORD

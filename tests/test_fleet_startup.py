@@ -20,7 +20,8 @@ from device_runtime import fleet
 from device_runtime.client import _mean_cell
 from device_runtime.data import load_dataset
 from fedfleet.serving import ServerProcess
-from fedfleet.simulate import SimulateConfig, simulate
+from fedfleet.simulate import simulate
+from fedfleet.simulate_config import SimulateConfig
 
 
 def test_devices_csv_means_are_numpys_bit_for_bit() -> None:

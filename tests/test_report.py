@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from fedfleet.report import cmd_report, load_runs, register, render
-from fedfleet.simulate import SimulateConfig, simulate
+from fedfleet.simulate import simulate
+from fedfleet.simulate_config import SimulateConfig
 
 ALWAYS = ["accuracy_loss", "bytes", "latency"]
 

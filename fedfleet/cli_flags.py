@@ -1,0 +1,173 @@
+"""The flags of ``fedfleet``'s subcommands, and the SimulateConfig values they (and a TOML file) give."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from server.config import load_toml
+
+# Settings of the server's task: `simulate` starts its own server and takes them; `fleet` and `phone`
+# join a running server whose task decides them, so there they are refused (see _refuse).
+SERVER_SETTINGS = ("mode", "concurrency", "buffer", "staleness", "max_staleness", "server_optimizer", "server_lr",
+                   "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk", "quant_bits",
+                   "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget", "central_clip",
+                   "central_noise_multiplier", "robust", "server_process")
+# What only a fleet of several phones takes: refused on `phone`.
+FLEET_SETTINGS = ("phones", "workers", "trainer", "attack", "attack_fraction")
+
+
+def _phone_side_flags(p: argparse.ArgumentParser, fleet: bool) -> None:
+    """The flags of the phones' side, for simulate and fleet (``fleet``) or one phone (not ``fleet``)."""
+    p.add_argument("--config", help="TOML file with any of these settings (flags override it)")
+    if fleet:
+        p.add_argument("--phones", type=int, help="number of emulated phones (default 50)")
+    p.add_argument("--dataset", help="the phones' data: digits | mnist5k | synthetic[:N[:SIDE]] | mnist:PATH | "
+                                     "fashion:PATH | cifar10:PATH (default digits)")
+    p.add_argument("--partition", help="how the training set is split among phones: iid | dirichlet:ALPHA | "
+                                       "shards:K (default iid)")
+    p.add_argument("--quantity-skew", type=float, help="iid: lognormal sigma of phone data sizes (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the phones' data split and every random choice (default 0)")
+    if fleet:
+        p.add_argument("--workers", type=int, help="local trainings in parallel with --trainer pool (default 2)")
+        p.add_argument("--trainer", choices=["batched", "pool"], help="batched: phones on one version train in one "
+                                                                       "vmapped step (default); pool: one by one")
+    p.add_argument("--runtime", choices=["torch", "executorch", "onnx"], help="on-device runtime (default torch)")
+    p.add_argument("--out", help="output folder for metrics.jsonl, summary.json, devices.csv (default runs/latest)")
+    p.add_argument("--devices", help="none | default | PATH.csv: emulated device speeds, links, availability "
+                                     "(default none)")
+    p.add_argument("--compute-ms", type=float, help="default devices: mean ms per training sample (default 5)")
+    p.add_argument("--diurnal", type=float, help="default devices: fraction available only at night (default 0)")
+    p.add_argument("--dropout", type=float, help="default devices: probability of vanishing mid-task (default 0)")
+    p.add_argument("--hours", type=float, help="stop after this much (virtual) time, e.g. 24 for a day "
+                                               "(default 0: no limit)")
+    if fleet:
+        p.add_argument("--attack", help="Byzantine phones: none | signflip | scale:F | noise:STD | labelflip "
+                                        "(default none)")
+        p.add_argument("--attack-fraction", type=float, help="share of phones that attack (default 0)")
+    p.add_argument("--inline-model", choices=["yes", "no"],
+                   help="phones take the model in the check-in's answer (yes, default: one request per task "
+                        "less) or download it with GET /v1/model (no)")
+    p.add_argument("--chain-checkin", choices=["yes", "no"],
+                   help="phones without an emulated device make their next check-in in the same request as "
+                        "their upload (yes: one request per task less) or on its own (no); default: yes, except "
+                        "for fleets of over 1,000 phones sharing their process with the server")
+
+
+def _training_flags(p: argparse.ArgumentParser, server_here: bool) -> None:
+    """Local training: the task's plan on a server of one's own, or overrides of a running server's plan."""
+    what = "" if server_here else "override the server's plan on these phones: "
+    p.add_argument("--local-epochs", type=int, help=f"{what}local epochs per task" + (" (default 5)" if server_here else ""))
+    p.add_argument("--batch-size", type=int, help=f"{what}local batch size" + (" (default 8)" if server_here else ""))
+    p.add_argument("--lr", type=float, help=f"{what}local SGD learning rate" + (" (default 0.1)" if server_here else ""))
+    p.add_argument("--prox-mu", type=float, help=f"{what}FedProx proximal weight"
+                                                 + (" (default 0 = FedAvg)" if server_here else ""))
+
+
+def _server_task_flags(p: argparse.ArgumentParser) -> None:
+    """The task of simulate's own server: rounds, cohorts, merging, codec and privacy, robustness."""
+    p.add_argument("--rounds", type=int, help="federated rounds (default 10; 0 = until stopped with Ctrl-C)")
+    p.add_argument("--sample", type=float, help="fraction of the phones whose updates each round waits for "
+                                                "(default 0.5)")
+    p.add_argument("--model", help="mlp | cnn | mobilenet (default cnn)")
+    p.add_argument("--mode", choices=["sync", "async"], help="synchronous rounds or FedBuff (default sync)")
+    p.add_argument("--concurrency", type=int, help="async: phones training at once (default 20)")
+    p.add_argument("--buffer", type=int, help="async: updates per merge, K (default 10)")
+    p.add_argument("--staleness", help="async: constant | inverse | poly:A | hinge:A:B (default poly:0.5)")
+    p.add_argument("--max-staleness", type=int, help="async: older updates are refused (default 20)")
+    p.add_argument("--server-optimizer", choices=["fedavg", "fedavgm", "fedadam", "fedyogi"],
+                   help="how the server applies the mean update (default fedavg)")
+    p.add_argument("--server-lr", type=float, help="server learning rate (default 1.0)")
+    p.add_argument("--clock", choices=["auto", "wall", "virtual"],
+                   help="virtual time (default auto: virtual when devices are emulated)")
+    p.add_argument("--clip", type=float, help="L2 clipping norm C of each update (default: none)")
+    p.add_argument("--noise", choices=["gaussian", "laplace"], help="local DP mechanism (default gaussian)")
+    p.add_argument("--noise-multiplier", type=float, help="local DP noise = z * C per update")
+    p.add_argument("--epsilon", type=float, help="...or calibrate the noise to this epsilon per update")
+    p.add_argument("--delta", type=float, help="delta for calibration and reporting (default 1e-5)")
+    p.add_argument("--topk", type=float, help="send this fraction of each tensor (largest magnitudes)")
+    p.add_argument("--randk", type=float, help="send a random fraction of each tensor (unbiased)")
+    p.add_argument("--quant-bits", type=int, choices=[32, 8, 4, 2, 1], help="bits per value sent (default 32)")
+    p.add_argument("--error-feedback", action="store_true", default=None, help="carry unsent residuals forward")
+    p.add_argument("--compress", action="store_true", default=None, help="zlib over the update payload and header")
+    p.add_argument("--quant-rounding", choices=["stochastic", "nearest"],
+                   help="stochastic (unbiased, default) or nearest (deterministic; pair with --error-feedback)")
+    p.add_argument("--quant-scale", choices=["max", "fit"],
+                   help="per-chunk scale: max|x| (default) or fit (least squares; needs --quant-rounding nearest; "
+                        "at 1 bit: sign x mean|x|, STC)")
+    p.add_argument("--epsilon-budget", type=float, help="stop scheduling phones past this local epsilon")
+    p.add_argument("--central-clip", type=float, help="central DP: clip each update on the server")
+    p.add_argument("--central-noise-multiplier", type=float, help="central DP: noise on the clipped sum")
+    p.add_argument("--robust", help="none | normbound[:C|:median*K] | median | trimmed[:B] | krum[:F|:P%%] | "
+                                    "multikrum[:F|:P%%][:M], chained with '+' (default none; bare forms need no "
+                                    "attacker count)")
+    p.add_argument("--server-process", choices=["auto", "yes", "no"],
+                   help="run the server in its own process (wall clock only; auto, the default: for 1,000+ "
+                        "phones on 2+ cores)")
+
+
+def _fleet_task_flags(p: argparse.ArgumentParser) -> None:
+    """What --rounds, --sample and --model mean against a running server (see run_fleet, _monitor)."""
+    p.add_argument("--rounds", type=int, help="leave after N rounds merged since these phones joined (rounds the "
+                                              "server ran before are not counted; default 0: until the server's "
+                                              "task is done)")
+    p.add_argument("--sample", type=float, help="probability that a phone is available at each check-in; the "
+                                                "server decides cohorts (default 1)")
+    p.add_argument("--model", help="refuse to run unless the server trains this model (default: the server's "
+                                   "model, whatever it is)")
+
+
+class _Refused(argparse.Action):
+    """A flag this subcommand does not take: a clear error instead of "unrecognized arguments"."""
+
+    def __init__(self, option_strings: list[str], dest: str, reason: str = "", **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string} {self.reason}")
+
+
+def _refuse(p: argparse.ArgumentParser, names: tuple[str, ...], reason: str) -> None:
+    for name in names:
+        p.add_argument("--" + name.replace("_", "-"), action=_Refused, reason=reason, dest="refused_" + name)
+
+
+PHONE_ONLY = "is a setting of a fleet of phones: `fedfleet phone` runs one (use `fedfleet fleet`)"
+SERVER_SIDE = ("is a setting of the server's task: give it to `fedfleet serve` (or its [server] TOML); "
+               "phones follow the task of the server they join")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
+    return port
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give I/N with 0 <= I < N, e.g. 3/50")
+    return int(index), int(count)
+
+
+def _run_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The SimulateConfig values given as flags (None: not given) of whichever subcommand ran."""
+    from fedfleet.simulate_config import SimulateConfig
+
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SimulateConfig)}
+    for key in ("inline_model", "chain_checkin"):
+        values[key] = None if values[key] is None else values[key] == "yes"
+    values.pop("server")
+    values.pop("start_spread_s")
+    return values
+
+
+def _file_values(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    return load_toml(args.config, section) if args.config else {}
