@@ -3,31 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 
 from device_runtime import aio
-from device_runtime.attacks import Attack, choose_attackers, parse_attack
 from device_runtime.bundle_client import fetch_bundle
-from device_runtime.client import ModelMemo, PhoneClient, PhoneStats, ServerError
-from device_runtime.data import Dataset, partition
+from device_runtime.client import ModelMemo, PhoneClient, ServerError
+from device_runtime.data import Dataset
+from device_runtime.fleet_monitor import _monitor
+from device_runtime.fleet_plan import FleetConfig, FleetPlan, plan_fleet
+from device_runtime.fleet_result import FleetError, FleetResult, NamesTaken, ServerGone, _why
 from device_runtime.limits import open_file_limit
-from device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
 from device_runtime.runtimes import TrainingRuntime
 from device_runtime.trainer import BatchedTrainer, RuntimePool
 from device_runtime.vclock import PhoneClock, WallClock
-from protocol import EncoderConfig
-from protocol.codec.encoder import resolve_noise_multiplier
-from protocol.signing import PhoneKey
 
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
 
@@ -38,151 +33,6 @@ WAVE = 256  # phones registered or started per pass of the event loop (see _in_w
 # profiler) set ~4,700 connections up a second time inside round 1. Below the server's idle limit (3,630 s).
 POLL_KEEPALIVE_S = 600.0
 CHAIN_MAX_PHONES = 1000  # FleetConfig.chain_checkin None: beyond this, only with the server in another process
-
-
-@dataclass(frozen=True)
-class FleetConfig:
-    phones: int = 50
-    partition: str = "iid"  # iid | dirichlet:ALPHA | shards:K
-    quantity_skew: float = 0.0  # lognormal sigma of phone dataset sizes (iid)
-    seed: int = 0
-    workers: int = 2  # local trainings running at once (one runtime each)
-    availability: float = 1.0  # probability a phone is available at a check-in
-    name_prefix: str = "phone"
-    phone_name: str | None = None  # one phone (fedfleet phone --name): it registers as exactly this
-    max_rounds: int = 0  # stop after the server recorded this many rounds (0 = until it finishes)
-    poll_s: float = 0.25
-    hours: float = 0.0  # stop after this much (virtual) time; 0 = until the server's task is done
-    devices: str = "none"  # none (no emulated delays) | default (drawn profiles) | PATH.csv (a trace)
-    profile_spec: ProfileSpec = ProfileSpec()
-    runtime: str = "torch"  # torch | executorch | onnx: executorch and onnx run the server's bundle
-    trainer: str = "batched"  # batched (phones on the same version in one vmapped step) | pool (one by one)
-    attack: str = "none"  # device_runtime.attacks: none | signflip | scale:F | noise:STD | labelflip
-    attack_fraction: float = 0.0  # share of phones (drawn with the fleet seed) that run ``attack``
-    shard_index: int = 0  # run only this shard's phones (see ``shard_phones``); data and names as if all ran
-    shard_count: int = 1
-    inline_model: bool = True  # phones ask for the model inside the check-in's answer (one request less)
-    # Phones make their next check-in with their upload (one request less again); None: yes, unless the fleet
-    # has more than CHAIN_MAX_PHONES and shares its process (its one core) with the server. Chained uploads go
-    # on the phones' own connections, all at once after a batched step, and queue at the server: 10,000 phones
-    # x 3 rounds, server in its own process: 505 and 565 updates/s chained vs 388 and 486 not; in one process
-    # 203 vs 298 (round 1: 40 s vs 27 s).
-    chain_checkin: bool | None = None
-    start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
-    server_here: bool = True  # the server runs in this process (its sockets count against the same limit)
-    # failed steps in a row after which a phone gives up (PhoneClient.run: backoff 0.2 s doubled up to
-    # 10 s, so 20 is ~2.5 min of a server gone: time for it to be restarted on its data dir)
-    phone_max_errors: int = 20
-
-    def __post_init__(self) -> None:
-        if self.phones < 1 or self.workers < 1 or self.phone_max_errors < 0:
-            raise ValueError("phones and workers must be at least 1, phone_max_errors at least 0")
-        if not 0 < self.availability <= 1:
-            raise ValueError("availability must be in (0, 1]")
-        parse_attack(self.attack)
-        if self.runtime not in ("torch", "executorch", "onnx"):
-            raise ValueError("runtime must be torch, executorch or onnx")
-        if self.trainer not in ("batched", "pool"):
-            raise ValueError("trainer must be 'batched' or 'pool'")
-        if not 0 <= self.attack_fraction <= 1:
-            raise ValueError("attack_fraction must be in [0, 1]")
-        if not 0 <= self.shard_index < self.shard_count <= self.phones:
-            raise ValueError(f"shard {self.shard_index} of {self.shard_count} is not a shard of {self.phones} phones")
-        if self.phone_name is not None and len(shard_phones(self.phones, self.shard_index, self.shard_count)) != 1:
-            raise ValueError("phone_name names one phone: the shard that runs must hold exactly one")
-
-
-def shard_phones(phones: int, shard_index: int, shard_count: int) -> range:
-    """The phone indices of one shard: contiguous blocks, sizes differing by at most one."""
-    size, extra = divmod(phones, shard_count)
-    start = shard_index * size + min(shard_index, extra)
-    return range(start, start + size + (shard_index < extra))
-
-
-PhoneParts = tuple[tuple[np.ndarray, np.ndarray], np.random.Generator, PhoneKey]  # data, generator, key
-
-
-@dataclass
-class FleetPlan:
-    """What a fleet takes from its configuration and data alone, before any server is up: the
-    phones' shards, seeded generators (the fleet generator's ``spawn``, child by child), device
-    profiles, attackers and first check-in times, drawn in that order from ``cfg.seed``. A phone's
-    data, generator and key are made when it is first asked for (``phone``), or all at once by
-    ``make_phones``: then before the server opens, outside round 1 (~0.1 ms a phone, mostly its
-    Ed25519 key; 10,000 phones ~1 s)."""
-
-    cfg: FleetConfig
-    data: Dataset
-    virtual: bool
-    parts: list[np.ndarray]
-    seeds: list[np.random.SeedSequence]
-    bit_generator: type[np.random.BitGenerator]
-    profiles: list[DeviceProfile] | None
-    attack: Attack
-    attackers: set[int]
-    starts: np.ndarray
-    shard: range
-    made: dict[int, PhoneParts]
-
-    def phone(self, i: int) -> PhoneParts:
-        """Phone ``i``'s data, generator (the same stream as ``rng.spawn(phones)[i]``) and key; once."""
-        made = self.made.pop(i, None)
-        if made is not None:
-            return made
-        part = self.parts[i]
-        return (self.data.x_train[part], self.data.y_train[part]), \
-            np.random.Generator(self.bit_generator(self.seeds[i])), PhoneKey()
-
-    def make_phones(self) -> FleetPlan:
-        for i in self.shard:
-            self.made[i] = self.phone(i)
-        return self
-
-
-def plan_fleet(data: Dataset, cfg: FleetConfig, virtual: bool = False) -> FleetPlan:
-    """The fleet's draws from its seed (see FleetPlan); ``virtual``: it will run on a virtual clock."""
-    rng = np.random.default_rng(cfg.seed)
-    parts = partition(data.y_train, cfg.phones, cfg.partition, rng, cfg.quantity_skew)
-    # rng.spawn(cfg.phones) without building the generators yet (~20 us each): their seed sequences
-    seeds = rng.bit_generator.seed_seq.spawn(cfg.phones)  # type: ignore[attr-defined]
-    profiles = fleet_profiles(cfg, rng)
-    attack = parse_attack(cfg.attack)
-    attackers = set(choose_attackers(cfg.phones, cfg.attack_fraction, rng).tolist())
-    # On a virtual clock, requests at one instant race one another to the server (which phone takes
-    # the last free slot depends on socket timing); at distinct instants they run strictly in
-    # time order. So the fleet does not start at one instant: each phone's first check-in is
-    # at its own seeded time (a real fleet does not wake in unison either).
-    starts = rng.uniform(0.0, cfg.start_spread_s, cfg.phones) if virtual else np.zeros(cfg.phones)
-    return FleetPlan(cfg, data, virtual, parts, seeds, type(rng.bit_generator), profiles, attack, attackers, starts,
-                     shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count), {})
-
-
-@dataclass
-class FleetResult:
-    rounds: list[dict[str, Any]]  # the round records published after the fleet joined, in order
-    devices: list[PhoneStats]
-    train_compute_s: float = 0.0  # CPU time of the training arithmetic (the emulation's physical floor)
-    task: dict[str, Any] = dataclasses.field(default_factory=dict)  # the server's task as it served it
-    joined_after_round: int = 0  # rounds the server had merged when the fleet joined (not counted)
-    event_loop: str = ""  # uvloop | asyncio
-
-
-class FleetError(Exception):
-    """The fleet could not run to its end. ``result``: what it saw until then (its rounds and its
-    phones' counts), to be written out like any run's; None when nothing ran."""
-
-    def __init__(self, message: str, result: FleetResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
-
-
-class NamesTaken(FleetError):
-    """The server already has phones of these names (registered by an earlier fleet or phone, which
-    was given their tokens: a name's token is handed out once, so nobody else can act as it)."""
-
-
-class ServerGone(FleetError):
-    """The server stopped answering and did not come back while the phones kept trying."""
 
 
 async def run_fleet(
@@ -361,14 +211,6 @@ def _names_taken(server: str, names: str, registered: int) -> NamesTaken:
         f"act as them{extra}; pick another --name-prefix (fedfleet phone: --name)")
 
 
-def _why(exc: BaseException) -> str:
-    """An error in a few words: its text, or its type when it has none (aiohttp's often have none)."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc.os_error})"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text and not isinstance(exc, ServerError) else text or type(exc).__name__
-
-
 async def _in_waves(coros: Iterable[Awaitable[Any]], wave: int, deadline: float | None = None) -> None:
     """Await every one of ``coros``, started ``wave`` at a time with a pass of the event loop between
     waves (0: all in one pass). Started in one pass, 10,000 phones each ran to its first wait before
@@ -429,139 +271,7 @@ def _trainer(cfg: FleetConfig, task: dict[str, Any], factory: RuntimeFactory) ->
     return RuntimePool(lambda: factory(task), size=cfg.workers)
 
 
-def fleet_profiles(cfg: FleetConfig, rng: np.random.Generator) -> list[DeviceProfile] | None:
-    """One profile per phone: none, drawn from ``cfg.profile_spec``, or cycled from a trace."""
-    if cfg.devices == "none":
-        return None
-    if cfg.devices == "default":
-        return sample_profiles(cfg.phones, rng, cfg.profile_spec)
-    trace = load_profiles(cfg.devices)
-    return [trace[i % len(trace)] for i in range(cfg.phones)]
-
-
 def _check_task(task: dict[str, Any], data: Dataset) -> None:
     shape = tuple(task["input_shape"])
     if shape != data.input_shape:
         raise ValueError(f"the server trains on inputs {shape} but dataset {data.name} has {data.input_shape}")
-
-
-MONITOR_TIMEOUT = aiohttp.ClientTimeout(total=30)  # one poll of the round records
-MONITOR_MAX_BACKOFF_S = 5.0  # between polls of a server that does not answer
-MONITOR_GIVE_UP = 4  # failed polls in a row, once the phones have stopped, before the server counts as gone
-
-
-async def _monitor(
-    session: aiohttp.ClientSession,
-    server: str,
-    cfg: FleetConfig,
-    on_round: Callable[[dict[str, Any]], None],
-    stop: asyncio.Event,
-    phones_done: asyncio.Event,
-    virtual: bool = False,
-    *,
-    joined: list[int] | None = None,
-) -> list[dict[str, Any]]:
-    """Poll the server's round records; set ``stop`` when the run is over. When the phones
-    stop first (``hours`` elapsed, or they heard "done"), wait until every merge the server made
-    is recorded (GET /v1/status), then return.
-    On a virtual clock a finished server does not stop the phones: each leaves when its own next
-    check-in hears "done". Stopped by this wall-clock poll, how many had checked in after the last
-    merge depended on the machine's load (devices.csv differed between runs of one seed).
-
-    Only the rounds merged after the fleet joined are reported and counted (``max_rounds`` of
-    them): those the server had merged already (GET /v1/status, before any phone registers; put
-    in ``joined``) are another fleet's. A server that does not answer (killed, restarting on its
-    data dir) is polled again with backoff for as long as the phones run; once they have
-    stopped, ``ServerGone`` (its ``result`` holding the rounds seen) after MONITOR_GIVE_UP
-    failures in a row."""
-    url = server.rstrip("/")
-    seen: list[dict[str, Any]] = []
-    failures = 0
-
-    async def get(path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
-        nonlocal failures
-        while True:
-            try:
-                async with session.get(url + path, params=params, timeout=MONITOR_TIMEOUT) as resp:
-                    if 400 <= resp.status < 500:
-                        raise FleetError(f"GET {url}{path} answered {resp.status} {resp.reason}",
-                                         FleetResult(seen, []))
-                    resp.raise_for_status()  # 5xx: retried
-                    answer = await resp.json()
-                failures = 0
-                if not isinstance(answer, dict):
-                    raise FleetError(f"GET {url}{path} did not answer a JSON object", FleetResult(seen, []))
-                return answer
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                failures += 1
-                if phones_done.is_set() and failures >= MONITOR_GIVE_UP:
-                    raise ServerGone(f"the server at {url} stopped answering ({_why(exc)})",
-                                     FleetResult(seen, [])) from None
-                await asyncio.sleep(min(cfg.poll_s * 2 ** min(failures, 8), MONITOR_MAX_BACKOFF_S))
-
-    status = await get("/v1/status")
-    since = max(int(status.get("round", 1)) - 1, 0)
-    if joined is not None:
-        joined.append(since)
-    quiet = 0
-    while True:
-        answer = await get("/v1/rounds", {"since": str(since)})
-        for row in answer["rounds"]:
-            if cfg.max_rounds and len(seen) >= cfg.max_rounds:
-                break  # merged in the same poll as the fleet's last: not its own any more
-            seen.append(row)
-            on_round(row)
-        if seen:
-            since = seen[-1]["round"]
-        quiet = quiet + 1 if phones_done.is_set() and not answer["rounds"] else 0
-        if answer["finished"] and virtual:
-            return seen
-        # Phones gone and nothing new twice in a row: over once every merge the server made is recorded
-        # (its publisher evaluates each first: a server just restarted imports torch for that, ~4 s).
-        settled = quiet >= 2 and since >= int((await get("/v1/status")).get("round", 1)) - 1
-        if answer["finished"] or (cfg.max_rounds and len(seen) >= cfg.max_rounds) or settled:
-            stop.set()  # phones leave after their current step
-            return seen
-        await asyncio.sleep(cfg.poll_s)
-
-
-def fleet_summary(result: FleetResult, cfg: FleetConfig, data: Dataset, wall_s: float, *, server: str,
-                  train_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What ``fedfleet simulate`` adds to summary.json (fedfleet.output.summarize's keys), for a fleet
-    against a running server: the same keys where they apply (config, dataset_sizes, clock,
-    event_loop, emulation, privacy), and ``server`` in place of ``server_process`` (the server is
-    not this command's): its URL, the rounds it had merged before the fleet joined, and the task
-    it served (which a fleet does not configure: its model, mode, plan, codec, rounds)."""
-    task = result.task
-    codec = dict((task.get("train") or {}).get("codec") or {})
-    enc = EncoderConfig.from_mapping(codec)
-    z = resolve_noise_multiplier(enc)
-    noised = enc.noise is not None and z is not None
-    last = result.rounds[-1] if result.rounds else {}
-    return {
-        "config": {**dataclasses.asdict(cfg), "dataset": data.name, "train_overrides": dict(train_overrides or {})},
-        "dataset_sizes": {"train": len(data.y_train), "test": len(data.y_test)},
-        "clock": "wall",
-        "event_loop": result.event_loop,
-        "emulation": {
-            "checkins": sum(d.checkins for d in result.devices),
-            "train_compute_s": round(result.train_compute_s, 3),
-            "train_fraction": round(result.train_compute_s / wall_s, 4) if wall_s else None,
-        },
-        "privacy": {
-            "mechanism": enc.noise if noised else None,
-            "clip": codec.get("clip"),
-            "noise_multiplier": z if noised else None,
-            "delta": task.get("dp_delta"),
-            "epsilon_max": last.get("epsilon_max"),
-            "epsilon_median": last.get("epsilon_median"),
-            # central DP is the server's setting, not in its task: what its records say it spent
-            "central": {"epsilon": last["central_epsilon"]} if last.get("central_epsilon") is not None else None,
-            "codec": codec,
-        },
-        "server": {
-            "url": server.rstrip("/"),
-            "joined_after_round": result.joined_after_round,
-            "task": {k: v for k, v in task.items() if k != "params"},
-        },
-    }

@@ -27,7 +27,10 @@ import aiohttp
 
 from device_runtime import aio
 from device_runtime.client import PhoneStats
-from device_runtime.fleet import FleetConfig, FleetResult, _monitor, run_fleet, shard_phones
+from device_runtime.fleet import run_fleet
+from device_runtime.fleet_monitor import _monitor
+from device_runtime.fleet_plan import FleetConfig, shard_phones
+from device_runtime.fleet_result import FleetResult
 
 RAY_MISSING = "the ray backend needs Ray: pip install 'fedfleet[ray]'"
 LOCAL_ADDRESSES = (None, "", "local")

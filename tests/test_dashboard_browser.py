@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from device_runtime.fleet import FleetConfig, run_fleet
+from device_runtime.fleet import run_fleet
+from device_runtime.fleet_plan import FleetConfig
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from server.app import make_app
 from server.config import ServerConfig

@@ -16,10 +16,12 @@ import pytest
 
 from device_runtime import aio
 from device_runtime.client import ModelMemo, PhoneClient, ServerError
-from device_runtime.fleet import FleetConfig, run_fleet
+from device_runtime.fleet import run_fleet
+from device_runtime.fleet_plan import FleetConfig
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from device_runtime.vclock import VirtualClock
-from fedfleet.simulate import SimulateConfig, simulate
+from fedfleet.simulate import simulate
+from fedfleet.simulate_config import SimulateConfig
 from protocol import ChecksumMismatch, ShapeMismatch, TensorSpec, decode_message, encode_message
 from server.app import make_app
 from server.config import ServerConfig

@@ -20,7 +20,9 @@ import pytest
 
 from bench.bench_faults import ServerProcess
 from device_runtime.data import Dataset, load_dataset
-from device_runtime.fleet import FleetConfig, FleetError, NamesTaken, ServerGone, fleet_summary, run_fleet
+from device_runtime.fleet import run_fleet
+from device_runtime.fleet_plan import FleetConfig
+from device_runtime.fleet_result import FleetError, NamesTaken, ServerGone, fleet_summary
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from tests.conftest import MakeClient, register, update_body
 

@@ -27,7 +27,8 @@ import pytest
 from aiohttp import web
 
 from device_runtime.data import Dataset, load_dataset, partition
-from device_runtime.fleet import FleetConfig, run_fleet, shard_phones
+from device_runtime.fleet import run_fleet
+from device_runtime.fleet_plan import FleetConfig, shard_phones
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from fedfleet.cli import main
 from server.app import make_app

@@ -14,9 +14,10 @@ import pytest
 
 from device_runtime import fleet
 from device_runtime.data import partition
-from device_runtime.fleet import FleetConfig, plan_fleet
+from device_runtime.fleet_plan import FleetConfig, FleetPlan, fleet_profiles, plan_fleet
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
-from fedfleet.simulate import SimulateConfig, simulate
+from fedfleet.simulate import simulate
+from fedfleet.simulate_config import SimulateConfig
 
 
 @pytest.mark.parametrize("virtual", [False, True])
@@ -27,7 +28,7 @@ def test_a_plan_draws_what_the_fleet_drew(digits: Any, virtual: bool) -> None:
     rng = np.random.default_rng(cfg.seed)
     parts = partition(digits.y_train, cfg.phones, cfg.partition, rng, cfg.quantity_skew)
     streams = [r.integers(0, 1 << 62, 16) for r in rng.spawn(cfg.phones)]
-    profiles = fleet.fleet_profiles(cfg, rng)
+    profiles = fleet_profiles(cfg, rng)
     starts = rng.uniform(0.0, cfg.start_spread_s, cfg.phones) if virtual else np.zeros(cfg.phones)
     late, early = plan_fleet(digits, cfg, virtual), plan_fleet(digits, cfg, virtual).make_phones()
     assert late.shard == early.shard == range(20, 40)
@@ -45,7 +46,7 @@ def test_a_plan_draws_what_the_fleet_drew(digits: Any, virtual: bool) -> None:
 async def test_a_plan_made_before_the_server_gives_the_same_run(tmp_path: Any, monkeypatch: Any) -> None:
     """A fleet handed its plan (phones made before the server opened) ends with the same metrics and
     devices.csv as one drawing it itself, on a virtual clock (every float reproducible)."""
-    made: list[fleet.FleetPlan] = []
+    made: list[FleetPlan] = []
     run_fleet = fleet.run_fleet
 
     async def with_plan(server: str, data: Any, cfg: FleetConfig, *args: Any, **kwargs: Any) -> Any:

@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from device_runtime.fleet import FleetConfig, run_fleet
+from device_runtime.fleet import run_fleet
+from device_runtime.fleet_plan import FleetConfig
 from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from export.models import ModelSpec
 from protocol.privacy import Release, local_epsilon
