@@ -17,7 +17,7 @@ from device_runtime.bundle_client import fetch_bundle
 from device_runtime.client import ModelMemo, PhoneClient, ServerError
 from device_runtime.data import Dataset
 from device_runtime.fleet_monitor import _monitor
-from device_runtime.fleet_plan import FleetConfig, FleetPlan, plan_fleet
+from device_runtime.fleet_plan import FleetConfig, plan_fleet
 from device_runtime.fleet_result import FleetError, FleetResult, NamesTaken, ServerGone, _why
 from device_runtime.limits import open_file_limit
 from device_runtime.runtimes import TrainingRuntime
@@ -45,18 +45,13 @@ async def run_fleet(
     train_overrides: dict[str, Any] | None = None,
     clock: PhoneClock | None = None,
     registered: Callable[[], Awaitable[Any]] | None = None,
-    plan: FleetPlan | None = None,
 ) -> FleetResult:
     """Register ``cfg.phones`` phones holding disjoint shards of ``data``, run them until the
     server's task finishes, and report every round record as it is published. With
     ``cfg.shard_count`` > 1 only shard ``cfg.shard_index`` of the phones runs; ``registered`` is
-    awaited once they are registered, before any trains (a barrier across shards). ``plan``:
-    ``plan_fleet(data, cfg, virtual)`` made beforehand (its phones made, before the server opens)."""
+    awaited once they are registered, before any trains (a barrier across shards)."""
     virtual = clock is not None and not isinstance(clock, WallClock)
-    if plan is None:
-        plan = plan_fleet(data, cfg, virtual)
-    elif plan.cfg != cfg or plan.data is not data or plan.virtual != virtual:
-        raise ValueError("the fleet plan was made for another configuration, dataset or clock")
+    plan = plan_fleet(data, cfg, virtual)
     profiles, attack, attackers, starts = plan.profiles, plan.attack, plan.attackers, plan.starts
     ledger = None
     connector = aiohttp.TCPConnector(limit=256)
