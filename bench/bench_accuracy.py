@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 
 from bench.common import run_sim, table, write
-from device_runtime.data import load_dataset
-from device_runtime.runtimes import TrainConfig
-from device_runtime.runtimes.torch_runtime import TorchRuntime
-from export.models import ModelSpec, build_model
+from fedfleet.device_runtime.data import load_dataset
+from fedfleet.device_runtime.runtimes import TrainConfig
+from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
+from fedfleet.export.models import ModelSpec, build_model
 from fedfleet.simulate_config import SimulateConfig
 
 
@@ -187,7 +187,7 @@ def part_privacy(args: argparse.Namespace) -> list[dict[str, Any]]:
     for eps in (1.0, 4.0, 8.0, None):
         extra: dict[str, Any] = {}
         if eps is not None:  # calibrate per release so that the whole run stays within eps
-            from protocol.privacy import calibrate_noise_multiplier
+            from fedfleet.protocol.privacy import calibrate_noise_multiplier
 
             releases = int(np.ceil(base.sample * base.rounds * 1.3))
             extra = {"noise_multiplier": calibrate_noise_multiplier("gaussian", eps, base.delta, releases=releases),

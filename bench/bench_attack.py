@@ -47,10 +47,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from bench.common import wait_listening
-from device_runtime import aio
-from protocol import encode_message
-from protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, PhoneKey, signed_text
-from protocol.wire import FLAG_ZLIB, WireTensor, encode_wire, frame
+from fedfleet.device_runtime import aio
+from fedfleet.protocol import encode_message
+from fedfleet.protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, PhoneKey, signed_text
+from fedfleet.protocol.wire import FLAG_ZLIB, WireTensor, encode_wire, frame
 
 CATEGORIES = (
     "truncated", "corrupted", "wrong_shape", "bad_indices", "non_finite", "huge_norm", "bad_examples",

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from device_runtime import batched
-from device_runtime.batched import Job, Params, train_many
-from device_runtime.data import load_dataset
-from device_runtime.runtimes.base import TrainConfig, TrainResult
-from device_runtime.runtimes.torch_runtime import TorchRuntime
-from export.models import ModelSpec, build_model
+from fedfleet.device_runtime import batched
+from fedfleet.device_runtime.batched import Job, Params, train_many
+from fedfleet.device_runtime.data import load_dataset
+from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult
+from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
+from fedfleet.export.models import ModelSpec, build_model
 
 CFG = TrainConfig(local_epochs=1, batch_size=16, lr=0.05)
 Outputs = list[tuple[Params, TrainResult]]

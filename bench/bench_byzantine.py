@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from bench.common import run_sim, table, write
-from device_runtime.attacks import choose_attackers
-from device_runtime.data import load_dataset, partition
+from fedfleet.device_runtime.attacks import choose_attackers
+from fedfleet.device_runtime.data import load_dataset, partition
 from fedfleet.simulate_config import SimulateConfig
 
 FRACTIONS = (0.02, 0.10, 0.20)

@@ -37,10 +37,10 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message, dense_float32_nbytes  # noqa: E402
-from protocol.canonical import canonical_header  # noqa: E402
-from protocol.quant import num_chunks, packed_nbytes  # noqa: E402
-from protocol.wire import FLAG_ZLIB_HEADER  # noqa: E402
+from fedfleet.protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message, dense_float32_nbytes  # noqa: E402
+from fedfleet.protocol.canonical import canonical_header  # noqa: E402
+from fedfleet.protocol.quant import num_chunks, packed_nbytes  # noqa: E402
+from fedfleet.protocol.wire import FLAG_ZLIB_HEADER  # noqa: E402
 
 SHAPES = {  # 1,000,000 parameters
     "fc1.weight": (768, 1024),
@@ -114,10 +114,10 @@ def trained_cnn_delta(seed: int = 0, phone: int = 3) -> dict[str, np.ndarray]:
     50 phones, CNN, 5 local epochs, batch 8, lr 0.1), from the initial model."""
     import torch
 
-    from device_runtime.data import load_dataset, partition
-    from device_runtime.runtimes import TrainConfig
-    from device_runtime.runtimes.torch_runtime import TorchRuntime
-    from export.models import ModelSpec, build_model
+    from fedfleet.device_runtime.data import load_dataset, partition
+    from fedfleet.device_runtime.runtimes import TrainConfig
+    from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
+    from fedfleet.export.models import ModelSpec, build_model
 
     torch.set_num_threads(1)
     data = load_dataset("mnist5k", seed=seed)

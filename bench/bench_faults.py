@@ -43,9 +43,9 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from device_runtime import aio
-from protocol import decode_message, encode_message
-from protocol.signing import PhoneKey
+from fedfleet.device_runtime import aio
+from fedfleet.protocol import decode_message, encode_message
+from fedfleet.protocol.signing import PhoneKey
 
 HOST = "127.0.0.1"
 Params = dict[str, np.ndarray]
@@ -132,8 +132,8 @@ async def running_app(**settings: Any) -> AsyncIterator[str]:
     went away, which hides what a dropped connection does to the production server)."""
     from aiohttp import web
 
-    from server.app import make_app
-    from server.config import ServerConfig
+    from fedfleet.server.app import make_app
+    from fedfleet.server.config import ServerConfig
 
     config = ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10).replace(**settings)
     runner = web.AppRunner(make_app(config), access_log=None)

@@ -42,7 +42,7 @@ import numpy as np
 
 from bench.bench_attack import free_port
 from bench.common import RESULTS, table, write
-from device_runtime import aio
+from fedfleet.device_runtime import aio
 
 CORES = os.cpu_count() or 1
 FEATURES, CLASSES, SAMPLES = 64, 10, 18  # digits MLP; 179,750 samples over 10,000 phones
@@ -162,11 +162,11 @@ def protocol_work(group: int, repeats: int) -> tuple[list[dict[str, Any]], bytes
     """Per-update CPU of the work at each end, in microseconds; the update and model messages."""
     import torch
 
-    from device_runtime.batched import train_many
-    from device_runtime.runtimes.base import TrainConfig
-    from export.models import ModelSpec, build_model
-    from protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message, encode_message
-    from protocol.signing import PhoneKey, signature_ok, signed_text
+    from fedfleet.device_runtime.batched import train_many
+    from fedfleet.device_runtime.runtimes.base import TrainConfig
+    from fedfleet.export.models import ModelSpec, build_model
+    from fedfleet.protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message, encode_message
+    from fedfleet.protocol.signing import PhoneKey, signature_ok, signed_text
 
     torch.set_num_threads(1)
     model = build_model(ModelSpec("mlp", (1, 8, 8), CLASSES), seed=0)

@@ -84,8 +84,8 @@ def write_npz(path: Path, dataset: str, phones: int, seed: int) -> None:
     """What flower_side.py needs, made with fedfleet's own code: the splits, each phone's shard
     (as fedfleet's run_fleet draws it: ``partition`` with ``default_rng(seed)``) and the
     initial parameters fedfleet's server starts from."""
-    from device_runtime.data import load_dataset, partition
-    from export.models import ModelSpec, build_model
+    from fedfleet.device_runtime.data import load_dataset, partition
+    from fedfleet.export.models import ModelSpec, build_model
 
     data = load_dataset(dataset, seed=seed)
     parts = partition(data.y_train, phones, "iid", np.random.default_rng(seed))

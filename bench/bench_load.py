@@ -37,8 +37,8 @@ import aiohttp
 import numpy as np
 
 from bench.bench_attack import cpu_s, free_port, rss_kib, start_server
-from device_runtime import aio
-from protocol import encode_message
+from fedfleet.device_runtime import aio
+from fedfleet.protocol import encode_message
 
 
 def client_main(url: str, index: int, phones: int, seed: int, nice: int, ready: Any, window: Any,

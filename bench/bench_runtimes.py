@@ -35,16 +35,16 @@ def worker(bundle: Path, runtime: str, batch: int, steps: int, dataset: str) -> 
     """Runs in the subprocess: load the runtime, time ``steps`` SGD steps, report memory."""
     import numpy as np
 
-    from device_runtime.data import load_dataset
-    from device_runtime.runtimes.base import TrainConfig
-    from device_runtime.runtimes.loader import load_runtime
+    from fedfleet.device_runtime.data import load_dataset
+    from fedfleet.device_runtime.runtimes.base import TrainConfig
+    from fedfleet.device_runtime.runtimes.loader import load_runtime
 
     if runtime == "torch":
         import torch
 
         torch.set_num_threads(1)
     if runtime == "executorch":
-        from device_runtime.runtimes.executorch_runtime import set_threads
+        from fedfleet.device_runtime.runtimes.executorch_runtime import set_threads
 
         set_threads(1)
     data = load_dataset(dataset)
@@ -81,7 +81,7 @@ def _status_mb(field: str) -> float:
 
 def export(model: str, dataset: str, out: Path) -> dict[str, object]:
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "export.cli", "--model", model, "--dataset", dataset, "--out", str(out)]
+    cmd = [sys.executable, "-m", "fedfleet.export.cli", "--model", model, "--dataset", dataset, "--out", str(out)]
     subprocess.run(cmd, cwd=REPO, env=ENV, check=True, capture_output=True)
     elapsed = time.perf_counter() - start
     manifest = json.loads((out / "manifest.json").read_text())

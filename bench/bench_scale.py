@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from bench.common import table, write
-from device_runtime import aio
+from fedfleet.device_runtime import aio
 
 
 def workload(phones: int, hours: float, seed: int = 0) -> Any:

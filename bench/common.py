@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from device_runtime import aio
+from fedfleet.device_runtime import aio
 from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig
 

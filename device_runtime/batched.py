@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
+from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
 
 Params = dict[str, np.ndarray]
 Job = tuple[np.ndarray, np.ndarray, np.random.Generator]  # x [n, C, H, W], y [n], that phone's rng

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import aiohttp
 
-from export.bundle import verify_bundle, verify_file_bytes
-from export.manifest import MANIFEST, Manifest
+from fedfleet.export.bundle import verify_bundle, verify_file_bytes
+from fedfleet.export.manifest import MANIFEST, Manifest
 
 
 async def fetch_bundle(session: aiohttp.ClientSession, server: str, token: str, dest: Path) -> tuple[Manifest, int]:

@@ -17,13 +17,20 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from device_runtime.attacks import Attack
-from device_runtime.profiles import DeviceProfile
-from device_runtime.runtimes import TrainConfig
-from device_runtime.trainer import BatchedTrainer, RuntimePool
-from device_runtime.vclock import PhoneClock, WallClock
-from protocol import EncoderConfig, ProtocolError, TensorMessage, TensorSpec, UpdateEncoder, decode_message
-from protocol.signing import PhoneKey
+from fedfleet.device_runtime.attacks import Attack
+from fedfleet.device_runtime.profiles import DeviceProfile
+from fedfleet.device_runtime.runtimes import TrainConfig
+from fedfleet.device_runtime.trainer import BatchedTrainer, RuntimePool
+from fedfleet.device_runtime.vclock import PhoneClock, WallClock
+from fedfleet.protocol import (
+    EncoderConfig,
+    ProtocolError,
+    TensorMessage,
+    TensorSpec,
+    UpdateEncoder,
+    decode_message,
+)
+from fedfleet.protocol.signing import PhoneKey
 
 
 class ServerError(Exception):

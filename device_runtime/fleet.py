@@ -12,17 +12,17 @@ from typing import Any
 
 import aiohttp
 
-from device_runtime import aio
-from device_runtime.bundle_client import fetch_bundle
-from device_runtime.client import ModelMemo, PhoneClient, ServerError
-from device_runtime.data import Dataset
-from device_runtime.fleet_monitor import _monitor
-from device_runtime.fleet_plan import FleetConfig, plan_fleet
-from device_runtime.fleet_result import FleetError, FleetResult, NamesTaken, ServerGone, _why
-from device_runtime.limits import open_file_limit
-from device_runtime.runtimes import TrainingRuntime
-from device_runtime.trainer import BatchedTrainer, RuntimePool
-from device_runtime.vclock import PhoneClock, WallClock
+from fedfleet.device_runtime import aio
+from fedfleet.device_runtime.bundle_client import fetch_bundle
+from fedfleet.device_runtime.client import ModelMemo, PhoneClient, ServerError
+from fedfleet.device_runtime.data import Dataset
+from fedfleet.device_runtime.fleet_monitor import _monitor
+from fedfleet.device_runtime.fleet_plan import FleetConfig, plan_fleet
+from fedfleet.device_runtime.fleet_result import FleetError, FleetResult, NamesTaken, ServerGone, _why
+from fedfleet.device_runtime.limits import open_file_limit
+from fedfleet.device_runtime.runtimes import TrainingRuntime
+from fedfleet.device_runtime.trainer import BatchedTrainer, RuntimePool
+from fedfleet.device_runtime.vclock import PhoneClock, WallClock
 
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
 
@@ -70,7 +70,7 @@ async def run_fleet(
             task = await resp.json()
         _check_task(task, data)
         if task["train"].get("codec", {}).get("noise"):
-            from protocol.privacy import PrivacyLedger
+            from fedfleet.protocol.privacy import PrivacyLedger
 
             ledger = PrivacyLedger(float(task.get("dp_delta", 1e-5)))
         models = ModelMemo()  # the phones handed tasks together decode their common model once
@@ -243,7 +243,7 @@ def _chains(cfg: FleetConfig) -> bool:
 
 
 def _bundle_runtime(kind: str, bundle_dir: Path, task: dict[str, Any]) -> TrainingRuntime:
-    from device_runtime.runtimes.loader import load_runtime
+    from fedfleet.device_runtime.runtimes.loader import load_runtime
 
     return load_runtime(kind, bundle_dir)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import aiohttp
 
-from device_runtime.fleet_plan import FleetConfig
-from device_runtime.fleet_result import FleetError, FleetResult, ServerGone, _why
+from fedfleet.device_runtime.fleet_plan import FleetConfig
+from fedfleet.device_runtime.fleet_result import FleetError, FleetResult, ServerGone, _why
 
 MONITOR_TIMEOUT = aiohttp.ClientTimeout(total=30)  # one poll of the round records
 MONITOR_MAX_BACKOFF_S = 5.0  # between polls of a server that does not answer

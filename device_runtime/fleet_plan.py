@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_runtime.attacks import Attack, choose_attackers, parse_attack
-from device_runtime.data import Dataset, partition
-from device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
-from protocol.signing import PhoneKey
+from fedfleet.device_runtime.attacks import Attack, choose_attackers, parse_attack
+from fedfleet.device_runtime.data import Dataset, partition
+from fedfleet.device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
+from fedfleet.protocol.signing import PhoneKey
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from typing import Any
 
 import aiohttp
 
-from device_runtime.client import PhoneStats, ServerError
-from device_runtime.data import Dataset
-from device_runtime.fleet_plan import FleetConfig
-from protocol import EncoderConfig
-from protocol.codec.encoder import resolve_noise_multiplier
+from fedfleet.device_runtime.client import PhoneStats, ServerError
+from fedfleet.device_runtime.data import Dataset
+from fedfleet.device_runtime.fleet_plan import FleetConfig
+from fedfleet.protocol import EncoderConfig
+from fedfleet.protocol.codec.encoder import resolve_noise_multiplier
 
 
 @dataclass

@@ -25,12 +25,12 @@ from typing import Any
 
 import aiohttp
 
-from device_runtime import aio
-from device_runtime.client import PhoneStats
-from device_runtime.fleet import run_fleet
-from device_runtime.fleet_monitor import _monitor
-from device_runtime.fleet_plan import FleetConfig, shard_phones
-from device_runtime.fleet_result import FleetResult
+from fedfleet.device_runtime import aio
+from fedfleet.device_runtime.client import PhoneStats
+from fedfleet.device_runtime.fleet import run_fleet
+from fedfleet.device_runtime.fleet_monitor import _monitor
+from fedfleet.device_runtime.fleet_plan import FleetConfig, shard_phones
+from fedfleet.device_runtime.fleet_result import FleetResult
 
 RAY_MISSING = "the ray backend needs Ray: pip install 'fedfleet[ray]'"
 LOCAL_ADDRESSES = (None, "", "local")
@@ -95,8 +95,8 @@ def run_shard(spec: ShardSpec, barrier: Any = None) -> ShardResult:
     """Run one shard's phones to the end of the server's task (inside a Ray worker, or anywhere)."""
     import torch
 
-    from device_runtime.data import load_dataset
-    from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+    from fedfleet.device_runtime.data import load_dataset
+    from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 
     torch.set_num_threads(spec.torch_threads)
     t0 = time.perf_counter()

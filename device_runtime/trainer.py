@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from device_runtime.batched import train_many
-from device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
-from device_runtime.runtimes.torch_runtime import TorchRuntime
+from fedfleet.device_runtime.batched import train_many
+from fedfleet.device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
+from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
 
 Params = dict[str, np.ndarray]
 

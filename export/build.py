@@ -13,8 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
-from export.bundle import artifact_info, sha256_file, verify_bundle, write_manifest
-from export.manifest import (
+from fedfleet.export.bundle import artifact_info, sha256_file, verify_bundle, write_manifest
+from fedfleet.export.manifest import (
     MODEL_ONNX,
     MODEL_PTE,
     PTE_PREFIX,
@@ -25,7 +25,7 @@ from export.manifest import (
     UnsupportedExport,
     train_step_signature,
 )
-from export.models import ModelSpec, build_model, trainable_names
+from fedfleet.export.models import ModelSpec, build_model, trainable_names
 
 VERSIONED = ("torch", "executorch", "onnx", "onnxruntime", "onnxscript")
 
@@ -53,8 +53,8 @@ class ExportConfig:
 
 def export_bundle(cfg: ExportConfig, out_dir: Path) -> Manifest:
     """Build the model from ``cfg``, write every artifact it supports, then verify the bundle."""
-    from export.executorch_export import export_executorch
-    from export.onnx_export import export_inference_onnx, export_train_step_onnx
+    from fedfleet.export.executorch_export import export_executorch
+    from fedfleet.export.onnx_export import export_inference_onnx, export_train_step_onnx
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

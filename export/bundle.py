@@ -14,7 +14,7 @@ import io
 import zipfile
 from pathlib import Path
 
-from export.manifest import (
+from fedfleet.export.manifest import (
     ARTIFACT_FILES,
     BUNDLE_FILES,
     MANIFEST,

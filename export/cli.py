@@ -1,7 +1,7 @@
 """``fedfleet export``: model + dataset shapes -> bundle directory.
 
 ``register`` adds the subcommand to the top-level parser in ``fedfleet/cli.py``;
-``python -m export.cli ...`` runs it standalone.
+``python -m fedfleet.export.cli ...`` runs it standalone.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from device_runtime.data import load_dataset
-    from export.build import ExportConfig, export_bundle
+    from fedfleet.device_runtime.data import load_dataset
+    from fedfleet.export.build import ExportConfig, export_bundle
 
     data = load_dataset(args.dataset)
     cfg = ExportConfig(

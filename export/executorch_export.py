@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from export.manifest import PTE_PREFIX, UnsupportedExport
+from fedfleet.export.manifest import PTE_PREFIX, UnsupportedExport
 
 SELF_CHECK_TOLERANCE = 1e-5  # max abs difference of loss and gradients against eager PyTorch
 

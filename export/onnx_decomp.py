@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch._decomp import get_decompositions
 
-from export.manifest import UnsupportedExport
+from fedfleet.export.manifest import UnsupportedExport
 
 aten = torch.ops.aten
 

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from export.manifest import UnsupportedExport, train_step_signature
-from export.models import trainable_names
-from export.onnx_decomp import training_decompositions
+from fedfleet.export.manifest import UnsupportedExport, train_step_signature
+from fedfleet.export.models import trainable_names
+from fedfleet.export.onnx_decomp import training_decompositions
 
 STANDARD_DOMAINS = ("", "ai.onnx")  # what onnxruntime-web and every other runtime implements
 MIN_OPSET = 17

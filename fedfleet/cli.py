@@ -123,7 +123,7 @@ def _register_optional(sub: Any) -> None:
 
     register_report(sub)
     try:
-        from export.cli import register
+        from fedfleet.export.cli import register
     except ImportError:
         return
     register(sub)

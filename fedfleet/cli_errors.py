@@ -15,9 +15,9 @@ def _user_error(exc: Exception) -> str | None:
     if isinstance(exc, (CliError, ValueError, FileNotFoundError)):
         return str(exc)
     mods = sys.modules
-    if "export.manifest" in mods and isinstance(exc, mods["export.manifest"].BundleError):
+    if "fedfleet.export.manifest" in mods and isinstance(exc, mods["fedfleet.export.manifest"].BundleError):
         return f"bundle: {exc}"
-    if "device_runtime.client" in mods and isinstance(exc, mods["device_runtime.client"].ServerError):
+    if "fedfleet.device_runtime.client" in mods and isinstance(exc, mods["fedfleet.device_runtime.client"].ServerError):
         return f"the server refused: {exc}"
     if "aiohttp" in mods:
         aiohttp = mods["aiohttp"]

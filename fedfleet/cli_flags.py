@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from server.config import load_toml
+from fedfleet.server.config import load_toml
 
 # Settings of the server's task: `simulate` starts its own server and takes them; `fleet` and `phone`
 # join a running server whose task decides them, so there they are refused (see _refuse).

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from device_runtime import aio
 from fedfleet.cli_errors import CliError
 from fedfleet.cli_flags import (
     FLEET_SETTINGS,
@@ -23,6 +22,7 @@ from fedfleet.cli_flags import (
     _file_values,
     _run_values,
 )
+from fedfleet.device_runtime import aio
 from fedfleet.output import check_out_dir
 
 
@@ -115,7 +115,7 @@ async def _until_signal(coro: Any, command: str) -> tuple[Any, int]:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    from device_runtime.fleet_plan import FleetConfig
+    from fedfleet.device_runtime.fleet_plan import FleetConfig
     from fedfleet.simulate_config import SimulateConfig
 
     section = "phone" if args.command == "phone" else "fleet"
@@ -136,7 +136,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     SimulateConfig(rounds=rounds, sample=availability)
     server = check_server_url(args.server)
     if backend == "ray":
-        from device_runtime.ray_backend import import_ray
+        from fedfleet.device_runtime.ray_backend import import_ray
 
         if args.shards is not None and not 1 <= args.shards <= cfg.phones:
             raise CliError(f"--shards must be between 1 and the number of phones ({cfg.phones})")
@@ -165,7 +165,7 @@ def _phone_fleet_config(args: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
     of N with this --partition and --seed); and a line saying so."""
     import numpy as np
 
-    from device_runtime.data import load_dataset, partition
+    from fedfleet.device_runtime.data import load_dataset, partition
 
     index, count = args.shard
     fleet_cfg = dataclasses.replace(cfg.fleet_config(), phones=count, shard_index=index, shard_count=count,
@@ -179,10 +179,10 @@ def _phone_fleet_config(args: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
 
 def _run_phones(args: argparse.Namespace, section: str, server: str, cfg: Any, fleet_cfg: Any,
                 overrides: dict[str, Any], rounds: int, backend: str) -> int:
-    from device_runtime.data import load_dataset
-    from device_runtime.fleet import run_fleet
-    from device_runtime.fleet_result import FleetError, NamesTaken, fleet_summary
-    from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+    from fedfleet.device_runtime.data import load_dataset
+    from fedfleet.device_runtime.fleet import run_fleet
+    from fedfleet.device_runtime.fleet_result import FleetError, NamesTaken, fleet_summary
+    from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
     from fedfleet.output import RoundTable, summarize, write_run
 
     t0 = time.perf_counter()
@@ -233,7 +233,7 @@ def _run_phones(args: argparse.Namespace, section: str, server: str, cfg: Any, f
 def _fleet_on_ray(args: argparse.Namespace, dataset: str, seed: int, fleet_cfg: Any, overrides: dict[str, Any],
                   table: Any) -> tuple[Any, int]:
     """The same fleet, sharded over a Ray cluster (started locally unless --address names one)."""
-    from device_runtime.ray_backend import LOCAL_ADDRESSES, ray_cluster, run_ray_fleet
+    from fedfleet.device_runtime.ray_backend import LOCAL_ADDRESSES, ray_cluster, run_ray_fleet
 
     host = args.server.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
     if args.address not in LOCAL_ADDRESSES and host in ("127.0.0.1", "localhost", "[::1]"):

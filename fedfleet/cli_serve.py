@@ -7,19 +7,19 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from device_runtime import aio
 from fedfleet.cli_errors import CliError
 from fedfleet.cli_flags import _file_values
+from fedfleet.device_runtime import aio
 from fedfleet.output import check_out_dir
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from device_runtime.data import check_dataset_name, load_dataset
-    from device_runtime.limits import ACCEPT_BACKLOG, open_file_limit
-    from server.app import make_app
-    from server.config import ServerConfig
+    from fedfleet.device_runtime.data import check_dataset_name, load_dataset
+    from fedfleet.device_runtime.limits import ACCEPT_BACKLOG, open_file_limit
+    from fedfleet.server.app import make_app
+    from fedfleet.server.config import ServerConfig
 
     # Everything the user gave is checked before the banner, and before anything goes into --data-dir.
     values = _file_values(args, "server")

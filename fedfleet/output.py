@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # not at run time: device_runtime.client brings torch, and ``fedfleet simulate`` starts
-    from device_runtime.client import PhoneStats  # its server process before it imports torch
+    from fedfleet.device_runtime.client import PhoneStats  # its server process before it imports torch
 
 COLUMNS = [
     ("round", "{:>5}", 5),

@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from device_runtime import aio
-from device_runtime.data import Dataset
-from device_runtime.limits import ACCEPT_BACKLOG
-from device_runtime.vclock import VirtualClock, WallClock
-from server.config import ServerConfig
+from fedfleet.device_runtime import aio
+from fedfleet.device_runtime.data import Dataset
+from fedfleet.device_runtime.limits import ACCEPT_BACKLOG
+from fedfleet.device_runtime.vclock import VirtualClock, WallClock
+from fedfleet.server.config import ServerConfig
 
 if TYPE_CHECKING:  # aiohttp is imported where it runs
     from aiohttp import web
@@ -37,7 +37,7 @@ class Served:
 @contextlib.asynccontextmanager
 async def serve_here(server_cfg: ServerConfig, data: Dataset, clock: VirtualClock | WallClock) -> AsyncIterator[Served]:
     """The server on this event loop (the only way on a virtual clock)."""
-    from server.app import make_app
+    from fedfleet.server.app import make_app
 
     app = make_app(server_cfg, test_data=(data.x_test, data.y_test), clock=clock.now)
     runner, port = await _serve_on_free_port(app)
@@ -56,7 +56,7 @@ def finish_task(app: web.Application) -> int:
     task then has that many rounds, so its last record marks it finished, check-ins hear "done"
     (held ones at once) and uploads for the open round are refused. Returns the merges kept; with
     none yet, changes nothing and returns 0 (a task of 0 rounds would run forever)."""
-    from server.state import COORD, WORK
+    from fedfleet.server.state import COORD, WORK
 
     coord = app[COORD]
     if coord.merges:
@@ -150,8 +150,8 @@ def _serve_child_main(conn: Any) -> None:
     # Ctrl-C at a terminal reaches this process too: the parent decides when the server stops (it
     # lets a stopping run's fleet finish first) and ends it with SIGTERM, or by closing the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import export.models  # noqa: F401  torch and the model zoo, for the first evaluation (see ServerProcess)
-    from server.app import make_app
+    import fedfleet.export.models  # noqa: F401  torch and the model zoo, for the first evaluation (see ServerProcess)
+    from fedfleet.server.app import make_app
 
     try:
         server_cfg, x_test, y_test = conn.recv()

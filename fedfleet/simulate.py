@@ -19,18 +19,18 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_runtime import aio
-from device_runtime.data import Dataset, load_dataset
-from device_runtime.limits import open_file_limit
-from device_runtime.vclock import VirtualClock, WallClock
+from fedfleet.device_runtime import aio
+from fedfleet.device_runtime.data import Dataset, load_dataset
+from fedfleet.device_runtime.limits import open_file_limit
+from fedfleet.device_runtime.vclock import VirtualClock, WallClock
 from fedfleet.output import RoundTable, summarize, write_run
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.privacy import task_release
 from fedfleet.serving import ServerProcess, serve_here
 from fedfleet.simulate_config import SimulateConfig
-from server.config import ServerConfig
-from server.privacy import task_release
 
 if TYPE_CHECKING:  # the fleet (torch) and the server are imported where they run: see simulate, ServerProcess
-    from device_runtime.fleet_result import FleetResult
+    from fedfleet.device_runtime.fleet_result import FleetResult
 
 
 async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *,
@@ -45,9 +45,9 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *,
     try:
         with interrupt.installed() if interrupt is not None else contextlib.nullcontext():
             # The fleet's side (torch) is imported here, after the server process is on its way.
-            from device_runtime import fleet as fleet_module
-            from device_runtime.fleet_result import FleetResult
-            from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+            from fedfleet.device_runtime import fleet as fleet_module
+            from fedfleet.device_runtime.fleet_result import FleetResult
+            from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 
             data = load_dataset(cfg.dataset, seed=cfg.seed)
             out = Path(cfg.out)
@@ -177,9 +177,9 @@ class Interrupt:
 
 def ensure_bundle(cfg: SimulateConfig, data: Dataset, path: Path) -> Path:
     """Export the task's bundle into ``path`` unless an intact one for the same task is there."""
-    from export.build import ExportConfig, export_bundle
-    from export.bundle import verify_bundle
-    from export.manifest import BundleError
+    from fedfleet.export.build import ExportConfig, export_bundle
+    from fedfleet.export.bundle import verify_bundle
+    from fedfleet.export.manifest import BundleError
 
     try:
         m = verify_bundle(path)

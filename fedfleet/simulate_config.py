@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_runtime.attacks import parse_attack
-from device_runtime.data import Dataset, check_dataset_name, parse_partition
-from device_runtime.profiles import ProfileSpec, load_profiles
-from server.config import ServerConfig, check_types
+from fedfleet.device_runtime.attacks import parse_attack
+from fedfleet.device_runtime.data import Dataset, check_dataset_name, parse_partition
+from fedfleet.device_runtime.profiles import ProfileSpec, load_profiles
+from fedfleet.server.config import ServerConfig, check_types
 
 if TYPE_CHECKING:  # the fleet (torch) is imported where it runs: see fleet_config
-    from device_runtime.fleet_plan import FleetConfig
+    from fedfleet.device_runtime.fleet_plan import FleetConfig
 
 
 AUTO_SERVER_PROCESS_PHONES = 1000  # server_process "auto": its own process from this fleet size on
@@ -226,7 +226,7 @@ class SimulateConfig:
         return self.clock == "virtual" or (self.clock == "auto" and self.devices != "none")
 
     def fleet_config(self) -> FleetConfig:
-        from device_runtime.fleet_plan import FleetConfig
+        from fedfleet.device_runtime.fleet_plan import FleetConfig
 
         return FleetConfig(
             phones=self.phones,

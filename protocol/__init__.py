@@ -9,8 +9,8 @@ any of them with ``decode_message``. Privacy accounting is in ``protocol.privacy
 (imported on demand: it pulls in dp_accounting and scipy).
 """
 
-from protocol.codec import EncoderConfig, UpdateEncoder, dense_float32_nbytes
-from protocol.errors import (
+from fedfleet.protocol.codec import EncoderConfig, UpdateEncoder, dense_float32_nbytes
+from fedfleet.protocol.errors import (
     ChecksumMismatch,
     MalformedMessage,
     NonFiniteValues,
@@ -19,8 +19,8 @@ from protocol.errors import (
     UnsupportedEncoding,
     UnsupportedVersion,
 )
-from protocol.meta import UPDATE_META_KEYS, check_update_meta
-from protocol.wire import (
+from fedfleet.protocol.meta import UPDATE_META_KEYS, check_update_meta
+from fedfleet.protocol.wire import (
     FORMAT_VERSION,
     MAGIC,
     TensorMessage,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.errors import MalformedMessage, ProtocolError
+from fedfleet.protocol.errors import MalformedMessage, ProtocolError
 
 MAX_SAFE_INT = (1 << 53) - 1  # beyond this, JavaScript numbers lose integers
 HEADER_KEYS = ("kind", "meta", "tensors")

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from protocol import quant
-from protocol.errors import MalformedMessage, NonFiniteValues
-from protocol.packing import (
+from fedfleet.protocol import quant
+from fedfleet.protocol.errors import MalformedMessage, NonFiniteValues
+from fedfleet.protocol.packing import (
     MAX_VARINT_BYTES,
     Blob,
     decode_bitmap,

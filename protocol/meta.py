@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from protocol.errors import MalformedMessage
+from fedfleet.protocol.errors import MalformedMessage
 
 UPDATE_META_KEYS = ("base_version", "num_examples", "round", "train_loss", "update_id")
 MAX_UPDATE_ID_LEN = 128

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protocol.errors import MalformedMessage
+from fedfleet.protocol.errors import MalformedMessage
 
 BIT_WIDTHS = (1, 2, 4, 8)
 Blob = bytes | memoryview  # received bytes are sliced without copying

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from protocol.errors import MalformedMessage, NonFiniteValues
-from protocol.packing import BIT_WIDTHS, Blob, pack_codes, packed_nbytes, unpack_codes
+from fedfleet.protocol.errors import MalformedMessage, NonFiniteValues
+from fedfleet.protocol.packing import BIT_WIDTHS, Blob, pack_codes, packed_nbytes, unpack_codes
 
 MAX_CHUNK = 1 << 24
 F32 = np.dtype("<f4")

@@ -28,9 +28,9 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from protocol.canonical import canonical_header, canonical_json, parse_header
-from protocol.encodings import DTYPES, ENCODINGS, Encoding, dtype_of, encode_dense
-from protocol.errors import (
+from fedfleet.protocol.canonical import canonical_header, canonical_json, parse_header
+from fedfleet.protocol.encodings import DTYPES, ENCODINGS, Encoding, dtype_of, encode_dense
+from fedfleet.protocol.errors import (
     ChecksumMismatch,
     MalformedMessage,
     ProtocolError,
@@ -38,7 +38,7 @@ from protocol.errors import (
     UnsupportedEncoding,
     UnsupportedVersion,
 )
-from protocol.packing import Blob
+from fedfleet.protocol.packing import Blob
 
 MAGIC = b"FFLT"
 FORMAT_VERSION = 1

@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from server.config import ServerConfig
-from server.http import check_admin, fail, json_response, read_json
-from server.state import CONFIG, COORD, STORE, WORK
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.http import check_admin, fail, json_response, read_json
+from fedfleet.server.state import CONFIG, COORD, STORE, WORK
 
 MAX_LOCAL_EPOCHS = 1000  # passes over a phone's data per task: more is a typo, and a phone would train for hours
 MAX_BATCH_SIZE = 1 << 16

@@ -12,18 +12,18 @@ import numpy as np
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from protocol import ProtocolError, decode_message, encode_message
-from server.async_coordinator import AsyncCoordinator
-from server.bundles import check_bundle, setup_bundle
-from server.config import ServerConfig
-from server.coordinator import Clock, wall_clock
-from server.evaluation import Evaluator
-from server.http import COUNTED_KEY, JsonError, json_response
-from server.observability import setup_observability
-from server.ratelimit import setup_failure_limits
-from server.routes import setup_routes
-from server.security import NonceBook
-from server.state import (
+from fedfleet.protocol import ProtocolError, decode_message, encode_message
+from fedfleet.server.async_coordinator import AsyncCoordinator
+from fedfleet.server.bundles import check_bundle, setup_bundle
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.coordinator import Clock, wall_clock
+from fedfleet.server.evaluation import Evaluator
+from fedfleet.server.http import COUNTED_KEY, JsonError, json_response
+from fedfleet.server.observability import setup_observability
+from fedfleet.server.ratelimit import setup_failure_limits
+from fedfleet.server.routes import setup_routes
+from fedfleet.server.security import NonceBook
+from fedfleet.server.state import (
     CONFIG,
     COORD,
     EVALUATOR,
@@ -36,10 +36,10 @@ from server.state import (
     background,
     stop_holding,
 )
-from server.store import Store
-from server.sync_coordinator import SyncCoordinator
-from server.updates import UpdateRejected
-from server.webphone import setup_webphone
+from fedfleet.server.store import Store
+from fedfleet.server.sync_coordinator import SyncCoordinator
+from fedfleet.server.updates import UpdateRejected
+from fedfleet.server.webphone import setup_webphone
 
 _GC_THRESHOLDS = web.AppKey("gc_thresholds", tuple)  # the process's thresholds before startup, restored at cleanup
 
@@ -147,7 +147,7 @@ def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, n
     if latest is not None:
         version, blob = latest
         return version, decode_message(blob).tensors
-    from export.models import ModelSpec, build_model, trainable_params
+    from fedfleet.export.models import ModelSpec, build_model, trainable_params
 
     spec = ModelSpec(config.model, config.input_shape, config.num_classes)
     params = {n: p.detach().numpy().copy() for n, p in trainable_params(build_model(spec, config.seed)).items()}

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.aggregation import Params
-from server.config import ServerConfig
-from server.coordinator import Clock, Coordinator
-from server.staleness import parse_staleness
-from server.store import Store
-from server.updates import Contribution, Published, UpdateRejected
+from fedfleet.server.aggregation import Params
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.coordinator import Clock, Coordinator
+from fedfleet.server.staleness import parse_staleness
+from fedfleet.server.store import Store
+from fedfleet.server.updates import Contribution, Published, UpdateRejected
 
 
 @dataclass

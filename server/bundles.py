@@ -10,11 +10,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from export.bundle import bundle_file, content_type, verify_bundle
-from export.manifest import MANIFEST, BundleError, Manifest
-from protocol import TensorSpec
-from server.http import authenticate, fail
-from server.state import STORE
+from fedfleet.export.bundle import bundle_file, content_type, verify_bundle
+from fedfleet.export.manifest import MANIFEST, BundleError, Manifest
+from fedfleet.protocol import TensorSpec
+from fedfleet.server.http import authenticate, fail
+from fedfleet.server.state import STORE
 
 BUNDLE = web.AppKey("bundle", Path)
 

@@ -115,11 +115,11 @@ class ServerConfig:
             raise ValueError("mode must be 'sync' or 'async'")
         if self.concurrency < 1 or self.buffer_size < 1 or self.max_staleness < 0:
             raise ValueError("concurrency and buffer_size must be >= 1, max_staleness >= 0")
-        from server.optimizers import ServerOptimizer
-        from server.staleness import parse_staleness
+        from fedfleet.server.optimizers import ServerOptimizer
+        from fedfleet.server.staleness import parse_staleness
 
         parse_staleness(self.staleness)
-        from protocol import EncoderConfig
+        from fedfleet.protocol import EncoderConfig
 
         EncoderConfig.from_mapping(self.codec)
         if not 0 < self.dp_delta < 1 or self.epsilon_budget < 0:
@@ -128,7 +128,7 @@ class ServerConfig:
             raise ValueError("central DP needs both central_clip > 0 and central_noise_multiplier > 0")
         ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum, self.server_beta1,
                         self.server_beta2, self.server_tau)
-        from server.robust import parse_rule
+        from fedfleet.server.robust import parse_rule
 
         rule = parse_rule(self.robust)
         if self.central_noise_multiplier > 0 and rule.text != "none":

@@ -20,17 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from protocol import TensorSpec, decode_message, dense_float32_nbytes, encode_message
-from protocol.wire import WireTensor, encode_wire, wire_tensors
-from server.aggregation import Params, example_weight
-from server.config import ServerConfig
-from server.metrics import RoundRecord, percentile
-from server.optimizers import ServerOptimizer
-from server.pacing import PaceSteering
-from server.privacy import central_dp_mean, task_release
-from server.robust import parse_rule
-from server.store import Store
-from server.updates import Contribution, Published, UpdateRejected
+from fedfleet.protocol import TensorSpec, decode_message, dense_float32_nbytes, encode_message
+from fedfleet.protocol.wire import WireTensor, encode_wire, wire_tensors
+from fedfleet.server.aggregation import Params, example_weight
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.metrics import RoundRecord, percentile
+from fedfleet.server.optimizers import ServerOptimizer
+from fedfleet.server.pacing import PaceSteering
+from fedfleet.server.privacy import central_dp_mean, task_release
+from fedfleet.server.robust import parse_rule
+from fedfleet.server.store import Store
+from fedfleet.server.updates import Contribution, Published, UpdateRejected
 
 Clock = Callable[[], float]
 DRAFT = "_draft"  # marks a stored round record committed with its version but not yet evaluated and recorded
@@ -293,7 +293,7 @@ class Coordinator:
             out.update(epsilon_max=summary.max_epsilon, epsilon_median=summary.median_epsilon,
                        delta=summary.delta, noise_multiplier=self.release.noise_multiplier)
         if self.config.central_noise_multiplier > 0:
-            from protocol.privacy import central_epsilon
+            from fedfleet.protocol.privacy import central_epsilon
 
             registered = max(self.store.phone_count(), 1)
             q = min(1.0, max(selected, len(contributions)) / registered)
@@ -313,7 +313,7 @@ class Coordinator:
 
 
 def _load_ledger(store: Store, delta: float) -> Any:
-    from protocol.privacy import PrivacyLedger  # dp_accounting is slow to import: only when used
+    from fedfleet.protocol.privacy import PrivacyLedger  # dp_accounting is slow to import: only when used
 
     saved = store.get_meta("ledger")
     return PrivacyLedger.from_dict(json.loads(saved)) if saved else PrivacyLedger(delta)

@@ -11,7 +11,7 @@ import numpy as np
 if TYPE_CHECKING:
     from torch import nn
 
-    from export.models import ModelSpec
+    from fedfleet.export.models import ModelSpec
 
 TaskSpec = tuple[str, tuple[int, int, int], int]  # model name, input shape, classes
 
@@ -38,7 +38,7 @@ class Evaluator:
 
     def _built(self) -> nn.Module:
         if self._model is None:
-            from export.models import ModelSpec, build_model
+            from fedfleet.export.models import ModelSpec, build_model
 
             spec = self.spec if isinstance(self.spec, ModelSpec) else ModelSpec(*self.spec)
             self._model = build_model(spec, seed=self.seed)

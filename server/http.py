@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from server.store import Store
+from fedfleet.server.store import Store
 
 PHONE_KEY = web.RequestKey("phone", str)  # the authenticated phone id
 COUNTED_KEY = web.RequestKey("bytes_counted", bool)  # the handler charged its bytes itself

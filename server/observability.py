@@ -26,8 +26,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.http import NEW_UPDATE_KEY, PHONE_KEY, json_response
-from server.state import COORD, STORE
+from fedfleet.server.http import NEW_UPDATE_KEY, PHONE_KEY, json_response
+from fedfleet.server.state import COORD, STORE
 
 STATIC_DIR = Path(__file__).with_name("static")
 WINDOW_S = 10.0  # "online" = a phone request within this window; updates/s is averaged over it

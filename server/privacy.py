@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from protocol import EncoderConfig
-from protocol.codec.encoder import resolve_noise_multiplier
+from fedfleet.protocol import EncoderConfig
+from fedfleet.protocol.codec.encoder import resolve_noise_multiplier
 
 Params = dict[str, np.ndarray]
 
@@ -26,7 +26,7 @@ def task_release(codec: dict[str, Any]) -> Any:
     z = resolve_noise_multiplier(cfg)
     if cfg.noise is None or z is None:
         return None
-    from protocol.privacy import Release
+    from fedfleet.protocol.privacy import Release
 
     return Release(cfg.noise, z)
 

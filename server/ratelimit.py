@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from server.config import ServerConfig
-from server.http import json_response
-from server.state import COORD
-from server.store import Store
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.http import json_response
+from fedfleet.server.state import COORD
+from fedfleet.server.store import Store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Clock = Callable[[], float]

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from server.aggregation import Params, weighted_mean
-from server.robust_math import (
+from fedfleet.server.aggregation import Params, weighted_mean
+from fedfleet.server.robust_math import (
     Deltas,
     clip_factors,
     coordinate_median,

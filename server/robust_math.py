@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from server.aggregation import Params, stacked_rows
+from fedfleet.server.aggregation import Params, stacked_rows
 
 Deltas = Sequence[Mapping[str, np.ndarray]]
 _BLOCK = 1 << 20  # float64 elements per stacked column block (8 MiB)

@@ -18,12 +18,12 @@ from typing import Any
 
 from aiohttp import web
 
-from protocol import FORMAT_VERSION, UPDATE_META_KEYS, decode_message
-from protocol.signing import NONCE_HEADER, SIGNATURE_HEADER
-from server.admin import admin_routes
-from server.config import ServerConfig
-from server.coordinator import Coordinator
-from server.http import (
+from fedfleet.protocol import FORMAT_VERSION, UPDATE_META_KEYS, decode_message
+from fedfleet.protocol.signing import NONCE_HEADER, SIGNATURE_HEADER
+from fedfleet.server.admin import admin_routes
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.coordinator import Coordinator
+from fedfleet.server.http import (
     COUNTED_KEY,
     NAME_RE,
     NEW_UPDATE_KEY,
@@ -35,10 +35,10 @@ from server.http import (
     read_body,
     read_json,
 )
-from server.robust_math import update_norms
-from server.security import SignatureError, parse_public_key
-from server.state import CONFIG, COORD, NONCES, STORE, UPLOADS, WORK, schedule_merge
-from server.store import NameTaken
+from fedfleet.server.robust_math import update_norms
+from fedfleet.server.security import SignatureError, parse_public_key
+from fedfleet.server.state import CONFIG, COORD, NONCES, STORE, UPLOADS, WORK, schedule_merge
+from fedfleet.server.store import NameTaken
 
 # The task's JSON per coordinator, with the configuration it was made from: every registration sends
 # it, and it changes only when an admin plan change gives the coordinator a new configuration.

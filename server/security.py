@@ -6,7 +6,7 @@ import base64
 import binascii
 import time
 
-from protocol.signing import public_key_ok, signature_ok, signed_text
+from fedfleet.protocol.signing import public_key_ok, signature_ok, signed_text
 
 
 class SignatureError(Exception):

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from protocol import decode_message
-from server.config import ServerConfig
-from server.coordinator import DRAFT, Coordinator
-from server.evaluation import Evaluator
-from server.metrics import RoundRecord
-from server.security import NonceBook
-from server.store import Store
-from server.updates import Published
+from fedfleet.protocol import decode_message
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.coordinator import DRAFT, Coordinator
+from fedfleet.server.evaluation import Evaluator
+from fedfleet.server.metrics import RoundRecord
+from fedfleet.server.security import NonceBook
+from fedfleet.server.store import Store
+from fedfleet.server.updates import Published
 
 CONFIG = web.AppKey("config", ServerConfig)
 STORE = web.AppKey("store", Store)

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.commit import PENDING_SQL, PHONE_SQL, GroupCommit, PhoneRow, fast_delete, settle
-from server.commit import NameTaken as NameTaken  # re-exported: server.routes answers it with a 409
+from fedfleet.server.commit import PENDING_SQL, PHONE_SQL, GroupCommit, PhoneRow, fast_delete, settle
+from fedfleet.server.commit import NameTaken as NameTaken  # re-exported: server.routes answers it with a 409
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (

@@ -6,11 +6,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.aggregation import Params
-from server.config import ServerConfig
-from server.coordinator import Clock, Coordinator
-from server.store import Store
-from server.updates import Contribution, Published, UpdateRejected
+from fedfleet.server.aggregation import Params
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.coordinator import Clock, Coordinator
+from fedfleet.server.store import Store
+from fedfleet.server.updates import Contribution, Published, UpdateRejected
 
 
 @dataclass

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.aggregation import Params
-from server.metrics import RoundRecord
+from fedfleet.server.aggregation import Params
+from fedfleet.server.metrics import RoundRecord
 
 
 class UpdateRejected(Exception):

@@ -10,10 +10,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from device_runtime.data import load_dataset
-from protocol import encode_message
-from server.app import make_app
-from server.config import ServerConfig
+from fedfleet.device_runtime.data import load_dataset
+from fedfleet.protocol import encode_message
+from fedfleet.server.app import make_app
+from fedfleet.server.config import ServerConfig
 
 MakeClient = Callable[..., Awaitable[TestClient]]
 

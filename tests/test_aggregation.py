@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from server.aggregation import apply_delta, example_weight, weighted_mean
+from fedfleet.server.aggregation import apply_delta, example_weight, weighted_mean
 
 
 def test_weighted_mean_matches_numpy_average() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from device_runtime import aio
+from fedfleet.device_runtime import aio
 
 
 async def _which() -> str:

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedfleet.server.app import make_app
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.optimizers import ServerOptimizer
+from fedfleet.server.staleness import parse_staleness
+from fedfleet.server.state import COORD
 from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig
-from server.app import make_app
-from server.config import ServerConfig
-from server.optimizers import ServerOptimizer
-from server.staleness import parse_staleness
-from server.state import COORD
 from tests.conftest import MakeClient, register, update_body, zero_delta
 
 
@@ -94,7 +94,7 @@ def test_async_staleness_window_future_and_idempotence() -> None:
     pub = coord.merge()
     assert pub.record.extra["staleness_max"] == 2
     np.testing.assert_allclose(coord.params["fc2.bias"] - before["fc2.bias"], 3 + 3**-0.5, rtol=1e-5)
-    from server.updates import UpdateRejected
+    from fedfleet.server.updates import UpdateRejected
 
     with pytest.raises(UpdateRejected) as stale:
         _contribute(coord, "c", delta, 5, base=0, uid="c0")
@@ -124,7 +124,7 @@ async def test_concurrent_uploads_merge_each_update_exactly_once(make_server: Ma
     assert all(s == 200 for row in statuses for s in row)
     st = await (await client.get("/v1/status")).json()
     assert st["version"] == 6 and st["buffered"] == 0  # 24 distinct updates / K=4
-    from protocol import decode_message
+    from fedfleet.protocol import decode_message
 
     model = decode_message(await (await client.get("/v1/model", headers=phones[0][1])).read()).tensors
     # Each merge adds the mean delta (1.0): six merges, each update counted exactly once.

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from device_runtime.batched import Job, Params, train_many
-from device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
-from device_runtime.runtimes.torch_runtime import TorchRuntime
-from export.models import ModelSpec, build_model
+from fedfleet.device_runtime.batched import Job, Params, train_many
+from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
+from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
+from fedfleet.export.models import ModelSpec, build_model
 
 # Unequal phones: partial last batches, an idle phone (no data), a single example, and one
 # phone still training after all others have finished (FedProx must not pull the idle ones).
@@ -183,7 +183,7 @@ async def test_a_finished_group_wakes_its_phones_a_few_per_loop_pass(digits: Any
     in one pass; either way every phone gets exactly what training it alone gives."""
     import asyncio
 
-    from device_runtime.trainer import BatchedTrainer
+    from fedfleet.device_runtime.trainer import BatchedTrainer
 
     model = build_model(ModelSpec("mlp", tuple(digits.x_train.shape[1:]), 10), seed=3)  # type: ignore[arg-type]
     params = TorchRuntime(model).get_params()

@@ -10,14 +10,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from device_runtime.bundle_client import fetch_bundle
-from device_runtime.data import load_dataset
-from export.build import ExportConfig, export_bundle
-from export.manifest import HashMismatch
+from fedfleet.device_runtime.bundle_client import fetch_bundle
+from fedfleet.device_runtime.data import load_dataset
+from fedfleet.export.build import ExportConfig, export_bundle
+from fedfleet.export.manifest import HashMismatch
+from fedfleet.server.app import make_app
+from fedfleet.server.config import ServerConfig
 from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig
-from server.app import make_app
-from server.config import ServerConfig
 
 
 @pytest.fixture(scope="module")

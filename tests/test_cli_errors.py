@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_runtime.data import load_dataset, partition
 from fedfleet.cli import build_parser, main
-from server.config import ServerConfig
+from fedfleet.device_runtime.data import load_dataset, partition
+from fedfleet.server.config import ServerConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

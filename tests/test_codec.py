@@ -13,12 +13,12 @@ import zlib
 import numpy as np
 import pytest
 
-from protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message, dense_float32_nbytes
-from protocol.canonical import canonical_header
-from protocol.codec.sparsify import keep_count
-from protocol.errors import MalformedMessage
-from protocol.quant import fit_scales, quantized_norm_bound
-from protocol.wire import FLAG_ZLIB, FLAG_ZLIB_HEADER, MAX_HEADER_BYTES, frame
+from fedfleet.protocol import EncoderConfig, TensorSpec, UpdateEncoder, decode_message, dense_float32_nbytes
+from fedfleet.protocol.canonical import canonical_header
+from fedfleet.protocol.codec.sparsify import keep_count
+from fedfleet.protocol.errors import MalformedMessage
+from fedfleet.protocol.quant import fit_scales, quantized_norm_bound
+from fedfleet.protocol.wire import FLAG_ZLIB, FLAG_ZLIB_HEADER, MAX_HEADER_BYTES, frame
 from tests.conftest import MakeClient, register
 
 META = {"update_id": "u-1", "base_version": 4, "num_examples": 32, "train_loss": 0.25, "round": 1}
@@ -391,7 +391,7 @@ def test_noise_std_within_one_percent(noise: str, std_factor: float) -> None:
 
 
 def test_noise_calibrated_from_epsilon() -> None:
-    from protocol.privacy import Release, calibrate_noise_multiplier
+    from fedfleet.protocol.privacy import Release, calibrate_noise_multiplier
 
     encoder = UpdateEncoder(
         EncoderConfig(clip=1.0, noise="gaussian", epsilon=2.0, delta=1e-5), np.random.default_rng(0)

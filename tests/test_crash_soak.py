@@ -39,6 +39,6 @@ def test_a_restart_loads_neither_torch_nor_dp_accounting() -> None:
             "print(sorted(m for m in ('torch', 'dp_accounting', 'sklearn') if m in sys.modules), list(MODEL_NAMES))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] ['mlp', 'cnn', 'mobilenet']"
-    from export.models import MODEL_NAMES  # the parser's spelled-out copy stays in step
+    from fedfleet.export.models import MODEL_NAMES  # the parser's spelled-out copy stays in step
 
     assert list(MODEL_NAMES) == ["mlp", "cnn", "mobilenet"]

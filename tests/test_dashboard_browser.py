@@ -16,12 +16,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from device_runtime.fleet import run_fleet
-from device_runtime.fleet_plan import FleetConfig
-from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
-from server.app import make_app
-from server.config import ServerConfig
-from server.observability import OBS, setup_observability
+from fedfleet.device_runtime.fleet import run_fleet
+from fedfleet.device_runtime.fleet_plan import FleetConfig
+from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+from fedfleet.server.app import make_app
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.observability import OBS, setup_observability
 
 BROWSER_DIR = Path(__file__).with_name("browser")
 ARTIFACTS = Path(__file__).with_name("artifacts")

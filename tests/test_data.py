@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from device_runtime.data import load_dataset, partition
+from fedfleet.device_runtime.data import load_dataset, partition
 
 
 def test_digits_and_mnist5k_ship_real_data() -> None:

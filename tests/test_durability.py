@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from protocol import decode_message
+from fedfleet.protocol import decode_message
 from tests.conftest import update_body, zero_delta
 
 

@@ -13,10 +13,10 @@ import pytest
 from aiohttp import web
 
 from bench.bench_faults import ServerProcess, free_port
-from server.app import make_app
-from server.config import ServerConfig
-from server.state import STORE
-from server.store import StoreInUse
+from fedfleet.server.app import make_app
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.state import STORE
+from fedfleet.server.store import StoreInUse
 
 
 async def _status(url: str) -> dict[str, object]:

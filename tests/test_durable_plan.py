@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from device_runtime.runtimes.base import TrainConfig
-from server.admin import MAX_BATCH_SIZE, MAX_LOCAL_EPOCHS
+from fedfleet.device_runtime.runtimes.base import TrainConfig
+from fedfleet.server.admin import MAX_BATCH_SIZE, MAX_LOCAL_EPOCHS
 from tests.conftest import MakeClient, register, update_body
 
 ADMIN = {"Authorization": "Bearer s3cret"}

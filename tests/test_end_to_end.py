@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from fedfleet.server.app import make_app
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.state import COORD
+from fedfleet.server.sync_coordinator import SyncCoordinator
 from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig, merge_config
-from server.app import make_app
-from server.config import ServerConfig
-from server.state import COORD
-from server.sync_coordinator import SyncCoordinator
 
 
 async def test_simulate_learns_digits(tmp_path: Path) -> None:

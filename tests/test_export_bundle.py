@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from device_runtime.runtimes.loader import load_runtime
-from export.bundle import (
+from fedfleet.device_runtime.runtimes.loader import load_runtime
+from fedfleet.export.bundle import (
     artifact_info,
     bundle_file,
     content_type,
@@ -25,7 +25,7 @@ from export.bundle import (
     verify_file_bytes,
     write_manifest,
 )
-from export.manifest import (
+from fedfleet.export.manifest import (
     MANIFEST,
     MODEL_ONNX,
     MODEL_PTE,

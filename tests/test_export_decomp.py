@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.manifest import UnsupportedExport
-from export.onnx_decomp import convolution_backward
-from export.onnx_export import export_train_step_onnx
+from fedfleet.export.manifest import UnsupportedExport
+from fedfleet.export.onnx_decomp import convolution_backward
+from fedfleet.export.onnx_export import export_train_step_onnx
 
 aten = torch.ops.aten
 

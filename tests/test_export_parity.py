@@ -20,9 +20,9 @@ import onnx
 import pytest
 import torch
 
-from device_runtime.runtimes.base import TrainConfig, TrainingRuntime
-from device_runtime.runtimes.loader import load_runtime
-from export.manifest import (
+from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainingRuntime
+from fedfleet.device_runtime.runtimes.loader import load_runtime
+from fedfleet.export.manifest import (
     MANIFEST,
     MODEL_ONNX,
     MODEL_PTE,
@@ -41,7 +41,7 @@ SHAPE = (1, 8, 8)  # the digits dataset the bundles are exported for
 
 
 class Exports:
-    """Background ``python -m export.cli`` runs, one per model; ``get`` waits for one."""
+    """Background ``python -m fedfleet.export.cli`` runs, one per model; ``get`` waits for one."""
 
     def __init__(self, root: Path, models: set[str]) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -53,7 +53,7 @@ class Exports:
                 cmd = [
                     sys.executable,
                     "-m",
-                    "export.cli",
+                    "fedfleet.export.cli",
                     "--model",
                     m,
                     "--dataset",

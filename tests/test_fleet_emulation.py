@@ -14,19 +14,19 @@ import aiohttp
 import numpy as np
 import pytest
 
-from device_runtime import aio
-from device_runtime.client import ModelMemo, PhoneClient, ServerError
-from device_runtime.fleet import run_fleet
-from device_runtime.fleet_plan import FleetConfig
-from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
-from device_runtime.vclock import VirtualClock
+from fedfleet.device_runtime import aio
+from fedfleet.device_runtime.client import ModelMemo, PhoneClient, ServerError
+from fedfleet.device_runtime.fleet import run_fleet
+from fedfleet.device_runtime.fleet_plan import FleetConfig
+from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+from fedfleet.device_runtime.vclock import VirtualClock
+from fedfleet.protocol import ChecksumMismatch, ShapeMismatch, TensorSpec, decode_message, encode_message
+from fedfleet.server.app import make_app
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.pacing import PaceSteering
+from fedfleet.server.state import COORD
 from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig
-from protocol import ChecksumMismatch, ShapeMismatch, TensorSpec, decode_message, encode_message
-from server.app import make_app
-from server.config import ServerConfig
-from server.pacing import PaceSteering
-from server.state import COORD
 from tests.conftest import register, request_counts, update_body
 
 WALL_CLOCK_FIELDS = ("aggregate_ms",)  # measured in wall time on purpose (server processing time)

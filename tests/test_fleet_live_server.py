@@ -19,11 +19,11 @@ import aiohttp
 import pytest
 
 from bench.bench_faults import ServerProcess
-from device_runtime.data import Dataset, load_dataset
-from device_runtime.fleet import run_fleet
-from device_runtime.fleet_plan import FleetConfig
-from device_runtime.fleet_result import FleetError, NamesTaken, ServerGone, fleet_summary
-from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+from fedfleet.device_runtime.data import Dataset, load_dataset
+from fedfleet.device_runtime.fleet import run_fleet
+from fedfleet.device_runtime.fleet_plan import FleetConfig
+from fedfleet.device_runtime.fleet_result import FleetError, NamesTaken, ServerGone, fleet_summary
+from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from tests.conftest import MakeClient, register, update_body
 
 DATASET = "synthetic:400"

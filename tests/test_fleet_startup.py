@@ -16,9 +16,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from device_runtime import fleet
-from device_runtime.client import _mean_cell
-from device_runtime.data import load_dataset
+from fedfleet.device_runtime import fleet
+from fedfleet.device_runtime.client import _mean_cell
+from fedfleet.device_runtime.data import load_dataset
 from fedfleet.serving import ServerProcess
 from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig

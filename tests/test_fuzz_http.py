@@ -24,7 +24,7 @@ from bench.bench_attack import (
     send,
     slow_loris,
 )
-from protocol.signing import PhoneKey
+from fedfleet.protocol.signing import PhoneKey
 from tests.conftest import MakeClient, update_body
 
 LIMIT = 256 << 10  # max_update_bytes: small, so "far over the limit" stays cheap

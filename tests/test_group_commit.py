@@ -7,7 +7,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from server.store import Store
+from fedfleet.server.store import Store
 from tests.conftest import MakeClient, register, update_body, zero_delta
 
 

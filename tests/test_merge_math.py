@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server import aggregation, robust_math
-from server.aggregation import stacked_rows, weighted_mean
-from server.robust import parse_rule
-from server.robust_math import cosines, update_norms
+from fedfleet.server import aggregation, robust_math
+from fedfleet.server.aggregation import stacked_rows, weighted_mean
+from fedfleet.server.robust import parse_rule
+from fedfleet.server.robust_math import cosines, update_norms
 
 SHAPES = {"w": (7, 5), "b": (5,), "one": (1,), "s": ()}
 

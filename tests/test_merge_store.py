@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.store import Store
+from fedfleet.server.store import Store
 
 WIRE = os.urandom(10_000)  # about one 2,410-parameter float32 update
 

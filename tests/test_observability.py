@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import tests.conftest
-from server.observability import OBS, setup_observability
+from fedfleet.server.observability import OBS, setup_observability
 from tests.conftest import MakeClient, register, update_body
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
-from protocol import EncoderConfig, UpdateEncoder
-from protocol.privacy import (
+from fedfleet.protocol import EncoderConfig, UpdateEncoder
+from fedfleet.protocol.privacy import (
     PrivacyLedger,
     Release,
     calibrate_noise_multiplier,

@@ -9,8 +9,8 @@ import time
 
 from aiohttp.test_utils import TestClient
 
-from protocol.signing import PhoneKey
-from server.ratelimit import TokenBuckets
+from fedfleet.protocol.signing import PhoneKey
+from fedfleet.server.ratelimit import TokenBuckets
 from tests.conftest import MakeClient, update_body
 
 

@@ -26,14 +26,14 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from device_runtime.data import Dataset, load_dataset, partition
-from device_runtime.fleet import run_fleet
-from device_runtime.fleet_plan import FleetConfig, shard_phones
-from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from fedfleet.cli import main
-from server.app import make_app
-from server.config import ServerConfig
-from server.state import COORD, STORE
+from fedfleet.device_runtime.data import Dataset, load_dataset, partition
+from fedfleet.device_runtime.fleet import run_fleet
+from fedfleet.device_runtime.fleet_plan import FleetConfig, shard_phones
+from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+from fedfleet.server.app import make_app
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.state import COORD, STORE
 
 PHONES = 8
 

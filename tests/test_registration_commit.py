@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from server.state import STORE
-from server.store import NameTaken, Store
+from fedfleet.server.state import STORE
+from fedfleet.server.store import NameTaken, Store
 from tests.conftest import MakeClient
 
 
@@ -108,7 +108,7 @@ async def test_no_token_when_the_commit_fails(make_server: MakeClient, tmp_path:
     store = client.server.app[STORE]
     assert store.commits._writer is not None and store.commits._wdb is not None
     store.commits._writer.submit(store.commits._wdb.close).result()  # the writer's connection is gone: commits fail
-    monkeypatch.setattr("server.routes.secrets.token_urlsafe", lambda _: "the-token")
+    monkeypatch.setattr("fedfleet.server.routes.secrets.token_urlsafe", lambda _: "the-token")
     resp = await client.post("/v1/register", json={"name": "p"})
     assert resp.status == 503, await resp.text()
     assert (await resp.json())["error"] == "storage_unavailable"

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from device_runtime.attacks import (
+from fedfleet.device_runtime.attacks import (
     Attack,
     choose_attackers,
     gaussian,
@@ -15,10 +15,10 @@ from device_runtime.attacks import (
     scale,
     sign_flip,
 )
-from server import robust, robust_math
-from server.aggregation import weighted_mean
-from server.robust import parse_rule
-from server.robust_math import (
+from fedfleet.server import robust, robust_math
+from fedfleet.server.aggregation import weighted_mean
+from fedfleet.server.robust import parse_rule
+from fedfleet.server.robust_math import (
     TooFewUpdates,
     coordinate_median,
     gram_matrix,

@@ -11,10 +11,10 @@ import aiohttp
 import numpy as np
 import pytest
 
-from device_runtime import fleet
-from device_runtime.data import partition
-from device_runtime.fleet_plan import FleetConfig, fleet_profiles, plan_fleet
-from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+from fedfleet.device_runtime import fleet
+from fedfleet.device_runtime.data import partition
+from fedfleet.device_runtime.fleet_plan import FleetConfig, fleet_profiles, plan_fleet
+from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 
 
 @pytest.mark.parametrize("virtual", [False, True])

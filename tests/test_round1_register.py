@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from server.http import json_response
-from server.routes import task_spec
-from server.state import CONFIG, COORD
+from fedfleet.server.http import json_response
+from fedfleet.server.routes import task_spec
+from fedfleet.server.state import CONFIG, COORD
 from tests.conftest import MakeClient
 
 

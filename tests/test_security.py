@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, PhoneKey
-from server.state import UPLOADS
+from fedfleet.protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, PhoneKey
+from fedfleet.server.state import UPLOADS
 from tests.conftest import MakeClient, update_body
 
 
@@ -193,7 +193,7 @@ async def test_a_phone_leaving_the_upload_queue_frees_its_place(make_server: Mak
 @pytest.mark.parametrize("bad", [{"max_concurrent_uploads": 0}, {"max_waiting_uploads": -1},
                                  {"upload_wait_s": -1.0}, {"upload_wait_s": float("nan")}])
 def test_upload_queue_settings_are_checked(bad: dict[str, Any]) -> None:
-    from server.config import ServerConfig
+    from fedfleet.server.config import ServerConfig
 
     with pytest.raises(ValueError, match="max_concurrent_uploads must be >= 1"):
         ServerConfig(**bad)

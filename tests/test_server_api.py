@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from protocol import decode_message, encode_message
+from fedfleet.protocol import decode_message, encode_message
 from tests.conftest import MakeClient, register, update_body, zero_delta
 
 
@@ -196,8 +196,8 @@ async def test_checkin_can_carry_the_model_inline(make_server: MakeClient) -> No
 async def test_the_first_round_opens_when_the_server_starts_serving(aiohttp_client, digits) -> None:  # type: ignore[no-untyped-def]
     """Building the server (store, model, evaluator) is not part of round 1: its figures and its
     deadline count from when the server starts serving."""
-    from server.app import make_app
-    from server.config import ServerConfig
+    from fedfleet.server.app import make_app
+    from fedfleet.server.config import ServerConfig
 
     now = [0.0]
     cfg = ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10, round_timeout_s=30.0, sample_fraction=1.0)
@@ -223,8 +223,8 @@ async def test_a_serving_app_collects_garbage_less_often_and_restores_the_thresh
     process's own back at cleanup; without it the thresholds are left alone."""
     import gc
 
-    from server.app import make_app
-    from server.config import ServerConfig
+    from fedfleet.server.app import make_app
+    from fedfleet.server.config import ServerConfig
 
     before = gc.get_threshold()
     try:

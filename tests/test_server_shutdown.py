@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from server.app import make_app
-from server.config import ServerConfig
+from fedfleet.server.app import make_app
+from fedfleet.server.config import ServerConfig
 
 
 async def test_held_checkins_are_answered_when_the_server_shuts_down() -> None:

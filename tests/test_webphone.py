@@ -31,16 +31,16 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from device_runtime.fleet import run_fleet
-from device_runtime.fleet_plan import FleetConfig
-from device_runtime.runtimes.torch_runtime import torch_runtime_for_task
-from export.models import ModelSpec
-from protocol.privacy import Release, local_epsilon
-from server.app import make_app
-from server.config import ServerConfig
-from server.evaluation import Evaluator
-from server.state import COORD, STORE
-from server.webphone import ORT_DIST, VENDOR_FILES, WEB_DIR_KEY, setup_webphone
+from fedfleet.device_runtime.fleet import run_fleet
+from fedfleet.device_runtime.fleet_plan import FleetConfig
+from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+from fedfleet.export.models import ModelSpec
+from fedfleet.protocol.privacy import Release, local_epsilon
+from fedfleet.server.app import make_app
+from fedfleet.server.config import ServerConfig
+from fedfleet.server.evaluation import Evaluator
+from fedfleet.server.state import COORD, STORE
+from fedfleet.server.webphone import ORT_DIST, VENDOR_FILES, WEB_DIR_KEY, setup_webphone
 from tests.conftest import request_counts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,15 +97,15 @@ async def test_webphone_serves_the_app_and_nothing_else(aiohttp_client: Any, tmp
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The MLP-on-digits bundle, as `fedfleet export` writes it, without model.pte (the web
     phone runs only the ONNX graphs; the manifest records the skipped artifact)."""
-    from export.build import ExportConfig, export_bundle
-    from export.manifest import UnsupportedExport
+    from fedfleet.export.build import ExportConfig, export_bundle
+    from fedfleet.export.manifest import UnsupportedExport
 
     def skip_pte(*args: Any, **kwargs: Any) -> Any:
         raise UnsupportedExport("model.pte", "not needed by the web phone test")
 
     out = tmp_path_factory.mktemp("bundle")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("export.executorch_export.export_executorch", skip_pte)
+        mp.setattr("fedfleet.export.executorch_export.export_executorch", skip_pte)
         export_bundle(ExportConfig("mlp", "digits", (1, 8, 8), 10), out)
     return out
 
@@ -184,8 +184,8 @@ def python_step_ms(bundle_dir: Path, batch: int, steps: int = STEPS) -> float:
     timed as the page times it (trainer.js timeSteps): one batch, new weights fed back, 10 warm-up steps."""
     import onnxruntime as ort
 
-    from device_runtime.runtimes.onnx_runtime import session_options
-    from export.bundle import load_manifest
+    from fedfleet.device_runtime.runtimes.onnx_runtime import session_options
+    from fedfleet.export.bundle import load_manifest
 
     names = load_manifest(bundle_dir).trainable_names()
     session = ort.InferenceSession(str(bundle_dir / "train_step.onnx"), session_options(),

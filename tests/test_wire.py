@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import (
+from fedfleet.protocol import (
     EncoderConfig,
     MalformedMessage,
     ProtocolError,
@@ -25,8 +25,8 @@ from protocol import (
     decode_message,
     encode_message,
 )
-from protocol.canonical import canonical_meta
-from protocol.packing import (
+from fedfleet.protocol.canonical import canonical_meta
+from fedfleet.protocol.packing import (
     decode_bitmap,
     decode_delta_varint,
     encode_bitmap,
@@ -34,7 +34,7 @@ from protocol.packing import (
     pack_codes,
     unpack_codes,
 )
-from protocol.wire import FLAG_ZLIB, FLAG_ZLIB_HEADER, frame
+from fedfleet.protocol.wire import FLAG_ZLIB, FLAG_ZLIB_HEADER, frame
 
 GOLDEN = sorted((Path(__file__).parent / "golden").glob("*.json"))
 META = {"update_id": "u-9", "base_version": 2, "num_examples": 10, "train_loss": None, "round": 0}

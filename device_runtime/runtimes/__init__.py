@@ -6,7 +6,7 @@ imported when that backend is asked for.
 
 from __future__ import annotations
 
-from device_runtime.runtimes.base import (
+from fedfleet.device_runtime.runtimes.base import (
     EvalResult,
     TrainConfig,
     TrainingRuntime,

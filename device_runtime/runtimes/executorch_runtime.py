@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
-from export.manifest import MODEL_PTE, PTE_PREFIX, Manifest, ParameterMismatch
+from fedfleet.device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
+from fedfleet.export.manifest import MODEL_PTE, PTE_PREFIX, Manifest, ParameterMismatch
 
 
 def set_threads(count: int) -> None:

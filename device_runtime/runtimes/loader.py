@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from device_runtime.runtimes import RUNTIME_NAMES
-from device_runtime.runtimes.base import TrainingRuntime
-from export.bundle import load_manifest, require_artifact, sha256_file, verify_bundle
-from export.manifest import MODEL_ONNX, MODEL_PTE, TRAIN_STEP_ONNX, BundleError, Manifest, ParameterMismatch
+from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
+from fedfleet.device_runtime.runtimes.base import TrainingRuntime
+from fedfleet.export.bundle import load_manifest, require_artifact, sha256_file, verify_bundle
+from fedfleet.export.manifest import (
+    MODEL_ONNX,
+    MODEL_PTE,
+    TRAIN_STEP_ONNX,
+    BundleError,
+    Manifest,
+    ParameterMismatch,
+)
 
 
 def load_runtime(
@@ -27,20 +34,20 @@ def load_runtime(
         return _torch_runtime(manifest, backbone_weights)
     if kind == "executorch":
         require_artifact(manifest, MODEL_PTE)
-        from device_runtime.runtimes.executorch_runtime import ExecuTorchRuntime
+        from fedfleet.device_runtime.runtimes.executorch_runtime import ExecuTorchRuntime
 
         return ExecuTorchRuntime.from_bundle(bundle_dir, manifest)
     require_artifact(manifest, TRAIN_STEP_ONNX)  # kind == "onnx"
     require_artifact(manifest, MODEL_ONNX)
-    from device_runtime.runtimes.onnx_runtime import OnnxRuntime
+    from fedfleet.device_runtime.runtimes.onnx_runtime import OnnxRuntime
 
     return OnnxRuntime(bundle_dir, manifest)
 
 
 def _torch_runtime(manifest: Manifest, backbone_weights: Path | None) -> TrainingRuntime:
     """The eager reference, rebuilt from the manifest's model name, shapes and seed."""
-    from device_runtime.runtimes.torch_runtime import TorchRuntime
-    from export.models import ModelSpec, build_model
+    from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
+    from fedfleet.export.models import ModelSpec, build_model
 
     if manifest.backbone_weights_sha256 is not None:
         if backbone_weights is None:

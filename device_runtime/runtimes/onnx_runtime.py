@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
-from export.manifest import ANCHOR_PREFIX, MODEL_ONNX, TRAIN_STEP_ONNX, Manifest, ParameterMismatch
+from fedfleet.device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
+from fedfleet.export.manifest import ANCHOR_PREFIX, MODEL_ONNX, TRAIN_STEP_ONNX, Manifest, ParameterMismatch
 
 
 def session_options() -> object:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
+from fedfleet.device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
 
 
 class TorchRuntime:
@@ -75,7 +75,7 @@ def evaluate_module(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: 
 
 def torch_runtime_for_task(task: dict) -> TorchRuntime:
     """The eager model a server's task describes (model name, input shape, classes)."""
-    from export.models import ModelSpec, build_model
+    from fedfleet.export.models import ModelSpec, build_model
 
     spec = ModelSpec(str(task["model"]), tuple(task["input_shape"]), int(task["num_classes"]))  # type: ignore[arg-type]
     return TorchRuntime(build_model(spec))

@@ -8,7 +8,7 @@ quantize.py  stochastic uniform quantization and tensor encodings
 encoder.py   UpdateEncoder: assembles the steps from EncoderConfig
 """
 
-from protocol.codec.config import EncoderConfig
-from protocol.codec.encoder import UpdateEncoder, dense_float32_nbytes
+from fedfleet.protocol.codec.config import EncoderConfig
+from fedfleet.protocol.codec.encoder import UpdateEncoder, dense_float32_nbytes
 
 __all__ = ["EncoderConfig", "UpdateEncoder", "dense_float32_nbytes"]

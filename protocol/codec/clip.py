@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.codec.types import Update
+from fedfleet.protocol.codec.types import Update
 
 
 def update_norm(update: Update, ord: int = 2) -> float:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from protocol.quant import MAX_CHUNK
+from fedfleet.protocol.quant import MAX_CHUNK
 
 NoiseKind = Literal["gaussian", "laplace"]
 SparsifyKind = Literal["topk", "randk"]

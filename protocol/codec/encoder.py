@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from protocol.codec.clip import Clip
-from protocol.codec.config import EncoderConfig
-from protocol.codec.feedback import ErrorFeedback
-from protocol.codec.noise import GaussianNoise, LaplaceNoise
-from protocol.codec.quantize import Float32, Quantize, ValueCoder, to_wire
-from protocol.codec.sparsify import RandK, TopK, keep_all
-from protocol.codec.types import DenseStep, Update
-from protocol.wire import TensorSpec, WireTensor, encode_wire
+from fedfleet.protocol.codec.clip import Clip
+from fedfleet.protocol.codec.config import EncoderConfig
+from fedfleet.protocol.codec.feedback import ErrorFeedback
+from fedfleet.protocol.codec.noise import GaussianNoise, LaplaceNoise
+from fedfleet.protocol.codec.quantize import Float32, Quantize, ValueCoder, to_wire
+from fedfleet.protocol.codec.sparsify import RandK, TopK, keep_all
+from fedfleet.protocol.codec.types import DenseStep, Update
+from fedfleet.protocol.wire import TensorSpec, WireTensor, encode_wire
 
 if TYPE_CHECKING:
-    from protocol.privacy import Release
+    from fedfleet.protocol.privacy import Release
 
 
 def resolve_noise_multiplier(config: EncoderConfig) -> float | None:
@@ -37,7 +37,7 @@ def resolve_noise_multiplier(config: EncoderConfig) -> float | None:
         return None
     if config.noise_multiplier is not None:
         return float(config.noise_multiplier)
-    from protocol.privacy import calibrate_noise_multiplier  # dp_accounting is slow to import
+    from fedfleet.protocol.privacy import calibrate_noise_multiplier  # dp_accounting is slow to import
 
     assert config.epsilon is not None and config.delta is not None
     return calibrate_noise_multiplier(config.noise, config.epsilon, config.delta)
@@ -145,7 +145,7 @@ class UpdateEncoder:
         """What one ``encode`` costs in privacy, for ``PrivacyLedger.charge``."""
         if self.noise_multiplier is None or self.config.noise is None:
             return None
-        from protocol.privacy import Release
+        from fedfleet.protocol.privacy import Release
 
         return Release(self.config.noise, self.noise_multiplier)
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from protocol.codec.types import Pick, Update
+from fedfleet.protocol.codec.types import Pick, Update
 
 _PREFIX = "residual/"
 _VERSION_KEY = "base_version"

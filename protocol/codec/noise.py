@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.codec.types import Update
+from fedfleet.protocol.codec.types import Update
 
 
 @dataclass(frozen=True)

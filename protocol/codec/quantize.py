@@ -16,10 +16,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from protocol import quant
-from protocol.codec.types import Pick
-from protocol.encodings import encode_quant, encode_sparse
-from protocol.wire import WireTensor
+from fedfleet.protocol import quant
+from fedfleet.protocol.codec.types import Pick
+from fedfleet.protocol.encodings import encode_quant, encode_sparse
+from fedfleet.protocol.wire import WireTensor
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.codec.types import Pick, Update
+from fedfleet.protocol.codec.types import Pick, Update
 
 
 def keep_count(n: int, density: float | None, k: int | None) -> int:

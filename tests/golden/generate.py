@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from protocol import EncoderConfig, UpdateEncoder, decode_message, encode_message
-from protocol.wire import FLAG_ZLIB, FLAG_ZLIB_HEADER, frame
+from fedfleet.protocol import EncoderConfig, UpdateEncoder, decode_message, encode_message
+from fedfleet.protocol.wire import FLAG_ZLIB, FLAG_ZLIB_HEADER, frame
 
 HERE = Path(__file__).parent
 META = {"update_id": "phone-7/42", "base_version": 3, "num_examples": 128, "train_loss": 0.6931, "round": 5}

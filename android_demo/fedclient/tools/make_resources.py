@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
-from device_runtime.data import load_dataset  # noqa: E402
+from fedfleet.device_runtime.data import load_dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 DIGITS = HERE / "src/main/resources/org/fedfleet/client/digits.txt"

@@ -25,7 +25,7 @@ DIGITS = "0123456789abcdefg"
 
 def main() -> None:
     sys.path.insert(0, str(REPO))
-    from device_runtime.data import load_dataset
+    from fedfleet.device_runtime.data import load_dataset
 
     data = load_dataset("digits", seed=0)
     levels = np.rint(data.x_train[:, 0] * 16).astype(int)  # exact: load_dataset divided by 16.0
