@@ -1,8 +1,11 @@
-# Two commands set everything up from a fresh machine: `make demo` and `make test`.
+# Two commands set everything up from a fresh machine, each installing what it needs:
+# `make demo` the Python package alone (no root, no apt, no npm); `make test` also the test tools,
+# the browser, the JDK and the npm packages the browser and Java tests use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: install demo test lint bench clean
 
@@ -12,8 +15,13 @@ $(PY):
 # Reinstall when the project's dependencies or their pins change.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e .
 	touch $(STAMP)
+
+# The test and lint tools (pytest, ruff, mypy, ray): the [dev] extra, on top of the package.
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(DEV_STAMP)
 
 # Browser tests: Debian's chromium driven by playwright-core (never a downloaded browser).
 BROWSER_DEPS := tests/browser/node_modules/.package-lock.json
@@ -34,12 +42,13 @@ $(WEB_DEPS): android_demo/web/package-lock.json
 	cd android_demo/web && npm ci --ignore-scripts --no-audit --no-fund
 	touch $(WEB_DEPS)
 
-install: $(STAMP) $(BROWSER_DEPS) $(JAVA_DEPS) $(WEB_DEPS)
+# Everything the tests need (the browser and the JDK come from apt: root on a fresh machine).
+install: $(DEV_STAMP) $(BROWSER_DEPS) $(JAVA_DEPS) $(WEB_DEPS)
 
-demo: install
+demo: $(STAMP)
 	$(VENV)/bin/fedfleet simulate
 
-lint: install
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check server device_runtime export protocol fedfleet tests bench
 	$(VENV)/bin/mypy fedfleet
 
