@@ -251,7 +251,7 @@ def _bundle_runtime(kind: str, bundle_dir: Path, task: dict[str, Any]) -> Traini
 # Phones of a finished vmapped group woken per loop pass when the server has a process of its own
 # (BatchedTrainer.release_every): 100 phones x 10 rounds, medians of 7 alternating runs, 611 updates/s
 # woken all at once, 665 four at a time (2 and 16 about the same; at 10,000 phones, where the server is
-# the bottleneck, within noise). With the server on this loop it was slower (~600 -> ~450): there its
+# the bottleneck, within noise). With the server on this loop it is slower (~600 -> ~450): there its
 # group commit gets cut into more transactions.
 RELEASE_EVERY = 4
 

@@ -2,7 +2,7 @@
 
 Rows queued during one pass of the loop (or while the previous group commit was being written)
 are written by one worker thread on a connection of its own (one transaction, one fsync), so an
-fsync of 25-65 ms no longer stalls every other request. A version commit (on the loop's
+fsync of 25-65 ms does not stall every other request. A version commit (on the loop's
 connection, in ``Store.save_version``) first waits for any such write in flight (``drain``), so a
 merged update's pending row is always written before the transaction that moves it to the merged
 set.
