@@ -1,4 +1,4 @@
-// The phone's HTTP client for the fedfleet API (README "HTTP API"): JSON for control, wire
+// The phone's HTTP client for the fedfleet API (docs/http-api.md): JSON for control, wire
 // messages for tensors, `Authorization: Bearer TOKEN` once registered. Failures are data:
 // ServerError carries the server's status, JSON `error` reason and Retry-After; NetworkError
 // means the request (or its answer) was lost and may be retried.
