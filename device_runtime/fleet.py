@@ -104,7 +104,7 @@ async def run_fleet(
         phones_done = asyncio.Event()
         loop = asyncio.get_running_loop()
         # --hours on the wall clock: the fleet ends then, whatever its phones are waiting for (a held
-        # check-in, a back-off sleep); they used to finish those first, up to the server's 25 s hold.
+        # check-in, a back-off sleep), rather than after finishing those (up to the server's 25 s hold).
         deadline = loop.time() + cfg.hours * 3600 if cfg.hours > 0 and not virtual else None
         joined: list[int] = []  # the monitor's: rounds the server had merged before this fleet
         monitor = asyncio.create_task(_monitor(session, server, cfg, on_round, stop, phones_done, virtual,

@@ -1,6 +1,6 @@
 """A server shutting down answers its held check-ins (long polls) at once instead of waiting out
-``checkin_hold_s`` for phones that may be gone: ``fedfleet simulate --hours`` used to end ~25 s
-after its phones had left."""
+``checkin_hold_s`` for phones that may be gone, so that ``fedfleet simulate --hours`` does not end
+~25 s after its phones have left."""
 
 from __future__ import annotations
 
