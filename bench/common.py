@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import platform
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,11 +52,23 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def write(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
-               **payload}
-    path = RESULTS / f"{name}.json"
+def provenance() -> dict[str, Any]:
+    """What a result needs to be read later: the command that produced it, when (UTC), and on what."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+    return {
+        "command": " ".join([program, *map(shlex.quote, sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count()},
+    }
+
+
+def write(name: str, payload: dict[str, Any], directory: Path = RESULTS) -> Path:
+    """bench/results/NAME.json: the payload after its provenance (command, date, machine)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {**provenance(), **payload}
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
