@@ -13,7 +13,7 @@ from fedfleet.server.config import load_toml
 SERVER_SETTINGS = ("mode", "concurrency", "buffer", "staleness", "max_staleness", "server_optimizer", "server_lr",
                    "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk", "quant_bits",
                    "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget", "central_clip",
-                   "central_noise_multiplier", "robust", "server_process")
+                   "central_noise_multiplier", "robust", "server_process", "strategy")
 # What only a fleet of several phones takes: refused on `phone`.
 FLEET_SETTINGS = ("phones", "workers", "trainer", "attack", "attack_fraction")
 
@@ -105,6 +105,14 @@ def _server_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-process", choices=["auto", "yes", "no"],
                    help="run the server in its own process (wall clock only; auto, the default: for 1,000+ "
                         "phones on 2+ cores)")
+
+
+def add_strategy_flags(p: argparse.ArgumentParser) -> None:
+    """A merge of one's own (serve and simulate): see docs/strategies.md."""
+    p.add_argument("--strategy", metavar="MODULE:ATTR",
+                   help="merge with this fedfleet.server.strategy.Strategy (an object, or a class or function "
+                        "making one) instead of the built-in FedAvg; its module must be importable "
+                        "(PYTHONPATH) (default: none)")
 
 
 def _fleet_task_flags(p: argparse.ArgumentParser) -> None:

@@ -77,6 +77,7 @@ class SimulateConfig:
     epsilon_budget: float = 0.0  # stop scheduling a phone past this local epsilon (0 = no limit)
     central_clip: float = 0.0  # central DP on the server (DP-FedAvg): clip ...
     central_noise_multiplier: float = 0.0  # ... and noise the sum
+    strategy: str | None = None  # MODULE:ATTR: a fedfleet.server.strategy.Strategy merging instead of FedAvg
 
     def __post_init__(self) -> None:
         """Every setting checked before anything starts, with messages that name it as the flag (and
@@ -204,6 +205,7 @@ class SimulateConfig:
             epsilon_budget=self.epsilon_budget,
             central_clip=self.central_clip,
             central_noise_multiplier=self.central_noise_multiplier,
+            strategy=self.strategy,
         )
         return base.replace(**self.server) if self.server else base
 

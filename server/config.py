@@ -8,7 +8,10 @@ import numbers
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedfleet.server.strategy import Strategy
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class ServerConfig:
     central_noise_multiplier: float = 0.0  # ...and add N(0, (z * clip)^2) to the sum
     # --- Byzantine robustness (server/robust.py) -------------------------------------------
     robust: str = "none"  # none | normbound:C | normbound:median*K | median | trimmed:B | krum:F | multikrum:F[:M], '+'-chained
+    # --- a strategy of one's own (server/strategy.py; docs/strategies.md) --------------------
+    strategy: Strategy | str | None = None  # a Strategy object or "MODULE:ATTR" merges instead of the built-in
+    # FedAvg (server_optimizer and robust then stay at their defaults; central DP wraps it)
     # --- limits -------------------------------------------------------------------------
     max_update_bytes: int = 16 << 20  # bodies over this get 413
     max_examples: int = 10_000_000  # a phone claiming more is refused (400)
@@ -135,6 +141,7 @@ class ServerConfig:
             raise ValueError("robust aggregation cannot be combined with central DP: its noise is calibrated to a clipped sum")
         if self.mode == "async" and self.buffer_size < rule.min_updates:
             raise ValueError(f"robust {self.robust!r} needs buffer_size >= {rule.min_updates}")
+        self._check_strategy()
         if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
             raise ValueError("max_update_norm must be a finite number >= 0 (0 = no limit)")
         if min(self.reject_burst, self.peer_reject_burst) < 0 or not min(self.reject_rate_per_s,
@@ -144,6 +151,25 @@ class ServerConfig:
             raise ValueError("idle_timeout_s must be > 0")
         if self.example_cap < 1 or self.max_update_bytes < 1024:
             raise ValueError("example_cap must be >= 1 and max_update_bytes >= 1024")
+
+    def _check_strategy(self) -> None:
+        """A strategy of one's own replaces the built-in merge its settings describe; it must load."""
+        if self.strategy is None:
+            return
+        from fedfleet.server.strategies import config_strategy
+        from fedfleet.server.strategy import Strategy
+
+        if not isinstance(self.strategy, str | Strategy):
+            raise ValueError(f"strategy must be a Strategy object or 'MODULE:ATTR', got {self.strategy!r}")
+        builtin = ("server_optimizer", "robust", "server_lr", "server_momentum", "server_beta1", "server_beta2",
+                   "server_tau")
+        changed = [n for n in builtin if getattr(self, n) != getattr(ServerConfig, n)]
+        if changed:
+            raise ValueError(f"strategy replaces the built-in merge: leave {', '.join(changed)} at the default "
+                             "(configure your strategy instead)")
+        strategy = config_strategy(self)
+        if self.mode == "async" and self.buffer_size < strategy.min_updates:
+            raise ValueError(f"strategy {strategy.name} needs buffer_size >= {strategy.min_updates}")
 
     def train_plan(self) -> dict[str, Any]:
         """The local-training part of a task, as sent to phones."""
