@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fedfleet.device_runtime.attacks import parse_attack
 from fedfleet.device_runtime.data import Dataset, check_dataset_name, parse_partition
 from fedfleet.device_runtime.profiles import ProfileSpec, load_profiles
+from fedfleet.protocol.plan import TrainPlan
 from fedfleet.server.config import ServerConfig, check_types
 
 if TYPE_CHECKING:  # the fleet (torch) is imported where it runs: see fleet_config
@@ -35,10 +36,10 @@ class SimulateConfig:
     attack: str = "none"  # Byzantine phones: none | signflip | scale:F | noise:STD | labelflip
     attack_fraction: float = 0.0  # share of phones that attack
     robust: str = "none"  # server rule: none | normbound:C | median | trimmed:B | krum:F | multikrum:F[:M]
-    local_epochs: int = 5
-    batch_size: int = 8
-    lr: float = 0.1
-    prox_mu: float = 0.0
+    local_epochs: int = TrainPlan.local_epochs  # the training plan: defaults and limits in protocol/plan.py
+    batch_size: int = TrainPlan.batch_size
+    lr: float = TrainPlan.lr
+    prox_mu: float = TrainPlan.prox_mu
     seed: int = 0
     workers: int = 2
     trainer: str = "batched"  # batched (vmap across phones on one version) | pool (one phone at a time)

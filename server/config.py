@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedfleet.protocol.plan import PLAN_FIELDS, TrainPlan
+
 if TYPE_CHECKING:
     from fedfleet.server.strategy import Strategy
 
@@ -21,10 +23,11 @@ class ServerConfig:
     input_shape: tuple[int, int, int] = (1, 8, 8)  # C, H, W of one example
     num_classes: int = 10
     seed: int = 0  # initial parameters are drawn from this seed
-    local_epochs: int = 5  # sent to phones with each task
-    batch_size: int = 8
-    lr: float = 0.1  # client SGD learning rate
-    prox_mu: float = 0.0  # FedProx proximal weight; 0 = FedAvg
+    # the training plan sent to phones with each task: defaults and limits in protocol/plan.py
+    local_epochs: int = TrainPlan.local_epochs
+    batch_size: int = TrainPlan.batch_size
+    lr: float = TrainPlan.lr  # client SGD learning rate
+    prox_mu: float = TrainPlan.prox_mu  # FedProx proximal weight; 0 = FedAvg
     # --- synchronous rounds -------------------------------------------------------------
     rounds: int = 10  # 0 = run until stopped
     sample_fraction: float = 0.5  # fraction of registered phones that must report per round
@@ -97,6 +100,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        TrainPlan(self.local_epochs, self.batch_size, self.lr, self.prox_mu)  # what phones would refuse
         if self.checkin_pace < 0 or self.checkin_retry_s < 0 or self.checkin_hold_s < 0:
             raise ValueError("checkin_pace, checkin_retry_s and checkin_hold_s must be >= 0")
         if self.max_concurrent_uploads < 1 or self.max_waiting_uploads < 0 or not self.upload_wait_s >= 0:
@@ -113,7 +117,7 @@ class ServerConfig:
             raise ValueError("min_cohort and min_updates must be at least 1")
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0 (0 = forever)")
-        for name in ("lr", "server_lr", "round_timeout_s"):
+        for name in ("server_lr", "round_timeout_s"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive finite number")
@@ -172,14 +176,8 @@ class ServerConfig:
             raise ValueError(f"strategy {strategy.name} needs buffer_size >= {strategy.min_updates}")
 
     def train_plan(self) -> dict[str, Any]:
-        """The local-training part of a task, as sent to phones."""
-        return {
-            "local_epochs": self.local_epochs,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "prox_mu": self.prox_mu,
-            "codec": dict(self.codec),
-        }
+        """The local-training part of a task, as sent to phones: the TrainPlan's fields and the codec."""
+        return {**{name: getattr(self, name) for name in PLAN_FIELDS}, "codec": dict(self.codec)}
 
     def replace(self, **changes: Any) -> ServerConfig:
         known = {f.name for f in dataclasses.fields(self)}
