@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +22,22 @@ from fedfleet.server.state import COORD, STORE
 from fedfleet.server.strategies import load_strategy
 from tests.conftest import MakeClient, register, update_body, zero_delta
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "median_strategy.py"
 USER_MODULE = '''
 import numpy as np
 
+from median_strategy import CoordinateMedian
 from fedfleet.server.strategy import MergeResult, Strategy
 
 
-class CoordinateMedian(Strategy):
-    """new = old + the coordinate-wise median of the deltas; counts its merges in its state."""
+class CountingMedian(CoordinateMedian):
+    """The example's median, counting its merges in its state and reporting the mode."""
 
     def aggregate(self, params, state, updates, ctx):
-        out = {n: (p + np.median(np.stack([u.delta[n] for u in updates]), axis=0)).astype(p.dtype)
-               for n, p in params.items()}
+        merged = super().aggregate(params, state, updates, ctx)
         merges = state.get("merges", np.zeros(1)) + 1
-        return MergeResult(out, {"merges": merges}, {"median_of": len(updates), "seen_mode": ctx.mode,
-                                                     "merges_seen": int(merges[0])})
+        return MergeResult(merged.params, {"merges": merges}, {**merged.metrics, "seen_mode": ctx.mode,
+                                                               "merges_seen": int(merges[0])})
 
 
 class KeepPrevious(Strategy):
@@ -44,7 +46,7 @@ class KeepPrevious(Strategy):
 
 
 def make_median():
-    return CoordinateMedian()
+    return CountingMedian()
 
 
 not_a_strategy = 42
@@ -57,12 +59,15 @@ class Plain:
 
 @pytest.fixture
 def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A module of the user's in a folder outside the repository, importable as ``user_strategies``."""
+    """Modules of the user's in a folder outside the repository: examples/median_strategy.py and
+    ``user_strategies``, which builds on it."""
     folder = tmp_path / "mine"
     folder.mkdir()
+    (folder / "median_strategy.py").write_text(EXAMPLE.read_text())
     (folder / "user_strategies.py").write_text(USER_MODULE)
     monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.delitem(__import__("sys").modules, "user_strategies", raising=False)
+    for name in ("user_strategies", "median_strategy"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     return "user_strategies"
 
 
@@ -85,7 +90,7 @@ async def _round(client: Any, phones: list[tuple[str, dict[str, str], dict[str, 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_a_user_strategy_merges_in_both_modes_over_the_real_server(make_server: MakeClient, user_module: str,
                                                                          mode: str) -> None:
-    client = await make_server(strategy=f"{user_module}:CoordinateMedian", mode=mode, sample_fraction=1.0,
+    client = await make_server(strategy=f"{user_module}:CountingMedian", mode=mode, sample_fraction=1.0,
                                min_cohort=3, buffer_size=3, concurrency=3, staleness="constant")
     phones = [await register(client, f"p{i}") for i in range(3)]
     auth = phones[0][1]
@@ -176,7 +181,7 @@ def test_a_user_strategy_refuses_the_builtin_merges_settings(capsys: pytest.Capt
     with pytest.raises(SystemExit):  # phones follow the server's task: fleet refuses it
         main(["fleet", "--server", "http://127.0.0.1:1", "--strategy", f"{user_module}:KeepPrevious"])
     assert "is a setting of the server's task" in capsys.readouterr().err
-    assert type(load_strategy(f"{user_module}:make_median")).__name__ == "CoordinateMedian"
+    assert type(load_strategy(f"{user_module}:make_median")).__name__ == "CountingMedian"
 
 
 def test_simulate_runs_with_strategy_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path,
