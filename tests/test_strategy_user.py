@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from fedfleet.protocol import decode_message
 from fedfleet.server.app import make_app
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.state import COORD, STORE
-from fedfleet.server.strategies import load_strategy
+from fedfleet.server.strategies import FedAvg, load_strategy
+from fedfleet.server.strategy import MergeContext, MergeResult, Params, Strategy, StrategyError, Update
 from tests.conftest import MakeClient, register, update_body, zero_delta
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "median_strategy.py"
@@ -193,3 +195,32 @@ def test_simulate_runs_with_strategy_flag(capsys: pytest.CaptureFixture[str], tm
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["kept"] for r in rows] == [2, 2]  # sample 0.5 of 4 phones: two updates per merge, all kept
     assert rows[0]["accuracy"] == rows[1]["accuracy"]  # the model never moved
+
+
+class _FailsOnce(Strategy):
+    """A strategy with a bug the first time it merges (a result of the wrong dtype), then FedAvg."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def aggregate(self, params: Params, state: Params, updates: Sequence[Update], ctx: MergeContext) -> MergeResult:
+        self.calls += 1
+        if self.calls == 1:
+            return MergeResult({n: p.astype(np.float64) for n, p in params.items()})
+        return FedAvg().aggregate(params, state, updates, ctx)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_result_the_server_cannot_publish_loses_no_update(mode: str) -> None:
+    strategy = _FailsOnce()
+    coord = make_app(ServerConfig(model="mlp", mode=mode, strategy=strategy, buffer_size=2, min_cohort=2,
+                                  sample_fraction=1.0))[COORD]
+    for phone in ("a", "b"):
+        coord.store.add_phone(phone, f"t-{phone}", {})
+        _contribute(coord, phone, 1.0)
+    assert coord.ready()
+    with pytest.raises(StrategyError, match="expected float32"):
+        coord.merge()
+    assert coord.version == 0 and sorted(c.phone for c in coord.pending()) == ["a", "b"]
+    published = coord.merge()  # the next try merges the same two updates
+    assert published.version == 1 and published.record.updates == 2 and not coord.pending()
