@@ -113,3 +113,17 @@ async def test_the_upload_handler_checks_meta_with_the_protocols_function(make_s
     assert (resp.status, body["error"], body["message"]) == (400, expected.value.reason, str(expected.value))
     status = await (await client.get("/v1/status")).json()
     assert status["updates_in_round"] == 0  # nothing accepted
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch-size", str(MAX_BATCH_SIZE + 1)], f"batch_size (--batch-size) must be a whole number from 1 to {MAX_BATCH_SIZE}"),
+    (["--local-epochs", "0"], f"local_epochs (--local-epochs) must be a whole number from 1 to {MAX_LOCAL_EPOCHS}"),
+    (["--prox-mu", "-0.5"], "prox_mu (--prox-mu) must be a finite number >= 0, got -0.5"),
+])
+def test_simulate_names_the_flag_of_a_plan_value_out_of_the_protocols_limits(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], words: str) -> None:
+    rc = main(["simulate", "--out", str(tmp_path / "run"), *flags])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2 and out == "" and len(lines) == 1 and lines[0].startswith(f"fedfleet simulate: error: {words}"), err
+    assert not (tmp_path / "run").exists()
