@@ -53,7 +53,7 @@ def worker(bundle: Path, runtime: str, batch: int, steps: int, dataset: str) -> 
     start = time.perf_counter()
     rt = load_runtime(runtime, bundle)
     load_s = time.perf_counter() - start
-    cfg = TrainConfig(batch_size=batch, lr=0.01)
+    cfg = TrainConfig(local_epochs=1, batch_size=batch, lr=0.01)
     rt.train(x[: batch * WARMUP_STEPS], y[: batch * WARMUP_STEPS], cfg, np.random.default_rng(0))
     start = time.perf_counter()
     result = rt.train(x, y, cfg, np.random.default_rng(1))

@@ -26,21 +26,22 @@ from fedfleet.export.manifest import (
     train_step_signature,
 )
 from fedfleet.export.models import ModelSpec, build_model, trainable_names
+from fedfleet.protocol.plan import TrainPlan
 
 VERSIONED = ("torch", "executorch", "onnx", "onnxruntime", "onnxscript")
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """What ``fedfleet export`` turns into a bundle; defaults match ``TrainConfig``."""
+    """What ``fedfleet export`` turns into a bundle; defaults are the training plan's (``TrainPlan``)."""
 
     model: str
     dataset: str
     input_shape: tuple[int, int, int]  # C, H, W of the dataset
     num_classes: int
     seed: int = 0  # build_model seed: the initial weights every runtime starts from
-    batch_size: int = 8  # default task batch size, recorded in the manifest (the server's default plan)
-    lr: float = 0.1  # default task learning rate, recorded in the manifest (the server's default plan)
+    batch_size: int = TrainPlan.batch_size  # default task batch size, recorded in the manifest (protocol/plan.py)
+    lr: float = TrainPlan.lr  # default task learning rate, recorded in the manifest (protocol/plan.py)
     max_batch: int = 64  # largest batch model.pte accepts (ExecuTorch plans memory for it)
     backbone_weights: Path | None = None  # torchvision MobileNetV3-small state dict
 

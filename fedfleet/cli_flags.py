@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from fedfleet.protocol.plan import TrainPlan
 from fedfleet.server.config import load_toml
 
 # Settings of the server's task: `simulate` starts its own server and takes them; `fleet` and `phone`
@@ -13,7 +14,7 @@ from fedfleet.server.config import load_toml
 SERVER_SETTINGS = ("mode", "concurrency", "buffer", "staleness", "max_staleness", "server_optimizer", "server_lr",
                    "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk", "quant_bits",
                    "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget", "central_clip",
-                   "central_noise_multiplier", "robust", "server_process")
+                   "central_noise_multiplier", "robust", "server_process", "strategy")
 # What only a fleet of several phones takes: refused on `phone`.
 FLEET_SETTINGS = ("phones", "workers", "trainer", "attack", "attack_fraction")
 
@@ -58,11 +59,16 @@ def _phone_side_flags(p: argparse.ArgumentParser, fleet: bool) -> None:
 def _training_flags(p: argparse.ArgumentParser, server_here: bool) -> None:
     """Local training: the task's plan on a server of one's own, or overrides of a running server's plan."""
     what = "" if server_here else "override the server's plan on these phones: "
-    p.add_argument("--local-epochs", type=int, help=f"{what}local epochs per task" + (" (default 5)" if server_here else ""))
-    p.add_argument("--batch-size", type=int, help=f"{what}local batch size" + (" (default 8)" if server_here else ""))
-    p.add_argument("--lr", type=float, help=f"{what}local SGD learning rate" + (" (default 0.1)" if server_here else ""))
+    plan = TrainPlan()  # the defaults, as protocol/plan.py defines them
+
+    def default(value: object, note: str = "") -> str:
+        return f" (default {value}{note})" if server_here else ""
+
+    p.add_argument("--local-epochs", type=int, help=f"{what}local epochs per task" + default(plan.local_epochs))
+    p.add_argument("--batch-size", type=int, help=f"{what}local batch size" + default(plan.batch_size))
+    p.add_argument("--lr", type=float, help=f"{what}local SGD learning rate" + default(plan.lr))
     p.add_argument("--prox-mu", type=float, help=f"{what}FedProx proximal weight"
-                                                 + (" (default 0 = FedAvg)" if server_here else ""))
+                                                 + default(f"{plan.prox_mu:g}", " = FedAvg"))
 
 
 def _server_task_flags(p: argparse.ArgumentParser) -> None:
@@ -105,6 +111,14 @@ def _server_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-process", choices=["auto", "yes", "no"],
                    help="run the server in its own process (wall clock only; auto, the default: for 1,000+ "
                         "phones on 2+ cores)")
+
+
+def add_strategy_flags(p: argparse.ArgumentParser) -> None:
+    """A merge of one's own (serve and simulate): see docs/strategies.md."""
+    p.add_argument("--strategy", metavar="MODULE:ATTR",
+                   help="merge with this fedfleet.server.strategy.Strategy (an object, or a class or function "
+                        "making one) instead of the built-in FedAvg; its module must be importable "
+                        "(PYTHONPATH) (default: none)")
 
 
 def _fleet_task_flags(p: argparse.ArgumentParser) -> None:

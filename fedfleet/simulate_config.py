@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fedfleet.device_runtime.attacks import parse_attack
 from fedfleet.device_runtime.data import Dataset, check_dataset_name, parse_partition
 from fedfleet.device_runtime.profiles import ProfileSpec, load_profiles
+from fedfleet.protocol.plan import PLAN_FIELDS, TrainPlan
 from fedfleet.server.config import ServerConfig, check_types
 
 if TYPE_CHECKING:  # the fleet (torch) is imported where it runs: see fleet_config
@@ -35,10 +36,10 @@ class SimulateConfig:
     attack: str = "none"  # Byzantine phones: none | signflip | scale:F | noise:STD | labelflip
     attack_fraction: float = 0.0  # share of phones that attack
     robust: str = "none"  # server rule: none | normbound:C | median | trimmed:B | krum:F | multikrum:F[:M]
-    local_epochs: int = 5
-    batch_size: int = 8
-    lr: float = 0.1
-    prox_mu: float = 0.0
+    local_epochs: int = TrainPlan.local_epochs  # the training plan: defaults and limits in protocol/plan.py
+    batch_size: int = TrainPlan.batch_size
+    lr: float = TrainPlan.lr
+    prox_mu: float = TrainPlan.prox_mu
     seed: int = 0
     workers: int = 2
     trainer: str = "batched"  # batched (vmap across phones on one version) | pool (one phone at a time)
@@ -77,6 +78,7 @@ class SimulateConfig:
     epsilon_budget: float = 0.0  # stop scheduling a phone past this local epsilon (0 = no limit)
     central_clip: float = 0.0  # central DP on the server (DP-FedAvg): clip ...
     central_noise_multiplier: float = 0.0  # ... and noise the sum
+    strategy: str | None = None  # MODULE:ATTR: a fedfleet.server.strategy.Strategy merging instead of FedAvg
 
     def __post_init__(self) -> None:
         """Every setting checked before anything starts, with messages that name it as the flag (and
@@ -87,8 +89,6 @@ class SimulateConfig:
             ("sample", 0 < self.sample <= 1, "a fraction in (0, 1]"),
             ("quantity_skew", 0 <= self.quantity_skew < math.inf, ">= 0"),
             ("attack_fraction", 0 <= self.attack_fraction <= 1, "a fraction in [0, 1]"),
-            ("local_epochs", self.local_epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("lr", 0 < self.lr < math.inf, "a positive number"), ("prox_mu", 0 <= self.prox_mu < math.inf, ">= 0"),
             ("workers", self.workers >= 1, "at least 1"), ("trainer", self.trainer in ("batched", "pool"), "batched or pool"),
             ("runtime", self.runtime in ("torch", "executorch", "onnx"), "torch, executorch or onnx"),
             ("mode", self.mode in ("sync", "async"), "sync or async"),
@@ -132,6 +132,9 @@ class SimulateConfig:
             self._server_config((1, 8, 8), 10, None)
         except ValueError as exc:
             named = [k for k in self.server if str(exc).startswith(k + " ")]
+            plan = [k for k in PLAN_FIELDS if str(exc).startswith(k + " ")]  # checked by protocol/plan.py
+            if plan and not named:
+                raise ValueError(f"{plan[0]} ({_flag(plan[0])}){str(exc)[len(plan[0]):]}") from None
             raise ValueError(f"server.{exc}" if named else str(exc)) from None
 
     def codec(self) -> dict[str, Any]:
@@ -204,6 +207,7 @@ class SimulateConfig:
             epsilon_budget=self.epsilon_budget,
             central_clip=self.central_clip,
             central_noise_multiplier=self.central_noise_multiplier,
+            strategy=self.strategy,
         )
         return base.replace(**self.server) if self.server else base
 

@@ -3,7 +3,8 @@
 POST /update sends one "update" message whose meta is
 ``{"base_version", "num_examples", "round", "train_loss", "update_id"}`` (canonical order:
 sorted), possibly with more keys of the application's own. The server checks it with
-``check_update_meta`` before using any of it.
+``check_update_meta`` before using any of it: a refused meta is a 400 with the error's reason
+(``bad_meta``, or ``bad_examples`` for ``num_examples``).
 """
 
 from __future__ import annotations
@@ -18,26 +19,46 @@ UPDATE_META_KEYS = ("base_version", "num_examples", "round", "train_loss", "upda
 MAX_UPDATE_ID_LEN = 128
 
 
-def _nonneg_int(meta: Mapping[str, Any], key: str, minimum: int = 0) -> None:
+class BadUpdateMeta(MalformedMessage):
+    """An update's meta lacks a key or has one of the wrong type or range."""
+
+    reason = "bad_meta"
+
+
+class BadExamples(BadUpdateMeta):
+    """``num_examples`` is not a whole number from 1 to the receiver's limit."""
+
+    reason = "bad_examples"
+
+
+def _int_at_least(meta: Mapping[str, Any], key: str, minimum: int = 0, maximum: int | None = None,
+                  error: type[BadUpdateMeta] = BadUpdateMeta) -> None:
     value = meta[key]
-    if type(value) is not int or value < minimum:
-        raise MalformedMessage(f"meta.{key} must be an int >= {minimum}, got {value!r}")
+    if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
+        wanted = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise error(f"meta.{key} must be an int {wanted}, got {_shown(value)}")
 
 
-def check_update_meta(meta: Mapping[str, Any]) -> None:
-    """Raise ``MalformedMessage`` unless ``meta`` has the update keys, well typed:
-    update_id a non-empty string, base_version/round ints >= 0, num_examples int >= 1,
-    train_loss a finite number or null. Other keys are the application's business and
-    pass through unchecked."""
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def check_update_meta(meta: Mapping[str, Any], max_examples: int | None = None) -> None:
+    """Raise ``BadUpdateMeta`` unless ``meta`` has the update keys, well typed:
+    update_id a non-empty string, base_version/round ints >= 0, num_examples an int >= 1
+    (and <= ``max_examples`` when given: ``BadExamples``), train_loss a finite number or null
+    (JSON true is not a number). Other keys are the application's business and pass through
+    unchecked."""
     missing = sorted(set(UPDATE_META_KEYS) - set(meta))
     if missing:
-        raise MalformedMessage(f"update meta lacks keys {missing}")
+        raise BadUpdateMeta(f"update meta lacks keys {missing} (see protocol/FORMAT.md)")
     update_id = meta["update_id"]
     if not isinstance(update_id, str) or not 0 < len(update_id) <= MAX_UPDATE_ID_LEN:
-        raise MalformedMessage(f"meta.update_id must be a string of 1..{MAX_UPDATE_ID_LEN} characters")
-    _nonneg_int(meta, "base_version")
-    _nonneg_int(meta, "round")
-    _nonneg_int(meta, "num_examples", minimum=1)
+        raise BadUpdateMeta(f"meta.update_id must be a string of 1..{MAX_UPDATE_ID_LEN} characters")
+    _int_at_least(meta, "base_version")
+    _int_at_least(meta, "round")
+    _int_at_least(meta, "num_examples", 1, max_examples, BadExamples)
     loss = meta["train_loss"]
     if loss is not None and (type(loss) not in (int, float) or not math.isfinite(loss)):
-        raise MalformedMessage(f"meta.train_loss must be a finite number or null, got {loss!r}")
+        raise BadUpdateMeta(f"meta.train_loss must be a finite number or null, got {_shown(loss)}")

@@ -8,12 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
+from fedfleet.protocol.plan import PLAN_FIELDS, InvalidPlan, check_plan_value
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.http import check_admin, fail, json_response, read_json
 from fedfleet.server.state import CONFIG, COORD, STORE, WORK
-
-MAX_LOCAL_EPOCHS = 1000  # passes over a phone's data per task: more is a typo, and a phone would train for hours
-MAX_BATCH_SIZE = 1 << 16
 
 Check = Callable[[Any, ServerConfig], bool]
 
@@ -26,19 +24,15 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# What an admin may change, and what each value must be: what the phones' TrainConfig
-# (device_runtime/runtimes/base.py) accepts in a task, with an upper bound on the sizes, and what
-# ServerConfig accepts for the rest. Checked in full before anything changes.
+# What an admin may change, and what each value must be: the training plan's fields as the protocol
+# defines them (protocol/plan.py: what phones accept in a task), and the server's own settings below.
+# Checked in full before anything changes.
 PLAN_LIMITS: dict[str, tuple[Check, str]] = {
-    "local_epochs": (lambda v, _: _whole(v) and 1 <= v <= MAX_LOCAL_EPOCHS, f"a whole number from 1 to {MAX_LOCAL_EPOCHS}"),
-    "batch_size": (lambda v, _: _whole(v) and 1 <= v <= MAX_BATCH_SIZE, f"a whole number from 1 to {MAX_BATCH_SIZE}"),
-    "lr": (lambda v, _: _number(v) and v > 0, "a positive finite number"),
-    "prox_mu": (lambda v, _: _number(v) and v >= 0, "a finite number >= 0"),
     "rounds": (lambda v, _: _whole(v) and v >= 0, "a whole number >= 0 (0 = until stopped)"),
     "checkin_retry_s": (lambda v, c: _number(v) and 0 <= v <= c.max_checkin_retry_s,
                         "a number of seconds from 0 to max_checkin_retry_s ({limit:g})"),
 }
-PLAN_KEYS = tuple(PLAN_LIMITS)
+PLAN_KEYS = (*PLAN_FIELDS, *PLAN_LIMITS)
 
 
 def check_plan(body: dict[str, Any], config: ServerConfig) -> None:
@@ -47,6 +41,12 @@ def check_plan(body: dict[str, Any], config: ServerConfig) -> None:
     if unknown:
         fail(400, "bad_plan", f"cannot change {unknown}; changeable: {list(PLAN_KEYS)}")
     for name, value in body.items():
+        if name in PLAN_FIELDS:
+            try:
+                check_plan_value(name, value)
+            except InvalidPlan as exc:
+                fail(400, "bad_plan", str(exc))
+            continue
         ok, words = PLAN_LIMITS[name]
         if not ok(value, config):
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."

@@ -83,7 +83,7 @@ class AsyncCoordinator(Coordinator):
         return len(self.buffer) >= self.config.buffer_size
 
     def merge(self) -> Published:
-        contributions, self.buffer = self.buffer, []
+        contributions = self.buffer
         stale = [c.staleness for c in contributions]
         extra = {
             "staleness_mean": sum(stale) / len(stale),
@@ -92,8 +92,9 @@ class AsyncCoordinator(Coordinator):
             "updates_rejected": self.period.rejected,
             "in_flight": len(self.in_flight),
         }
-        selected, self.assigned_since_merge = self.assigned_since_merge, 0
-        return self._publish(contributions, max(selected, len(contributions)), extra)
+        published = self._publish(contributions, max(self.assigned_since_merge, len(contributions)), extra)
+        self.buffer, self.assigned_since_merge = [], 0  # only once merged: a failed merge loses no update
+        return published
 
     def status(self) -> dict[str, Any]:
         return {**super().status(), "phones": self.store.phone_count(), "in_flight": len(self.in_flight),

@@ -8,7 +8,12 @@ import numbers
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from fedfleet.protocol.plan import PLAN_FIELDS, TrainPlan
+
+if TYPE_CHECKING:
+    from fedfleet.server.strategy import Strategy
 
 
 @dataclass(frozen=True)
@@ -18,10 +23,11 @@ class ServerConfig:
     input_shape: tuple[int, int, int] = (1, 8, 8)  # C, H, W of one example
     num_classes: int = 10
     seed: int = 0  # initial parameters are drawn from this seed
-    local_epochs: int = 5  # sent to phones with each task
-    batch_size: int = 8
-    lr: float = 0.1  # client SGD learning rate
-    prox_mu: float = 0.0  # FedProx proximal weight; 0 = FedAvg
+    # the training plan sent to phones with each task: defaults and limits in protocol/plan.py
+    local_epochs: int = TrainPlan.local_epochs
+    batch_size: int = TrainPlan.batch_size
+    lr: float = TrainPlan.lr  # client SGD learning rate
+    prox_mu: float = TrainPlan.prox_mu  # FedProx proximal weight; 0 = FedAvg
     # --- synchronous rounds -------------------------------------------------------------
     rounds: int = 10  # 0 = run until stopped
     sample_fraction: float = 0.5  # fraction of registered phones that must report per round
@@ -51,6 +57,9 @@ class ServerConfig:
     central_noise_multiplier: float = 0.0  # ...and add N(0, (z * clip)^2) to the sum
     # --- Byzantine robustness (server/robust.py) -------------------------------------------
     robust: str = "none"  # none | normbound:C | normbound:median*K | median | trimmed:B | krum:F | multikrum:F[:M], '+'-chained
+    # --- a strategy of one's own (server/strategy.py; docs/strategies.md) --------------------
+    strategy: Strategy | str | None = None  # a Strategy object or "MODULE:ATTR" merges instead of the built-in
+    # FedAvg (server_optimizer and robust then stay at their defaults; central DP wraps it)
     # --- limits -------------------------------------------------------------------------
     max_update_bytes: int = 16 << 20  # bodies over this get 413
     max_examples: int = 10_000_000  # a phone claiming more is refused (400)
@@ -91,6 +100,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        TrainPlan(self.local_epochs, self.batch_size, self.lr, self.prox_mu)  # what phones would refuse
         if self.checkin_pace < 0 or self.checkin_retry_s < 0 or self.checkin_hold_s < 0:
             raise ValueError("checkin_pace, checkin_retry_s and checkin_hold_s must be >= 0")
         if self.max_concurrent_uploads < 1 or self.max_waiting_uploads < 0 or not self.upload_wait_s >= 0:
@@ -107,7 +117,7 @@ class ServerConfig:
             raise ValueError("min_cohort and min_updates must be at least 1")
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0 (0 = forever)")
-        for name in ("lr", "server_lr", "round_timeout_s"):
+        for name in ("server_lr", "round_timeout_s"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive finite number")
@@ -135,6 +145,7 @@ class ServerConfig:
             raise ValueError("robust aggregation cannot be combined with central DP: its noise is calibrated to a clipped sum")
         if self.mode == "async" and self.buffer_size < rule.min_updates:
             raise ValueError(f"robust {self.robust!r} needs buffer_size >= {rule.min_updates}")
+        self._check_strategy()
         if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
             raise ValueError("max_update_norm must be a finite number >= 0 (0 = no limit)")
         if min(self.reject_burst, self.peer_reject_burst) < 0 or not min(self.reject_rate_per_s,
@@ -145,15 +156,28 @@ class ServerConfig:
         if self.example_cap < 1 or self.max_update_bytes < 1024:
             raise ValueError("example_cap must be >= 1 and max_update_bytes >= 1024")
 
+    def _check_strategy(self) -> None:
+        """A strategy of one's own replaces the built-in merge its settings describe; it must load."""
+        if self.strategy is None:
+            return
+        from fedfleet.server.strategies import config_strategy
+        from fedfleet.server.strategy import Strategy
+
+        if not isinstance(self.strategy, str | Strategy):
+            raise ValueError(f"strategy must be a Strategy object or 'MODULE:ATTR', got {self.strategy!r}")
+        builtin = ("server_optimizer", "robust", "server_lr", "server_momentum", "server_beta1", "server_beta2",
+                   "server_tau")
+        changed = [n for n in builtin if getattr(self, n) != getattr(ServerConfig, n)]
+        if changed:
+            raise ValueError(f"strategy replaces the built-in merge: leave {', '.join(changed)} at the default "
+                             "(configure your strategy instead)")
+        strategy = config_strategy(self)
+        if self.mode == "async" and self.buffer_size < strategy.min_updates:
+            raise ValueError(f"strategy {strategy.name} needs buffer_size >= {strategy.min_updates}")
+
     def train_plan(self) -> dict[str, Any]:
-        """The local-training part of a task, as sent to phones."""
-        return {
-            "local_epochs": self.local_epochs,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "prox_mu": self.prox_mu,
-            "codec": dict(self.codec),
-        }
+        """The local-training part of a task, as sent to phones: the TrainPlan's fields and the codec."""
+        return {**{name: getattr(self, name) for name in PLAN_FIELDS}, "codec": dict(self.codec)}
 
     def replace(self, **changes: Any) -> ServerConfig:
         known = {f.name for f in dataclasses.fields(self)}

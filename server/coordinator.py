@@ -1,7 +1,8 @@
 """The coordinator: the only mutable state of the server.
 
-``Coordinator`` holds what both modes share (parameters, versions, the optimizer, traffic and
-records, accepting an update and publishing a merge). ``SyncCoordinator``
+``Coordinator`` holds what both modes share (parameters, versions, the strategy's state, traffic
+and records, accepting an update and publishing a merge; the merge itself is the strategy's,
+server/strategy.py). ``SyncCoordinator``
 (server/sync_coordinator.py) runs FedAvg rounds (sample a cohort, wait for its updates or the
 deadline, merge). ``AsyncCoordinator`` (server/async_coordinator.py) merges a buffer of K
 updates whatever version they started from (FedBuff). Both run on the event loop and never
@@ -25,11 +26,11 @@ from fedfleet.protocol.wire import WireTensor, encode_wire, wire_tensors
 from fedfleet.server.aggregation import Params, example_weight
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.metrics import RoundRecord, percentile
-from fedfleet.server.optimizers import ServerOptimizer
 from fedfleet.server.pacing import PaceSteering
-from fedfleet.server.privacy import central_dp_mean, task_release
-from fedfleet.server.robust import parse_rule
+from fedfleet.server.privacy import task_release
 from fedfleet.server.store import Store
+from fedfleet.server.strategies import CentralDP, config_strategy
+from fedfleet.server.strategy import MergeContext, Update, check_result
 from fedfleet.server.updates import Contribution, Published, UpdateRejected
 
 Clock = Callable[[], float]
@@ -47,7 +48,7 @@ class _Period:
 
 
 class Coordinator:
-    """What both modes share: parameters, versions, the optimizer, traffic and records."""
+    """What both modes share: parameters, versions, the strategy and its state, traffic and records."""
 
     mode = "base"
 
@@ -55,9 +56,8 @@ class Coordinator:
                  opt_state: Params | None = None) -> None:
         self.config, self.store, self.clock = config, store, clock
         self.params, self.version = params, version
-        self.optimizer = ServerOptimizer(config.server_optimizer, config.server_lr, config.server_momentum,
-                                         config.server_beta1, config.server_beta2, config.server_tau)
-        self.opt_state: Params = opt_state or {}
+        self.strategy = config_strategy(config)
+        self.opt_state: Params = opt_state or {}  # the strategy's state (e.g. optimizer moments)
         self.specs = {n: TensorSpec(tuple(p.shape), p.dtype.name) for n, p in params.items()}
         self.started_at = clock()
         self._inline_last: tuple[dict[str, Any], bytes] | None = None  # the last task framed with the model
@@ -69,7 +69,6 @@ class Coordinator:
         self.period = _Period(clock())
         self.rejections: dict[str, int] = {}
         self.release = task_release(config.codec)  # what one update costs in local DP, or None
-        self.robust = parse_rule(config.robust)
         self.dense_bytes = dense_float32_nbytes(self.specs)
         self.paused = False  # set by an admin: phones are told to wait
         self.durable: Any = None  # the last accepted update's commit (a future, in a running loop)
@@ -148,29 +147,23 @@ class Coordinator:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
 
     def _publish(self, contributions: list[Contribution], selected: int, extra: dict[str, Any]) -> Published:
-        """Merge (weights: staleness x capped examples, normalised by examples), step the server
-        optimizer, and make the new version durable before anyone can download it."""
+        """Merge through the strategy (weights: staleness x capped examples), and make the new
+        version and the strategy's state durable before anyone can download them."""
         t0 = time.perf_counter()
-        if self.config.central_noise_multiplier > 0:  # DP-FedAvg: equal weights, clipped, noised
-            rng = np.random.default_rng([self.config.seed, self.version])
-            pseudo_grad = central_dp_mean([c.delta for c in contributions], self.config.central_clip,
-                                          self.config.central_noise_multiplier, rng)
-        else:
-            examples = [example_weight(c.num_examples, self.config.example_cap) for c in contributions]
-            weights = [self.staleness_weight(c.staleness) * e for c, e in zip(contributions, examples, strict=True)]
-            norm = sum(examples)
-            norms = [c.norm for c in contributions]
-            mean, report = self.robust.aggregate([c.delta for c in contributions], weights,
-                                                 None if None in norms else np.array(norms, dtype=np.float64))
-            scale = sum(weights) / norm  # < 1 when stale updates were down-weighted (FedBuff)
-            pseudo_grad = {n: v * scale for n, v in mean.items()}
-            extra = {**extra, "robust": report.to_dict([c.phone for c in contributions]),
-                     "robust_suspects": len({s.index for s in report.suspects})}
-        self.params, self.opt_state = self.optimizer.step(self.params, pseudo_grad, self.opt_state)
+        updates = []
+        for c in contributions:
+            examples = example_weight(c.num_examples, self.config.example_cap)
+            updates.append(Update(c.delta, c.num_examples, examples, self.staleness_weight(c.staleness) * examples,
+                                  c.staleness, c.norm, c.phone))
+        result = self.strategy.aggregate(self.params, self.opt_state, updates,
+                                         MergeContext(self.version, self.mode, self.config.seed))
+        result = check_result(self.strategy, self.params, result)
+        self.params, self.opt_state = result.params, dict(result.state)
+        extra = {**extra, **result.metrics}
         self.version += 1
         self.merges += 1
         self.model_blob = self._model_message()
-        opt_blob = encode_message("model", {"optimizer": self.optimizer.name}, self.opt_state) if self.opt_state else None
+        opt_blob = encode_message("model", {"strategy": self.strategy.name}, self.opt_state) if self.opt_state else None
         ledger = json.dumps(self.ledger.to_dict()) if self.release is not None else None
         latencies = [c.latency_s for c in contributions]
         losses = [float(c.train_loss) for c in contributions if c.train_loss is not None]
@@ -292,12 +285,12 @@ class Coordinator:
             summary = self.ledger.summary()
             out.update(epsilon_max=summary.max_epsilon, epsilon_median=summary.median_epsilon,
                        delta=summary.delta, noise_multiplier=self.release.noise_multiplier)
-        if self.config.central_noise_multiplier > 0:
+        if isinstance(self.strategy, CentralDP):
             from fedfleet.protocol.privacy import central_epsilon
 
             registered = max(self.store.phone_count(), 1)
             q = min(1.0, max(selected, len(contributions)) / registered)
-            out.update(central_epsilon=central_epsilon(self.config.central_noise_multiplier, q, self.merges,
+            out.update(central_epsilon=central_epsilon(self.strategy.noise_multiplier, q, self.merges,
                                                        self.config.dp_delta),
                        central_sampling_rate=q, delta=self.config.dp_delta)
         return out

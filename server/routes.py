@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import math
 import secrets
 import sqlite3
 import weakref
@@ -18,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from fedfleet.protocol import FORMAT_VERSION, UPDATE_META_KEYS, decode_message
+from fedfleet.protocol import FORMAT_VERSION, check_update_meta, decode_message
 from fedfleet.protocol.signing import NONCE_HEADER, SIGNATURE_HEADER
 from fedfleet.server.admin import admin_routes
 from fedfleet.server.config import ServerConfig
@@ -173,22 +172,10 @@ async def model(request: web.Request) -> web.Response:
 
 
 def _update_meta(meta: dict[str, Any], max_examples: int) -> dict[str, Any]:
-    missing = sorted(set(UPDATE_META_KEYS) - set(meta))
-    if missing:
-        fail(400, "bad_meta", f"update meta lacks {missing} (see protocol/FORMAT.md)")
-    update_id = meta.get("update_id")
-    if not isinstance(update_id, str) or not 0 < len(update_id) <= 128:
-        fail(400, "bad_meta", "meta.update_id must be a string of 1..128 characters")
-    base = meta.get("base_version")
-    if type(base) is not int or base < 0:
-        fail(400, "bad_meta", "meta.base_version must be a non-negative integer")
-    n = meta.get("num_examples")
-    if type(n) is not int or not 0 < n <= max_examples:
-        fail(400, "bad_examples", f"meta.num_examples must be an integer in 1..{max_examples}")
-    loss = meta.get("train_loss")
-    if loss is not None and (not isinstance(loss, int | float) or not math.isfinite(loss)):
-        fail(400, "bad_meta", "meta.train_loss must be a finite number or null")
-    return {"update_id": update_id, "base_version": base, "num_examples": n, "train_loss": loss}
+    """The meta's keys the coordinator uses, once the protocol's check passed (a ProtocolError:
+    400 with its reason, ``bad_meta`` or ``bad_examples``)."""
+    check_update_meta(meta, max_examples)
+    return {k: meta[k] for k in ("update_id", "base_version", "num_examples", "train_loss")}
 
 
 async def update(request: web.Request) -> web.Response:
@@ -273,8 +260,6 @@ def _check_round(coord: Coordinator, claimed: Any, base: int) -> None:
     and in sync mode an update on the current version belongs to the open round, exactly. An update on
     an older version is judged by ``base_version`` (sync: stale; async: within ``max_staleness``,
     its round long closed by design), and a retry of an accepted one carries its round unchanged."""
-    if type(claimed) is not int or claimed < 0:
-        fail(400, "bad_meta", "meta.round must be a non-negative integer")
     current = coord.merges + 1
     if claimed > current:
         fail(400, "wrong_round", f"meta.round {claimed} has not begun: the server is in round {current}")

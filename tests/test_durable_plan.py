@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from fedfleet.device_runtime.runtimes.base import TrainConfig
-from fedfleet.server.admin import MAX_BATCH_SIZE, MAX_LOCAL_EPOCHS
+from fedfleet.protocol.plan import MAX_BATCH_SIZE, MAX_LOCAL_EPOCHS
 from tests.conftest import MakeClient, register, update_body
 
 ADMIN = {"Authorization": "Bearer s3cret"}

@@ -127,7 +127,7 @@ def test_exported_weights_and_names_equal_eager(exports: Exports, model: str) ->
 def test_one_step_at_lr_1_is_minus_the_eager_gradient(exports: Exports, model: str, kind: str) -> None:
     ref, rt = load_runtime("torch", exports.get(model)), load_runtime(kind, exports.get(model))
     start = perturbed(ref, seed=1)
-    cfg = TrainConfig(batch_size=13, lr=1.0)  # one odd-sized batch: w1 - w0 = -grad
+    cfg = TrainConfig(local_epochs=1, batch_size=13, lr=1.0)  # one odd-sized batch: w1 - w0 = -grad
     x, y = data(13, seed=2)
     deltas, losses = [], []
     for r in (ref, rt):
@@ -143,7 +143,7 @@ def test_one_step_at_lr_1_is_minus_the_eager_gradient(exports: Exports, model: s
 @pytest.mark.parametrize("model", MODELS)
 def test_fifty_fedprox_steps_follow_eager(exports: Exports, model: str, kind: str) -> None:
     ref, rt = load_runtime("torch", exports.get(model)), load_runtime(kind, exports.get(model))
-    cfg = TrainConfig(batch_size=16, lr=0.05, prox_mu=0.1)
+    cfg = TrainConfig(local_epochs=1, batch_size=16, lr=0.05, prox_mu=0.1)
     x, y = data(155, seed=4)  # 10 steps per task, the last on 11 examples
     for task in range(5):
         results = [r.train(x, y, cfg, np.random.default_rng(task)) for r in (ref, rt)]

@@ -8,23 +8,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from fedfleet.protocol.plan import TrainPlan
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Local training hyper-parameters, sent by the server with each task."""
-
-    local_epochs: int = 1  # passes over the phone's data per task
-    batch_size: int = 16
-    lr: float = 0.05  # plain SGD
-    prox_mu: float = 0.0  # FedProx proximal weight (Li et al. 2020); 0 = FedAvg
-
-    def __post_init__(self) -> None:
-        if self.local_epochs < 1 or self.batch_size < 1:
-            raise ValueError("local_epochs and batch_size must be at least 1")
-        if not (self.lr > 0 and np.isfinite(self.lr)):
-            raise ValueError("lr must be a positive finite number")
-        if self.prox_mu < 0:
-            raise ValueError("prox_mu must be non-negative")
+# Local training hyper-parameters, sent by the server with each task: the protocol's TrainPlan
+# (its defaults and limits are the server's; protocol/plan.py).
+TrainConfig = TrainPlan
 
 
 @dataclass(frozen=True)
