@@ -41,7 +41,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check server device_runtime export protocol fedfleet tests bench
-	$(VENV)/bin/mypy fedfleet
+	$(VENV)/bin/mypy fedfleet tests
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: install lint

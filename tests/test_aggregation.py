@@ -6,7 +6,7 @@ from fedfleet.server.aggregation import apply_delta, example_weight, weighted_me
 
 def test_weighted_mean_matches_numpy_average() -> None:
     rng = np.random.default_rng(1)
-    ups = [({"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4)}, float(n))
+    ups: list[tuple[dict[str, np.ndarray], float]] = [({"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4)}, float(n))
            for n in (5, 17, 1, 40)]
     got = weighted_mean(ups)
     weights = [w for _, w in ups]

@@ -90,13 +90,15 @@ def test_cli_rejects_bad_flags(tmp_path: Path) -> None:
 
 def test_server_resumes_from_data_dir(tmp_path: Path) -> None:
     cfg = ServerConfig(model="mlp", data_dir=str(tmp_path))
-    coord: SyncCoordinator = make_app(cfg)[COORD]
+    coord = make_app(cfg)[COORD]
+    assert isinstance(coord, SyncCoordinator)
     coord.round.cohort["x"] = 0.0
     coord.add_update("x", {"update_id": "1", "base_version": 0, "num_examples": 3},
                      {n: p * 0 + 1 for n, p in coord.params.items()})
     pub = coord.merge()
     coord.store.close()
-    again: SyncCoordinator = make_app(cfg)[COORD]
+    again = make_app(cfg)[COORD]
+    assert isinstance(again, SyncCoordinator)
     assert again.version == pub.version == 1 and again.round.number == 2
     for name, value in pub.params.items():
         assert (again.params[name] == value).all()
