@@ -269,4 +269,4 @@ def _trainer(cfg: FleetConfig, task: dict[str, Any], factory: RuntimeFactory) ->
 def _check_task(task: dict[str, Any], data: Dataset) -> None:
     shape = tuple(task["input_shape"])
     if shape != data.input_shape:
-        raise ValueError(f"the server trains on inputs {shape} but dataset {data.name} has {data.input_shape}")
+        raise FleetError(f"the server trains on inputs {shape} but dataset {data.name} has {data.input_shape}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -228,3 +230,72 @@ def test_phone_trains_on_one_shard_and_says_which(server: str, tmp_path: Path) -
                            text=True, timeout=300)
     assert again.returncode == 2
     _one_error_line(again.stderr, "phone", "solo", "--name")  # its name is taken: one line, no traceback
+
+
+def test_a_dataset_folder_without_its_files_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    empty = tmp_path / "cifar"
+    empty.mkdir()
+    rc, _, err = _run(capsys, "serve", "--port", str(_free_port()), "--dataset", f"cifar10:{empty}")
+    assert rc == 2
+    _one_error_line(err, "serve", f"cifar10:{empty}", "CIFAR10", "download=True")
+    rc, _, err = _run(capsys, "simulate", "--dataset", f"cifar10:{empty}", "--out", str(tmp_path / "run"))
+    assert rc == 2
+    _one_error_line(err, "simulate", f"cifar10:{empty}")
+
+
+def test_a_damaged_state_database_is_one_line_and_left_as_it_was(capsys: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    junk = np.random.default_rng(0).bytes(8192)
+    (state / "server.sqlite").write_bytes(junk)
+    rc, out, err = _run(capsys, "serve", "--port", str(_free_port()), "--model", "mlp", "--data-dir", str(state))
+    assert rc == 2 and "listening" not in out
+    _one_error_line(err, "serve", "--data-dir", str(state / "server.sqlite"), "not a fedfleet state database")
+    assert (state / "server.sqlite").read_bytes() == junk
+
+
+def test_flags_are_never_taken_for_a_longer_one(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    for argv in (["simulate", "--phone", "3"], ["serve", "--data", str(tmp_path)],
+                 ["fleet", "--server", "http://127.0.0.1:1", "--phone", "3"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert f"unrecognized arguments: {argv[-2]}" in capsys.readouterr().err, argv
+    assert "registers as NAME (" in _subparser("phone").format_help()
+
+
+def test_a_fault_of_ours_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A ValueError from inside the run (here injected into it) is not the user's: it propagates."""
+    import fedfleet.simulate
+
+    def fault(*args: object, **kwargs: object) -> None:
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(fedfleet.simulate, "run", fault)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        main(["simulate", "--phones", "2", "--out", str(tmp_path / "run")])
+
+
+def test_serve_says_when_its_rounds_are_done_and_keeps_serving(tmp_path: Path) -> None:
+    import select
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fedfleet.cli", "serve", "--port", str(port), "--model", "mlp",
+                               "--rounds", "1", "--sample", "1.0"], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert server.stdout is not None and "listening" in server.stdout.readline()
+        phone = subprocess.run([sys.executable, "-m", "fedfleet.cli", "phone", "--server", f"http://127.0.0.1:{port}",
+                                "--out", str(tmp_path / "phone")], cwd=REPO, capture_output=True, text=True,
+                               timeout=300)
+        assert phone.returncode == 0, phone.stderr
+        assert select.select([server.stdout], [], [], 30)[0], "no line after the last round"
+        line = server.stdout.readline()
+        assert line.startswith("fedfleet server: 1 rounds done, accuracy ") and "still serving" in line, line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/rounds") as resp:
+            assert json.load(resp)["finished"] is True  # it does keep serving
+    finally:
+        server.terminate()
+        server.wait(30)
