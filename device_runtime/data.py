@@ -124,7 +124,7 @@ def _torchvision_folder(kind: str, root: str) -> tuple[np.ndarray, np.ndarray, n
     for train in (True, False):
         try:
             ds = cls(root, train=train, download=False)
-        except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
             raise DatasetUnavailable(f"dataset {kind}:{root}: no {cls.__name__} files there, or damaged ones; "
                                      f"fetch them once with torchvision.datasets.{cls.__name__}({root!r}, "
                                      "download=True)") from None
