@@ -27,6 +27,7 @@ from fedfleet.cli_flags import (
 from fedfleet.cli_fleet import cmd_fleet, cmd_phone
 from fedfleet.cli_serve import cmd_serve
 from fedfleet.output import check_out_dir
+from fedfleet.tuning import tune_process
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -37,6 +38,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg = merge_config(toml_values(args, "simulate"), run_values(args), args.config)
         check_out_dir(cfg.out, create=False)
         _ = cfg.use_server_process  # raises for --server-process yes on a virtual clock
+    tune_process()  # before a server process starts, so that it inherits the open-file limit too
     print(f"fedfleet simulate: {cfg.phones} phones, {cfg.dataset}, {cfg.model}, {cfg.rounds or 'unlimited'} rounds, "
           f"sample {cfg.sample}, partition {cfg.partition}, runtime {cfg.runtime}", flush=True)
     interrupt = Interrupt()

@@ -24,6 +24,7 @@ from fedfleet.cli_flags import (
 )
 from fedfleet.device_runtime import aio
 from fedfleet.output import check_out_dir
+from fedfleet.tuning import tune_process
 
 
 def _phone_side_config(args: argparse.Namespace, section: str) -> tuple[Any, dict[str, Any]]:
@@ -186,6 +187,7 @@ def _run_phones(args: argparse.Namespace, section: str, server: str, cfg: Any, f
     from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
     from fedfleet.output import RoundTable, summarize, write_run
 
+    tune_process(torch_threads=1)  # this process emulates many phones: see fedfleet.tuning
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     table = RoundTable(stream=sys.stdout, total=rounds)

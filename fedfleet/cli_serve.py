@@ -14,13 +14,14 @@ from fedfleet.cli_errors import CliError, checking_input
 from fedfleet.cli_flags import toml_values
 from fedfleet.device_runtime import aio
 from fedfleet.output import check_out_dir
+from fedfleet.tuning import tune_process
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from fedfleet.device_runtime.data import check_dataset_name, load_dataset
-    from fedfleet.device_runtime.limits import ACCEPT_BACKLOG, open_file_limit
+    from fedfleet.device_runtime.limits import ACCEPT_BACKLOG
     from fedfleet.server.app import make_app
     from fedfleet.server.config import ServerConfig
 
@@ -44,7 +45,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ssl_context = _tls_context(args.tls_cert, args.tls_key)
     sock = _listen(args.host, args.port, ACCEPT_BACKLOG)
     try:
-        open_file_limit()  # each long-polling phone holds a socket: go up to the hard limit
         with checking_input():
             if config.data_dir is not None:
                 check_out_dir(config.data_dir, "--data-dir")
@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config = config.replace(input_shape=data.input_shape, num_classes=data.num_classes)
         app = make_app(config, test_data=(data.x_test, data.y_test))
         app.cleanup_ctx.append(partial(_say_when_done, data.name))
+        tune_process()  # this process serves thousands of phones: see fedfleet.tuning
     except BaseException:
         sock.close()
         raise
