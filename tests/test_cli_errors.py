@@ -241,6 +241,10 @@ def test_a_dataset_folder_without_its_files_is_one_line(capsys: pytest.CaptureFi
     rc, _, err = _run(capsys, "simulate", "--dataset", f"cifar10:{empty}", "--out", str(tmp_path / "run"))
     assert rc == 2
     _one_error_line(err, "simulate", f"cifar10:{empty}")
+    for dataset in (f"cifar10:{empty}", "bogus"):  # export checks what it is given too
+        rc, _, err = _run(capsys, "export", "--model", "mlp", "--dataset", dataset, "--out", str(tmp_path / "b"))
+        assert rc == 2
+        _one_error_line(err, "export", dataset)
 
 
 def test_a_damaged_state_database_is_one_line_and_left_as_it_was(capsys: pytest.CaptureFixture[str],
