@@ -23,12 +23,17 @@ from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig
 from tests.conftest import register
 
-Settings = tuple[tuple[int, int, int], int, int, int]
+Settings = tuple[tuple[int, int, int], int, int]  # GC thresholds, torch threads, open-file soft limit
 
 
 def _settings() -> Settings:
-    return gc.get_threshold(), gc.get_freeze_count(), torch.get_num_threads(), \
-        resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return gc.get_threshold(), torch.get_num_threads(), resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _frozen() -> int:
+    """Objects in the GC's permanent generation: gc.freeze adds to them, and they only leave it as
+    they die (or by gc.unfreeze)."""
+    return gc.get_freeze_count()
 
 
 @pytest.fixture
@@ -49,30 +54,34 @@ def untuned() -> Iterator[Settings]:
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
 
-async def _watch(seen: list[Settings], stop: asyncio.Event) -> None:
+async def _watch(seen: list[Settings], frozen: list[int], stop: asyncio.Event) -> None:
     while not stop.is_set():
         seen.append(_settings())
+        frozen.append(_frozen())
         await asyncio.sleep(0.01)
 
 
 async def test_an_app_served_in_process_changes_no_process_setting(untuned: Settings, aiohttp_client: Any) -> None:
+    frozen = _frozen()
     client = await aiohttp_client(make_app(ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10)))
     await register(client, "p")
-    assert _settings() == untuned  # while it serves
+    assert _settings() == untuned and _frozen() <= frozen  # while it serves
     await client.close()
-    assert _settings() == untuned
+    assert _settings() == untuned and _frozen() <= frozen
 
 
 async def test_a_fleet_run_in_process_changes_no_process_setting(untuned: Settings, tmp_path: Path) -> None:
     seen: list[Settings] = []
+    frozen = [_frozen()]
     stop = asyncio.Event()
-    watcher = asyncio.create_task(_watch(seen, stop))
+    watcher = asyncio.create_task(_watch(seen, frozen, stop))
     cfg = SimulateConfig(phones=4, rounds=2, sample=1.0, model="mlp", out=str(tmp_path), workers=1)
     result, _ = await simulate(cfg)
     stop.set()
     await watcher
     assert len(result.rounds) == 2 and len(seen) > 2
     assert set(seen) == {untuned} and _settings() == untuned
+    assert max(frozen) == frozen[0]  # nothing was frozen while it ran
 
 
 def test_the_command_lines_call_sets_them() -> None:
