@@ -36,8 +36,7 @@ def user_error(exc: BaseException) -> str | None:
     for module, name, prefix in (("fedfleet.export.manifest", "BundleError", "bundle: "),
                                  ("fedfleet.device_runtime.client", "ServerError", "the server refused: "),
                                  ("fedfleet.device_runtime.data", "DatasetUnavailable", ""),
-                                 ("fedfleet.server.store", "StoreInUse", ""),
-                                 ("fedfleet.server.store", "StoreDamaged", "--data-dir: ")):
+                                 ("fedfleet.server.store", "StoreInUse", "")):
         cls = getattr(mods.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
             return f"{prefix}{exc}"

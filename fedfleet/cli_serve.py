@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import sqlite3
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -50,7 +51,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 check_out_dir(config.data_dir, "--data-dir")
             data = load_dataset(dataset, seed=config.seed)
             config = config.replace(input_shape=data.input_shape, num_classes=data.num_classes)
-        app = make_app(config, test_data=(data.x_test, data.y_test))
+        try:
+            app = make_app(config, test_data=(data.x_test, data.y_test))
+        except sqlite3.DatabaseError as exc:  # the state in --data-dir, read back: at its header or past it
+            if exc.sqlite_errorname not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+                raise
+            raise CliError(f"--data-dir {config.data_dir}: server.sqlite is not a fedfleet state database or is "
+                           f"damaged ({exc}); move it away to start afresh, or restore it from a backup") from None
         app.cleanup_ctx.append(partial(_say_when_done, data.name))
         tune_process()  # this process serves thousands of phones: see fedfleet.tuning
     except BaseException:

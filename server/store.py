@@ -75,11 +75,6 @@ class StoreInUse(ValueError):
     other. The CLI reports it in one line."""
 
 
-class StoreDamaged(ValueError):
-    """The store's file is not an SQLite database, or a damaged one (SQLITE_NOTADB, SQLITE_CORRUPT):
-    nothing to resume from. The CLI reports it in one line."""
-
-
 _LOCKS: dict[str, list[int]] = {}  # lock file -> [fd, stores open on it in this process]
 
 
@@ -137,12 +132,6 @@ class Store:
             fast_delete(self.db)
             # queued updates and registrations, committed in groups by a writer thread (on disk)
             self.commits = GroupCommit(self.db, self.path, sync, self._enrolled)
-        except sqlite3.DatabaseError as exc:
-            _unlock(self._lock)
-            if exc.sqlite_errorname not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
-                raise
-            raise StoreDamaged(f"{self.path} is not a fedfleet state database or is damaged ({exc}); move it "
-                               "away to start afresh, or restore it from a backup") from exc
         except BaseException:
             _unlock(self._lock)
             raise

@@ -19,7 +19,9 @@ import pytest
 
 from fedfleet.cli import build_parser, main
 from fedfleet.device_runtime.data import load_dataset, partition
+from fedfleet.server.app import make_app
 from fedfleet.server.config import ServerConfig
+from fedfleet.server.state import STORE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -251,12 +253,23 @@ def test_a_damaged_state_database_is_one_line_and_left_as_it_was(capsys: pytest.
                                                                   tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    junk = np.random.default_rng(0).bytes(8192)
+    junk = np.random.default_rng(0).bytes(8192)  # not SQLite at all
     (state / "server.sqlite").write_bytes(junk)
     rc, out, err = _run(capsys, "serve", "--port", str(_free_port()), "--model", "mlp", "--data-dir", str(state))
     assert rc == 2 and "listening" not in out
-    _one_error_line(err, "serve", "--data-dir", str(state / "server.sqlite"), "not a fedfleet state database")
+    _one_error_line(err, "serve", f"--data-dir {state}: server.sqlite", "not a fedfleet state database")
     assert (state / "server.sqlite").read_bytes() == junk
+    # A real state whose pages past the header are damaged: found while the server reads it back.
+    real = tmp_path / "real"
+    store = make_app(ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10, data_dir=str(real)))[STORE]
+    store.close()
+    damaged = bytearray((real / "server.sqlite").read_bytes())
+    damaged[4096:] = np.random.default_rng(1).bytes(len(damaged) - 4096)
+    (real / "server.sqlite").write_bytes(damaged)
+    rc, out, err = _run(capsys, "serve", "--port", str(_free_port()), "--model", "mlp", "--data-dir", str(real))
+    assert rc == 2 and "listening" not in out
+    _one_error_line(err, "serve", f"--data-dir {real}: server.sqlite", "damaged")
+    assert (real / "server.sqlite").read_bytes() == damaged
 
 
 def test_flags_are_never_taken_for_a_longer_one(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
