@@ -2,8 +2,8 @@
 
 A user's mistake is either found while the command checks what it was given (``checking_input``:
 there a ValueError or FileNotFoundError is a verdict on a flag, a file or a name), or is one of the
-named errors ``user_error`` knows (a server that refuses, a data dir in use, a dataset folder
-without its files). Any other exception is a fault of fedfleet's and keeps its traceback.
+named errors ``user_error`` knows (a server that refuses, a data dir in use or holding another
+task, a dataset folder without its files). Any other exception is a fault of fedfleet's and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def user_error(exc: BaseException) -> str | None:
     for module, name, prefix in (("fedfleet.export.manifest", "BundleError", "bundle: "),
                                  ("fedfleet.device_runtime.client", "ServerError", "the server refused: "),
                                  ("fedfleet.device_runtime.data", "DatasetUnavailable", ""),
-                                 ("fedfleet.server.store", "StoreInUse", "")):
+                                 ("fedfleet.server.store", "StoreInUse", ""),
+                                 ("fedfleet.server.app", "OtherTask", "")):
         cls = getattr(mods.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
             return f"{prefix}{exc}"

@@ -110,6 +110,11 @@ def _db_path(config: ServerConfig) -> str:
     return str(path / "server.sqlite")
 
 
+class OtherTask(ValueError):
+    """The data dir holds the state of another task (model, input shape or classes): nothing to
+    resume. The CLI reports it in one line."""
+
+
 def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, np.ndarray]]:
     """Resume from the newest durable version, or draw version 0 from the seed. Only a fresh
     start imports torch (to draw version 0): a restart after a crash serves in well under 2 s."""
@@ -117,7 +122,7 @@ def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, n
                               "classes": config.num_classes})
     saved = store.get_meta("model_spec")
     if saved is not None and saved != fingerprint:
-        raise ValueError(f"data dir {config.data_dir} holds a different task ({saved}); use a fresh --data-dir")
+        raise OtherTask(f"data dir {config.data_dir} holds a different task ({saved}); use a fresh --data-dir")
     latest = store.latest_version()
     if latest is not None:
         version, blob = latest

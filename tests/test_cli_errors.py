@@ -272,6 +272,13 @@ def test_a_damaged_state_database_is_one_line_and_left_as_it_was(capsys: pytest.
     assert (real / "server.sqlite").read_bytes() == damaged
 
 
+def test_a_data_dir_of_another_task_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    make_app(ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10, data_dir=str(tmp_path)))[STORE].close()
+    rc, out, err = _run(capsys, "serve", "--port", str(_free_port()), "--model", "cnn", "--data-dir", str(tmp_path))
+    assert rc == 2 and "listening" not in out
+    _one_error_line(err, "serve", str(tmp_path), "different task")
+
+
 def test_flags_are_never_taken_for_a_longer_one(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     for argv in (["simulate", "--phone", "3"], ["serve", "--data", str(tmp_path)],
                  ["fleet", "--server", "http://127.0.0.1:1", "--phone", "3"]):
