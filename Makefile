@@ -50,7 +50,7 @@ demo: $(STAMP)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check server device_runtime export protocol fedfleet tests bench
-	$(VENV)/bin/mypy fedfleet
+	$(VENV)/bin/mypy fedfleet tests
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: install lint

@@ -251,7 +251,7 @@ async def raw_post(port: int, path: str, headers: dict[str, str], body: bytes, s
         await asyncio.sleep(stall_s)
         if how == "reply":
             readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+            loop.add_reader(sock.fileno(), lambda: None if readable.done() else readable.set_result(None))
             try:
                 await asyncio.wait_for(readable, wait_s)
             finally:

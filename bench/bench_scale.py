@@ -41,10 +41,12 @@ def workload(phones: int, hours: float, seed: int = 0) -> Any:
 
 def one(phones: int, hours: float) -> dict[str, Any]:
     from fedfleet.simulate import simulate
+    from fedfleet.tuning import tune_process
 
     cfg = workload(phones, hours)
+    tune_process()  # as the command line's simulate (see fedfleet.tuning)
     t0, c0 = time.perf_counter(), time.process_time()
-    result, summary = aio.run(simulate(cfg))
+    result, summary = aio.run(simulate(cfg, torch_threads=1))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     emu = summary["emulation"]
     return {

@@ -16,13 +16,15 @@ from typing import Any
 from fedfleet.device_runtime import aio
 from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig
+from fedfleet.tuning import tune_process
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def run_sim(cfg: SimulateConfig) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    tune_process()  # as the command line's simulate (see fedfleet.tuning)
     t0 = time.perf_counter()
-    result, summary = aio.run(simulate(cfg))
+    result, summary = aio.run(simulate(cfg, torch_threads=1))
     return result.rounds, summary, time.perf_counter() - t0
 
 

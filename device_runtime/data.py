@@ -17,6 +17,10 @@ import numpy as np
 DATASET_NAMES = ("digits", "mnist5k", "synthetic", "mnist:PATH", "fashion:PATH", "cifar10:PATH")
 
 
+class DatasetUnavailable(FileNotFoundError):
+    """A dataset's folder exists but does not hold its files (nothing is downloaded)."""
+
+
 @dataclass(frozen=True)
 class Dataset:
     name: str
@@ -118,7 +122,12 @@ def _torchvision_folder(kind: str, root: str) -> tuple[np.ndarray, np.ndarray, n
     cls = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[kind]
     parts = []
     for train in (True, False):
-        ds = cls(root, train=train, download=False)
+        try:
+            ds = cls(root, train=train, download=False)
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+            raise DatasetUnavailable(f"dataset {kind}:{root}: no {cls.__name__} files there, or damaged ones; "
+                                     f"fetch them once with torchvision.datasets.{cls.__name__}({root!r}, "
+                                     "download=True)") from None
         data = np.asarray(ds.data, dtype=np.float32) / 255.0
         data = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)
         parts += [np.ascontiguousarray(data), np.asarray(ds.targets, dtype=np.int64)]

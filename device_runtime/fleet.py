@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from functools import partial
@@ -112,12 +111,6 @@ async def run_fleet(
         failures: list[tuple[str, BaseException]] = []  # phones that gave up, and why
         gone: ServerGone | None = None
         rounds: list[dict[str, Any]] = []
-        thresholds = gc.get_threshold()
-        # Thousands of requests in flight survive every young collection, so at Python's default
-        # thresholds (700, 10, 10) a 10,000-phone fleet spent ~5 s of a 30 s run collecting (14 full
-        # collections of ~0.18 s, 415 middle ones); collecting 70x less often, full ones about never
-        # while the fleet runs, its steady rounds went from ~740 to ~1,000+ updates/s.
-        gc.set_threshold(max(thresholds[0], 50_000), max(thresholds[1], 20), max(thresholds[2], 1000))
         try:
             # At most 256 registrations in flight: each opens its phone's connection, and 10,000 connects
             # at once overflow the server's accept backlog (connection reset by peer).
@@ -155,9 +148,6 @@ async def run_fleet(
                 pool.bind(clock)
             for p in phones:
                 p.pool = pool
-            # The phones, their data and keys live as long as the fleet: freeze them out of the
-            # collections' walks.
-            gc.freeze()
             until = cfg.hours * 3600 if cfg.hours > 0 else None
             # On a virtual clock every phone must have joined it before any time passes: all in one pass.
             await _in_waves((_run_phone(p, stop, until, t, failures, cfg.phone_max_errors) for p, t in zip(phones, first_checkin, strict=True)),
@@ -168,8 +158,6 @@ async def run_fleet(
             except ServerGone as exc:
                 gone, rounds = exc, exc.result.rounds if exc.result is not None else []
         finally:
-            gc.unfreeze()  # what the fleet froze can be collected once it is over
-            gc.set_threshold(*thresholds)
             stop.set()
             monitor.cancel()
             if pool is not None:
@@ -269,4 +257,4 @@ def _trainer(cfg: FleetConfig, task: dict[str, Any], factory: RuntimeFactory) ->
 def _check_task(task: dict[str, Any], data: Dataset) -> None:
     shape = tuple(task["input_shape"])
     if shape != data.input_shape:
-        raise ValueError(f"the server trains on inputs {shape} but dataset {data.name} has {data.input_shape}")
+        raise FleetError(f"the server trains on inputs {shape} but dataset {data.name} has {data.input_shape}")

@@ -96,9 +96,12 @@ def run_shard(spec: ShardSpec, barrier: Any = None) -> ShardResult:
     import torch
 
     from fedfleet.device_runtime.data import load_dataset
+    from fedfleet.device_runtime.limits import raise_open_file_limit
     from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 
+    # A Ray worker is this shard's process: its settings are the shard's to make.
     torch.set_num_threads(spec.torch_threads)
+    raise_open_file_limit()  # each phone's long poll holds a socket
     t0 = time.perf_counter()
     data = load_dataset(spec.dataset, seed=spec.dataset_seed)
 

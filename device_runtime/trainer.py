@@ -26,9 +26,6 @@ class RuntimePool:
     def __init__(self, factory: Callable[[], TrainingRuntime], size: int = 1) -> None:
         if size < 1:
             raise ValueError("a runtime pool needs at least one runtime")
-        # Phone-sized models gain nothing from intra-op threads, and OpenMP's spin-waiting makes
-        # them several times slower when the cores are shared: parallelism comes from the pool.
-        torch.set_num_threads(1)
         self._free: asyncio.Queue[TrainingRuntime] = asyncio.Queue()
         for _ in range(size):
             self._free.put_nowait(factory())
@@ -100,7 +97,6 @@ class BatchedTrainer:
 
     def __init__(self, model: torch.nn.Module, chunk: int = 128, window_s: float = 0.02, min_group: int = 4,
                  quiet_s: float = 0.003, release_every: int = 0) -> None:
-        torch.set_num_threads(1)  # see RuntimePool
         self.model, self.chunk, self.window_s, self.min_group = model, chunk, window_s, min_group
         self.quiet_s = min(quiet_s, window_s)
         self._eager = TorchRuntime(model)

@@ -38,21 +38,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedfleet.cli_errors import checking_input
     from fedfleet.device_runtime.data import load_dataset
     from fedfleet.export.build import ExportConfig, export_bundle
 
-    data = load_dataset(args.dataset)
-    cfg = ExportConfig(
-        model=args.model,
-        dataset=args.dataset,
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        max_batch=args.max_batch,
-        backbone_weights=args.backbone_weights,
-    )
+    with checking_input():  # the dataset and settings the user named
+        data = load_dataset(args.dataset)
+        cfg = ExportConfig(
+            model=args.model,
+            dataset=args.dataset,
+            input_shape=data.input_shape,
+            num_classes=data.num_classes,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            max_batch=args.max_batch,
+            backbone_weights=args.backbone_weights,
+        )
     start = time.perf_counter()
     manifest = export_bundle(cfg, args.out)
     print(

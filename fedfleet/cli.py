@@ -8,35 +8,38 @@ import signal
 import sys
 from typing import Any
 
-from fedfleet.cli_errors import _user_error
+from fedfleet.cli_errors import checking_input, user_error
 from fedfleet.cli_flags import (
     FLEET_SETTINGS,
     PHONE_ONLY,
     SERVER_SETTINGS,
     SERVER_SIDE,
-    _file_values,
-    _fleet_task_flags,
-    _phone_side_flags,
-    _port,
-    _refuse,
-    _run_values,
-    _server_task_flags,
-    _shard,
-    _training_flags,
     add_strategy_flags,
+    fleet_task_flags,
+    phone_side_flags,
+    refuse,
+    run_values,
+    server_task_flags,
+    shard_spec,
+    tcp_port,
+    toml_values,
+    training_flags,
 )
 from fedfleet.cli_fleet import cmd_fleet, cmd_phone
 from fedfleet.cli_serve import cmd_serve
 from fedfleet.output import check_out_dir
+from fedfleet.tuning import tune_process
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedfleet.simulate import Interrupt, run
     from fedfleet.simulate_config import merge_config
 
-    cfg = merge_config(_file_values(args, "simulate"), _run_values(args), args.config)
-    check_out_dir(cfg.out, create=False)
-    _ = cfg.use_server_process  # raises for --server-process yes on a virtual clock
+    with checking_input():
+        cfg = merge_config(toml_values(args, "simulate"), run_values(args), args.config)
+        check_out_dir(cfg.out, create=False)
+        _ = cfg.use_server_process  # raises for --server-process yes on a virtual clock
+    tune_process()  # before a server process starts, so that it inherits the open-file limit too
     print(f"fedfleet simulate: {cfg.phones} phones, {cfg.dataset}, {cfg.model}, {cfg.rounds or 'unlimited'} rounds, "
           f"sample {cfg.sample}, partition {cfg.partition}, runtime {cfg.runtime}", flush=True)
     interrupt = Interrupt()
@@ -52,15 +55,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """fedfleet's parsers, its subcommands' included: a flag is spelt out in full (no prefix of a longer
+    one: ``--phone 3`` is not taken for ``--phones 3``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedfleet", description=__doc__)
+    parser = Parser(prog="fedfleet", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log server and client details")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the aggregation server")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: every "
                                                         "IPv4 interface)")
-    p.add_argument("--port", type=_port, default=8080, help="TCP port to listen on (default 8080)")
+    p.add_argument("--port", type=tcp_port, default=8080, help="TCP port to listen on (default 8080)")
     p.add_argument("--data-dir", help="where the server keeps its state (SQLite, metrics.jsonl); a restarted "
                                       "server resumes from it (default: in memory, lost on exit)")
     p.add_argument("--config", help="TOML with a [server] table of ServerConfig fields (server/config.py); "
@@ -82,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="a server on loopback plus an emulated fleet")
-    _phone_side_flags(p, fleet=True)
-    _training_flags(p, server_here=True)
-    _server_task_flags(p)
+    phone_side_flags(p, fleet=True)
+    training_flags(p, server_here=True)
+    server_task_flags(p)
     add_strategy_flags(p)
     p.set_defaults(func=cmd_simulate)
 
@@ -96,26 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="ray: 'local' (default) starts a Ray cluster on this machine; 'auto' or "
                                       "HOST:PORT joins a running one (`ray start --head`)")
     p.add_argument("--shards", type=int, help="ray: shards of phones, one Ray task each (default: one per CPU)")
-    _fleet_task_flags(p)
-    _phone_side_flags(p, fleet=True)
-    _training_flags(p, server_here=False)
+    fleet_task_flags(p)
+    phone_side_flags(p, fleet=True)
+    training_flags(p, server_here=False)
     p.add_argument("--clock", choices=["auto", "wall", "virtual"], help=argparse.SUPPRESS)  # only to refuse virtual
-    _refuse(p, SERVER_SETTINGS, SERVER_SIDE)
+    refuse(p, SERVER_SETTINGS, SERVER_SIDE)
     p.set_defaults(func=cmd_fleet)
 
     p = sub.add_parser("phone", help="one phone against a running server")
     p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
-    p.add_argument("--name", default="phone", help="the phone registers as NAME-I, I its shard (default phone); "
-                                                   "names are unique on a server")
-    p.add_argument("--shard", type=_shard, default=(0, 50),
+    p.add_argument("--name", default="phone", help="the phone registers as NAME (default phone); names are "
+                                                   "unique on a server")
+    p.add_argument("--shard", type=shard_spec, default=(0, 50),
                    help="train on shard I of the training set split N ways (--partition, --seed), as phone I "
                         "of an N-phone fleet would (default 0/50)")
-    _fleet_task_flags(p)
-    _phone_side_flags(p, fleet=False)
-    _training_flags(p, server_here=False)
+    fleet_task_flags(p)
+    phone_side_flags(p, fleet=False)
+    training_flags(p, server_here=False)
     p.add_argument("--clock", choices=["auto", "wall", "virtual"], help=argparse.SUPPRESS)
-    _refuse(p, SERVER_SETTINGS, SERVER_SIDE)
-    _refuse(p, FLEET_SETTINGS + ("name_prefix", "backend", "address", "shards"), PHONE_ONLY)
+    refuse(p, SERVER_SETTINGS, SERVER_SIDE)
+    refuse(p, FLEET_SETTINGS + ("name_prefix", "backend", "address", "shards"), PHONE_ONLY)
     p.set_defaults(func=cmd_phone)
     _register_optional(sub)
     return parser
@@ -147,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if interrupted is not None and isinstance(exc, interrupted.Interrupted):
             print(f"{command}: {exc}", file=sys.stderr, flush=True)
             return 128 + exc.signum
-        message = _user_error(exc)
+        message = user_error(exc)
         if message is None:
             raise  # a fault of ours, not the user's: its traceback is the report
         print(f"{command}: error: {message}", file=sys.stderr, flush=True)

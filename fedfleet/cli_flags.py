@@ -10,7 +10,7 @@ from fedfleet.protocol.plan import TrainPlan
 from fedfleet.server.config import load_toml
 
 # Settings of the server's task: `simulate` starts its own server and takes them; `fleet` and `phone`
-# join a running server whose task decides them, so there they are refused (see _refuse).
+# join a running server whose task decides them, so there they are refused (see refuse).
 SERVER_SETTINGS = ("mode", "concurrency", "buffer", "staleness", "max_staleness", "server_optimizer", "server_lr",
                    "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk", "quant_bits",
                    "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget", "central_clip",
@@ -19,7 +19,7 @@ SERVER_SETTINGS = ("mode", "concurrency", "buffer", "staleness", "max_staleness"
 FLEET_SETTINGS = ("phones", "workers", "trainer", "attack", "attack_fraction")
 
 
-def _phone_side_flags(p: argparse.ArgumentParser, fleet: bool) -> None:
+def phone_side_flags(p: argparse.ArgumentParser, fleet: bool) -> None:
     """The flags of the phones' side, for simulate and fleet (``fleet``) or one phone (not ``fleet``)."""
     p.add_argument("--config", help="TOML file with any of these settings (flags override it)")
     if fleet:
@@ -56,7 +56,7 @@ def _phone_side_flags(p: argparse.ArgumentParser, fleet: bool) -> None:
                         "for fleets of over 1,000 phones sharing their process with the server")
 
 
-def _training_flags(p: argparse.ArgumentParser, server_here: bool) -> None:
+def training_flags(p: argparse.ArgumentParser, server_here: bool) -> None:
     """Local training: the task's plan on a server of one's own, or overrides of a running server's plan."""
     what = "" if server_here else "override the server's plan on these phones: "
     plan = TrainPlan()  # the defaults, as protocol/plan.py defines them
@@ -71,7 +71,7 @@ def _training_flags(p: argparse.ArgumentParser, server_here: bool) -> None:
                                                  + default(f"{plan.prox_mu:g}", " = FedAvg"))
 
 
-def _server_task_flags(p: argparse.ArgumentParser) -> None:
+def server_task_flags(p: argparse.ArgumentParser) -> None:
     """The task of simulate's own server: rounds, cohorts, merging, codec and privacy, robustness."""
     p.add_argument("--rounds", type=int, help="federated rounds (default 10; 0 = until stopped with Ctrl-C)")
     p.add_argument("--sample", type=float, help="fraction of the phones whose updates each round waits for "
@@ -121,7 +121,7 @@ def add_strategy_flags(p: argparse.ArgumentParser) -> None:
                         "(PYTHONPATH) (default: none)")
 
 
-def _fleet_task_flags(p: argparse.ArgumentParser) -> None:
+def fleet_task_flags(p: argparse.ArgumentParser) -> None:
     """What --rounds, --sample and --model mean against a running server (see run_fleet, _monitor)."""
     p.add_argument("--rounds", type=int, help="leave after N rounds merged since these phones joined (rounds the "
                                               "server ran before are not counted; default 0: until the server's "
@@ -144,7 +144,7 @@ class _Refused(argparse.Action):
         parser.error(f"{option_string} {self.reason}")
 
 
-def _refuse(p: argparse.ArgumentParser, names: tuple[str, ...], reason: str) -> None:
+def refuse(p: argparse.ArgumentParser, names: tuple[str, ...], reason: str) -> None:
     for name in names:
         p.add_argument("--" + name.replace("_", "-"), action=_Refused, reason=reason, dest="refused_" + name)
 
@@ -154,7 +154,7 @@ SERVER_SIDE = ("is a setting of the server's task: give it to `fedfleet serve` (
                "phones follow the task of the server they join")
 
 
-def _port(text: str) -> int:
+def tcp_port(text: str) -> int:
     try:
         port = int(text)
     except ValueError:
@@ -164,14 +164,14 @@ def _port(text: str) -> int:
     return port
 
 
-def _shard(text: str) -> tuple[int, int]:
+def shard_spec(text: str) -> tuple[int, int]:
     index, sep, count = text.partition("/")
     if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
         raise argparse.ArgumentTypeError(f"{text!r}: give I/N with 0 <= I < N, e.g. 3/50")
     return int(index), int(count)
 
 
-def _run_values(args: argparse.Namespace) -> dict[str, Any]:
+def run_values(args: argparse.Namespace) -> dict[str, Any]:
     """The SimulateConfig values given as flags (None: not given) of whichever subcommand ran."""
     from fedfleet.simulate_config import SimulateConfig
 
@@ -183,5 +183,5 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _file_values(args: argparse.Namespace, section: str) -> dict[str, Any]:
+def toml_values(args: argparse.Namespace, section: str) -> dict[str, Any]:
     return load_toml(args.config, section) if args.config else {}

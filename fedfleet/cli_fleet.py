@@ -13,29 +13,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedfleet.cli_errors import CliError
+from fedfleet.cli_errors import CliError, checking_input
 from fedfleet.cli_flags import (
     FLEET_SETTINGS,
     PHONE_ONLY,
     SERVER_SETTINGS,
     SERVER_SIDE,
-    _file_values,
-    _run_values,
+    run_values,
+    toml_values,
 )
 from fedfleet.device_runtime import aio
 from fedfleet.output import check_out_dir
+from fedfleet.tuning import tune_process
 
 
 def _phone_side_config(args: argparse.Namespace, section: str) -> tuple[Any, dict[str, Any]]:
     """The SimulateConfig of a fleet or phone's side (with its TOML section), and its file values."""
     from fedfleet.simulate_config import merge_config
 
-    file_values = _file_values(args, section)
+    file_values = toml_values(args, section)
     for keys, reason in ((SERVER_SETTINGS, SERVER_SIDE), (FLEET_SETTINGS if section == "phone" else (), PHONE_ONLY)):
         given = [k for k in file_values if k in keys]
         if given:
             raise CliError(f"--config {args.config}: [{section}] {', '.join(given)}: {reason}")
-    values = _run_values(args)
+    values = run_values(args)
     for key in ("rounds", "sample", "model"):  # what these mean for a fleet differs: see cmd_fleet
         file_values.pop(key, None)
         values.pop(key, None)
@@ -118,45 +119,46 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     from fedfleet.device_runtime.fleet_plan import FleetConfig
     from fedfleet.simulate_config import SimulateConfig
 
-    section = "phone" if args.command == "phone" else "fleet"
-    cfg, file_values = _phone_side_config(args, section)
-    backend = getattr(args, "backend", "local")
-    if backend != "ray" and (getattr(args, "address", None) or getattr(args, "shards", None)):
-        raise CliError("--address and --shards go with --backend ray")
-    if backend == "ray" and cfg.clock == "virtual":
-        raise CliError("--backend ray runs on the wall clock: a virtual clock cannot be shared by phones in "
-                       "several processes; drop --clock virtual or use --backend local")
-    if cfg.clock == "virtual":
-        raise CliError("--clock virtual: phones on a virtual clock need their server on the same clock; "
-                       "use `fedfleet simulate` (a fleet against a running server runs on the wall clock)")
-    rounds = _fleet_setting(args, "rounds", file_values, 0)
-    availability = _fleet_setting(args, "sample", file_values, 1.0)
-    model = _fleet_setting(args, "model", file_values, None)
-    # The same checks and messages as simulate's for these two (SimulateConfig names them as flags).
-    SimulateConfig(rounds=rounds, sample=availability)
-    server = check_server_url(args.server)
-    if backend == "ray":
-        from fedfleet.device_runtime.ray_backend import import_ray
+    with checking_input():  # everything up to the phones' start judges what the user gave
+        section = "phone" if args.command == "phone" else "fleet"
+        cfg, file_values = _phone_side_config(args, section)
+        backend = getattr(args, "backend", "local")
+        if backend != "ray" and (getattr(args, "address", None) or getattr(args, "shards", None)):
+            raise CliError("--address and --shards go with --backend ray")
+        if backend == "ray" and cfg.clock == "virtual":
+            raise CliError("--backend ray runs on the wall clock: a virtual clock cannot be shared by phones in "
+                           "several processes; drop --clock virtual or use --backend local")
+        if cfg.clock == "virtual":
+            raise CliError("--clock virtual: phones on a virtual clock need their server on the same clock; "
+                           "use `fedfleet simulate` (a fleet against a running server runs on the wall clock)")
+        rounds = _fleet_setting(args, "rounds", file_values, 0)
+        availability = _fleet_setting(args, "sample", file_values, 1.0)
+        model = _fleet_setting(args, "model", file_values, None)
+        # The same checks and messages as simulate's for these two (SimulateConfig names them as flags).
+        SimulateConfig(rounds=rounds, sample=availability)
+        server = check_server_url(args.server)
+        if backend == "ray":
+            from fedfleet.device_runtime.ray_backend import import_ray
 
-        if args.shards is not None and not 1 <= args.shards <= cfg.phones:
-            raise CliError(f"--shards must be between 1 and the number of phones ({cfg.phones})")
-        import_ray()
-    check_out_dir(cfg.out, create=False)
-    note = ""
-    if section == "phone":
-        fleet_cfg, note = _phone_fleet_config(args, cfg)
-    else:
-        fleet_cfg = dataclasses.replace(cfg.fleet_config(), server_here=False, name_prefix=args.name_prefix)
-    fleet_cfg = dataclasses.replace(fleet_cfg, max_rounds=rounds, availability=availability)
-    assert isinstance(fleet_cfg, FleetConfig)
-    task = aio.run(_server_task(server))
-    if model is not None and task["model"] != model:
-        raise CliError(f"--model {model}: the server at {server} trains {task['model']!r}")
-    if note:
-        print(note, flush=True)
-    # Training settings the user gave explicitly override the server's plan on these phones.
-    overrides = {k: getattr(args, k) for k in ("local_epochs", "batch_size", "lr", "prox_mu")
-                 if getattr(args, k) is not None}
+            if args.shards is not None and not 1 <= args.shards <= cfg.phones:
+                raise CliError(f"--shards must be between 1 and the number of phones ({cfg.phones})")
+            import_ray()
+        check_out_dir(cfg.out, create=False)
+        note = ""
+        if section == "phone":
+            fleet_cfg, note = _phone_fleet_config(args, cfg)
+        else:
+            fleet_cfg = dataclasses.replace(cfg.fleet_config(), server_here=False, name_prefix=args.name_prefix)
+        fleet_cfg = dataclasses.replace(fleet_cfg, max_rounds=rounds, availability=availability)
+        assert isinstance(fleet_cfg, FleetConfig)
+        task = aio.run(_server_task(server))
+        if model is not None and task["model"] != model:
+            raise CliError(f"--model {model}: the server at {server} trains {task['model']!r}")
+        if note:
+            print(note, flush=True)
+        # Training settings the user gave explicitly override the server's plan on these phones.
+        overrides = {k: getattr(args, k) for k in ("local_epochs", "batch_size", "lr", "prox_mu")
+                     if getattr(args, k) is not None}
     return _run_phones(args, section, server, cfg, fleet_cfg, overrides, rounds, backend)
 
 
@@ -185,6 +187,7 @@ def _run_phones(args: argparse.Namespace, section: str, server: str, cfg: Any, f
     from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
     from fedfleet.output import RoundTable, summarize, write_run
 
+    tune_process(torch_threads=1)  # this process emulates many phones: see fedfleet.tuning
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     table = RoundTable(stream=sys.stdout, total=rounds)

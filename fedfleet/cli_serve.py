@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import socket
+import sqlite3
+from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fedfleet.cli_errors import CliError
-from fedfleet.cli_flags import _file_values
+from fedfleet.cli_errors import CliError, checking_input
+from fedfleet.cli_flags import toml_values
 from fedfleet.device_runtime import aio
 from fedfleet.output import check_out_dir
+from fedfleet.tuning import tune_process
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from fedfleet.device_runtime.data import check_dataset_name, load_dataset
-    from fedfleet.device_runtime.limits import ACCEPT_BACKLOG, open_file_limit
+    from fedfleet.device_runtime.limits import ACCEPT_BACKLOG
     from fedfleet.server.app import make_app
     from fedfleet.server.config import ServerConfig
 
     # Everything the user gave is checked before the banner, and before anything goes into --data-dir.
-    values = _file_values(args, "server")
+    values = toml_values(args, "server")
     dataset = args.dataset or values.pop("dataset", "digits")
     if not isinstance(dataset, str):
         raise CliError(f"--config {args.config}: dataset must be a string, got {dataset!r}")
@@ -31,8 +36,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       ("bundle_dir", args.bundle), ("strategy", args.strategy)):
         if flag is not None:
             values[key] = flag
-    config = ServerConfig().replace(**values)
-    check_dataset_name(dataset)
+    with checking_input():
+        config = ServerConfig().replace(**values)
+        check_dataset_name(dataset)
     if config.data_dir is not None and Path(config.data_dir).exists() and not Path(config.data_dir).is_dir():
         raise CliError(f"--data-dir {config.data_dir}: exists and is not a folder")
     if config.bundle_dir is not None and not (Path(config.bundle_dir) / "manifest.json").is_file():
@@ -40,12 +46,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ssl_context = _tls_context(args.tls_cert, args.tls_key)
     sock = _listen(args.host, args.port, ACCEPT_BACKLOG)
     try:
-        if config.data_dir is not None:
-            check_out_dir(config.data_dir, "--data-dir")
-        open_file_limit()  # each long-polling phone holds a socket: go up to the hard limit
-        data = load_dataset(dataset, seed=config.seed)
-        config = config.replace(input_shape=data.input_shape, num_classes=data.num_classes)
-        app = make_app(config, test_data=(data.x_test, data.y_test))
+        with checking_input():
+            if config.data_dir is not None:
+                check_out_dir(config.data_dir, "--data-dir")
+            data = load_dataset(dataset, seed=config.seed)
+            config = config.replace(input_shape=data.input_shape, num_classes=data.num_classes)
+        try:
+            app = make_app(config, test_data=(data.x_test, data.y_test))
+        except sqlite3.DatabaseError as exc:  # the state in --data-dir, read back: at its header or past it
+            if exc.sqlite_errorname not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+                raise
+            raise CliError(f"--data-dir {config.data_dir}: server.sqlite is not a fedfleet state database or is "
+                           f"damaged ({exc}); move it away to start afresh, or restore it from a backup") from None
+        app.cleanup_ctx.append(partial(_say_when_done, data.name))
+        tune_process()  # this process serves thousands of phones: see fedfleet.tuning
     except BaseException:
         sock.close()
         raise
@@ -56,6 +70,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
           flush=True)
     web.run_app(app, sock=sock, access_log=None, print=None, ssl_context=ssl_context, loop=aio.new_event_loop())
     return 0
+
+
+async def _say_when_done(dataset: str, app: Any) -> AsyncIterator[None]:
+    """One line on stdout each time the task's rounds are all merged (an admin may add rounds later):
+    the server keeps serving its final model, rounds and metrics until it is stopped."""
+    watcher = asyncio.create_task(_watch_rounds(app, dataset))
+    yield
+    watcher.cancel()
+
+
+async def _watch_rounds(app: Any, dataset: str, every_s: float = 0.5) -> None:
+    from fedfleet.server.state import COORD
+
+    said = 0
+    while True:
+        await asyncio.sleep(every_s)
+        coord = app[COORD]
+        if coord.done and coord.merges != said and len(coord.history) >= coord.merges:
+            said = coord.merges
+            accuracy = coord.history[-1].get("accuracy") if coord.history else None
+            print(f"fedfleet server: {said} rounds done" + (f", accuracy {accuracy:.4f} on {dataset}"
+                                                            if accuracy is not None else "")
+                  + "; still serving the final model, GET /v1/rounds and /metrics until stopped (Ctrl-C)",
+                  flush=True)
 
 
 def _url_host(host: str) -> str:

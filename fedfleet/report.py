@@ -335,9 +335,12 @@ def render(runs: list[Run], out: Path) -> Path:
 
 # --- CLI -----------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
+    from fedfleet.cli_errors import checking_input
+
     paths = [Path(p) for p in args.run_dirs]
-    runs = load_runs(paths)
-    out = check_out_dir(args.out if args.out else paths[0] / "report", "--out" if args.out else "report folder")
+    with checking_input():  # the run folders the user named, and where the report goes
+        runs = load_runs(paths)
+        out = check_out_dir(args.out if args.out else paths[0] / "report", "--out" if args.out else "report folder")
     print(f"wrote {render(runs, out)}", flush=True)
     return 0
 

@@ -21,6 +21,7 @@ from fedfleet.device_runtime.data import Dataset
 from fedfleet.device_runtime.limits import ACCEPT_BACKLOG
 from fedfleet.device_runtime.vclock import VirtualClock, WallClock
 from fedfleet.server.config import ServerConfig
+from fedfleet.tuning import tune_process
 
 if TYPE_CHECKING:  # aiohttp is imported where it runs
     from aiohttp import web
@@ -163,6 +164,7 @@ def _serve_child_main(conn: Any) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         app = make_app(server_cfg, test_data=(x_test, y_test))
+        tune_process()  # a process of its own serving thousands of phones: see fedfleet.tuning
         runner, port = await _serve_on_free_port(app)
 
         def from_parent() -> None:  # "finish" (ServerProcess.finish), or EOF: the parent closed the pipe or died

@@ -21,24 +21,26 @@ from typing import TYPE_CHECKING, Any
 
 from fedfleet.device_runtime import aio
 from fedfleet.device_runtime.data import Dataset, load_dataset
-from fedfleet.device_runtime.limits import open_file_limit
 from fedfleet.device_runtime.vclock import VirtualClock, WallClock
 from fedfleet.output import RoundTable, summarize, write_run
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.privacy import task_release
 from fedfleet.serving import ServerProcess, serve_here
 from fedfleet.simulate_config import SimulateConfig
+from fedfleet.tuning import set_torch_threads
 
 if TYPE_CHECKING:  # the fleet (torch) and the server are imported where they run: see simulate, ServerProcess
     from fedfleet.device_runtime.fleet_result import FleetResult
 
 
-async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *,
-                   interrupt: Interrupt | None = None) -> tuple[FleetResult, dict[str, Any]]:
+async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, interrupt: Interrupt | None = None,
+                   torch_threads: int | None = None) -> tuple[FleetResult, dict[str, Any]]:
     """Run the simulation and write its outputs. ``interrupt`` (the command line): SIGINT and SIGTERM
-    end the run early but cleanly (see Interrupt); summary["interrupted"] then names the signal."""
+    end the run early but cleanly (see Interrupt); summary["interrupted"] then names the signal.
+    ``torch_threads``: set torch's threads process-wide once torch is loaded (fedfleet.tuning; the
+    command line's 1); None leaves them as they are. A fleet of thousands of phones needs the
+    process tuned first (fedfleet.tuning.tune_process, as the command line does)."""
     t0 = time.perf_counter()
-    open_file_limit()  # raised before a server process starts, so that it inherits the limit too
     child = ServerProcess() if cfg.use_server_process else None  # first: it starts while this process does
     if interrupt is not None:
         interrupt.child = child
@@ -49,6 +51,8 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *,
             from fedfleet.device_runtime.fleet_result import FleetResult
             from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 
+            if torch_threads is not None:
+                set_torch_threads(torch_threads)
             data = load_dataset(cfg.dataset, seed=cfg.seed)
             out = Path(cfg.out)
             server_cfg = cfg.server_config(data, str(out / "server"))
@@ -207,11 +211,12 @@ class Interrupted(Exception):
 
 
 def run(cfg: SimulateConfig, interrupt: Interrupt | None = None) -> dict[str, Any]:
-    """``simulate`` with the live round table; ``interrupt``: see ``simulate`` (a run it cancels
-    before its fleet started raises Interrupted)."""
+    """``simulate`` with the live round table, training on one torch thread (the command line's run;
+    see fedfleet.tuning); ``interrupt``: see ``simulate`` (a run it cancels before its fleet started
+    raises Interrupted)."""
     table = RoundTable(total=cfg.rounds)
     try:
-        _, summary = aio.run(simulate(cfg, table, interrupt=interrupt))
+        _, summary = aio.run(simulate(cfg, table, interrupt=interrupt, torch_threads=1))
     except asyncio.CancelledError:
         if interrupt is None or not interrupt.signum:
             raise

@@ -55,10 +55,3 @@ def weighted_mean(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> 
 def example_weight(num_examples: int, cap: int) -> float:
     """An update weighs its example count, capped so that no phone dominates a round."""
     return float(min(num_examples, cap))
-
-
-def apply_delta(params: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], server_lr: float) -> Params:
-    """new = params + server_lr * delta, kept in the parameters' dtype."""
-    return {
-        n: (p.astype(np.float64) + server_lr * delta[n]).astype(p.dtype) for n, p in params.items()
-    }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -40,8 +39,6 @@ from fedfleet.server.store import Store
 from fedfleet.server.sync_coordinator import SyncCoordinator
 from fedfleet.server.updates import UpdateRejected
 from fedfleet.server.webphone import setup_webphone
-
-_GC_THRESHOLDS = web.AppKey("gc_thresholds", tuple)  # the process's thresholds before startup, restored at cleanup
 
 log = logging.getLogger("fedfleet.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -85,30 +82,8 @@ def make_app(
     setup_webphone(app)
     app.cleanup_ctx.append(background)
     app.on_shutdown.append(stop_holding)
-    if config.gc_freeze:
-        app.on_startup.append(_freeze_heap)
-        app.on_cleanup.append(_unfreeze_heap)
     _quiet_parser_errors()
     return app
-
-
-async def _freeze_heap(app: web.Application) -> None:
-    """Freeze what exists at startup (``gc.freeze``, O(1)): the modules, the model and the app live as
-    long as the server, and each full collection would otherwise walk all of them, a 100-200 ms pause
-    of the event loop with torch loaded (and failed requests leave reference cycles, so collections
-    come often under malformed traffic). Garbage made later is still collected, less often: thousands
-    of requests in flight survive each young collection, so at Python's default thresholds (700, 10, 10)
-    a server facing 10,000 phones spent 4.5 s of a 30 s run collecting (19 full collections of ~0.17 s);
-    at (10,000, 10, 100) none was full, and the fleet's steady rounds went from ~740 to ~1,000+ updates/s."""
-    previous = gc.get_threshold()
-    app[_GC_THRESHOLDS] = previous
-    gc.freeze()
-    gc.set_threshold(max(previous[0], 10_000), previous[1], max(previous[2], 100))
-
-
-async def _unfreeze_heap(app: web.Application) -> None:
-    gc.set_threshold(*app[_GC_THRESHOLDS])
-    gc.unfreeze()  # several apps in one process (tests): what the last one froze can be collected again
 
 
 class _ClientParseErrors(logging.Filter):
@@ -135,6 +110,11 @@ def _db_path(config: ServerConfig) -> str:
     return str(path / "server.sqlite")
 
 
+class OtherTask(ValueError):
+    """The data dir holds the state of another task (model, input shape or classes): nothing to
+    resume. The CLI reports it in one line."""
+
+
 def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, np.ndarray]]:
     """Resume from the newest durable version, or draw version 0 from the seed. Only a fresh
     start imports torch (to draw version 0): a restart after a crash serves in well under 2 s."""
@@ -142,7 +122,7 @@ def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, n
                               "classes": config.num_classes})
     saved = store.get_meta("model_spec")
     if saved is not None and saved != fingerprint:
-        raise ValueError(f"data dir {config.data_dir} holds a different task ({saved}); use a fresh --data-dir")
+        raise OtherTask(f"data dir {config.data_dir} holds a different task ({saved}); use a fresh --data-dir")
     latest = store.latest_version()
     if latest is not None:
         version, blob = latest

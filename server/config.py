@@ -86,9 +86,6 @@ class ServerConfig:
     # (e.g. "X-Forwarded-For"; its last entry is used). Leave None on a direct connection: clients could forge it.
     idle_timeout_s: float = 20.0  # a connection with no complete request for this long is closed (idle
     # keep-alive and slow-loris headers alike); above aiohttp's client keep-alive (15 s), so clients close first
-    gc_freeze: bool = True  # move everything alive at startup (torch, numpy, the app) out of the cyclic GC's
-    # reach: a full collection then walks only what was made since (~50 ms instead of 100-200 ms pauses);
-    # and collect less often (thresholds at least (10,000, -, 100)): requests in flight survive young collections
     require_signatures: bool = False  # phones must enrol an Ed25519 key and sign every upload
     signature_skew_s: float = 300.0  # accepted distance of a signature's nonce from the server clock
     admin_token: str | None = None  # bearer token for /v1/admin/*; None disables admin endpoints

@@ -72,7 +72,7 @@ def token_hash(token: str) -> str:
 
 class StoreInUse(ValueError):
     """Another process holds the store's lock: two servers on one data dir would corrupt each
-    other. A ValueError, so the CLI reports it in one line."""
+    other. The CLI reports it in one line."""
 
 
 _LOCKS: dict[str, list[int]] = {}  # lock file -> [fd, stores open on it in this process]

@@ -18,6 +18,15 @@ from fedfleet.server.config import ServerConfig
 MakeClient = Callable[..., Awaitable[TestClient]]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """The suite trains as the command line does, on one torch thread (fedfleet.tuning): the runs in
+    it are the command line's, made smaller."""
+    from fedfleet.tuning import set_torch_threads
+
+    set_torch_threads(1)
+
+
 @pytest.fixture(scope="session")
 def digits() -> Any:
     return load_dataset("digits", seed=0)

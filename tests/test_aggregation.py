@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 
-from fedfleet.server.aggregation import apply_delta, example_weight, weighted_mean
+from fedfleet.server.aggregation import example_weight, weighted_mean
 
 
 def test_weighted_mean_matches_numpy_average() -> None:
     rng = np.random.default_rng(1)
-    ups = [({"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4)}, float(n))
+    ups: list[tuple[dict[str, np.ndarray], float]] = [({"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4)}, float(n))
            for n in (5, 17, 1, 40)]
     got = weighted_mean(ups)
     weights = [w for _, w in ups]
@@ -18,13 +18,6 @@ def test_weighted_mean_matches_numpy_average() -> None:
 def test_example_cap_limits_weight() -> None:
     assert example_weight(10, cap=100) == 10.0
     assert example_weight(10**9, cap=100) == 100.0
-
-
-def test_apply_delta_keeps_dtype_and_scales_by_server_lr() -> None:
-    params = {"w": np.ones(3, dtype=np.float32)}
-    out = apply_delta(params, {"w": np.array([1.0, 2.0, 3.0])}, server_lr=0.5)
-    assert out["w"].dtype == np.float32
-    np.testing.assert_allclose(out["w"], [1.5, 2.0, 2.5])
 
 
 def test_weighted_mean_rejects_empty_and_zero_weights() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import pytest
 
@@ -31,7 +32,7 @@ def test_an_unknown_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     main = _which()
     with pytest.raises(ValueError, match="FEDFLEET_LOOP"):
         aio.run(main)
-    assert main.cr_frame is None  # closed, not left pending
+    assert inspect.getcoroutinestate(main) == inspect.CORO_CLOSED  # not left pending
 
 
 def test_a_run_returns_its_result_and_raises_its_error() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedfleet.server.app import make_app
+from fedfleet.server.async_coordinator import AsyncCoordinator
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.optimizers import ServerOptimizer
 from fedfleet.server.staleness import parse_staleness
@@ -82,6 +83,7 @@ def test_async_with_constant_staleness_reproduces_sync_fedavg(tmp_path: Path) ->
 def test_async_staleness_window_future_and_idempotence() -> None:
     coord = make_app(ServerConfig(model="mlp", mode="async", buffer_size=1, max_staleness=2,
                                   staleness="poly:0.5"))[COORD]
+    assert isinstance(coord, AsyncCoordinator)
     delta = {n: np.ones(p.shape, dtype=np.float32) for n, p in coord.params.items()}
     before = {n: p.copy() for n, p in coord.params.items()}
     for v in range(3):

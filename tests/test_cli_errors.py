@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -17,7 +19,9 @@ import pytest
 
 from fedfleet.cli import build_parser, main
 from fedfleet.device_runtime.data import load_dataset, partition
+from fedfleet.server.app import make_app
 from fedfleet.server.config import ServerConfig
+from fedfleet.server.state import STORE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -228,3 +232,94 @@ def test_phone_trains_on_one_shard_and_says_which(server: str, tmp_path: Path) -
                            text=True, timeout=300)
     assert again.returncode == 2
     _one_error_line(again.stderr, "phone", "solo", "--name")  # its name is taken: one line, no traceback
+
+
+def test_a_dataset_folder_without_its_files_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    empty = tmp_path / "cifar"
+    empty.mkdir()
+    rc, _, err = _run(capsys, "serve", "--port", str(_free_port()), "--dataset", f"cifar10:{empty}")
+    assert rc == 2
+    _one_error_line(err, "serve", f"cifar10:{empty}", "CIFAR10", "download=True")
+    rc, _, err = _run(capsys, "simulate", "--dataset", f"cifar10:{empty}", "--out", str(tmp_path / "run"))
+    assert rc == 2
+    _one_error_line(err, "simulate", f"cifar10:{empty}")
+    for dataset in (f"cifar10:{empty}", "bogus"):  # export checks what it is given too
+        rc, _, err = _run(capsys, "export", "--model", "mlp", "--dataset", dataset, "--out", str(tmp_path / "b"))
+        assert rc == 2
+        _one_error_line(err, "export", dataset)
+
+
+def test_a_damaged_state_database_is_one_line_and_left_as_it_was(capsys: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    junk = np.random.default_rng(0).bytes(8192)  # not SQLite at all
+    (state / "server.sqlite").write_bytes(junk)
+    rc, out, err = _run(capsys, "serve", "--port", str(_free_port()), "--model", "mlp", "--data-dir", str(state))
+    assert rc == 2 and "listening" not in out
+    _one_error_line(err, "serve", f"--data-dir {state}: server.sqlite", "not a fedfleet state database")
+    assert (state / "server.sqlite").read_bytes() == junk
+    # A real state whose pages past the header are damaged: found while the server reads it back.
+    real = tmp_path / "real"
+    store = make_app(ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10, data_dir=str(real)))[STORE]
+    store.close()
+    damaged = bytearray((real / "server.sqlite").read_bytes())
+    damaged[4096:] = np.random.default_rng(1).bytes(len(damaged) - 4096)
+    (real / "server.sqlite").write_bytes(damaged)
+    rc, out, err = _run(capsys, "serve", "--port", str(_free_port()), "--model", "mlp", "--data-dir", str(real))
+    assert rc == 2 and "listening" not in out
+    _one_error_line(err, "serve", f"--data-dir {real}: server.sqlite", "damaged")
+    assert (real / "server.sqlite").read_bytes() == damaged
+
+
+def test_a_data_dir_of_another_task_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    make_app(ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10, data_dir=str(tmp_path)))[STORE].close()
+    rc, out, err = _run(capsys, "serve", "--port", str(_free_port()), "--model", "cnn", "--data-dir", str(tmp_path))
+    assert rc == 2 and "listening" not in out
+    _one_error_line(err, "serve", str(tmp_path), "different task")
+
+
+def test_flags_are_never_taken_for_a_longer_one(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    for argv in (["simulate", "--phone", "3"], ["serve", "--data", str(tmp_path)],
+                 ["fleet", "--server", "http://127.0.0.1:1", "--phone", "3"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert f"unrecognized arguments: {argv[-2]}" in capsys.readouterr().err, argv
+    assert "registers as NAME (" in _subparser("phone").format_help()
+
+
+def test_a_fault_of_ours_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A ValueError from inside the run (here injected into it) is not the user's: it propagates."""
+    import fedfleet.simulate
+
+    def fault(*args: object, **kwargs: object) -> None:
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(fedfleet.simulate, "run", fault)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        main(["simulate", "--phones", "2", "--out", str(tmp_path / "run")])
+
+
+def test_serve_says_when_its_rounds_are_done_and_keeps_serving(tmp_path: Path) -> None:
+    import select
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fedfleet.cli", "serve", "--port", str(port), "--model", "mlp",
+                               "--rounds", "1", "--sample", "1.0"], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert server.stdout is not None and "listening" in server.stdout.readline()
+        phone = subprocess.run([sys.executable, "-m", "fedfleet.cli", "phone", "--server", f"http://127.0.0.1:{port}",
+                                "--out", str(tmp_path / "phone")], cwd=REPO, capture_output=True, text=True,
+                               timeout=300)
+        assert phone.returncode == 0, phone.stderr
+        assert select.select([server.stdout], [], [], 30)[0], "no line after the last round"
+        line = server.stdout.readline()
+        assert line.startswith("fedfleet server: 1 rounds done, accuracy ") and "still serving" in line, line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/rounds") as resp:
+            assert json.load(resp)["finished"] is True  # it does keep serving
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -9,6 +9,7 @@ import json
 import math
 import struct
 import zlib
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from fedfleet.protocol.errors import MalformedMessage
 from fedfleet.protocol.quant import fit_scales, quantized_norm_bound
 from fedfleet.protocol.wire import FLAG_ZLIB, FLAG_ZLIB_HEADER, MAX_HEADER_BYTES, frame
 from tests.conftest import MakeClient, register
+
+QuantBits = Literal[32, 8, 4, 2, 1]  # EncoderConfig.quant_bits
 
 META = {"update_id": "u-1", "base_version": 4, "num_examples": 32, "train_loss": 0.25, "round": 1}
 
@@ -62,7 +65,7 @@ def test_dense_float32_round_trip_is_exact() -> None:
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
 @pytest.mark.parametrize("chunk", [1, 7, 256])
 @pytest.mark.parametrize("stochastic", [True, False])
-def test_quant_error_within_step(bits: int, chunk: int, stochastic: bool) -> None:
+def test_quant_error_within_step(bits: QuantBits, chunk: int, stochastic: bool) -> None:
     delta = sample()
     out = run(EncoderConfig(quant_bits=bits, chunk=chunk, stochastic_rounding=stochastic), delta)
     levels = 2**bits - 1
@@ -75,7 +78,7 @@ def test_quant_error_within_step(bits: int, chunk: int, stochastic: bool) -> Non
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
-def test_deterministic_quant_matches_format_md(bits: int) -> None:
+def test_deterministic_quant_matches_format_md(bits: QuantBits) -> None:
     x = sample()["fc.bias"]
     chunk = 3
     out = run(EncoderConfig(quant_bits=bits, chunk=chunk, stochastic_rounding=False), {"b": x})["b"]
@@ -87,7 +90,7 @@ def test_deterministic_quant_matches_format_md(bits: int) -> None:
 
 @pytest.mark.parametrize("bits", [32, 4])
 @pytest.mark.parametrize("k", [1, 5, 37, 400])
-def test_topk_keeps_largest_magnitudes(bits: int, k: int) -> None:
+def test_topk_keeps_largest_magnitudes(bits: QuantBits, k: int) -> None:
     x = sample()["fc.weight"]
     config = EncoderConfig(sparsify="topk", k=k, quant_bits=bits, stochastic_rounding=False)
     out = run(config, {"w": x})["w"].ravel()
@@ -159,7 +162,7 @@ def test_same_seed_same_bytes() -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
-def test_stochastic_quantization_is_unbiased(bits: int) -> None:
+def test_stochastic_quantization_is_unbiased(bits: QuantBits) -> None:
     chunk, draws = 16, 4000
     x = np.random.default_rng(3).uniform(-1, 1, 64).astype(np.float32)
     # one message of `draws` copies: chunks align with copies, so each copy is one draw
@@ -207,7 +210,7 @@ def _decode_sparse_values(config: EncoderConfig, v: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
 @pytest.mark.parametrize("chunk", [7, 64])
-def test_fitted_scale_never_raises_the_error(bits: int, chunk: int) -> None:
+def test_fitted_scale_never_raises_the_error(bits: QuantBits, chunk: int) -> None:
     """Per chunk, the squared error with the fitted scale is at most that of s = max|x|, and
     every value decodes to the level nearest to it on the fitted grid (oracle: all levels)."""
     for seed in range(3):
@@ -288,7 +291,8 @@ def test_error_feedback_state_survives_a_restart() -> None:
     a = UpdateEncoder(config, np.random.default_rng(0))
     a.encode(sample(1), META)
     buf = io.BytesIO()
-    np.savez(buf, **a.state_dict())
+    state: dict[str, Any] = a.state_dict()
+    np.savez(buf, **state)
     buf.seek(0)
     with np.load(buf, allow_pickle=False) as saved:
         b = UpdateEncoder(config, np.random.default_rng(0))
@@ -346,7 +350,7 @@ def test_l1_clip() -> None:
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
 @pytest.mark.parametrize("stochastic", [True, False])
-def test_clip_bound_holds_after_quantization(bits: int, stochastic: bool) -> None:
+def test_clip_bound_holds_after_quantization(bits: QuantBits, stochastic: bool) -> None:
     """Guarantee: ||decoded||_2 <= quantized_norm_bound(C, bits, chunk) =
     (1 + 2^-24) C (1 + c sqrt(chunk) / L), c = 2 stochastic / 1 deterministic; and
     ||decoded||_inf <= C (quantization never leaves [-s, s])."""
@@ -397,6 +401,7 @@ def test_noise_calibrated_from_epsilon() -> None:
         EncoderConfig(clip=1.0, noise="gaussian", epsilon=2.0, delta=1e-5), np.random.default_rng(0)
     )
     assert encoder.noise_multiplier == pytest.approx(calibrate_noise_multiplier("gaussian", 2.0, 1e-5))
+    assert encoder.noise_multiplier is not None
     assert encoder.release() == Release("gaussian", encoder.noise_multiplier)
     assert UpdateEncoder(EncoderConfig(), np.random.default_rng(0)).release() is None
 
@@ -501,7 +506,7 @@ def cnn_delta(seed: int = 3) -> dict[str, np.ndarray]:
     return {n: (0.01 * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()}
 
 
-SPARSE_INT4 = {"sparsify": "topk", "density": 0.02, "quant_bits": 4, "error_feedback": True}
+SPARSE_INT4: dict[str, Any] = {"sparsify": "topk", "density": 0.02, "quant_bits": 4, "error_feedback": True}
 
 
 def test_compress_also_shrinks_the_header_and_decodes_the_same() -> None:

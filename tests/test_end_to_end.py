@@ -8,21 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fedfleet.protocol import decode_message
 from fedfleet.server.app import make_app
 from fedfleet.server.config import ServerConfig
-from fedfleet.server.state import COORD
-from fedfleet.server.sync_coordinator import SyncCoordinator
 from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig, merge_config
+from tests.conftest import MakeClient, register, update_body, zero_delta
 
 
 async def test_simulate_learns_digits(tmp_path: Path) -> None:
     cfg = SimulateConfig(phones=8, rounds=4, sample=0.5, model="mlp", lr=0.1, out=str(tmp_path), workers=1)
     result, summary = await simulate(cfg)
     accs = [r["accuracy"] for r in result.rounds]
-    assert len(accs) == 4 and accs[-1] > 0.5 > 0.1  # chance is 0.1
+    assert len(accs) == 4 and accs[-1] >= 0.85  # chance is 0.1; these 4 rounds reach ~0.95
     assert accs[-1] > accs[0]
     assert all(r["updates"] >= 4 for r in result.rounds)
     # Bytes are HTTP bodies: at least one dense float32 update per merged phone.
@@ -88,20 +89,30 @@ def test_cli_rejects_bad_flags(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "unknown partition" in proc.stderr
 
 
-def test_server_resumes_from_data_dir(tmp_path: Path) -> None:
-    cfg = ServerConfig(model="mlp", data_dir=str(tmp_path))
-    coord: SyncCoordinator = make_app(cfg)[COORD]
-    coord.round.cohort["x"] = 0.0
-    coord.add_update("x", {"update_id": "1", "base_version": 0, "num_examples": 3},
-                     {n: p * 0 + 1 for n, p in coord.params.items()})
-    pub = coord.merge()
-    coord.store.close()
-    again: SyncCoordinator = make_app(cfg)[COORD]
-    assert again.version == pub.version == 1 and again.round.number == 2
-    for name, value in pub.params.items():
-        assert (again.params[name] == value).all()
+async def test_server_resumes_from_data_dir(make_server: MakeClient, tmp_path: Path) -> None:
+    """A merged round survives a restart on the same data dir: its version, the next round, the model
+    and the phone's registration, all seen through the HTTP API."""
+    client = await make_server(data_dir=str(tmp_path), sample_fraction=1.0)
+    _, auth, task = await register(client, "x")
+    assert (await client.post("/v1/checkin", headers=auth)).status == 200
+    before = decode_message(await (await client.get("/v1/model", headers=auth)).read()).tensors
+    resp = await client.post("/v1/update", data=update_body(task, zero_delta(task, 1.0)), headers=auth)
+    assert resp.status == 200, await resp.text()
+    status = await (await client.get("/v1/status")).json()
+    assert status["version"] == 1 and status["round"] == 2
+    merged = decode_message(await (await client.get("/v1/model", headers=auth)).read()).tensors
+    for name, value in before.items():  # one phone, server_lr 1: the model moved by its delta
+        np.testing.assert_allclose(merged[name], value + 1.0, rtol=1e-6)
+    await client.close()
+    again = await make_server(data_dir=str(tmp_path), sample_fraction=1.0)
+    status = await (await again.get("/v1/status")).json()
+    assert status["version"] == 1 and status["round"] == 2
+    resumed = decode_message(await (await again.get("/v1/model", headers=auth)).read()).tensors
+    assert resumed.keys() == merged.keys()
+    for name, value in merged.items():
+        assert np.array_equal(resumed[name], value), name
     with pytest.raises(ValueError, match="different task"):
-        make_app(cfg.replace(model="cnn"))
+        make_app(ServerConfig(model="cnn", input_shape=(1, 8, 8), num_classes=10, data_dir=str(tmp_path)))
 
 
 def test_codec_flags_reach_the_task() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +26,7 @@ class PhoneCommits:
         for db in dbs:
             db.set_trace_callback(self._watcher())
 
-    def _watcher(self) -> object:
+    def _watcher(self) -> Callable[[str], None]:
         state = {"open": False, "phones": False}
 
         def trace(sql: str) -> None:
@@ -63,7 +63,7 @@ def slow_disk(store: Store) -> Iterator[threading.Event]:
 async def test_a_burst_of_registrations_shares_commits_and_survives_a_restart(
         make_server: MakeClient, tmp_path: Path) -> None:
     client = await make_server(data_dir=str(tmp_path))
-    store = client.server.app[STORE]
+    store = client.app[STORE]
     assert store.commits._wdb is not None
     commits = PhoneCommits(store.db, store.commits._wdb)
     n = 100
@@ -105,7 +105,7 @@ async def test_two_registrations_of_one_name_one_wins(make_server: MakeClient, t
 async def test_no_token_when_the_commit_fails(make_server: MakeClient, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     client = await make_server(data_dir=str(tmp_path))
-    store = client.server.app[STORE]
+    store = client.app[STORE]
     assert store.commits._writer is not None and store.commits._wdb is not None
     store.commits._writer.submit(store.commits._wdb.close).result()  # the writer's connection is gone: commits fail
     monkeypatch.setattr("fedfleet.server.routes.secrets.token_urlsafe", lambda _: "the-token")

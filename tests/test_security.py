@@ -138,7 +138,7 @@ async def test_uploads_beyond_the_slots_queue_in_order_and_the_queue_is_bounded(
                                sample_fraction=1.0, min_cohort=3)
     phones = [await _enrol(client, f"q{i}", None) for i in range(3)]
     slow = await _hold_the_slot(client, phones[0][0], update_body(phones[0][1]), 4.0)
-    gate = client.server.app[UPLOADS]
+    gate = client.app[UPLOADS]
     done: list[str] = []
 
     async def upload(i: int) -> int:
@@ -165,7 +165,7 @@ async def test_a_queued_upload_gives_up_after_upload_wait_s(make_server: MakeCli
                                sample_fraction=1.0, min_cohort=3)
     (auth, task), (auth2, task2) = await _enrol(client, "w1", None), await _enrol(client, "w2", None)
     slow = await _hold_the_slot(client, auth, update_body(task), 5.0)
-    gate = client.server.app[UPLOADS]
+    gate = client.app[UPLOADS]
     t0 = asyncio.get_running_loop().time()
     waited = await client.post("/v1/update", data=update_body(task2, update_id="u-w"), headers=auth2)
     assert waited.status == 503 and (await waited.json())["error"] == "busy"
@@ -179,7 +179,7 @@ async def test_a_phone_leaving_the_upload_queue_frees_its_place(make_server: Mak
     client = await make_server(max_concurrent_uploads=1, request_timeout_s=3.0, sample_fraction=1.0, min_cohort=3)
     (auth, task), (auth2, task2) = await _enrol(client, "l1", None), await _enrol(client, "l2", None)
     slow = await _hold_the_slot(client, auth, update_body(task), 5.0)
-    gate = client.server.app[UPLOADS]
+    gate = client.app[UPLOADS]
     leaver = asyncio.create_task(client.post("/v1/update", data=update_body(task2, update_id="u-x"), headers=auth2))
     await _until(lambda: len(gate.waiting) == 1)
     leaver.cancel()  # the phone goes away while queued (it would otherwise wait upload_wait_s, 30 s)

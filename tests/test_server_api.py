@@ -215,25 +215,3 @@ async def test_the_first_round_opens_when_the_server_starts_serving(aiohttp_clie
             break
         await asyncio.sleep(0.02)
     assert rounds[0]["updates"] == 1 and rounds[0]["wall_s"] == 11.0 and rounds[0]["time_s"] == 11.0
-
-
-async def test_a_serving_app_collects_garbage_less_often_and_restores_the_thresholds(aiohttp_client, digits) -> None:  # type: ignore[no-untyped-def]
-    """With ``gc_freeze`` the serving app raises the cyclic GC's thresholds (requests in flight survive
-    young collections; at the defaults a 10,000-phone run spent seconds collecting) and puts the
-    process's own back at cleanup; without it the thresholds are left alone."""
-    import gc
-
-    from fedfleet.server.app import make_app
-    from fedfleet.server.config import ServerConfig
-
-    before = gc.get_threshold()
-    try:
-        gc.set_threshold(700, 10, 10)
-        for freeze, serving in ((True, (10_000, 10, 100)), (False, (700, 10, 10))):
-            cfg = ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10, gc_freeze=freeze)
-            client = await aiohttp_client(make_app(cfg))
-            assert gc.get_threshold() == serving
-            await client.close()
-            assert gc.get_threshold() == (700, 10, 10)
-    finally:
-        gc.set_threshold(*before)

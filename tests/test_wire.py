@@ -102,14 +102,15 @@ def test_repeated_tensor_lists_are_still_checked_message_by_message() -> None:
         for _ in range(2):
             with pytest.raises(ProtocolError):
                 decode_message(frame(json.dumps(bad).encode(), payload))
-    mixed = {"f": w, "i": np.array([7, -7], np.int64), "h": np.array([0.5], np.float16)}
+    mixed: dict[str, np.ndarray] = {"f": w, "i": np.array([7, -7], np.int64), "h": np.array([0.5], np.float16)}
     assert_same_values(decode_message(encode_message("model", {}, mixed)).tensors, mixed)
 
 
 def test_canonical_meta_sorts_and_refuses_what_json_cannot_carry() -> None:
     assert list(canonical_meta({"b": 1, "a": {"d": 2, "c": np.float32(0.5)}})) == ["a", "b"]
     assert canonical_meta({"x": (np.int64(3), [np.bool_(True)])}) == {"x": [3, [True]]}
-    for bad in ({"x": float("nan")}, {"x": 2**53}, {1: "a"}, {"x": object()}):
+    bads: list[dict[Any, Any]] = [{"x": float("nan")}, {"x": 2**53}, {1: "a"}, {"x": object()}]
+    for bad in bads:
         with pytest.raises(ValueError):
             encode_message("model", bad, {})
 

@@ -230,7 +230,7 @@ def message_vectors() -> list[dict[str, Any]]:
         ],
         "nested": {"z": None, "a": True, "m": [1, -2, {"y": False, "b": 9007199254740991}]},
     }
-    tensors = {
+    tensors: dict[str, np.ndarray] = {
         "w64": np.array([[1.5, -2.0]], dtype=np.float64),
         "h16": np.array([0.5, -0.25, 65504.0], dtype=np.float16),
         "i32": np.array([1, -2, 2147483647], dtype=np.int32),
