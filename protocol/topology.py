@@ -60,6 +60,11 @@ class Topology:
         return metropolis_weights(len(self.names), self.edges(round_))
 
 
+def phone_names(prefix: str, n: int) -> list[str]:
+    """The names a fleet gives its phones (``{prefix}-00000`` ...), the nodes of a generated topology."""
+    return [f"{prefix}-{i:05d}" for i in range(n)]
+
+
 def parse_topology(spec: str, names: Sequence[str], seed: int = 0) -> Topology:
     """``ring | torus | regular:D | exponential | complete | matching | edges:PATH`` over ``names``.
     Random graphs draw from ``numpy.random.default_rng(seed)``. Raises TopologyError (one line)."""
