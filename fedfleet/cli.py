@@ -23,6 +23,7 @@ from fedfleet.cli_flags import (
     _server_task_flags,
     _shard,
     _training_flags,
+    add_gossip_flags,
 )
 from fedfleet.cli_fleet import cmd_fleet, cmd_phone
 from fedfleet.cli_serve import cmd_serve
@@ -39,7 +40,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"fedfleet simulate: {cfg.phones} phones, {cfg.dataset}, {cfg.model}, {cfg.rounds or 'unlimited'} rounds, "
           f"sample {cfg.sample}, partition {cfg.partition}, runtime {cfg.runtime}", flush=True)
     interrupt = Interrupt()
-    summary = run(cfg, interrupt)
+    if cfg.mode == "gossip":  # phones average with their neighbours; the server relays (fedfleet/gossip_run.py)
+        from fedfleet.gossip_run import run_gossip
+
+        summary = run_gossip(cfg)
+    else:
+        summary = run(cfg, interrupt)
     accuracy = summary["final_accuracy"]
     print(f"final accuracy {'-' if accuracy is None else f'{accuracy:.4f}'} after {summary['rounds']} rounds, "
           f"{summary['bytes_up']} bytes up, {summary['bytes_down']} bytes down, {summary['wall_s']:.1f} s; "
@@ -83,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _phone_side_flags(p, fleet=True)
     _training_flags(p, server_here=True)
     _server_task_flags(p)
+    add_gossip_flags(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("fleet", help="an emulated fleet against a running server")

@@ -71,7 +71,8 @@ def _server_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", type=float, help="fraction of the phones whose updates each round waits for "
                                                 "(default 0.5)")
     p.add_argument("--model", help="mlp | cnn | mobilenet (default cnn)")
-    p.add_argument("--mode", choices=["sync", "async"], help="synchronous rounds or FedBuff (default sync)")
+    p.add_argument("--mode", choices=["sync", "async", "gossip"],
+                   help="synchronous rounds, FedBuff, or decentralized gossip (default sync)")
     p.add_argument("--concurrency", type=int, help="async: phones training at once (default 20)")
     p.add_argument("--buffer", type=int, help="async: updates per merge, K (default 10)")
     p.add_argument("--staleness", help="async: constant | inverse | poly:A | hinge:A:B (default poly:0.5)")
@@ -171,3 +172,12 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def _file_values(args: argparse.Namespace, section: str) -> dict[str, Any]:
     return load_toml(args.config, section) if args.config else {}
+
+
+def add_gossip_flags(p: argparse.ArgumentParser) -> None:
+    """--mode gossip: phones average with their neighbours through the server's relay (docs/gossip.md)."""
+    p.add_argument("--topology", help="gossip: ring | torus | regular:D | exponential | complete | matching | "
+                                      "edges:PATH (a file of 'PHONE PHONE' lines) (default ring)")
+    p.add_argument("--gossip", choices=["dpsgd", "choco"],
+                   help="gossip: D-PSGD (whole models) or CHOCO-SGD (compressed by the codec flags) (default dpsgd)")
+    p.add_argument("--gossip-gamma", type=float, help="gossip: CHOCO-SGD's consensus step size (default 0.5)")

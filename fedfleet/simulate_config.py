@@ -61,6 +61,10 @@ class SimulateConfig:
     inline_model: bool = True  # phones take the model in the check-in's answer (no GET /v1/model)
     chain_checkin: bool | None = None  # phones check in again with their upload (None: see FleetConfig)
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
+    # gossip mode (--mode gossip): phones average with their neighbours, the server only relays (docs/gossip.md)
+    topology: str = "ring"  # ring | torus | regular:D | exponential | complete | matching | edges:PATH
+    gossip: str = "dpsgd"  # dpsgd | choco (CHOCO-SGD compresses with the codec flags: --topk, --quant-bits, ...)
+    gossip_gamma: float = 0.5  # CHOCO-SGD's consensus step size gamma, in (0, 1]
     # update codec and privacy (the task tells phones how to encode; see protocol/FORMAT.md)
     clip: float | None = None  # L2 clipping norm C of each update
     noise: str | None = None  # gaussian | laplace (default gaussian when a noise level is given)
@@ -91,7 +95,7 @@ class SimulateConfig:
             ("lr", 0 < self.lr < math.inf, "a positive number"), ("prox_mu", 0 <= self.prox_mu < math.inf, ">= 0"),
             ("workers", self.workers >= 1, "at least 1"), ("trainer", self.trainer in ("batched", "pool"), "batched or pool"),
             ("runtime", self.runtime in ("torch", "executorch", "onnx"), "torch, executorch or onnx"),
-            ("mode", self.mode in ("sync", "async"), "sync or async"),
+            ("mode", self.mode in ("sync", "async", "gossip"), "sync, async or gossip"),
             ("concurrency", self.concurrency >= 1, "at least 1"), ("buffer", self.buffer >= 1, "at least 1"),
             ("max_staleness", self.max_staleness >= 0, ">= 0"),
             ("server_lr", 0 < self.server_lr < math.inf, "a positive number"),
@@ -125,6 +129,8 @@ class SimulateConfig:
                              f"{self.devices!r} is not a file")
         if self.devices not in ("none", "default"):
             load_profiles(self.devices)
+        if self.mode == "gossip":
+            _check_gossip(self)
         check_dataset_name(self.dataset)
         parse_partition(self.partition)
         parse_attack(self.attack)
@@ -191,7 +197,7 @@ class SimulateConfig:
             checkin_hold_s=0.0 if self.virtual else 25.0,
             data_dir=data_dir,
             sqlite_sync="normal",  # an emulation's state need not survive a power cut, only a crash
-            mode=self.mode,
+            mode="sync" if self.mode == "gossip" else self.mode,  # gossip: the server's rounds stay idle
             concurrency=self.concurrency,
             buffer_size=self.buffer,
             staleness=self.staleness,
@@ -205,6 +211,8 @@ class SimulateConfig:
             central_clip=self.central_clip,
             central_noise_multiplier=self.central_noise_multiplier,
         )
+        if self.mode == "gossip":  # the relay's graph: the fleet's phones, named as the fleet names them
+            base = base.replace(topology=self.topology, gossip_phones=self.phones)
         return base.replace(**self.server) if self.server else base
 
     @property
@@ -276,3 +284,20 @@ def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any], source
 
 def _named(message: str, values: dict[str, Any]) -> list[str]:
     return [k for k in values if message.startswith((k + " ", k + "."))]
+
+
+def _check_gossip(cfg: SimulateConfig) -> None:
+    """Settings of --mode gossip (the topology itself is checked with the server's config)."""
+    _check_range(cfg, [
+        ("gossip", cfg.gossip in ("dpsgd", "choco"), "dpsgd or choco"),
+        ("gossip_gamma", 0 < cfg.gossip_gamma <= 1, "a step size in (0, 1]"),
+        ("runtime", cfg.runtime == "torch", "torch in gossip mode (each phone trains its own model eagerly)"),
+    ])
+    if cfg.gossip == "choco" and cfg.topology == "matching":
+        raise ValueError("--gossip choco keeps copies of its neighbours' models: it needs a static --topology, "
+                         "not matching")
+    if cfg.gossip == "choco" and cfg.error_feedback:
+        raise ValueError("--gossip choco compensates its own compression error: leave out --error-feedback")
+    if cfg.gossip == "dpsgd" and cfg.codec():
+        raise ValueError("--gossip dpsgd sends whole models; the codec flags (--topk, --quant-bits, ...) "
+                         "choose CHOCO-SGD's compression: use --gossip choco")

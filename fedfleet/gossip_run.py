@@ -1,0 +1,232 @@
+"""``fedfleet simulate --mode gossip``: a fleet that learns without a global model (docs/gossip.md).
+
+The server runs on this event loop as for FedAvg, but only enrols phones, hands out the initial
+model and relays messages (server/relay.py). Each round, every phone that is around (its device
+profile's window, a seeded dropout draw) trains locally from its own model, sends its message to
+each neighbour of the round through the relay, fetches theirs, and takes one gossip step
+(device_runtime/gossip.py). Rounds are synchronous: the round lasts as long as its slowest phone
+(training time and link time of its real bytes, from its profile) on the virtual clock.
+
+Each round's record keeps FedAvg's columns (accuracy and loss of the phones' average model,
+bytes up and down as the relay counted them, ``updates``: the phones that took part) and adds
+the spread over phones (``accuracy_mean``, ``accuracy_p10``, ``accuracy_p90``, over at most
+EVAL_PHONES phones drawn from the seed), ``consensus_distance`` and ``messages_dropped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedfleet.device_runtime import aio
+from fedfleet.device_runtime.data import Dataset, load_dataset
+from fedfleet.device_runtime.vclock import VirtualClock, WallClock
+from fedfleet.output import RoundTable, summarize, write_run
+from fedfleet.serving import serve_here
+from fedfleet.simulate import _fresh_state
+from fedfleet.simulate_config import SimulateConfig
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from fedfleet.device_runtime.gossip import GossipPhone
+    from fedfleet.device_runtime.profiles import DeviceProfile
+    from fedfleet.protocol.topology import Topology
+    from fedfleet.server.evaluation import Evaluator
+
+EVAL_PHONES = 10  # phones whose own models are scored each round (all of them in smaller fleets)
+GOSSIP_STREAM = 22  # the run's generator for availability and evaluation draws: default_rng([seed, this])
+IDLE_S = 60.0  # a round in which no phone is around moves the clock on by this much (or to the next window)
+
+
+@dataclasses.dataclass
+class Fleet:
+    phones: list[GossipPhone]
+    profiles: list[DeviceProfile] | None
+    topology: Topology
+    shards: list[tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass
+class GossipResult:
+    rounds: list[dict[str, Any]]
+    summary: dict[str, Any]
+    models: list[dict[str, np.ndarray]]  # each phone's model at the end, in phone order
+
+
+async def gossip(cfg: SimulateConfig, table: RoundTable | None = None) -> GossipResult:
+    """Run the gossip simulation; write metrics.jsonl, devices.csv and summary.json into ``cfg.out``."""
+    import aiohttp
+
+    from fedfleet.server.evaluation import Evaluator
+
+    t0 = time.perf_counter()
+    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    out = Path(cfg.out)
+    server_cfg = cfg.server_config(data, str(out / "server"))
+    _fresh_state(out / "server")
+    clock = VirtualClock() if cfg.virtual else WallClock()
+    evaluator = Evaluator((cfg.model, data.input_shape, data.num_classes), data.x_test, data.y_test, seed=cfg.seed)
+    rows: list[dict[str, Any]] = []
+    async with serve_here(server_cfg, data, clock) as served, aiohttp.ClientSession() as session:
+        fleet = await _enrol(cfg, data, served.url, session, server_cfg.gossip_topology())
+        from fedfleet.device_runtime.trainer import RuntimePool
+
+        pool = RuntimePool(lambda: _runtime(cfg, data), size=cfg.workers)
+        draws = np.random.default_rng([cfg.seed, GOSSIP_STREAM])
+        first_down = sum(p.client.stats.bytes_down for p in fleet.phones)  # the initial model, counted in round 1
+        clock.join()
+        try:
+            for r in range(1, cfg.rounds + 1):
+                row = await _round(cfg, r, fleet, pool, clock, draws, evaluator)
+                row.update(await _traffic(session, served.url, r, fleet.topology, row.pop("delivered_expected")))
+                if r == 1:
+                    row["bytes_down"] += first_down
+                rows.append(row)
+                if table is not None:
+                    table(row)
+        finally:
+            clock.leave()
+            pool.close()
+    devices = [p.client.stats for p in fleet.phones]
+    summary = summarize(rows, devices, time.perf_counter() - t0)
+    summary["config"] = dataclasses.asdict(cfg)
+    summary["clock"] = "virtual" if cfg.virtual else "wall"
+    summary["gossip"] = {"algorithm": cfg.gossip, "topology": cfg.topology,
+                         "final_consensus_distance": rows[-1]["consensus_distance"] if rows else None}
+    write_run(out, rows, devices, summary)
+    return GossipResult(rows, summary, [p.x for p in fleet.phones])
+
+
+def run_gossip(cfg: SimulateConfig) -> dict[str, Any]:
+    """``gossip`` with the live round table (the command line)."""
+    table = RoundTable(total=cfg.rounds)
+    try:
+        return aio.run(gossip(cfg, table)).summary
+    finally:
+        table.close()
+
+
+def _runtime(cfg: SimulateConfig, data: Dataset) -> Any:
+    from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+
+    return torch_runtime_for_task({"model": cfg.model, "input_shape": data.input_shape,
+                                   "num_classes": data.num_classes})
+
+
+async def _enrol(cfg: SimulateConfig, data: Dataset, url: str, session: aiohttp.ClientSession,
+                 topology: Topology) -> Fleet:
+    """The fleet's phones (shards, generators, keys and profiles as plan_fleet draws them for a
+    FedAvg fleet of the same seed), registered, each with the initial model."""
+    from fedfleet.device_runtime.client import PhoneClient
+    from fedfleet.device_runtime.fleet_plan import plan_fleet
+    from fedfleet.device_runtime.gossip import GossipPhone
+    from fedfleet.protocol import EncoderConfig, UpdateEncoder
+
+    plan = plan_fleet(data, cfg.fleet_config(), cfg.virtual)
+    phones, shards = [], []
+    for i, name in enumerate(topology.names):
+        shard, rng, key = plan.phone(i)
+        client = PhoneClient(session, url, name, shard, None, rng, key=key, num_classes=data.num_classes)
+        await client.register()
+        encoder = UpdateEncoder(EncoderConfig.from_mapping(cfg.codec()), rng.spawn(1)[0]) \
+            if cfg.gossip == "choco" else None
+        phones.append(GossipPhone(client, cfg.gossip, await client.download(0), encoder=encoder,
+                                  gamma=cfg.gossip_gamma))
+        shards.append(shard)
+    return Fleet(phones, plan.profiles, topology, shards)
+
+
+def _around(fleet: Fleet, t: float, draws: np.random.Generator) -> list[int]:
+    """The phones that take part in a round starting at ``t``: inside their window and not
+    dropped out (one draw per phone per round, whether or not it is needed)."""
+    u = draws.random(len(fleet.phones))
+    if fleet.profiles is None:
+        return list(range(len(fleet.phones)))
+    return [i for i, p in enumerate(fleet.profiles) if p.wait_until_available(t) == 0 and u[i] >= p.dropout]
+
+
+async def _round(cfg: SimulateConfig, r: int, fleet: Fleet, pool: Any, clock: VirtualClock | WallClock,
+                 draws: np.random.Generator, evaluator: Evaluator) -> dict[str, Any]:
+    from fedfleet.device_runtime.runtimes import TrainConfig
+
+    phones, names = fleet.phones, fleet.topology.names
+    active = _around(fleet, clock.now(), draws)
+    here = set(active)
+    train = TrainConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, prox_mu=cfg.prox_mu)
+    trained = await asyncio.gather(*(pool.train(phones[i].x, *fleet.shards[i], train, phones[i].client.rng)
+                                     for i in active))
+    for i, (delta, _) in zip(active, trained, strict=True):
+        phones[i].train_step(delta)
+        phones[i].client.stats.participations += 1
+    neighbours = fleet.topology.neighbours(r)
+    weights = fleet.topology.weights(r)
+    link_s = {i: 0.0 for i in active}
+    for i in active:  # in phone order: each phone's nonces, and so every byte, are the same run to run
+        body = phones[i].message(r)
+        for j in neighbours[i]:
+            await phones[i].send(r, names[j], body)
+            link_s[i] += _link(fleet, i, len(body), uplink=True)
+    for i in active:
+        received = {}
+        for j in neighbours[i]:
+            msg = await phones[i].receive(r, names[j])
+            if msg is not None:
+                received[names[j]] = msg
+                link_s[i] += _link(fleet, i, msg.wire_bytes, uplink=False)
+        phones[i].absorb(received, {names[j]: float(weights[i, j]) for j in neighbours[i]})
+    await clock.sleep(_duration(fleet, active, link_s, clock.now(), cfg.local_epochs))
+    row: dict[str, Any] = {"round": r, "mode": "gossip", "algorithm": cfg.gossip, "updates": len(active)}
+    row.update(await asyncio.to_thread(_scores, [p.x for p in phones], evaluator, draws))
+    row["virtual_s"] = round(clock.now(), 3) if cfg.virtual else None
+    row["delivered_expected"] = sum(1 for i in active for j in neighbours[i] if j in here)
+    return row
+
+
+def _link(fleet: Fleet, i: int, nbytes: int, uplink: bool) -> float:
+    return fleet.profiles[i].transfer_s(nbytes, uplink) if fleet.profiles is not None else 0.0
+
+
+def _duration(fleet: Fleet, active: list[int], link_s: dict[int, float], t: float, epochs: int) -> float:
+    """The round's length: its slowest phone's training and transfers; with nobody around, until
+    the first phone's window opens (at least IDLE_S)."""
+    if fleet.profiles is None:
+        return 0.0
+    profiles = fleet.profiles
+    if not active:
+        return max(IDLE_S, min(p.wait_until_available(t) for p in profiles))
+    return max(profiles[i].train_s(len(fleet.shards[i][1]) * epochs) + link_s[i] for i in active)
+
+
+def _scores(models: list[dict[str, np.ndarray]], evaluator: Evaluator, draws: np.random.Generator) -> dict[str, Any]:
+    """Accuracy and loss of the average model; accuracy of a sample of phones' own models
+    (mean, 10th and 90th percentile); the consensus distance."""
+    from fedfleet.device_runtime.gossip_math import average, consensus_distance
+
+    mean = evaluator.evaluate(average(models))
+    n = len(models)
+    sample = range(n) if n <= EVAL_PHONES else sorted(draws.choice(n, EVAL_PHONES, replace=False).tolist())
+    own = np.array([evaluator.evaluate(models[i]).accuracy for i in sample])
+    return {"accuracy": mean.accuracy, "loss": mean.loss, "accuracy_mean": float(own.mean()),
+            "accuracy_p10": float(np.percentile(own, 10)), "accuracy_p90": float(np.percentile(own, 90)),
+            "consensus_distance": consensus_distance(models)}
+
+
+async def _traffic(session: aiohttp.ClientSession, url: str, r: int, topology: Topology,
+                   expected: int) -> dict[str, Any]:
+    """Round ``r``'s bytes as the relay counted them, and its dropped messages: of the two
+    messages each edge carries, those that did not arrive (a phone away sent or fetched nothing)."""
+    async with session.get(f"{url}/v1/gossip/status?round={r}") as resp:
+        resp.raise_for_status()
+        traffic = (await resp.json())["rounds"].get(str(r), {})
+    delivered = int(traffic.get("delivered", 0))
+    if delivered != expected:
+        raise RuntimeError(f"round {r}: the relay delivered {delivered} messages, the phones fetched {expected}")
+    return {"bytes_up": int(traffic.get("bytes_up", 0)), "bytes_down": int(traffic.get("bytes_down", 0)),
+            "messages": int(traffic.get("messages", 0)),
+            "messages_dropped": 2 * len(topology.edges(r)) - delivered}
