@@ -59,7 +59,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "up_per_phone": sum(r["bytes_up"] for r in rows) // args.phones,
         "down_per_phone": sum(r["bytes_down"] for r in rows) // args.phones,
         "messages_dropped": sum(r.get("messages_dropped", 0) for r in rows) if cfg.mode == "gossip" else None,
-        "virtual_s": last.get("virtual_s") if cfg.mode == "gossip" else last.get("time_s"),
+        "virtual_s": last.get("time_s"),
         "wall_s": round(wall, 1),
     }
 

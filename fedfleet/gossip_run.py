@@ -8,7 +8,8 @@ each neighbour of the round through the relay, fetches theirs, and takes one gos
 (training time and link time of its real bytes, from its profile) on the virtual clock.
 
 Each round's record keeps FedAvg's columns (accuracy and loss of the phones' average model,
-bytes up and down as the relay counted them, ``updates``: the phones that took part) and adds
+bytes up and down as the relay counted them, ``updates``: the phones that took part, ``time_s``
+on the virtual clock) and adds
 the spread over phones (``accuracy_mean``, ``accuracy_p10``, ``accuracy_p90``, over at most
 EVAL_PHONES phones drawn from the seed), ``consensus_distance`` and ``messages_dropped``.
 """
@@ -183,7 +184,7 @@ async def _round(cfg: SimulateConfig, r: int, fleet: Fleet, pool: Any, clock: Vi
     await clock.sleep(_duration(fleet, active, link_s, clock.now(), cfg.local_epochs))
     row: dict[str, Any] = {"round": r, "mode": "gossip", "algorithm": cfg.gossip, "updates": len(active)}
     row.update(await asyncio.to_thread(_scores, [p.x for p in phones], evaluator, draws))
-    row["virtual_s"] = round(clock.now(), 3) if cfg.virtual else None
+    row["time_s"] = round(clock.now(), 3) if cfg.virtual else None  # virtual time only: wall time is not reproducible
     row["delivered_expected"] = sum(1 for i in active for j in neighbours[i] if j in here)
     return row
 

@@ -16,7 +16,7 @@ from fedfleet.gossip_run import GossipResult, gossip
 from fedfleet.simulate_config import SimulateConfig
 
 FIELDS = ("accuracy", "loss", "bytes_up", "bytes_down", "accuracy_p10", "accuracy_p90", "accuracy_mean",
-          "consensus_distance", "messages_dropped", "updates", "virtual_s")
+          "consensus_distance", "messages_dropped", "updates", "time_s")
 
 
 def _run(tmp: Path, **overrides: Any) -> GossipResult:
@@ -36,7 +36,7 @@ def test_seeded_runs_with_dropouts_are_reproducible_and_finite(tmp_path: Path) -
     rows = first.rounds
     assert len(rows) == 4 and all(set(FIELDS) <= set(r) for r in rows)
     assert sum(r["messages_dropped"] for r in rows) > 0 and min(r["updates"] for r in rows) < 6  # phones were away
-    assert rows[-1]["virtual_s"] > rows[0]["virtual_s"] > 0
+    assert rows[-1]["time_s"] > rows[0]["time_s"] > 0
     for model in first.models:
         assert all(np.isfinite(v).all() for v in model.values())
     for a, b in zip(first.models, second.models, strict=True):
@@ -60,6 +60,9 @@ def test_dpsgd_complete_graph_reaches_consensus_and_counts_bytes(tmp_path: Path)
     assert written == rows
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in rows) and summary["gossip"]["algorithm"] == "dpsgd"
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert (tmp_path / "report" / "gossip.png").stat().st_size > 1000 and "consensus_distance" in page
 
 
 def test_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
