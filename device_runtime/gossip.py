@@ -61,12 +61,9 @@ class GossipPhone:
     async def receive(self, round_: int, sender: str) -> TensorMessage | None:
         """The message ``sender`` left this round, checked against the task's tensors; None if none
         came (the sender was away)."""
-        try:
-            _, payload, _ = await self.client._request("GET", f"/v1/gossip/recv?round={round_}&from={sender}")
-        except ServerError as exc:
-            if exc.status == 404 and exc.reason == "no_message":
-                return None
-            raise
+        status, payload, _ = await self.client._request("GET", f"/v1/gossip/recv?round={round_}&from={sender}")
+        if status == 204:
+            return None
         msg = decode_message(payload, expected=self.client.specs)
         if msg.meta.get("from") != sender or msg.meta.get("round") != round_:
             raise ServerError(502, "bad_answer", f"the relay handed over a message of {msg.meta.get('from')!r}, "

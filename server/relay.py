@@ -2,7 +2,7 @@
 
 Phones behind NAT cannot reach one another, so each message goes through the server:
 ``POST /v1/gossip/send?round=R&to=PHONE`` leaves one, ``GET /v1/gossip/recv?round=R&from=PHONE``
-takes it (once: it is deleted as it is handed over). The relay authenticates the sender (its
+takes it (once: it is deleted as it is handed over; 204 when there is none). The relay authenticates the sender (its
 bearer token and an Ed25519 signature over the body, as for ``/v1/update``; signed text
 ``signed_text(sender, R, "gossip:" + recipient, body, nonce)``), forwards only along the edges of
 the topology's round R, refuses replayed nonces, duplicates, other rounds and oversize or
@@ -136,7 +136,8 @@ async def send(request: web.Request) -> web.Response:
 
 async def receive(request: web.Request) -> web.Response:
     """The message ``from`` left for this phone in ``round``, with its sender's signature headers
-    (a recipient holding the sender's key can check it end to end); 404 ``no_message`` if none."""
+    (a recipient holding the sender's key can check it end to end); 204 No Content if none (the
+    sender was away: an answer, not the phone's error, so not charged to its failure budget)."""
     app = request.app
     relay = app[RELAY]
     recipient = authenticate(request, app[STORE])
@@ -144,7 +145,7 @@ async def receive(request: web.Request) -> web.Response:
     relay.check_round(round_, sending=False)
     held = relay.boxes.pop((sender, recipient), None)
     if held is None:
-        fail(404, "no_message", f"no message from {sender[:64]!r} for this phone in round {round_}")
+        return web.Response(status=204)
     body, signature, nonce = held
     traffic = relay.of(round_)
     traffic.delivered += 1
