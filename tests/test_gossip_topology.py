@@ -4,6 +4,7 @@ device_runtime/gossip_math.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -157,3 +158,57 @@ def test_dpsgd_on_the_complete_graph_after_one_local_step_is_fedavg() -> None:
         for k in start:
             np.testing.assert_allclose(model[k], fedavg[k], atol=1e-6)
     assert consensus_distance(gossiped) < 1e-10
+
+
+def _phones(algorithm: str, models: list[dict[str, np.ndarray]], codec: dict[str, Any], gamma: float) -> list[Any]:
+    from fedfleet.device_runtime.client import PhoneClient
+    from fedfleet.device_runtime.gossip import GossipPhone
+    from fedfleet.protocol import EncoderConfig, UpdateEncoder
+
+    phones = []
+    for i, x in enumerate(models):
+        client = PhoneClient(None, "http://unused", NAMES[i], (np.zeros((1, 1, 8, 8)), np.zeros(1)), None,  # type: ignore[arg-type]
+                             np.random.default_rng(i))
+        encoder = UpdateEncoder(EncoderConfig.from_mapping(codec), np.random.default_rng(100 + i))
+        phones.append(GossipPhone(client, algorithm, x, encoder=encoder, gamma=gamma))
+    return phones
+
+
+def _gossip_round(phones: list[Any], topo: Any, r: int) -> None:
+    """One exchange as the relay carries it: every phone's message body, decoded by each neighbour."""
+    from fedfleet.protocol import decode_message
+
+    bodies = [p.message(r) for p in phones]
+    w = topo.weights(r)
+    for i, js in enumerate(topo.neighbours(r)):
+        phones[i].absorb({NAMES[j]: decode_message(bodies[j]) for j in js}, {NAMES[j]: float(w[i, j]) for j in js})
+
+
+def test_choco_without_compression_and_gamma_1_is_dpsgd() -> None:
+    models = _models(5, np.random.default_rng(2))
+    topo = parse_topology("ring", NAMES[:5])
+    choco, dpsgd = _phones("choco", models, {}, 1.0), _phones("dpsgd", models, {}, 1.0)
+    for r in (1, 2, 3):
+        _gossip_round(choco, topo, r)
+        _gossip_round(dpsgd, topo, r)
+        for c, d in zip(choco, dpsgd, strict=True):
+            for n in c.x:
+                np.testing.assert_allclose(c.x[n], d.x[n], atol=1e-5)
+
+
+def test_choco_with_top_k_keeps_the_average_and_reaches_consensus() -> None:
+    from fedfleet.protocol import decode_message
+
+    models = _models(6, np.random.default_rng(3))
+    topo = parse_topology("ring", NAMES[:6])
+    phones = _phones("choco", models, {"sparsify": "topk", "density": 0.25}, 0.2)
+    before = average(models)
+    start = consensus_distance(models)
+    for r in range(1, 151):
+        _gossip_round(phones, topo, r)
+    after = average([p.x for p in phones])
+    for n in before:
+        np.testing.assert_allclose(after[n], before[n], atol=1e-4)
+    assert consensus_distance([p.x for p in phones]) < 1e-3 * start
+    sent = decode_message(phones[0].message(151)).tensors  # what goes on the wire: a quarter of each tensor
+    assert all(0 < np.count_nonzero(v) <= round(0.25 * v.size) for v in sent.values())
