@@ -24,6 +24,7 @@ from fedfleet.cli_flags import (
     _shard,
     _training_flags,
     add_gossip_flags,
+    add_gossip_serve_flags,
 )
 from fedfleet.cli_fleet import cmd_fleet, cmd_phone
 from fedfleet.cli_serve import cmd_serve
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "flags override it (default: none)")
     p.add_argument("--dataset", help="held-out split for evaluation, and the input shape (default digits)")
     p.add_argument("--model", help="mlp | cnn | mobilenet (default cnn)")
-    p.add_argument("--mode", choices=["sync", "async"], help="sync: FedAvg rounds; async: FedBuff merges "
-                                                            "(default sync)")
+    p.add_argument("--mode", choices=["sync", "async", "gossip"], help="sync: FedAvg rounds; async: FedBuff merges; "
+                                                                      "gossip: relay phones' messages (default sync)")
     p.add_argument("--rounds", type=int, help="rounds (merges) to run (default 10; 0 = until stopped)")
     p.add_argument("--sample", type=float, help="sync: fraction of the registered phones whose updates each "
                                                 "round waits for (default 0.5)")
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: none)")
     p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) ... (default: plain HTTP)")
     p.add_argument("--tls-key", help="... and this private key (PEM) (default: none)")
+    add_gossip_serve_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="a server on loopback plus an emulated fleet")

@@ -181,3 +181,24 @@ def add_gossip_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gossip", choices=["dpsgd", "choco"],
                    help="gossip: D-PSGD (whole models) or CHOCO-SGD (compressed by the codec flags) (default dpsgd)")
     p.add_argument("--gossip-gamma", type=float, help="gossip: CHOCO-SGD's consensus step size (default 0.5)")
+
+
+def add_gossip_serve_flags(p: argparse.ArgumentParser) -> None:
+    """serve --mode gossip: the server relays phones' messages along a topology (docs/gossip.md)."""
+    p.add_argument("--topology", help="gossip: ring | torus | regular:D | exponential | complete | matching | "
+                                      "edges:PATH (default ring)")
+    p.add_argument("--gossip-phones", type=int, help="gossip: the topology's phones, named phone-00000, "
+                                                     "phone-00001, ... (required with --mode gossip)")
+
+
+def gossip_server_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The ServerConfig values of ``serve --mode gossip``: the relay on, the server's own rounds idle."""
+    from fedfleet.cli_errors import CliError
+
+    if args.mode != "gossip":
+        if args.topology is not None or args.gossip_phones is not None:
+            raise CliError("--topology and --gossip-phones go with --mode gossip")
+        return {}
+    if args.gossip_phones is None:
+        raise CliError("--mode gossip needs --gossip-phones N: the topology's phones, named phone-00000, ...")
+    return {"mode": "sync", "topology": args.topology or "ring", "gossip_phones": args.gossip_phones}

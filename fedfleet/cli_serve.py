@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet.cli_errors import CliError
-from fedfleet.cli_flags import _file_values
+from fedfleet.cli_flags import _file_values, gossip_server_values
 from fedfleet.device_runtime import aio
 from fedfleet.output import check_out_dir
 
@@ -31,6 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       ("bundle_dir", args.bundle)):
         if flag is not None:
             values[key] = flag
+    values.update(gossip_server_values(args))  # --mode gossip: the relay (server/relay.py)
     config = ServerConfig().replace(**values)
     check_dataset_name(dataset)
     if config.data_dir is not None and Path(config.data_dir).exists() and not Path(config.data_dir).is_dir():
@@ -51,7 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     scheme = "https" if ssl_context is not None else "http"
     host, port = sock.getsockname()[:2]
-    print(f"fedfleet server: task {config.model} on {data.name}, {config.mode}, {config.rounds or 'unlimited'} "
+    mode = config.mode if config.topology == "none" else f"gossip relay ({config.topology}, {config.gossip_phones} phones)"
+    print(f"fedfleet server: task {config.model} on {data.name}, {mode}, {config.rounds or 'unlimited'} "
           f"rounds, state in {config.data_dir or 'memory'}; listening on {scheme}://{_url_host(host)}:{port}",
           flush=True)
     web.run_app(app, sock=sock, access_log=None, print=None, ssl_context=ssl_context, loop=aio.new_event_loop())

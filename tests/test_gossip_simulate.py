@@ -86,3 +86,34 @@ def test_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert rc == 0
     row = json.loads((tmp_path / "ok" / "metrics.jsonl").read_text())
     assert row["round"] == 1 and row["messages"] == 8
+
+
+def test_serve_mode_gossip(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    for argv, words in [(["--mode", "gossip"], "needs --gossip-phones"),
+                        (["--topology", "ring"], "go with --mode gossip"),
+                        (["--mode", "gossip", "--gossip-phones", "5", "--topology", "regular:3"], "must be even")]:
+        assert main(["serve", "--port", "1", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fedfleet serve: error: ") and words in err[0], err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "fedfleet.cli", "serve", "--port", str(port), "--model", "mlp",
+                             "--mode", "gossip", "--topology", "torus", "--gossip-phones", "9"],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        assert "gossip relay (torus, 9 phones)" in banner and f"127.0.0.1:{port}" in banner, banner
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/gossip/status", timeout=10) as resp:
+            status = json.loads(resp.read())
+        assert status == {"round": 0, "topology": "torus", "phones": 9, "rounds": {}}
+    finally:
+        proc.terminate()
+        proc.wait(30)
