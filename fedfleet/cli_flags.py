@@ -188,7 +188,7 @@ def add_gossip_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", help="gossip: ring | torus | regular:D | exponential | complete | matching | "
                                       "edges:PATH (default ring)")
     p.add_argument("--gossip-phones", type=int, help="gossip: the topology's phones, named phone-00000, "
-                                                     "phone-00001, ... (required with --mode gossip)")
+                                                     "phone-00001, ... (default: none; required with --mode gossip)")
 
 
 def gossip_server_values(args: argparse.Namespace) -> dict[str, Any]:
