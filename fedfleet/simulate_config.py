@@ -293,6 +293,9 @@ def _check_gossip(cfg: SimulateConfig) -> None:
         ("gossip_gamma", 0 < cfg.gossip_gamma <= 1, "a step size in (0, 1]"),
         ("runtime", cfg.runtime == "torch", "torch in gossip mode (each phone trains its own model eagerly)"),
     ])
+    for name, unused in (("attack", cfg.attack != "none"), ("hours", cfg.hours > 0), ("robust", cfg.robust != "none")):
+        if unused:
+            raise ValueError(f"--{name} is not taken in gossip mode (docs/gossip.md)")
     if cfg.gossip == "choco" and cfg.topology == "matching":
         raise ValueError("--gossip choco keeps copies of its neighbours' models: it needs a static --topology, "
                          "not matching")
