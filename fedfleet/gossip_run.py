@@ -49,7 +49,6 @@ IDLE_S = 60.0  # a round in which no phone is around moves the clock on by this 
 class Fleet:
     phones: list[GossipPhone]
     profiles: list[DeviceProfile] | None
-    topology: Topology
     shards: list[tuple[np.ndarray, np.ndarray]]
 
 
@@ -61,46 +60,60 @@ class GossipResult:
 
 
 async def gossip(cfg: SimulateConfig, table: RoundTable | None = None) -> GossipResult:
-    """Run the gossip simulation; write metrics.jsonl, devices.csv and summary.json into ``cfg.out``."""
+    """Run the gossip simulation (the server on this loop); write metrics.jsonl, devices.csv and
+    summary.json into ``cfg.out``."""
     import aiohttp
-
-    from fedfleet.server.evaluation import Evaluator
 
     t0 = time.perf_counter()
     data = load_dataset(cfg.dataset, seed=cfg.seed)
-    out = Path(cfg.out)
-    server_cfg = cfg.server_config(data, str(out / "server"))
-    _fresh_state(out / "server")
+    server_cfg = cfg.server_config(data, str(Path(cfg.out) / "server"))
+    _fresh_state(Path(cfg.out) / "server")
     clock = VirtualClock() if cfg.virtual else WallClock()
-    evaluator = Evaluator((cfg.model, data.input_shape, data.num_classes), data.x_test, data.y_test, seed=cfg.seed)
-    rows: list[dict[str, Any]] = []
     async with serve_here(server_cfg, data, clock) as served, aiohttp.ClientSession() as session:
-        fleet = await _enrol(cfg, data, served.url, session, server_cfg.gossip_topology())
-        from fedfleet.device_runtime.trainer import RuntimePool
+        rows, fleet = await run_phones(cfg, data, served.url, session, clock, table)
+    return write_gossip_run(cfg, rows, fleet, time.perf_counter() - t0)
 
-        pool = RuntimePool(lambda: _runtime(cfg, data), size=cfg.workers)
-        draws = np.random.default_rng([cfg.seed, GOSSIP_STREAM])
-        first_down = sum(p.client.stats.bytes_down for p in fleet.phones)  # the initial model, counted in round 1
-        clock.join()
-        try:
-            for r in range(1, cfg.rounds + 1):
-                row = await _round(cfg, r, fleet, pool, clock, draws, evaluator)
-                row.update(await _traffic(session, served.url, r, fleet.topology, row.pop("delivered_expected")))
-                if r == 1:
-                    row["bytes_down"] += first_down
-                rows.append(row)
-                if table is not None:
-                    table(row)
-        finally:
-            clock.leave()
-            pool.close()
+
+async def run_phones(cfg: SimulateConfig, data: Dataset, url: str, session: aiohttp.ClientSession,
+                     clock: VirtualClock | WallClock, table: RoundTable | None = None,
+                     prefix: str = "phone") -> tuple[list[dict[str, Any]], Fleet]:
+    """``cfg.phones`` phones named ``{prefix}-00000``... gossiping through the relay at ``url`` for
+    ``cfg.rounds`` rounds from the relay's next one; their round records and the fleet."""
+    from fedfleet.device_runtime.trainer import RuntimePool
+    from fedfleet.server.evaluation import Evaluator
+
+    evaluator = Evaluator((cfg.model, data.input_shape, data.num_classes), data.x_test, data.y_test, seed=cfg.seed)
+    fleet = await _enrol(cfg, data, url, session, prefix)
+    first = await _open_round(session, url) + 1
+    pool = RuntimePool(lambda: _runtime(cfg, data), size=cfg.workers)
+    draws = np.random.default_rng([cfg.seed, GOSSIP_STREAM])
+    first_down = sum(p.client.stats.bytes_down for p in fleet.phones)  # the initial model, counted in the first round
+    rows: list[dict[str, Any]] = []
+    clock.join()
+    try:
+        for r in range(first, first + cfg.rounds):
+            topology = await _topology(fleet, r)
+            row = await _round(cfg, r, fleet, topology, pool, clock, draws, evaluator)
+            row.update(await _traffic(session, url, r, topology, row.pop("delivered_expected")))
+            if r == first:
+                row["bytes_down"] += first_down
+            rows.append(row)
+            if table is not None:
+                table(row)
+    finally:
+        clock.leave()
+        pool.close()
+    return rows, fleet
+
+
+def write_gossip_run(cfg: SimulateConfig, rows: list[dict[str, Any]], fleet: Fleet, wall_s: float) -> GossipResult:
     devices = [p.client.stats for p in fleet.phones]
-    summary = summarize(rows, devices, time.perf_counter() - t0)
+    summary = summarize(rows, devices, wall_s)
     summary["config"] = dataclasses.asdict(cfg)
     summary["clock"] = "virtual" if cfg.virtual else "wall"
-    summary["gossip"] = {"algorithm": cfg.gossip, "topology": cfg.topology,
+    summary["gossip"] = {"algorithm": cfg.gossip, "topology": rows[0]["topology"] if rows else None,
                          "final_consensus_distance": rows[-1]["consensus_distance"] if rows else None}
-    write_run(out, rows, devices, summary)
+    write_run(Path(cfg.out), rows, devices, summary)
     return GossipResult(rows, summary, [p.x for p in fleet.phones])
 
 
@@ -120,27 +133,55 @@ def _runtime(cfg: SimulateConfig, data: Dataset) -> Any:
                                    "num_classes": data.num_classes})
 
 
-async def _enrol(cfg: SimulateConfig, data: Dataset, url: str, session: aiohttp.ClientSession,
-                 topology: Topology) -> Fleet:
+async def _enrol(cfg: SimulateConfig, data: Dataset, url: str, session: aiohttp.ClientSession, prefix: str) -> Fleet:
     """The fleet's phones (shards, generators, keys and profiles as plan_fleet draws them for a
-    FedAvg fleet of the same seed), registered, each with the initial model."""
+    FedAvg fleet of the same seed), registered, each with the initial model. CHOCO-SGD compresses
+    with the codec of the server's task, as FedAvg phones encode their updates."""
     from fedfleet.device_runtime.client import PhoneClient
     from fedfleet.device_runtime.fleet_plan import plan_fleet
     from fedfleet.device_runtime.gossip import GossipPhone
     from fedfleet.protocol import EncoderConfig, UpdateEncoder
+    from fedfleet.protocol.topology import phone_names
 
     plan = plan_fleet(data, cfg.fleet_config(), cfg.virtual)
     phones, shards = [], []
-    for i, name in enumerate(topology.names):
+    for i, name in enumerate(phone_names(prefix, cfg.phones)):
         shard, rng, key = plan.phone(i)
         client = PhoneClient(session, url, name, shard, None, rng, key=key, num_classes=data.num_classes)
         await client.register()
-        encoder = UpdateEncoder(EncoderConfig.from_mapping(cfg.codec()), rng.spawn(1)[0]) \
-            if cfg.gossip == "choco" else None
+        codec = dict(client.task["train"].get("codec") or {})
+        if cfg.gossip == "dpsgd" and codec:
+            raise ValueError(f"the server's task compresses ({codec}) but D-PSGD sends whole models: use --gossip choco")
+        encoder = UpdateEncoder(EncoderConfig.from_mapping(codec), rng.spawn(1)[0]) if cfg.gossip == "choco" else None
         phones.append(GossipPhone(client, cfg.gossip, await client.download(0), encoder=encoder,
                                   gamma=cfg.gossip_gamma))
         shards.append(shard)
-    return Fleet(phones, plan.profiles, topology, shards)
+    return Fleet(phones, plan.profiles, shards)
+
+
+async def _open_round(session: aiohttp.ClientSession, url: str) -> int:
+    """The relay's open round (0 before any message): this fleet's rounds follow it."""
+    async with session.get(f"{url}/v1/gossip/status") as resp:
+        if resp.status == 404:
+            raise ValueError(f"the server at {url} relays no gossip: start it with `fedfleet serve --mode gossip`")
+        resp.raise_for_status()
+        return int((await resp.json())["round"])
+
+
+async def _topology(fleet: Fleet, r: int) -> Topology:
+    """Round ``r``'s graph as the relay gives it to phones; its phones must be this fleet's."""
+    import json
+
+    from fedfleet.protocol.topology import Topology
+
+    _, payload, _ = await fleet.phones[0].client._request("GET", f"/v1/gossip/topology?round={r}")
+    graph = json.loads(payload)
+    names = tuple(graph["phones"])
+    ours = tuple(p.name for p in fleet.phones)
+    if names != ours:
+        raise ValueError(f"the server's topology joins {len(names)} phones ({names[0]}, ...) but this fleet has "
+                         f"{len(ours)} ({ours[0]}, ...): give --phones {len(names)} and the server's name prefix")
+    return Topology(str(graph["topology"]), names, frozenset((int(i), int(j)) for i, j in graph["edges"]))
 
 
 def _around(fleet: Fleet, t: float, draws: np.random.Generator) -> list[int]:
@@ -152,11 +193,11 @@ def _around(fleet: Fleet, t: float, draws: np.random.Generator) -> list[int]:
     return [i for i, p in enumerate(fleet.profiles) if p.wait_until_available(t) == 0 and u[i] >= p.dropout]
 
 
-async def _round(cfg: SimulateConfig, r: int, fleet: Fleet, pool: Any, clock: VirtualClock | WallClock,
-                 draws: np.random.Generator, evaluator: Evaluator) -> dict[str, Any]:
+async def _round(cfg: SimulateConfig, r: int, fleet: Fleet, topology: Topology, pool: Any,
+                 clock: VirtualClock | WallClock, draws: np.random.Generator, evaluator: Evaluator) -> dict[str, Any]:
     from fedfleet.device_runtime.runtimes import TrainConfig
 
-    phones, names = fleet.phones, fleet.topology.names
+    phones, names = fleet.phones, topology.names
     active = _around(fleet, clock.now(), draws)
     here = set(active)
     train = TrainConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, prox_mu=cfg.prox_mu)
@@ -165,8 +206,8 @@ async def _round(cfg: SimulateConfig, r: int, fleet: Fleet, pool: Any, clock: Vi
     for i, (delta, _) in zip(active, trained, strict=True):
         phones[i].train_step(delta)
         phones[i].client.stats.participations += 1
-    neighbours = fleet.topology.neighbours(r)
-    weights = fleet.topology.weights(r)
+    neighbours = topology.neighbours(r)
+    weights = topology.weights(r)
     link_s = {i: 0.0 for i in active}
     for i in active:  # in phone order: each phone's nonces, and so every byte, are the same run to run
         body = phones[i].message(r)
@@ -182,7 +223,8 @@ async def _round(cfg: SimulateConfig, r: int, fleet: Fleet, pool: Any, clock: Vi
                 link_s[i] += _link(fleet, i, msg.wire_bytes, uplink=False)
         phones[i].absorb(received, {names[j]: float(weights[i, j]) for j in neighbours[i]})
     await clock.sleep(_duration(fleet, active, link_s, clock.now(), cfg.local_epochs))
-    row: dict[str, Any] = {"round": r, "mode": "gossip", "algorithm": cfg.gossip, "updates": len(active)}
+    row: dict[str, Any] = {"round": r, "mode": "gossip", "algorithm": cfg.gossip, "topology": topology.spec,
+                           "updates": len(active)}
     row.update(await asyncio.to_thread(_scores, [p.x for p in phones], evaluator, draws))
     row["time_s"] = round(clock.now(), 3) if cfg.virtual else None  # virtual time only: wall time is not reproducible
     row["delivered_expected"] = sum(1 for i in active for j in neighbours[i] if j in here)

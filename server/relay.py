@@ -154,6 +154,15 @@ async def receive(request: web.Request) -> web.Response:
                         headers={SIGNATURE_HEADER: signature, NONCE_HEADER: nonce, "X-Fedfleet-From": sender})
 
 
+async def topology(request: web.Request) -> web.Response:
+    """Round R's graph, as phones learn it: the phone names (node i is ``phones[i]``) and the edges."""
+    authenticate(request, request.app[STORE])
+    relay = request.app[RELAY]
+    r = _round(request)
+    return json_response({"round": r, "topology": relay.topology.spec, "phones": list(relay.topology.names),
+                          "edges": [list(e) for e in sorted(relay.topology.edges(r))]})
+
+
 async def status(request: web.Request) -> web.Response:
     """The relay's open round and each round's traffic (``?round=R``: that round's only)."""
     relay = request.app[RELAY]
@@ -175,4 +184,5 @@ def setup_relay(app: web.Application) -> None:
         web.post("/v1/gossip/send", send),
         web.get("/v1/gossip/recv", receive),
         web.get("/v1/gossip/status", status),
+        web.get("/v1/gossip/topology", topology),
     ])

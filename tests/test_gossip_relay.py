@@ -161,7 +161,11 @@ async def test_bad_bodies(make_server: MakeClient) -> None:
 async def test_time_varying_edges(make_server: MakeClient, spec: str) -> None:
     client, phones = await _fleet(make_server, n=6, topology=spec, seed=4)
     topo = ServerConfig(model="mlp", topology=spec, gossip_phones=6, seed=4).gossip_topology()
+    assert (await client.get("/v1/gossip/topology?round=1")).status == 401  # phones learn it, once enrolled
     for r in (1, 2):
+        graph = await (await client.get(f"/v1/gossip/topology?round={r}", headers=phones[0].auth)).json()
+        assert graph["phones"] == [p.name for p in phones] and graph["topology"] == spec
+        assert {tuple(e) for e in graph["edges"]} == set(topo.edges(r))
         for i, js in enumerate(topo.neighbours(r)):
             others = [k for k in range(6) if k != i and k not in js]
             assert (await phones[i].send(r, phones[others[0]].name))[0] == 403
