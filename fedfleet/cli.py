@@ -24,6 +24,7 @@ from fedfleet.cli_flags import (
     _shard,
     _training_flags,
     add_gossip_flags,
+    add_gossip_fleet_flags,
     add_gossip_serve_flags,
 )
 from fedfleet.cli_fleet import cmd_fleet, cmd_phone
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _phone_side_flags(p, fleet=True)
     _training_flags(p, server_here=False)
     p.add_argument("--clock", choices=["auto", "wall", "virtual"], help=argparse.SUPPRESS)  # only to refuse virtual
+    add_gossip_fleet_flags(p)
     _refuse(p, SERVER_SETTINGS, SERVER_SIDE)
     p.set_defaults(func=cmd_fleet)
 

@@ -202,3 +202,11 @@ def gossip_server_values(args: argparse.Namespace) -> dict[str, Any]:
     if args.gossip_phones is None:
         raise CliError("--mode gossip needs --gossip-phones N: the topology's phones, named phone-00000, ...")
     return {"mode": "sync", "topology": args.topology or "ring", "gossip_phones": args.gossip_phones}
+
+
+def add_gossip_fleet_flags(p: argparse.ArgumentParser) -> None:
+    """fleet --gossip: phones gossip through a `serve --mode gossip` relay (docs/gossip.md)."""
+    p.add_argument("--gossip", choices=["dpsgd", "choco"],
+                   help="gossip with the neighbours the server's relay names: D-PSGD or CHOCO-SGD (compressed by "
+                        "the server's codec) (default: none, FedAvg)")
+    p.add_argument("--gossip-gamma", type=float, help="gossip: CHOCO-SGD's consensus step size (default 0.5)")

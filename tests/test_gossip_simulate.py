@@ -118,3 +118,35 @@ def test_serve_mode_gossip(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_fleet_gossips_through_a_running_relay(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "fedfleet.cli", "serve", "--port", str(port), "--model", "mlp",
+                             "--mode", "gossip", "--topology", "ring", "--gossip-phones", "4"],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert proc.stdout is not None and "gossip relay" in proc.stdout.readline()
+        fleet = ["fleet", "--server", url, "--gossip", "dpsgd", "--rounds", "2", "--local-epochs", "1"]
+        assert main([*fleet, "--phones", "4", "--out", str(tmp_path / "a")]) == 0
+        rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1, 2] and all(r["messages"] == 8 for r in rows)
+        assert rows[-1]["accuracy"] > 0.1 and rows[-1]["topology"] == "ring"
+        capsys.readouterr()
+        rc = main([*fleet, "--phones", "3", "--name-prefix", "other", "--out", str(tmp_path / "b")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "the server's topology joins 4 phones" in err[0], err
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    capsys.readouterr()
+    rc = main(["fleet", "--server", url, "--gossip", "dpsgd", "--phones", "4", "--out", str(tmp_path / "c")])
+    assert rc == 2 and "cannot connect" in capsys.readouterr().err
