@@ -10,6 +10,8 @@ public copy, in step with what its neighbours decode, by decoding its own messag
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy as np
 from fedfleet.device_runtime.client import PhoneClient, ServerError
 from fedfleet.device_runtime.gossip_math import add, choco_mix, mix
 from fedfleet.protocol import TensorMessage, UpdateEncoder, decode_message, encode_message
+from fedfleet.protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, signature_ok, signed_text
 
 Params = dict[str, np.ndarray]
 ALGORITHMS = ("dpsgd", "choco")
@@ -37,6 +40,7 @@ class GossipPhone:
         # CHOCO: x_hat of this phone and of each neighbour heard from (all start at 0, as in the paper)
         self.hat: Params = {n: np.zeros_like(p) for n, p in self.x.items()}
         self.hats: dict[str, Params] = {}
+        self.peer_keys: dict[str, bytes] = {}  # neighbours' Ed25519 public keys, as the relay lists them
 
     @property
     def name(self) -> str:
@@ -61,14 +65,28 @@ class GossipPhone:
     async def receive(self, round_: int, sender: str) -> TensorMessage | None:
         """The message ``sender`` left this round, checked against the task's tensors; None if none
         came (the sender was away)."""
-        status, payload, _ = await self.client._request("GET", f"/v1/gossip/recv?round={round_}&from={sender}")
+        status, payload, headers = await self.client._request("GET", f"/v1/gossip/recv?round={round_}&from={sender}")
         if status == 204:
             return None
+        if not self.signed_by(sender, round_, payload, headers):
+            raise ServerError(502, "bad_signature", f"the relay handed over a message {sender!r} did not sign "
+                                                    f"for this phone and round {round_}")
         msg = decode_message(payload, expected=self.client.specs)
         if msg.meta.get("from") != sender or msg.meta.get("round") != round_:
             raise ServerError(502, "bad_answer", f"the relay handed over a message of {msg.meta.get('from')!r}, "
                                                  f"round {msg.meta.get('round')}, for {sender!r}, round {round_}")
         return msg
+
+    def signed_by(self, sender: str, round_: int, body: bytes, headers: Mapping[str, str]) -> bool:
+        """The sender's own Ed25519 signature (forwarded by the relay) over this body, round and recipient."""
+        key = self.peer_keys.get(sender)
+        try:
+            signature = base64.b64decode(headers.get(SIGNATURE_HEADER, ""), validate=True)
+            nonce = int(headers.get(NONCE_HEADER, ""))
+        except (binascii.Error, ValueError):
+            return False
+        return key is not None and signature_ok(key, signature, signed_text(sender, round_, f"gossip:{self.name}",
+                                                                              body, nonce))
 
     def absorb(self, received: Mapping[str, TensorMessage], weights: Mapping[str, float]) -> None:
         """One gossip step with the neighbours heard from this round (``weights``: w_ij of every

@@ -169,7 +169,9 @@ async def _open_round(session: aiohttp.ClientSession, url: str) -> int:
 
 
 async def _topology(fleet: Fleet, r: int) -> Topology:
-    """Round ``r``'s graph as the relay gives it to phones; its phones must be this fleet's."""
+    """Round ``r``'s graph as the relay gives it to phones (and their public keys); its phones must be
+    this fleet's."""
+    import base64
     import json
 
     from fedfleet.protocol.topology import Topology
@@ -181,6 +183,9 @@ async def _topology(fleet: Fleet, r: int) -> Topology:
     if names != ours:
         raise ValueError(f"the server's topology joins {len(names)} phones ({names[0]}, ...) but this fleet has "
                          f"{len(ours)} ({ours[0]}, ...): give --phones {len(names)} and the server's name prefix")
+    keys = {name: base64.b64decode(k) for name, k in zip(names, graph["keys"], strict=True) if k}
+    for p in fleet.phones:
+        p.peer_keys = keys  # each phone checks its neighbours' signatures itself
     return Topology(str(graph["topology"]), names, frozenset((int(i), int(j)) for i, j in graph["edges"]))
 
 

@@ -17,6 +17,7 @@ closed, or more than one ahead, are refused (409 ``wrong_round``). The counters 
 
 from __future__ import annotations
 
+import base64
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -155,12 +156,17 @@ async def receive(request: web.Request) -> web.Response:
 
 
 async def topology(request: web.Request) -> web.Response:
-    """Round R's graph, as phones learn it: the phone names (node i is ``phones[i]``) and the edges."""
-    authenticate(request, request.app[STORE])
+    """Round R's graph, as phones learn it: the phone names (node i is ``phones[i]``), the edges, and
+    each phone's enrolled public key (base64; null before it enrols), with which a recipient checks
+    every relayed message's signature itself: the relay cannot alter or forge one unnoticed."""
+    store = request.app[STORE]
+    authenticate(request, store)
     relay = request.app[RELAY]
     r = _round(request)
+    keys = [store.public_key(name) for name in relay.topology.names]
     return json_response({"round": r, "topology": relay.topology.spec, "phones": list(relay.topology.names),
-                          "edges": [list(e) for e in sorted(relay.topology.edges(r))]})
+                          "edges": [list(e) for e in sorted(relay.topology.edges(r))],
+                          "keys": [base64.b64encode(k).decode() if k else None for k in keys]})
 
 
 async def status(request: web.Request) -> web.Response:

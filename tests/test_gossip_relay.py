@@ -166,6 +166,7 @@ async def test_time_varying_edges(make_server: MakeClient, spec: str) -> None:
         graph = await (await client.get(f"/v1/gossip/topology?round={r}", headers=phones[0].auth)).json()
         assert graph["phones"] == [p.name for p in phones] and graph["topology"] == spec
         assert {tuple(e) for e in graph["edges"]} == set(topo.edges(r))
+        assert graph["keys"] == [p.key.public_b64() for p in phones if p.key is not None]
         for i, js in enumerate(topo.neighbours(r)):
             others = [k for k in range(6) if k != i and k not in js]
             assert (await phones[i].send(r, phones[others[0]].name))[0] == 403
@@ -179,3 +180,29 @@ def test_a_bad_topology_stops_the_server_before_it_starts() -> None:
         make_app(ServerConfig(model="mlp", topology="star", gossip_phones=4))
     with pytest.raises(ValueError, match="at least 2 phones"):
         ServerConfig(model="mlp", topology="ring", gossip_phones=1)
+
+
+def test_recipients_check_the_senders_own_signature() -> None:
+    """What the relay forwards is checked end to end: a body, recipient or round other than the sender
+    signed, or a sender whose key the phone was not given, is refused by the recipient itself."""
+    import base64
+
+    from fedfleet.device_runtime.client import PhoneClient
+    from fedfleet.device_runtime.gossip import GossipPhone
+
+    sender = PhoneKey()
+    client = PhoneClient(None, "http://unused", "phone-00001", (np.zeros((1, 1, 8, 8)), np.zeros(1)), None,  # type: ignore[arg-type]
+                         np.random.default_rng(0))
+    phone = GossipPhone(client, "dpsgd", {"w": np.zeros(3, dtype=np.float32)})
+    phone.peer_keys = {"phone-00000": base64.b64decode(sender.public_b64())}
+    body = encode_message("update", {"from": "phone-00000", "round": 2}, {"w": np.ones(3, dtype=np.float32)})
+    headers = sender.headers("phone-00000", 2, "gossip:phone-00001", body)
+    assert phone.signed_by("phone-00000", 2, body, headers)
+    assert not phone.signed_by("phone-00000", 2, body[:-1] + b"\x00", headers)  # altered on the way
+    assert not phone.signed_by("phone-00000", 3, body, headers)  # another round
+    assert not phone.signed_by("phone-00002", 2, body, headers)  # a sender whose key it was not given
+    other = sender.headers("phone-00000", 2, "gossip:phone-00009", body)  # signed for another recipient
+    assert not phone.signed_by("phone-00000", 2, body, other)
+    assert not phone.signed_by("phone-00000", 2, body, {})
+    forged = PhoneKey().headers("phone-00000", 2, "gossip:phone-00001", body)
+    assert not phone.signed_by("phone-00000", 2, body, forged)
