@@ -12,7 +12,7 @@ it is a well-formed wire message of the task's tensors: it never averages.
 Rounds: the relay holds the mailboxes of one round. The first message of round R + 1 opens it
 and drops what round R left undelivered (the recipient was away); messages for rounds already
 closed, or more than one ahead, are refused (409 ``wrong_round``). The counters of each round
-(messages, bytes, deliveries) are kept for ``GET /v1/gossip/status``.
+(messages, bytes, deliveries) of the last TRAFFIC_ROUNDS rounds are kept for ``GET /v1/gossip/status``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from fedfleet.protocol.topology import Topology
 from fedfleet.server.http import authenticate, check_body_headers, fail, json_response, read_body
 from fedfleet.server.security import NonceBook, SignatureError
 from fedfleet.server.state import CONFIG, COORD, STORE
+
+TRAFFIC_ROUNDS = 10_000  # rounds whose traffic counters /v1/gossip/status keeps (a few dozen bytes each)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Relay:
         self.traffic.setdefault(self.round, RoundTraffic()).undelivered += len(self.boxes)
         self.boxes.clear()
         self.round = round_
+        self.traffic.pop(round_ - TRAFFIC_ROUNDS, None)  # rounds open one after another: one falls out
 
     def of(self, round_: int) -> RoundTraffic:
         return self.traffic.setdefault(round_, RoundTraffic())

@@ -206,3 +206,17 @@ def test_recipients_check_the_senders_own_signature() -> None:
     assert not phone.signed_by("phone-00000", 2, body, {})
     forged = PhoneKey().headers("phone-00000", 2, "gossip:phone-00001", body)
     assert not phone.signed_by("phone-00000", 2, body, forged)
+
+
+def test_the_relay_keeps_a_bounded_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedfleet.server import relay as relay_module
+    from fedfleet.server.security import NonceBook
+
+    monkeypatch.setattr(relay_module, "TRAFFIC_ROUNDS", 5)
+    relay = relay_module.Relay(ServerConfig(model="mlp", **RING4).gossip_topology(), NonceBook())
+    for r in range(1, 21):
+        relay.open(r)
+        relay.of(r).messages += 1
+        relay.boxes[("phone-00000", "phone-00001")] = (b"m", "", "")
+    assert sorted(relay.traffic) == [16, 17, 18, 19, 20] and len(relay.boxes) == 1
+    assert relay.traffic[19].undelivered == 1
