@@ -9,9 +9,9 @@ each neighbour of the round through the relay, fetches theirs, and takes one gos
 
 Each round's record keeps FedAvg's columns (accuracy and loss of the phones' average model,
 bytes up and down as the relay counted them, ``updates``: the phones that took part, ``time_s``
-on the virtual clock) and adds
-the spread over phones (``accuracy_mean``, ``accuracy_p10``, ``accuracy_p90``, over at most
-EVAL_PHONES phones drawn from the seed), ``consensus_distance`` and ``messages_dropped``.
+on the virtual clock) and adds the spread over phones (``accuracy_mean``, ``accuracy_p10``,
+``accuracy_p90``, over at most EVAL_PHONES phones drawn from the seed), ``consensus_distance``
+and ``messages_dropped``.
 """
 
 from __future__ import annotations

@@ -293,7 +293,10 @@ def _check_gossip(cfg: SimulateConfig) -> None:
         ("gossip_gamma", 0 < cfg.gossip_gamma <= 1, "a step size in (0, 1]"),
         ("runtime", cfg.runtime == "torch", "torch in gossip mode (each phone trains its own model eagerly)"),
     ])
-    for name, unused in (("attack", cfg.attack != "none"), ("hours", cfg.hours > 0), ("robust", cfg.robust != "none")):
+    codec = cfg.codec()
+    for name, unused in (("attack", cfg.attack != "none"), ("hours", cfg.hours > 0), ("robust", cfg.robust != "none"),
+                         ("clip", "clip" in codec), ("noise", "noise" in codec), ("central-clip", cfg.central_clip > 0),
+                         ("epsilon-budget", cfg.epsilon_budget > 0)):
         if unused:
             raise ValueError(f"--{name} is not taken in gossip mode (docs/gossip.md)")
     if cfg.gossip == "choco" and cfg.topology == "matching":
@@ -301,6 +304,6 @@ def _check_gossip(cfg: SimulateConfig) -> None:
                          "not matching")
     if cfg.gossip == "choco" and cfg.error_feedback:
         raise ValueError("--gossip choco compensates its own compression error: leave out --error-feedback")
-    if cfg.gossip == "dpsgd" and cfg.codec():
+    if cfg.gossip == "dpsgd" and codec:
         raise ValueError("--gossip dpsgd sends whole models; the codec flags (--topk, --quant-bits, ...) "
                          "choose CHOCO-SGD's compression: use --gossip choco")

@@ -75,6 +75,7 @@ def test_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
         (["--topk", "0.01"], ["--gossip choco"]),
         (["--gossip", "choco", "--gossip-gamma", "2"], ["gossip_gamma (--gossip-gamma)"]),
         (["--attack", "signflip", "--attack-fraction", "0.5"], ["--attack is not taken in gossip mode"]),
+        (["--gossip", "choco", "--clip", "1", "--noise-multiplier", "1"], ["--clip is not taken in gossip mode"]),
     ]:
         rc = main(["simulate", "--mode", "gossip", "--phones", "4", "--out", str(tmp_path / "x"), *argv])
         out, err = capsys.readouterr()
