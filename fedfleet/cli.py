@@ -46,6 +46,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from fedfleet.gossip_run import run_gossip
 
         summary = run_gossip(cfg)
+        interrupt.signum = signal.Signals[summary["interrupted"]].value if "interrupted" in summary else 0
     else:
         summary = run(cfg, interrupt)
     accuracy = summary["final_accuracy"]

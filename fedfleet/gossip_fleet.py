@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedfleet.cli_errors import CliError
 from fedfleet.device_runtime import aio
 from fedfleet.output import RoundTable
 from fedfleet.simulate_config import SimulateConfig
+
+if TYPE_CHECKING:
+    from fedfleet.gossip_run import Stop
 
 TRAIN_KEYS = ("local_epochs", "batch_size", "lr", "prox_mu")
 
@@ -28,22 +31,25 @@ def run_gossip_fleet(args: argparse.Namespace, server: str, cfg: SimulateConfig,
           f"{cfg.dataset}, partition {cfg.partition}", flush=True)
     t0 = time.perf_counter()
     table = RoundTable(total=cfg.rounds)
+    from fedfleet.gossip_run import until_signal, write_gossip_run
+
     try:
-        rows, fleet = aio.run(_phones(cfg, server, task, table, args.name_prefix))
+        (rows, fleet), signum = aio.run(until_signal(lambda stop: _phones(cfg, server, task, table, args.name_prefix,
+                                                                          stop), "fleet"))
     finally:
         table.close()
-    from fedfleet.gossip_run import write_gossip_run
 
-    result = write_gossip_run(cfg, rows, fleet, time.perf_counter() - t0)
+    result = write_gossip_run(cfg, rows, fleet, time.perf_counter() - t0, signum)
     s = result.summary
     accuracy = s["final_accuracy"]
     print(f"final accuracy {'-' if accuracy is None else f'{accuracy:.4f}'} (average model) after {s['rounds']} "
           f"rounds, {s['bytes_up']} bytes up, {s['bytes_down']} bytes down; wrote {cfg.out}/metrics.jsonl, "
           "summary.json, devices.csv", flush=True)
-    return 0
+    return 128 + signum if signum else 0
 
 
-async def _phones(cfg: SimulateConfig, server: str, task: dict[str, Any], table: RoundTable, prefix: str) -> Any:
+async def _phones(cfg: SimulateConfig, server: str, task: dict[str, Any], table: RoundTable, prefix: str,
+                  stop: Stop) -> Any:
     import aiohttp
 
     from fedfleet.device_runtime.data import load_dataset
@@ -55,4 +61,4 @@ async def _phones(cfg: SimulateConfig, server: str, task: dict[str, Any], table:
         raise CliError(f"--dataset {cfg.dataset}: inputs {data.input_shape}, but the server trains on "
                        f"{tuple(task['input_shape'])}")
     async with aiohttp.ClientSession() as session:
-        return await run_phones(cfg, data, server, session, WallClock(), table, prefix)
+        return await run_phones(cfg, data, server, session, WallClock(), table, prefix, stop)

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
+import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
 
 EVAL_PHONES = 10  # phones whose own models are scored each round (all of them in smaller fleets)
 GOSSIP_STREAM = 22  # the run's generator for availability and evaluation draws: default_rng([seed, this])
+T = TypeVar("T")
 IDLE_S = 60.0  # a round in which no phone is around moves the clock on by this much (or to the next window)
 
 
@@ -52,6 +57,12 @@ class Fleet:
     shards: list[tuple[np.ndarray, np.ndarray]]
 
 
+class Stop(asyncio.Event):
+    """Set by a signal (``signum``): no further round begins, the outputs are written."""
+
+    signum = 0
+
+
 @dataclasses.dataclass
 class GossipResult:
     rounds: list[dict[str, Any]]
@@ -59,9 +70,10 @@ class GossipResult:
     models: list[dict[str, np.ndarray]]  # each phone's model at the end, in phone order
 
 
-async def gossip(cfg: SimulateConfig, table: RoundTable | None = None) -> GossipResult:
+async def gossip(cfg: SimulateConfig, table: RoundTable | None = None,
+                 stop: Stop | None = None) -> GossipResult:
     """Run the gossip simulation (the server on this loop); write metrics.jsonl, devices.csv and
-    summary.json into ``cfg.out``."""
+    summary.json into ``cfg.out``. ``stop``: once set, no further round begins."""
     import aiohttp
 
     t0 = time.perf_counter()
@@ -70,15 +82,16 @@ async def gossip(cfg: SimulateConfig, table: RoundTable | None = None) -> Gossip
     _fresh_state(Path(cfg.out) / "server")
     clock = VirtualClock() if cfg.virtual else WallClock()
     async with serve_here(server_cfg, data, clock) as served, aiohttp.ClientSession() as session:
-        rows, fleet = await run_phones(cfg, data, served.url, session, clock, table)
-    return write_gossip_run(cfg, rows, fleet, time.perf_counter() - t0)
+        rows, fleet = await run_phones(cfg, data, served.url, session, clock, table, stop=stop)
+    return write_gossip_run(cfg, rows, fleet, time.perf_counter() - t0, stop.signum if stop is not None else 0)
 
 
 async def run_phones(cfg: SimulateConfig, data: Dataset, url: str, session: aiohttp.ClientSession,
                      clock: VirtualClock | WallClock, table: RoundTable | None = None,
-                     prefix: str = "phone") -> tuple[list[dict[str, Any]], Fleet]:
+                     prefix: str = "phone", stop: asyncio.Event | None = None) -> tuple[list[dict[str, Any]], Fleet]:
     """``cfg.phones`` phones named ``{prefix}-00000``... gossiping through the relay at ``url`` for
-    ``cfg.rounds`` rounds from the relay's next one; their round records and the fleet."""
+    ``cfg.rounds`` rounds from the relay's next one (fewer once ``stop`` is set); their round
+    records and the fleet."""
     from fedfleet.device_runtime.trainer import RuntimePool
     from fedfleet.server.evaluation import Evaluator
 
@@ -92,6 +105,8 @@ async def run_phones(cfg: SimulateConfig, data: Dataset, url: str, session: aioh
     clock.join()
     try:
         for r in range(first, first + cfg.rounds):
+            if stop is not None and stop.is_set():
+                break
             topology = await _topology(fleet, r)
             row = await _round(cfg, r, fleet, topology, pool, clock, draws, evaluator)
             row.update(await _traffic(session, url, r, topology, row.pop("delivered_expected")))
@@ -106,9 +121,12 @@ async def run_phones(cfg: SimulateConfig, data: Dataset, url: str, session: aioh
     return rows, fleet
 
 
-def write_gossip_run(cfg: SimulateConfig, rows: list[dict[str, Any]], fleet: Fleet, wall_s: float) -> GossipResult:
+def write_gossip_run(cfg: SimulateConfig, rows: list[dict[str, Any]], fleet: Fleet, wall_s: float,
+                     signum: int = 0) -> GossipResult:
     devices = [p.client.stats for p in fleet.phones]
     summary = summarize(rows, devices, wall_s)
+    if signum:
+        summary["interrupted"] = signal.Signals(signum).name
     summary["config"] = dataclasses.asdict(cfg)
     summary["clock"] = "virtual" if cfg.virtual else "wall"
     summary["gossip"] = {"algorithm": cfg.gossip, "topology": rows[0]["topology"] if rows else None,
@@ -118,12 +136,43 @@ def write_gossip_run(cfg: SimulateConfig, rows: list[dict[str, Any]], fleet: Fle
 
 
 def run_gossip(cfg: SimulateConfig) -> dict[str, Any]:
-    """``gossip`` with the live round table (the command line)."""
+    """``gossip`` with the live round table (the command line). SIGINT or SIGTERM ends the run after
+    the round in progress, its outputs written (summary["interrupted"] names the signal); a second
+    one exits at once."""
     table = RoundTable(total=cfg.rounds)
     try:
-        return aio.run(gossip(cfg, table)).summary
+        result, _ = aio.run(until_signal(lambda stop: gossip(cfg, table, stop), "simulate"))
     finally:
         table.close()
+    return result.summary
+
+
+async def until_signal(run: Callable[[Stop], Awaitable[T]], command: str) -> tuple[T, int]:
+    """``run(stop)``, with SIGINT and SIGTERM setting ``stop`` (the first) or exiting at once (a
+    second: status 128 + signal); returns its result and the first signal (0: none)."""
+    loop = asyncio.get_running_loop()
+    stop = Stop()
+    got: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if got:
+            print(f"fedfleet {command}: {name} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        got.append(signum)
+        stop.signum = signum
+        print(f"\nfedfleet {command}: {name}: stopping after the round in progress, then writing the outputs "
+              f"({'Ctrl-C' if signum == signal.SIGINT else 'the signal'} again to exit at once)",
+              file=sys.stderr, flush=True)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await run(stop), (got[0] if got else 0)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _runtime(cfg: SimulateConfig, data: Dataset) -> Any:

@@ -151,3 +151,25 @@ def test_fleet_gossips_through_a_running_relay(capsys: pytest.CaptureFixture[str
     capsys.readouterr()
     rc = main(["fleet", "--server", url, "--gossip", "dpsgd", "--phones", "4", "--out", str(tmp_path / "c")])
     assert rc == 2 and "cannot connect" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_after_the_round_in_progress_and_writes_the_outputs(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "fedfleet.cli", "simulate", "--mode", "gossip", "--phones", "4",
+                             "--rounds", "10000", "--model", "mlp", "--local-epochs", "1", "--out", str(tmp_path)],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.split() and line.split()[0] == "2":  # the second round's row: the run is under way
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "SIGINT: stopping after the round in progress" in err and "stopped by SIGINT" in err
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 2 <= len(rows) < 10000 and [r["round"] for r in rows] == list(range(1, len(rows) + 1))
+    assert json.loads((tmp_path / "summary.json").read_text())["interrupted"] == "SIGINT"
