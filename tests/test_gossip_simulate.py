@@ -65,6 +65,15 @@ def test_dpsgd_complete_graph_reaches_consensus_and_counts_bytes(tmp_path: Path)
     assert (tmp_path / "report" / "gossip.png").stat().st_size > 1000 and "consensus_distance" in page
 
 
+def test_time_varying_matchings(tmp_path: Path) -> None:
+    from fedfleet.server.config import ServerConfig
+
+    rows = _run(tmp_path, topology="matching", rounds=3, seed=5).rounds
+    assert all(r["messages"] == 6 and r["messages_dropped"] == 0 for r in rows)  # 3 pairs, both ways
+    topo = ServerConfig(model="mlp", topology="matching", gossip_phones=6, seed=5).gossip_topology()
+    assert len({topo.edges(r["round"]) for r in rows}) > 1  # the pairs the phones used changed between rounds
+
+
 def test_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     edges = tmp_path / "edges.txt"
     edges.write_text("phone-00000 phone-00001\nphone-00001 phone-00007\n")
