@@ -14,6 +14,7 @@ the phones' average.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class Topology:
     def edges(self, round_: int) -> frozenset[Edge]:
         if self.fixed is not None:
             return self.fixed
-        return matching_edges(len(self.names), np.random.default_rng([self.seed, round_]))
+        return _round_matching(len(self.names), self.seed, round_)
 
     def neighbours(self, round_: int) -> list[list[int]]:
         """Each node's neighbours in ``round_``, in increasing order."""
@@ -150,6 +151,12 @@ def matching_edges(n: int, rng: np.random.Generator) -> frozenset[Edge]:
     """A random matching: phones paired along a random permutation (one left out when n is odd)."""
     order = rng.permutation(n)
     return frozenset(_edge(int(order[k]), int(order[k + 1])) for k in range(0, n - 1, 2))
+
+
+@functools.lru_cache(maxsize=4)
+def _round_matching(n: int, seed: int, round_: int) -> frozenset[Edge]:
+    """Round ``round_``'s matching, drawn once: the relay looks it up for every message of the round."""
+    return matching_edges(n, np.random.default_rng([seed, round_]))
 
 
 def load_edges(path: str, names: Sequence[str]) -> set[Edge]:

@@ -88,7 +88,7 @@ RELAY = web.AppKey("relay", Relay)
 
 def _round(request: web.Request) -> int:
     text = request.query.get("round", "")
-    if not text.isdigit() or not 0 < int(text) < 1 << 62:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 1 << 62:
         fail(400, "bad_query", "round must be a positive integer")
     return int(text)
 

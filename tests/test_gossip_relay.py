@@ -130,8 +130,9 @@ async def test_rounds(make_server: MakeClient) -> None:
     assert (status, err["error"]) == (409, "wrong_round")
     status, _ = await b.recv(1, a.name)
     assert status == 409
-    resp = await client.get("/v1/gossip/recv?round=x&from=phone-00000", headers=a.auth)
-    assert resp.status == 400 and (await resp.json())["error"] == "bad_query"
+    for bad in ("x", "\u00b2", "0", "-1", ""):  # a superscript two passes str.isdigit but is no round
+        resp = await client.get(f"/v1/gossip/recv?round={bad}&from=phone-00000", headers=a.auth)
+        assert resp.status == 400 and (await resp.json())["error"] == "bad_query", bad
     st = await _status(client)
     assert st["round"] == 2
     assert st["rounds"]["1"] == {"messages": 2, "delivered": 1, "undelivered": 1,
