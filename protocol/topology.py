@@ -92,7 +92,7 @@ def parse_topology(spec: str, names: Sequence[str], seed: int = 0) -> Topology:
 
 
 def _degree(text: str, n: int) -> int:
-    if not text.isdigit() or not 1 <= int(text) < n:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) < n:
         raise TopologyError(f"regular:D needs a whole degree D in 1..{n - 1} for {n} phones, got {text!r}")
     d = int(text)
     if n * d % 2:

@@ -82,7 +82,7 @@ def test_bad_edges_files_are_refused_in_one_line(tmp_path: Path, text: str, erro
 
 
 @pytest.mark.parametrize(("spec", "error"), [
-    ("star", "unknown topology 'star'"), ("regular:x", "whole degree"), ("regular:3", "must be even"),
+    ("star", "unknown topology 'star'"), ("regular:x", "whole degree"), ("regular:\u00b2", "whole degree"), ("regular:3", "must be even"),
     ("regular:5", r"in 1\.\.4"), ("edges:/no/such/file", "No such file"),
 ])
 def test_bad_specs(spec: str, error: str) -> None:
