@@ -25,6 +25,8 @@ def run_gossip_fleet(args: argparse.Namespace, server: str, cfg: SimulateConfig,
                      rounds: int) -> int:
     if getattr(args, "backend", "local") != "local":
         raise CliError("--gossip runs its phones in this process: drop --backend ray")
+    if getattr(args, "sample", None) not in (None, 1.0):
+        raise CliError("--sample is not taken with --gossip: phones are away as their device profiles say (--devices)")
     plan = {k: getattr(args, k) if getattr(args, k) is not None else task["train"][k] for k in TRAIN_KEYS}
     cfg = dataclasses.replace(cfg, mode="gossip", model=str(task["model"]), rounds=rounds or 10, **plan)
     print(f"fedfleet fleet: {cfg.phones} phones gossiping ({cfg.gossip}) through {server} for {cfg.rounds} rounds, "

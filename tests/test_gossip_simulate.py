@@ -151,6 +151,8 @@ def test_fleet_gossips_through_a_running_relay(capsys: pytest.CaptureFixture[str
         assert [r["round"] for r in rows] == [1, 2] and all(r["messages"] == 8 for r in rows)
         assert rows[-1]["accuracy"] > 0.1 and rows[-1]["topology"] == "ring"
         capsys.readouterr()
+        assert main([*fleet, "--phones", "4", "--sample", "0.5", "--out", str(tmp_path / "s")]) == 2
+        assert "--sample is not taken with --gossip" in capsys.readouterr().err
         rc = main([*fleet, "--phones", "3", "--name-prefix", "other", "--out", str(tmp_path / "b")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and "the server's topology joins 4 phones" in err[0], err
