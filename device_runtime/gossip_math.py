@@ -69,3 +69,32 @@ def consensus_distance(models: Sequence[Mapping[str, np.ndarray]]) -> float:
         stack = np.stack([np.asarray(m[name], dtype=np.float64) for m in models])
         total += float(((stack - stack.mean(axis=0)) ** 2).sum())
     return total / len(models)
+
+
+def admm_center(own: Mapping[str, np.ndarray], heard: Mapping[int, Mapping[str, np.ndarray]],
+                dual: Mapping[str, np.ndarray], rho: float) -> Params:
+    """Decentralized consensus ADMM (Shi et al. 2014, "On the Linear Convergence of the ADMM in
+    Decentralized Consensus Optimization"), the x-update
+
+        argmin_x f_i(x) + <a_i, x> + rho * sum_{j in N_i} ||x - (x_i + x_j) / 2||^2
+
+    is  argmin_x f_i(x) + (mu / 2) ||x - c||^2  with mu = 2 rho d_i and
+    c = mean_j (x_i + x_j) / 2 - a_i / (2 rho d_i): FedProx's local problem around c, which is
+    returned (float64). ``heard``: the neighbours' latest models (d_i = their count, >= 1)."""
+    d = len(heard)
+    out: Params = {}
+    for name, x in own.items():
+        mean = np.mean([np.asarray(heard[j][name], dtype=np.float64) for j in sorted(heard)], axis=0)
+        out[name] = (np.asarray(x, dtype=np.float64) + mean) / 2 - np.asarray(dual[name]) / (2 * rho * d)
+    return out
+
+
+def admm_dual(dual: Mapping[str, np.ndarray], own: Mapping[str, np.ndarray],
+              heard: Mapping[int, Mapping[str, np.ndarray]], rho: float) -> Params:
+    """ADMM's dual ascent: a_i + rho * sum_j (x_i - x_j) over the neighbours heard from (float64)."""
+    out: Params = {}
+    for name, a in dual.items():
+        x = np.asarray(own[name], dtype=np.float64)
+        out[name] = np.asarray(a, dtype=np.float64) + rho * sum(x - np.asarray(heard[j][name], dtype=np.float64)
+                                                                 for j in sorted(heard))
+    return out

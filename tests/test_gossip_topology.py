@@ -212,3 +212,29 @@ def test_choco_with_top_k_keeps_the_average_and_reaches_consensus() -> None:
     assert consensus_distance([p.x for p in phones]) < 1e-3 * start
     sent = decode_message(phones[0].message(151)).tensors  # what goes on the wire: a quarter of each tensor
     assert all(0 < np.count_nonzero(v) <= round(0.25 * v.size) for v in sent.values())
+
+
+def test_admm_on_quadratics_reaches_the_average_of_the_minimisers() -> None:
+    """Oracle: with f_i(x) = ||x - b_i||^2 / 2 the ADMM x-update has a closed form,
+    x = (b_i + mu c) / (1 + mu); decentralized ADMM then converges to mean(b) on every phone."""
+    from fedfleet.device_runtime.gossip_math import admm_center, admm_dual
+
+    rng = np.random.default_rng(4)
+    n, rho = 6, 0.5
+    b = [{"w": rng.normal(size=3)} for _ in range(n)]
+    topo = parse_topology("ring", NAMES[:n])
+    nbrs = topo.neighbours(1)
+    x = [{"w": np.zeros(3)} for _ in range(n)]
+    dual = [{"w": np.zeros(3)} for _ in range(n)]
+    for _ in range(300):
+        new = []
+        for i in range(n):
+            c = admm_center(x[i], {j: x[j] for j in nbrs[i]}, dual[i], rho)
+            mu = 2 * rho * len(nbrs[i])
+            new.append({"w": (b[i]["w"] + mu * c["w"]) / (1 + mu)})
+        x = new
+        dual = [admm_dual(dual[i], x[i], {j: x[j] for j in nbrs[i]}, rho) for i in range(n)]
+    target = np.mean([v["w"] for v in b], axis=0)
+    for xi in x:
+        np.testing.assert_allclose(xi["w"], target, atol=1e-6)
+    np.testing.assert_allclose(sum(a["w"] for a in dual), 0.0, atol=1e-9)  # the duals sum to zero throughout
