@@ -18,29 +18,33 @@ from typing import Any
 import numpy as np
 
 from fedfleet.device_runtime.client import PhoneClient, ServerError
-from fedfleet.device_runtime.gossip_math import add, choco_mix, mix
+from fedfleet.device_runtime.gossip_math import add, admm_center, admm_dual, choco_mix, mix
 from fedfleet.protocol import TensorMessage, UpdateEncoder, decode_message, encode_message
 from fedfleet.protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, signature_ok, signed_text
 
 Params = dict[str, np.ndarray]
-ALGORITHMS = ("dpsgd", "choco")
+ALGORITHMS = ("dpsgd", "choco", "admm")
 
 
 class GossipPhone:
     def __init__(self, client: PhoneClient, algorithm: str, params: Mapping[str, np.ndarray], *,
-                 encoder: UpdateEncoder | None = None, gamma: float = 1.0) -> None:
+                 encoder: UpdateEncoder | None = None, gamma: float = 1.0, rho: float = 0.1) -> None:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"gossip algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         if algorithm == "choco" and encoder is None:
             raise ValueError("CHOCO-SGD needs an update encoder (its compression)")
         if client.key is None:
             raise ValueError("gossip messages are signed: the phone needs a key")
-        self.client, self.algorithm, self.encoder, self.gamma = client, algorithm, encoder, gamma
+        self.client, self.algorithm, self.encoder, self.gamma, self.rho = client, algorithm, encoder, gamma, rho
         self.x: Params = {n: np.array(p, dtype=np.float32) for n, p in params.items()}
         # CHOCO: x_hat of this phone and of each neighbour heard from (all start at 0, as in the paper)
         self.hat: Params = {n: np.zeros_like(p) for n, p in self.x.items()}
         self.hats: dict[str, Params] = {}
         self.peer_keys: dict[str, bytes] = {}  # neighbours' Ed25519 public keys, as the relay lists them
+        # ADMM: the dual variable a_i and each neighbour's latest model
+        self.dual: Params = {n: np.zeros(p.shape) for n, p in self.x.items()}
+        self.heard: dict[str, Params] = {}
+        self._start: Params = self.x
 
     @property
     def name(self) -> str:
@@ -50,7 +54,7 @@ class GossipPhone:
         """This round's message to every neighbour: the model (D-PSGD) or q (CHOCO, which then
         moves x_hat by the q its neighbours will decode)."""
         meta: dict[str, Any] = {"algorithm": self.algorithm, "from": self.name, "round": round_}
-        if self.encoder is None or self.algorithm == "dpsgd":
+        if self.encoder is None or self.algorithm != "choco":
             return encode_message("update", meta, self.x)
         body = self.encoder.encode({n: self.x[n].astype(np.float64) - self.hat[n] for n in self.x}, meta)
         self.hat = add(self.hat, decode_message(body).tensors)
@@ -93,6 +97,12 @@ class GossipPhone:
         neighbour; the missing ones' weight stays with this phone)."""
         index = {name: k for k, name in enumerate(sorted(received))}
         w = {index[name]: weights[name] for name in received}
+        if self.algorithm == "admm":  # no averaging: the dual moves, and the centre of the next round with it
+            fresh = {index[name]: m.tensors for name, m in received.items()}
+            if fresh:
+                self.dual = admm_dual(self.dual, self.x, fresh, self.rho)
+            self.heard.update({name: m.tensors for name, m in received.items()})
+            return
         if self.algorithm == "dpsgd":
             self.x = mix(self.x, {index[name]: m.tensors for name, m in received.items()}, w)
             return
@@ -100,6 +110,18 @@ class GossipPhone:
             self.hats[name] = add(self.hats.get(name, {n: np.zeros_like(p) for n, p in self.x.items()}), m.tensors)
         self.x = choco_mix(self.x, self.hat, {index[name]: self.hats[name] for name in received}, w, self.gamma)
 
+    def train_start(self) -> tuple[Params, float | None]:
+        """Where this round's local training starts, and its proximal weight (None: the task's):
+        the model itself, or for ADMM the centre c of its x-update with mu = 2 rho d (see admm_center;
+        before it has heard from any neighbour, its own model and no proximal term)."""
+        if self.algorithm != "admm" or not self.heard:
+            self._start = self.x
+            return self.x, None
+        index = {name: k for k, name in enumerate(sorted(self.heard))}
+        c = admm_center(self.x, {index[n]: m for n, m in self.heard.items()}, self.dual, self.rho)
+        self._start = {n: v.astype(np.float32) for n, v in c.items()}
+        return self._start, 2 * self.rho * len(self.heard)
+
     def train_step(self, delta: Mapping[str, np.ndarray]) -> None:
-        """Apply a local training delta (params' - params)."""
-        self.x = {n: (self.x[n] + delta[n]).astype(np.float32) for n in self.x}
+        """Apply a local training delta (params' - params), from where ``train_start`` said."""
+        self.x = {n: (self._start[n] + delta[n]).astype(np.float32) for n in self.x}

@@ -178,9 +178,11 @@ def add_gossip_flags(p: argparse.ArgumentParser) -> None:
     """--mode gossip: phones average with their neighbours through the server's relay (docs/gossip.md)."""
     p.add_argument("--topology", help="gossip: ring | torus | regular:D | exponential | complete | matching | "
                                       "edges:PATH (a file of 'PHONE PHONE' lines) (default ring)")
-    p.add_argument("--gossip", choices=["dpsgd", "choco"],
-                   help="gossip: D-PSGD (whole models) or CHOCO-SGD (compressed by the codec flags) (default dpsgd)")
+    p.add_argument("--gossip", choices=["dpsgd", "choco", "admm"],
+                   help="gossip: D-PSGD (whole models), CHOCO-SGD (compressed by the codec flags) or decentralized "
+                        "ADMM (default dpsgd)")
     p.add_argument("--gossip-gamma", type=float, help="gossip: CHOCO-SGD's consensus step size (default 0.5)")
+    p.add_argument("--admm-rho", type=float, help="gossip: ADMM's penalty rho (default 0.1)")
 
 
 def add_gossip_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -206,7 +208,8 @@ def gossip_server_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_gossip_fleet_flags(p: argparse.ArgumentParser) -> None:
     """fleet --gossip: phones gossip through a `serve --mode gossip` relay (docs/gossip.md)."""
-    p.add_argument("--gossip", choices=["dpsgd", "choco"],
-                   help="gossip with the neighbours the server's relay names: D-PSGD or CHOCO-SGD (compressed by "
-                        "the server's codec) (default: none, FedAvg)")
+    p.add_argument("--gossip", choices=["dpsgd", "choco", "admm"],
+                   help="gossip with the neighbours the server's relay names: D-PSGD, CHOCO-SGD (compressed by "
+                        "the server's codec) or decentralized ADMM (default: none, FedAvg)")
     p.add_argument("--gossip-gamma", type=float, help="gossip: CHOCO-SGD's consensus step size (default 0.5)")
+    p.add_argument("--admm-rho", type=float, help="gossip: ADMM's penalty rho (default 0.1)")

@@ -31,6 +31,7 @@ import numpy as np
 from fedfleet.device_runtime import aio
 from fedfleet.device_runtime.data import Dataset, load_dataset
 from fedfleet.device_runtime.vclock import VirtualClock, WallClock
+from fedfleet.gossip_metrics import scores, traffic
 from fedfleet.output import RoundTable, summarize, write_run
 from fedfleet.serving import serve_here
 from fedfleet.simulate import _fresh_state
@@ -109,7 +110,7 @@ async def run_phones(cfg: SimulateConfig, data: Dataset, url: str, session: aioh
                 break
             topology = await _topology(fleet, r)
             row = await _round(cfg, r, fleet, topology, pool, clock, draws, evaluator)
-            row.update(await _traffic(session, url, r, topology, row.pop("delivered_expected")))
+            row.update(await traffic(session, url, r, topology, row.pop("delivered_expected")))
             if r == first:
                 row["bytes_down"] += first_down
             rows.append(row)
@@ -199,11 +200,12 @@ async def _enrol(cfg: SimulateConfig, data: Dataset, url: str, session: aiohttp.
         client = PhoneClient(session, url, name, shard, None, rng, key=key, num_classes=data.num_classes)
         await client.register()
         codec = dict(client.task["train"].get("codec") or {})
-        if cfg.gossip == "dpsgd" and codec:
-            raise ValueError(f"the server's task compresses ({codec}) but D-PSGD sends whole models: use --gossip choco")
+        if cfg.gossip != "choco" and codec:
+            raise ValueError(f"the server's task compresses ({codec}) but {cfg.gossip} sends whole models: "
+                             "use --gossip choco")
         encoder = UpdateEncoder(EncoderConfig.from_mapping(codec), rng.spawn(1)[0]) if cfg.gossip == "choco" else None
         phones.append(GossipPhone(client, cfg.gossip, await client.download(0), encoder=encoder,
-                                  gamma=cfg.gossip_gamma))
+                                  gamma=cfg.gossip_gamma, rho=cfg.admm_rho))
         shards.append(shard)
     return Fleet(phones, plan.profiles, shards)
 
@@ -255,8 +257,12 @@ async def _round(cfg: SimulateConfig, r: int, fleet: Fleet, topology: Topology, 
     active = _around(fleet, clock.now(), draws)
     here = set(active)
     train = TrainConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, prox_mu=cfg.prox_mu)
-    trained = await asyncio.gather(*(pool.train(phones[i].x, *fleet.shards[i], train, phones[i].client.rng)
-                                     for i in active))
+    jobs = []
+    for i in active:
+        start, mu = phones[i].train_start()  # ADMM: its centre, and its own proximal weight
+        plan = train if mu is None else dataclasses.replace(train, prox_mu=mu)
+        jobs.append(pool.train(start, *fleet.shards[i], plan, phones[i].client.rng))
+    trained = await asyncio.gather(*jobs)
     for i, (delta, _) in zip(active, trained, strict=True):
         phones[i].train_step(delta)
         phones[i].client.stats.participations += 1
@@ -279,7 +285,7 @@ async def _round(cfg: SimulateConfig, r: int, fleet: Fleet, topology: Topology, 
     await clock.sleep(_duration(fleet, active, link_s, clock.now(), cfg.local_epochs))
     row: dict[str, Any] = {"round": r, "mode": "gossip", "algorithm": cfg.gossip, "topology": topology.spec,
                            "updates": len(active)}
-    row.update(await asyncio.to_thread(_scores, [p.x for p in phones], evaluator, draws))
+    row.update(await asyncio.to_thread(scores, [p.x for p in phones], evaluator, draws, EVAL_PHONES))
     row["time_s"] = round(clock.now(), 3) if cfg.virtual else None  # virtual time only: wall time is not reproducible
     row["delivered_expected"] = sum(1 for i in active for j in neighbours[i] if j in here)
     return row
@@ -298,32 +304,3 @@ def _duration(fleet: Fleet, active: list[int], link_s: dict[int, float], t: floa
     if not active:
         return max(IDLE_S, min(p.wait_until_available(t) for p in profiles))
     return max(profiles[i].train_s(len(fleet.shards[i][1]) * epochs) + link_s[i] for i in active)
-
-
-def _scores(models: list[dict[str, np.ndarray]], evaluator: Evaluator, draws: np.random.Generator) -> dict[str, Any]:
-    """Accuracy and loss of the average model; accuracy of a sample of phones' own models
-    (mean, 10th and 90th percentile); the consensus distance."""
-    from fedfleet.device_runtime.gossip_math import average, consensus_distance
-
-    mean = evaluator.evaluate(average(models))
-    n = len(models)
-    sample = range(n) if n <= EVAL_PHONES else sorted(draws.choice(n, EVAL_PHONES, replace=False).tolist())
-    own = np.array([evaluator.evaluate(models[i]).accuracy for i in sample])
-    return {"accuracy": mean.accuracy, "loss": mean.loss, "accuracy_mean": float(own.mean()),
-            "accuracy_p10": float(np.percentile(own, 10)), "accuracy_p90": float(np.percentile(own, 90)),
-            "consensus_distance": consensus_distance(models)}
-
-
-async def _traffic(session: aiohttp.ClientSession, url: str, r: int, topology: Topology,
-                   expected: int) -> dict[str, Any]:
-    """Round ``r``'s bytes as the relay counted them, and its dropped messages: of the two
-    messages each edge carries, those that did not arrive (a phone away sent or fetched nothing)."""
-    async with session.get(f"{url}/v1/gossip/status?round={r}") as resp:
-        resp.raise_for_status()
-        traffic = (await resp.json())["rounds"].get(str(r), {})
-    delivered = int(traffic.get("delivered", 0))
-    if delivered != expected:
-        raise RuntimeError(f"round {r}: the relay delivered {delivered} messages, the phones fetched {expected}")
-    return {"bytes_up": int(traffic.get("bytes_up", 0)), "bytes_down": int(traffic.get("bytes_down", 0)),
-            "messages": int(traffic.get("messages", 0)),
-            "messages_dropped": 2 * len(topology.edges(r)) - delivered}

@@ -63,8 +63,9 @@ class SimulateConfig:
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
     # gossip mode (--mode gossip): phones average with their neighbours, the server only relays (docs/gossip.md)
     topology: str = "ring"  # ring | torus | regular:D | exponential | complete | matching | edges:PATH
-    gossip: str = "dpsgd"  # dpsgd | choco (CHOCO-SGD compresses with the codec flags: --topk, --quant-bits, ...)
+    gossip: str = "dpsgd"  # dpsgd | choco | admm (CHOCO-SGD compresses with the codec flags: --topk, --quant-bits, ...)
     gossip_gamma: float = 0.5  # CHOCO-SGD's consensus step size gamma, in (0, 1]
+    admm_rho: float = 0.1  # decentralized ADMM's penalty rho (local proximal weight 2 * rho * degree)
     # update codec and privacy (the task tells phones how to encode; see protocol/FORMAT.md)
     clip: float | None = None  # L2 clipping norm C of each update
     noise: str | None = None  # gaussian | laplace (default gaussian when a noise level is given)
@@ -289,8 +290,9 @@ def _named(message: str, values: dict[str, Any]) -> list[str]:
 def _check_gossip(cfg: SimulateConfig) -> None:
     """Settings of --mode gossip (the topology itself is checked with the server's config)."""
     _check_range(cfg, [
-        ("gossip", cfg.gossip in ("dpsgd", "choco"), "dpsgd or choco"),
+        ("gossip", cfg.gossip in ("dpsgd", "choco", "admm"), "dpsgd, choco or admm"),
         ("gossip_gamma", 0 < cfg.gossip_gamma <= 1, "a step size in (0, 1]"),
+        ("admm_rho", 0 < cfg.admm_rho < math.inf, "a positive number"),
         ("runtime", cfg.runtime == "torch", "torch in gossip mode (each phone trains its own model eagerly)"),
     ])
     codec = cfg.codec()
@@ -299,11 +301,13 @@ def _check_gossip(cfg: SimulateConfig) -> None:
                          ("epsilon-budget", cfg.epsilon_budget > 0)):
         if unused:
             raise ValueError(f"--{name} is not taken in gossip mode (docs/gossip.md)")
-    if cfg.gossip == "choco" and cfg.topology == "matching":
-        raise ValueError("--gossip choco keeps copies of its neighbours' models: it needs a static --topology, "
-                         "not matching")
+    if cfg.gossip in ("choco", "admm") and cfg.topology == "matching":
+        raise ValueError(f"--gossip {cfg.gossip} keeps state per neighbour: it needs a static --topology, not matching")
+    if cfg.gossip == "admm" and cfg.prox_mu:
+        raise ValueError("--gossip admm sets each phone's proximal weight itself (2 * --admm-rho * degree): "
+                         "leave out --prox-mu")
     if cfg.gossip == "choco" and cfg.error_feedback:
         raise ValueError("--gossip choco compensates its own compression error: leave out --error-feedback")
-    if cfg.gossip == "dpsgd" and codec:
-        raise ValueError("--gossip dpsgd sends whole models; the codec flags (--topk, --quant-bits, ...) "
+    if cfg.gossip != "choco" and codec:
+        raise ValueError(f"--gossip {cfg.gossip} sends whole models; the codec flags (--topk, --quant-bits, ...) "
                          "choose CHOCO-SGD's compression: use --gossip choco")

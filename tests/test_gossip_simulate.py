@@ -65,6 +65,16 @@ def test_dpsgd_complete_graph_reaches_consensus_and_counts_bytes(tmp_path: Path)
     assert (tmp_path / "report" / "gossip.png").stat().st_size > 1000 and "consensus_distance" in page
 
 
+def test_admm_with_dropouts(tmp_path: Path) -> None:
+    result = _run(tmp_path, gossip="admm", admm_rho=0.05, topology="ring", rounds=4, devices="default",
+                  dropout=0.3, local_epochs=2)
+    rows = result.rounds
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] and rows[-1]["algorithm"] == "admm"
+    assert sum(r["messages_dropped"] for r in rows) > 0
+    for model in result.models:
+        assert all(np.isfinite(v).all() for v in model.values())
+
+
 def test_time_varying_matchings(tmp_path: Path) -> None:
     from fedfleet.server.config import ServerConfig
 
@@ -85,6 +95,9 @@ def test_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
         (["--gossip", "choco", "--gossip-gamma", "2"], ["gossip_gamma (--gossip-gamma)"]),
         (["--attack", "signflip", "--attack-fraction", "0.5"], ["--attack is not taken in gossip mode"]),
         (["--gossip", "choco", "--clip", "1", "--noise-multiplier", "1"], ["--clip is not taken in gossip mode"]),
+        (["--gossip", "admm", "--topology", "matching"], ["--gossip admm keeps state per neighbour"]),
+        (["--gossip", "admm", "--prox-mu", "0.1"], ["leave out --prox-mu"]),
+        (["--gossip", "admm", "--admm-rho", "0"], ["admm_rho (--admm-rho)"]),
     ]:
         rc = main(["simulate", "--mode", "gossip", "--phones", "4", "--out", str(tmp_path / "x"), *argv])
         out, err = capsys.readouterr()
