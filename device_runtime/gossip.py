@@ -2,10 +2,11 @@
 through the server's relay, and how it folds in what they sent. The arithmetic is in
 ``gossip_math``; enrolment, signing keys and HTTP (with byte counts) are the PhoneClient's.
 
-D-PSGD sends the whole model, dense float32. CHOCO-SGD sends q = Q(x - x_hat) encoded by the
-task's update codec (top-k, random-k, quantization: the same encoder and wire format as FedAvg
+D-PSGD and ADMM send the whole model, dense float32. CHOCO-SGD sends q = Q(x - x_hat) encoded by
+the task's update codec (top-k, random-k, quantization: the same encoder and wire format as FedAvg
 updates; without error feedback, which CHOCO's x_hat already provides) and keeps x_hat, its
-public copy, in step with what its neighbours decode, by decoding its own message.
+public copy, in step with what its neighbours decode, by decoding its own message. Every message
+received is checked against its sender's own signature before it is used.
 """
 
 from __future__ import annotations
