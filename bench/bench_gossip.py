@@ -6,9 +6,10 @@
 Rows: FedAvg (the server merges half the phones each round); D-PSGD on a ring, on time-varying
 random matchings and on the exponential graph (every phone each round, whole models to each
 neighbour through the relay); CHOCO-SGD on a ring with 1% top-k (q = top-k(x - x_hat), values
-float32). Each row reports the average model's accuracy (final and best), the spread over phones
-(p10, p90) and consensus distance of gossip, the bytes per phone up and down over the run (as the
-server counted them) and the virtual time (drawn device profiles: compute speed, links).
+float32); decentralized ADMM on a ring (--rho). Each row reports the average model's accuracy
+(final and best), the spread over phones (p10, p90) and consensus distance of gossip, the bytes
+per phone up and down over the run (as the server counted them) and the virtual time (drawn
+device profiles: compute speed, links).
 
 Writes bench/results/gossip.json (the command, date and machine with the rows) and prints a table.
 """
@@ -32,13 +33,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "dpsgd-matching": {"mode": "gossip", "topology": "matching"},
     "dpsgd-exponential": {"mode": "gossip", "topology": "exponential"},
     "choco-ring-top1%": {"mode": "gossip", "topology": "ring", "gossip": "choco", "topk": 0.01},
+    "admm-ring": {"mode": "gossip", "topology": "ring", "gossip": "admm"},
 }
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = SimulateConfig(phones=args.phones, rounds=args.rounds, dataset=args.dataset, partition=args.partition,
                          model=args.model, local_epochs=args.local_epochs, lr=args.lr, seed=args.seed,
-                         devices=args.devices, gossip_gamma=args.gamma, out=f"runs/bench_gossip/{name}",
+                         devices=args.devices, gossip_gamma=args.gamma, admm_rho=args.rho, out=f"runs/bench_gossip/{name}",
                          **SETTINGS[name])
     t0 = time.perf_counter()
     if cfg.mode == "gossip":
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--gamma", type=float, default=0.5, help="CHOCO-SGD's consensus step size")
+    p.add_argument("--rho", type=float, default=0.1, help="ADMM's penalty")
     p.add_argument("--devices", default="default", help="device profiles (virtual clock); none: wall clock")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", help="comma-separated settings: " + ", ".join(SETTINGS))
