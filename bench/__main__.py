@@ -28,6 +28,7 @@ FULL = [
     ["bench.bench_byzantine", "--jobs", "2"],
     ["bench.bench_ray"],
     ["bench.bench_flower", "--phones", "100,10000"],
+    ["bench.bench_gossip"],
 ]
 
 

@@ -14,6 +14,9 @@ from fedfleet.cli_flags import (
     PHONE_ONLY,
     SERVER_SETTINGS,
     SERVER_SIDE,
+    add_gossip_flags,
+    add_gossip_fleet_flags,
+    add_gossip_serve_flags,
     add_strategy_flags,
     fleet_task_flags,
     phone_side_flags,
@@ -43,7 +46,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"fedfleet simulate: {cfg.phones} phones, {cfg.dataset}, {cfg.model}, {cfg.rounds or 'unlimited'} rounds, "
           f"sample {cfg.sample}, partition {cfg.partition}, runtime {cfg.runtime}", flush=True)
     interrupt = Interrupt()
-    summary = run(cfg, interrupt)
+    if cfg.mode == "gossip":  # phones average with their neighbours; the server relays (fedfleet/gossip_run.py)
+        from fedfleet.gossip_run import run_gossip
+
+        summary = run_gossip(cfg)
+        interrupt.signum = signal.Signals[summary["interrupted"]].value if "interrupted" in summary else 0
+    else:
+        summary = run(cfg, interrupt)
     accuracy = summary["final_accuracy"]
     print(f"final accuracy {'-' if accuracy is None else f'{accuracy:.4f}'} after {summary['rounds']} rounds, "
           f"{summary['bytes_up']} bytes up, {summary['bytes_down']} bytes down, {summary['wall_s']:.1f} s; "
@@ -79,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "flags override it (default: none)")
     p.add_argument("--dataset", help="held-out split for evaluation, and the input shape (default digits)")
     p.add_argument("--model", help="mlp | cnn | mobilenet (default cnn)")
-    p.add_argument("--mode", choices=["sync", "async"], help="sync: FedAvg rounds; async: FedBuff merges "
-                                                            "(default sync)")
+    p.add_argument("--mode", choices=["sync", "async", "gossip"], help="sync: FedAvg rounds; async: FedBuff merges; "
+                                                                      "gossip: relay phones' messages (default sync)")
     p.add_argument("--rounds", type=int, help="rounds (merges) to run (default 10; 0 = until stopped)")
     p.add_argument("--sample", type=float, help="sync: fraction of the registered phones whose updates each "
                                                 "round waits for (default 0.5)")
@@ -91,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) ... (default: plain HTTP)")
     p.add_argument("--tls-key", help="... and this private key (PEM) (default: none)")
     add_strategy_flags(p)
+    add_gossip_serve_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="a server on loopback plus an emulated fleet")
@@ -98,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_flags(p, server_here=True)
     server_task_flags(p)
     add_strategy_flags(p)
+    add_gossip_flags(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("fleet", help="an emulated fleet against a running server")
@@ -112,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     phone_side_flags(p, fleet=True)
     training_flags(p, server_here=False)
     p.add_argument("--clock", choices=["auto", "wall", "virtual"], help=argparse.SUPPRESS)  # only to refuse virtual
+    add_gossip_fleet_flags(p)
     refuse(p, SERVER_SETTINGS, SERVER_SIDE)
     p.set_defaults(func=cmd_fleet)
 

@@ -77,7 +77,8 @@ def server_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", type=float, help="fraction of the phones whose updates each round waits for "
                                                 "(default 0.5)")
     p.add_argument("--model", help="mlp | cnn | mobilenet (default cnn)")
-    p.add_argument("--mode", choices=["sync", "async"], help="synchronous rounds or FedBuff (default sync)")
+    p.add_argument("--mode", choices=["sync", "async", "gossip"],
+                   help="synchronous rounds, FedBuff, or decentralized gossip (default sync)")
     p.add_argument("--concurrency", type=int, help="async: phones training at once (default 20)")
     p.add_argument("--buffer", type=int, help="async: updates per merge, K (default 10)")
     p.add_argument("--staleness", help="async: constant | inverse | poly:A | hinge:A:B (default poly:0.5)")
@@ -185,3 +186,44 @@ def run_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def toml_values(args: argparse.Namespace, section: str) -> dict[str, Any]:
     return load_toml(args.config, section) if args.config else {}
+
+
+def add_gossip_flags(p: argparse.ArgumentParser) -> None:
+    """--mode gossip: phones average with their neighbours through the server's relay (docs/gossip.md)."""
+    p.add_argument("--topology", help="gossip: ring | torus | regular:D | exponential | complete | matching | "
+                                      "edges:PATH (a file of 'PHONE PHONE' lines) (default ring)")
+    p.add_argument("--gossip", choices=["dpsgd", "choco", "admm"],
+                   help="gossip: D-PSGD (whole models), CHOCO-SGD (compressed by the codec flags) or decentralized "
+                        "ADMM (default dpsgd)")
+    p.add_argument("--gossip-gamma", type=float, help="gossip: CHOCO-SGD's consensus step size (default 0.5)")
+    p.add_argument("--admm-rho", type=float, help="gossip: ADMM's penalty rho (default 0.1)")
+
+
+def add_gossip_serve_flags(p: argparse.ArgumentParser) -> None:
+    """serve --mode gossip: the server relays phones' messages along a topology (docs/gossip.md)."""
+    p.add_argument("--topology", help="gossip: ring | torus | regular:D | exponential | complete | matching | "
+                                      "edges:PATH (default ring)")
+    p.add_argument("--gossip-phones", type=int, help="gossip: the topology's phones, named phone-00000, "
+                                                     "phone-00001, ... (default: none; required with --mode gossip)")
+
+
+def gossip_server_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The ServerConfig values of ``serve --mode gossip``: the relay on, the server's own rounds idle."""
+    from fedfleet.cli_errors import CliError
+
+    if args.mode != "gossip":
+        if args.topology is not None or args.gossip_phones is not None:
+            raise CliError("--topology and --gossip-phones go with --mode gossip")
+        return {}
+    if args.gossip_phones is None:
+        raise CliError("--mode gossip needs --gossip-phones N: the topology's phones, named phone-00000, ...")
+    return {"mode": "sync", "topology": args.topology or "ring", "gossip_phones": args.gossip_phones}
+
+
+def add_gossip_fleet_flags(p: argparse.ArgumentParser) -> None:
+    """fleet --gossip: phones gossip through a `serve --mode gossip` relay (docs/gossip.md)."""
+    p.add_argument("--gossip", choices=["dpsgd", "choco", "admm"],
+                   help="gossip with the neighbours the server's relay names: D-PSGD, CHOCO-SGD (compressed by "
+                        "the server's codec) or decentralized ADMM (default: none, FedAvg)")
+    p.add_argument("--gossip-gamma", type=float, help="gossip: CHOCO-SGD's consensus step size (default 0.5)")
+    p.add_argument("--admm-rho", type=float, help="gossip: ADMM's penalty rho (default 0.1)")

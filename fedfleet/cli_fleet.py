@@ -157,6 +157,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         if note:
             print(note, flush=True)
         # Training settings the user gave explicitly override the server's plan on these phones.
+        if getattr(args, "gossip", None) is not None:  # phones gossip through the server's relay (docs/gossip.md)
+            from fedfleet.gossip_fleet import run_gossip_fleet
+
+            return run_gossip_fleet(args, server, cfg, task, rounds)
         overrides = {k: getattr(args, k) for k in ("local_epochs", "batch_size", "lr", "prox_mu")
                      if getattr(args, k) is not None}
     return _run_phones(args, section, server, cfg, fleet_cfg, overrides, rounds, backend)

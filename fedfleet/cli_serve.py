@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet.cli_errors import CliError, checking_input
-from fedfleet.cli_flags import toml_values
+from fedfleet.cli_flags import gossip_server_values, toml_values
 from fedfleet.device_runtime import aio
 from fedfleet.output import check_out_dir
 from fedfleet.tuning import tune_process
@@ -36,6 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       ("bundle_dir", args.bundle), ("strategy", args.strategy)):
         if flag is not None:
             values[key] = flag
+    values.update(gossip_server_values(args))  # --mode gossip: the relay (server/relay.py)
     with checking_input():
         config = ServerConfig().replace(**values)
         check_dataset_name(dataset)
@@ -65,7 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     scheme = "https" if ssl_context is not None else "http"
     host, port = sock.getsockname()[:2]
-    print(f"fedfleet server: task {config.model} on {data.name}, {config.mode}, {config.rounds or 'unlimited'} "
+    mode = config.mode if config.topology == "none" else f"gossip relay ({config.topology}, {config.gossip_phones} phones)"
+    print(f"fedfleet server: task {config.model} on {data.name}, {mode}, {config.rounds or 'unlimited'} "
           f"rounds, state in {config.data_dir or 'memory'}; listening on {scheme}://{_url_host(host)}:{port}",
           flush=True)
     web.run_app(app, sock=sock, access_log=None, print=None, ssl_context=ssl_context, loop=aio.new_event_loop())

@@ -31,7 +31,8 @@ Record = dict[str, Any]
 STAGES = ("download_mean_s", "train_mean_s", "upload_mean_s")  # devices.csv, per phone
 ROUND_COLUMNS = ("round", "version", "accuracy", "loss", "updates", "bytes_up", "bytes_down", "latency_p50_s",
                  "latency_p95_s", "latency_max_s", "time_s", "virtual_time_s", "dense_bytes", "compression_ratio",
-                 "staleness_mean", "staleness_max", "epsilon_max", "epsilon_median")  # shown when recorded
+                 "staleness_mean", "staleness_max", "epsilon_max", "epsilon_median",
+                 "accuracy_p10", "accuracy_p90", "consensus_distance", "messages_dropped")  # shown when recorded
 
 
 @dataclass
@@ -279,7 +280,14 @@ PLOTS: list[tuple[str, str, Callable[[list[Run]], Figure | None]]] = [
     ("privacy", "Privacy budget", plot_privacy),
     ("participation", "Participation per phone", plot_participation),
     ("device_latency", "Per-phone latency breakdown", plot_device_latency),
+    ("gossip", "Gossip: phones' spread, consensus, accuracy per byte", lambda runs: _plot_gossip(runs)),
 ]
+
+
+def _plot_gossip(runs: list[Run]) -> Figure | None:
+    from fedfleet.report_gossip import plot_gossip  # it draws with this module's helpers
+
+    return plot_gossip(runs)
 
 
 # --- HTML ----------------------------------------------------------------------------------

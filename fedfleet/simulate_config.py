@@ -62,6 +62,11 @@ class SimulateConfig:
     inline_model: bool = True  # phones take the model in the check-in's answer (no GET /v1/model)
     chain_checkin: bool | None = None  # phones check in again with their upload (None: see FleetConfig)
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
+    # gossip mode (--mode gossip): phones average with their neighbours, the server only relays (docs/gossip.md)
+    topology: str = "ring"  # ring | torus | regular:D | exponential | complete | matching | edges:PATH
+    gossip: str = "dpsgd"  # dpsgd | choco | admm (CHOCO-SGD compresses with the codec flags: --topk, --quant-bits, ...)
+    gossip_gamma: float = 0.5  # CHOCO-SGD's consensus step size gamma, in (0, 1]
+    admm_rho: float = 0.1  # decentralized ADMM's penalty rho (local proximal weight 2 * rho * degree)
     # update codec and privacy (the task tells phones how to encode; see protocol/FORMAT.md)
     clip: float | None = None  # L2 clipping norm C of each update
     noise: str | None = None  # gaussian | laplace (default gaussian when a noise level is given)
@@ -91,7 +96,7 @@ class SimulateConfig:
             ("attack_fraction", 0 <= self.attack_fraction <= 1, "a fraction in [0, 1]"),
             ("workers", self.workers >= 1, "at least 1"), ("trainer", self.trainer in ("batched", "pool"), "batched or pool"),
             ("runtime", self.runtime in ("torch", "executorch", "onnx"), "torch, executorch or onnx"),
-            ("mode", self.mode in ("sync", "async"), "sync or async"),
+            ("mode", self.mode in ("sync", "async", "gossip"), "sync, async or gossip"),
             ("concurrency", self.concurrency >= 1, "at least 1"), ("buffer", self.buffer >= 1, "at least 1"),
             ("max_staleness", self.max_staleness >= 0, ">= 0"),
             ("server_lr", 0 < self.server_lr < math.inf, "a positive number"),
@@ -125,6 +130,8 @@ class SimulateConfig:
                              f"{self.devices!r} is not a file")
         if self.devices not in ("none", "default"):
             load_profiles(self.devices)
+        if self.mode == "gossip":
+            _check_gossip(self)
         check_dataset_name(self.dataset)
         parse_partition(self.partition)
         parse_attack(self.attack)
@@ -194,7 +201,7 @@ class SimulateConfig:
             checkin_hold_s=0.0 if self.virtual else 25.0,
             data_dir=data_dir,
             sqlite_sync="normal",  # an emulation's state need not survive a power cut, only a crash
-            mode=self.mode,
+            mode="sync" if self.mode == "gossip" else self.mode,  # gossip: the server's rounds stay idle
             concurrency=self.concurrency,
             buffer_size=self.buffer,
             staleness=self.staleness,
@@ -209,6 +216,8 @@ class SimulateConfig:
             central_noise_multiplier=self.central_noise_multiplier,
             strategy=self.strategy,
         )
+        if self.mode == "gossip":  # the relay's graph: the fleet's phones, named as the fleet names them
+            base = base.replace(topology=self.topology, gossip_phones=self.phones)
         return base.replace(**self.server) if self.server else base
 
     @property
@@ -280,3 +289,29 @@ def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any], source
 
 def _named(message: str, values: dict[str, Any]) -> list[str]:
     return [k for k in values if message.startswith((k + " ", k + "."))]
+
+
+def _check_gossip(cfg: SimulateConfig) -> None:
+    """Settings of --mode gossip (the topology itself is checked with the server's config)."""
+    _check_range(cfg, [
+        ("gossip", cfg.gossip in ("dpsgd", "choco", "admm"), "dpsgd, choco or admm"),
+        ("gossip_gamma", 0 < cfg.gossip_gamma <= 1, "a step size in (0, 1]"),
+        ("admm_rho", 0 < cfg.admm_rho < math.inf, "a positive number"),
+        ("runtime", cfg.runtime == "torch", "torch in gossip mode (each phone trains its own model eagerly)"),
+    ])
+    codec = cfg.codec()
+    for name, unused in (("attack", cfg.attack != "none"), ("hours", cfg.hours > 0), ("robust", cfg.robust != "none"),
+                         ("clip", "clip" in codec), ("noise", "noise" in codec), ("central-clip", cfg.central_clip > 0),
+                         ("epsilon-budget", cfg.epsilon_budget > 0)):
+        if unused:
+            raise ValueError(f"--{name} is not taken in gossip mode (docs/gossip.md)")
+    if cfg.gossip in ("choco", "admm") and cfg.topology == "matching":
+        raise ValueError(f"--gossip {cfg.gossip} keeps state per neighbour: it needs a static --topology, not matching")
+    if cfg.gossip == "admm" and cfg.prox_mu:
+        raise ValueError("--gossip admm sets each phone's proximal weight itself (2 * --admm-rho * degree): "
+                         "leave out --prox-mu")
+    if cfg.gossip == "choco" and cfg.error_feedback:
+        raise ValueError("--gossip choco compensates its own compression error: leave out --error-feedback")
+    if cfg.gossip != "choco" and codec:
+        raise ValueError(f"--gossip {cfg.gossip} sends whole models; the codec flags (--topk, --quant-bits, ...) "
+                         "choose CHOCO-SGD's compression: use --gossip choco")

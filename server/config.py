@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fedfleet.protocol.plan import PLAN_FIELDS, TrainPlan
 
 if TYPE_CHECKING:
+    from fedfleet.protocol.topology import Topology
     from fedfleet.server.strategy import Strategy
 
 
@@ -89,6 +90,10 @@ class ServerConfig:
     require_signatures: bool = False  # phones must enrol an Ed25519 key and sign every upload
     signature_skew_s: float = 300.0  # accepted distance of a signature's nonce from the server clock
     admin_token: str | None = None  # bearer token for /v1/admin/*; None disables admin endpoints
+    # --- gossip mode: phones average with their neighbours; the server only relays (server/relay.py) ---
+    topology: str = "none"  # none | ring | torus | regular:D | exponential | complete | matching | edges:PATH
+    gossip_phones: int = 0  # the topology's phones, named {gossip_prefix}-00000, -00001, ... (edges files name them)
+    gossip_prefix: str = "phone"
     # --- state ---------------------------------------------------------------------------
     data_dir: str | None = None  # SQLite file and metrics live here; None = in memory
     sqlite_sync: str = "full"  # full: fsync every commit (survives power loss) | normal: survives kill -9 only
@@ -152,6 +157,14 @@ class ServerConfig:
             raise ValueError("idle_timeout_s must be > 0")
         if self.example_cap < 1 or self.max_update_bytes < 1024:
             raise ValueError("example_cap must be >= 1 and max_update_bytes >= 1024")
+        if self.topology != "none":
+            self.gossip_topology()  # raises TopologyError (a ValueError) for a bad spec or edges file
+
+    def gossip_topology(self) -> Topology:
+        """The relay's graph (gossip mode): ``topology`` over ``gossip_phones`` phones, seeded by ``seed``."""
+        from fedfleet.protocol.topology import parse_topology, phone_names
+
+        return parse_topology(self.topology, phone_names(self.gossip_prefix, self.gossip_phones), self.seed)
 
     def _check_strategy(self) -> None:
         """A strategy of one's own replaces the built-in merge its settings describe; it must load."""

@@ -103,13 +103,14 @@ def test_report_of_a_simulated_run_matches_its_metrics(recorded_run: Path, tmp_p
 
 def test_optional_fields_are_plotted_when_present(tmp_path: Path) -> None:
     rounds = [base_round(n, dense_bytes=8000 * n, staleness_mean=1.5, staleness_max=n, epsilon_max=0.4 * n,
-                         epsilon_median=0.3 * n, virtual_time_s=100.0 * n, latency_max_s=2.0 * n) for n in (1, 2, 3)]
+                         epsilon_median=0.3 * n, virtual_time_s=100.0 * n, latency_max_s=2.0 * n,
+                         accuracy_p10=0.1 * n, accuracy_p90=0.2 * n, consensus_distance=1.0 / n) for n in (1, 2, 3)]
     devices = [{"phone": f"p{i}", "participations": i, "epsilon": 0.1 * i, "download_mean_s": 0.2,
                 "train_mean_s": 1.0 + i, "upload_mean_s": 0.3, "latency_mean_s": 1.6 + i} for i in range(4)]
     run = write_run(tmp_path / "full", rounds, devices)
     page = render(load_runs([run]), tmp_path / "out").read_text()
     pngs = {p.stem for p in (tmp_path / "out").glob("*.png")}
-    assert pngs == {*ALWAYS, "staleness", "privacy", "participation", "device_latency"}
+    assert pngs == {*ALWAYS, "staleness", "privacy", "participation", "device_latency", "gossip"}
     (head,) = as_dicts(Tables(page).tables[0])
     assert head["final epsilon_max"] == "1.2000" and head["time s"] == "300.0000"  # virtual time wins
     assert "Not recorded" not in page

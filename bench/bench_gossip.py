@@ -1,0 +1,104 @@
+"""Gossip against FedAvg on one fleet: the same data, phones, device profiles and local training.
+
+    python -m bench.bench_gossip                       # mnist5k, Dirichlet 0.5, 50 phones, 10 rounds
+    python -m bench.bench_gossip --rounds 5 --only fedavg,dpsgd-ring
+
+Rows: FedAvg (the server merges half the phones each round); D-PSGD on a ring, on time-varying
+random matchings and on the exponential graph (every phone each round, whole models to each
+neighbour through the relay); CHOCO-SGD on a ring with 1% top-k (q = top-k(x - x_hat), values
+float32); decentralized ADMM on a ring (--rho). Each row reports the average model's accuracy
+(final and best), the spread over phones (p10, p90) and consensus distance of gossip, the bytes
+per phone up and down over the run (as the server counted them) and the virtual time (drawn
+device profiles: compute speed, links).
+
+Writes bench/results/gossip.json (the command, date and machine with the rows) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from typing import Any
+
+from bench.common import run_sim, table, write
+from fedfleet.device_runtime import aio
+from fedfleet.gossip_run import gossip
+from fedfleet.simulate_config import SimulateConfig
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "fedavg": {"mode": "sync"},
+    "dpsgd-ring": {"mode": "gossip", "topology": "ring"},
+    "dpsgd-matching": {"mode": "gossip", "topology": "matching"},
+    "dpsgd-exponential": {"mode": "gossip", "topology": "exponential"},
+    "choco-ring-top1%": {"mode": "gossip", "topology": "ring", "gossip": "choco", "topk": 0.01},
+    "admm-ring": {"mode": "gossip", "topology": "ring", "gossip": "admm"},
+}
+
+
+def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    cfg = SimulateConfig(phones=args.phones, rounds=args.rounds, dataset=args.dataset, partition=args.partition,
+                         model=args.model, local_epochs=args.local_epochs, lr=args.lr, seed=args.seed,
+                         devices=args.devices, gossip_gamma=args.gamma, admm_rho=args.rho, out=f"runs/bench_gossip/{name}",
+                         **SETTINGS[name])
+    t0 = time.perf_counter()
+    if cfg.mode == "gossip":
+        rows = aio.run(gossip(cfg)).rounds
+    else:
+        rows, _, _ = run_sim(cfg)
+    wall = time.perf_counter() - t0
+    accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+    last = rows[-1] if rows else {}
+    return {
+        "setting": name,
+        "rounds": len(rows),
+        "accuracy": last.get("accuracy"),
+        "best_accuracy": max(accs) if accs else None,
+        "accuracy_p10": last.get("accuracy_p10"),
+        "accuracy_p90": last.get("accuracy_p90"),
+        "consensus_distance": last.get("consensus_distance"),
+        "up_per_phone": sum(r["bytes_up"] for r in rows) // args.phones,
+        "down_per_phone": sum(r["bytes_down"] for r in rows) // args.phones,
+        "messages_dropped": sum(r.get("messages_dropped", 0) for r in rows) if cfg.mode == "gossip" else None,
+        "virtual_s": last.get("time_s"),
+        "wall_s": round(wall, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phones", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--dataset", default="mnist5k")
+    p.add_argument("--partition", default="dirichlet:0.5")
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--gamma", type=float, default=0.5, help="CHOCO-SGD's consensus step size")
+    p.add_argument("--rho", type=float, default=0.1, help="ADMM's penalty")
+    p.add_argument("--devices", default="default", help="device profiles (virtual clock); none: wall clock")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", help="comma-separated settings: " + ", ".join(SETTINGS))
+    p.add_argument("--out", default="gossip", help="bench/results/OUT.json")
+    args = p.parse_args(argv)
+    names = args.only.split(",") if args.only else list(SETTINGS)
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        p.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    rows = []
+    for name in names:
+        rows.append(run_one(name, args))
+        print(f"{name}: accuracy {rows[-1]['accuracy']}, {rows[-1]['wall_s']} s", file=sys.stderr, flush=True)
+    columns = ["setting", "accuracy", "best_accuracy", "accuracy_p10", "accuracy_p90", "consensus_distance",
+               "up_per_phone", "down_per_phone", "messages_dropped", "virtual_s", "wall_s"]
+    print(table(rows, columns))
+    command = "python -m bench.bench_gossip " + " ".join(argv if argv is not None else sys.argv[1:])
+    path = write(args.out, {"command": command.strip(), "date": datetime.date.today().isoformat(),
+                            "settings": vars(args), "rows": rows})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
