@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Any
 
 from fedfleet.cli_errors import _user_error
 from fedfleet.cli_flags import (
+    DATASET_HELP,
     FLEET_SETTINGS,
     PHONE_ONLY,
     SERVER_SETTINGS,
@@ -23,6 +25,8 @@ from fedfleet.cli_flags import (
     _server_task_flags,
     _shard,
     _training_flags,
+    add_image_size_flag,
+    add_model_flags,
 )
 from fedfleet.cli_fleet import cmd_fleet, cmd_phone
 from fedfleet.cli_serve import cmd_serve
@@ -32,18 +36,21 @@ from fedfleet.output import check_out_dir
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedfleet.simulate import Interrupt, run
     from fedfleet.simulate_config import merge_config
+    from fedfleet.task import prepare_task
 
     cfg = merge_config(_file_values(args, "simulate"), _run_values(args), args.config)
     check_out_dir(cfg.out, create=False)
     _ = cfg.use_server_process  # raises for --server-process yes on a virtual clock
+    task = prepare_task(cfg.model, cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights)
     print(f"fedfleet simulate: {cfg.phones} phones, {cfg.dataset}, {cfg.model}, {cfg.rounds or 'unlimited'} rounds, "
           f"sample {cfg.sample}, partition {cfg.partition}, runtime {cfg.runtime}", flush=True)
     interrupt = Interrupt()
-    summary = run(cfg, interrupt)
+    summary = run(cfg, interrupt, data=task.data)
     accuracy = summary["final_accuracy"]
     print(f"final accuracy {'-' if accuracy is None else f'{accuracy:.4f}'} after {summary['rounds']} rounds, "
           f"{summary['bytes_up']} bytes up, {summary['bytes_down']} bytes down, {summary['wall_s']:.1f} s; "
-          f"wrote {cfg.out}/metrics.jsonl, summary.json" + (", devices.csv" if summary["phones"] else ""), flush=True)
+          f"wrote {cfg.out}/metrics.jsonl, summary.json" + (", devices.csv" if summary["phones"] else "")
+          + (", final_weights.safetensors" if summary.get("final_weights") else ""), flush=True)
     if interrupt.signum:
         print(f"fedfleet simulate: stopped by {summary['interrupted']} after {summary['rounds']} rounds",
               file=sys.stderr, flush=True)
@@ -64,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "server resumes from it (default: in memory, lost on exit)")
     p.add_argument("--config", help="TOML with a [server] table of ServerConfig fields (server/config.py); "
                                     "flags override it (default: none)")
-    p.add_argument("--dataset", help="held-out split for evaluation, and the input shape (default digits)")
-    p.add_argument("--model", help="mlp | cnn | mobilenet (default cnn)")
+    p.add_argument("--dataset", help="held-out split for evaluation, and the input shape: " + DATASET_HELP)
+    add_image_size_flag(p)
+    add_model_flags(p)
+    p.add_argument("--weights-out", help="where the trained model is written at shutdown, as a safetensors "
+                                         "state_dict (default: DATA_DIR/final_weights.safetensors with --data-dir)")
     p.add_argument("--mode", choices=["sync", "async"], help="sync: FedAvg rounds; async: FedBuff merges "
                                                             "(default sync)")
     p.add_argument("--rounds", type=int, help="rounds (merges) to run (default 10; 0 = until stopped)")
@@ -131,6 +141,8 @@ def _register_optional(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m` does: --model/--dataset
+        sys.path.insert(0, os.getcwd())  # MODULE:ATTR import from the current directory too
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     command = f"fedfleet {args.command}"
