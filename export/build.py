@@ -60,12 +60,12 @@ def export_bundle(cfg: ExportConfig, out_dir: Path) -> Manifest:
     from fedfleet.export.executorch_export import export_executorch
     from fedfleet.export.onnx_export import export_inference_onnx, export_train_step_onnx
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(cfg.model, cfg.input_shape, cfg.num_classes)
     model = build_model(spec, seed=cfg.seed, backbone_weights=cfg.backbone_weights)
     if cfg.weights is not None:
         fit_weights(model, load_weights(cfg.weights, "--weights"), f"--weights {cfg.weights}")
+    out_dir = Path(out_dir)  # made once the model and its weights are known good
+    out_dir.mkdir(parents=True, exist_ok=True)
     opsets: list[int] = []
     backends: dict[str, str] = {}
 

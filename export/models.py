@@ -110,7 +110,8 @@ def build_model(
         "mobilenet": lambda: TransferMobileNet(spec.num_classes, backbone_weights),
     }
     gen = torch.Generator().manual_seed(seed)
-    model = builders[spec.name]()
+    with torch.random.fork_rng(devices=[]):  # the layers' default init (overwritten below) leaves the caller's RNG be
+        model = builders[spec.name]()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear | nn.Conv2d) and (

@@ -204,7 +204,8 @@ def ensure_bundle(cfg: SimulateConfig, data: Dataset, path: Path) -> Path:
 
     try:
         m = verify_bundle(path)
-        if (m.model, m.input_shape, m.num_classes, m.seed) == (cfg.model, data.input_shape, data.num_classes, cfg.seed):
+        same = (m.model, m.input_shape, m.num_classes, m.seed) == (cfg.model, data.input_shape, data.num_classes, cfg.seed)
+        if same and cfg.init_weights is None:  # a user's weights may have changed under the same name: export anew
             return path
     except (BundleError, FileNotFoundError, ValueError):
         pass

@@ -80,7 +80,11 @@ def make_app(
         task = (config.model, config.input_shape, config.num_classes)  # torch loads at the first evaluation
         app[EVALUATOR] = Evaluator(task, test_data[0], test_data[1], seed=config.seed, init_weights=config.init_weights)
     if config.bundle_dir is not None:
-        check_bundle(Path(config.bundle_dir), config.model, app[COORD].specs)
+        manifest = check_bundle(Path(config.bundle_dir), config.model, app[COORD].specs)
+        bundle_fp = manifest.model_fingerprint
+        if bundle_fp is not None and fingerprint is not None and bundle_fp != fingerprint:
+            raise ValueError(f"bundle {config.bundle_dir} is for another model than the task's (fingerprint "
+                             f"{bundle_fp[:12]} vs {fingerprint[:12]})")
     setup_routes(app)
     setup_bundle(app, Path(config.bundle_dir) if config.bundle_dir else None)
     setup_failure_limits(app, config, store)

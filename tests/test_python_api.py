@@ -46,6 +46,13 @@ def test_run_simulation_takes_a_factory_and_arrays(tmp_path: Path) -> None:
     assert accuracy == pytest.approx(summary["final_accuracy"], abs=1e-9)
 
 
+@pytest.mark.parametrize("model", ["mlp", "cnn", "examples.custom_task:bn_cnn"])
+def test_building_a_model_leaves_torchs_global_generator_alone(model: str) -> None:
+    state = torch.random.get_rng_state()
+    fedfleet.task_model(model, (1, 8, 8), 10, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_the_same_seed_builds_the_same_user_model() -> None:
     a = fedfleet.task_model("examples.custom_task:gru", (8, 8), 10, seed=3).state_dict()
     b = fedfleet.task_model("examples.custom_task:gru", (8, 8), 10, seed=3).state_dict()

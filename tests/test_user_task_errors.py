@@ -171,3 +171,19 @@ def test_the_phone_command_says_in_one_line_that_its_model_is_refused(mlp_server
                            "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     _one_error_line(proc.stderr, "phone", "model_mismatch", "differs from the task's")
+
+
+def test_export_refuses_weights_that_do_not_fit_and_a_run_without_them(capsys: pytest.CaptureFixture[str],
+                                                                       tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(task_model("cnn", (1, 8, 8), 10).state_dict(), str(tmp_path / "cnn.safetensors"))
+    rc = main(["export", "--model", "mlp", "--dataset", "digits", "--weights", str(tmp_path / "cnn.safetensors"),
+               "--out", str(tmp_path / "bundle")])
+    _, err = capsys.readouterr()
+    assert rc == 2 and not (tmp_path / "bundle").exists()
+    _one_error_line(err, "export", "--weights", "do not fit")
+    rc = main(["export", "--from-run", str(tmp_path), "--out", str(tmp_path / "bundle")])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    _one_error_line(err, "export", "--from-run", "no final_weights.safetensors")
