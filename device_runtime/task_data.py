@@ -130,9 +130,12 @@ def check_arrays(spec: str, x: Any, y: Any, xt: Any, yt: Any, classes: int | Non
             raise ValueError(f"{where}: {name} is not an array ({exc})") from None
     x, y, xt, yt = arrays
     for split, xs, ys in (("train", x, y), ("test", xt, yt)):
-        if len(xs) == 0 or xs.ndim < 2:
-            raise ValueError(f"{where}: the {split} split is empty (x_{split} has shape {list(xs.shape)}; "
-                             "give at least one example, with its features)")
+        if xs.ndim < 2:
+            raise ValueError(f"{where}: x_{split} has shape {list(xs.shape)}; give [examples, *input_shape], "
+                             "e.g. [N, F] for feature vectors")
+        if len(xs) == 0:
+            raise ValueError(f"{where}: the {split} split is empty (x_{split} has shape {list(xs.shape)}); "
+                             "give at least one example")
         if ys.ndim != 1 or len(ys) != len(xs):
             raise ValueError(f"{where}: x_{split} has {len(xs)} examples but y_{split} has shape {list(ys.shape)}")
         if not (np.issubdtype(xs.dtype, np.number) or xs.dtype == bool):

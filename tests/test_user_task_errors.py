@@ -55,6 +55,10 @@ def empty_test():
     x, y = _data()
     return x, y, x[:0], y[:0]
 
+def flat_x():
+    x, y = _data()
+    return x[:, 0], y, x, y
+
 def a_dict():
     return {"x": 1}
 '''
@@ -89,6 +93,7 @@ def _refused(capsys: pytest.CaptureFixture[str], out: Path, *flags: str) -> str:
     (["--dataset", "{m}:labels", "--model", "mlp"], ["--dataset", "labels must be in [0, 2)"]),
     (["--dataset", "{m}:empty_test", "--model", "mlp"], ["--dataset", "test split is empty"]),
     (["--dataset", "{m}:a_dict", "--model", "mlp"], ["--dataset", "returned a dict"]),
+    (["--dataset", "{m}:flat_x", "--model", "mlp"], ["--dataset", "x_train has shape [100]", "[N, F]"]),
     (["--dataset", "{m}:NOT_CALLABLE"], ["--dataset", "not a callable"]),
     (["--dataset", "npz:/no/such.npz"], ["--dataset npz:/no/such.npz", "no such file"]),
     (["--dataset", "imagefolder:/no/such/folder"], ["--dataset imagefolder:/no/such/folder", "no such folder"]),
