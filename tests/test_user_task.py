@@ -99,3 +99,21 @@ def test_digit_examples_hold_the_shapes_they_claim() -> None:
     x, y, xt, yt = digit_rows(0)
     assert x.shape[1:] == (8, 8) and len(x) + len(xt) == 1797 and set(np.unique(y)) == set(range(10))
     assert digit_features(0)[0].shape[1:] == (64,)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_a_run_starts_from_init_weights(tmp_path: Path, kind: str) -> None:
+    """A run given a trained model's weights starts from them: after one round at a learning rate too small
+    to move it, it is where the first run ended (a run from the seed is near chance after that round)."""
+    first = _simulate(tmp_path / "first", "--model", "mlp", "--rounds", "5")
+    weights = tmp_path / "first" / "final_weights.safetensors"
+    if kind == "torch":
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(weights)), tmp_path / "w.pt")
+        weights = tmp_path / "w.pt"
+    tiny = ["--model", "mlp", "--rounds", "1", "--lr", "1e-6", "--local-epochs", "1"]
+    resumed = _simulate(tmp_path / "resumed", *tiny, "--init-weights", str(weights))
+    fresh = _simulate(tmp_path / "fresh", *tiny)
+    assert resumed["final_accuracy"] == pytest.approx(first["final_accuracy"], abs=0.01)
+    assert fresh["final_accuracy"] < 0.3 < first["final_accuracy"]
