@@ -96,24 +96,29 @@ def _image_folder(root: Path, size: int, seed: int, test_fraction: float) -> tup
         raise ValueError(f"--dataset imagefolder:{root}: no such folder")
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
-    rgb = lambda img: img.convert("RGB")  # noqa: E731  (grey and palette images alike: 3 channels)
+    tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])  # ImageFolder reads RGB
 
     def folder(path: Path) -> Any:
         try:
-            return datasets.ImageFolder(str(path), transform=tf, loader=lambda p: rgb(datasets.folder.pil_loader(p)))
+            return datasets.ImageFolder(str(path), transform=tf)
         except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or no image in them
             raise ValueError(f"--dataset imagefolder:{root}: {exc}") from None
+
+    def arrays(ds: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return _materialise(ds, f"imagefolder:{root}", split)
+        except OSError as exc:  # PIL cannot read a file named like an image
+            raise ValueError(f"--dataset imagefolder:{root}: cannot read an image ({exc})") from None
 
     if (root / "train").is_dir() and (root / "test").is_dir():
         train, test = folder(root / "train"), folder(root / "test")
         if train.classes != test.classes:
             raise ValueError(f"--dataset imagefolder:{root}: train/ and test/ have different class folders")
-        x, y = _materialise(train, f"imagefolder:{root}", "train")
-        xt, yt = _materialise(test, f"imagefolder:{root}", "test")
+        x, y = arrays(train, "train")
+        xt, yt = arrays(test, "test")
         return x, y, xt, yt, len(train.classes)
     ds = folder(root)
-    x, y = _materialise(ds, f"imagefolder:{root}", "train")
+    x, y = arrays(ds, "train")
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = int(round(len(x) * test_fraction))
     return x[order[n_test:]], y[order[n_test:]], x[order[:n_test]], y[order[:n_test]], len(ds.classes)

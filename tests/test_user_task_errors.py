@@ -104,6 +104,20 @@ def test_a_bad_task_is_one_line_before_any_server(capsys: pytest.CaptureFixture[
     _one_error_line(err, "simulate", *words)
 
 
+def test_an_image_folder_with_an_unreadable_image_is_named(capsys: pytest.CaptureFixture[str],
+                                                            tmp_path: Path) -> None:
+    from examples.imagefolder_digits import write_digit_pngs
+
+    folder = write_digit_pngs(tmp_path / "png", per_class=3)
+    (folder / "4" / "broken.png").write_bytes(b"not a png")
+    err = _refused(capsys, tmp_path / "run", "--dataset", f"imagefolder:{folder}", "--model", "cnn")
+    _one_error_line(err, "simulate", f"--dataset imagefolder:{folder}", "cannot read an image")
+    (folder / "4" / "broken.png").unlink()
+    (folder / "empty").mkdir()  # a class folder without images
+    err = _refused(capsys, tmp_path / "run", "--dataset", f"imagefolder:{folder}", "--model", "cnn")
+    _one_error_line(err, "simulate", f"--dataset imagefolder:{folder}", "empty")
+
+
 def test_npz_keys_are_named_when_missing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x_train=np.zeros((4, 3)), y_train=np.zeros(4))
     err = _refused(capsys, tmp_path / "run", "--dataset", f"npz:{tmp_path / 'd.npz'}")
