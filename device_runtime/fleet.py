@@ -95,6 +95,7 @@ async def run_fleet(
                 chain_checkin=_chains(cfg),
                 models=models,
                 key=key,
+                model_fingerprint=cfg.model_fingerprint,
             )
 
         phones: list[PhoneClient] = []

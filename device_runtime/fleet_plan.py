@@ -46,6 +46,7 @@ class FleetConfig:
     # failed steps in a row after which a phone gives up (PhoneClient.run: backoff 0.2 s doubled up to
     # 10 s, so 20 is ~2.5 min of a server gone: time for it to be restarted on its data dir)
     phone_max_errors: int = 20
+    model_fingerprint: str | None = None  # the phones' model (export.task_model): the server refuses another
 
     def __post_init__(self) -> None:
         if self.phones < 1 or self.workers < 1 or self.phone_max_errors < 0:

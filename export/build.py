@@ -19,6 +19,7 @@ from fedfleet.export.manifest import (
     MODEL_PTE,
     PTE_PREFIX,
     TRAIN_STEP_ONNX,
+    WEIGHTS,
     ArtifactInfo,
     Manifest,
     ParamSpec,
@@ -26,6 +27,8 @@ from fedfleet.export.manifest import (
     train_step_signature,
 )
 from fedfleet.export.models import ModelSpec, build_model, trainable_names
+from fedfleet.export.task_model import model_fingerprint
+from fedfleet.export.weights import fit_weights, load_weights, save_weights
 from fedfleet.protocol.plan import TrainPlan
 
 VERSIONED = ("torch", "executorch", "onnx", "onnxruntime", "onnxscript")
@@ -35,15 +38,16 @@ VERSIONED = ("torch", "executorch", "onnx", "onnxruntime", "onnxscript")
 class ExportConfig:
     """What ``fedfleet export`` turns into a bundle; defaults are the training plan's (``TrainPlan``)."""
 
-    model: str
+    model: str  # mlp | cnn | mobilenet | MODULE:ATTR
     dataset: str
-    input_shape: tuple[int, int, int]  # C, H, W of the dataset
+    input_shape: tuple[int, ...]  # one example of the dataset: C, H, W, or T, F, or F
     num_classes: int
     seed: int = 0  # build_model seed: the initial weights every runtime starts from
     batch_size: int = TrainPlan.batch_size  # default task batch size, recorded in the manifest (protocol/plan.py)
     lr: float = TrainPlan.lr  # default task learning rate, recorded in the manifest (protocol/plan.py)
     max_batch: int = 64  # largest batch model.pte accepts (ExecuTorch plans memory for it)
     backbone_weights: Path | None = None  # torchvision MobileNetV3-small state dict
+    weights: Path | None = None  # the model's weights (e.g. a run's final_weights.safetensors); default: seeded
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= self.max_batch:
@@ -52,15 +56,25 @@ class ExportConfig:
             raise ValueError("lr must be positive")
 
 
-def export_bundle(cfg: ExportConfig, out_dir: Path) -> Manifest:
-    """Build the model from ``cfg``, write every artifact it supports, then verify the bundle."""
+def export_model(cfg: ExportConfig) -> nn.Module:
+    """The model ``cfg`` names, with its weights: seeded, or ``cfg.weights`` (ValueError naming --weights
+    when they do not fit: the user's mistake, found before any artifact is written)."""
+    model = build_model(ModelSpec(cfg.model, cfg.input_shape, cfg.num_classes), seed=cfg.seed,
+                        backbone_weights=cfg.backbone_weights)
+    if cfg.weights is not None:
+        fit_weights(model, load_weights(cfg.weights, "--weights"), f"--weights {cfg.weights}")
+    return model
+
+
+def export_bundle(cfg: ExportConfig, out_dir: Path, model: nn.Module | None = None) -> Manifest:
+    """Write every artifact ``model`` (default: ``export_model(cfg)``) supports, then verify the bundle."""
     from fedfleet.export.executorch_export import export_executorch
     from fedfleet.export.onnx_export import export_inference_onnx, export_train_step_onnx
 
-    out_dir = Path(out_dir)
+    if model is None:
+        model = export_model(cfg)
+    out_dir = Path(out_dir)  # made once the model and its weights are known good
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = ModelSpec(cfg.model, cfg.input_shape, cfg.num_classes)
-    model = build_model(spec, seed=cfg.seed, backbone_weights=cfg.backbone_weights)
     opsets: list[int] = []
     backends: dict[str, str] = {}
 
@@ -69,11 +83,15 @@ def export_bundle(cfg: ExportConfig, out_dir: Path) -> Manifest:
         path.write_bytes(program)
 
     def write_onnx(
-        exporter: Callable[[nn.Module, tuple[int, int, int], Path], int],
+        exporter: Callable[[nn.Module, tuple[int, ...], Path], int],
     ) -> Callable[[Path], None]:
         return lambda path: opsets.append(exporter(model, cfg.input_shape, path))
 
+    def write_weights(path: Path) -> None:  # first: the state every other artifact starts from
+        save_weights(path, model)
+
     writers: dict[str, Callable[[Path], None]] = {
+        WEIGHTS: write_weights,
         MODEL_PTE: write_pte,
         MODEL_ONNX: write_onnx(export_inference_onnx),
         TRAIN_STEP_ONNX: write_onnx(export_train_step_onnx),
@@ -104,6 +122,7 @@ def export_bundle(cfg: ExportConfig, out_dir: Path) -> Manifest:
             "mu": {"dtype": "float32", "shape": []},
         },
         signatures=_signatures(trainable_names(model)),
+        model_fingerprint=model_fingerprint(model),
     )
     write_manifest(out_dir, manifest)
     return verify_bundle(out_dir)

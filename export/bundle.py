@@ -35,6 +35,7 @@ CONTENT_TYPES = {
     "model.pte": "application/octet-stream",
     "model.onnx": "application/octet-stream",
     "train_step.onnx": "application/octet-stream",
+    "weights.safetensors": "application/octet-stream",
     "manifest.json": "application/json",
 }
 MAX_BUNDLE_FILE_BYTES = 512 * 1024 * 1024  # refuse to unpack anything larger (zip bombs)

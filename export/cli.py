@@ -1,4 +1,4 @@
-"""``fedfleet export``: model + dataset shapes -> bundle directory.
+"""``fedfleet export``: model + dataset shapes (+ weights) -> bundle directory.
 
 ``register`` adds the subcommand to the top-level parser in ``fedfleet/cli.py``;
 ``python -m fedfleet.export.cli ...`` runs it standalone.
@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-# export.models.MODEL_NAMES, spelled out: importing export.models loads torch (~4 s), and every
-# `fedfleet` command builds this parser, so a restarted `fedfleet serve` would wait for it.
-MODEL_NAMES = ("mlp", "cnn", "mobilenet")
+FINAL_WEIGHTS = "final_weights.safetensors"  # what every run writes (fedfleet.task.FINAL_WEIGHTS)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,12 +23,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, choices=MODEL_NAMES)
-    parser.add_argument(
-        "--dataset", required=True, help="dataset whose input shape and classes the model takes"
-    )
+    parser.add_argument("--model", help="mlp | cnn | mobilenet | MODULE:ATTR, a callable returning a "
+                                        "torch.nn.Module (default with --from-run: the run's)")
+    parser.add_argument("--dataset", help="dataset whose input shape and classes the model takes (default with "
+                                          "--from-run: the run's)")
+    parser.add_argument("--image-size", type=int, default=None, help="imagefolder:PATH: the side images are "
+                                                                     "resized to (default 32, or the run's)")
     parser.add_argument("--out", required=True, type=Path, help="bundle directory to write")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the initial weights (default 0, or the run's)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="the weights to ship: a safetensors state_dict (e.g. a run's final_weights.safetensors) "
+                             "or a torch one (weights_only=True); phones get them as weights.safetensors "
+                             "(default: drawn from --seed)")
+    parser.add_argument("--from-run", type=Path, default=None,
+                        help="a `fedfleet simulate --out` folder (or a `serve --data-dir`): ship its "
+                             f"{FINAL_WEIGHTS}, for its model and dataset unless given")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="default task batch size, recorded in the manifest (default %(default)s, as the server's plan)")
     parser.add_argument("--max-batch", type=int, default=64, help="largest batch model.pte accepts")
@@ -37,28 +46,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-weights", type=Path, default=None, help="MobileNetV3-small state dict")
 
 
+def _task_of(args: argparse.Namespace) -> dict[str, Any]:
+    """model, dataset, seed, image_size and weights: the flags, else the run's (--from-run)."""
+    task: dict[str, Any] = {"model": None, "dataset": None, "seed": 0, "image_size": 32, "weights": args.weights}
+    if args.from_run is not None:
+        if args.weights is not None:
+            raise ValueError("--weights and --from-run: give one")
+        weights = args.from_run / FINAL_WEIGHTS
+        if not weights.is_file():
+            raise ValueError(f"--from-run {args.from_run}: no {FINAL_WEIGHTS} there (written by `fedfleet "
+                             "simulate --out DIR` after its run, and by `fedfleet serve --data-dir DIR` at shutdown)")
+        task["weights"] = weights
+        summary = args.from_run / "summary.json"
+        if summary.is_file():
+            config = json.loads(summary.read_text()).get("config", {})
+            task.update({k: config[k] for k in ("model", "dataset", "seed", "image_size") if k in config})
+    for key in ("model", "dataset", "seed", "image_size"):
+        if getattr(args, key) is not None:
+            task[key] = getattr(args, key)
+    missing = [f"--{k}" for k in ("model", "dataset") if task[k] is None]
+    if missing:
+        raise ValueError(f"give {' and '.join(missing)} (or --from-run with a simulate run's folder)")
+    return task
+
+
 def run(args: argparse.Namespace) -> int:
     from fedfleet.cli_errors import checking_input
     from fedfleet.device_runtime.data import load_dataset
-    from fedfleet.export.build import ExportConfig, export_bundle
+    from fedfleet.export.build import ExportConfig, export_bundle, export_model
+    from fedfleet.export.manifest import WEIGHTS
+    from fedfleet.export.refs import check_model_name
 
-    with checking_input():  # the dataset and settings the user named
-        data = load_dataset(args.dataset)
+    with checking_input():  # the model, dataset, weights and settings the user named
+        task = _task_of(args)
+        check_model_name(task["model"])
+        data = load_dataset(task["dataset"], seed=task["seed"], image_size=task["image_size"])
         cfg = ExportConfig(
-            model=args.model,
-            dataset=args.dataset,
+            model=task["model"],
+            dataset=task["dataset"],
             input_shape=data.input_shape,
             num_classes=data.num_classes,
-            seed=args.seed,
+            seed=task["seed"],
             batch_size=args.batch_size,
             lr=args.lr,
             max_batch=args.max_batch,
             backbone_weights=args.backbone_weights,
+            weights=task["weights"],
         )
+        model = export_model(cfg)
     start = time.perf_counter()
-    manifest = export_bundle(cfg, args.out)
+    manifest = export_bundle(cfg, args.out, model)
     print(
         f"exported {cfg.model} for {cfg.dataset} {cfg.input_shape} -> {args.out} in {time.perf_counter() - start:.1f}s"
+        + (f", weights from {cfg.weights}" if cfg.weights else "")
     )
     for name, info in sorted(manifest.artifacts.items()):
         status = (
@@ -66,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
             if info.available
             else f"UNAVAILABLE op={info.op}: {info.reason}"
         )
-        print(f"  {name:16s} {status}")
-    return 0 if any(info.available for info in manifest.artifacts.values()) else 1
+        print(f"  {name:20s} {status}")
+    return 0 if any(info.available for name, info in manifest.artifacts.items() if name != WEIGHTS) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,7 @@ def frozen_as_buffers(model: nn.Module) -> nn.Module:
 
 
 def export_executorch(
-    model: nn.Module, input_shape: tuple[int, int, int], max_batch: int
+    model: nn.Module, input_shape: tuple[int, ...], max_batch: int
 ) -> tuple[bytes, str]:
     """Serialise the training program for batches of 1..``max_batch``; return it and its backend.
 
@@ -113,7 +113,7 @@ def frozen_only_xnnpack() -> object:
 
 
 def _joint_program(
-    model: nn.Module, input_shape: tuple[int, int, int], max_batch: int
+    model: nn.Module, input_shape: tuple[int, ...], max_batch: int
 ) -> torch.export.ExportedProgram:
     from torch.export.experimental import _export_forward_backward
 
@@ -136,7 +136,7 @@ def _joint_program(
 
 
 def _self_check(
-    buffer: bytes, model: nn.Module, input_shape: tuple[int, int, int], max_batch: int
+    buffer: bytes, model: nn.Module, input_shape: tuple[int, ...], max_batch: int
 ) -> str | None:
     """Describe any disagreement of the program with eager PyTorch, else None.
 

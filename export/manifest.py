@@ -19,8 +19,9 @@ FORMAT_VERSION = 1
 MODEL_PTE = "model.pte"  # ExecuTorch training program: forward(x, y) -> (loss, logits) + grads
 MODEL_ONNX = "model.onnx"  # ONNX inference graph: x -> logits (trainable weights overridable)
 TRAIN_STEP_ONNX = "train_step.onnx"  # ONNX SGD step, signature below
+WEIGHTS = "weights.safetensors"  # the model's state_dict the graphs were made from (fedfleet export --weights)
 MANIFEST = "manifest.json"
-ARTIFACT_FILES = (MODEL_PTE, MODEL_ONNX, TRAIN_STEP_ONNX)
+ARTIFACT_FILES = (MODEL_PTE, MODEL_ONNX, TRAIN_STEP_ONNX, WEIGHTS)
 BUNDLE_FILES = (*ARTIFACT_FILES, MANIFEST)
 
 # train_step.onnx signature: (params..., x, y, lr, mu, anchor.<param>...) -> (loss, new.<param>...)
@@ -108,7 +109,7 @@ class ArtifactInfo:
 class Manifest:
     model: str
     dataset: str
-    input_shape: tuple[int, int, int]  # C, H, W
+    input_shape: tuple[int, ...]  # one example: C, H, W (images), T, F (sequences), F (features)
     num_classes: int
     seed: int  # export.models.build_model seed: the torch reference rebuilds the same weights
     parameters: tuple[ParamSpec, ...]  # every parameter, model.named_parameters() order
@@ -123,6 +124,7 @@ class Manifest:
     inputs: dict[str, Any] = field(default_factory=dict)  # x/y dtype and shape, "batch" = dynamic
     # per artifact: {"inputs": [...], "outputs": [...]} in call order (ONNX names / pte method I/O)
     signatures: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    model_fingerprint: str | None = None  # export.task_model.model_fingerprint: names, shapes, dtypes
 
     def trainable(self) -> list[ParamSpec]:
         return [p for p in self.parameters if p.trainable]
@@ -153,7 +155,7 @@ class Manifest:
 
 
 def _parse(doc: dict[str, Any]) -> Manifest:
-    c, h, w = (int(v) for v in doc["input_shape"])
+    shape = tuple(int(v) for v in doc["input_shape"])
     params = tuple(
         ParamSpec(str(p["name"]), tuple(int(d) for d in p["shape"]), str(p["dtype"]), bool(p["trainable"]))
         for p in doc["parameters"]
@@ -165,7 +167,7 @@ def _parse(doc: dict[str, Any]) -> Manifest:
     return Manifest(
         model=str(doc["model"]),
         dataset=str(doc["dataset"]),
-        input_shape=(c, h, w),
+        input_shape=shape,
         num_classes=int(doc["num_classes"]),
         seed=int(doc["seed"]),
         parameters=params,
@@ -182,6 +184,7 @@ def _parse(doc: dict[str, Any]) -> Manifest:
             str(k): {str(io): [str(n) for n in names] for io, names in v.items()}
             for k, v in doc.get("signatures", {}).items()
         },
+        model_fingerprint=None if doc.get("model_fingerprint") is None else str(doc["model_fingerprint"]),
     )
 
 

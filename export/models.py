@@ -1,12 +1,15 @@
 """The models fedfleet trains on phones.
 
-Every model maps a float32 batch ``x: [B, C, H, W]`` to logits ``[B, num_classes]``.
+Every model maps a float32 batch ``x: [B, *input_shape]`` to logits ``[B, num_classes]``: the MLP
+takes any shape (flattened), the CNN and MobileNet images ``[C, H, W]`` of any size. A user's model
+(``MODULE:ATTR``, see export.task_model) goes through the same ``build_model``.
 ``trainable_names`` lists the parameters a phone trains and uploads, in a fixed order
 that the ExecuTorch and ONNX artifacts share; for transfer learning it is the head only.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +33,14 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """Two conv(3x3)+ReLU+maxpool(2) blocks and a linear classifier."""
+    """Two conv(3x3)+ReLU+maxpool(2) blocks and a linear classifier; ``side``: H and W (or H alone when
+    ``width_px`` gives W)."""
 
-    def __init__(self, in_channels: int, side: int, num_classes: int, width: int) -> None:
+    def __init__(self, in_channels: int, side: int, num_classes: int, width: int, width_px: int | None = None) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.fc = nn.Linear(2 * width * (side // 4) ** 2, num_classes)
+        self.fc = nn.Linear(2 * width * (side // 4) * ((side if width_px is None else width_px) // 4), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)  # [B, w, H/2, W/2]
@@ -79,27 +83,35 @@ class TransferMobileNet(nn.Module):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str
-    input_shape: tuple[int, int, int]  # C, H, W
+    name: str  # mlp | cnn | mobilenet | MODULE:ATTR
+    input_shape: tuple[int, ...]  # one example: (C, H, W) images, (T, F) sequences, (F,) features
     num_classes: int
 
 
 def build_model(
     spec: ModelSpec, seed: int = 0, backbone_weights: Path | None = None
 ) -> nn.Module:
-    """Build a model with parameters drawn from an explicit seeded generator."""
-    c, h, w = spec.input_shape
+    """Build a model with parameters drawn from an explicit seeded generator (a user's model:
+    export.task_model.build_user_model, which seeds a forked torch generator)."""
+    from fedfleet.export.refs import check_model_name
+    from fedfleet.export.task_model import build_user_model
+
+    check_model_name(spec.name)
+    if spec.name not in MODEL_NAMES:
+        return build_user_model(spec.name, spec.input_shape, spec.num_classes, seed)
+    shape = tuple(spec.input_shape)
+    if spec.name != "mlp" and (len(shape) != 3 or min(shape[1:]) < 4):
+        raise ValueError(f"--model {spec.name} takes images [C, H, W] of at least 4x4 pixels, got inputs "
+                         f"{list(shape)}; use mlp or a model of your own (MODULE:ATTR)")
+    features, spatial = math.prod(shape), math.prod(shape[1:]) if len(shape) == 3 else math.prod(shape)
     builders: dict[str, Callable[[], nn.Module]] = {
-        "mlp": lambda: MLP(c * h * w, spec.num_classes, hidden=32 if h * w <= 64 else 128),
-        "cnn": lambda: CNN(c, h, spec.num_classes, width=16),
+        "mlp": lambda: MLP(features, spec.num_classes, hidden=32 if spatial <= 64 else 128),
+        "cnn": lambda: CNN(shape[0], shape[1], spec.num_classes, width=16, width_px=shape[-1]),
         "mobilenet": lambda: TransferMobileNet(spec.num_classes, backbone_weights),
     }
-    if spec.name not in builders:
-        raise ValueError(f"unknown model {spec.name!r}; choose from {', '.join(MODEL_NAMES)}")
-    if h != w or h % 4:
-        raise ValueError(f"input must be square with a side divisible by 4, got {h}x{w}")
     gen = torch.Generator().manual_seed(seed)
-    model = builders[spec.name]()
+    with torch.random.fork_rng(devices=[]):  # the layers' default init (overwritten below) leaves the caller's RNG be
+        model = builders[spec.name]()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear | nn.Conv2d) and (

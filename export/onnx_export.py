@@ -29,7 +29,7 @@ STANDARD_DOMAINS = ("", "ai.onnx")  # what onnxruntime-web and every other runti
 MIN_OPSET = 17
 
 
-def export_inference_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path) -> int:
+def export_inference_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> int:
     """Write ``x [batch, C, H, W] -> logits`` and return its opset.
 
     The trainable weights are initializers *and* graph inputs, i.e. defaults a caller may
@@ -55,7 +55,7 @@ def export_inference_onnx(model: nn.Module, input_shape: tuple[int, int, int], p
     return _check_and_save(proto, path)
 
 
-def export_train_step_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path) -> int:
+def export_train_step_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> int:
     """Write ``train_step.onnx`` for a dynamic batch and return its opset."""
     model = copy.deepcopy(model).train()
     names = trainable_names(model)

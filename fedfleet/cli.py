@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Any
 
 from fedfleet.cli_errors import checking_input, user_error
 from fedfleet.cli_flags import (
+    DATASET_HELP,
     FLEET_SETTINGS,
     PHONE_ONLY,
     SERVER_SETTINGS,
@@ -17,6 +19,8 @@ from fedfleet.cli_flags import (
     add_gossip_flags,
     add_gossip_fleet_flags,
     add_gossip_serve_flags,
+    add_image_size_flag,
+    add_model_flags,
     add_strategy_flags,
     fleet_task_flags,
     phone_side_flags,
@@ -37,11 +41,13 @@ from fedfleet.tuning import tune_process
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedfleet.simulate import Interrupt, run
     from fedfleet.simulate_config import merge_config
+    from fedfleet.task import prepare_task
 
     with checking_input():
         cfg = merge_config(toml_values(args, "simulate"), run_values(args), args.config)
         check_out_dir(cfg.out, create=False)
         _ = cfg.use_server_process  # raises for --server-process yes on a virtual clock
+        task = prepare_task(cfg.model, cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights)
     tune_process()  # before a server process starts, so that it inherits the open-file limit too
     print(f"fedfleet simulate: {cfg.phones} phones, {cfg.dataset}, {cfg.model}, {cfg.rounds or 'unlimited'} rounds, "
           f"sample {cfg.sample}, partition {cfg.partition}, runtime {cfg.runtime}", flush=True)
@@ -52,11 +58,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         summary = run_gossip(cfg)
         interrupt.signum = signal.Signals[summary["interrupted"]].value if "interrupted" in summary else 0
     else:
-        summary = run(cfg, interrupt)
+        summary = run(cfg, interrupt, data=task.data)
     accuracy = summary["final_accuracy"]
     print(f"final accuracy {'-' if accuracy is None else f'{accuracy:.4f}'} after {summary['rounds']} rounds, "
           f"{summary['bytes_up']} bytes up, {summary['bytes_down']} bytes down, {summary['wall_s']:.1f} s; "
-          f"wrote {cfg.out}/metrics.jsonl, summary.json" + (", devices.csv" if summary["phones"] else ""), flush=True)
+          f"wrote {cfg.out}/metrics.jsonl, summary.json" + (", devices.csv" if summary["phones"] else "")
+          + (", final_weights.safetensors" if summary.get("final_weights") else ""), flush=True)
     if interrupt.signum:
         print(f"fedfleet simulate: stopped by {summary['interrupted']} after {summary['rounds']} rounds",
               file=sys.stderr, flush=True)
@@ -86,8 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "server resumes from it (default: in memory, lost on exit)")
     p.add_argument("--config", help="TOML with a [server] table of ServerConfig fields (server/config.py); "
                                     "flags override it (default: none)")
-    p.add_argument("--dataset", help="held-out split for evaluation, and the input shape (default digits)")
-    p.add_argument("--model", help="mlp | cnn | mobilenet (default cnn)")
+    p.add_argument("--dataset", help="held-out split for evaluation, and the input shape: " + DATASET_HELP)
+    add_image_size_flag(p)
+    add_model_flags(p)
+    p.add_argument("--weights-out", help="where the trained model is written at shutdown, as a safetensors "
+                                         "state_dict (default: DATA_DIR/final_weights.safetensors with --data-dir)")
     p.add_argument("--mode", choices=["sync", "async", "gossip"], help="sync: FedAvg rounds; async: FedBuff merges; "
                                                                       "gossip: relay phones' messages (default sync)")
     p.add_argument("--rounds", type=int, help="rounds (merges) to run (default 10; 0 = until stopped)")
@@ -158,6 +168,8 @@ def _register_optional(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m` does: --model/--dataset
+        sys.path.insert(0, os.getcwd())  # MODULE:ATTR import from the current directory too
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     command = f"fedfleet {args.command}"

@@ -14,7 +14,7 @@ from fedfleet.server.config import load_toml
 SERVER_SETTINGS = ("mode", "concurrency", "buffer", "staleness", "max_staleness", "server_optimizer", "server_lr",
                    "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk", "quant_bits",
                    "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget", "central_clip",
-                   "central_noise_multiplier", "robust", "server_process", "strategy")
+                   "central_noise_multiplier", "robust", "server_process", "strategy", "init_weights")
 # What only a fleet of several phones takes: refused on `phone`.
 FLEET_SETTINGS = ("phones", "workers", "trainer", "attack", "attack_fraction")
 
@@ -24,8 +24,8 @@ def phone_side_flags(p: argparse.ArgumentParser, fleet: bool) -> None:
     p.add_argument("--config", help="TOML file with any of these settings (flags override it)")
     if fleet:
         p.add_argument("--phones", type=int, help="number of emulated phones (default 50)")
-    p.add_argument("--dataset", help="the phones' data: digits | mnist5k | synthetic[:N[:SIDE]] | mnist:PATH | "
-                                     "fashion:PATH | cifar10:PATH (default digits)")
+    p.add_argument("--dataset", help=DATASET_HELP)
+    add_image_size_flag(p)
     p.add_argument("--partition", help="how the training set is split among phones: iid | dirichlet:ALPHA | "
                                        "shards:K (default iid)")
     p.add_argument("--quantity-skew", type=float, help="iid: lognormal sigma of phone data sizes (default 0)")
@@ -76,7 +76,7 @@ def server_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="federated rounds (default 10; 0 = until stopped with Ctrl-C)")
     p.add_argument("--sample", type=float, help="fraction of the phones whose updates each round waits for "
                                                 "(default 0.5)")
-    p.add_argument("--model", help="mlp | cnn | mobilenet (default cnn)")
+    add_model_flags(p)
     p.add_argument("--mode", choices=["sync", "async", "gossip"],
                    help="synchronous rounds, FedBuff, or decentralized gossip (default sync)")
     p.add_argument("--concurrency", type=int, help="async: phones training at once (default 20)")
@@ -129,8 +129,29 @@ def fleet_task_flags(p: argparse.ArgumentParser) -> None:
                                               "task is done)")
     p.add_argument("--sample", type=float, help="probability that a phone is available at each check-in; the "
                                                 "server decides cohorts (default 1)")
-    p.add_argument("--model", help="refuse to run unless the server trains this model (default: the server's "
-                                   "model, whatever it is)")
+    p.add_argument("--model", help="the phones' model: mlp | cnn | mobilenet | MODULE:ATTR; the server refuses "
+                                   "phones whose model differs from its own (default: the server's model when "
+                                   "built in; a server's MODULE:ATTR must be given here)")
+
+
+# The user's task (docs/your-own-task.md): the same model and dataset specs in every subcommand.
+DATASET_HELP = ("the data: digits | mnist5k | synthetic[:N[:SIDE]] | mnist:PATH | fashion:PATH | cifar10:PATH | "
+                "npz:PATH (arrays x_train, y_train, x_test, y_test[, num_classes]) | imagefolder:PATH (a folder "
+                "per class) | MODULE:ATTR (a callable returning those four arrays or two torch Datasets) "
+                "(default digits)")
+MODEL_HELP = ("mlp | cnn | mobilenet | MODULE:ATTR, a callable returning a torch.nn.Module (given input_shape "
+              "and num_classes if it takes them) (default cnn)")
+
+
+def add_model_flags(p: argparse.ArgumentParser, init_weights: bool = True) -> None:
+    p.add_argument("--model", help=MODEL_HELP)
+    if init_weights:
+        p.add_argument("--init-weights", help="the initial global model: a safetensors file, or a torch state_dict "
+                                              "(loaded with weights_only=True) (default: drawn from --seed)")
+
+
+def add_image_size_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, help="imagefolder:PATH: images are resized to this side (default 32)")
 
 
 class _Refused(argparse.Action):

@@ -144,39 +144,55 @@ def cmd_fleet(args: argparse.Namespace) -> int:
                 raise CliError(f"--shards must be between 1 and the number of phones ({cfg.phones})")
             import_ray()
         check_out_dir(cfg.out, create=False)
+        task = aio.run(_server_task(server))
+        phone_model, prepared = _phones_model(model, task, server, cfg)
         note = ""
         if section == "phone":
-            fleet_cfg, note = _phone_fleet_config(args, cfg)
+            fleet_cfg, note = _phone_fleet_config(args, cfg, prepared.data)
         else:
             fleet_cfg = dataclasses.replace(cfg.fleet_config(), server_here=False, name_prefix=args.name_prefix)
-        fleet_cfg = dataclasses.replace(fleet_cfg, max_rounds=rounds, availability=availability)
+        fleet_cfg = dataclasses.replace(fleet_cfg, max_rounds=rounds, availability=availability,
+                                        model_fingerprint=prepared.fingerprint)
         assert isinstance(fleet_cfg, FleetConfig)
-        task = aio.run(_server_task(server))
-        if model is not None and task["model"] != model:
-            raise CliError(f"--model {model}: the server at {server} trains {task['model']!r}")
         if note:
             print(note, flush=True)
-        # Training settings the user gave explicitly override the server's plan on these phones.
         if getattr(args, "gossip", None) is not None:  # phones gossip through the server's relay (docs/gossip.md)
             from fedfleet.gossip_fleet import run_gossip_fleet
 
             return run_gossip_fleet(args, server, cfg, task, rounds)
+        # Training settings the user gave explicitly override the server's plan on these phones.
         overrides = {k: getattr(args, k) for k in ("local_epochs", "batch_size", "lr", "prox_mu")
                      if getattr(args, k) is not None}
-    return _run_phones(args, section, server, cfg, fleet_cfg, overrides, rounds, backend)
+    return _run_phones(args, section, server, cfg, fleet_cfg, overrides, rounds, backend, prepared.data, phone_model)
 
 
-def _phone_fleet_config(args: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
+def _phones_model(model: str | None, task: dict[str, Any], server: str, cfg: Any) -> tuple[str, Any]:
+    """The phones' own model (``--model``, or the server's built-in one) and the task prepared with it.
+    A phone imports only model code given here: a server's MODULE:ATTR must be named by ``--model`` too.
+    Its fingerprint goes with each registration, and the server refuses a model that is not its own."""
+    from fedfleet.export.refs import BUILTIN_MODELS
+    from fedfleet.task import prepare_task
+
+    if model is None:
+        if task["model"] not in BUILTIN_MODELS:
+            raise CliError(f"the server at {server} trains the model {task['model']}; give --model MODULE:ATTR, "
+                           "the phones' own import of it (phones import only model code given to them here)")
+        model = str(task["model"])
+    elif task.get("model_fingerprint") is None and task["model"] != model:  # a server without fingerprints
+        raise CliError(f"--model {model}: the server at {server} trains {task['model']!r}")
+    return model, prepare_task(model, cfg.dataset, cfg.seed, cfg.image_size)
+
+
+def _phone_fleet_config(args: argparse.Namespace, cfg: Any, data: Any) -> tuple[Any, str]:
     """One phone: shard I of an N-phone split of the training set (the same draw as phone I of a fleet
     of N with this --partition and --seed); and a line saying so."""
     import numpy as np
 
-    from fedfleet.device_runtime.data import load_dataset, partition
+    from fedfleet.device_runtime.data import partition
 
     index, count = args.shard
     fleet_cfg = dataclasses.replace(cfg.fleet_config(), phones=count, shard_index=index, shard_count=count,
                                     server_here=False, name_prefix=args.name, phone_name=args.name)
-    data = load_dataset(cfg.dataset, seed=cfg.seed)
     part = partition(data.y_train, count, cfg.partition, np.random.default_rng(cfg.seed), cfg.quantity_skew)[index]
     return fleet_cfg, (f"fedfleet phone: {args.name} trains on shard {index} of {count} of "
                        f"{cfg.dataset} ({len(part)} of {len(data.y_train)} examples, partition {cfg.partition}, "
@@ -184,11 +200,10 @@ def _phone_fleet_config(args: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
 
 
 def _run_phones(args: argparse.Namespace, section: str, server: str, cfg: Any, fleet_cfg: Any,
-                overrides: dict[str, Any], rounds: int, backend: str) -> int:
-    from fedfleet.device_runtime.data import load_dataset
+                overrides: dict[str, Any], rounds: int, backend: str, prepared_data: Any, model: str) -> int:
     from fedfleet.device_runtime.fleet import run_fleet
     from fedfleet.device_runtime.fleet_result import FleetError, NamesTaken, fleet_summary
-    from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+    from fedfleet.device_runtime.task_runtime import task_runtime_factory
     from fedfleet.output import RoundTable, summarize, write_run
 
     tune_process(torch_threads=1)  # this process emulates many phones: see fedfleet.tuning
@@ -206,9 +221,9 @@ def _run_phones(args: argparse.Namespace, section: str, server: str, cfg: Any, f
         if backend == "ray":
             result, signum = _fleet_on_ray(args, cfg.dataset, cfg.seed, fleet_cfg, overrides, on_round)
         else:
-            data = load_dataset(cfg.dataset, seed=cfg.seed)
+            data = prepared_data
             result, signum = aio.run(_until_signal(run_fleet(
-                server, data, fleet_cfg, torch_runtime_for_task, on_round=on_round, train_overrides=overrides),
+                server, data, fleet_cfg, task_runtime_factory(model), on_round=on_round, train_overrides=overrides),
                 section))
     except FleetError as exc:
         if isinstance(exc, NamesTaken) or exc.result is None:

@@ -21,25 +21,30 @@ from fedfleet.tuning import tune_process
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from fedfleet.device_runtime.data import check_dataset_name, load_dataset
+    from fedfleet.device_runtime.data import check_dataset_name
     from fedfleet.device_runtime.limits import ACCEPT_BACKLOG
+    from fedfleet.export.refs import check_model_name
     from fedfleet.server.app import make_app
     from fedfleet.server.config import ServerConfig
+    from fedfleet.task import FINAL_WEIGHTS, prepare_task
 
     # Everything the user gave is checked before the banner, and before anything goes into --data-dir.
     values = toml_values(args, "server")
     dataset = args.dataset or values.pop("dataset", "digits")
     if not isinstance(dataset, str):
         raise CliError(f"--config {args.config}: dataset must be a string, got {dataset!r}")
+    image_size = args.image_size or values.pop("image_size", 32)
     for key, flag in (("model", args.model), ("rounds", args.rounds), ("sample_fraction", args.sample),
                       ("seed", args.seed), ("mode", args.mode), ("data_dir", args.data_dir),
-                      ("bundle_dir", args.bundle), ("strategy", args.strategy)):
+                      ("bundle_dir", args.bundle), ("strategy", args.strategy),
+                      ("init_weights", args.init_weights)):
         if flag is not None:
             values[key] = flag
     values.update(gossip_server_values(args))  # --mode gossip: the relay (server/relay.py)
     with checking_input():
         config = ServerConfig().replace(**values)
         check_dataset_name(dataset)
+        check_model_name(config.model)
     if config.data_dir is not None and Path(config.data_dir).exists() and not Path(config.data_dir).is_dir():
         raise CliError(f"--data-dir {config.data_dir}: exists and is not a folder")
     if config.bundle_dir is not None and not (Path(config.bundle_dir) / "manifest.json").is_file():
@@ -50,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with checking_input():
             if config.data_dir is not None:
                 check_out_dir(config.data_dir, "--data-dir")
-            data = load_dataset(dataset, seed=config.seed)
+            data = prepare_task(config.model, dataset, config.seed, image_size, config.init_weights).data
             config = config.replace(input_shape=data.input_shape, num_classes=data.num_classes)
         try:
             app = make_app(config, test_data=(data.x_test, data.y_test))
@@ -60,6 +65,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"--data-dir {config.data_dir}: server.sqlite is not a fedfleet state database or is "
                            f"damaged ({exc}); move it away to start afresh, or restore it from a backup") from None
         app.cleanup_ctx.append(partial(_say_when_done, data.name))
+        weights_out = args.weights_out or (str(Path(config.data_dir) / FINAL_WEIGHTS) if config.data_dir else None)
+        if weights_out is not None:
+            app.on_shutdown.append(final_weights_at_shutdown(config, weights_out))
         tune_process()  # this process serves thousands of phones: see fedfleet.tuning
     except BaseException:
         sock.close()
@@ -96,6 +104,25 @@ async def _watch_rounds(app: Any, dataset: str, every_s: float = 0.5) -> None:
                                                             if accuracy is not None else "")
                   + "; still serving the final model, GET /v1/rounds and /metrics until stopped (Ctrl-C)",
                   flush=True)
+
+
+def final_weights_at_shutdown(config: Any, path: str) -> Any:
+    """An on_shutdown hook writing the newest version as the task's model, a safetensors state_dict, to
+    ``path``: the trained model of a `fedfleet serve` comes out when it stops (its versions are also in
+    --data-dir's store, which `fedfleet export --from-run DATA_DIR` reads after a crash)."""
+    from aiohttp import web
+
+    async def write(app: web.Application) -> None:
+        from fedfleet.protocol import decode_message
+        from fedfleet.server.state import STORE
+        from fedfleet.task import save_trained
+
+        latest = app[STORE].latest_version()
+        if latest is not None:
+            save_trained(config, decode_message(latest[1]).tensors, path)
+            print(f"fedfleet server: wrote version {latest[0]} to {path}", flush=True)
+
+    return write
 
 
 def _url_host(host: str) -> str:

@@ -131,6 +131,10 @@ def summary_row(run: Run) -> dict[str, Any]:
         "max p95 latency s": max(p95) if p95 else None, "time s": _time(last),
         "phones": run.summary.get("phones", len(run.devices) or None),
         "phones participated": run.summary.get("phones_participated"),
+        # the user's task: its model and data specs, one example's shape, the trained weights' file
+        "model": run.summary.get("config", {}).get("model"), "dataset": run.summary.get("config", {}).get("dataset"),
+        "input shape": run.summary.get("task", {}).get("input_shape"),
+        "final weights": (run.summary.get("final_weights") or {}).get("path"),
     }
     if any(_num(r.get("epsilon_max")) for r in m):
         row["final epsilon_max"] = last.get("epsilon_max")

@@ -34,12 +34,13 @@ if TYPE_CHECKING:  # the fleet (torch) and the server are imported where they ru
 
 
 async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, interrupt: Interrupt | None = None,
-                   torch_threads: int | None = None) -> tuple[FleetResult, dict[str, Any]]:
-    """Run the simulation and write its outputs. ``interrupt`` (the command line): SIGINT and SIGTERM
-    end the run early but cleanly (see Interrupt); summary["interrupted"] then names the signal.
-    ``torch_threads``: set torch's threads process-wide once torch is loaded (fedfleet.tuning; the
-    command line's 1); None leaves them as they are. A fleet of thousands of phones needs the
-    process tuned first (fedfleet.tuning.tune_process, as the command line does)."""
+                   torch_threads: int | None = None, data: Dataset | None = None) -> tuple[FleetResult, dict[str, Any]]:
+    """Run the simulation and write its outputs (the trained model: OUT/final_weights.safetensors).
+    ``interrupt`` (the command line): SIGINT and SIGTERM end the run early but cleanly (see Interrupt);
+    summary["interrupted"] then names the signal. ``torch_threads``: set torch's threads process-wide
+    once torch is loaded (fedfleet.tuning; the command line's 1); None leaves them as they are. A fleet
+    of thousands of phones needs the process tuned first (fedfleet.tuning.tune_process, as the command
+    line does). ``data``: cfg.dataset already loaded (fedfleet.task)."""
     t0 = time.perf_counter()
     child = ServerProcess() if cfg.use_server_process else None  # first: it starts while this process does
     if interrupt is not None:
@@ -49,16 +50,18 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
             # The fleet's side (torch) is imported here, after the server process is on its way.
             from fedfleet.device_runtime import fleet as fleet_module
             from fedfleet.device_runtime.fleet_result import FleetResult
-            from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
+            from fedfleet.device_runtime.task_runtime import task_runtime_factory
 
             if torch_threads is not None:
                 set_torch_threads(torch_threads)
-            data = load_dataset(cfg.dataset, seed=cfg.seed)
+            if data is None:
+                data = load_dataset(cfg.dataset, seed=cfg.seed, image_size=cfg.image_size)
             out = Path(cfg.out)
             server_cfg = cfg.server_config(data, str(out / "server"))
             if cfg.runtime != "torch":  # phones run the exported artifacts: export them for this task
                 server_cfg = server_cfg.replace(bundle_dir=str(ensure_bundle(cfg, data, out / "bundle")))
             _fresh_state(out / "server")
+            phones_model = task_runtime_factory(weights=_phone_weights(server_cfg, out))
             clock = VirtualClock() if cfg.virtual else WallClock()
             rows: list[dict[str, Any]] = []  # the rounds recorded so far, should the fleet be cancelled
 
@@ -75,7 +78,7 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
                     served = await stack.enter_async_context(serve_here(server_cfg, data, clock))
                     url, finish = served.url, served.finish
                 fleet = asyncio.ensure_future(fleet_module.run_fleet(
-                    url, data, cfg.fleet_config(), torch_runtime_for_task, on_round=on_round, clock=clock))
+                    url, data, cfg.fleet_config(), phones_model, on_round=on_round, clock=clock))
                 if interrupt is not None:
                     interrupt.fleet_started(fleet, finish)
                 try:
@@ -103,6 +106,11 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
         "train_fraction": round(result.train_compute_s / summary["wall_s"], 4) if summary["wall_s"] else None,
     }
     summary["privacy"] = privacy_summary(task_release(server_cfg.codec), server_cfg, result.rounds)
+    from fedfleet.task import FINAL_WEIGHTS, write_final_weights
+
+    final = write_final_weights(server_cfg, out / "server", out / FINAL_WEIGHTS)
+    summary["final_weights"] = None if final is None else {"path": str(final[1]), "version": final[0]}
+    summary["task"] = {"model": cfg.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
     write_run(out, result.rounds, result.devices, summary)
     return result, summary
 
@@ -179,6 +187,19 @@ class Interrupt:
             self._cancel()
 
 
+def _phone_weights(server_cfg: ServerConfig, out: Path) -> str | None:
+    """The server's initial model as safetensors for the emulated phones (their frozen parameters and
+    state): phones load no torch (pickle) file, so a user's torch file is converted here."""
+    if server_cfg.init_weights is None:
+        return None
+    from fedfleet.export.task_model import task_model
+    from fedfleet.export.weights import save_weights
+
+    model = task_model(server_cfg.model, server_cfg.input_shape, server_cfg.num_classes, server_cfg.seed,
+                       server_cfg.init_weights)
+    return str(save_weights(out / "init_weights.safetensors", model))
+
+
 def ensure_bundle(cfg: SimulateConfig, data: Dataset, path: Path) -> Path:
     """Export the task's bundle into ``path`` unless an intact one for the same task is there."""
     from fedfleet.export.build import ExportConfig, export_bundle
@@ -187,12 +208,14 @@ def ensure_bundle(cfg: SimulateConfig, data: Dataset, path: Path) -> Path:
 
     try:
         m = verify_bundle(path)
-        if (m.model, m.input_shape, m.num_classes, m.seed) == (cfg.model, data.input_shape, data.num_classes, cfg.seed):
+        same = (m.model, m.input_shape, m.num_classes, m.seed) == (cfg.model, data.input_shape, data.num_classes, cfg.seed)
+        if same and cfg.init_weights is None:  # a user's weights may have changed under the same name: export anew
             return path
     except (BundleError, FileNotFoundError, ValueError):
         pass
     export_bundle(ExportConfig(cfg.model, data.name, data.input_shape, data.num_classes, seed=cfg.seed,
-                               batch_size=min(cfg.batch_size, 64), lr=cfg.lr), path)
+                               batch_size=min(cfg.batch_size, 64), lr=cfg.lr,
+                               weights=Path(cfg.init_weights) if cfg.init_weights else None), path)
     return path
 
 
@@ -210,19 +233,21 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def run(cfg: SimulateConfig, interrupt: Interrupt | None = None) -> dict[str, Any]:
+def run(cfg: SimulateConfig, interrupt: Interrupt | None = None, data: Dataset | None = None,
+        show_table: bool = True) -> dict[str, Any]:
     """``simulate`` with the live round table, training on one torch thread (the command line's run;
     see fedfleet.tuning); ``interrupt``: see ``simulate`` (a run it cancels before its fleet started
     raises Interrupted)."""
-    table = RoundTable(total=cfg.rounds)
+    table = RoundTable(total=cfg.rounds) if show_table else None
     try:
-        _, summary = aio.run(simulate(cfg, table, interrupt=interrupt, torch_threads=1))
+        _, summary = aio.run(simulate(cfg, table, interrupt=interrupt, torch_threads=1, data=data))
     except asyncio.CancelledError:
         if interrupt is None or not interrupt.signum:
             raise
         raise Interrupted(interrupt.signum) from None
     finally:
-        table.close()
+        if table is not None:
+            table.close()
     return summary
 
 

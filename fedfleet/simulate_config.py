@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fedfleet.device_runtime.attacks import parse_attack
 from fedfleet.device_runtime.data import Dataset, check_dataset_name, parse_partition
 from fedfleet.device_runtime.profiles import ProfileSpec, load_profiles
+from fedfleet.export.refs import check_model_name
 from fedfleet.protocol.plan import PLAN_FIELDS, TrainPlan
 from fedfleet.server.config import ServerConfig, check_types
 
@@ -29,8 +30,11 @@ class SimulateConfig:
     phones: int = 50
     rounds: int = 10
     sample: float = 0.5  # fraction of phones whose updates each round waits for
-    dataset: str = "digits"
-    model: str = "cnn"
+    dataset: str = "digits"  # a built-in name | npz:PATH | imagefolder:PATH | MODULE:ATTR (device_runtime/task_data.py)
+    model: str = "cnn"  # mlp | cnn | mobilenet | MODULE:ATTR, a callable returning a torch.nn.Module
+    # the user's task (docs/your-own-task.md): initial weights, and the side imagefolder:PATH images are resized to
+    init_weights: str | None = None  # safetensors, or a torch state_dict loaded with weights_only=True
+    image_size: int = 32
     partition: str = "iid"
     quantity_skew: float = 0.0
     attack: str = "none"  # Byzantine phones: none | signflip | scale:F | noise:STD | labelflip
@@ -90,7 +94,7 @@ class SimulateConfig:
         TOML key) a user gave: a bad value must not surface later as a traceback or an obscure error."""
         check_types(self, _flag)
         _check_range(self, [
-            ("phones", self.phones >= 1, "at least 1"), ("rounds", self.rounds >= 0, ">= 0 (0 = until stopped)"),
+            ("phones", self.phones >= 1, "at least 1"), ("image_size", self.image_size >= 1, "at least 1"), ("rounds", self.rounds >= 0, ">= 0 (0 = until stopped)"),
             ("sample", 0 < self.sample <= 1, "a fraction in (0, 1]"),
             ("quantity_skew", 0 <= self.quantity_skew < math.inf, ">= 0"),
             ("attack_fraction", 0 <= self.attack_fraction <= 1, "a fraction in [0, 1]"),
@@ -133,6 +137,9 @@ class SimulateConfig:
         if self.mode == "gossip":
             _check_gossip(self)
         check_dataset_name(self.dataset)
+        check_model_name(self.model)
+        if self.init_weights is not None and not Path(self.init_weights).is_file():
+            raise ValueError(f"--init-weights {self.init_weights}: no such file")
         parse_partition(self.partition)
         parse_attack(self.attack)
         try:  # what the server would refuse, refused now (the shape is the dataset's, known later)
@@ -179,9 +186,10 @@ class SimulateConfig:
     def server_config(self, data: Dataset, data_dir: str | None) -> ServerConfig:
         return self._server_config(data.input_shape, data.num_classes, data_dir)
 
-    def _server_config(self, input_shape: tuple[int, int, int], num_classes: int, data_dir: str | None) -> ServerConfig:
+    def _server_config(self, input_shape: tuple[int, ...], num_classes: int, data_dir: str | None) -> ServerConfig:
         base = ServerConfig(
             model=self.model,
+            init_weights=self.init_weights,
             input_shape=input_shape,
             num_classes=num_classes,
             seed=self.seed,

@@ -27,6 +27,7 @@ from fedfleet.server.state import (
     CONFIG,
     COORD,
     EVALUATOR,
+    MODEL_FINGERPRINT,
     NONCES,
     STORE,
     UPLOADS,
@@ -61,7 +62,7 @@ def make_app(
         handler_args={"auto_decompress": False, "keepalive_timeout": config.idle_timeout_s},
     )
     store = Store(_db_path(config), keep_versions=max(16, config.max_staleness + 2), sync=config.sqlite_sync)
-    version, params = _initial_state(config, store)
+    version, params, fingerprint = _initial_state(config, store)
     opt_blob = store.optimizer_state(version)
     opt_state = decode_message(opt_blob).tensors if opt_blob else None
     coordinator = AsyncCoordinator if config.mode == "async" else SyncCoordinator
@@ -71,11 +72,17 @@ def make_app(
     app[UPLOADS] = UploadGate()
     app[WORK] = WorkSignal()
     app[NONCES] = NonceBook(config.signature_skew_s)
+    if fingerprint is not None:
+        app[MODEL_FINGERPRINT] = fingerprint
     if test_data is not None:
         task = (config.model, config.input_shape, config.num_classes)  # torch loads at the first evaluation
-        app[EVALUATOR] = Evaluator(task, test_data[0], test_data[1], seed=config.seed)
+        app[EVALUATOR] = Evaluator(task, test_data[0], test_data[1], seed=config.seed, init_weights=config.init_weights)
     if config.bundle_dir is not None:
-        check_bundle(Path(config.bundle_dir), config.model, app[COORD].specs)
+        manifest = check_bundle(Path(config.bundle_dir), config.model, app[COORD].specs)
+        bundle_fp = manifest.model_fingerprint
+        if bundle_fp is not None and fingerprint is not None and bundle_fp != fingerprint:
+            raise ValueError(f"bundle {config.bundle_dir} is for another model than the task's (fingerprint "
+                             f"{bundle_fp[:12]} vs {fingerprint[:12]})")
     setup_routes(app)
     if config.topology != "none":  # gossip mode: the server relays phones' messages (server/relay.py)
         setup_relay(app)
@@ -118,9 +125,10 @@ class OtherTask(ValueError):
     resume. The CLI reports it in one line."""
 
 
-def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, np.ndarray]]:
-    """Resume from the newest durable version, or draw version 0 from the seed. Only a fresh
-    start imports torch (to draw version 0): a restart after a crash serves in well under 2 s."""
+def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, np.ndarray], str | None]:
+    """Resume from the newest durable version, or make version 0: drawn from the seed, or the user's
+    ``init_weights``. Only a fresh start imports torch: a restart after a crash serves in well under 2 s.
+    Also the model's fingerprint (None for a data dir written before fingerprints were kept)."""
     fingerprint = json.dumps({"model": config.model, "input_shape": list(config.input_shape),
                               "classes": config.num_classes})
     saved = store.get_meta("model_spec")
@@ -129,14 +137,16 @@ def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, n
     latest = store.latest_version()
     if latest is not None:
         version, blob = latest
-        return version, decode_message(blob).tensors
-    from fedfleet.export.models import ModelSpec, build_model, trainable_params
+        return version, decode_message(blob).tensors, store.get_meta("model_fingerprint")
+    from fedfleet.export.models import trainable_params
+    from fedfleet.export.task_model import model_fingerprint, task_model
 
-    spec = ModelSpec(config.model, config.input_shape, config.num_classes)
-    params = {n: p.detach().numpy().copy() for n, p in trainable_params(build_model(spec, config.seed)).items()}
+    model = task_model(config.model, config.input_shape, config.num_classes, config.seed, config.init_weights)
+    params = {n: p.detach().numpy().copy() for n, p in trainable_params(model).items()}
     store.set_meta("model_spec", fingerprint)
-    store.save_version(0, encode_message("model", {"version": 0, "model": spec.name}, params))
-    return 0, params
+    store.set_meta("model_fingerprint", model_fingerprint(model))
+    store.save_version(0, encode_message("model", {"version": 0, "model": config.model}, params))
+    return 0, params, store.get_meta("model_fingerprint")
 
 
 @web.middleware

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ServerConfig:
     # --- the task: which model, trained how -------------------------------------------
-    model: str = "cnn"  # export.models name: mlp | cnn | mobilenet
-    input_shape: tuple[int, int, int] = (1, 8, 8)  # C, H, W of one example
+    model: str = "cnn"  # mlp | cnn | mobilenet | MODULE:ATTR (a callable returning a torch.nn.Module)
+    input_shape: tuple[int, ...] = (1, 8, 8)  # one example: C, H, W (images), T, F (sequences), F (features)
+    init_weights: str | None = None  # safetensors or torch state_dict file: version 0 (default: drawn from seed)
     num_classes: int = 10
     seed: int = 0  # initial parameters are drawn from this seed
     # the training plan sent to phones with each task: defaults and limits in protocol/plan.py

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from fedfleet.export.models import ModelSpec
 
-TaskSpec = tuple[str, tuple[int, int, int], int]  # model name, input shape, classes
+TaskSpec = tuple[str, tuple[int, ...], int]  # model name, input shape, classes
 
 
 @dataclass(frozen=True)
@@ -28,20 +28,23 @@ class Evaluator:
     The model, and torch with it, is built at the first evaluation (in the publisher's thread),
     so that a server restarting after a crash answers requests without waiting for torch."""
 
-    def __init__(self, spec: ModelSpec | TaskSpec, x_test: np.ndarray, y_test: np.ndarray, seed: int = 0) -> None:
+    def __init__(self, spec: ModelSpec | TaskSpec, x_test: np.ndarray, y_test: np.ndarray, seed: int = 0,
+                 init_weights: str | None = None) -> None:
         if len(x_test) != len(y_test) or len(x_test) == 0:
             raise ValueError("the test split needs as many labels as examples, and at least one")
-        self.spec, self.seed = spec, seed
+        self.spec, self.seed, self.init_weights = spec, seed, init_weights
         self.x = np.ascontiguousarray(x_test, dtype=np.float32)
         self.y = np.asarray(y_test, dtype=np.int64)
         self._model: nn.Module | None = None
 
     def _built(self) -> nn.Module:
         if self._model is None:
-            from fedfleet.export.models import ModelSpec, build_model
+            from fedfleet.export.models import ModelSpec
+            from fedfleet.export.task_model import task_model
 
             spec = self.spec if isinstance(self.spec, ModelSpec) else ModelSpec(*self.spec)
-            self._model = build_model(spec, seed=self.seed)
+            # the parameters phones do not train (a frozen backbone) are the initial weights' too
+            self._model = task_model(spec.name, spec.input_shape, spec.num_classes, self.seed, self.init_weights)
         return self._model
 
     def evaluate(self, params: Mapping[str, np.ndarray], batch_size: int = 512) -> Evaluation:

@@ -36,7 +36,16 @@ from fedfleet.server.http import (
 )
 from fedfleet.server.robust_math import update_norms
 from fedfleet.server.security import SignatureError, parse_public_key
-from fedfleet.server.state import CONFIG, COORD, NONCES, STORE, UPLOADS, WORK, schedule_merge
+from fedfleet.server.state import (
+    CONFIG,
+    COORD,
+    MODEL_FINGERPRINT,
+    NONCES,
+    STORE,
+    UPLOADS,
+    WORK,
+    schedule_merge,
+)
 from fedfleet.server.store import NameTaken
 
 # The task's JSON per coordinator, with the configuration it was made from: every registration sends
@@ -50,12 +59,13 @@ def task_spec_json(request: web.Request) -> bytes:
     cfg = coord.config  # the plan in force (POST /v1/admin/plan replaces it), as check-ins hand out
     cached = _TASK_JSON.get(coord)
     if cached is None or cached[0] is not cfg:
-        cached = (cfg, json.dumps(task_spec(cfg, coord), separators=(",", ":")).encode())
+        cached = (cfg, json.dumps(task_spec(cfg, coord, request.app.get(MODEL_FINGERPRINT)),
+                                  separators=(",", ":")).encode())
         _TASK_JSON[coord] = cached
     return cached[1]
 
 
-def task_spec(cfg: ServerConfig, coord: Coordinator) -> dict[str, Any]:
+def task_spec(cfg: ServerConfig, coord: Coordinator, fingerprint: str | None = None) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "mode": cfg.mode,
@@ -68,6 +78,7 @@ def task_spec(cfg: ServerConfig, coord: Coordinator) -> dict[str, Any]:
         "bundle": cfg.bundle_dir is not None,
         "max_update_bytes": cfg.max_update_bytes,
         "rounds": cfg.rounds,
+        "model_fingerprint": fingerprint,  # names, shapes, dtypes of the model's state (None: not known)
     }
 
 
@@ -83,6 +94,7 @@ async def register(request: web.Request) -> web.Response:
             fail(400, exc.reason, exc.message)
     elif request.app[CONFIG].require_signatures:
         fail(400, "key_required", "this server requires an Ed25519 public_key at registration")
+    check_model_fingerprint(body.get("model_fingerprint"), request.app.get(MODEL_FINGERPRINT))
     if name is None:
         phone_id = f"phone-{secrets.token_hex(6)}"
     elif not isinstance(name, str) or not NAME_RE.match(name):
@@ -102,6 +114,18 @@ async def register(request: web.Request) -> web.Response:
     answer = b'{"phone_id":%s,"token":%s,"task":%s}' % (json.dumps(phone_id).encode(), json.dumps(token).encode(),
                                                          task_spec_json(request))
     return web.Response(body=answer, status=201, content_type="application/json")
+
+
+def check_model_fingerprint(phone: Any, server: str | None) -> None:
+    """A phone that says which model it runs (export.task_model.model_fingerprint) must run the task's:
+    409 model_mismatch otherwise, before it is enrolled."""
+    if phone is None or server is None:
+        return
+    if not isinstance(phone, str):
+        fail(400, "bad_fingerprint", "model_fingerprint must be a string")
+    if phone != server:
+        fail(409, "model_mismatch", f"this phone's model (fingerprint {phone[:12]}) differs from the task's "
+                                    f"(fingerprint {server[:12]}): its tensors' names, shapes or dtypes differ")
 
 
 async def task(request: web.Request) -> web.Response:

@@ -25,6 +25,7 @@ CONFIG = web.AppKey("config", ServerConfig)
 STORE = web.AppKey("store", Store)
 COORD = web.AppKey("coordinator", Coordinator)
 EVALUATOR = web.AppKey("evaluator", Evaluator)
+MODEL_FINGERPRINT = web.AppKey("model_fingerprint", str)  # export.task_model.model_fingerprint of the task's model
 PUBLISH_QUEUE = web.AppKey("publish_queue", asyncio.Queue)
 
 

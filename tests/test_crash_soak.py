@@ -35,10 +35,11 @@ def test_a_restart_loads_neither_torch_nor_dp_accounting() -> None:
             "from server.config import ServerConfig\n"
             "from device_runtime.data import load_dataset\n"
             "load_dataset('synthetic:100')\n"
-            "from export.cli import MODEL_NAMES\n"
-            "print(sorted(m for m in ('torch', 'dp_accounting', 'sklearn') if m in sys.modules), list(MODEL_NAMES))")
+            "import fedfleet\n"
+            "from fedfleet.export.refs import BUILTIN_MODELS\n"
+            "print(sorted(m for m in ('torch', 'dp_accounting', 'sklearn') if m in sys.modules), list(BUILTIN_MODELS))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] ['mlp', 'cnn', 'mobilenet']"
-    from fedfleet.export.models import MODEL_NAMES  # the parser's spelled-out copy stays in step
+    from fedfleet.export.models import MODEL_NAMES  # the torch-free spelled-out copy stays in step
 
     assert list(MODEL_NAMES) == ["mlp", "cnn", "mobilenet"]

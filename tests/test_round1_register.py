@@ -7,7 +7,7 @@ import json
 
 from fedfleet.server.http import json_response
 from fedfleet.server.routes import task_spec
-from fedfleet.server.state import CONFIG, COORD
+from fedfleet.server.state import CONFIG, COORD, MODEL_FINGERPRINT
 from tests.conftest import MakeClient
 
 
@@ -15,7 +15,7 @@ async def test_registration_answers_are_the_json_they_were(make_server: MakeClie
     """The answer is byte for byte what serialising {"phone_id", "token", "task"} per phone gave."""
     client = await make_server(codec={"quant_bits": 8}, rounds=7)
     app = client.app
-    spec = task_spec(app[CONFIG], app[COORD])
+    spec = task_spec(app[CONFIG], app[COORD], app[MODEL_FINGERPRINT])
     assert spec["train"]["codec"] == {"quant_bits": 8} and spec["rounds"] == 7
     for name in ("a", "b-2"):
         resp = await client.post("/v1/register", json={"name": name})

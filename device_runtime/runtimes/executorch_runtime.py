@@ -48,8 +48,7 @@ class ExecuTorchRuntime:
         self._max_batch = manifest.max_batch
         # The parameter tensors are only handed out by a first forward_backward; run it on
         # a dummy batch (it changes no weight: the optimizer step is ours).
-        c, h, w = manifest.input_shape
-        self._module.forward_backward("forward", (torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.int64)))
+        self._module.forward_backward("forward", (torch.zeros(1, *manifest.input_shape), torch.zeros(1, dtype=torch.int64)))
         self._params = self._named(self._module.named_parameters())
         self._check_params()
 

@@ -15,6 +15,7 @@ from fedfleet.export.manifest import (
     MODEL_ONNX,
     MODEL_PTE,
     TRAIN_STEP_ONNX,
+    WEIGHTS,
     BundleError,
     Manifest,
     ParameterMismatch,
@@ -31,7 +32,7 @@ def load_runtime(
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir) if verify else load_manifest(bundle_dir)
     if kind == "torch":
-        return _torch_runtime(manifest, backbone_weights)
+        return _torch_runtime(manifest, backbone_weights, bundle_dir)
     if kind == "executorch":
         require_artifact(manifest, MODEL_PTE)
         from fedfleet.device_runtime.runtimes.executorch_runtime import ExecuTorchRuntime
@@ -44,7 +45,7 @@ def load_runtime(
     return OnnxRuntime(bundle_dir, manifest)
 
 
-def _torch_runtime(manifest: Manifest, backbone_weights: Path | None) -> TrainingRuntime:
+def _torch_runtime(manifest: Manifest, backbone_weights: Path | None, bundle_dir: Path) -> TrainingRuntime:
     """The eager reference, rebuilt from the manifest's model name, shapes and seed."""
     from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
     from fedfleet.export.models import ModelSpec, build_model
@@ -56,6 +57,10 @@ def _torch_runtime(manifest: Manifest, backbone_weights: Path | None) -> Trainin
             raise ParameterMismatch(f"{backbone_weights} is not the backbone this bundle was exported with")
     spec = ModelSpec(manifest.model, manifest.input_shape, manifest.num_classes)
     model = build_model(spec, seed=manifest.seed, backbone_weights=backbone_weights)
+    if manifest.artifacts.get(WEIGHTS) is not None and manifest.artifacts[WEIGHTS].available:
+        from fedfleet.export.weights import fit_weights, load_weights  # safetensors only: nothing unpickled
+
+        fit_weights(model, load_weights(bundle_dir / WEIGHTS, "bundle", allow_torch=False), f"bundle {WEIGHTS}")
     actual = [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()]
     expected = [(p.name, p.shape, p.trainable) for p in manifest.parameters]
     if actual != expected:

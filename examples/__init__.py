@@ -1,0 +1,1 @@
+"""Runnable examples of a user's own task (docs/your-own-task.md)."""

@@ -1,0 +1,97 @@
+"""A user's own models and datasets, as fedfleet takes them: ``--model examples.custom_task:bn_cnn``,
+``--dataset examples.custom_task:digit_rows``. Run from the repository's root, e.g.
+
+    fedfleet simulate --model examples.custom_task:bn_cnn --dataset digits --phones 10 --rounds 5
+    fedfleet simulate --model examples.custom_task:gru --dataset examples.custom_task:digit_rows --trainer pool
+    fedfleet simulate --model mlp --dataset examples.custom_task:digit_features
+
+A model factory returns a ``torch.nn.Module`` mapping ``[batch, *input_shape]`` to logits
+``[batch, num_classes]``; it is given ``input_shape`` and ``num_classes`` when it names them. A dataset
+callable returns ``(x_train, y_train, x_test, y_test)`` numpy arrays (or two torch Datasets), and may
+take ``seed``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class BNCNN(nn.Module):
+    """conv-BN-ReLU-pool twice, dropout, linear: images [C, H, W] of any size."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.dropout = nn.Dropout(0.1)
+        self.head = nn.Linear(2 * width * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x).flatten(1)))  # [B, 2w, 2, 2] -> [B, classes]
+
+
+def bn_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return BNCNN(input_shape[0], num_classes)
+
+
+class GRUClassifier(nn.Module):
+    """A GRU over a sequence [T, F]; the last hidden state is classified."""
+
+    def __init__(self, features: int, num_classes: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.gru = nn.GRU(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.gru(x)  # h: [1, B, hidden]
+        return self.head(h[-1])
+
+
+def gru(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return GRUClassifier(input_shape[-1], num_classes)
+
+
+class Conv1dClassifier(nn.Module):
+    """1-D convolutions along T of a sequence [T, F] (features as channels), then a linear classifier."""
+
+    def __init__(self, steps: int, features: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(features, width, 3, padding=1)
+        self.conv2 = nn.Conv1d(width, width, 3, padding=1)
+        self.head = nn.Linear(width * steps, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x.transpose(1, 2)))  # [B, F, T] -> [B, w, T]
+        h = torch.relu(self.conv2(h))
+        return self.head(h.flatten(1))  # [B, w * T] -> [B, classes]
+
+
+def conv1d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    steps, features = input_shape
+    return Conv1dClassifier(steps, features, num_classes)
+
+
+def _digits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)  # [N, 8, 8]
+    order = np.random.default_rng(seed).permutation(len(x))
+    test, train = order[:360], order[360:]
+    return x[train], y[train], x[test], y[test]
+
+
+def digit_rows(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """sklearn's digits as sequences: 8 time steps (rows) of 8 features."""
+    return _digits(seed)
+
+
+def digit_features(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """sklearn's digits as flat feature vectors [64]."""
+    x, y, xt, yt = _digits(seed)
+    return x.reshape(len(x), -1), y, xt.reshape(len(xt), -1), yt
