@@ -33,8 +33,8 @@ from fedfleet.device_runtime.stateful import (
     dropout_layers,
     masked_dropout,
     queued_masks,
-    state_names,
 )
+from fedfleet.export.model_state import state_names
 from fedfleet.protocol.state import split_state, with_state
 
 Params = dict[str, np.ndarray]

@@ -23,21 +23,6 @@ _CHANNEL_DROPOUT = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 MaskSource = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (dropout layer, its output) -> mask
 
 
-def state_names(model: nn.Module) -> list[str]:
-    """Buffers that training changes: those of batch norm layers in training mode that track
-    running statistics (call after ``model.train()``, which a model may override)."""
-    names = []
-    for prefix, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
-            names += [f"{prefix}.{n}" if prefix else n for n, b in module.named_buffers(recurse=False) if b is not None]
-    return names
-
-
-def get_state(model: nn.Module, names: Sequence[str]) -> dict[str, np.ndarray]:
-    buffers = dict(model.named_buffers())
-    return {n: buffers[n].detach().numpy().copy() for n in names}
-
-
 def set_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
     buffers = dict(model.named_buffers())
     with torch.no_grad():

@@ -13,7 +13,7 @@ from fedfleet.server.config import load_toml
 SERVER_SETTINGS = ("mode", "concurrency", "buffer", "staleness", "max_staleness", "server_optimizer", "server_lr",
                    "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk", "quant_bits",
                    "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget", "central_clip",
-                   "central_noise_multiplier", "robust", "server_process")
+                   "central_noise_multiplier", "robust", "server_process", "local_state")
 # What only a fleet of several phones takes: refused on `phone`.
 FLEET_SETTINGS = ("phones", "workers", "trainer", "attack", "attack_fraction")
 
@@ -105,6 +105,13 @@ def _server_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-process", choices=["auto", "yes", "no"],
                    help="run the server in its own process (wall clock only; auto, the default: for 1,000+ "
                         "phones on 2+ cores)")
+
+
+def add_state_flags(p: argparse.ArgumentParser) -> None:
+    """How the model's state (batch norm running statistics) is federated: docs/model-state.md."""
+    p.add_argument("--local-state", action="store_true", default=None,
+                   help="FedBN: each phone keeps its own batch norm statistics (default: the server merges the "
+                        "phones' statistics, weighted by examples, and ships them with the model)")
 
 
 def _fleet_task_flags(p: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--config {args.config}: dataset must be a string, got {dataset!r}")
     for key, flag in (("model", args.model), ("rounds", args.rounds), ("sample_fraction", args.sample),
                       ("seed", args.seed), ("mode", args.mode), ("data_dir", args.data_dir),
-                      ("bundle_dir", args.bundle)):
+                      ("bundle_dir", args.bundle), ("local_state", args.local_state)):
         if flag is not None:
             values[key] = flag
     config = ServerConfig().replace(**values)

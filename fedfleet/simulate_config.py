@@ -58,6 +58,7 @@ class SimulateConfig:
     clock: str = "auto"  # wall | virtual | auto (virtual when devices are emulated)
     hours: float = 0.0  # stop the fleet after this much (virtual) time; 0 = when the rounds are done
     server_process: str = "auto"  # auto | yes | no: the server in a child process (wall clock only; see use_server_process)
+    local_state: bool = False  # FedBN: phones keep their batch norm statistics (docs/model-state.md)
     inline_model: bool = True  # phones take the model in the check-in's answer (no GET /v1/model)
     chain_checkin: bool | None = None  # phones check in again with their upload (None: see FleetConfig)
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
@@ -204,6 +205,7 @@ class SimulateConfig:
             epsilon_budget=self.epsilon_budget,
             central_clip=self.central_clip,
             central_noise_multiplier=self.central_noise_multiplier,
+            local_state=self.local_state,
         )
         return base.replace(**self.server) if self.server else base
 

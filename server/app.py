@@ -147,10 +147,14 @@ def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, n
     if latest is not None:
         version, blob = latest
         return version, decode_message(blob).tensors
+    from fedfleet.export.model_state import initial_state
     from fedfleet.export.models import ModelSpec, build_model, trainable_params
+    from fedfleet.protocol.state import with_state
 
     spec = ModelSpec(config.model, config.input_shape, config.num_classes)
-    params = {n: p.detach().numpy().copy() for n, p in trainable_params(build_model(spec, config.seed)).items()}
+    model = build_model(spec, config.seed)
+    params = {n: p.detach().numpy().copy() for n, p in trainable_params(model).items()}
+    params = with_state(params, initial_state(model))  # batch norm statistics travel as "state:" tensors
     store.set_meta("model_spec", fingerprint)
     store.save_version(0, encode_message("model", {"version": 0, "model": spec.name}, params))
     return 0, params

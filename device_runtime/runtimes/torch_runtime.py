@@ -13,11 +13,10 @@ from fedfleet.device_runtime.stateful import (
     dropout_generator,
     dropout_layers,
     generator_masks,
-    get_state,
     masked_dropout,
     set_state,
-    state_names,
 )
+from fedfleet.export.model_state import get_state, state_names
 
 
 class TorchRuntime:
