@@ -51,15 +51,17 @@ class ExportConfig:
             raise ValueError("lr must be positive")
 
 
-def export_bundle(cfg: ExportConfig, out_dir: Path) -> Manifest:
-    """Build the model from ``cfg``, write every artifact it supports, then verify the bundle."""
+def export_bundle(cfg: ExportConfig, out_dir: Path, model: nn.Module | None = None) -> Manifest:
+    """Build the model from ``cfg`` (or take ``model``, of ``cfg``'s input shape and classes), write
+    every artifact it supports, then verify the bundle."""
     from fedfleet.export.executorch_export import export_executorch
     from fedfleet.export.onnx_export import export_inference_onnx, export_train_step_onnx
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(cfg.model, cfg.input_shape, cfg.num_classes)
-    model = build_model(spec, seed=cfg.seed, backbone_weights=cfg.backbone_weights)
+    if model is None:
+        model = build_model(spec, seed=cfg.seed, backbone_weights=cfg.backbone_weights)
     opsets: list[int] = []
     backends: dict[str, str] = {}
 

@@ -10,6 +10,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedfleet.export.manifest import MANIFEST
+
+if TYPE_CHECKING:
+    from fedfleet.export.manifest import Manifest
 
 # export.models.MODEL_NAMES, spelled out: importing export.models loads torch (~4 s), and every
 # `fedfleet` command builds this parser, so a restarted `fedfleet serve` would wait for it.
@@ -55,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     manifest = export_bundle(cfg, args.out)
+    failed = failures(manifest)
+    if failed:  # one line, nothing claimed: the directory is left without a manifest or artifacts
+        withdraw(args.out, manifest)
+        print(f"fedfleet export: error: {'; '.join(failed)}", file=sys.stderr)
+        return 2
     print(
         f"exported {cfg.model} for {cfg.dataset} {cfg.input_shape} -> {args.out} in {time.perf_counter() - start:.1f}s"
     )
@@ -65,7 +76,29 @@ def run(args: argparse.Namespace) -> int:
             else f"UNAVAILABLE op={info.op}: {info.reason}"
         )
         print(f"  {name:16s} {status}")
-    return 0 if any(info.available for info in manifest.artifacts.values()) else 1
+    return 0
+
+
+def failures(manifest: Manifest) -> list[str]:
+    """"ARTIFACT: OP fails at STAGE" (or the reason a check gave) for each artifact the model could not
+    be exported to."""
+    out = []
+    for name, info in sorted(manifest.artifacts.items()):
+        if not info.available:
+            reason = (info.reason or "").splitlines()[0] if info.reason else ""
+            if " failed:" not in reason:  # a check of ours: its reason is the sentence
+                out.append(f"{name}: {reason[:200]}")
+                continue
+            op = info.op if info.op and info.op != name else "the model"
+            out.append(f"{name}: {op} fails at {reason.split(' failed:')[0][:200]}")
+    return out
+
+
+def withdraw(out_dir: Path, manifest: Manifest) -> None:
+    """Remove the manifest and every artifact written beside it."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for name in manifest.artifacts:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
