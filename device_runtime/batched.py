@@ -31,6 +31,8 @@ from fedfleet.device_runtime.stateful import (
     dropout_call_shapes,
     dropout_generator,
     dropout_layers,
+    mask_shape,
+    masked_batch_norm,
     masked_dropout,
     queued_masks,
 )
@@ -94,11 +96,10 @@ def train_many(
     if layers and example is not None:
         calls = dropout_call_shapes(model, layers, torch.as_tensor(example).to(next(model.parameters()).dtype))
     holder: list[MaskSource] = []
-    with masked_dropout(layers, lambda m, out: holder[-1](m, out)):
-        step = _make_step(model, start, snames, cfg, dtype, holder)
-        # Batch norm in training mode takes statistics over the batch: padding rows must not enter
-        # them, so each call holds phones of one real batch size. Dropout masks are drawn per real row.
-        exact = bool(layers) or _batch_dependent(model)
+    rows: list[torch.Tensor | None] = []  # the phone's real rows, for batch norm's statistics
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    with masked_dropout(layers, lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows):
+        step = _make_step(model, start, snames, cfg, dtype, holder, rows)
         # Longest first: phones in a chunk then have similar step counts (little padding), and
         # the phones still training at step t are a prefix of the chunk.
         order = sorted(range(len(jobs)), key=lambda i: -len(plans[i]))
@@ -108,7 +109,7 @@ def train_many(
             batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype)
             state0 = {n: torch.stack([_as_state(job_states[i][n], dtype) for i in ids]) for n in snames}
             drops = _Drops(calls if layers else [], [gens[i] for i in ids], dtype)
-            for i, out in zip(ids, _train_chunk(step, start, state0, batch, drops, exact), strict=True):
+            for i, out in zip(ids, _train_chunk(step, start, state0, batch, drops), strict=True):
                 results[i] = out
     return [results[i] for i in range(len(jobs))]
 
@@ -116,10 +117,6 @@ def train_many(
 def _as_state(value: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(value))
     return t.to(dtype) if t.is_floating_point() else t.clone()
-
-
-def _batch_dependent(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
 
 @dataclass
@@ -130,15 +127,18 @@ class _Drops:
     gens: list[torch.Generator | None]
     dtype: torch.dtype
 
-    def masks(self, phones: Sequence[int], rows: int) -> list[torch.Tensor]:
-        """[k, rows, ...] per call: each phone's masks for one step, drawn in its eager order."""
+    def masks(self, counts: Sequence[int], width: int) -> list[torch.Tensor]:
+        """[k, width, ...] per call: phone j's masks for its ``counts[j]`` real rows of one step, drawn
+        in its eager order, padded with ones."""
         if not self.calls:
             return []
         per_phone = []
-        for j in phones:
+        for j, rows in enumerate(counts):
             gen = self.gens[j]
             assert gen is not None
-            per_phone.append([draw_mask(m, (rows, *s), gen, self.dtype) for m, s in self.calls])
+            per_phone.append([torch.cat([draw_mask(m, (int(rows), *s), gen, self.dtype),
+                                         torch.ones(mask_shape(m, (width - int(rows), *s)), dtype=self.dtype)])
+                              for m, s in self.calls])
         return [torch.stack([p[c] for p in per_phone]) for c in range(len(self.calls))]
 
 
@@ -184,33 +184,18 @@ def _gather(jobs: Sequence[Job], plans: Sequence[list[np.ndarray]], batch_size: 
 
 
 def _train_chunk(step: Step, start: Mapping[str, torch.Tensor], state: Tensors, data: _ChunkData,
-                 drops: _Drops, exact: bool) -> list[tuple[Params, TrainResult]]:
+                 drops: _Drops) -> list[tuple[Params, TrainResult]]:
     p = len(data.steps)
     stacked = {n: s.expand(p, *s.shape).clone() for n, s in start.items()}  # [P, ...]
     losses = torch.zeros(len(data.active), p, dtype=data.mask.dtype)  # [T, P]
     for t, k in enumerate(data.active):
         # Phones past their last step are left out of the call entirely (not just masked),
         # so their parameters cannot move: no gradient and no FedProx pull toward start.
-        counts = data.rows[t, :k]
-        if not exact or (counts == counts[0]).all():
-            b = int(counts[0]) if exact else data.index.shape[2]
-            rows = data.index[t, :k, :b]  # [k, b]
-            views = {n: s[:k] for n, s in stacked.items()}
-            bufs = {n: s[:k] for n, s in state.items()}
-            losses[t, :k] = step(views, bufs, drops.masks(range(k), b), data.x[rows], data.y[rows], data.mask[t, :k, :b])
-            continue
-        for b in np.unique(counts):  # one call per real batch size: no padding enters batch statistics
-            phones = np.flatnonzero(counts == b)
-            sel = torch.from_numpy(phones)
-            rows = data.index[t, sel, : int(b)]
-            views = {n: s[sel] for n, s in stacked.items()}  # copies: written back below
-            bufs = {n: s[sel] for n, s in state.items()}
-            losses[t, sel] = step(views, bufs, drops.masks(phones.tolist(), int(b)), data.x[rows], data.y[rows],
-                                  data.mask[t, sel, : int(b)])
-            for n, v in views.items():
-                stacked[n][sel] = v
-            for n, v in bufs.items():
-                state[n][sel] = v
+        rows = data.index[t, :k]  # [k, B]
+        views = {n: s[:k] for n, s in stacked.items()}
+        bufs = {n: s[:k] for n, s in state.items()}
+        masks = drops.masks(data.rows[t, :k].tolist(), data.index.shape[2])
+        losses[t, :k] = step(views, bufs, masks, data.x[rows], data.y[rows], data.mask[t, :k])
     deltas = {n: (s - start[n]).numpy() for n, s in stacked.items()}
     ends = {n: s.numpy() for n, s in state.items()}
     per_step = losses.double().numpy()  # float32 -> float64 is exact, like float(loss)
@@ -226,7 +211,7 @@ def _train_chunk(step: Step, start: Mapping[str, torch.Tensor], state: Tensors, 
 
 
 def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequence[str], cfg: TrainConfig,
-               dtype: torch.dtype, holder: list[MaskSource]) -> Step:
+               dtype: torch.dtype, holder: list[MaskSource], rows: list[torch.Tensor | None]) -> Step:
     """The batched SGD step: per phone, masked mean cross-entropy (+ FedProx), then
     ``w -= lr * grad`` in place, the update ``torch.optim.SGD`` makes.
 
@@ -236,8 +221,9 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequ
     the sum at ``w[j]`` is exactly phone j's gradient. This is what ``vmap(grad(loss))`` computes,
     without functorch's grad transform: on the digits MLP it is ~3x faster per step, and its first
     call does not pay the ~2.5 s of lazy imports (torch._dynamo, sympy for the nll_loss
-    decomposition) that the grad transform triggers. Batch norm updates each phone's running
-    statistics in place, inside vmap, as the eager layer updates its buffers.
+    decomposition) that the grad transform triggers. Batch norm takes each phone's statistics over
+    its real rows and updates its running statistics in place, inside vmap, as the eager layer does
+    (``stateful.masked_batch_norm``).
     """
     frozen = {
         n: t.detach().to(dtype) if t.is_floating_point() else t
@@ -245,21 +231,25 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequ
         if n not in start and n not in snames
     }
     mu, lr = cfg.prox_mu, cfg.lr
+    padded = [True]
 
-    def forward(w: Tensors, s: Tensors, masks: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        holder.append(queued_masks(masks))  # this phone's masks, in call order
+    def forward(w: Tensors, s: Tensors, masks: list[torch.Tensor], real: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        holder.append(queued_masks(masks))  # this phone's dropout masks, in call order
+        rows.append(real if padded[-1] else None)  # [B]: this phone's real rows, for batch norm
         try:
             return functional_call(model, (frozen, s, w), (x,))  # [B, classes] for one phone
         finally:
             holder.pop()
+            rows.pop()
 
     batched_forward = vmap(forward)
 
     def step(w: Tensors, s: Tensors, masks: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
              mask: torch.Tensor) -> torch.Tensor:
         leaves = {n: t.detach().requires_grad_() for n, t in w.items()}
+        padded[-1] = not bool(mask.all())  # without padding, batch norm runs its own kernel
         with torch.enable_grad():
-            logits = batched_forward(leaves, s, masks, x)  # [k, B, classes]
+            logits = batched_forward(leaves, s, masks, mask, x)  # [k, B, classes]
             k, b = y.shape
             ce = nn.functional.cross_entropy(logits.reshape(k * b, -1), y.reshape(-1), reduction="none").reshape(k, b)
             # Mean over each phone's real examples only; equal to the reference's mean over a

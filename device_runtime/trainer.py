@@ -7,6 +7,7 @@ downloaded parameters, trains, and returns the delta. Pool size = parallel train
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -114,7 +115,8 @@ class BatchedTrainer:
         torch.set_num_threads(1)  # see RuntimePool
         self.model, self.chunk, self.window_s, self.min_group = model, chunk, window_s, min_group
         self.quiet_s = min(quiet_s, window_s)
-        self._eager = TorchRuntime(model)
+        # Its own copy: eager training moves batch norm buffers, which train_many reads as the start state.
+        self._eager = TorchRuntime(copy.deepcopy(model))
         self._groups: dict[Hashable, list[_Request]] = {}
         self._arrivals: dict[Hashable, tuple[float, float]] = {}  # wall clock: group's first and last request
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfleet-vmap")

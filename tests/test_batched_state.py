@@ -120,11 +120,11 @@ def test_bn_dropout_float64_equals_per_phone(digits: Any, p: float) -> None:
 
 
 def test_cumulative_batch_norm_is_found_unbatchable(digits: Any) -> None:
-    """momentum=None reads the counter as a Python float: vmap cannot, and says why (the trainer
-    then falls back, as for a GRU)."""
+    """momentum=None reads the counter as a number: not batched, and said why (the trainer then falls
+    back, as for a GRU)."""
     model, params = float64_model(0.0, momentum=None)
     reason = vmap_failure(model, params, digits.x_train[:1].astype(np.float64))
-    assert reason is not None and ".item()" in reason
+    assert reason is not None and "momentum=None" in reason
     assert vmap_failure(float64_model(0.3)[0], params, digits.x_train[:1].astype(np.float64)) is None
 
 
@@ -166,7 +166,9 @@ def test_float32_bn_model_equals_per_phone_to_rounding(digits: Any) -> None:
     params = TorchRuntime(model).get_params()
     got = train_many(model, params, make_jobs(digits.x_train, digits.y_train, 4), CFG, chunk=8)
     want = per_phone(model, params, make_jobs(digits.x_train, digits.y_train, 4), CFG, [{}] * len(SIZES))
-    assert_same(got, want, atol=2e-4, rtol=1e-4)
+    # Batched batch norm is arithmetic over the real rows, not the eager kernel: float32 rounding
+    # differs from the first step and grows over two epochs (the float64 tests pin equality).
+    assert_same(got, want, atol=2e-3, rtol=1e-2)
 
 
 async def test_gru_group_falls_back_to_the_per_phone_loop_once(digits: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -211,5 +213,5 @@ async def test_bn_group_is_batched_and_carries_state(digits: Any) -> None:
         trainer.close()
     assert trainer.unbatchable == "" and trainer.group_sizes == [len(SIZES)]
     want = per_phone(model, params, make_jobs(digits.x_train, digits.y_train, 6), CFG, [{}] * len(SIZES))
-    assert_same(list(got), want, atol=2e-4, rtol=1e-4)
+    assert_same(list(got), want, atol=2e-3, rtol=1e-2)  # float32: see test_float32_bn_model_equals_per_phone_to_rounding
     assert split_state(got[0][0])[1]["bn1.num_batches_tracked"].dtype == np.int64
