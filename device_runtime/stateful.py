@@ -144,18 +144,21 @@ def _masked_forward(layer: _BatchNorm, rows: list[torch.Tensor | None]) -> Calla
                                       "as a number, per phone: not batched")
         if rows[-1] is None:
             return type(layer).forward(layer, x)
-        shape = [1, x.shape[1], *[1] * (x.dim() - 2)]
-        dims = [0, *range(2, x.dim())]
-        real = rows[-1].reshape(-1, *[1] * (x.dim() - 1)).to(x.dtype)  # [B, 1, ...]
-        count = real.sum() * (x[0, 0].numel())  # values per channel over the real rows
-        mean = (x * real).sum(dims) / count  # [C]
-        centered = x - mean.reshape(shape)
-        var = (centered * centered * real).sum(dims) / count  # biased
-        out = centered * torch.rsqrt(var.reshape(shape) + layer.eps)
+        b, c = x.shape[0], x.shape[1]
+        flat = x.reshape(b, c, -1)  # [B, C, L]
+        real = rows[-1].to(x.dtype)  # [B]
+        count = real.sum() * flat.shape[2]  # values per channel over the real rows
+        # Sums over real rows as contractions with the row mask: no masked copy of the activations.
+        mean = torch.einsum("b,bcl->c", real, flat) / count  # [C]
+        centered = flat - mean[:, None]
+        var = torch.einsum("b,bcl->c", real, centered * centered) / count  # biased
+        scale = torch.rsqrt(var + layer.eps)
         if layer.weight is not None:
-            out = out * layer.weight.reshape(shape)
+            scale = scale * layer.weight
+        out = centered * scale[:, None]
         if layer.bias is not None:
-            out = out + layer.bias.reshape(shape)
+            out = out + layer.bias[:, None]
+        out = out.reshape(x.shape)
         if layer.track_running_stats:
             momentum = float(layer.momentum)  # type: ignore[arg-type]
             with torch.no_grad():
