@@ -179,3 +179,22 @@ async def test_phones_train_and_federate_state_over_loopback(aiohttp_client: Any
         assert all(p.own_state == {} for p in phones)
         shipped = split_state(decode_message(coord.model_blob).tensors)[1]
         np.testing.assert_allclose(shipped["bn2.running_mean"], want["bn2.running_mean"], rtol=1e-4, atol=1e-5)
+
+
+def test_server_evaluates_with_the_state_it_holds(digits: Any) -> None:
+    """Evaluator.evaluate loads the "state:" tensors into the model's buffers: the score equals eager
+    eval mode with those statistics, and differs from the model's initial ones."""
+    from fedfleet.server.evaluation import Evaluator
+
+    torch.manual_seed(0)
+    model = BNDropoutCNN()
+    runtime = TorchRuntime(copy.deepcopy(model))
+    runtime.train(digits.x_train[:200], digits.y_train[:200], TrainConfig(local_epochs=2, batch_size=16, lr=0.1),
+                  np.random.default_rng(0))
+    params, state = runtime.get_params(), runtime.get_state()
+    evaluator = Evaluator(("custom", (1, 8, 8), 10), digits.x_test, digits.y_test)
+    evaluator._model = copy.deepcopy(model)  # a model of the user's own, as a MODULE:ATTR task builds it
+    got = evaluator.evaluate(with_state(params, state))
+    want = runtime.evaluate(digits.x_test, digits.y_test)
+    assert got.loss == pytest.approx(want.loss, rel=1e-5) and got.accuracy == want.accuracy
+    assert evaluator.evaluate(with_state(params, initial_state(model))).loss != pytest.approx(want.loss, rel=1e-3)
