@@ -198,3 +198,44 @@ def test_server_evaluates_with_the_state_it_holds(digits: Any) -> None:
     want = runtime.evaluate(digits.x_test, digits.y_test)
     assert got.loss == pytest.approx(want.loss, rel=1e-5) and got.accuracy == want.accuracy
     assert evaluator.evaluate(with_state(params, initial_state(model))).loss != pytest.approx(want.loss, rel=1e-3)
+
+
+async def test_reported_state_survives_a_restart_before_the_merge(aiohttp_client: Any, tmp_path: Path) -> None:
+    """Two acknowledged uploads, the server restarts from its data dir, a third arrives: the merge takes
+    all three phones' statistics (read back with the pending updates), as the oracle says."""
+    torch.manual_seed(0)
+    model = BNDropoutCNN()
+    cfg = seeded_config(tmp_path, model, sample_fraction=1.0, min_cohort=3)
+    rng = np.random.default_rng(2)
+    start = initial_state(model)
+    states = [{n: (rng.normal(size=v.shape) + 1).astype(v.dtype) if v.dtype.kind == "f"
+               else np.array(rng.integers(0, 30), np.int64) for n, v in start.items()} for _ in range(3)]
+    examples = [5, 20, 12]
+    client = await aiohttp_client(make_app(cfg))
+    phones = []
+    for i in range(3):
+        body = await (await client.post("/v1/register", json={"name": f"p{i}"})).json()
+        phones.append(({"Authorization": f"Bearer {body['token']}"}, body["task"]))
+        await client.post("/v1/checkin", headers=phones[-1][0])
+
+    async def upload(c: Any, i: int) -> None:
+        auth, task = phones[i]
+        delta = {p["name"]: np.zeros(p["shape"], np.float32) for p in task["params"]}
+        body = UpdateEncoder(EncoderConfig(), np.random.default_rng(i)).encode(
+            delta, {"update_id": "u", "base_version": 0, "num_examples": examples[i], "train_loss": 1.0, "round": 1},
+            state=states[i])
+        resp = await c.post("/v1/update", data=body, headers=auth)
+        assert resp.status == 200, await resp.text()
+
+    await upload(client, 0)
+    await upload(client, 1)
+    await client.close()
+    client = await aiohttp_client(make_app(cfg))
+    coord = client.server.app[COORD]
+    assert sorted(c.phone for c in coord.pending()) == ["p0", "p1"] and all(c.state for c in coord.pending())
+    await client.post("/v1/checkin", headers=phones[2][0])  # task hand-outs are not kept across a restart
+    await upload(client, 2)
+    assert coord.version == 1
+    want = oracle(states, examples)
+    for n in want:
+        np.testing.assert_allclose(coord.state[n], want[n], rtol=1e-6, err_msg=n)
