@@ -8,13 +8,18 @@ from other processes hits all of them alike; the table shows medians (and minimu
 "arith" column is the share of ``train_many``'s time spent inside the vmapped grad + SGD
 calls (median over repeats). Writes bench/results/batched.json.
 
-    .venv/bin/python bench/bench_batched.py [--phones 100 500] [--models mlp cnn]
+    .venv/bin/python bench/bench_batched.py [--phones 100 500] [--models mlp cnn bncnn]
         [--chunks 16 32 64 128 0] [--repeats 5] [--threads 1]      (chunk 0 = all phones)
+
+``bncnn`` is a user's model with state and randomness (``BNCNN`` below: batch norm and dropout):
+the loop starts every phone from the same batch norm statistics, as the batched trainer does, and
+both report each phone's statistics (compared in the max|diff| column).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -34,6 +39,7 @@ from fedfleet.device_runtime.data import load_dataset
 from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
 from fedfleet.export.models import ModelSpec, build_model
+from fedfleet.protocol.state import with_state
 
 CFG = TrainConfig(local_epochs=1, batch_size=16, lr=0.05)
 Outputs = list[tuple[Params, TrainResult]]
@@ -51,14 +57,40 @@ def jobs_for(data: list[tuple[np.ndarray, np.ndarray]]) -> list[Job]:
     return [(x, y, np.random.default_rng([11, i])) for i, (x, y) in enumerate(data)]
 
 
+class BNCNN(torch.nn.Module):
+    """Two conv(3x3) + batch norm + ReLU + maxpool(2) blocks, dropout, a linear classifier."""
+
+    def __init__(self, in_channels: int, side: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(in_channels, width, 3, padding=1), torch.nn.BatchNorm2d(width), torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(width, 2 * width, 3, padding=1), torch.nn.BatchNorm2d(2 * width), torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Dropout(0.25),
+        )
+        self.fc = torch.nn.Linear(2 * width * (side // 4) ** 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def make_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> torch.nn.Module:
+    if name == "bncnn":
+        torch.manual_seed(0)  # the benchmark's model initialisation only
+        return BNCNN(input_shape[0], input_shape[1], num_classes)
+    return build_model(ModelSpec(name, input_shape, num_classes), seed=0)
+
+
 def per_phone_loop(model: torch.nn.Module, params: Params, jobs: list[Job]) -> Outputs:
-    runtime = TorchRuntime(model)
+    runtime = TorchRuntime(copy.deepcopy(model))  # its buffers move; train_many starts from the model's
     out = []
     for x, y, rng in jobs:
         runtime.set_params(params)
+        runtime.set_state({})  # every phone from the model's initial statistics
         result = runtime.train(x, y, CFG, rng)
         new = runtime.get_params()
-        out.append(({n: (new[n] - params[n]).astype(np.float32) for n in params}, result))
+        delta = {n: (new[n] - params[n]).astype(np.float32) for n in params}
+        out.append((with_state(delta, runtime.get_state()), result))
     return out
 
 
@@ -88,12 +120,12 @@ def timed_steps() -> Iterator[list[float]]:
 
 
 def max_diff(a: Outputs, b: Outputs) -> float:
-    return max(float(np.abs(da[n] - db[n]).max()) for (da, _), (db, _) in zip(a, b, strict=True) for n in da)
+    return max(float(np.abs(da[n] - db[n]).max()) for (da, _), (db, _) in zip(a, b, strict=True) for n in db)
 
 
 def bench_case(model_name: str, phones: int, chunks: list[int], repeats: int) -> list[dict[str, Any]]:
     digits = load_dataset("digits", seed=0)
-    model = build_model(ModelSpec(model_name, digits.input_shape, digits.num_classes), seed=0)
+    model = make_model(model_name, digits.input_shape, digits.num_classes)
     params = TorchRuntime(model).get_params()
     data = fleet_data(digits.x_train, digits.y_train, phones, seed=phones)
 
@@ -149,7 +181,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phones", type=int, nargs="+", default=[100, 500])
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "bncnn"])
     parser.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64, 128, 0], help="0 = all phones")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the fleet uses 1)")

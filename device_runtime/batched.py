@@ -1,11 +1,16 @@
 """Train many emulated phones at once: one vmapped SGD step for a chunk of phones.
 
 Phones that start from the same model version, share an architecture and get the same
-``TrainConfig`` differ only in their data. ``train_many`` stacks their trainable parameters
-along a leading phone axis, vmaps the forward pass (``torch.func.functional_call``) over it and
-takes per-phone gradients with one autograd call, so a chunk of phones costs one batched
-forward/backward per step instead of one per phone. The result equals ``TorchRuntime.train`` run phone by phone
-(same batches, same SGD update, same FedProx term, same reported loss) up to float rounding.
+``TrainConfig`` differ only in their data (and, under ``--local-state``, their batch norm
+statistics). ``train_many`` stacks their trainable parameters and their state along a leading
+phone axis, vmaps the forward pass (``torch.func.functional_call``) over it and takes per-phone
+gradients with one autograd call, so a chunk of phones costs one batched forward/backward per step
+instead of one per phone. The result equals ``TorchRuntime.train`` run phone by phone (same
+batches, same dropout masks, same SGD update, same FedProx term, same running statistics, same
+reported loss) up to float rounding.
+
+A phone's tensors are its trainable parameters plus its state under ``"state:<buffer>"`` names
+(``protocol.state``): parameters come back as deltas, state as the values training ended with.
 """
 
 from __future__ import annotations
@@ -20,12 +25,26 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
+from fedfleet.device_runtime.stateful import (
+    MaskSource,
+    draw_mask,
+    dropout_call_shapes,
+    dropout_generator,
+    dropout_layers,
+    mask_shape,
+    masked_batch_norm,
+    masked_dropout,
+    queued_masks,
+)
+from fedfleet.export.model_state import state_names
+from fedfleet.protocol.state import split_state, with_state
 
 Params = dict[str, np.ndarray]
-Job = tuple[np.ndarray, np.ndarray, np.random.Generator]  # x [n, C, H, W], y [n], that phone's rng
-# step(stacked params of the k active phones [k, ...] (updated in place), x [k, B, C, H, W],
-#      y [k, B], mask [k, B]) -> loss before the FedProx term [k]
-Step = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Job = tuple[np.ndarray, np.ndarray, np.random.Generator]  # x [n, ...], y [n], that phone's rng
+Tensors = dict[str, torch.Tensor]
+# step(params [k, ...], state [k, ...] (both updated in place), dropout masks [k, B, ...] in call order,
+#      x [k, B, ...], y [k, B], mask [k, B]) -> loss before the FedProx term [k]
+Step = Callable[[Tensors, Tensors, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def train_many(
@@ -34,55 +53,104 @@ def train_many(
     jobs: Sequence[Job],
     cfg: TrainConfig,
     *,
+    states: Sequence[Mapping[str, np.ndarray]] | None = None,
     chunk: int = 128,
     dtype: torch.dtype = torch.float32,
 ) -> list[tuple[Params, TrainResult]]:
-    """Train every job from ``params``; return ``(new - params, result)`` per job, in job order.
+    """Train every job from ``params``; return ``(new - params, result)`` per job, in job order,
+    with the phone's end state under ``"state:"`` names when the model has state.
 
+    The start state is ``params``' state entries, or the model's own buffers; ``states[i]``
+    (buffer names, no prefix), where given and not empty, is job i's own (``--local-state``).
     Equal to ``RuntimePool.train`` / ``TorchRuntime.train`` one phone at a time: each phone's
-    rng is consumed exactly as ``iterate_batches(len(x), cfg, rng)`` consumes it, so its state
-    afterwards is the same as after the per-phone path. Only the trainable parameters are
-    stacked, ``chunk`` phones at a time; frozen parameters and buffers (a transfer model's
-    backbone) are shared. 128 was fastest or tied for the digits MLP and CNN on one thread
-    (bench/bench_batched.py); lower it for large inputs, whose activations scale with it. Deltas come back in ``dtype`` (float32 unless a test asks for
-    float64). ``model`` is put in train mode, as the reference does, and is not modified.
+    rng is consumed exactly as the eager runtime consumes it (a dropout generator's seed first,
+    for a model with dropout, then ``iterate_batches``), so its state afterwards is the same.
+    Frozen parameters and other buffers (a transfer model's backbone) are shared. 128 was fastest
+    or tied for the digits MLP and CNN on one thread (bench/bench_batched.py); lower it for large
+    inputs, whose activations scale with it. Deltas come back in ``dtype`` (float32 unless a test
+    asks for float64). ``model`` is put in train mode, as the reference does, and is not modified.
     """
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point type, got {dtype}")
+    params, shared_state = split_state(params)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"params lack trainable tensors {missing}")
     model.train()  # the reference's mode; TransferMobileNet keeps its backbone in eval
-    _check_batch_independent(model)
+    snames = state_names(model)
+    layers = dropout_layers(model)
+    buffers = dict(model.named_buffers())
+    default = {n: np.asarray(shared_state.get(n, buffers[n].detach().numpy())) for n in snames}
+    own = states if states is not None else [{}] * len(jobs)
+    job_states = [{n: np.asarray(s.get(n, default[n])) for n in snames} for s in own]
 
     start = {n: torch.as_tensor(np.asarray(params[n]), dtype=dtype) for n in names}
-    step = _make_step(model, start, cfg, dtype)
-    # Draw every phone's batch order up front: the same draws, in the same order per rng,
-    # as the per-phone path makes lazily.
+    # The same draws, in the same order per rng, as the per-phone path makes lazily.
+    gens = [dropout_generator(rng) if layers else None for _, _, rng in jobs]
     plans = [list(iterate_batches(len(x), cfg, rng)) for x, _, rng in jobs]
-    # Longest first: phones in a chunk then have similar step counts (little padding), and
-    # the phones still training at step t are a prefix of the chunk.
-    order = sorted(range(len(jobs)), key=lambda i: -len(plans[i]))
-    results: dict[int, tuple[Params, TrainResult]] = {}
-    for lo in range(0, len(order), chunk):
-        ids = order[lo : lo + chunk]
-        batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype)
-        for i, out in zip(ids, _train_chunk(step, start, batch), strict=True):
-            results[i] = out
+    calls: list[tuple[nn.Module, tuple[int, ...]]] = []
+    example = next((x[:1] for x, _, _ in jobs if len(x)), None)
+    if layers and example is not None:
+        calls = dropout_call_shapes(model, layers, torch.as_tensor(example).to(next(model.parameters()).dtype))
+    holder: list[MaskSource] = []
+    rows: list[torch.Tensor | None] = []  # the phone's real rows, for batch norm's statistics
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    with masked_dropout(layers, lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows):
+        step = _make_step(model, start, snames, cfg, dtype, holder, rows)
+        # Longest first: phones in a chunk then have similar step counts (little padding), and
+        # the phones still training at step t are a prefix of the chunk.
+        order = sorted(range(len(jobs)), key=lambda i: -len(plans[i]))
+        results: dict[int, tuple[Params, TrainResult]] = {}
+        for lo in range(0, len(order), chunk):
+            ids = order[lo : lo + chunk]
+            batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype)
+            state0 = {n: torch.stack([_as_state(job_states[i][n], dtype) for i in ids]) for n in snames}
+            drops = _Drops(calls if layers else [], [gens[i] for i in ids], dtype)
+            for i, out in zip(ids, _train_chunk(step, start, state0, batch, drops), strict=True):
+                results[i] = out
     return [results[i] for i in range(len(jobs))]
+
+
+def _as_state(value: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(value))
+    return t.to(dtype) if t.is_floating_point() else t.clone()
+
+
+@dataclass
+class _Drops:
+    """Dropout calls of one forward pass (layer, output shape per example) and the chunk's generators."""
+
+    calls: list[tuple[nn.Module, tuple[int, ...]]]
+    gens: list[torch.Generator | None]
+    dtype: torch.dtype
+
+    def masks(self, counts: Sequence[int], width: int) -> list[torch.Tensor]:
+        """[k, width, ...] per call: phone j's masks for its ``counts[j]`` real rows of one step, drawn
+        in its eager order, padded with ones."""
+        if not self.calls:
+            return []
+        per_phone = []
+        for j, rows in enumerate(counts):
+            gen = self.gens[j]
+            assert gen is not None
+            per_phone.append([torch.cat([draw_mask(m, (int(rows), *s), gen, self.dtype),
+                                         torch.ones(mask_shape(m, (width - int(rows), *s)), dtype=self.dtype)])
+                              for m, s in self.calls])
+        return [torch.stack([p[c] for p in per_phone]) for c in range(len(self.calls))]
 
 
 @dataclass(frozen=True)
 class _ChunkData:
     """One chunk's data and padded batch layout; phones sorted by step count, longest first."""
 
-    x: torch.Tensor  # [N, C, H, W]: every phone's examples, concatenated
+    x: torch.Tensor  # [N, ...]: every phone's examples, concatenated
     y: torch.Tensor  # [N] int64
     index: torch.Tensor  # [T, P, B] rows of x per step and phone; padding points at row 0
     mask: torch.Tensor  # [T, P, B] 1 for a real example, 0 for padding
+    rows: np.ndarray  # [T, P] real examples per step and phone
     active: list[int]  # [T] phones with a batch at step t (a prefix of the chunk)
     steps: list[int]  # [P]
     sizes: list[int]  # [P] examples per phone
@@ -95,10 +163,12 @@ def _gather(jobs: Sequence[Job], plans: Sequence[list[np.ndarray]], batch_size: 
     t_max, p = steps[0], len(jobs)  # longest first
     index = np.zeros((t_max, p, batch_size), dtype=np.int64)
     mask = np.zeros((t_max, p, batch_size))
+    rows = np.zeros((t_max, p), dtype=np.int64)
     for j, batches in enumerate(plans):
-        for t, rows in enumerate(batches):  # the last batch of an epoch may be partial
-            index[t, j, : len(rows)] = offsets[j] + rows
-            mask[t, j, : len(rows)] = 1.0
+        for t, picked in enumerate(batches):  # the last batch of an epoch may be partial
+            index[t, j, : len(picked)] = offsets[j] + picked
+            mask[t, j, : len(picked)] = 1.0
+            rows[t, j] = len(picked)
     x = np.concatenate([np.asarray(x) for x, _, _ in jobs])
     y = np.concatenate([np.asarray(y, dtype=np.int64) for _, y, _ in jobs])
     return _ChunkData(
@@ -106,13 +176,15 @@ def _gather(jobs: Sequence[Job], plans: Sequence[list[np.ndarray]], batch_size: 
         y=torch.from_numpy(y),
         index=torch.from_numpy(index),
         mask=torch.from_numpy(mask).to(dtype),
+        rows=rows,
         active=[sum(s > t for s in steps) for t in range(t_max)],
         steps=steps,
         sizes=sizes,
     )
 
 
-def _train_chunk(step: Step, start: Mapping[str, torch.Tensor], data: _ChunkData) -> list[tuple[Params, TrainResult]]:
+def _train_chunk(step: Step, start: Mapping[str, torch.Tensor], state: Tensors, data: _ChunkData,
+                 drops: _Drops) -> list[tuple[Params, TrainResult]]:
     p = len(data.steps)
     stacked = {n: s.expand(p, *s.shape).clone() for n, s in start.items()}  # [P, ...]
     losses = torch.zeros(len(data.active), p, dtype=data.mask.dtype)  # [T, P]
@@ -121,8 +193,11 @@ def _train_chunk(step: Step, start: Mapping[str, torch.Tensor], data: _ChunkData
         # so their parameters cannot move: no gradient and no FedProx pull toward start.
         rows = data.index[t, :k]  # [k, B]
         views = {n: s[:k] for n, s in stacked.items()}
-        losses[t, :k] = step(views, data.x[rows], data.y[rows], data.mask[t, :k])
+        bufs = {n: s[:k] for n, s in state.items()}
+        masks = drops.masks(data.rows[t, :k].tolist(), data.index.shape[2])
+        losses[t, :k] = step(views, bufs, masks, data.x[rows], data.y[rows], data.mask[t, :k])
     deltas = {n: (s - start[n]).numpy() for n, s in stacked.items()}
+    ends = {n: s.numpy() for n, s in state.items()}
     per_step = losses.double().numpy()  # float32 -> float64 is exact, like float(loss)
     out: list[tuple[Params, TrainResult]] = []
     for j, steps in enumerate(data.steps):
@@ -130,11 +205,13 @@ def _train_chunk(step: Step, start: Mapping[str, torch.Tensor], data: _ChunkData
         for t in range(steps):  # summed in step order, like the reference's running total
             total += float(per_step[t, j])
         result = TrainResult(loss=total / max(steps, 1), num_examples=data.sizes[j], steps=steps)
-        out.append(({n: d[j].copy() for n, d in deltas.items()}, result))
+        delta = {n: d[j].copy() for n, d in deltas.items()}
+        out.append((with_state(delta, {n: e[j].copy() for n, e in ends.items()}), result))
     return out
 
 
-def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], cfg: TrainConfig, dtype: torch.dtype) -> Step:
+def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequence[str], cfg: TrainConfig,
+               dtype: torch.dtype, holder: list[MaskSource], rows: list[torch.Tensor | None]) -> Step:
     """The batched SGD step: per phone, masked mean cross-entropy (+ FedProx), then
     ``w -= lr * grad`` in place, the update ``torch.optim.SGD`` makes.
 
@@ -144,24 +221,35 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], cfg: TrainCo
     the sum at ``w[j]`` is exactly phone j's gradient. This is what ``vmap(grad(loss))`` computes,
     without functorch's grad transform: on the digits MLP it is ~3x faster per step, and its first
     call does not pay the ~2.5 s of lazy imports (torch._dynamo, sympy for the nll_loss
-    decomposition) that the grad transform triggers.
+    decomposition) that the grad transform triggers. Batch norm takes each phone's statistics over
+    its real rows and updates its running statistics in place, inside vmap, as the eager layer does
+    (``stateful.masked_batch_norm``).
     """
     frozen = {
         n: t.detach().to(dtype) if t.is_floating_point() else t
         for n, t in chain(model.named_parameters(), model.named_buffers())
-        if n not in start
+        if n not in start and n not in snames
     }
     mu, lr = cfg.prox_mu, cfg.lr
+    padded = [True]
 
-    def forward(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, (frozen, w), (x,))  # [B, classes] for one phone
+    def forward(w: Tensors, s: Tensors, masks: list[torch.Tensor], real: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        holder.append(queued_masks(masks))  # this phone's dropout masks, in call order
+        rows.append(real if padded[-1] else None)  # [B]: this phone's real rows, for batch norm
+        try:
+            return functional_call(model, (frozen, s, w), (x,))  # [B, classes] for one phone
+        finally:
+            holder.pop()
+            rows.pop()
 
     batched_forward = vmap(forward)
 
-    def step(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def step(w: Tensors, s: Tensors, masks: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
         leaves = {n: t.detach().requires_grad_() for n, t in w.items()}
+        padded[-1] = not bool(mask.all())  # without padding, batch norm runs its own kernel
         with torch.enable_grad():
-            logits = batched_forward(leaves, x)  # [k, B, classes]
+            logits = batched_forward(leaves, s, masks, mask, x)  # [k, B, classes]
             k, b = y.shape
             ce = nn.functional.cross_entropy(logits.reshape(k * b, -1), y.reshape(-1), reduction="none").reshape(k, b)
             # Mean over each phone's real examples only; equal to the reference's mean over a
@@ -172,15 +260,21 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], cfg: TrainCo
                 total = total + 0.5 * mu * sum(((leaves[n] - start[n]) ** 2).sum() for n in leaves)
             grads = torch.autograd.grad(total, list(leaves.values()))
         for n, g in zip(leaves, grads, strict=True):
-            w[n].add_(g, alpha=-lr)  # views into the stacked chunk: updated in place
+            w[n].add_(g, alpha=-lr)  # views into the stacked chunk (or copies written back): updated in place
         return data.detach()
 
     return step
 
 
-def _check_batch_independent(model: nn.Module) -> None:
-    """Padding rows would enter batch statistics, and vmap cannot update running buffers:
-    batch norm in training mode cannot be trained this way (eval-mode backbones can)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise ValueError(f"{name or 'model'} is batch norm in training mode; train_many needs it in eval mode")
+def vmap_failure(model: nn.Module, params: Mapping[str, np.ndarray], example: np.ndarray) -> str | None:
+    """Why ``train_many`` cannot train ``model`` (an op without a batching rule, such as
+    ``aten::gru``), or None: one vmapped step of two phones on two copies of ``example`` (one
+    example, with its batch axis). Run once per model; the model is not modified."""
+    x = np.concatenate([example, example])
+    y = np.zeros(2, dtype=np.int64)
+    jobs = [(x, y, np.random.default_rng(0)) for _ in range(2)]
+    try:
+        train_many(model, params, jobs, TrainConfig(batch_size=2), chunk=2)
+    except (RuntimeError, NotImplementedError) as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None

@@ -31,6 +31,7 @@ from fedfleet.protocol import (
     decode_message,
 )
 from fedfleet.protocol.signing import PhoneKey
+from fedfleet.protocol.state import STATE_PREFIX, split_state, with_state
 
 
 class ServerError(Exception):
@@ -170,6 +171,8 @@ class PhoneClient:
         self.chain_checkin = chain_checkin and profile is None and availability >= 1.0
         self._next: dict[str, Any] | None = None  # a check-in answer that came with the upload's
         self._updates_sent = 0
+        self.local_state = False
+        self.own_state: dict[str, np.ndarray] = {}  # --local-state: the statistics this phone's training left
 
     # --- HTTP -----------------------------------------------------------------------------
     async def _request(self, method: str, path: str, *, json_body: Any = None, data: bytes | None = None,
@@ -219,6 +222,11 @@ class PhoneClient:
         self.token, self.task = str(answer["token"]), dict(answer["task"])
         self.name = str(answer["phone_id"])
         self.specs = {p["name"]: TensorSpec(tuple(p["shape"]), p["dtype"]) for p in self.task["params"]}
+        # A model with state (FORMAT.md section 11): shipped with the model, or kept here (--local-state).
+        self.local_state = self.task.get("state_mode") == "local"
+        if not self.local_state:
+            self.specs.update({STATE_PREFIX + p["name"]: TensorSpec(tuple(p["shape"]), p["dtype"])
+                               for p in self.task.get("state", [])})
         return self.task
 
     async def download(self, version: int) -> dict[str, np.ndarray]:
@@ -289,6 +297,8 @@ class PhoneClient:
         if self.pool is None:
             raise RuntimeError("phone has no trainer: the fleet sets one after registration")
         wall = time.monotonic()
+        if self.local_state and self.own_state:
+            params = with_state(params, self.own_state)  # this phone's statistics, not the fleet's
         training = self.pool.submit(params, self.x, self.y, cfg, self.rng, key=version)
         vanish = None  # a phone that drops out does so mid-training or mid-upload (even odds)
         if profile is not None and profile.dropout and self.rng.random() < profile.dropout:
@@ -310,6 +320,7 @@ class PhoneClient:
             await clock.sleep(profile.train_s(len(self.x) * cfg.local_epochs) if profile is not None else 0.0)
             delta, result = await training
         self._model = None  # an idle phone holds no model copy (memory stays flat in large fleets)
+        delta, state = split_state(delta)
         delta = self.attack.apply_delta(delta, self.rng)
         t2 = clock.now()
         self.stats.train_s.append(t2 - t1)
@@ -323,7 +334,9 @@ class PhoneClient:
         }
         encoder = self._encoder(plan.get("codec") or {})
         base = encoder.residual_base_version
-        body = encoder.encode(delta, meta, staleness=max(version - base, 0) if base is not None else 0)
+        body = encoder.encode(delta, meta, staleness=max(version - base, 0) if base is not None else 0, state=state)
+        if self.local_state:
+            self.own_state = state
         release = encoder.release()
         if release is not None and self.ledger is not None:
             self.ledger.charge(self.name, release)  # spent once it leaves, whatever happens next

@@ -7,6 +7,8 @@ downloaded parameters, trains, and returns the delta. Pool size = parallel train
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
 import time
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -15,11 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedfleet.device_runtime.batched import train_many
+from fedfleet.device_runtime.batched import train_many, vmap_failure
 from fedfleet.device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
+from fedfleet.protocol.state import split_state, with_state
 
 Params = dict[str, np.ndarray]
+log = logging.getLogger(__name__)
 
 
 class RuntimePool:
@@ -76,10 +80,18 @@ def _train_delta(
     cfg: TrainConfig,
     rng: np.random.Generator,
 ) -> tuple[Params, TrainResult]:
+    """(new params - params, with the end state under "state:" names, result); the start state is
+    ``params``' state entries (a runtime without state support ignores them)."""
+    params, state = split_state(params)
     runtime.set_params(params)
+    if isinstance(runtime, TorchRuntime):
+        runtime.set_state(state)
     result = runtime.train(x, y, cfg, rng)
     new = runtime.get_params()
-    return {n: (new[n] - params[n]).astype(np.float32) for n in params}, result
+    delta = {n: (new[n] - params[n]).astype(np.float32) for n in params}
+    if isinstance(runtime, TorchRuntime):
+        delta = with_state(delta, runtime.get_state())
+    return delta, result
 
 
 class BatchedTrainer:
@@ -99,13 +111,15 @@ class BatchedTrainer:
                  quiet_s: float = 0.003, release_every: int = 0) -> None:
         self.model, self.chunk, self.window_s, self.min_group = model, chunk, window_s, min_group
         self.quiet_s = min(quiet_s, window_s)
-        self._eager = TorchRuntime(model)
+        # Its own copy: eager training moves batch norm buffers, which train_many reads as the start state.
+        self._eager = TorchRuntime(copy.deepcopy(model))
         self._groups: dict[Hashable, list[_Request]] = {}
         self._arrivals: dict[Hashable, tuple[float, float]] = {}  # wall clock: group's first and last request
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfleet-vmap")
         self._virtual = False
         self.busy_s = 0.0  # thread CPU time spent in training arithmetic
         self.calls = 0
+        self.unbatchable: str | None = None  # why vmap cannot train the model ("" : it can; None: not known yet)
         self.group_sizes: list[int] = []
         # Wall clock, a server in another process: wake the phones of a finished group this many per
         # loop pass (0: all in one pass); see _run.
@@ -167,9 +181,10 @@ class BatchedTrainer:
 
     async def _run(self, group: list[_Request], cfg: TrainConfig) -> None:
         jobs = [(r.x, r.y, r.rng) for r in group]
+        starts = [r.params for r in group]  # one version's parameters; the state may be each phone's own
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self._train_group, group[0].params, jobs, cfg)
+            results = await loop.run_in_executor(self._executor, self._train_group, starts, jobs, cfg)
         except Exception as exc:  # every phone of the group hears about it
             for r in group:
                 if not r.fut.done():
@@ -179,7 +194,8 @@ class BatchedTrainer:
         self.group_sizes.append(len(group))
         for i, (r, (delta, result)) in enumerate(zip(group, results, strict=True)):
             if not r.fut.done():
-                r.fut.set_result(({n: d.astype(np.float32) for n, d in delta.items()}, result))
+                r.fut.set_result(({n: d.astype(np.float32) if d.dtype.kind == "f" else d for n, d in delta.items()},
+                                  result))
             if self.release_every and not self._virtual and (i + 1) % self.release_every == 0:
                 # Woken all at once, every phone of the group would encode and sign its upload before
                 # any went out (on Python 3.11 aiohttp writes a request's body from a task of its own,
@@ -189,15 +205,31 @@ class BatchedTrainer:
                 # transactions; and a virtual clock keeps one instant's order as it is.)
                 await asyncio.sleep(0)
 
-    def _train_group(self, params: Mapping[str, np.ndarray], jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]],
+    def _train_group(self, starts: list[Mapping[str, np.ndarray]],
+                     jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]],
                      cfg: TrainConfig) -> list[tuple[Params, TrainResult]]:
         t0 = time.thread_time()
         try:
-            if len(jobs) >= self.min_group:
-                return train_many(self.model, params, jobs, cfg, chunk=self.chunk)
-            return [_train_delta(self._eager, params, x, y, cfg, rng) for x, y, rng in jobs]
+            if len(jobs) >= self.min_group and self._batchable(starts[0], jobs):
+                states = [split_state(p)[1] for p in starts]
+                return train_many(self.model, split_state(starts[0])[0], jobs, cfg, states=states, chunk=self.chunk)
+            return [_train_delta(self._eager, p, x, y, cfg, rng) for p, (x, y, rng) in zip(starts, jobs, strict=True)]
         finally:
             self.busy_s += time.thread_time() - t0
+
+    def _batchable(self, params: Mapping[str, np.ndarray],
+                   jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]]) -> bool:
+        """Whether vmap can train this model, found out once (on the first group with data): a model
+        with an op vmap cannot batch (``aten::gru``) trains phone by phone, said in one log line."""
+        if self.unbatchable is None:
+            example = next((x[:1] for x, _, _ in jobs if len(x)), None)
+            if example is None:
+                return True
+            self.unbatchable = vmap_failure(self.model, params, example) or ""
+            if self.unbatchable:
+                log.warning("batched training cannot vmap this model (%s): its phones train one by one",
+                            self.unbatchable)
+        return not self.unbatchable
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

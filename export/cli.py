@@ -11,7 +11,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from fedfleet.export.manifest import MANIFEST
+
+if TYPE_CHECKING:
+    from fedfleet.export.manifest import Manifest
 
 FINAL_WEIGHTS = "final_weights.safetensors"  # what every run writes (fedfleet.task.FINAL_WEIGHTS)
 
@@ -74,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     from fedfleet.cli_errors import checking_input
     from fedfleet.device_runtime.data import load_dataset
     from fedfleet.export.build import ExportConfig, export_bundle, export_model
-    from fedfleet.export.manifest import WEIGHTS
     from fedfleet.export.refs import check_model_name
 
     with checking_input():  # the model, dataset, weights and settings the user named
@@ -96,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
         model = export_model(cfg)
     start = time.perf_counter()
     manifest = export_bundle(cfg, args.out, model)
+    failed = failures(manifest)
+    if failed:  # one line, nothing claimed: the directory is left without a manifest or artifacts
+        withdraw(args.out, manifest)
+        print(f"fedfleet export: error: {'; '.join(failed)}", file=sys.stderr)
+        return 2
     print(
         f"exported {cfg.model} for {cfg.dataset} {cfg.input_shape} -> {args.out} in {time.perf_counter() - start:.1f}s"
         + (f", weights from {cfg.weights}" if cfg.weights else "")
@@ -106,8 +115,30 @@ def run(args: argparse.Namespace) -> int:
             if info.available
             else f"UNAVAILABLE op={info.op}: {info.reason}"
         )
-        print(f"  {name:20s} {status}")
-    return 0 if any(info.available for name, info in manifest.artifacts.items() if name != WEIGHTS) else 1
+        print(f"  {name:16s} {status}")
+    return 0
+
+
+def failures(manifest: Manifest) -> list[str]:
+    """"ARTIFACT: OP fails at STAGE" (or the reason a check gave) for each artifact the model could not
+    be exported to."""
+    out = []
+    for name, info in sorted(manifest.artifacts.items()):
+        if not info.available:
+            reason = (info.reason or "").splitlines()[0] if info.reason else ""
+            if " failed:" not in reason:  # a check of ours: its reason is the sentence
+                out.append(f"{name}: {reason[:200]}")
+                continue
+            op = info.op if info.op and info.op != name else "the model"
+            out.append(f"{name}: {op} fails at {reason.split(' failed:')[0][:200]}")
+    return out
+
+
+def withdraw(out_dir: Path, manifest: Manifest) -> None:
+    """Remove the manifest and every artifact written beside it."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for name in manifest.artifacts:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

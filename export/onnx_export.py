@@ -21,12 +21,14 @@ import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fedfleet.export.manifest import UnsupportedExport, train_step_signature
+from fedfleet.export.bn_decomp import min_batch, training_copy
+from fedfleet.export.manifest import TRAIN_STEP_ONNX, UnsupportedExport, train_step_signature
 from fedfleet.export.models import trainable_names
 from fedfleet.export.onnx_decomp import training_decompositions
 
 STANDARD_DOMAINS = ("", "ai.onnx")  # what onnxruntime-web and every other runtime implements
 MIN_OPSET = 17
+STEP_TOLERANCE = 1e-5  # one step against eager, relative to the larger of 1 and each tensor's magnitude
 
 
 def export_inference_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> int:
@@ -46,6 +48,9 @@ def export_inference_onnx(model: nn.Module, input_shape: tuple[int, ...], path: 
             output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             verbose=False,
+            # The graph optimizer folds batch norm into the layer before it, and its trainable weights
+            # with it: they could no longer be fed. Kept as they are, they stay named initializers.
+            optimize=not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
         )
     except Exception as exc:
         raise UnsupportedExport.from_exception("ONNX inference export", exc) from exc
@@ -57,7 +62,7 @@ def export_inference_onnx(model: nn.Module, input_shape: tuple[int, ...], path: 
 
 def export_train_step_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> int:
     """Write ``train_step.onnx`` for a dynamic batch and return its opset."""
-    model = copy.deepcopy(model).train()
+    model = training_copy(model)  # batch statistics only, dropout as the identity: export.bn_decomp
     names = trainable_names(model)
     params = [p.detach().clone().requires_grad_(True) for p in model.parameters() if p.requires_grad]
     k = len(names)
@@ -101,7 +106,44 @@ def export_train_step_onnx(model: nn.Module, input_shape: tuple[int, ...], path:
     except Exception as exc:
         raise UnsupportedExport.from_exception("ONNX train-step export", exc) from exc
     assert program is not None  # dynamo=True always returns an ONNXProgram
-    return _check_and_save(program.model_proto, path)
+    opset = _check_and_save(program.model_proto, path)
+    problem = _self_check_step(path, model, names, input_shape)
+    if problem is not None:
+        path.unlink(missing_ok=True)
+        raise UnsupportedExport(TRAIN_STEP_ONNX, problem)
+    return opset
+
+
+def _self_check_step(path: Path, model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -> str | None:
+    """Describe any disagreement of one step in ONNX Runtime with the same step in eager PyTorch
+    (loss and new parameters, from changed weights, at a few batch sizes), else None."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    trainable = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    smallest = min_batch(model)
+    for batch in (max(smallest, 2), 5, max(smallest, 2)):
+        weights = [(trainable[n] + 0.1 * torch.randn(trainable[n].shape, generator=gen)).detach() for n in names]
+        x = torch.rand((batch, *input_shape), generator=gen)
+        y = torch.randint(0, 2, (batch,), generator=gen)
+        lr, mu = torch.tensor(0.1), torch.tensor(0.5)
+        anchors = [w + 0.01 for w in weights]
+        leaves = [w.clone().requires_grad_(True) for w in weights]
+        loss = nn.functional.cross_entropy(torch.func.functional_call(model, dict(zip(names, leaves, strict=True)),
+                                                                      (x,)), y)
+        grads = torch.autograd.grad(loss, leaves)
+        want = [loss.detach()] + [w - lr * (g + mu * (w - a)) for w, g, a in zip(weights, grads, anchors, strict=True)]
+        feed = [*weights, x, y, lr, mu, *anchors]
+        try:
+            got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), feed, strict=True)})
+        except Exception as exc:  # onnxruntime raises its own exception types
+            return f"batch {batch} does not run: {type(exc).__name__}: {exc}"[:800]
+        err = max(float(np.abs(g - w.numpy()).max()) / max(1.0, float(w.abs().max())) for g, w in zip(got, want, strict=True))
+        if err > STEP_TOLERANCE:
+            return f"batch {batch}: loss/new parameters differ from eager by {err:.2e} (relative)"
+    return None
 
 
 def _distinct_batch(params: list[torch.Tensor], input_shape: tuple[int, ...]) -> int:

@@ -21,6 +21,7 @@ from fedfleet.cli_flags import (
     add_gossip_serve_flags,
     add_image_size_flag,
     add_model_flags,
+    add_state_flags,
     add_strategy_flags,
     fleet_task_flags,
     phone_side_flags,
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="... and this private key (PEM) (default: none)")
     add_strategy_flags(p)
     add_gossip_serve_flags(p)
+    add_state_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="a server on loopback plus an emulated fleet")
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_task_flags(p)
     add_strategy_flags(p)
     add_gossip_flags(p)
+    add_state_flags(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("fleet", help="an emulated fleet against a running server")

@@ -14,7 +14,8 @@ from fedfleet.server.config import load_toml
 SERVER_SETTINGS = ("mode", "concurrency", "buffer", "staleness", "max_staleness", "server_optimizer", "server_lr",
                    "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk", "quant_bits",
                    "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget", "central_clip",
-                   "central_noise_multiplier", "robust", "server_process", "strategy", "init_weights")
+                   "central_noise_multiplier", "robust", "server_process", "strategy", "init_weights",
+                   "local_state")
 # What only a fleet of several phones takes: refused on `phone`.
 FLEET_SETTINGS = ("phones", "workers", "trainer", "attack", "attack_fraction")
 
@@ -120,6 +121,13 @@ def add_strategy_flags(p: argparse.ArgumentParser) -> None:
                    help="merge with this fedfleet.server.strategy.Strategy (an object, or a class or function "
                         "making one) instead of the built-in FedAvg; its module must be importable "
                         "(PYTHONPATH) (default: none)")
+
+
+def add_state_flags(p: argparse.ArgumentParser) -> None:
+    """How the model's state (batch norm running statistics) is federated: docs/model-state.md."""
+    p.add_argument("--local-state", action="store_true", default=None,
+                   help="FedBN: each phone keeps its own batch norm statistics (default: the server merges the "
+                        "phones' statistics, weighted by examples, and ships them with the model)")
 
 
 def fleet_task_flags(p: argparse.ArgumentParser) -> None:

@@ -63,6 +63,7 @@ class SimulateConfig:
     clock: str = "auto"  # wall | virtual | auto (virtual when devices are emulated)
     hours: float = 0.0  # stop the fleet after this much (virtual) time; 0 = when the rounds are done
     server_process: str = "auto"  # auto | yes | no: the server in a child process (wall clock only; see use_server_process)
+    local_state: bool = False  # FedBN: phones keep their batch norm statistics (docs/model-state.md)
     inline_model: bool = True  # phones take the model in the check-in's answer (no GET /v1/model)
     chain_checkin: bool | None = None  # phones check in again with their upload (None: see FleetConfig)
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
@@ -223,6 +224,7 @@ class SimulateConfig:
             central_clip=self.central_clip,
             central_noise_multiplier=self.central_noise_multiplier,
             strategy=self.strategy,
+            local_state=self.local_state,
         )
         if self.mode == "gossip":  # the relay's graph: the fleet's phones, named as the fleet names them
             base = base.replace(topology=self.topology, gossip_phones=self.phones)

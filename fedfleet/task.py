@@ -60,11 +60,13 @@ def save_trained(config: ServerConfig, tensors: dict, path: str | Path) -> Path:
 
     from fedfleet.export.task_model import task_model
     from fedfleet.export.weights import save_weights
+    from fedfleet.protocol.state import split_state
 
     model = task_model(config.model, config.input_shape, config.num_classes, config.seed, config.init_weights)
     state = model.state_dict()
+    params, buffers = split_state(tensors)  # the server's "state:NAME" tensors are the model's buffers NAME
     with torch.no_grad():
-        for name, value in tensors.items():
+        for name, value in {**params, **buffers}.items():
             if name in state:
                 state[name].copy_(torch.from_numpy(np.asarray(value)).to(state[name].dtype))
     return save_weights(path, model)

@@ -138,11 +138,14 @@ def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, n
     if latest is not None:
         version, blob = latest
         return version, decode_message(blob).tensors, store.get_meta("model_fingerprint")
+    from fedfleet.export.model_state import initial_state
     from fedfleet.export.models import trainable_params
     from fedfleet.export.task_model import model_fingerprint, task_model
+    from fedfleet.protocol.state import with_state
 
     model = task_model(config.model, config.input_shape, config.num_classes, config.seed, config.init_weights)
     params = {n: p.detach().numpy().copy() for n, p in trainable_params(model).items()}
+    params = with_state(params, initial_state(model))  # batch norm statistics travel as "state:" tensors
     store.set_meta("model_spec", fingerprint)
     store.set_meta("model_fingerprint", model_fingerprint(model))
     store.save_version(0, encode_message("model", {"version": 0, "model": config.model}, params))

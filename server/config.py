@@ -45,6 +45,8 @@ class ServerConfig:
     server_beta1: float = 0.9  # fedadam / fedyogi
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    # --- model state: batch norm running statistics (docs/model-state.md) -------------------
+    local_state: bool = False  # FedBN (Li et al. 2021): phones keep their own; False: merged and shipped
     # --- asynchronous mode (FedBuff, Nguyen et al. 2022) ---------------------------------
     mode: str = "sync"  # sync | async
     concurrency: int = 20  # async: phones training at once

@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 
 from fedfleet.protocol import TensorSpec, decode_message, dense_float32_nbytes, encode_message
+from fedfleet.protocol.state import STATE_PREFIX, split_state, with_state
 from fedfleet.protocol.wire import WireTensor, encode_wire, wire_tensors
 from fedfleet.server.aggregation import Params, example_weight
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.metrics import RoundRecord, percentile
+from fedfleet.server.model_state import merge_state
 from fedfleet.server.pacing import PaceSteering
 from fedfleet.server.privacy import task_release
 from fedfleet.server.store import Store
@@ -55,10 +57,14 @@ class Coordinator:
     def __init__(self, config: ServerConfig, store: Store, params: Params, version: int, clock: Clock,
                  opt_state: Params | None = None) -> None:
         self.config, self.store, self.clock = config, store, clock
-        self.params, self.version = params, version
+        self.params, self.state = split_state(params)  # state: batch norm statistics (server/model_state.py)
+        self.version = version
         self.strategy = config_strategy(config)
         self.opt_state: Params = opt_state or {}  # the strategy's state (e.g. optimizer moments)
-        self.specs = {n: TensorSpec(tuple(p.shape), p.dtype.name) for n, p in params.items()}
+        self.specs = {n: TensorSpec(tuple(p.shape), p.dtype.name) for n, p in self.params.items()}
+        # An update carries the phone's state beside its delta (FORMAT.md section 11).
+        self.update_specs = {**self.specs, **{STATE_PREFIX + n: TensorSpec(tuple(v.shape), v.dtype.name)
+                                              for n, v in self.state.items()}}
         self.started_at = clock()
         self._inline_last: tuple[dict[str, Any], bytes] | None = None  # the last task framed with the model
         self.model_blob = self._model_message()
@@ -106,11 +112,15 @@ class Coordinator:
         return self.config.rounds > 0 and self.merges >= self.config.rounds
 
     def _model_message(self) -> bytes:
-        self._model_wire: list[WireTensor] | None = wire_tensors(self.params)
+        self._model_wire: list[WireTensor] | None = wire_tensors(self.shipped())
         blob = encode_wire("model", self._model_meta(), self._model_wire)
         if len(blob) > self.config.inline_model_max_bytes:
             self._model_wire = None  # never inlined: keep no second copy of its bytes
         return blob
+
+    def shipped(self) -> Params:
+        """The model phones download: the parameters, and the state unless phones keep their own."""
+        return self.params if self.config.local_state else with_state(self.params, self.state)
 
     def _model_meta(self) -> dict[str, Any]:
         return {"version": self.version, "model": self.config.model}
@@ -160,6 +170,8 @@ class Coordinator:
         result = check_result(self.strategy, self.params, result)
         self.params, self.opt_state = result.params, dict(result.state)
         extra = {**extra, **result.metrics}
+        # Non-trainable state (batch norm statistics) is not the strategy's: the example-weighted mean.
+        self.state = merge_state(self.state, [(c.state, c.num_examples) for c in contributions])
         self.version += 1
         self.merges += 1
         self.model_blob = self._model_message()
@@ -187,7 +199,7 @@ class Coordinator:
         record.wall_s, record.time_s = now - self.period.opened_at, now - self.started_at
         record.aggregate_ms = (time.perf_counter() - t0) * 1e3
         self.period = _Period(now)
-        return Published(self.version, self.params, record)
+        return Published(self.version, with_state(self.params, self.state), record)  # evaluated with the state
 
     # --- what each mode implements ---------------------------------------------------------
     def checkin(self, phone: str) -> dict[str, Any]:
@@ -218,8 +230,10 @@ class Coordinator:
         if base > self.version:
             raise UpdateRejected(400, "future_version", f"version {base} does not exist yet (current {self.version})")
         started = self._admit(phone, update_id, base)
+        delta, state = split_state(delta)
         c = Contribution(phone, update_id, delta, int(meta["num_examples"]), meta.get("train_loss"),
-                         self.clock() - started, self.version - base, int(meta.get("wire_bytes", 0)), base, norm)
+                         self.clock() - started, self.version - base, int(meta.get("wire_bytes", 0)), base, norm,
+                         state=state)
         # the message as it arrived (already validated) is what a restart decodes again
         self.durable = self.store.add_pending(phone, update_id, c.info(),
                                               wire if wire is not None else encode_message("update", {}, delta))
@@ -251,9 +265,10 @@ class Coordinator:
         """Acknowledged updates that a crash left unmerged, read back from the store."""
         out = []
         for phone, update_id, info, blob in self.store.pending():
-            delta = decode_message(blob).tensors
+            delta, state = split_state(decode_message(blob).tensors)
             out.append(Contribution(phone, update_id, delta, info["num_examples"], info["train_loss"],
-                                    info["latency_s"], info["staleness"], info["wire_bytes"], info["base_version"]))
+                                    info["latency_s"], info["staleness"], info["wire_bytes"], info["base_version"],
+                                    state=state))
         return out
 
     def ready(self) -> bool:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedfleet.protocol.state import split_state
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -52,10 +54,14 @@ class Evaluator:
 
         model = self._built()
         x, y = torch.from_numpy(self.x), torch.from_numpy(self.y)
+        params, state = split_state(params)
         with torch.no_grad():
             named = dict(model.named_parameters())
             for name, value in params.items():
                 named[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+            buffers = dict(model.named_buffers())
+            for name, value in state.items():  # batch norm statistics: what the phones would use
+                buffers[name].copy_(torch.from_numpy(np.asarray(value)).to(buffers[name].dtype))
             model.eval()
             loss_sum, correct = 0.0, 0
             for start in range(0, len(x), batch_size):

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from fedfleet.protocol import FORMAT_VERSION, check_update_meta, decode_message
 from fedfleet.protocol.signing import NONCE_HEADER, SIGNATURE_HEADER
+from fedfleet.protocol.state import split_state
 from fedfleet.server.admin import admin_routes
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.coordinator import Coordinator
@@ -66,7 +67,7 @@ def task_spec_json(request: web.Request) -> bytes:
 
 
 def task_spec(cfg: ServerConfig, coord: Coordinator, fingerprint: str | None = None) -> dict[str, Any]:
-    return {
+    return {**_state_spec(cfg, coord),
         "format_version": FORMAT_VERSION,
         "mode": cfg.mode,
         "model": cfg.model,
@@ -80,6 +81,14 @@ def task_spec(cfg: ServerConfig, coord: Coordinator, fingerprint: str | None = N
         "rounds": cfg.rounds,
         "model_fingerprint": fingerprint,  # names, shapes, dtypes of the model's state (None: not known)
     }
+
+
+def _state_spec(cfg: ServerConfig, coord: Coordinator) -> dict[str, Any]:
+    """A model with state: its tensors, and whether the model message ships them (FORMAT.md section 11)."""
+    if not coord.state:
+        return {}
+    return {"state": [{"name": n, "shape": list(v.shape), "dtype": v.dtype.name} for n, v in coord.state.items()],
+            "state_mode": "local" if cfg.local_state else "shared"}
 
 
 async def register(request: web.Request) -> web.Response:
@@ -252,11 +261,11 @@ async def _update(request: web.Request) -> tuple[web.Response, dict[str, Any], A
         _check_signature(lambda: app[NONCES].precheck(phone, request.headers.get(SIGNATURE_HEADER),
                                                       request.headers.get(NONCE_HEADER)), key)
     body = await read_body(request, cfg.max_update_bytes, cfg.request_timeout_s)
-    msg = decode_message(body, expected=coord.specs, max_bytes=cfg.max_update_bytes)  # ProtocolError -> 400
+    msg = decode_message(body, expected=coord.update_specs, max_bytes=cfg.max_update_bytes)  # ProtocolError -> 400
     if msg.kind != "update":
         fail(400, "malformed", f"expected an 'update' message, got {msg.kind!r}")
     meta = {**_update_meta(msg.meta, cfg.max_examples), "wire_bytes": len(body)}
-    norm = float(update_norms([msg.tensors])[0])  # finite values can still overflow a float32 merge
+    norm = float(update_norms([split_state(msg.tensors)[0]])[0])  # finite values can still overflow a float32 merge
     if cfg.max_update_norm and not norm <= cfg.max_update_norm:
         fail(400, "huge_norm", f"the update's L2 norm {norm:.3g} exceeds max_update_norm {cfg.max_update_norm:g}")
     if signed:

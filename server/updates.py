@@ -3,7 +3,7 @@ and waiting to be merged (``Contribution``), merged into a published version (``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedfleet.server.aggregation import Params
@@ -32,6 +32,7 @@ class Contribution:
     wire_bytes: int = 0  # the update's body as it crossed the wire
     base_version: int = 0
     norm: float | None = None  # the update's L2 norm, as the upload checked it (None: not known)
+    state: Params = field(default_factory=dict)  # the phone's batch norm statistics after training (absolute)
 
     def info(self) -> dict[str, Any]:
         return {"num_examples": self.num_examples, "train_loss": self.train_loss, "latency_s": self.latency_s,

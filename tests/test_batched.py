@@ -136,14 +136,6 @@ def test_model_is_left_unchanged(digits: Any) -> None:
         assert torch.equal(t, before[n]), n
 
 
-def test_rejects_batch_norm_in_training_mode() -> None:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 10))
-    params = {n: p.detach().numpy() for n, p in model.named_parameters()}
-    x, y = np.zeros((4, 1, 8, 8), np.float32), np.zeros(4, np.int64)
-    with pytest.raises(ValueError, match="batch norm"):
-        train_many(model, params, [(x, y, np.random.default_rng(0))], CFG)
-
-
 def test_rejects_missing_params() -> None:
     model = build_model(ModelSpec("mlp", (1, 8, 8), 10))
     with pytest.raises(ValueError, match="fc2.bias"):

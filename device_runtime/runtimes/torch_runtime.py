@@ -9,6 +9,14 @@ import torch
 from torch import nn
 
 from fedfleet.device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
+from fedfleet.device_runtime.stateful import (
+    dropout_generator,
+    dropout_layers,
+    generator_masks,
+    masked_dropout,
+    set_state,
+)
+from fedfleet.export.model_state import get_state, state_names
 
 
 class TorchRuntime:
@@ -17,6 +25,9 @@ class TorchRuntime:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        model.train()
+        self._state_names = state_names(model)
+        self._initial_state = get_state(model, self._state_names)  # what a phone with no state of its own uses
 
     def param_names(self) -> list[str]:
         return list(self._trainable)
@@ -29,14 +40,31 @@ class TorchRuntime:
             for n, p in self._trainable.items():
                 p.copy_(torch.from_numpy(np.asarray(params[n], dtype=np.float32)))
 
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Batch norm running statistics (``stateful.state_names``); empty for a model without."""
+        return get_state(self.model, self._state_names)
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load ``state``; a buffer it lacks goes back to the model's initial value."""
+        set_state(self.model, {n: state.get(n, self._initial_state[n]) for n in self._state_names})
+
     def train(self, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> TrainResult:
+        """Plain SGD over ``iterate_batches``; dropout masks come from a generator seeded by ``rng``
+        (drawn before the batches), batch norm updates the running statistics as it always does."""
+        self.model.train()
+        layers = dropout_layers(self.model)
+        if not layers:
+            return self._train(x, y, cfg, rng)
+        with masked_dropout(layers, generator_masks(dropout_generator(rng))):
+            return self._train(x, y, cfg, rng)
+
+    def _train(self, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> TrainResult:
         xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
         params = list(self._trainable.values())
         anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
         # Plain SGD by hand, exactly torch.optim.SGD(lr)'s step (param.add_(grad, alpha=-lr)): the
         # first torch.optim optimizer in a process imports torch._dynamo (~1.4 s, 900 modules),
         # which stalled the first round of a fleet whose server runs in another process.
-        self.model.train()
         total, steps = 0.0, 0
         for idx in iterate_batches(len(x), cfg, rng):
             ti = torch.from_numpy(idx)

@@ -24,6 +24,7 @@ from fedfleet.protocol.codec.noise import GaussianNoise, LaplaceNoise
 from fedfleet.protocol.codec.quantize import Float32, Quantize, ValueCoder, to_wire
 from fedfleet.protocol.codec.sparsify import RandK, TopK, keep_all
 from fedfleet.protocol.codec.types import DenseStep, Update
+from fedfleet.protocol.state import STATE_PREFIX
 from fedfleet.protocol.wire import TensorSpec, WireTensor, encode_wire
 
 if TYPE_CHECKING:
@@ -82,17 +83,20 @@ class UpdateEncoder:
             self.values, Float32)
 
     def encode(
-        self, delta: Mapping[str, np.ndarray], meta: Mapping[str, Any], *, staleness: int = 0
+        self, delta: Mapping[str, np.ndarray], meta: Mapping[str, Any], *, staleness: int = 0,
+        state: Mapping[str, np.ndarray] | None = None,
     ) -> bytes:
         """delta: name -> float array (params' - params(v)). ``staleness``: model versions
-        between the residual's base version and this delta's (decays the residual).
+        between the residual's base version and this delta's (decays the residual). ``state``:
+        the model's state after training (buffer name -> array), sent as it is (FORMAT.md section 11).
         Returns a full wire message of kind "update" with ``meta`` in its header."""
         if type(staleness) is not int or staleness < 0:
             raise ValueError(f"staleness must be an int >= 0, got {staleness!r}")
+        extra = state_tensors(state or {})
         if self._plain:
             plain = _plain_float32(delta)
             if plain is not None:
-                return encode_wire("update", meta, plain, compress=self.config.compress)
+                return encode_wire("update", meta, plain + extra, compress=self.config.compress)
         update = _as_float64(delta)
         for step in self.steps:
             update = step(update, self.rng)
@@ -111,7 +115,7 @@ class UpdateEncoder:
             self.feedback.keep(update, picks, sent)
             version = meta.get("base_version")
             self.feedback.base_version = version if type(version) is int else None
-        return encode_wire("update", meta, wire, compress=self.config.compress)
+        return encode_wire("update", meta, wire + extra, compress=self.config.compress)
 
     def residual(self) -> Update:
         """The current residual (float64), empty without error feedback."""
@@ -164,6 +168,19 @@ def _plain_float32(delta: Mapping[str, np.ndarray]) -> list[WireTensor] | None:
             return None
         blob = np.ascontiguousarray(a, dtype="<f4").tobytes()
         wire.append(WireTensor(name, "float32", tuple(a.shape), "dense", {}, blob))
+    return wire
+
+
+def state_tensors(state: Mapping[str, np.ndarray]) -> list[WireTensor]:
+    """Dense ``"state:<name>"`` entries: float32, or int64 for integer counters; never clipped,
+    noised, sparsified or quantized."""
+    wire: list[WireTensor] = []
+    for name, arr in state.items():
+        a = np.asarray(arr)
+        dtype = "<i8" if a.dtype.kind in "iu" else "<f4"
+        blob = np.ascontiguousarray(a, dtype=dtype).tobytes()
+        wire.append(WireTensor(STATE_PREFIX + name, "int64" if dtype == "<i8" else "float32", tuple(a.shape), "dense",
+                               {}, blob))
     return wire
 
 
