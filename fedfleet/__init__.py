@@ -23,7 +23,12 @@ if TYPE_CHECKING:
     from fedfleet.export.refs import ref_of
     from fedfleet.export.task_model import model_fingerprint, task_model
     from fedfleet.export.weights import load_weights, save_weights
+    from fedfleet.server.app import make_app
+    from fedfleet.server.config import ServerConfig
+    from fedfleet.server.strategies import CentralDP, FedAvg
+    from fedfleet.server.strategy import MergeContext, MergeResult, Strategy, Update
     from fedfleet.simulate_config import SimulateConfig
+    from fedfleet.tuning import tune_process
 
 # name -> module that defines it
 _EXPORTS = {
@@ -40,22 +45,40 @@ _EXPORTS = {
     "save_weights": "fedfleet.export.weights",  # a module's state_dict -> safetensors
     "ExportConfig": "fedfleet.export.build",  # what fedfleet export makes a bundle from
     "export_bundle": "fedfleet.export.build",  # model (+ weights) -> model.pte, ONNX graphs, manifest
+    "Strategy": "fedfleet.server.strategy",  # subclass it: a merge of one's own (docs/strategies.md)
+    "Update": "fedfleet.server.strategy",  # one accepted update, as a strategy sees it
+    "MergeContext": "fedfleet.server.strategy",  # where a merge happens (version, mode, seeded rng)
+    "MergeResult": "fedfleet.server.strategy",  # what a strategy returns
+    "FedAvg": "fedfleet.server.strategies",  # the built-in merge: FedAvg/FedAdam/..., robust rules
+    "CentralDP": "fedfleet.server.strategies",  # DP-FedAvg as a wrapper around another strategy
+    "ServerConfig": "fedfleet.server.config",  # every server setting, checked when made
+    "make_app": "fedfleet.server.app",  # the aggregation server: an aiohttp application
+    "tune_process": "fedfleet.tuning",  # the process-wide settings the command line makes (gc, files, threads)
 }
 
 __all__ = [  # the same names as _EXPORTS
+    "CentralDP",
     "Dataset",
     "ExportConfig",
+    "FedAvg",
+    "MergeContext",
+    "MergeResult",
+    "ServerConfig",
     "SimulateConfig",
+    "Strategy",
+    "Update",
     "export_bundle",
     "load_dataset",
     "load_trained_model",
     "load_weights",
+    "make_app",
     "make_dataset",
     "model_fingerprint",
     "ref_of",
     "run_simulation",
     "save_weights",
     "task_model",
+    "tune_process",
 ]
 
 
