@@ -22,6 +22,7 @@ from fedfleet.server.http import COUNTED_KEY, JsonError, json_response
 from fedfleet.server.observability import setup_observability
 from fedfleet.server.ratelimit import setup_failure_limits
 from fedfleet.server.routes import setup_routes
+from fedfleet.server.secagg_routes import setup_secagg_routes
 from fedfleet.server.security import NonceBook
 from fedfleet.server.state import (
     CONFIG,
@@ -79,6 +80,8 @@ def make_app(
     if config.bundle_dir is not None:
         check_bundle(Path(config.bundle_dir), config.model, app[COORD].specs)
     setup_routes(app)
+    if config.secure_agg:
+        setup_secagg_routes(app)
     setup_bundle(app, Path(config.bundle_dir) if config.bundle_dir else None)
     setup_failure_limits(app, config, store)
     setup_observability(app)

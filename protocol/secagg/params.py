@@ -12,7 +12,9 @@ read back as a signed integer). A requested b below that raises ``SumMayWrap``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fedfleet.protocol.secagg.errors import SumMayWrap
 from fedfleet.protocol.secagg.graph import default_degree
@@ -116,3 +118,17 @@ def group_params(
             f"the sum of {size} phones of |value| <= {bound} can wrap modulo 2**{modulus_bits}: need {need} bits"
         )
     return GroupParams(group, size, dim, k, t, min_survivors, clip, scale, sigma, tail, modulus_bits, graph_seed)
+
+
+def params_json(p: GroupParams) -> dict[str, Any]:
+    """The parameters as the server sends them to the group's phones (JSON, seed in hex)."""
+    return {"group": p.group, "size": p.size, "dim": p.dim, "degree": p.degree,
+            "share_threshold": p.share_threshold, "min_survivors": p.min_survivors, "clip": p.clip,
+            "scale": p.scale, "noise_sigma": p.noise_sigma, "noise_tail": p.noise_tail,
+            "modulus_bits": p.modulus_bits, "graph_seed": p.graph_seed.hex()}
+
+
+def params_from_json(d: Mapping[str, Any]) -> GroupParams:
+    return GroupParams(str(d["group"]), int(d["size"]), int(d["dim"]), int(d["degree"]), int(d["share_threshold"]),
+                       int(d["min_survivors"]), float(d["clip"]), float(d["scale"]), float(d["noise_sigma"]),
+                       int(d["noise_tail"]), int(d["modulus_bits"]), bytes.fromhex(str(d["graph_seed"])))

@@ -67,6 +67,18 @@ def parse_share_plaintext(plain: bytes) -> HeldShare:
     return HeldShare(shamir.element_from_bytes(plain[:n]), shamir.element_from_bytes(plain[n:]))
 
 
+def sync_group_name(round_number: int) -> str:
+    """The name (and key-derivation context) of a sync round's group: the round's cohort."""
+    return f"round/{round_number}/group/0"
+
+
+def keys_for(entropy: bytes, context: bytes) -> PublicKeys:
+    """The public keys a phone with ``entropy`` advertises in the group named ``context``
+    (known before the group's other parameters are)."""
+    return PublicKeys(crypto.public_key(crypto.hkdf(entropy, "channel key", context)),
+                      crypto.public_key(crypto.hkdf(entropy, "mask key", context)))
+
+
 class SecAggPhone:
     """Phone ``index`` (1..n) of the group ``params``; one instance per group and round."""
 

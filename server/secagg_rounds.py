@@ -1,0 +1,104 @@
+"""The sync coordinator's secure rounds: one ``SecureGroup`` per round (server/secagg.py),
+the finished group's sum turned into the round's contribution, and the configuration's
+secure-aggregation fields checked where they are defined."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from fedfleet.protocol.secagg import BelowThreshold
+from fedfleet.protocol.secagg.integer import unflatten
+from fedfleet.server.secagg import SecAggSettings, SecureGroup
+from fedfleet.server.updates import Contribution
+
+
+class SecureRounds:
+    """The sync coordinator's secure groups: one per round, made at its first secure message.
+    Counts aborted groups until the next merge, and turns a finished group's sum into the
+    round's one contribution (the mean of the survivors' integer updates, back in floats)."""
+
+    def __init__(self, settings: SecAggSettings, shapes: Mapping[str, tuple[int, ...]],
+                 clock: Callable[[], float]) -> None:
+        self.settings, self.shapes, self.clock = settings, dict(shapes), clock
+        self.dim = sum(int(np.prod(s)) for s in self.shapes.values())
+        self.current: SecureGroup | None = None
+        self.aborted = 0  # groups aborted since the last merge
+        self.last_aborted: SecureGroup | None = None
+
+    def group(self, round_number: int, target: int) -> SecureGroup:
+        g = self.current
+        if g is None or g.round != round_number:
+            g = self.current = SecureGroup(round_number, target, self.dim, self.settings, self.clock)
+        return g
+
+    def tick(self) -> bool:
+        """Step deadlines; True when the current group has aborted (the round restarts)."""
+        g = self.current
+        if g is None:
+            return False
+        if g.step not in ("done", "aborted"):
+            g.tick()
+        if g.step == "aborted":
+            self.aborted += 1
+            self.last_aborted, self.current = g, None
+            return True
+        return False
+
+    def check_member(self, phone: str, group: SecureGroup) -> None:
+        """A phone of the group that aborted, not yet in the round's new one, learns of the abort."""
+        gone = self.last_aborted
+        if gone is not None and phone in gone.keys and phone not in group.keys:
+            raise BelowThreshold(f"{gone.name} aborted ({gone.abort_reason}); check in again")
+
+    def done(self, round_number: int) -> bool:
+        g = self.current
+        return g is not None and g.round == round_number and g.step == "done"
+
+    def contribution(self, rounds: int, dp_delta: float) -> tuple[Contribution, dict[str, Any]]:
+        """The finished group as one contribution, and its round-record fields; with noise, the
+        epsilon of a phone that took part in all ``rounds`` (protocol/secagg/dp.py)."""
+        g = self.current
+        assert g is not None and g.total is not None and g.params is not None, "merge only a finished group"
+        survivors = len(g.masked)
+        mean = g.total.astype(np.float64) / (g.params.scale * survivors)
+        delta = unflatten(mean, self.shapes)  # float64: the optimizer adds it in float64
+        c = Contribution(f"secagg:{g.name}", f"{g.name}/sum", delta, survivors, None,
+                         self.clock() - g.opened_at, 0, g.bytes_up)
+        extra = {"secagg_bytes_up": g.bytes_up, "secagg_bytes_down": g.bytes_down,
+                 "secagg_unmask_ms": g.unmask_ms, "secagg_dropped": g.dropped(), "secagg_aborted": self.aborted,
+                 "secagg_survivors": survivors, "secagg_modulus_bits": g.params.modulus_bits}
+        if g.params.noise_sigma > 0:
+            from fedfleet.protocol.secagg.dp import distributed_epsilon  # dp_accounting: imported when used
+
+            extra.update(distributed_noise_sigma=g.params.noise_sigma, delta=dp_delta,
+                         distributed_epsilon=distributed_epsilon(g.params, rounds, dp_delta))
+        self.aborted, self.current = 0, None
+        return c, extra
+
+
+def settings_of(config: Any) -> SecAggSettings:
+    return SecAggSettings(config.secagg_threshold, config.secagg_degree or None, config.secagg_clip,
+                          config.secagg_value_bits, config.distributed_noise_multiplier,
+                          config.secagg_step_timeout_s, config.seed)
+
+
+def check_secure_config(config: Any) -> None:
+    """ServerConfig's secure-aggregation fields, checked where they are defined."""
+    if config.mode != "sync":
+        raise ValueError("secure aggregation runs in sync mode only (async secure buffers are not built)")
+    if config.robust != "none" or config.central_noise_multiplier > 0:
+        raise ValueError("secure aggregation cannot be combined with robust rules or central DP: "
+                         "the server never sees single updates")
+    if config.codec.get("sparsify") == "topk":
+        raise ValueError("top-k cannot be combined with secure aggregation: the kept coordinates leak the update")
+    if not 0.5 < config.secagg_threshold <= 1:
+        raise ValueError(f"secagg_threshold must be in (0.5, 1], got {config.secagg_threshold!r}")
+    if config.secagg_degree < 0 or config.secagg_degree % 2:
+        raise ValueError(f"secagg_degree must be even and >= 0 (0 = about 2 log2 n), got {config.secagg_degree}")
+    if not config.secagg_clip > 0 or not 1 <= config.secagg_value_bits <= 40:
+        raise ValueError("secagg_clip must be > 0 and secagg_value_bits in [1, 40]")
+    if not config.distributed_noise_multiplier >= 0 or not config.secagg_step_timeout_s > 0:
+        raise ValueError("distributed_noise_multiplier must be >= 0 and secagg_step_timeout_s > 0")
