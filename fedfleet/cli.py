@@ -23,6 +23,7 @@ from fedfleet.cli_flags import (
     _server_task_flags,
     _shard,
     _training_flags,
+    add_secagg_flags,
 )
 from fedfleet.cli_fleet import cmd_fleet, cmd_phone
 from fedfleet.cli_serve import cmd_serve
@@ -77,12 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: none)")
     p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) ... (default: plain HTTP)")
     p.add_argument("--tls-key", help="... and this private key (PEM) (default: none)")
+    add_secagg_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="a server on loopback plus an emulated fleet")
     _phone_side_flags(p, fleet=True)
     _training_flags(p, server_here=True)
     _server_task_flags(p)
+    add_secagg_flags(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("fleet", help="an emulated fleet against a running server")

@@ -13,7 +13,8 @@ from fedfleet.server.config import load_toml
 SERVER_SETTINGS = ("mode", "concurrency", "buffer", "staleness", "max_staleness", "server_optimizer", "server_lr",
                    "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk", "quant_bits",
                    "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget", "central_clip",
-                   "central_noise_multiplier", "robust", "server_process")
+                   "central_noise_multiplier", "robust", "server_process",
+                   "secure_agg", "secagg_threshold", "secagg_degree", "distributed_noise_multiplier")
 # What only a fleet of several phones takes: refused on `phone`.
 FLEET_SETTINGS = ("phones", "workers", "trainer", "attack", "attack_fraction")
 
@@ -105,6 +106,19 @@ def _server_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-process", choices=["auto", "yes", "no"],
                    help="run the server in its own process (wall clock only; auto, the default: for 1,000+ "
                         "phones on 2+ cores)")
+
+
+def add_secagg_flags(p: argparse.ArgumentParser) -> None:
+    """Secure aggregation (docs/secure-aggregation.md), for simulate and serve."""
+    p.add_argument("--secure-agg", action="store_true", default=None,
+                   help="sync rounds: phones mask their integer updates (SecAgg+); the server sees only the sum "
+                        "(default: off)")
+    p.add_argument("--secagg-threshold", type=float,
+                   help="fraction of each phone's neighbours and of the group needed to unmask (default 2/3)")
+    p.add_argument("--secagg-degree", type=int, help="neighbours per phone, even (default 0: about 2 log2 n)")
+    p.add_argument("--distributed-noise-multiplier", type=float,
+                   help="distributed DP: the phones' summed noise is the central Gaussian's with this z (with "
+                        "--clip, --delta; default 0: none)")
 
 
 def _fleet_task_flags(p: argparse.ArgumentParser) -> None:

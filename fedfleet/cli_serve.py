@@ -28,7 +28,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--config {args.config}: dataset must be a string, got {dataset!r}")
     for key, flag in (("model", args.model), ("rounds", args.rounds), ("sample_fraction", args.sample),
                       ("seed", args.seed), ("mode", args.mode), ("data_dir", args.data_dir),
-                      ("bundle_dir", args.bundle)):
+                      ("bundle_dir", args.bundle), ("secure_agg", args.secure_agg),
+                      ("secagg_threshold", args.secagg_threshold), ("secagg_degree", args.secagg_degree),
+                      ("distributed_noise_multiplier", args.distributed_noise_multiplier)):
         if flag is not None:
             values[key] = flag
     config = ServerConfig().replace(**values)

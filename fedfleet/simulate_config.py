@@ -77,6 +77,11 @@ class SimulateConfig:
     epsilon_budget: float = 0.0  # stop scheduling a phone past this local epsilon (0 = no limit)
     central_clip: float = 0.0  # central DP on the server (DP-FedAvg): clip ...
     central_noise_multiplier: float = 0.0  # ... and noise the sum
+    # secure aggregation (docs/secure-aggregation.md): sync rounds only; --clip bounds each update
+    secure_agg: bool = False
+    secagg_threshold: float = 2 / 3  # fraction of neighbours and of the group needed to unmask
+    secagg_degree: int = 0  # neighbours per phone (0 = about 2 log2 n)
+    distributed_noise_multiplier: float = 0.0  # the central Gaussian's z, added a share per phone
 
     def __post_init__(self) -> None:
         """Every setting checked before anything starts, with messages that name it as the flag (and
@@ -204,6 +209,9 @@ class SimulateConfig:
             epsilon_budget=self.epsilon_budget,
             central_clip=self.central_clip,
             central_noise_multiplier=self.central_noise_multiplier,
+            secure_agg=self.secure_agg, secagg_threshold=self.secagg_threshold, secagg_degree=self.secagg_degree,
+            secagg_clip=self.clip or ServerConfig.secagg_clip,
+            distributed_noise_multiplier=self.distributed_noise_multiplier,
         )
         return base.replace(**self.server) if self.server else base
 

@@ -53,6 +53,11 @@ class SecureRounds:
         if gone is not None and phone in gone.keys and phone not in group.keys:
             raise BelowThreshold(f"{gone.name} aborted ({gone.abort_reason}); check in again")
 
+    def took_part(self, phone: str, round_number: int) -> bool:
+        """Whether ``phone`` advertised keys in this round's group (it then waits for the merge)."""
+        g = self.current
+        return g is not None and g.round == round_number and phone in g.keys
+
     def done(self, round_number: int) -> bool:
         g = self.current
         return g is not None and g.round == round_number and g.step == "done"
@@ -67,7 +72,10 @@ class SecureRounds:
         delta = unflatten(mean, self.shapes)  # float64: the optimizer adds it in float64
         c = Contribution(f"secagg:{g.name}", f"{g.name}/sum", delta, survivors, None,
                          self.clock() - g.opened_at, 0, g.bytes_up)
-        extra = {"secagg_bytes_up": g.bytes_up, "secagg_bytes_down": g.bytes_down,
+        masked_bytes = survivors * g.params.dim * g.params.word_bytes
+        extra = {"updates": survivors, "dropped": g.dropped(), "update_bytes": masked_bytes,
+                 "dense_bytes": 4 * g.params.dim * survivors, "compression_ratio": 4 / g.params.word_bytes,
+                 "secagg_bytes_up": g.bytes_up, "secagg_bytes_down": g.bytes_down,
                  "secagg_unmask_ms": g.unmask_ms, "secagg_dropped": g.dropped(), "secagg_aborted": self.aborted,
                  "secagg_survivors": survivors, "secagg_modulus_bits": g.params.modulus_bits}
         if g.params.noise_sigma > 0:

@@ -55,7 +55,7 @@ class SyncCoordinator(Coordinator):
         rnd = self.round
         if not rnd.cohort:  # the first check-in of a round fixes its target size
             rnd.target = self._target()
-        if phone in rnd.updates:
+        if phone in rnd.updates or (self.secure is not None and self.secure.took_part(phone, rnd.number)):
             return self.wait()
         if not self.allowed(phone):
             return {"action": "done", "version": self.version, "reason": "privacy budget spent"}
