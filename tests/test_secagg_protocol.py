@@ -16,7 +16,7 @@ from fedfleet.protocol.secagg import (
     group_params,
     unmask_sum,
 )
-from fedfleet.protocol.secagg.graph import default_degree, neighbours
+from fedfleet.protocol.secagg.graph import default_degree, neighbours, neighbours_of
 from fedfleet.protocol.secagg.integer import from_field, to_field, to_integers
 from fedfleet.protocol.secagg.params import GroupParams
 
@@ -129,6 +129,7 @@ def test_graph_is_k_regular_and_symmetric() -> None:
     assert {len(v) for v in graph.values()} == {20}
     assert all(i in graph[j] for i, near in graph.items() for j in near)
     assert neighbours(1000, 20, b"seed") == graph != neighbours(1000, 20, b"other")
+    assert all(neighbours_of(1000, 20, b"seed", i) == graph[i] for i in (1, 500, 1000))
 
 
 def test_modulus_fits_the_largest_sum_and_refuses_a_smaller_one() -> None:

@@ -28,6 +28,17 @@ def ring_order(size: int, seed: bytes) -> list[int]:
     return sorted(range(1, size + 1), key=key)
 
 
+def neighbours_of(size: int, degree: int, seed: bytes, index: int) -> frozenset[int]:
+    """One phone's neighbours (what ``neighbours`` gives it), without building the whole graph."""
+    if degree >= size - 1:
+        return frozenset(range(1, size + 1)) - {index}
+    if degree % 2:
+        raise ValueError(f"degree must be even below n - 1 = {size - 1}, got {degree}")
+    order = ring_order(size, seed)
+    pos = order.index(index)
+    return frozenset(order[(pos + step) % size] for step in range(-(degree // 2), degree // 2 + 1) if step)
+
+
 def neighbours(size: int, degree: int, seed: bytes) -> dict[int, frozenset[int]]:
     """Phone index (1..n) -> its neighbours' indices. ``degree`` >= n - 1 gives the
     complete graph; otherwise it must be even (each side of the ring takes degree / 2)."""

@@ -27,7 +27,7 @@ from fedfleet.protocol.secagg.errors import (
     ShareRequestRefused,
     WrongStep,
 )
-from fedfleet.protocol.secagg.graph import neighbours
+from fedfleet.protocol.secagg.graph import neighbours_of
 from fedfleet.protocol.secagg.integer import to_field
 from fedfleet.protocol.secagg.params import GroupParams
 
@@ -100,7 +100,7 @@ class SecAggPhone:
             ]
             for label in ("mask key", "self mask seed")
         }
-        self.neighbours = neighbours(params.size, params.degree, params.graph_seed)[index]
+        self.neighbours = neighbours_of(params.size, params.degree, params.graph_seed, index)
         self.keys = PublicKeys(crypto.public_key(self._channel_secret), crypto.public_key(self._mask_secret))
         self._roster: dict[int, PublicKeys] = {}
         self._held: dict[int, HeldShare] | None = None
