@@ -114,7 +114,7 @@ def add_secagg_flags(p: argparse.ArgumentParser) -> None:
                    help="sync rounds: phones mask their integer updates (SecAgg+); the server sees only the sum "
                         "(default: off)")
     p.add_argument("--secagg-threshold", type=float,
-                   help="fraction of each phone's neighbours and of the group needed to unmask (default 2/3)")
+                   help="fraction of each phone's neighbours and of the group needed to unmask (default 0.55)")
     p.add_argument("--secagg-degree", type=int, help="neighbours per phone, even (default 0: about 2 log2 n)")
     p.add_argument("--distributed-noise-multiplier", type=float,
                    help="distributed DP: the phones' summed noise is the central Gaussian's with this z (with "

@@ -79,7 +79,7 @@ class SimulateConfig:
     central_noise_multiplier: float = 0.0  # ... and noise the sum
     # secure aggregation (docs/secure-aggregation.md): sync rounds only; --clip bounds each update
     secure_agg: bool = False
-    secagg_threshold: float = 2 / 3  # fraction of neighbours and of the group needed to unmask
+    secagg_threshold: float = 0.55  # fraction of neighbours and of the group needed to unmask
     secagg_degree: int = 0  # neighbours per phone (0 = about 2 log2 n)
     distributed_noise_multiplier: float = 0.0  # the central Gaussian's z, added a share per phone
 

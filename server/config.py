@@ -51,7 +51,7 @@ class ServerConfig:
     central_noise_multiplier: float = 0.0  # ...and add N(0, (z * clip)^2) to the sum
     # --- secure aggregation, sync mode (server/secagg.py, docs/secure-aggregation.md) -----
     secure_agg: bool = False  # the round's cohort masks its integer updates (SecAgg+): the server sees only the sum
-    secagg_threshold: float = 2 / 3  # fraction of neighbours (shares) and of the group (survivors) needed to unmask
+    secagg_threshold: float = 0.55  # fraction of neighbours (shares) and of the group (survivors) needed to unmask
     secagg_degree: int = 0  # neighbours per phone (0 = about 2 log2 n)
     secagg_clip: float = 1.0  # L2 clip of each update before it becomes integers
     secagg_value_bits: int = 16  # the clip maps to 2**value_bits integer units

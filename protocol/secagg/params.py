@@ -70,7 +70,7 @@ def group_params(
     dim: int,
     *,
     clip: float,
-    threshold: float = 2 / 3,
+    threshold: float = 0.55,
     degree: int | None = None,
     value_bits: int = 16,
     noise_multiplier: float = 0.0,
