@@ -183,3 +183,21 @@ async def test_an_aborted_group_changes_no_model_and_no_version(make_server: Mak
     after = await _model(client, phones[0][1])
     for name, p in before.items():
         np.testing.assert_array_equal(after[name], p)
+
+
+async def test_distributed_noise_is_recorded_with_its_epsilon(make_server: MakeClient) -> None:
+    n = 6
+    client = await make_server(min_cohort=n, distributed_noise_multiplier=1.0, **SECURE)
+    phones, task = await _cohort(client, n)
+    outcomes = await _round(client, phones, task, {5: "masked"})
+    await _wait_version(client, 1)
+    assert all(isinstance(o, SecureOutcome) for o in outcomes), outcomes
+    for _ in range(100):  # the record follows the version once evaluated (here: at once)
+        rows = (await (await client.get("/v1/rounds")).json())["rounds"]
+        if rows:
+            break
+        await asyncio.sleep(0.05)
+    row = rows[-1]
+    assert row["updates"] == n and row["secagg_dropped"] == 0 and row["secagg_aborted"] == 0
+    assert row["distributed_noise_sigma"] > 0 and 0 < row["distributed_epsilon"] < 100
+    assert row["secagg_bytes_up"] > row["update_bytes"] > 0 and row["secagg_unmask_ms"] > 0
