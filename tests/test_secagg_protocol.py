@@ -172,3 +172,18 @@ def test_distributed_epsilon_matches_the_central_gaussian() -> None:
     central = RdpAccountant().compose(dp_accounting.GaussianDpEvent(1.1), 50).get_epsilon(1e-5)
     assert distributed_epsilon(p, 50, 1e-5) == pytest.approx(central, rel=1e-3)
     assert distributed_epsilon(p, 0, 1e-5) == 0.0
+
+
+def test_shamir_rebuilds_from_any_t_shares_and_catches_a_wrong_one() -> None:
+    from fedfleet.protocol.secagg import shamir
+    from fedfleet.protocol.secagg.errors import BadShare
+
+    rng = np.random.default_rng(9)
+    secret = rng.bytes(32)
+    coefficients = [int.from_bytes(rng.bytes(80), "big") % shamir.PRIME for _ in range(4)]  # t = 5
+    points = list(zip(range(1, 10), shamir.split(secret, range(1, 10), coefficients), strict=True))
+    assert shamir.combine(points[:5], 5) == shamir.combine(points[4:], 5) == secret
+    assert shamir._lagrange_at(points[:4], 0) != int.from_bytes(secret, "big")  # t - 1 shares: another value
+    wrong = [*points[:2], (points[2][0], (points[2][1] + 1) % shamir.PRIME), *points[3:]]
+    with pytest.raises(BadShare):
+        shamir.combine(wrong, 5)

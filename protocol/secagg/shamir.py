@@ -34,26 +34,41 @@ def split(secret: bytes, xs: Sequence[int], coefficients: Sequence[int]) -> list
 
 
 def _lagrange_at(points: Sequence[tuple[int, int]], at: int) -> int:
-    total = 0
-    for i, (xi, yi) in enumerate(points):
+    """f(at) from the points of f: sum_i y_i * num_i / den_i, with one modular inversion for
+    all the den_i (prefix products, Montgomery's trick) instead of one each."""
+    nums, dens = [], []
+    for i, (xi, _) in enumerate(points):
         num, den = 1, 1
         for j, (xj, _) in enumerate(points):
             if i != j:
                 num = num * (at - xj) % PRIME
                 den = den * (xi - xj) % PRIME
-        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
+        nums.append(num)
+        dens.append(den)
+    prefix = [1]
+    for den in dens:
+        prefix.append(prefix[-1] * den % PRIME)
+    inverse = pow(prefix[-1], -1, PRIME)  # 1 / (den_0 ... den_{m-1})
+    total = 0
+    for i in range(len(points) - 1, -1, -1):
+        inv_i = inverse * prefix[i] % PRIME  # 1 / den_i
+        inverse = inverse * dens[i] % PRIME  # 1 / (den_0 ... den_{i-1})
+        total = (total + points[i][1] * nums[i] * inv_i) % PRIME
     return total
 
 
 def combine(points: Sequence[tuple[int, int]], threshold: int) -> bytes:
-    """The secret from at least ``threshold`` points (x, f(x)). Points beyond the first
-    ``threshold`` must lie on the same polynomial, else ``BadShare``."""
+    """The secret from at least ``threshold`` points (x, f(x)). With more, the first point
+    beyond ``threshold`` must lie on the polynomial of the others, else ``BadShare``: a wrong
+    share among the first ``threshold`` moves the polynomial off it (a wrong share beyond
+    them changes nothing)."""
     if len({x for x, _ in points}) != len(points):
         raise BadShare("two shares at the same x")
     if len(points) < threshold:
         raise ValueError(f"need {threshold} shares, got {len(points)}")
     basis = list(points[:threshold])
-    for x, y in points[threshold:]:
+    if len(points) > threshold:
+        x, y = points[threshold]
         if _lagrange_at(basis, x) != y:
             raise BadShare(f"the share at x={x} is not on the polynomial of the others")
     secret = _lagrange_at(basis, 0)
