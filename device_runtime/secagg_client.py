@@ -27,7 +27,8 @@ DROP_POINTS = (None, "share", "masked")
 
 
 class SecureRoundAborted(Exception):
-    """The group fell below its threshold: nothing was merged; check in again."""
+    """The group fell below its threshold, or closed without this phone: nothing of this phone
+    was merged; check in again."""
 
 
 @dataclass
@@ -71,13 +72,17 @@ async def secure_round(
             answer = await call("GET", f"{path}?round={round_number}")
             if answer.get("state") == "ready":
                 return answer
+            if answer.get("state") == "aborted":
+                raise SecureRoundAborted(str(answer.get("message", "the group aborted")))
             await sleep(min(float(answer.get("retry_after_s", poll_s)), poll_s))
 
     t = time.perf_counter()
     probe = keys_for(entropy, sync_group_name(round_number).encode())
     out.cpu_ms += (time.perf_counter() - t) * 1e3
-    await call("POST", "/v1/secagg/advertise",
-               {"round": round_number, "channel_key": probe.channel.hex(), "mask_key": probe.mask.hex()})
+    joined = await call("POST", "/v1/secagg/advertise",
+                        {"round": round_number, "channel_key": probe.channel.hex(), "mask_key": probe.mask.hex()})
+    if not joined.get("accepted"):
+        raise SecureRoundAborted(f"round {round_number}'s group closed its roster before this phone joined")
     roster = await until_ready("/v1/secagg/roster")
     params = params_from_json(roster["params"])
     t = time.perf_counter()

@@ -187,6 +187,8 @@ class SecureGroup:
 
     # --- step 4: unmask ---------------------------------------------------------------------
     def unmask(self, phone: str, shares: UnmaskShares) -> None:
+        if self.step == "aborted":
+            raise BelowThreshold(f"{self.name} aborted ({self.abort_reason}): nothing is unmasked")
         self._expect("unmask")
         i = self._member(phone)
         if i not in self.masked:

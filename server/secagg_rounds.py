@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from fedfleet.protocol.secagg import BelowThreshold
 from fedfleet.protocol.secagg.integer import unflatten
 from fedfleet.server.secagg import SecAggSettings, SecureGroup
 from fedfleet.server.updates import Contribution
@@ -47,16 +46,18 @@ class SecureRounds:
             return True
         return False
 
-    def check_member(self, phone: str, group: SecureGroup) -> None:
-        """A phone of the group that aborted, not yet in the round's new one, learns of the abort."""
+    def abort_notice(self, phone: str, group: SecureGroup) -> str | None:
+        """Why the group of ``phone`` aborted, if it did and the phone is not in the round's new one."""
         gone = self.last_aborted
         if gone is not None and phone in gone.keys and phone not in group.keys:
-            raise BelowThreshold(f"{gone.name} aborted ({gone.abort_reason}); check in again")
+            return f"{gone.name} aborted ({gone.abort_reason}); check in again"
+        return None
 
     def took_part(self, phone: str, round_number: int) -> bool:
-        """Whether ``phone`` advertised keys in this round's group (it then waits for the merge)."""
+        """Whether ``phone`` advertised keys in this round's group, or came too late to: either
+        way it waits for the next round instead of training for this one."""
         g = self.current
-        return g is not None and g.round == round_number and phone in g.keys
+        return g is not None and g.round == round_number and (phone in g.keys or g.step != "advertise")
 
     def done(self, round_number: int) -> bool:
         g = self.current

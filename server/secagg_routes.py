@@ -3,7 +3,10 @@
 Every message names its round; a message for another round, a step not open, or from a
 phone outside the group is a 400 ``wrong_step``. Bodies are JSON with hex bytes, except the
 masked update (raw little-endian words, ``application/octet-stream``). A GET for a step that
-has not closed yet answers ``{"state": "wait", "retry_after_s": ...}``.
+has not closed yet answers ``{"state": "wait", "retry_after_s": ...}``; one from a phone whose
+group aborted ``{"state": "aborted", ...}`` (a state, not bad input), and that phone's other
+messages a 400 ``below_threshold``. An advertisement that comes after the roster closed answers
+``{"accepted": false}``.
 
     POST /v1/secagg/advertise  {"round", "channel_key", "mask_key"}
     GET  /v1/secagg/roster?round=R      -> {"index", "params", "neighbours", "keys"}
@@ -22,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from fedfleet.protocol import MalformedMessage
-from fedfleet.protocol.secagg import PublicKeys, UnmaskShares, WrongStep
+from fedfleet.protocol.secagg import BelowThreshold, PublicKeys, UnmaskShares, WrongStep
 from fedfleet.server.http import authenticate, json_response, read_body, read_json
 from fedfleet.server.secagg import SecureGroup
 from fedfleet.server.state import CONFIG, COORD, STORE, WORK, schedule_merge
@@ -38,15 +41,33 @@ def _coord(request: web.Request) -> SyncCoordinator:
     return coord
 
 
-def _group(request: web.Request, round_number: Any) -> tuple[str, SecureGroup]:
+def _group(request: web.Request, round_number: Any) -> tuple[str, SecureGroup, str | None]:
+    """The phone, its round's group, and why the phone's previous group aborted (None: it did
+    not, or the phone is in the round's new group)."""
     phone = authenticate(request, request.app[STORE])
     coord = _coord(request)
     group = coord.secure_group()
     assert coord.secure is not None
-    coord.secure.check_member(phone, group)
     if type(round_number) is not int or round_number != group.round:
         raise WrongStep(f"message for round {round_number!r}, the open round is {group.round}")
+    return phone, group, coord.secure.abort_notice(phone, group)
+
+
+def _member(request: web.Request, round_number: Any) -> tuple[str, SecureGroup]:
+    """For a step's message: a phone whose group aborted gets 400 ``below_threshold``."""
+    phone, group, aborted = _group(request, round_number)
+    if aborted:
+        raise BelowThreshold(aborted)
     return phone, group
+
+
+async def _poll(request: web.Request, answer_for: Any) -> web.Response:
+    """A GET for a step's result: ready, wait, or (not an error: a state) aborted."""
+    phone, group, aborted = _group(request, _round_query(request))
+    if aborted:
+        return json_response({"state": "aborted", "error": "below_threshold", "message": aborted})
+    answer = answer_for(group, phone)
+    return _wait(request) if answer is None else json_response({"state": "ready", **answer})
 
 
 def _round_query(request: web.Request) -> int:
@@ -88,23 +109,23 @@ def _after(request: web.Request, group: SecureGroup) -> None:
 
 async def advertise(request: web.Request) -> web.Response:
     body = await read_json(request)
-    phone, group = _group(request, body.get("round"))
+    phone, group, _ = _group(request, body.get("round"))  # a phone of an aborted group may join the next
     if phone not in _coord(request).round.cohort:
         raise WrongStep(f"{phone} has no task in round {group.round}; check in first")
+    if group.step != "advertise" and phone not in group.keys:  # came too late: a race, not bad input
+        return json_response({"accepted": False, "step": group.step})
     group.advertise(phone, PublicKeys(_hex(body.get("channel_key"), 32, "channel_key"),
                                       _hex(body.get("mask_key"), 32, "mask_key")))
     return json_response({"accepted": True, "step": group.step})
 
 
 async def roster(request: web.Request) -> web.Response:
-    phone, group = _group(request, _round_query(request))
-    answer = group.roster_for(phone)
-    return _wait(request) if answer is None else json_response({"state": "ready", **answer})
+    return await _poll(request, lambda group, phone: group.roster_for(phone))
 
 
 async def shares(request: web.Request) -> web.Response:
     body = await read_json(request, limit=MAX_JSON)
-    phone, group = _group(request, body.get("round"))
+    phone, group = _member(request, body.get("round"))
     sealed = {j: _hex(v, None, "a sealed share") for j, v in _by_index(body.get("shares"), "shares").items()}
     group.share(phone, sealed)
     _after(request, group)
@@ -112,14 +133,12 @@ async def shares(request: web.Request) -> web.Response:
 
 
 async def inbox(request: web.Request) -> web.Response:
-    phone, group = _group(request, _round_query(request))
-    answer = group.inbox_for(phone)
-    return _wait(request) if answer is None else json_response({"state": "ready", **answer})
+    return await _poll(request, lambda group, phone: group.inbox_for(phone))
 
 
 async def masked(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
-    phone, group = _group(request, _round_query(request))
+    phone, group = _member(request, _round_query(request))
     body = await read_body(request, cfg.max_update_bytes, cfg.request_timeout_s)
     group.upload(phone, body)
     _after(request, group)
@@ -127,14 +146,12 @@ async def masked(request: web.Request) -> web.Response:
 
 
 async def unmask_request(request: web.Request) -> web.Response:
-    phone, group = _group(request, _round_query(request))
-    answer = group.unmask_request_for(phone)
-    return _wait(request) if answer is None else json_response({"state": "ready", **answer})
+    return await _poll(request, lambda group, phone: group.unmask_request_for(phone))
 
 
 async def unmask(request: web.Request) -> web.Response:
     body = await read_json(request, limit=MAX_JSON)
-    phone, group = _group(request, body.get("round"))
+    phone, group = _member(request, body.get("round"))
     parsed = [
         {j: int.from_bytes(_hex(v, 66, "a share"), "big") for j, v in _by_index(body.get(k), k).items()}
         for k in ("seeds", "keys")

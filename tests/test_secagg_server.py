@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from nacl.public import PrivateKey
 
-from fedfleet.device_runtime.secagg_client import SecureOutcome, secure_round
+from fedfleet.device_runtime.secagg_client import SecureOutcome, SecureRoundAborted, secure_round
 from fedfleet.protocol import decode_message
 from fedfleet.protocol.secagg.params import params_from_json
 from tests.conftest import MakeClient, register
@@ -175,8 +175,11 @@ async def test_an_aborted_group_changes_no_model_and_no_version(make_server: Mak
     before = await _model(client, phones[0][1])
     drops = {i: "share" for i in range(4)}  # 2 of 6 upload; 4 needed
     outcomes = await _round(client, phones, task, drops)
-    refused = [o for o in outcomes if isinstance(o, Refused)]
-    assert refused and {o.reason for o in refused} == {"below_threshold"}, outcomes
+    aborted = [o for o in outcomes if isinstance(o, SecureRoundAborted)]
+    assert len(aborted) == 2 and all("aborted" in str(o) for o in aborted), outcomes  # the two that uploaded
+    # the unmask step never opened: shares sent anyway are refused by name, and unmask nothing
+    late = await client.post("/v1/secagg/unmask", json={"round": 1, "seeds": {}, "keys": {}}, headers=phones[5][1])
+    assert late.status == 400 and (await late.json())["error"] == "below_threshold"
     await asyncio.sleep(0.5)
     st = await _status(client)
     assert st["version"] == 0 and st["round"] == 1
