@@ -64,6 +64,8 @@ def _member(request: web.Request, round_number: Any) -> tuple[str, SecureGroup]:
 async def _poll(request: web.Request, answer_for: Any) -> web.Response:
     """A GET for a step's result: ready, wait, or (not an error: a state) aborted."""
     phone, group, aborted = _group(request, _round_query(request))
+    if aborted is None and phone not in group.keys:  # e.g. after a server restart lost the group
+        aborted = f"{phone} is not in {group.name}; check in again"
     if aborted:
         return json_response({"state": "aborted", "error": "below_threshold", "message": aborted})
     answer = answer_for(group, phone)

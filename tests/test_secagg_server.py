@@ -123,6 +123,8 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
 
     assert await post(a0, "/v1/secagg/advertise", {"round": 1, "channel_key": "00" * 32, "mask_key": "00" * 32}) == (
         400, "bad_share")  # a low-order point would make every neighbour's key agreement fail
+    lost = await (await client.get("/v1/secagg/roster?round=1", headers=a0)).json()
+    assert lost["state"] == "aborted" and "not in" in lost["message"]  # polls before it advertised
     keys = {"channel_key": PrivateKey(b"\x01" * 32).public_key.encode().hex(),
             "mask_key": PrivateKey(b"\x02" * 32).public_key.encode().hex()}
     assert await post(a0, "/v1/secagg/advertise", {"round": 2, **keys}) == (400, "wrong_step")
