@@ -59,6 +59,13 @@ public final class SecAggPhone {
     neighbours = Graph.neighboursOf(params.size(), params.degree(), params.graphSeed(), index);
   }
 
+  /** The keys a phone with {@code entropy} advertises in the group named {@code group}. */
+  public static byte[][] keysFor(byte[] entropy, String group) {
+    byte[] ctx = group.getBytes(StandardCharsets.UTF_8);
+    return new byte[][] {SecAggCrypto.publicKey(SecAggCrypto.hkdf(entropy, "channel key", ctx)),
+        SecAggCrypto.publicKey(SecAggCrypto.hkdf(entropy, "mask key", ctx))};
+  }
+
   public byte[] channelPublic() {
     return SecAggCrypto.publicKey(channelSecret);
   }
