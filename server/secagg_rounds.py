@@ -4,6 +4,7 @@ secure-aggregation fields checked where they are defined."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from fedfleet.protocol.secagg.integer import unflatten
 from fedfleet.server.secagg import SecAggSettings, SecureGroup
+from fedfleet.server.store import Store
 from fedfleet.server.updates import Contribution
 
 
@@ -63,9 +65,10 @@ class SecureRounds:
         g = self.current
         return g is not None and g.round == round_number and g.step == "done"
 
-    def contribution(self, rounds: int, dp_delta: float) -> tuple[Contribution, dict[str, Any]]:
-        """The finished group as one contribution, and its round-record fields; with noise, the
-        epsilon of a phone that took part in all ``rounds`` (protocol/secagg/dp.py)."""
+    def contribution(self, ledger: Callable[[], Any], store: Store) -> tuple[Contribution, dict[str, Any]]:
+        """The finished group as one contribution, and its round-record fields. With noise, each
+        survivor is charged one round of distributed DP in the privacy ledger (``ledger()``), saved
+        before the merge commits: a crash in between over-counts, never under-counts."""
         g = self.current
         assert g is not None and g.total is not None and g.params is not None, "merge only a finished group"
         survivors = len(g.masked)
@@ -80,10 +83,17 @@ class SecureRounds:
                  "secagg_unmask_ms": g.unmask_ms, "secagg_dropped": g.dropped(), "secagg_aborted": self.aborted,
                  "secagg_survivors": survivors, "secagg_modulus_bits": g.params.modulus_bits}
         if g.params.noise_sigma > 0:
-            from fedfleet.protocol.secagg.dp import distributed_epsilon  # dp_accounting: imported when used
+            from fedfleet.protocol.secagg.dp import ledger_release  # dp_accounting: imported when used
 
-            extra.update(distributed_noise_sigma=g.params.noise_sigma, delta=dp_delta,
-                         distributed_epsilon=distributed_epsilon(g.params, rounds, dp_delta))
+            book, release = ledger(), ledger_release(g.params)
+            by_index = {i: phone for phone, i in g.index.items()}
+            for i in sorted(g.masked):
+                book.charge(by_index[i], release)
+            store.set_meta("ledger", json.dumps(book.to_dict()))
+            summary = book.summary()
+            extra.update(distributed_noise_sigma=g.params.noise_sigma, distributed_noise_multiplier=release.noise_multiplier,
+                         delta=summary.delta, distributed_epsilon_max=summary.max_epsilon,
+                         distributed_epsilon_median=summary.median_epsilon)
         self.aborted, self.current = 0, None
         return c, extra
 

@@ -125,7 +125,7 @@ class SyncCoordinator(Coordinator):
     def merge(self) -> Published:
         rnd = self.round
         if self.secure is not None:
-            secure, extra = self.secure.contribution(self.merges + 1, self.config.dp_delta)
+            secure, extra = self.secure.contribution(lambda: self.ledger, self.store)
             published = self._publish([secure], len(rnd.cohort), extra)
         else:
             published = self._publish(list(rnd.updates.values()), len(rnd.cohort), {})

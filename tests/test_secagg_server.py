@@ -6,6 +6,7 @@ equals FedAvg of the same integer updates exactly, whoever drops; bad messages g
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from nacl.public import PrivateKey
 from fedfleet.device_runtime.secagg_client import SecureOutcome, SecureRoundAborted, secure_round
 from fedfleet.protocol import decode_message
 from fedfleet.protocol.secagg.params import params_from_json
+from fedfleet.server.state import STORE
 from tests.conftest import MakeClient, register
 
 SECURE = {"secure_agg": True, "sample_fraction": 1.0, "secagg_threshold": 0.6, "secagg_step_timeout_s": 0.6,
@@ -170,9 +172,9 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
     assert (await _status(client))["version"] == 0
 
 
-async def test_an_aborted_group_changes_no_model_and_no_version(make_server: MakeClient) -> None:
+async def test_an_aborted_group_changes_no_model_no_version_and_no_ledger(make_server: MakeClient) -> None:
     n = 6
-    client = await make_server(min_cohort=n, **SECURE)
+    client = await make_server(min_cohort=n, distributed_noise_multiplier=1.0, **SECURE)
     phones, task = await _cohort(client, n)
     before = await _model(client, phones[0][1])
     drops = {i: "share" for i in range(4)}  # 2 of 6 upload; 4 needed
@@ -188,6 +190,7 @@ async def test_an_aborted_group_changes_no_model_and_no_version(make_server: Mak
     after = await _model(client, phones[0][1])
     for name, p in before.items():
         np.testing.assert_array_equal(after[name], p)
+    assert client.server.app[STORE].get_meta("ledger") is None  # nobody was charged
 
 
 async def test_distributed_noise_is_recorded_with_its_epsilon(make_server: MakeClient) -> None:
@@ -204,5 +207,13 @@ async def test_distributed_noise_is_recorded_with_its_epsilon(make_server: MakeC
         await asyncio.sleep(0.05)
     row = rows[-1]
     assert row["updates"] == n and row["secagg_dropped"] == 0 and row["secagg_aborted"] == 0
-    assert row["distributed_noise_sigma"] > 0 and 0 < row["distributed_epsilon"] < 100
+    assert row["distributed_noise_sigma"] > 0
+    # every survivor was charged one round in the ledger: the central Gaussian's epsilon at z = 1
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    central = RdpAccountant().compose(dp_accounting.GaussianDpEvent(1.0)).get_epsilon(row["delta"])
+    assert row["distributed_epsilon_max"] == row["distributed_epsilon_median"] == pytest.approx(central, rel=0.01)
+    ledger = client.server.app[STORE].get_meta("ledger")
+    assert ledger is not None and len(json.loads(ledger)["phones"]) == n
     assert row["secagg_bytes_up"] > row["update_bytes"] > 0 and row["secagg_unmask_ms"] > 0

@@ -16,6 +16,7 @@ rounds it took part in.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
@@ -41,6 +42,16 @@ def round_event(params: GroupParams) -> dp_accounting.DpEvent:
     return dp_accounting.ZCDpEvent(
         distributed_rho(params.noise_sigma, params.min_survivors, params.sensitivity, params.dim)
     )
+
+
+def ledger_release(params: GroupParams) -> Any:
+    """One secure round as a ``protocol.privacy.Release`` for the per-phone ledger: the Gaussian
+    mechanism with z = 1 / sqrt(2 rho), whose RDP (alpha / (2 z**2) = alpha * rho at every order)
+    is exactly that of rho-zCDP, so the ledger composes it with local releases unchanged."""
+    from fedfleet.protocol.privacy import Release
+
+    rho = distributed_rho(params.noise_sigma, params.min_survivors, params.sensitivity, params.dim)
+    return Release("gaussian", 1.0 / math.sqrt(2.0 * rho))
 
 
 def distributed_epsilon(params: GroupParams, rounds: int, delta: float) -> float:
