@@ -102,20 +102,26 @@ class SecureGroup:
             return
         s = self.settings
         seed = hashlib.sha256(f"fedfleet graph {s.seed} {self.name}".encode()).digest()
-        self.params = group_params(self.name, len(self.keys), self.dim, clip=s.clip, threshold=s.threshold,
-                                   degree=s.degree, value_bits=s.value_bits, noise_multiplier=s.noise_multiplier,
-                                   graph_seed=seed)
+        try:
+            self.params = group_params(self.name, len(self.keys), self.dim, clip=s.clip, threshold=s.threshold,
+                                       degree=s.degree, value_bits=s.value_bits, noise_multiplier=s.noise_multiplier,
+                                       graph_seed=seed)
+        except ValueError as exc:  # SumMayWrap too: settings that fail at this group's size
+            self._abort(f"no parameters for {len(self.keys)} phones: {exc}")
+            return
         self.index = {phone: i for i, phone in enumerate(sorted(self.keys), start=1)}
         self.graph = neighbours(self.params.size, self.params.degree, self.params.graph_seed)
         self._enter("share")
 
     def roster_for(self, phone: str) -> dict[str, Any] | None:
-        """The group's parameters and every advertised key, or None while the roster is open."""
+        """The group's parameters and the keys of the phone and its neighbours, or None while the
+        roster is open."""
         if self.step == "advertise":
             return None
         i = self._member(phone)
         p = self._params()
-        by_index = {self.index[ph]: k for ph, k in self.keys.items()}
+        near = self.graph[i] | {i}
+        by_index = {self.index[ph]: k for ph, k in self.keys.items() if self.index[ph] in near}
         return {"index": i, "params": params_json(p), "neighbours": sorted(self.graph[i]),
                 "keys": {str(j): [k.channel.hex(), k.mask.hex()] for j, k in sorted(by_index.items())}}
 
