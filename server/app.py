@@ -46,7 +46,7 @@ _GC_THRESHOLDS = web.AppKey("gc_thresholds", tuple)  # the process's thresholds 
 
 log = logging.getLogger("fedfleet.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PHONE_PATHS = ("/v1/register", "/v1/checkin", "/v1/model", "/v1/update", "/v1/task", "/v1/bundle")
+PHONE_PATHS = ("/v1/register", "/v1/checkin", "/v1/model", "/v1/update", "/v1/task", "/v1/bundle", "/v1/secagg/")
 
 
 def make_app(

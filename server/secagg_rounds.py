@@ -85,7 +85,7 @@ class SecureRounds:
         if g.params.noise_sigma > 0:
             from fedfleet.protocol.secagg.dp import ledger_release  # dp_accounting: imported when used
 
-            book, release = ledger(), ledger_release(g.params)
+            book, release = ledger(), ledger_release(g.params, survivors)
             by_index = {i: phone for phone, i in g.index.items()}
             for i in sorted(g.masked):
                 book.charge(by_index[i], release)

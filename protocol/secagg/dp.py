@@ -44,13 +44,15 @@ def round_event(params: GroupParams) -> dp_accounting.DpEvent:
     )
 
 
-def ledger_release(params: GroupParams) -> Any:
+def ledger_release(params: GroupParams, uploads: int) -> Any:
     """One secure round as a ``protocol.privacy.Release`` for the per-phone ledger: the Gaussian
     mechanism with z = 1 / sqrt(2 rho), whose RDP (alpha / (2 z**2) = alpha * rho at every order)
-    is exactly that of rho-zCDP, so the ledger composes it with local releases unchanged."""
+    is exactly that of rho-zCDP, so the ledger composes it with local releases unchanged. rho is
+    that of the sum actually unmasked: ``uploads`` phones' noise (those that dropped after their
+    masked upload included), at least min_survivors by construction."""
     from fedfleet.protocol.privacy import Release
 
-    rho = distributed_rho(params.noise_sigma, params.min_survivors, params.sensitivity, params.dim)
+    rho = distributed_rho(params.noise_sigma, uploads, params.sensitivity, params.dim)
     return Release("gaussian", 1.0 / math.sqrt(2.0 * rho))
 
 
