@@ -154,6 +154,9 @@ class ServerConfig:
             from fedfleet.server.secagg_rounds import check_secure_config
 
             check_secure_config(self)
+        elif self.distributed_noise_multiplier:
+            raise ValueError("distributed_noise_multiplier needs secure_agg (--secure-agg): phones of a secure group "
+                             "add that noise")
         if self.example_cap < 1 or self.max_update_bytes < 1024:
             raise ValueError("example_cap must be >= 1 and max_update_bytes >= 1024")
 
