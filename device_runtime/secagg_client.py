@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from fedfleet.protocol.secagg import PublicKeys, SecAggPhone
+from fedfleet.protocol.secagg import GroupParams, PublicKeys, SecAggPhone
+from fedfleet.protocol.secagg.coords import shared_coordinates
 from fedfleet.protocol.secagg.integer import flatten, to_integers, words_to_bytes
 from fedfleet.protocol.secagg.params import params_from_json
 from fedfleet.protocol.secagg.phone import keys_for, sync_group_name
@@ -35,6 +36,7 @@ class SecureRoundAborted(Exception):
 class SecureOutcome:
     """What the phone did in one secure round (its own view)."""
 
+    params: GroupParams | None = None  # what its group agreed on
     values: np.ndarray | None = None  # the integer update it masked (None: it never got that far)
     masked: np.ndarray | None = None  # what it uploaded
     bytes_up: int = 0
@@ -84,7 +86,7 @@ async def secure_round(
     if not joined.get("accepted"):
         raise SecureRoundAborted(f"round {round_number}'s group closed its roster before this phone joined")
     roster = await until_ready("/v1/secagg/roster")
-    params = params_from_json(roster["params"])
+    params = out.params = params_from_json(roster["params"])
     t = time.perf_counter()
     phone = SecAggPhone(params, int(roster["index"]), entropy)
     if phone.keys != probe:
@@ -98,7 +100,10 @@ async def secure_round(
         return out
     inbox = await until_ready("/v1/secagg/inbox")
     t = time.perf_counter()
-    out.values = to_integers(flatten(delta, names), params, rng)
+    x = flatten(delta, names)
+    if params.dim < params.model_dim:  # shared random-k: the group's coordinates only
+        x = x[shared_coordinates(params.graph_seed, params.context, params.model_dim, params.dim)]
+    out.values = to_integers(x, params, rng)
     out.masked = phone.masked_upload({int(j): bytes.fromhex(s) for j, s in inbox["shares"].items()}, out.values)
     body = words_to_bytes(out.masked, params.word_bytes)
     out.cpu_ms += (time.perf_counter() - t) * 1e3

@@ -34,6 +34,7 @@ from fedfleet.protocol.secagg import (
     group_params,
     unmask_sum,
 )
+from fedfleet.protocol.secagg.coords import kept
 from fedfleet.protocol.secagg.graph import neighbours
 from fedfleet.protocol.secagg.integer import words_from_bytes
 from fedfleet.protocol.secagg.params import params_json
@@ -56,6 +57,7 @@ class SecAggSettings:
     noise_multiplier: float
     step_timeout_s: float
     seed: int
+    density: float = 1.0  # shared random-k: the fraction of coordinates every phone sends
 
 
 @dataclass
@@ -103,9 +105,9 @@ class SecureGroup:
         s = self.settings
         seed = hashlib.sha256(f"fedfleet graph {s.seed} {self.name}".encode()).digest()
         try:
-            self.params = group_params(self.name, len(self.keys), self.dim, clip=s.clip, threshold=s.threshold,
-                                       degree=s.degree, value_bits=s.value_bits, noise_multiplier=s.noise_multiplier,
-                                       graph_seed=seed)
+            self.params = group_params(self.name, len(self.keys), kept(self.dim, s.density), clip=s.clip,
+                                       threshold=s.threshold, degree=s.degree, value_bits=s.value_bits,
+                                       noise_multiplier=s.noise_multiplier, graph_seed=seed, full_dim=self.dim)
         except ValueError as exc:  # SumMayWrap too: settings that fail at this group's size
             self._abort(f"no parameters for {len(self.keys)} phones: {exc}")
             return

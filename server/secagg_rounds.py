@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from fedfleet.protocol.secagg.coords import shared_coordinates
 from fedfleet.protocol.secagg.integer import unflatten
 from fedfleet.server.secagg import SecAggSettings, SecureGroup
 from fedfleet.server.store import Store
@@ -72,7 +73,12 @@ class SecureRounds:
         g = self.current
         assert g is not None and g.total is not None and g.params is not None, "merge only a finished group"
         survivors = len(g.masked)
-        mean = g.total.astype(np.float64) / (g.params.scale * survivors)
+        p = g.params
+        mean = g.total.astype(np.float64) / (p.scale * survivors)
+        if p.dim < p.model_dim:  # shared random-k: back to every coordinate, unbiased (x D / k)
+            full = np.zeros(p.model_dim)
+            full[shared_coordinates(p.graph_seed, p.context, p.model_dim, p.dim)] = mean * (p.model_dim / p.dim)
+            mean = full
         delta = unflatten(mean, self.shapes)  # float64: the optimizer adds it in float64
         c = Contribution(f"secagg:{g.name}", f"{g.name}/sum", delta, survivors, None,
                          self.clock() - g.opened_at, 0, g.bytes_up)
@@ -101,7 +107,8 @@ class SecureRounds:
 def settings_of(config: Any) -> SecAggSettings:
     return SecAggSettings(config.secagg_threshold, config.secagg_degree or None, config.secagg_clip,
                           config.secagg_value_bits, config.distributed_noise_multiplier,
-                          config.secagg_step_timeout_s, config.seed)
+                          config.secagg_step_timeout_s, config.seed,
+                          float(config.codec.get("density", 1.0)) if config.codec.get("sparsify") == "randk" else 1.0)
 
 
 def check_secure_config(config: Any) -> None:
@@ -113,6 +120,12 @@ def check_secure_config(config: Any) -> None:
                          "the server never sees single updates")
     if config.codec.get("sparsify") == "topk":
         raise ValueError("top-k cannot be combined with secure aggregation: the kept coordinates leak the update")
+    if config.codec.get("sparsify") == "randk" and "density" not in config.codec:
+        raise ValueError("secure aggregation's shared random-k takes a density (--randk), not a count")
+    unused = sorted(set(config.codec) - {"clip", "sparsify", "density"})
+    if unused:
+        raise ValueError(f"codec settings {unused} do not apply to secure aggregation (its updates are integers "
+                         "mod 2**b; only --clip and --randk do)")
     if not 0.5 < config.secagg_threshold <= 1:
         raise ValueError(f"secagg_threshold must be in (0.5, 1], got {config.secagg_threshold!r}")
     if config.secagg_degree < 0 or config.secagg_degree % 2:

@@ -42,6 +42,14 @@ def test_neighbour_graph() -> None:
     assert {str(i): sorted(n) for i, n in graph.items()} == v["neighbours"]
 
 
+def test_shared_coordinates() -> None:
+    from fedfleet.protocol.secagg.coords import shared_coordinates
+
+    v = _load("coords_50_keep_10")
+    got = shared_coordinates(bytes.fromhex(v["seed_hex"]), v["group"].encode(), v["full_dim"], v["k"])
+    assert got.tolist() == v["coordinates"]
+
+
 def test_group_of_six_step_by_step() -> None:
     v = _load("group_6_phones")
     p = v["params"]

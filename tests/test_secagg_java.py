@@ -14,9 +14,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("javac") is None
                                                     reason="javac not found: the Java client needs JDK 17+")]
 
 
-def test_java_and_python_phones_share_secure_rounds(tmp_path: Path, classpath: str) -> None:  # noqa: F811
+@pytest.mark.parametrize("codec", [None, '{sparsify = "randk", density = 0.25}'], ids=["dense", "shared_randk"])
+def test_java_and_python_phones_share_secure_rounds(tmp_path: Path, classpath: str,  # noqa: F811
+                                                    codec: str | None) -> None:
     # every round waits for all six phones (a Python fleet can take a while to start)
-    run = run_mixed(tmp_path, classpath, codec=None, chain=False,
+    run = run_mixed(tmp_path, classpath, codec=codec, chain=False,
                     server_toml="secure_agg = true\nsecagg_step_timeout_s = 120\n")
     rounds, java = run["rounds"], run["java"]
     assert run["finished"] and [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))

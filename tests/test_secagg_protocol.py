@@ -187,3 +187,15 @@ def test_shamir_rebuilds_from_any_t_shares_and_catches_a_wrong_one() -> None:
     wrong = [*points[:2], (points[2][0], (points[2][1] + 1) % shamir.PRIME), *points[3:]]
     with pytest.raises(BadShare):
         shamir.combine(wrong, 5)
+
+
+def test_shared_coordinates_are_a_seeded_sample_of_k() -> None:
+    from fedfleet.protocol.secagg.coords import kept, shared_coordinates
+
+    k = kept(1000, 0.1)
+    a = shared_coordinates(b"seed", b"g", 1000, k)
+    assert k == 100 and a.size == 100 and len(set(a.tolist())) == 100 and np.all(np.diff(a) > 0)
+    assert 0 <= a.min() and a.max() < 1000
+    assert np.array_equal(a, shared_coordinates(b"seed", b"g", 1000, k))
+    assert not np.array_equal(a, shared_coordinates(b"other", b"g", 1000, k))
+    np.testing.assert_array_equal(shared_coordinates(b"seed", b"g", 10, 10), np.arange(10))

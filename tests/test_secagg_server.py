@@ -16,6 +16,7 @@ from nacl.public import PrivateKey
 
 from fedfleet.device_runtime.secagg_client import SecureOutcome, SecureRoundAborted, secure_round
 from fedfleet.protocol import decode_message
+from fedfleet.protocol.secagg.coords import shared_coordinates
 from fedfleet.protocol.secagg.params import params_from_json
 from fedfleet.server.state import STORE
 from tests.conftest import MakeClient, register
@@ -110,6 +111,30 @@ async def test_merged_model_is_fedavg_of_the_integer_updates(make_server: MakeCl
         at += p.size
         np.testing.assert_array_equal(after[name], (p.astype(np.float64) + d).astype(p.dtype))
     assert (await _status(client))["version"] == 1
+
+
+async def test_shared_random_k_sends_the_same_coordinates_and_merges_them_unbiased(make_server: MakeClient) -> None:
+    n = 5
+    client = await make_server(min_cohort=n, codec={"sparsify": "randk", "density": 0.25}, **SECURE)
+    phones, task = await _cohort(client, n)
+    before = await _model(client, phones[0][1])
+    outcomes = await _round(client, phones, task, {})
+    await _wait_version(client, 1)
+    assert all(isinstance(o, SecureOutcome) and o.params is not None for o in outcomes), outcomes
+    params = outcomes[0].params  # type: ignore[union-attr]
+    total = sum(p.size for p in before.values())
+    assert params is not None and params.model_dim == total and params.dim == int(0.25 * total + 0.5)
+    for o in outcomes:  # each phone uploaded k words, not D
+        assert isinstance(o, SecureOutcome) and o.masked is not None and o.masked.size == params.dim
+    coords = shared_coordinates(params.graph_seed, params.context, params.model_dim, params.dim)
+    mean = np.zeros(total)
+    mean[coords] = (np.sum([o.values for o in outcomes if isinstance(o, SecureOutcome)], axis=0)
+                    .astype(np.float64) / (2.0**12 / 5.0 * n)) * (total / params.dim)
+    after, at = await _model(client, phones[0][1]), 0
+    for name, p in before.items():
+        np.testing.assert_array_equal(after[name], (p.astype(np.float64) + mean[at : at + p.size].reshape(p.shape))
+                                      .astype(p.dtype))
+        at += p.size
 
 
 async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: MakeClient) -> None:

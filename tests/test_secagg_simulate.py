@@ -55,6 +55,7 @@ def test_secure_simulate_merges_fedavg_of_the_same_updates(tmp_path: Path) -> No
     (["--secure-agg", "--secagg-degree", "3"], ["secagg_degree"]),
     (["--secure-agg", "--central-clip", "1", "--central-noise-multiplier", "1"], ["central DP"]),
     (["--distributed-noise-multiplier", "1"], ["--secure-agg"]),
+    (["--secure-agg", "--quant-bits", "8"], ["quant_bits", "do not apply"]),
 ])
 def test_bad_secure_flags_are_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                               flags: list[str], words: list[str]) -> None:

@@ -37,6 +37,11 @@ class GroupParams:
     noise_tail: int  # |noise| <= noise_tail, per coordinate
     modulus_bits: int  # b: masked values and the sum live mod 2**b
     graph_seed: bytes
+    full_dim: int = 0  # D, the model's coordinates; dim < D: shared random-k (coords.py); 0: D = dim
+
+    @property
+    def model_dim(self) -> int:
+        return self.full_dim or self.dim
 
     @property
     def context(self) -> bytes:
@@ -76,6 +81,7 @@ def group_params(
     noise_multiplier: float = 0.0,
     modulus_bits: int | None = None,
     graph_seed: bytes = b"",
+    full_dim: int = 0,
 ) -> GroupParams:
     """Derive and check a group's parameters.
 
@@ -117,7 +123,8 @@ def group_params(
         raise SumMayWrap(
             f"the sum of {size} phones of |value| <= {bound} can wrap modulo 2**{modulus_bits}: need {need} bits"
         )
-    return GroupParams(group, size, dim, k, t, min_survivors, clip, scale, sigma, tail, modulus_bits, graph_seed)
+    return GroupParams(group, size, dim, k, t, min_survivors, clip, scale, sigma, tail, modulus_bits, graph_seed,
+                       full_dim)
 
 
 def params_json(p: GroupParams) -> dict[str, Any]:
@@ -125,10 +132,11 @@ def params_json(p: GroupParams) -> dict[str, Any]:
     return {"group": p.group, "size": p.size, "dim": p.dim, "degree": p.degree,
             "share_threshold": p.share_threshold, "min_survivors": p.min_survivors, "clip": p.clip,
             "scale": p.scale, "noise_sigma": p.noise_sigma, "noise_tail": p.noise_tail,
-            "modulus_bits": p.modulus_bits, "graph_seed": p.graph_seed.hex()}
+            "modulus_bits": p.modulus_bits, "graph_seed": p.graph_seed.hex(), "full_dim": p.model_dim}
 
 
 def params_from_json(d: Mapping[str, Any]) -> GroupParams:
     return GroupParams(str(d["group"]), int(d["size"]), int(d["dim"]), int(d["degree"]), int(d["share_threshold"]),
                        int(d["min_survivors"]), float(d["clip"]), float(d["scale"]), float(d["noise_sigma"]),
-                       int(d["noise_tail"]), int(d["modulus_bits"]), bytes.fromhex(str(d["graph_seed"])))
+                       int(d["noise_tail"]), int(d["modulus_bits"]), bytes.fromhex(str(d["graph_seed"])),
+                       int(d.get("full_dim", 0)))

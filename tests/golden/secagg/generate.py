@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fedfleet.protocol.secagg import SecAggPhone, crypto, group_params, unmask_sum
+from fedfleet.protocol.secagg.coords import shared_coordinates
 from fedfleet.protocol.secagg.graph import neighbours, ring_order
 from fedfleet.protocol.secagg.integer import words_to_bytes
 from fedfleet.protocol.secagg.phone import pairwise_key
@@ -46,6 +47,17 @@ def graph_vector() -> dict[str, Any]:
         "seed_hex": seed.hex(),
         "ring_order": ring_order(10, seed),
         "neighbours": {str(i): sorted(graph[i]) for i in sorted(graph)},
+    }
+
+
+def coords_vector() -> dict[str, Any]:
+    seed, group = b"fedfleet coords", b"round/7/group/0"
+    return {
+        "name": "coords_50_keep_10",
+        "description": "Shared random-k: indices 0..49 sorted by (PRG word, index), the PRG keyed by "
+        "HKDF(seed, 'coordinates', group); the first 10, increasing.",
+        "seed_hex": seed.hex(), "group": group.decode(), "full_dim": 50, "k": 10,
+        "coordinates": shared_coordinates(seed, group, 50, 10).tolist(),
     }
 
 
@@ -105,7 +117,7 @@ def group_vector() -> dict[str, Any]:
 
 
 def vectors() -> list[dict[str, Any]]:
-    return [prg_vector(), graph_vector(), group_vector()]
+    return [prg_vector(), graph_vector(), coords_vector(), group_vector()]
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import java.util.Random;
 import java.util.Set;
 import java.util.TreeMap;
 import java.util.TreeSet;
+import org.fedfleet.secagg.Coords;
 import org.fedfleet.secagg.IntegerCodec;
 import org.fedfleet.secagg.SecAggPhone;
 import org.fedfleet.wire.Tensor;
@@ -80,7 +81,18 @@ final class SecureRound {
     for (String j : names(got)) {
       incoming.put(Integer.parseInt(j), HEX.parseHex(got.getString(j)));
     }
-    long[] values = IntegerCodec.toIntegers(flatten(delta, params.dim()), p.getDouble("clip"), p.getDouble("scale"),
+    int fullDim = p.optInt("full_dim", params.dim());
+    double[] x = flatten(delta, fullDim);
+    if (params.dim() < fullDim) {  // shared random-k: the group's coordinates only
+      int[] coords = Coords.shared(params.graphSeed(), params.group().getBytes(StandardCharsets.UTF_8), fullDim,
+          params.dim());
+      double[] kept = new double[coords.length];
+      for (int i = 0; i < coords.length; i++) {
+        kept[i] = x[coords[i]];
+      }
+      x = kept;
+    }
+    long[] values = IntegerCodec.toIntegers(x, p.getDouble("clip"), p.getDouble("scale"),
         p.getDouble("noise_sigma"), p.getLong("noise_tail"), rng);
     long[] y = phone.maskedUpload(incoming, values);
     int word = (params.modulusBits() + 7) / 8;

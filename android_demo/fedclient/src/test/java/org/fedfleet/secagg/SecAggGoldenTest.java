@@ -72,6 +72,16 @@ class SecAggGoldenTest {
 
   @Test
   @SuppressWarnings("unchecked")
+  void sharedCoordinates() throws Exception {
+    Map<String, Object> v = load("coords_50_keep_10");
+    int[] got = Coords.shared(HEX.parseHex((String) v.get("seed_hex")),
+        ((String) v.get("group")).getBytes(StandardCharsets.UTF_8), num(v.get("full_dim")), num(v.get("k")));
+    List<Integer> want = ((List<Object>) v.get("coordinates")).stream().map(SecAggGoldenTest::num).toList();
+    assertEquals(want, java.util.Arrays.stream(got).boxed().toList());
+  }
+
+  @Test
+  @SuppressWarnings("unchecked")
   void groupOfSixStepByStep() throws Exception {
     Map<String, Object> v = load("group_6_phones");
     Map<String, Object> p = (Map<String, Object>) v.get("params");
