@@ -20,6 +20,7 @@ import numpy as np
 from fedfleet.device_runtime.attacks import Attack
 from fedfleet.device_runtime.profiles import DeviceProfile
 from fedfleet.device_runtime.runtimes import TrainConfig
+from fedfleet.device_runtime.secagg_client import SecureRoundAborted, secure_round
 from fedfleet.device_runtime.trainer import BatchedTrainer, RuntimePool
 from fedfleet.device_runtime.vclock import PhoneClock, WallClock
 from fedfleet.protocol import (
@@ -324,6 +325,10 @@ class PhoneClient:
         delta = self.attack.apply_delta(delta, self.rng)
         t2 = clock.now()
         self.stats.train_s.append(t2 - t1)
+        if plan.get("secure_agg"):  # masked integers through the four steps; a dropout vanishes after one
+            drop = ("share" if self.rng.random() < 0.5 else "masked") if vanish == "upload" else None
+            await self._secure_upload(delta, task, t0, drop)
+            return
         self._updates_sent += 1
         meta = {
             "update_id": f"{self.name}-{self._updates_sent}",
@@ -366,6 +371,26 @@ class PhoneClient:
         rest = float(answer.get("next_checkin_s") or 0.0)
         if rest > 0:  # the server paces how often one phone contributes
             await clock.sleep(rest)
+
+    async def _secure_upload(self, delta: dict[str, np.ndarray], task: dict[str, Any], t0: float,
+                             drop_after: str | None) -> None:
+        async def send(method: str, path: str, body: Any, raw: bytes | None) -> dict[str, Any]:
+            if body is not None:
+                return await self._json(method, path, body)
+            hdrs = {"Content-Type": "application/octet-stream"} if raw is not None else None
+            return _json_object((await self._request(method, path, data=raw, headers=hdrs))[1])
+
+        try:
+            outcome = await secure_round(send, self.clock.sleep, int(task["round"]), delta, list(self.specs),
+                                         self.rng, drop_after=drop_after)
+        except SecureRoundAborted:
+            self.stats.rejected += 1  # the group aborted or closed without this phone: nothing merged
+            return
+        if outcome.dropped:
+            self.stats.drops += 1
+            return
+        self.stats.participations += 1
+        self.stats.latencies_s.append(self.clock.now() - t0)
 
     async def _send_truncated(self, body: bytes, cut: int, meta: dict[str, Any]) -> None:
         """Start the upload for real and lose the connection after ``cut`` of its bytes (the

@@ -21,6 +21,7 @@ from fedfleet.cli_flags import (
     add_gossip_serve_flags,
     add_image_size_flag,
     add_model_flags,
+    add_secagg_flags,
     add_state_flags,
     add_strategy_flags,
     fleet_task_flags,
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_strategy_flags(p)
     add_gossip_serve_flags(p)
     add_state_flags(p)
+    add_secagg_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="a server on loopback plus an emulated fleet")
@@ -122,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_strategy_flags(p)
     add_gossip_flags(p)
     add_state_flags(p)
+    add_secagg_flags(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("fleet", help="an emulated fleet against a running server")

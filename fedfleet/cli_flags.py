@@ -15,7 +15,7 @@ SERVER_SETTINGS = ("mode", "concurrency", "buffer", "staleness", "max_staleness"
                    "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk", "quant_bits",
                    "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget", "central_clip",
                    "central_noise_multiplier", "robust", "server_process", "strategy", "init_weights",
-                   "local_state")
+                   "local_state", "secure_agg", "secagg_threshold", "secagg_degree", "distributed_noise_multiplier")
 # What only a fleet of several phones takes: refused on `phone`.
 FLEET_SETTINGS = ("phones", "workers", "trainer", "attack", "attack_fraction")
 
@@ -128,6 +128,19 @@ def add_state_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-state", action="store_true", default=None,
                    help="FedBN: each phone keeps its own batch norm statistics (default: the server merges the "
                         "phones' statistics, weighted by examples, and ships them with the model)")
+
+
+def add_secagg_flags(p: argparse.ArgumentParser) -> None:
+    """Secure aggregation (docs/secure-aggregation.md), for simulate and serve."""
+    p.add_argument("--secure-agg", action="store_true", default=None,
+                   help="sync rounds: phones mask their integer updates (SecAgg+); the server sees only the sum "
+                        "(default: off)")
+    p.add_argument("--secagg-threshold", type=float,
+                   help="fraction of each phone's neighbours and of the group needed to unmask (default 0.55)")
+    p.add_argument("--secagg-degree", type=int, help="neighbours per phone, even (default 0: about 2 log2 n)")
+    p.add_argument("--distributed-noise-multiplier", type=float,
+                   help="distributed DP: the phones' summed noise is the central Gaussian's with this z (with "
+                        "--clip, --delta; default 0: none)")
 
 
 def fleet_task_flags(p: argparse.ArgumentParser) -> None:

@@ -37,7 +37,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for key, flag in (("model", args.model), ("rounds", args.rounds), ("sample_fraction", args.sample),
                       ("seed", args.seed), ("mode", args.mode), ("data_dir", args.data_dir),
                       ("bundle_dir", args.bundle), ("strategy", args.strategy),
-                      ("init_weights", args.init_weights), ("local_state", args.local_state)):
+                      ("init_weights", args.init_weights), ("local_state", args.local_state),
+                      ("secure_agg", args.secure_agg), ("secagg_threshold", args.secagg_threshold),
+                      ("secagg_degree", args.secagg_degree),
+                      ("distributed_noise_multiplier", args.distributed_noise_multiplier)):
         if flag is not None:
             values[key] = flag
     values.update(gossip_server_values(args))  # --mode gossip: the relay (server/relay.py)

@@ -263,5 +263,11 @@ def privacy_summary(release: Any, server_cfg: ServerConfig, rounds: list[dict[st
         "epsilon_median": last.get("epsilon_median"),
         "central": {"clip": server_cfg.central_clip, "noise_multiplier": server_cfg.central_noise_multiplier,
                     "epsilon": last.get("central_epsilon")} if server_cfg.central_noise_multiplier else None,
+        "secure_agg": server_cfg.secure_agg,
+        "distributed": {"mechanism": "distributed discrete gaussian", "clip": server_cfg.secagg_clip,
+                        "noise_multiplier": server_cfg.distributed_noise_multiplier,
+                        "epsilon_max": last.get("distributed_epsilon_max"),
+                        "epsilon_median": last.get("distributed_epsilon_median")}
+        if server_cfg.distributed_noise_multiplier else None,
         "codec": dict(server_cfg.codec),
     }

@@ -89,6 +89,11 @@ class SimulateConfig:
     central_clip: float = 0.0  # central DP on the server (DP-FedAvg): clip ...
     central_noise_multiplier: float = 0.0  # ... and noise the sum
     strategy: str | None = None  # MODULE:ATTR: a fedfleet.server.strategy.Strategy merging instead of FedAvg
+    # secure aggregation (docs/secure-aggregation.md): sync rounds only; --clip bounds each update
+    secure_agg: bool = False
+    secagg_threshold: float = 0.55  # fraction of neighbours and of the group needed to unmask
+    secagg_degree: int = 0  # neighbours per phone (0 = about 2 log2 n)
+    distributed_noise_multiplier: float = 0.0  # the central Gaussian's z, added a share per phone
 
     def __post_init__(self) -> None:
         """Every setting checked before anything starts, with messages that name it as the flag (and
@@ -225,6 +230,9 @@ class SimulateConfig:
             central_noise_multiplier=self.central_noise_multiplier,
             strategy=self.strategy,
             local_state=self.local_state,
+            secure_agg=self.secure_agg, secagg_threshold=self.secagg_threshold, secagg_degree=self.secagg_degree,
+            secagg_clip=self.clip or ServerConfig.secagg_clip,
+            distributed_noise_multiplier=self.distributed_noise_multiplier,
         )
         if self.mode == "gossip":  # the relay's graph: the fleet's phones, named as the fleet names them
             base = base.replace(topology=self.topology, gossip_phones=self.phones)

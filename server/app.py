@@ -22,6 +22,7 @@ from fedfleet.server.observability import setup_observability
 from fedfleet.server.ratelimit import setup_failure_limits
 from fedfleet.server.relay import setup_relay
 from fedfleet.server.routes import setup_routes
+from fedfleet.server.secagg_routes import setup_secagg_routes
 from fedfleet.server.security import NonceBook
 from fedfleet.server.state import (
     CONFIG,
@@ -44,7 +45,7 @@ from fedfleet.server.webphone import setup_webphone
 
 log = logging.getLogger("fedfleet.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PHONE_PATHS = ("/v1/register", "/v1/checkin", "/v1/model", "/v1/update", "/v1/task", "/v1/bundle")
+PHONE_PATHS = ("/v1/register", "/v1/checkin", "/v1/model", "/v1/update", "/v1/task", "/v1/bundle", "/v1/secagg/")
 
 
 def make_app(
@@ -86,6 +87,8 @@ def make_app(
     setup_routes(app)
     if config.topology != "none":  # gossip mode: the server relays phones' messages (server/relay.py)
         setup_relay(app)
+    if config.secure_agg:
+        setup_secagg_routes(app)
     setup_bundle(app, Path(config.bundle_dir) if config.bundle_dir else None)
     setup_failure_limits(app, config, store)
     setup_observability(app)

@@ -59,6 +59,14 @@ class ServerConfig:
     epsilon_budget: float = 0.0  # a phone whose local-DP epsilon would pass this gets no more work (0 = none)
     central_clip: float = 0.0  # central DP (DP-FedAvg): clip each update to this L2 norm (0 = off)
     central_noise_multiplier: float = 0.0  # ...and add N(0, (z * clip)^2) to the sum
+    # --- secure aggregation, sync mode (server/secagg.py, docs/secure-aggregation.md) -----
+    secure_agg: bool = False  # the round's cohort masks its integer updates (SecAgg+): the server sees only the sum
+    secagg_threshold: float = 0.55  # fraction of neighbours (shares) and of the group (survivors) needed to unmask
+    secagg_degree: int = 0  # neighbours per phone (0 = about 2 log2 n)
+    secagg_clip: float = 1.0  # L2 clip of each update before it becomes integers
+    secagg_value_bits: int = 16  # the clip maps to 2**value_bits integer units
+    distributed_noise_multiplier: float = 0.0  # z of the central Gaussian the phones' summed noise amounts to
+    secagg_step_timeout_s: float = 30.0  # phones that have not acted by then are dropped from the step
     # --- Byzantine robustness (server/robust.py) -------------------------------------------
     robust: str = "none"  # none | normbound:C | normbound:median*K | median | trimmed:B | krum:F | multikrum:F[:M], '+'-chained
     # --- a strategy of one's own (server/strategy.py; docs/strategies.md) --------------------
@@ -158,6 +166,13 @@ class ServerConfig:
             raise ValueError("reject_burst and peer_reject_burst must be >= 0, their rates > 0")
         if not self.idle_timeout_s > 0:
             raise ValueError("idle_timeout_s must be > 0")
+        if self.secure_agg:
+            from fedfleet.server.secagg_rounds import check_secure_config
+
+            check_secure_config(self)
+        elif self.distributed_noise_multiplier:
+            raise ValueError("distributed_noise_multiplier needs secure_agg (--secure-agg): phones of a secure group "
+                             "add that noise")
         if self.example_cap < 1 or self.max_update_bytes < 1024:
             raise ValueError("example_cap must be >= 1 and max_update_bytes >= 1024")
         if self.topology != "none":
@@ -190,7 +205,8 @@ class ServerConfig:
 
     def train_plan(self) -> dict[str, Any]:
         """The local-training part of a task, as sent to phones: the TrainPlan's fields and the codec."""
-        return {**{name: getattr(self, name) for name in PLAN_FIELDS}, "codec": dict(self.codec)}
+        return {**{name: getattr(self, name) for name in PLAN_FIELDS}, "codec": dict(self.codec),
+                **({"secure_agg": True} if self.secure_agg else {})}
 
     def replace(self, **changes: Any) -> ServerConfig:
         known = {f.name for f in dataclasses.fields(self)}

@@ -9,6 +9,8 @@ from typing import Any
 from fedfleet.server.aggregation import Params
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.coordinator import Clock, Coordinator
+from fedfleet.server.secagg import SecureGroup
+from fedfleet.server.secagg_rounds import SecureRounds, settings_of
 from fedfleet.server.store import Store
 from fedfleet.server.updates import Contribution, Published, UpdateRejected
 
@@ -31,6 +33,8 @@ class SyncCoordinator(Coordinator):
                  opt_state: Params | None = None) -> None:
         super().__init__(config, store, params, version, clock, opt_state)
         self.round = _Round(self.merges + 1, clock(), self._target())
+        shapes = {n: s.shape for n, s in self.specs.items()}
+        self.secure = SecureRounds(settings_of(config), shapes, clock) if config.secure_agg else None
         for c in self._restore():  # acknowledged before a crash: still part of this round
             if c.base_version == version:
                 self.round.cohort[c.phone] = clock() - c.latency_s
@@ -51,7 +55,7 @@ class SyncCoordinator(Coordinator):
         rnd = self.round
         if not rnd.cohort:  # the first check-in of a round fixes its target size
             rnd.target = self._target()
-        if phone in rnd.updates:
+        if phone in rnd.updates or (self.secure is not None and self.secure.took_part(phone, rnd.number)):
             return self.wait()
         if not self.allowed(phone):
             return {"action": "done", "version": self.version, "reason": "privacy budget spent"}
@@ -61,8 +65,16 @@ class SyncCoordinator(Coordinator):
             rnd.cohort[phone] = self.clock()
         return self.train_task(rnd.opened_at + self.config.round_timeout_s - self.clock())
 
+    def secure_group(self) -> SecureGroup:
+        """This round's secure group (secure aggregation only; server/secagg_routes.py)."""
+        assert self.secure is not None
+        self.tick()
+        return self.secure.group(self.round.number, self.round.target)
+
     def _admit(self, phone: str, update_id: str, base: int) -> float:
         rnd = self.round
+        if self.secure is not None:
+            raise UpdateRejected(409, "secure_round", "this round takes masked updates at /v1/secagg/*")
         if phone in rnd.updates:
             raise UpdateRejected(409, "duplicate", "this phone already uploaded a different update this round")
         if base != self.version:
@@ -90,6 +102,8 @@ class SyncCoordinator(Coordinator):
     def ready(self) -> bool:
         """Whether the open round should be merged now (target reached or deadline passed)."""
         rnd = self.round
+        if self.secure is not None:
+            return self.secure.done(rnd.number)
         if len(rnd.updates) >= rnd.target:
             return True
         expired = self.clock() - rnd.opened_at >= self.config.round_timeout_s
@@ -98,6 +112,10 @@ class SyncCoordinator(Coordinator):
     def tick(self) -> None:
         """Restart a round whose deadline passed with too few updates to merge."""
         rnd = self.round
+        if self.secure is not None:  # steps time out in the group; an aborted group restarts the round
+            if self.secure.tick():
+                self.round = _Round(rnd.number, self.clock(), self._target())
+            return
         if self.clock() - rnd.opened_at >= self.config.round_timeout_s and len(rnd.updates) < self.config.min_updates:
             self.round = _Round(rnd.number, self.clock(), self._target())
 
@@ -106,7 +124,11 @@ class SyncCoordinator(Coordinator):
 
     def merge(self) -> Published:
         rnd = self.round
-        published = self._publish(list(rnd.updates.values()), len(rnd.cohort), {})
+        if self.secure is not None:
+            secure, extra = self.secure.contribution(lambda: self.ledger, self.store)
+            published = self._publish([secure], len(rnd.cohort), extra)
+        else:
+            published = self._publish(list(rnd.updates.values()), len(rnd.cohort), {})
         self.round = _Round(self.merges + 1, self.clock(), self._target())
         return published
 

@@ -23,10 +23,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def _start(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedfleet.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
-         "--model", "mlp", "--dataset", "digits", "--rounds", "5", "--sample", "1.0"],
+         "--model", "mlp", "--dataset", "digits", "--rounds", "5", "--sample", "1.0", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 60

@@ -104,7 +104,8 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
             proc.wait()
 
 
-def run_mixed(tmp: Path, classpath: str, codec: str | None, plain_java: int = 0, chain: bool = True) -> dict[str, Any]:
+def run_mixed(tmp: Path, classpath: str, codec: str | None, plain_java: int = 0, chain: bool = True,
+              server_toml: str = "") -> dict[str, Any]:
     """Server + Java phones + Python fleet; returns the server's records, both sides' stats and the
     server's request counts. The first ``plain_java`` Java phones do not ask for inline models
     (``--inline-model no``); without ``chain`` only those ask for their next check-in with their
@@ -114,7 +115,7 @@ def run_mixed(tmp: Path, classpath: str, codec: str | None, plain_java: int = 0,
     # A check-in finding no work is held (long poll, below the Java client's 60 s read timeout), so a
     # check-in made with an upload waits there for the next round's task instead of answering "wait".
     toml.write_text("[server]\nmin_cohort = 6\nsample_fraction = 1.0\nround_timeout_s = 120\ncheckin_hold_s = 30\n"
-                    + (f"codec = {codec}\n" if codec else ""))
+                    + (f"codec = {codec}\n" if codec else "") + server_toml)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp / "server.log"

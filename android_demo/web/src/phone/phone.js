@@ -184,6 +184,12 @@ export class WebPhone {
     if (answer.action === "wait") {
       this.set({ phase: "waiting" });
       await sleep(1000 * Number(answer.retry_after_s ?? 1));
+    } else if (answer.action === "train" && answer.train?.secure_agg) {
+      // secure rounds mask updates with SecAgg+ (docs/secure-aggregation.md), which this phone lacks
+      const why = "this server runs secure aggregation, which the web phone does not implement";
+      this.set({ phase: "stopped", error: why });
+      this.log(why);
+      return "done";
     } else if (answer.action === "train") {
       await this.trainAndUpload(answer);
     } else if (answer.action === "done" && Number.isInteger(answer.version)) {

@@ -253,6 +253,9 @@ public final class FedClient {
     TrainPlan plan = work.train();
     Trainer.Result result = trainer.train(m.tensors(), plan, trainRng);
     Map<String, Tensor> delta = delta(m.tensors(), result.params());
+    if (plan.secureAgg()) {
+      return secure(work, delta, result);
+    }
     UpdateEncoder enc = encoder(plan.codec());
     Integer base = enc.residualBaseVersion();
     Map<String, Object> meta = new LinkedHashMap<>();
@@ -297,6 +300,21 @@ public final class FedClient {
     } catch (IOException e) {
       enc.rollback();
       throw e;
+    } finally {
+      syncBytes();
+    }
+    stats.participations++;
+    stats.lastRound = work.round();
+    stats.lastLoss = result.loss();
+    return true;
+  }
+
+  private boolean secure(Checkin work, Map<String, Tensor> delta, Trainer.Result result) throws IOException {
+    try {
+      if (!new SecureRound(http, work.round()).run(delta, codecRng)) {
+        stats.rejected++;  // the group aborted or closed without this phone: nothing of it merged
+        return false;
+      }
     } finally {
       syncBytes();
     }

@@ -1,0 +1,177 @@
+package org.fedfleet.client;
+
+import java.io.IOException;
+import java.math.BigInteger;
+import java.nio.ByteBuffer;
+import java.nio.ByteOrder;
+import java.nio.charset.StandardCharsets;
+import java.security.SecureRandom;
+import java.util.HexFormat;
+import java.util.Map;
+import java.util.Random;
+import java.util.Set;
+import java.util.TreeMap;
+import java.util.TreeSet;
+import org.fedfleet.secagg.Coords;
+import org.fedfleet.secagg.IntegerCodec;
+import org.fedfleet.secagg.SecAggPhone;
+import org.fedfleet.wire.Tensor;
+import org.json.JSONArray;
+import org.json.JSONException;
+import org.json.JSONObject;
+
+/**
+ * A secure round over HTTP (FORMAT.md section 12.5), as device_runtime/secagg_client.py:
+ * advertise keys, share them, upload the masked integer update, answer the unmask request.
+ * Returns false when the group aborted or closed without this phone (nothing of it merged).
+ */
+final class SecureRound {
+  private static final HexFormat HEX = HexFormat.of();
+  private final Http http;
+  private final int round;
+
+  SecureRound(Http http, int round) {
+    this.http = http;
+    this.round = round;
+  }
+
+  boolean run(Map<String, Tensor> delta, Random rng) throws IOException {
+    try {
+      return steps(delta, rng);
+    } catch (JSONException | IllegalArgumentException e) {
+      throw new BadAnswerException("secure round: " + e.getMessage());
+    }
+  }
+
+  private boolean steps(Map<String, Tensor> delta, Random rng) throws IOException, JSONException {
+    byte[] entropy = new byte[32];
+    new SecureRandom().nextBytes(entropy);  // the phone's secrets: never from a seeded generator
+    byte[][] keys = SecAggPhone.keysFor(entropy, "round/" + round + "/group/0");
+    JSONObject joined = post("/v1/secagg/advertise", new JSONObject().put("round", round)
+        .put("channel_key", HEX.formatHex(keys[0])).put("mask_key", HEX.formatHex(keys[1])));
+    if (!joined.optBoolean("accepted", false)) {
+      return false;
+    }
+    JSONObject roster = poll("/v1/secagg/roster");
+    if (roster == null) {
+      return false;
+    }
+    JSONObject p = roster.getJSONObject("params");
+    SecAggPhone.Params params = new SecAggPhone.Params(p.getString("group"), p.getInt("size"), p.getInt("degree"),
+        p.getInt("share_threshold"), p.getInt("min_survivors"), p.getInt("modulus_bits"), p.getInt("dim"),
+        HEX.parseHex(p.getString("graph_seed")));
+    SecAggPhone phone = new SecAggPhone(params, roster.getInt("index"), entropy);
+    Map<Integer, byte[][]> advertised = new TreeMap<>();
+    JSONObject all = roster.getJSONObject("keys");
+    for (String j : names(all)) {
+      JSONArray pair = all.getJSONArray(j);
+      advertised.put(Integer.parseInt(j), new byte[][] {HEX.parseHex(pair.getString(0)), HEX.parseHex(pair.getString(1))});
+    }
+    JSONObject shares = new JSONObject();
+    for (Map.Entry<Integer, byte[]> e : phone.shareKeys(advertised).entrySet()) {
+      shares.put(String.valueOf(e.getKey()), HEX.formatHex(e.getValue()));
+    }
+    post("/v1/secagg/shares", new JSONObject().put("round", round).put("shares", shares));
+    JSONObject inbox = poll("/v1/secagg/inbox");
+    if (inbox == null) {
+      return false;
+    }
+    Map<Integer, byte[]> incoming = new TreeMap<>();
+    JSONObject got = inbox.getJSONObject("shares");
+    for (String j : names(got)) {
+      incoming.put(Integer.parseInt(j), HEX.parseHex(got.getString(j)));
+    }
+    int fullDim = p.optInt("full_dim", params.dim());
+    double[] x = flatten(delta, fullDim);
+    if (params.dim() < fullDim) {  // shared random-k: the group's coordinates only
+      int[] coords = Coords.shared(params.graphSeed(), params.group().getBytes(StandardCharsets.UTF_8), fullDim,
+          params.dim());
+      double[] kept = new double[coords.length];
+      for (int i = 0; i < coords.length; i++) {
+        kept[i] = x[coords[i]];
+      }
+      x = kept;
+    }
+    long[] values = IntegerCodec.toIntegers(x, p.getDouble("clip"), p.getDouble("scale"),
+        p.getDouble("noise_sigma"), p.getLong("noise_tail"), rng);
+    long[] y = phone.maskedUpload(incoming, values);
+    int word = (params.modulusBits() + 7) / 8;
+    ByteBuffer words = ByteBuffer.allocate(8 * y.length).order(ByteOrder.LITTLE_ENDIAN);
+    byte[] body = new byte[word * y.length];
+    for (int i = 0; i < y.length; i++) {
+      words.putLong(8 * i, y[i]);
+      System.arraycopy(words.array(), 8 * i, body, word * i, word);
+    }
+    http.send("POST", "/v1/secagg/masked?round=" + round, body, "application/octet-stream", Map.of(), false);
+    JSONObject request = poll("/v1/secagg/unmask");
+    if (request == null) {
+      return false;
+    }
+    SecAggPhone.UnmaskShares answer = phone.unmask(ints(request.getJSONArray("survivors")),
+        ints(request.getJSONArray("dropped")));
+    post("/v1/secagg/unmask", new JSONObject().put("round", round).put("seeds", hexes(answer.seeds()))
+        .put("keys", hexes(answer.keys())));
+    return true;
+  }
+
+  private static double[] flatten(Map<String, Tensor> delta, int dim) {
+    double[] x = new double[dim];
+    int at = 0;
+    for (Tensor t : delta.values()) {
+      float[] v = t.floats();
+      for (float f : v) {
+        x[at++] = f;
+      }
+    }
+    if (at != dim) {
+      throw new IllegalArgumentException("the update has " + at + " values, the group " + dim);
+    }
+    return x;
+  }
+
+  private static java.util.List<String> names(JSONObject o) {
+    java.util.List<String> out = new java.util.ArrayList<>();
+    for (java.util.Iterator<String> it = o.keys(); it.hasNext(); ) {
+      out.add(it.next());
+    }
+    return out;
+  }
+
+  private static Set<Integer> ints(JSONArray a) throws JSONException {
+    Set<Integer> out = new TreeSet<>();
+    for (int i = 0; i < a.length(); i++) {
+      out.add(a.getInt(i));
+    }
+    return out;
+  }
+
+  private static JSONObject hexes(Map<Integer, BigInteger> shares) throws JSONException {
+    JSONObject o = new JSONObject();
+    for (Map.Entry<Integer, BigInteger> e : shares.entrySet()) {
+      o.put(String.valueOf(e.getKey()), String.format("%0132x", e.getValue()));
+    }
+    return o;
+  }
+
+  private JSONObject post(String path, JSONObject body) throws IOException, JSONException {
+    Http.Response r = http.send("POST", path, body.toString().getBytes(StandardCharsets.UTF_8), "application/json",
+        Map.of(), false);
+    return Answers.object(r.body());
+  }
+
+  /** GET until the step's answer is ready; null when the group aborted. */
+  private JSONObject poll(String path) throws IOException, JSONException {
+    while (true) {
+      Http.Response r = http.send("GET", path + "?round=" + round, null, null, Map.of(), true);
+      JSONObject answer = Answers.object(r.body());
+      String state = answer.optString("state");
+      if ("ready".equals(state)) {
+        return answer;
+      }
+      if ("aborted".equals(state)) {
+        return null;
+      }
+      http.pause(Math.min(answer.optDouble("retry_after_s", 0.05), 0.05));
+    }
+  }
+}

@@ -1,0 +1,121 @@
+"""The phone's side of a secure round over HTTP (FORMAT.md section 12, server/secagg_routes.py):
+advertise keys, share them, upload the masked integer update, answer the unmask request.
+
+The arithmetic is ``protocol.secagg.SecAggPhone``; this module only moves its messages and
+waits for each step to close. ``drop_after`` ("share" or "masked") makes the phone vanish
+after that step, as a phone that loses its connection would (emulation and tests).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedfleet.protocol.secagg import GroupParams, PublicKeys, SecAggPhone
+from fedfleet.protocol.secagg.coords import shared_coordinates
+from fedfleet.protocol.secagg.integer import flatten, to_integers, words_to_bytes
+from fedfleet.protocol.secagg.params import params_from_json
+from fedfleet.protocol.secagg.phone import keys_for, sync_group_name
+
+# send(method, path, json body or None, raw body or None) -> the JSON answer; raises on a 4xx
+Send = Callable[[str, str, Any, bytes | None], Awaitable[dict[str, Any]]]
+Sleep = Callable[[float], Awaitable[None]]
+DROP_POINTS = (None, "share", "masked")
+
+
+class SecureRoundAborted(Exception):
+    """The group fell below its threshold, or closed without this phone: nothing of this phone
+    was merged; check in again."""
+
+
+@dataclass
+class SecureOutcome:
+    """What the phone did in one secure round (its own view)."""
+
+    params: GroupParams | None = None  # what its group agreed on
+    values: np.ndarray | None = None  # the integer update it masked (None: it never got that far)
+    masked: np.ndarray | None = None  # what it uploaded
+    bytes_up: int = 0
+    bytes_down: int = 0
+    cpu_ms: float = 0.0  # time in the protocol's arithmetic (keys, shares, masks)
+    dropped: bool = False
+
+
+async def secure_round(
+    send: Send,
+    sleep: Sleep,
+    round_number: int,
+    delta: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    rng: np.random.Generator,
+    *,
+    drop_after: str | None = None,
+    poll_s: float = 0.05,
+) -> SecureOutcome:
+    """One round's four steps. ``delta``: the float update (tensors named ``names``, the
+    task's order); ``rng``: draws the phone's entropy, its rounding and its noise."""
+    if drop_after not in DROP_POINTS:
+        raise ValueError(f"drop_after must be one of {DROP_POINTS}, got {drop_after!r}")
+    out = SecureOutcome()
+    entropy = rng.bytes(32)  # a real phone draws it from the OS; emulated phones reproduce a seed
+
+    async def call(method: str, path: str, body: Any = None, raw: bytes | None = None) -> dict[str, Any]:
+        out.bytes_up += len(raw) if raw is not None else len(repr(body)) if body is not None else 0
+        answer = await send(method, path, body, raw)
+        out.bytes_down += len(repr(answer))
+        return answer
+
+    async def until_ready(path: str) -> dict[str, Any]:
+        while True:
+            answer = await call("GET", f"{path}?round={round_number}")
+            if answer.get("state") == "ready":
+                return answer
+            if answer.get("state") == "aborted":
+                raise SecureRoundAborted(str(answer.get("message", "the group aborted")))
+            await sleep(min(float(answer.get("retry_after_s", poll_s)), poll_s))
+
+    t = time.perf_counter()
+    probe = keys_for(entropy, sync_group_name(round_number).encode())
+    out.cpu_ms += (time.perf_counter() - t) * 1e3
+    joined = await call("POST", "/v1/secagg/advertise",
+                        {"round": round_number, "channel_key": probe.channel.hex(), "mask_key": probe.mask.hex()})
+    if not joined.get("accepted"):
+        raise SecureRoundAborted(f"round {round_number}'s group closed its roster before this phone joined")
+    roster = await until_ready("/v1/secagg/roster")
+    params = out.params = params_from_json(roster["params"])
+    t = time.perf_counter()
+    phone = SecAggPhone(params, int(roster["index"]), entropy)
+    if phone.keys != probe:
+        raise SecureRoundAborted(f"the server's group {params.group!r} is not round {round_number}'s")
+    keys = {int(j): PublicKeys(bytes.fromhex(c), bytes.fromhex(m)) for j, (c, m) in roster["keys"].items()}
+    sealed = phone.share_keys(keys)
+    out.cpu_ms += (time.perf_counter() - t) * 1e3
+    await call("POST", "/v1/secagg/shares", {"round": round_number, "shares": {str(j): s.hex() for j, s in sealed.items()}})
+    if drop_after == "share":
+        out.dropped = True
+        return out
+    inbox = await until_ready("/v1/secagg/inbox")
+    t = time.perf_counter()
+    x = flatten(delta, names)
+    if params.dim < params.model_dim:  # shared random-k: the group's coordinates only
+        x = x[shared_coordinates(params.graph_seed, params.context, params.model_dim, params.dim)]
+    out.values = to_integers(x, params, rng)
+    out.masked = phone.masked_upload({int(j): bytes.fromhex(s) for j, s in inbox["shares"].items()}, out.values)
+    body = words_to_bytes(out.masked, params.word_bytes)
+    out.cpu_ms += (time.perf_counter() - t) * 1e3
+    await call("POST", f"/v1/secagg/masked?round={round_number}", None, body)
+    if drop_after == "masked":
+        out.dropped = True
+        return out
+    request = await until_ready("/v1/secagg/unmask")
+    shares = phone.unmask(request["survivors"], request["dropped"])
+    await call("POST", "/v1/secagg/unmask", {
+        "round": round_number,
+        "seeds": {str(j): f"{y:0132x}" for j, y in shares.seeds.items()},
+        "keys": {str(j): f"{y:0132x}" for j, y in shares.keys.items()},
+    })
+    return out

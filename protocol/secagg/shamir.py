@@ -1,0 +1,90 @@
+"""Shamir secret sharing (Shamir, 1979, "How to Share a Secret") of 32-byte secrets over
+the prime field GF(p), p = 2**521 - 1 (a Mersenne prime, so every 256-bit secret is a field
+element). A secret s becomes the points (x, f(x)) of a random polynomial f of degree t - 1
+with f(0) = s; any t of them give s back by Lagrange interpolation at 0, fewer reveal nothing.
+
+Pure integer arithmetic; the random coefficients come from the caller (derived from the
+phone's entropy in ``keys.py``), so a fixed entropy gives fixed shares (golden vectors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedfleet.protocol.secagg.errors import BadShare
+
+PRIME = (1 << 521) - 1
+SHARE_BYTES = 66  # ceil(521 / 8): a field element, big-endian
+SECRET_BYTES = 32
+
+
+def split(secret: bytes, xs: Sequence[int], coefficients: Sequence[int]) -> list[int]:
+    """f(x) for each x in ``xs`` (distinct, in [1, p)), f(0) = secret, f's other
+    coefficients ``coefficients`` (t - 1 field elements, lowest degree first)."""
+    if len(secret) != SECRET_BYTES:
+        raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {len(secret)}")
+    coeffs = [int.from_bytes(secret, "big"), *coefficients]
+    out = []
+    for x in xs:
+        y = 0
+        for c in reversed(coeffs):  # Horner
+            y = (y * x + c) % PRIME
+        out.append(y)
+    return out
+
+
+def _lagrange_at(points: Sequence[tuple[int, int]], at: int) -> int:
+    """f(at) from the points of f: sum_i y_i * num_i / den_i, with one modular inversion for
+    all the den_i (prefix products, Montgomery's trick) instead of one each."""
+    nums, dens = [], []
+    for i, (xi, _) in enumerate(points):
+        num, den = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                num = num * (at - xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        nums.append(num)
+        dens.append(den)
+    prefix = [1]
+    for den in dens:
+        prefix.append(prefix[-1] * den % PRIME)
+    inverse = pow(prefix[-1], -1, PRIME)  # 1 / (den_0 ... den_{m-1})
+    total = 0
+    for i in range(len(points) - 1, -1, -1):
+        inv_i = inverse * prefix[i] % PRIME  # 1 / den_i
+        inverse = inverse * dens[i] % PRIME  # 1 / (den_0 ... den_{i-1})
+        total = (total + points[i][1] * nums[i] * inv_i) % PRIME
+    return total
+
+
+def combine(points: Sequence[tuple[int, int]], threshold: int) -> bytes:
+    """The secret from at least ``threshold`` points (x, f(x)). With more, the first point
+    beyond ``threshold`` must lie on the polynomial of the others, else ``BadShare``: a wrong
+    share among the first ``threshold`` moves the polynomial off it (a wrong share beyond
+    them changes nothing)."""
+    if len({x for x, _ in points}) != len(points):
+        raise BadShare("two shares at the same x")
+    if len(points) < threshold:
+        raise ValueError(f"need {threshold} shares, got {len(points)}")
+    basis = list(points[:threshold])
+    if len(points) > threshold:
+        x, y = points[threshold]
+        if _lagrange_at(basis, x) != y:
+            raise BadShare(f"the share at x={x} is not on the polynomial of the others")
+    secret = _lagrange_at(basis, 0)
+    if secret >= 1 << (8 * SECRET_BYTES):
+        raise BadShare("the shares interpolate to no 32-byte secret")
+    return secret.to_bytes(SECRET_BYTES, "big")
+
+
+def element_to_bytes(y: int) -> bytes:
+    return y.to_bytes(SHARE_BYTES, "big")
+
+
+def element_from_bytes(data: bytes) -> int:
+    if len(data) != SHARE_BYTES:
+        raise BadShare(f"a share is {SHARE_BYTES} bytes, got {len(data)}")
+    y = int.from_bytes(data, "big")
+    if y >= PRIME:
+        raise BadShare("share is not a field element")
+    return y

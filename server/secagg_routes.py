@@ -1,0 +1,175 @@
+"""HTTP handlers of secure aggregation's four steps (FORMAT.md section 12; server/secagg.py).
+
+Every message names its round; a message for another round, a step not open, or from a
+phone outside the group is a 400 ``wrong_step``. Bodies are JSON with hex bytes, except the
+masked update (raw little-endian words, ``application/octet-stream``). A GET for a step that
+has not closed yet answers ``{"state": "wait", "retry_after_s": ...}``; one from a phone whose
+group aborted ``{"state": "aborted", ...}`` (a state, not bad input), and that phone's other
+messages a 400 ``below_threshold``. An advertisement that comes after the roster closed answers
+``{"accepted": false}``.
+
+    POST /v1/secagg/advertise  {"round", "channel_key", "mask_key"}
+    GET  /v1/secagg/roster?round=R      -> {"index", "params", "neighbours", "keys"}
+    POST /v1/secagg/shares     {"round", "shares": {recipient: sealed}}
+    GET  /v1/secagg/inbox?round=R       -> {"shares": {sender: sealed}}
+    POST /v1/secagg/masked?round=R      raw masked update
+    GET  /v1/secagg/unmask?round=R      -> {"survivors", "dropped"}
+    POST /v1/secagg/unmask     {"round", "seeds": {phone: share}, "keys": {phone: share}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from fedfleet.protocol import MalformedMessage
+from fedfleet.protocol.secagg import BelowThreshold, PublicKeys, UnmaskShares, WrongStep
+from fedfleet.server.http import authenticate, json_response, read_body, read_json
+from fedfleet.server.secagg import SecureGroup
+from fedfleet.server.state import CONFIG, COORD, STORE, WORK, schedule_merge
+from fedfleet.server.sync_coordinator import SyncCoordinator
+
+MAX_JSON = 4 << 20  # a share message of a 1,000-phone group is well under 100 KiB
+
+
+def _coord(request: web.Request) -> SyncCoordinator:
+    coord = request.app[COORD]
+    if not isinstance(coord, SyncCoordinator) or coord.secure is None:
+        raise WrongStep("this server does not run secure aggregation")
+    return coord
+
+
+def _group(request: web.Request, round_number: Any) -> tuple[str, SecureGroup, str | None]:
+    """The phone, its round's group, and why the phone's previous group aborted (None: it did
+    not, or the phone is in the round's new group)."""
+    phone = authenticate(request, request.app[STORE])
+    coord = _coord(request)
+    group = coord.secure_group()
+    assert coord.secure is not None
+    if type(round_number) is not int or round_number != group.round:
+        raise WrongStep(f"message for round {round_number!r}, the open round is {group.round}")
+    return phone, group, coord.secure.abort_notice(phone, group)
+
+
+def _member(request: web.Request, round_number: Any) -> tuple[str, SecureGroup]:
+    """For a step's message: a phone whose group aborted gets 400 ``below_threshold``."""
+    phone, group, aborted = _group(request, round_number)
+    if aborted:
+        raise BelowThreshold(aborted)
+    return phone, group
+
+
+async def _poll(request: web.Request, answer_for: Any) -> web.Response:
+    """A GET for a step's result: ready, wait, or (not an error: a state) aborted."""
+    phone, group, aborted = _group(request, _round_query(request))
+    if aborted is None and phone not in group.keys:  # e.g. after a server restart lost the group
+        aborted = f"{phone} is not in {group.name}; check in again"
+    if aborted:
+        return json_response({"state": "aborted", "error": "below_threshold", "message": aborted})
+    answer = answer_for(group, phone)
+    return _wait(request) if answer is None else json_response({"state": "ready", **answer})
+
+
+def _round_query(request: web.Request) -> int:
+    text = request.query.get("round", "")
+    if not text.isdigit():
+        raise MalformedMessage("query parameter round must be a whole number")
+    return int(text)
+
+
+def _hex(value: Any, size: int | None, what: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else None
+    except ValueError:
+        raw = None
+    if raw is None or (size is not None and len(raw) != size):
+        raise MalformedMessage(f"{what} must be {size or 'some'} bytes in hex")
+    return raw
+
+
+def _by_index(value: Any, what: str) -> dict[int, str]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k.isdigit() for k in value):
+        raise MalformedMessage(f"{what} must map phone numbers to hex strings")
+    return {int(k): v for k, v in value.items()}
+
+
+def _wait(request: web.Request) -> web.Response:
+    return json_response({"state": "wait", "retry_after_s": request.app[CONFIG].checkin_retry_s})
+
+
+def _after(request: web.Request, group: SecureGroup) -> None:
+    """A step may have closed: merge a finished group, wake held check-ins after an abort."""
+    coord = request.app[COORD]
+    if coord.ready():
+        schedule_merge(request.app)
+    elif group.step == "aborted":
+        coord.tick()
+        request.app[WORK].notify()
+
+
+async def advertise(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    phone, group, _ = _group(request, body.get("round"))  # a phone of an aborted group may join the next
+    if phone not in _coord(request).round.cohort:
+        raise WrongStep(f"{phone} has no task in round {group.round}; check in first")
+    if group.step != "advertise" and phone not in group.keys:  # came too late: a race, not bad input
+        return json_response({"accepted": False, "step": group.step})
+    group.advertise(phone, PublicKeys(_hex(body.get("channel_key"), 32, "channel_key"),
+                                      _hex(body.get("mask_key"), 32, "mask_key")))
+    return json_response({"accepted": True, "step": group.step})
+
+
+async def roster(request: web.Request) -> web.Response:
+    return await _poll(request, lambda group, phone: group.roster_for(phone))
+
+
+async def shares(request: web.Request) -> web.Response:
+    body = await read_json(request, limit=MAX_JSON)
+    phone, group = _member(request, body.get("round"))
+    sealed = {j: _hex(v, None, "a sealed share") for j, v in _by_index(body.get("shares"), "shares").items()}
+    group.share(phone, sealed)
+    _after(request, group)
+    return json_response({"accepted": True, "step": group.step})
+
+
+async def inbox(request: web.Request) -> web.Response:
+    return await _poll(request, lambda group, phone: group.inbox_for(phone))
+
+
+async def masked(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    phone, group = _member(request, _round_query(request))
+    body = await read_body(request, cfg.max_update_bytes, cfg.request_timeout_s)
+    group.upload(phone, body)
+    _after(request, group)
+    return json_response({"accepted": True, "step": group.step})
+
+
+async def unmask_request(request: web.Request) -> web.Response:
+    return await _poll(request, lambda group, phone: group.unmask_request_for(phone))
+
+
+async def unmask(request: web.Request) -> web.Response:
+    body = await read_json(request, limit=MAX_JSON)
+    phone, group = _member(request, body.get("round"))
+    parsed = [
+        {j: int.from_bytes(_hex(v, 66, "a share"), "big") for j, v in _by_index(body.get(k), k).items()}
+        for k in ("seeds", "keys")
+    ]
+    group.unmask(phone, UnmaskShares(parsed[0], parsed[1]))
+    _after(request, group)
+    return json_response({"accepted": True, "step": group.step})
+
+
+def setup_secagg_routes(app: web.Application) -> None:
+    app.router.add_routes([
+        web.post("/v1/secagg/advertise", advertise),
+        web.get("/v1/secagg/roster", roster),
+        web.post("/v1/secagg/shares", shares),
+        web.get("/v1/secagg/inbox", inbox),
+        web.post("/v1/secagg/masked", masked),
+        web.get("/v1/secagg/unmask", unmask_request),
+        web.post("/v1/secagg/unmask", unmask),
+    ])
