@@ -54,10 +54,11 @@ def untuned() -> Iterator[Settings]:
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
 
-async def _watch(seen: list[Settings], frozen: list[int], stop: asyncio.Event) -> None:
+async def _watch(seen: list[Settings], stop: asyncio.Event) -> None:
+    # Not the freeze count: CPython counts the permanent generation by walking it, and a test process
+    # that ran the command line in-process has most of its heap there (seconds per walk at 100 Hz).
     while not stop.is_set():
         seen.append(_settings())
-        frozen.append(_frozen())
         await asyncio.sleep(0.01)
 
 
@@ -72,16 +73,16 @@ async def test_an_app_served_in_process_changes_no_process_setting(untuned: Sett
 
 async def test_a_fleet_run_in_process_changes_no_process_setting(untuned: Settings, tmp_path: Path) -> None:
     seen: list[Settings] = []
-    frozen = [_frozen()]
+    frozen = _frozen()
     stop = asyncio.Event()
-    watcher = asyncio.create_task(_watch(seen, frozen, stop))
+    watcher = asyncio.create_task(_watch(seen, stop))
     cfg = SimulateConfig(phones=4, rounds=2, sample=1.0, model="mlp", out=str(tmp_path), workers=1)
     result, _ = await simulate(cfg)
     stop.set()
     await watcher
     assert len(result.rounds) == 2 and len(seen) > 2
     assert set(seen) == {untuned} and _settings() == untuned
-    assert max(frozen) == frozen[0]  # nothing was frozen while it ran
+    assert _frozen() <= frozen  # nothing was frozen while it ran (frozen objects leave only as they die)
 
 
 def test_the_command_lines_call_sets_them() -> None:
