@@ -98,6 +98,13 @@ class SecureGroup:
         if len(self.keys) >= self.target:
             self._close_roster()
 
+    def seal(self, size: int) -> None:
+        """No more phones will be handed this group's task (async: the buffer is full or the model
+        moved on): the roster closes once ``size`` have advertised."""
+        self.target = size
+        if self.step == "advertise" and len(self.keys) >= size:
+            self._close_roster()
+
     def _close_roster(self) -> None:
         if len(self.keys) < 2:
             self._abort(f"{len(self.keys)} phones advertised keys, a group needs 2")

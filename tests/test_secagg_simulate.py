@@ -50,7 +50,8 @@ def test_secure_simulate_merges_fedavg_of_the_same_updates(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("flags, words", [
     (["--secure-agg", "--topk", "0.1"], ["top-k"]),
-    (["--secure-agg", "--mode", "async"], ["sync mode"]),
+    (["--secure-agg", "--mode", "async", "--buffer", "30", "--concurrency", "10"], ["buffer_size", "concurrency"]),
+    (["--secure-agg", "--mode", "gossip"], ["--secure-agg", "gossip"]),
     (["--secure-agg", "--secagg-threshold", "0.4"], ["secagg_threshold"]),
     (["--secure-agg", "--secagg-degree", "3"], ["secagg_degree"]),
     (["--secure-agg", "--central-clip", "1", "--central-noise-multiplier", "1"], ["central DP"]),
