@@ -98,6 +98,7 @@ class AsyncCoordinator(Coordinator):
 
     def ready(self) -> bool:
         if self.secure is not None:
+            self.tick()  # a finished group that grew too stale is dropped, not merged
             return self.secure.finished() is not None
         return len(self.buffer) >= self.config.buffer_size
 

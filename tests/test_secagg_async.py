@@ -151,3 +151,21 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
     st = await _status(client)
     assert st["version"] == 0 and st["in_flight"] == 3
     assert client.app[STORE].get_meta("ledger") is None
+
+
+async def test_a_group_that_grew_too_stale_while_it_ran_merges_nothing(make_server: MakeClient) -> None:
+    client = await make_server(**{**ASYNC, "buffer_size": 3, "max_staleness": 0})
+    phones, task = await _register(client, 6)
+    assert [(await _checkin(client, a))["round"] for _, a in phones] == [1, 1, 1, 2, 2, 2]
+    outcomes, _ = await _group(client, phones[:3], 1, task, 0, {})
+    assert all(isinstance(o, SecureOutcome) for o in outcomes), outcomes
+    await _wait_version(client, 1)
+    v1 = await _model(client, phones[0][1])
+    outcomes, _ = await _group(client, phones[3:], 2, task, 3, {})  # trained on version 0: staleness 1 > 0
+    assert all(isinstance(o, SecureOutcome) for o in outcomes), outcomes
+    await asyncio.sleep(0.3)
+    st = await _status(client)
+    assert st["version"] == 1 and st["in_flight"] == 0
+    after = await _model(client, phones[0][1])
+    for name, p in v1.items():
+        np.testing.assert_array_equal(after[name], p)
