@@ -43,6 +43,8 @@ class AsyncCoordinator(Coordinator):
                                          sum(int(np.prod(s.shape)) for s in self.specs.values()), clock,
                                          config.buffer_size, config.round_timeout_s, store)
                        if config.secure_agg else None)  # each group of K is one buffer (server/secagg_async.py)
+        for phone, base in self.secure.members() if self.secure is not None else []:  # groups a restart rebuilt
+            self.in_flight[phone] = _Assignment(base, clock())
 
     def openings(self) -> tuple[Any, ...]:
         return (*super().openings(), len(self.in_flight), self.secure.live() if self.secure is not None else 0)

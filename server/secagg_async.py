@@ -10,7 +10,9 @@ numbered; its number is the ``round`` of its task and of its messages (FORMAT.md
 reused, even across a restart (the next number is kept in the store).
 
 A group that aborts merges nothing and frees its phones; a finished group that has grown staler
-than ``max_staleness`` while it ran is discarded as a stale update would be.
+than ``max_staleness`` while it ran is discarded as a stale update would be. Every assignment and
+acknowledged message is written to the store first (server/secagg_journal.py): after a restart
+the groups are rebuilt as they were and carry on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from fedfleet.protocol.secagg import WrongStep
 from fedfleet.server.secagg import SecAggSettings, SecureGroup
+from fedfleet.server.secagg_journal import Journal, merged_groups, replay
 from fedfleet.server.secagg_rounds import group_contribution
 from fedfleet.server.store import Store
 from fedfleet.server.updates import Contribution
@@ -51,6 +54,40 @@ class AsyncSecureGroups:
         self.gone: dict[int, SecureGroup] = {}
         self.aborted = 0  # groups aborted since the last merge
         self.stale = 0  # finished groups discarded as too stale since the last merge
+        self.journal = Journal(store.db)
+        self.merged_since_tick: list[int] = []  # their log rows go once the merge has committed
+        self.replaying = True
+        self._restore()
+        self.replaying = False
+
+    def _restore(self) -> None:
+        """Rebuild the groups a restart interrupted, by replaying their logs (none: a new server)."""
+        merged = merged_groups(self.store.rounds())
+        for number, entries in sorted(self.journal.groups().items()):
+            if number in merged:  # merged, and stopped before deleting its rows
+                self.journal.end(number)
+                continue
+            for kind, phone, body in entries:
+                if kind == "open":
+                    self.slots[number] = self.filling = _Slot(number, int(body), self.clock())
+                elif kind == "assign":
+                    self.slots[number].members[phone] = self.clock()
+                elif kind == "seal":
+                    self._stop_taking(self.slots[number])
+                else:
+                    group = self.lookup(number)
+                    assert group is not None, f"a log entry for group {number} before it opened"
+                    replay(group, kind, phone, body)
+        for slot in self.slots.values():
+            if slot.group is not None:
+                slot.group.journal = self._writer(slot.number)
+
+    def _writer(self, number: int) -> Callable[[str, str, bytes], None]:
+        return lambda kind, phone, body: self.journal.write(number, kind, phone, body)
+
+    def members(self) -> list[tuple[str, int]]:
+        """Every phone handed a live group's task, with the group's base version."""
+        return [(phone, s.base_version) for s in self.slots.values() for phone in s.members]
 
     # --- check-in -------------------------------------------------------------------------
     def assign(self, phone: str, version: int) -> int | None:
@@ -64,6 +101,7 @@ class AsyncSecureGroups:
         f = self.filling
         if f is None or f.base_version != version:
             f = self._open(version)
+        self.journal.write(f.number, "assign", phone, b"")
         f.members[phone] = self.clock()
         if len(f.members) >= self.size:
             self._stop_taking(f)
@@ -74,10 +112,13 @@ class AsyncSecureGroups:
             self._stop_taking(self.filling)  # the model moved on: its members share the old base
         number = int(self.store.get_meta(NEXT_GROUP) or 1)
         self.store.set_meta(NEXT_GROUP, str(number + 1))
+        self.journal.write(number, "open", "", str(version).encode())
         slot = self.filling = self.slots[number] = _Slot(number, version, self.clock())
         return slot
 
     def _stop_taking(self, slot: _Slot) -> None:
+        if slot.taking and not self.replaying:
+            self.journal.write(slot.number, "seal", "", b"")
         slot.taking = False
         if self.filling is slot:
             self.filling = None
@@ -93,6 +134,8 @@ class AsyncSecureGroups:
         if slot.group is None:
             target = self.size if slot.taking else len(slot.members)
             slot.group = SecureGroup(number, target, self.dim, self.settings, self.clock)
+            if not self.replaying:
+                slot.group.journal = self._writer(number)
         return slot.group
 
     def assigned(self, phone: str, number: int) -> bool:
@@ -109,6 +152,9 @@ class AsyncSecureGroups:
         """Step deadlines; drop aborted, expired and too stale groups. Returns the phones freed."""
         freed: list[str] = []
         now = self.clock()
+        for number in self.merged_since_tick:  # their versions are committed
+            self.journal.end(number)
+        self.merged_since_tick = []
         for number, slot in list(self.slots.items()):
             g = slot.group
             if g is not None and g.step not in ("done", "aborted"):
@@ -124,6 +170,7 @@ class AsyncSecureGroups:
             if g is not None and g.step == "aborted":
                 self.aborted += 1
                 freed += self._drop(number)
+                self.journal.end(number)
                 self.gone[number] = g
                 while len(self.gone) > KEEP_GONE:
                     del self.gone[min(self.gone)]
@@ -149,6 +196,7 @@ class AsyncSecureGroups:
         extra.update(secagg_group=slot.number, secagg_stale=self.stale, staleness_mean=c.staleness,
                      staleness_max=c.staleness, updates_merged=c.num_examples)
         self.aborted = self.stale = 0
+        self.merged_since_tick.append(slot.number)
         return c, self._drop(slot.number), extra
 
     def live(self) -> int:
