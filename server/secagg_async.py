@@ -64,7 +64,7 @@ class AsyncSecureGroups:
         """Rebuild the groups a restart interrupted, by replaying their logs (none: a new server)."""
         merged = merged_groups(self.store.rounds())
         for number, entries in sorted(self.journal.groups().items()):
-            if number in merged:  # merged, and stopped before deleting its rows
+            if number in merged or entries[0][0] != "open":  # merged before its rows went, or a sync round's
                 self.journal.end(number)
                 continue
             for kind, phone, body in entries:

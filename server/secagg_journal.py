@@ -1,4 +1,4 @@
-"""Async secure groups made durable: every acknowledged message of a group, in order, in the
+"""Secure groups made durable: every acknowledged message of a group, in order, in the
 server's SQLite file, and the group rebuilt by replaying them after a restart.
 
 A message is written (and committed) after it passed the group's checks and before the group
@@ -6,7 +6,9 @@ changes or the phone gets its 200, so an acknowledged step is never lost. The lo
 server holds anyway: public keys, sealed shares it cannot open, masked uploads, unmask shares;
 nothing in it reveals a phone's update. Replaying goes through the same ``SecureGroup`` methods,
 so the rebuilt group is the one that was lost, except that its open step's deadline starts again.
-A group's rows go once it merged (its version's round record names it) or aborted.
+A group's rows go once it aborted, or merged: an async group's at the next tick after its version
+committed (and at start if its version's round record names it), a sync round's when the next
+round's group opens (and at start if its round is no longer the open one).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from fedfleet.protocol.secagg import PublicKeys, UnmaskShares
 from fedfleet.server.secagg import SecureGroup
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS secagg_log (   -- async secure groups: acknowledged messages, in order
+CREATE TABLE IF NOT EXISTS secagg_log (   -- secure groups: acknowledged messages, in order
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     grp INTEGER NOT NULL,
-    kind TEXT NOT NULL,                   -- open | assign | seal | advertise | share | masked | unmask | close
+    kind TEXT NOT NULL,                   -- round (sync) | open | assign | seal (async) | advertise | share |
+                                          -- masked | unmask | close
     phone TEXT NOT NULL,
     body BLOB NOT NULL
 );
@@ -31,7 +34,7 @@ Entry = tuple[str, str, bytes]  # kind, phone, body
 
 
 class Journal:
-    """The log of async secure groups, in the store's database (one commit per message)."""
+    """The log of secure groups, in the store's database (one commit per message)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -43,6 +46,9 @@ class Journal:
 
     def end(self, group: int) -> None:
         self.db.execute("DELETE FROM secagg_log WHERE grp = ?", (group,))
+
+    def keep_only(self, group: int) -> None:
+        self.db.execute("DELETE FROM secagg_log WHERE grp != ?", (group,))
 
     def groups(self) -> dict[int, list[Entry]]:
         out: dict[int, list[Entry]] = {}

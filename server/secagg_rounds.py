@@ -13,6 +13,7 @@ import numpy as np
 from fedfleet.protocol.secagg.coords import shared_coordinates
 from fedfleet.protocol.secagg.integer import unflatten
 from fedfleet.server.secagg import SecAggSettings, SecureGroup
+from fedfleet.server.secagg_journal import Journal, replay
 from fedfleet.server.store import Store
 from fedfleet.server.updates import Contribution
 
@@ -20,20 +21,37 @@ from fedfleet.server.updates import Contribution
 class SecureRounds:
     """The sync coordinator's secure groups: one per round, made at its first secure message.
     Counts aborted groups until the next merge, and turns a finished group's sum into the
-    round's one contribution (the mean of the survivors' integer updates, back in floats)."""
+    round's one contribution (the mean of the survivors' integer updates, back in floats).
+    Each acknowledged message is committed to the store first (server/secagg_journal.py): a
+    restart rebuilds the open round's group as it was."""
 
     def __init__(self, settings: SecAggSettings, shapes: Mapping[str, tuple[int, ...]],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], store: Store, round_number: int) -> None:
         self.settings, self.shapes, self.clock = settings, dict(shapes), clock
         self.dim = sum(int(np.prod(s)) for s in self.shapes.values())
         self.current: SecureGroup | None = None
         self.aborted = 0  # groups aborted since the last merge
         self.last_aborted: SecureGroup | None = None
+        self.journal = Journal(store.db)
+        for number, entries in self.journal.groups().items():  # only the open round's group is live
+            if number != round_number or entries[0][0] != "round":
+                self.journal.end(number)
+                continue
+            g = SecureGroup(number, int(entries[0][2]), self.dim, settings, clock)
+            for kind, phone, body in entries[1:]:
+                replay(g, kind, phone, body)
+            self.current, g.journal = g, self._writer(number)
+
+    def _writer(self, number: int) -> Callable[[str, str, bytes], None]:
+        return lambda kind, phone, body: self.journal.write(number, kind, phone, body)
 
     def group(self, round_number: int, target: int) -> SecureGroup:
         g = self.current
         if g is None or g.round != round_number:
+            self.journal.keep_only(round_number)  # earlier rounds' groups merged or aborted
+            self.journal.write(round_number, "round", "", str(target).encode())
             g = self.current = SecureGroup(round_number, target, self.dim, self.settings, self.clock)
+            g.journal = self._writer(round_number)
         return g
 
     def tick(self) -> bool:
@@ -44,6 +62,7 @@ class SecureRounds:
         if g.step not in ("done", "aborted"):
             g.tick()
         if g.step == "aborted":
+            self.journal.end(g.round)
             self.aborted += 1
             self.last_aborted, self.current = g, None
             return True
