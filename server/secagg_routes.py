@@ -1,7 +1,8 @@
 """HTTP handlers of secure aggregation's four steps (FORMAT.md section 12; server/secagg.py).
 
-Every message names its round; a message for another round, a step not open, or from a
-phone outside the group is a 400 ``wrong_step``. Bodies are JSON with hex bytes, except the
+Every message names its round (sync: the open round; async: the number of the phone's group,
+its task's ``round``); a message for another round or group, a step not open, or from a phone
+outside the group is a 400 ``wrong_step``. Bodies are JSON with hex bytes, except the
 masked update (raw little-endian words, ``application/octet-stream``). A GET for a step that
 has not closed yet answers ``{"state": "wait", "retry_after_s": ...}``; one from a phone whose
 group aborted ``{"state": "aborted", ...}`` (a state, not bad input), and that phone's other
