@@ -86,6 +86,10 @@ class SecureGroup:
     # Called with (kind, phone, body) once a message has passed every check and before it changes
     # the group: async groups write it to the store first (server/secagg_journal.py).
     journal: Callable[[str, str, bytes], None] | None = None
+    # Async groups: phones may share keys before they train, so the masked step waits for the
+    # first upload until the members' task deadline (clock time), then step_timeout_s more.
+    training_until: float | None = None
+    first_upload_at: float | None = None
 
     @property
     def name(self) -> str:
@@ -186,6 +190,8 @@ class SecureGroup:
             raise BadShare(f"masked values must be below 2**{p.modulus_bits}")
         self._log("masked", phone, body)
         self.masked[i] = y
+        if self.first_upload_at is None:
+            self.first_upload_at = self.clock()
         self.bytes_up += len(body)
         if len(self.masked) == len(self.sealed):
             self._close_uploads()
@@ -251,7 +257,11 @@ class SecureGroup:
     # --- deadlines and bookkeeping -------------------------------------------------------------
     def tick(self) -> None:
         """Close the open step if its deadline passed: who has not acted by then is dropped."""
-        if self.clock() - self.step_opened_at < self.settings.step_timeout_s:
+        start = self.step_opened_at
+        if self.step == "masked" and self.training_until is not None:
+            start = self.first_upload_at if self.first_upload_at is not None else \
+                max(start, self.training_until - self.settings.step_timeout_s)
+        if self.clock() - start < self.settings.step_timeout_s:
             return
         self._log("close", "", self.step.encode())
         self.close_step()

@@ -158,6 +158,7 @@ class AsyncSecureGroups:
         for number, slot in list(self.slots.items()):
             g = slot.group
             if g is not None and g.step not in ("done", "aborted"):
+                g.training_until = max(slot.members.values(), default=slot.opened_at) + self.task_timeout_s
                 g.tick()
             if g is not None and g.step != "advertise" and slot.taking:
                 self._stop_taking(slot)  # the roster closed: later phones could not join it

@@ -14,7 +14,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 from nacl.public import PrivateKey
 
-from fedfleet.device_runtime.secagg_client import SecureOutcome, SecureRoundAborted, secure_round
+from fedfleet.device_runtime.secagg_client import (
+    SecureOutcome,
+    SecureRoundAborted,
+    SecureSession,
+    secure_round,
+)
 from fedfleet.server.staleness import parse_staleness
 from fedfleet.server.state import STORE
 from tests.conftest import MakeClient, register, update_body
@@ -169,3 +174,26 @@ async def test_a_group_that_grew_too_stale_while_it_ran_merges_nothing(make_serv
     after = await _model(client, phones[0][1])
     for name, p in v1.items():
         np.testing.assert_array_equal(after[name], p)
+
+
+async def test_phones_exchange_keys_while_they_train(make_server: MakeClient) -> None:
+    """Keys first, then training that outlasts the step deadline (0.6 s), then the masked upload:
+    the group waits for the uploads until the task's deadline and merges all of them."""
+    client = await make_server(**{**ASYNC, "buffer_size": 4})
+    phones, task = await _register(client, 4)
+    assert [(await _checkin(client, a))["round"] for _, a in phones] == [1] * 4
+    v0 = await _model(client, phones[0][1])
+    names = [p["name"] for p in task["params"]]
+    deltas = _deltas(task, 4)
+
+    async def phone(i: int, auth: dict[str, str]) -> SecureOutcome:
+        session = SecureSession(sender(client, auth), asyncio.sleep, 1, names, np.random.default_rng([9, i]))
+        await session.keys()
+        await asyncio.sleep(1.5)  # training, after the keys are shared
+        return await session.upload(deltas[i])
+
+    outcomes = await asyncio.gather(*[phone(i, a) for i, (_, a) in enumerate(phones)])
+    await _wait_version(client, 1)
+    v1 = await _model(client, phones[0][1])
+    for name, p in _fedbuff(v0, [o.values for o in outcomes if o.values is not None], 0).items():
+        np.testing.assert_array_equal(v1[name], p)
