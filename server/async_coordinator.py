@@ -71,12 +71,12 @@ class AsyncCoordinator(Coordinator):
             if len(self.in_flight) >= self.config.concurrency:
                 return self.wait()
             self.assigned_since_merge += 1
-        number = self.secure.assign(phone, self.version) if self.secure is not None else 0
-        if number is None:
+        group = self.secure.assign(phone, self.version) if self.secure is not None else (0, self.version)
+        if group is None:
             return self.wait()  # its secure group is under way
-        self.in_flight[phone] = _Assignment(self.version, self.clock())
+        self.in_flight[phone] = _Assignment(group[1], self.clock())
         task = self.train_task(self.config.round_timeout_s)
-        return {**task, "round": number} if self.secure is not None else task
+        return {**task, "round": group[0], "version": group[1]} if self.secure is not None else task
 
     def _admit(self, phone: str, update_id: str, base: int) -> float:
         if self.secure is not None:

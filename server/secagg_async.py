@@ -90,14 +90,15 @@ class AsyncSecureGroups:
         return [(phone, s.base_version) for s in self.slots.values() for phone in s.members]
 
     # --- check-in -------------------------------------------------------------------------
-    def assign(self, phone: str, version: int) -> int | None:
-        """The number of the group ``phone`` trains for, or None when its group is under way
-        (it waits). A member that checks in again before advertising gets its group back."""
+    def assign(self, phone: str, version: int) -> tuple[int, int] | None:
+        """The number and base version of the group ``phone`` trains for, or None when its group
+        is under way (it waits). A member that checks in again before advertising gets its group
+        back, with its base version even if the model has moved on since."""
         for slot in self.slots.values():
             if phone in slot.members:
                 g = slot.group
                 fresh = g is None or (g.step == "advertise" and phone not in g.keys)
-                return slot.number if fresh else None
+                return (slot.number, slot.base_version) if fresh else None
         f = self.filling
         if f is None or f.base_version != version:
             f = self._open(version)
@@ -105,7 +106,7 @@ class AsyncSecureGroups:
         f.members[phone] = self.clock()
         if len(f.members) >= self.size:
             self._stop_taking(f)
-        return f.number
+        return f.number, f.base_version
 
     def _open(self, version: int) -> _Slot:
         if self.filling is not None:

@@ -89,6 +89,8 @@ async def test_each_group_merges_as_one_fedbuff_buffer_with_its_base_versions_st
     # the model moved on: the next phone opens group 3 on version 1; group 2 keeps its 3 phones, on version 0
     late = await _checkin(client, phones[8][1])
     assert late["round"] == 3 and late["version"] == 1
+    again = await _checkin(client, phones[5][1])  # a member asking again before it advertised
+    assert (again["action"], again["round"], again["version"]) == ("train", 2, 0)  # its group's base version
     outcomes, summed = await _group(client, phones[5:8], 2, task, 5, {})
     assert all(isinstance(o, SecureOutcome) for o in outcomes) and len(summed) == 3, outcomes
     await _wait_version(client, 2)
