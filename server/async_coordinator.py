@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from fedfleet.server.aggregation import Params
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.coordinator import Clock, Coordinator
@@ -39,8 +37,7 @@ class AsyncCoordinator(Coordinator):
         self.in_flight: dict[str, _Assignment] = {}
         self.buffer: list[Contribution] = self._restore()  # acknowledged before a crash
         self.assigned_since_merge = 0
-        self.secure = (AsyncSecureGroups(settings_of(config), {n: s.shape for n, s in self.specs.items()},
-                                         sum(int(np.prod(s.shape)) for s in self.specs.values()), clock,
+        self.secure = (AsyncSecureGroups(settings_of(config), {n: s.shape for n, s in self.specs.items()}, clock,
                                          config.buffer_size, config.round_timeout_s, store)
                        if config.secure_agg else None)  # each group of K is one buffer (server/secagg_async.py)
         for phone, base in self.secure.members() if self.secure is not None else []:  # groups a restart rebuilt

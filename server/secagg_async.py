@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from fedfleet.protocol.secagg import WrongStep
 from fedfleet.server.secagg import SecAggSettings, SecureGroup
 from fedfleet.server.secagg_journal import Journal, merged_groups, replay
@@ -45,9 +47,10 @@ class _Slot:
 class AsyncSecureGroups:
     """The async coordinator's secure groups, by number."""
 
-    def __init__(self, settings: SecAggSettings, shapes: Mapping[str, tuple[int, ...]], dim: int,
-                 clock: Callable[[], float], size: int, task_timeout_s: float, store: Store) -> None:
-        self.settings, self.shapes, self.dim, self.clock = settings, dict(shapes), dim, clock
+    def __init__(self, settings: SecAggSettings, shapes: Mapping[str, tuple[int, ...]], clock: Callable[[], float],
+                 size: int, task_timeout_s: float, store: Store) -> None:
+        self.settings, self.shapes, self.clock = settings, dict(shapes), clock
+        self.dim = sum(int(np.prod(s)) for s in self.shapes.values())
         self.size, self.task_timeout_s, self.store = size, task_timeout_s, store
         self.slots: dict[int, _Slot] = {}
         self.filling: _Slot | None = None
