@@ -133,8 +133,8 @@ def add_state_flags(p: argparse.ArgumentParser) -> None:
 def add_secagg_flags(p: argparse.ArgumentParser) -> None:
     """Secure aggregation (docs/secure-aggregation.md), for simulate and serve."""
     p.add_argument("--secure-agg", action="store_true", default=None,
-                   help="sync rounds: phones mask their integer updates (SecAgg+); the server sees only the sum "
-                        "(default: off)")
+                   help="phones mask their integer updates (SecAgg+); the server sees only the sum of a sync "
+                        "round's cohort or of an async group of K (buffer_size) phones (default: off)")
     p.add_argument("--secagg-threshold", type=float,
                    help="fraction of each phone's neighbours and of the group needed to unmask (default 0.55)")
     p.add_argument("--secagg-degree", type=int, help="neighbours per phone, even (default 0: about 2 log2 n)")
@@ -257,6 +257,8 @@ def gossip_server_values(args: argparse.Namespace) -> dict[str, Any]:
         if args.topology is not None or args.gossip_phones is not None:
             raise CliError("--topology and --gossip-phones go with --mode gossip")
         return {}
+    if getattr(args, "secure_agg", None):
+        raise CliError("--secure-agg is not taken in gossip mode (docs/gossip.md)")
     if args.gossip_phones is None:
         raise CliError("--mode gossip needs --gossip-phones N: the topology's phones, named phone-00000, ...")
     return {"mode": "sync", "topology": args.topology or "ring", "gossip_phones": args.gossip_phones}

@@ -89,7 +89,7 @@ class SimulateConfig:
     central_clip: float = 0.0  # central DP on the server (DP-FedAvg): clip ...
     central_noise_multiplier: float = 0.0  # ... and noise the sum
     strategy: str | None = None  # MODULE:ATTR: a fedfleet.server.strategy.Strategy merging instead of FedAvg
-    # secure aggregation (docs/secure-aggregation.md): sync rounds only; --clip bounds each update
+    # secure aggregation (docs/secure-aggregation.md): sync rounds or async groups; --clip bounds each update
     secure_agg: bool = False
     secagg_threshold: float = 0.55  # fraction of neighbours and of the group needed to unmask
     secagg_degree: int = 0  # neighbours per phone (0 = about 2 log2 n)
@@ -320,7 +320,7 @@ def _check_gossip(cfg: SimulateConfig) -> None:
     codec = cfg.codec()
     for name, unused in (("attack", cfg.attack != "none"), ("hours", cfg.hours > 0), ("robust", cfg.robust != "none"),
                          ("clip", "clip" in codec), ("noise", "noise" in codec), ("central-clip", cfg.central_clip > 0),
-                         ("epsilon-budget", cfg.epsilon_budget > 0)):
+                         ("epsilon-budget", cfg.epsilon_budget > 0), ("secure-agg", cfg.secure_agg)):
         if unused:
             raise ValueError(f"--{name} is not taken in gossip mode (docs/gossip.md)")
     if cfg.gossip in ("choco", "admm") and cfg.topology == "matching":

@@ -14,6 +14,8 @@ from typing import Any
 from fedfleet.server.aggregation import Params
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.coordinator import Clock, Coordinator
+from fedfleet.server.secagg_async import AsyncSecureGroups
+from fedfleet.server.secagg_rounds import settings_of
 from fedfleet.server.staleness import parse_staleness
 from fedfleet.server.store import Store
 from fedfleet.server.updates import Contribution, Published, UpdateRejected
@@ -35,9 +37,14 @@ class AsyncCoordinator(Coordinator):
         self.in_flight: dict[str, _Assignment] = {}
         self.buffer: list[Contribution] = self._restore()  # acknowledged before a crash
         self.assigned_since_merge = 0
+        self.secure = (AsyncSecureGroups(settings_of(config), {n: s.shape for n, s in self.specs.items()}, clock,
+                                         config.buffer_size, config.round_timeout_s, store)
+                       if config.secure_agg else None)  # each group of K is one buffer (server/secagg_async.py)
+        for phone, base in self.secure.members() if self.secure is not None else []:  # groups a restart rebuilt
+            self.in_flight[phone] = _Assignment(base, clock())
 
     def openings(self) -> tuple[Any, ...]:
-        return (*super().openings(), len(self.in_flight))
+        return (*super().openings(), len(self.in_flight), self.secure.live() if self.secure is not None else 0)
 
     def staleness_weight(self, staleness: int) -> float:
         return self.staleness_fn(staleness)
@@ -47,6 +54,9 @@ class AsyncCoordinator(Coordinator):
         limit = self.clock() - self.config.round_timeout_s
         for phone in [p for p, a in self.in_flight.items() if a.at < limit]:
             del self.in_flight[phone]
+        if self.secure is not None:
+            for phone in self.secure.tick(self.version, self.config.max_staleness):
+                self.in_flight.pop(phone, None)
 
     def checkin(self, phone: str) -> dict[str, Any]:
         self.tick()
@@ -58,10 +68,16 @@ class AsyncCoordinator(Coordinator):
             if len(self.in_flight) >= self.config.concurrency:
                 return self.wait()
             self.assigned_since_merge += 1
-        self.in_flight[phone] = _Assignment(self.version, self.clock())
-        return self.train_task(self.config.round_timeout_s)
+        group = self.secure.assign(phone, self.version) if self.secure is not None else (0, self.version)
+        if group is None:
+            return self.wait()  # its secure group is under way
+        self.in_flight[phone] = _Assignment(group[1], self.clock())
+        task = self.train_task(self.config.round_timeout_s)
+        return {**task, "round": group[0], "version": group[1]} if self.secure is not None else task
 
     def _admit(self, phone: str, update_id: str, base: int) -> float:
+        if self.secure is not None:
+            raise UpdateRejected(409, "secure_round", "this server takes masked updates at /v1/secagg/*")
         staleness = self.version - base
         if staleness > self.config.max_staleness:
             self.in_flight.pop(phone, None)
@@ -80,9 +96,20 @@ class AsyncCoordinator(Coordinator):
         return list(self.buffer)
 
     def ready(self) -> bool:
+        if self.secure is not None:
+            self.tick()  # a finished group that grew too stale is dropped, not merged
+            return self.secure.finished() is not None
         return len(self.buffer) >= self.config.buffer_size
 
     def merge(self) -> Published:
+        if self.secure is not None:
+            c, freed, extra = self.secure.merged(self.version, lambda: self.ledger)
+            for phone in freed:
+                self.in_flight.pop(phone, None)
+            extra.update(updates_rejected=self.period.rejected, in_flight=len(self.in_flight))
+            published = self._publish([c], len(freed), extra)
+            self.assigned_since_merge = 0
+            return published
         contributions = self.buffer
         stale = [c.staleness for c in contributions]
         extra = {

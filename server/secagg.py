@@ -14,6 +14,7 @@ merges nothing). Steps time out on the coordinator's clock: ``tick`` closes a st
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -82,6 +83,13 @@ class SecureGroup:
     unmask_ms: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    # Called with (kind, phone, body) once a message has passed every check and before it changes
+    # the group: async groups write it to the store first (server/secagg_journal.py).
+    journal: Callable[[str, str, bytes], None] | None = None
+    # Async groups: phones may share keys before they train, so the masked step waits for the
+    # first upload until the members' task deadline (clock time), then step_timeout_s more.
+    training_until: float | None = None
+    first_upload_at: float | None = None
 
     @property
     def name(self) -> str:
@@ -94,8 +102,16 @@ class SecureGroup:
             raise WrongStep(f"{phone} already advertised keys for {self.name}")
         for key in (keys.channel, keys.mask):
             crypto.agree(_PROBE, key)  # a low-order point (all-zero secret) is BadShare before anyone uses it
+        self._log("advertise", phone, keys.channel + keys.mask)
         self.keys[phone] = keys
         if len(self.keys) >= self.target:
+            self._close_roster()
+
+    def seal(self, size: int) -> None:
+        """No more phones will be handed this group's task (async: the buffer is full or the model
+        moved on): the roster closes once ``size`` have advertised."""
+        self.target = size
+        if self.step == "advertise" and len(self.keys) >= size:
             self._close_roster()
 
     def _close_roster(self) -> None:
@@ -141,6 +157,7 @@ class SecureGroup:
         for j, blob in sealed.items():
             if len(blob) != SEALED_BYTES:
                 raise BadShare(f"a sealed share is {SEALED_BYTES} bytes, got {len(blob)} for phone {j}")
+        self._log("share", phone, json.dumps({str(j): b.hex() for j, b in sealed.items()}).encode())
         self.sealed[i] = dict(sealed)
         self.bytes_up += SEALED_BYTES * len(sealed)
         if len(self.sealed) == len(self.index):
@@ -171,7 +188,10 @@ class SecureGroup:
         y = words_from_bytes(body, p.dim, p.word_bytes)
         if p.modulus_bits < 64 and (y >> np.uint64(p.modulus_bits)).any():
             raise BadShare(f"masked values must be below 2**{p.modulus_bits}")
+        self._log("masked", phone, body)
         self.masked[i] = y
+        if self.first_upload_at is None:
+            self.first_upload_at = self.clock()
         self.bytes_up += len(body)
         if len(self.masked) == len(self.sealed):
             self._close_uploads()
@@ -214,6 +234,8 @@ class SecureGroup:
                 raise BadShare(f"{what} shares about phones {sorted(wrong)}, which are not {what}-holders here")
             if any(not 0 <= y < PRIME for y in about.values()):
                 raise BadShare("a share is not a field element")
+        self._log("unmask", phone, json.dumps({"seeds": {str(j): y for j, y in shares.seeds.items()},
+                                                "keys": {str(j): y for j, y in shares.keys.items()}}).encode())
         self.responses[i] = shares
         self.bytes_up += 66 * (len(shares.seeds) + len(shares.keys))
         if len(self.responses) == len(self.masked):
@@ -235,8 +257,17 @@ class SecureGroup:
     # --- deadlines and bookkeeping -------------------------------------------------------------
     def tick(self) -> None:
         """Close the open step if its deadline passed: who has not acted by then is dropped."""
-        if self.clock() - self.step_opened_at < self.settings.step_timeout_s:
+        start = self.step_opened_at
+        if self.step == "masked" and self.training_until is not None:
+            start = self.first_upload_at if self.first_upload_at is not None else \
+                max(start, self.training_until - self.settings.step_timeout_s)
+        if self.clock() - start < self.settings.step_timeout_s:
             return
+        self._log("close", "", self.step.encode())
+        self.close_step()
+
+    def close_step(self) -> None:
+        """Close the open step now, with whoever has acted."""
         if self.step == "advertise":
             self._close_roster()
         elif self.step == "share":
@@ -254,6 +285,10 @@ class SecureGroup:
 
     def _enter(self, step: str) -> None:
         self.step, self.step_opened_at = step, self.clock()
+
+    def _log(self, kind: str, phone: str, body: bytes) -> None:
+        if self.journal is not None:
+            self.journal(kind, phone, body)
 
     def _abort(self, reason: str) -> None:
         self.step, self.abort_reason, self.total = "aborted", reason, None

@@ -13,6 +13,7 @@ import numpy as np
 from fedfleet.protocol.secagg.coords import shared_coordinates
 from fedfleet.protocol.secagg.integer import unflatten
 from fedfleet.server.secagg import SecAggSettings, SecureGroup
+from fedfleet.server.secagg_journal import Journal, replay
 from fedfleet.server.store import Store
 from fedfleet.server.updates import Contribution
 
@@ -20,20 +21,37 @@ from fedfleet.server.updates import Contribution
 class SecureRounds:
     """The sync coordinator's secure groups: one per round, made at its first secure message.
     Counts aborted groups until the next merge, and turns a finished group's sum into the
-    round's one contribution (the mean of the survivors' integer updates, back in floats)."""
+    round's one contribution (the mean of the survivors' integer updates, back in floats).
+    Each acknowledged message is committed to the store first (server/secagg_journal.py): a
+    restart rebuilds the open round's group as it was."""
 
     def __init__(self, settings: SecAggSettings, shapes: Mapping[str, tuple[int, ...]],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], store: Store, round_number: int) -> None:
         self.settings, self.shapes, self.clock = settings, dict(shapes), clock
         self.dim = sum(int(np.prod(s)) for s in self.shapes.values())
         self.current: SecureGroup | None = None
         self.aborted = 0  # groups aborted since the last merge
         self.last_aborted: SecureGroup | None = None
+        self.journal = Journal(store.db)
+        for number, entries in self.journal.groups().items():  # only the open round's group is live
+            if number != round_number or entries[0][0] != "round":
+                self.journal.end(number)
+                continue
+            g = SecureGroup(number, int(entries[0][2]), self.dim, settings, clock)
+            for kind, phone, body in entries[1:]:
+                replay(g, kind, phone, body)
+            self.current, g.journal = g, self._writer(number)
+
+    def _writer(self, number: int) -> Callable[[str, str, bytes], None]:
+        return lambda kind, phone, body: self.journal.write(number, kind, phone, body)
 
     def group(self, round_number: int, target: int) -> SecureGroup:
         g = self.current
         if g is None or g.round != round_number:
+            self.journal.keep_only(round_number)  # earlier rounds' groups merged or aborted
+            self.journal.write(round_number, "round", "", str(target).encode())
             g = self.current = SecureGroup(round_number, target, self.dim, self.settings, self.clock)
+            g.journal = self._writer(round_number)
         return g
 
     def tick(self) -> bool:
@@ -44,6 +62,7 @@ class SecureRounds:
         if g.step not in ("done", "aborted"):
             g.tick()
         if g.step == "aborted":
+            self.journal.end(g.round)
             self.aborted += 1
             self.last_aborted, self.current = g, None
             return True
@@ -67,41 +86,50 @@ class SecureRounds:
         return g is not None and g.round == round_number and g.step == "done"
 
     def contribution(self, ledger: Callable[[], Any], store: Store) -> tuple[Contribution, dict[str, Any]]:
-        """The finished group as one contribution, and its round-record fields. With noise, each
-        survivor is charged one round of distributed DP in the privacy ledger (``ledger()``), saved
-        before the merge commits: a crash in between over-counts, never under-counts."""
+        """The finished group as the round's one contribution, and its round-record fields."""
         g = self.current
-        assert g is not None and g.total is not None and g.params is not None, "merge only a finished group"
-        survivors = len(g.masked)
-        p = g.params
-        mean = g.total.astype(np.float64) / (p.scale * survivors)
-        if p.dim < p.model_dim:  # shared random-k: back to every coordinate, unbiased (x D / k)
-            full = np.zeros(p.model_dim)
-            full[shared_coordinates(p.graph_seed, p.context, p.model_dim, p.dim)] = mean * (p.model_dim / p.dim)
-            mean = full
-        delta = unflatten(mean, self.shapes)  # float64: the optimizer adds it in float64
-        c = Contribution(f"secagg:{g.name}", f"{g.name}/sum", delta, survivors, None,
-                         self.clock() - g.opened_at, 0, g.bytes_up)
-        masked_bytes = survivors * g.params.dim * g.params.word_bytes
-        extra = {"updates": survivors, "dropped": g.dropped(), "update_bytes": masked_bytes,
-                 "dense_bytes": 4 * g.params.dim * survivors, "compression_ratio": 4 / g.params.word_bytes,
-                 "secagg_bytes_up": g.bytes_up, "secagg_bytes_down": g.bytes_down,
-                 "secagg_unmask_ms": g.unmask_ms, "secagg_dropped": g.dropped(), "secagg_aborted": self.aborted,
-                 "secagg_survivors": survivors, "secagg_modulus_bits": g.params.modulus_bits}
-        if g.params.noise_sigma > 0:
-            from fedfleet.protocol.secagg.dp import ledger_release  # dp_accounting: imported when used
-
-            book, release = ledger(), ledger_release(g.params, survivors)
-            by_index = {i: phone for phone, i in g.index.items()}
-            for i in sorted(g.masked):
-                book.charge(by_index[i], release)
-            store.set_meta("ledger", json.dumps(book.to_dict()))
-            summary = book.summary()
-            extra.update(distributed_noise_sigma=g.params.noise_sigma, distributed_noise_multiplier=release.noise_multiplier,
-                         delta=summary.delta, distributed_epsilon_max=summary.max_epsilon,
-                         distributed_epsilon_median=summary.median_epsilon)
+        assert g is not None, "merge only a finished group"
+        out = group_contribution(g, self.shapes, self.clock, self.aborted, ledger, store)
         self.aborted, self.current = 0, None
-        return c, extra
+        return out
+
+
+def group_contribution(g: SecureGroup, shapes: Mapping[str, tuple[int, ...]], clock: Callable[[], float],
+                       aborted: int, ledger: Callable[[], Any], store: Store) -> tuple[Contribution, dict[str, Any]]:
+    """A finished group as one contribution (the mean of the survivors' integer updates, back in
+    floats), and its round-record fields. With noise, each survivor is charged one round of
+    distributed DP in the privacy ledger (``ledger()``), saved before the merge commits: a crash
+    in between over-counts, never under-counts."""
+    assert g.total is not None and g.params is not None, "merge only a finished group"
+    survivors = len(g.masked)
+    p = g.params
+    mean = g.total.astype(np.float64) / (p.scale * survivors)
+    if p.dim < p.model_dim:  # shared random-k: back to every coordinate, unbiased (x D / k)
+        full = np.zeros(p.model_dim)
+        full[shared_coordinates(p.graph_seed, p.context, p.model_dim, p.dim)] = mean * (p.model_dim / p.dim)
+        mean = full
+    delta = unflatten(mean, shapes)  # float64: the optimizer adds it in float64
+    c = Contribution(f"secagg:{g.name}", f"{g.name}/sum", delta, survivors, None,
+                     clock() - g.opened_at, 0, g.bytes_up)
+    masked_bytes = survivors * g.params.dim * g.params.word_bytes
+    extra = {"updates": survivors, "dropped": g.dropped(), "update_bytes": masked_bytes,
+             "dense_bytes": 4 * g.params.dim * survivors, "compression_ratio": 4 / g.params.word_bytes,
+             "secagg_bytes_up": g.bytes_up, "secagg_bytes_down": g.bytes_down,
+             "secagg_unmask_ms": g.unmask_ms, "secagg_dropped": g.dropped(), "secagg_aborted": aborted,
+             "secagg_survivors": survivors, "secagg_modulus_bits": g.params.modulus_bits}
+    if g.params.noise_sigma > 0:
+        from fedfleet.protocol.secagg.dp import ledger_release  # dp_accounting: imported when used
+
+        book, release = ledger(), ledger_release(g.params, survivors)
+        by_index = {i: phone for phone, i in g.index.items()}
+        for i in sorted(g.masked):
+            book.charge(by_index[i], release)
+        store.set_meta("ledger", json.dumps(book.to_dict()))
+        summary = book.summary()
+        extra.update(distributed_noise_sigma=g.params.noise_sigma, distributed_noise_multiplier=release.noise_multiplier,
+                     delta=summary.delta, distributed_epsilon_max=summary.max_epsilon,
+                     distributed_epsilon_median=summary.median_epsilon)
+    return c, extra
 
 
 def settings_of(config: Any) -> SecAggSettings:
@@ -113,8 +141,12 @@ def settings_of(config: Any) -> SecAggSettings:
 
 def check_secure_config(config: Any) -> None:
     """ServerConfig's secure-aggregation fields, checked where they are defined."""
-    if config.mode != "sync":
-        raise ValueError("secure aggregation runs in sync mode only (async secure buffers are not built)")
+    if config.mode not in ("sync", "async"):
+        raise ValueError(f"secure aggregation runs in sync or async mode, not {config.mode!r}")
+    if config.mode == "async" and not 2 <= config.buffer_size <= config.concurrency:
+        raise ValueError("secure async groups are buffers of K phones training at once: buffer_size must be "
+                         f">= 2 and <= concurrency, got buffer_size {config.buffer_size}, "
+                         f"concurrency {config.concurrency}")
     if config.robust != "none" or config.central_noise_multiplier > 0:
         raise ValueError("secure aggregation cannot be combined with robust rules or central DP: "
                          "the server never sees single updates")

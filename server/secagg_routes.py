@@ -1,7 +1,8 @@
 """HTTP handlers of secure aggregation's four steps (FORMAT.md section 12; server/secagg.py).
 
-Every message names its round; a message for another round, a step not open, or from a
-phone outside the group is a 400 ``wrong_step``. Bodies are JSON with hex bytes, except the
+Every message names its round (sync: the open round; async: the number of the phone's group,
+its task's ``round``); a message for another round or group, a step not open, or from a phone
+outside the group is a 400 ``wrong_step``. Bodies are JSON with hex bytes, except the
 masked update (raw little-endian words, ``application/octet-stream``). A GET for a step that
 has not closed yet answers ``{"state": "wait", "retry_after_s": ...}``; one from a phone whose
 group aborted ``{"state": "aborted", ...}`` (a state, not bad input), and that phone's other
@@ -26,31 +27,44 @@ from aiohttp import web
 
 from fedfleet.protocol import MalformedMessage
 from fedfleet.protocol.secagg import BelowThreshold, PublicKeys, UnmaskShares, WrongStep
+from fedfleet.server.async_coordinator import AsyncCoordinator
 from fedfleet.server.http import authenticate, json_response, read_body, read_json
 from fedfleet.server.secagg import SecureGroup
+from fedfleet.server.secagg_async import wrong_group
 from fedfleet.server.state import CONFIG, COORD, STORE, WORK, schedule_merge
 from fedfleet.server.sync_coordinator import SyncCoordinator
 
 MAX_JSON = 4 << 20  # a share message of a 1,000-phone group is well under 100 KiB
 
 
-def _coord(request: web.Request) -> SyncCoordinator:
+def _lookup(request: web.Request, phone: str, number: Any, poll: bool = False) -> tuple[SecureGroup, str | None, bool]:
+    """Group ``number`` (sync: the open round's; async: any live group), why ``phone``'s group
+    aborted (None: it did not), and whether the phone was handed this group's task."""
     coord = request.app[COORD]
-    if not isinstance(coord, SyncCoordinator) or coord.secure is None:
-        raise WrongStep("this server does not run secure aggregation")
-    return coord
+    if type(number) is not int:
+        raise WrongStep(f"message for round {number!r}: a round is a whole number")
+    if isinstance(coord, AsyncCoordinator) and coord.secure is not None:
+        coord.tick()
+        group = coord.secure.lookup(number)
+        if group is None and poll:  # the phone's group is gone: a state, the phone checks in again
+            group = SecureGroup(number, 0, 0, coord.secure.settings, coord.clock)
+        if group is None:
+            raise wrong_group(number)
+        return group, coord.secure.abort_notice(phone, group), coord.secure.assigned(phone, number)
+    if isinstance(coord, SyncCoordinator) and coord.secure is not None:
+        group = coord.secure_group()
+        if number != group.round:
+            raise WrongStep(f"message for round {number!r}, the open round is {group.round}")
+        return group, coord.secure.abort_notice(phone, group), phone in coord.round.cohort
+    raise WrongStep("this server does not run secure aggregation")
 
 
-def _group(request: web.Request, round_number: Any) -> tuple[str, SecureGroup, str | None]:
+def _group(request: web.Request, round_number: Any, poll: bool = False) -> tuple[str, SecureGroup, str | None]:
     """The phone, its round's group, and why the phone's previous group aborted (None: it did
     not, or the phone is in the round's new group)."""
     phone = authenticate(request, request.app[STORE])
-    coord = _coord(request)
-    group = coord.secure_group()
-    assert coord.secure is not None
-    if type(round_number) is not int or round_number != group.round:
-        raise WrongStep(f"message for round {round_number!r}, the open round is {group.round}")
-    return phone, group, coord.secure.abort_notice(phone, group)
+    group, aborted, _ = _lookup(request, phone, round_number, poll)
+    return phone, group, aborted
 
 
 def _member(request: web.Request, round_number: Any) -> tuple[str, SecureGroup]:
@@ -63,7 +77,7 @@ def _member(request: web.Request, round_number: Any) -> tuple[str, SecureGroup]:
 
 async def _poll(request: web.Request, answer_for: Any) -> web.Response:
     """A GET for a step's result: ready, wait, or (not an error: a state) aborted."""
-    phone, group, aborted = _group(request, _round_query(request))
+    phone, group, aborted = _group(request, _round_query(request), poll=True)
     if aborted is None and phone not in group.keys:  # e.g. after a server restart lost the group
         aborted = f"{phone} is not in {group.name}; check in again"
     if aborted:
@@ -111,8 +125,9 @@ def _after(request: web.Request, group: SecureGroup) -> None:
 
 async def advertise(request: web.Request) -> web.Response:
     body = await read_json(request)
-    phone, group, _ = _group(request, body.get("round"))  # a phone of an aborted group may join the next
-    if phone not in _coord(request).round.cohort:
+    phone = authenticate(request, request.app[STORE])
+    group, _, assigned = _lookup(request, phone, body.get("round"))  # a phone of an aborted group may join the next
+    if not assigned:
         raise WrongStep(f"{phone} has no task in round {group.round}; check in first")
     if group.step != "advertise" and phone not in group.keys:  # came too late: a race, not bad input
         return json_response({"accepted": False, "step": group.step})

@@ -34,7 +34,10 @@ class SyncCoordinator(Coordinator):
         super().__init__(config, store, params, version, clock, opt_state)
         self.round = _Round(self.merges + 1, clock(), self._target())
         shapes = {n: s.shape for n, s in self.specs.items()}
-        self.secure = SecureRounds(settings_of(config), shapes, clock) if config.secure_agg else None
+        self.secure = SecureRounds(settings_of(config), shapes, clock, store, self.round.number) if config.secure_agg \
+            else None
+        if self.secure is not None and self.secure.current is not None:  # the group a restart rebuilt
+            self.round.cohort.update(dict.fromkeys(self.secure.current.keys, clock()))
         for c in self._restore():  # acknowledged before a crash: still part of this round
             if c.base_version == version:
                 self.round.cohort[c.phone] = clock() - c.latency_s

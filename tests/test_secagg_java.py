@@ -29,3 +29,19 @@ def test_java_and_python_phones_share_secure_rounds(tmp_path: Path, classpath: s
         assert (s["participations"], s["rejected"], s["errors"]) == (ROUNDS, 0, 0), s
     assert run["requests"].get("POST /v1/update", 0) == 0  # no plain upload: only masked sums
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] - 0.05 and rounds[-1]["accuracy"] > 0.5, rounds
+
+
+def test_java_and_python_phones_share_async_secure_groups(tmp_path: Path, classpath: str) -> None:  # noqa: F811
+    """Async mode: groups of all six phones (K = 6), the Java phone taking its group's number
+    from the task's round like the Python phone."""
+    run = run_mixed(tmp_path, classpath, codec=None, chain=False,
+                    server_toml='secure_agg = true\nsecagg_step_timeout_s = 120\nmode = "async"\n'
+                                "buffer_size = 6\nconcurrency = 6\n")
+    rounds, java = run["rounds"], run["java"]
+    assert run["finished"] and [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    for r in rounds:
+        assert r["mode"] == "async" and r["updates"] == r["secagg_survivors"] == JAVA_PHONES + PY_PHONES, r
+        assert r["secagg_group"] == r["round"] and r["staleness_max"] == 0, r
+    for s in java:
+        assert (s["participations"], s["rejected"], s["errors"]) == (ROUNDS, 0, 0), s
+    assert run["requests"].get("POST /v1/update", 0) == 0

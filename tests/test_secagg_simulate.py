@@ -50,7 +50,8 @@ def test_secure_simulate_merges_fedavg_of_the_same_updates(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("flags, words", [
     (["--secure-agg", "--topk", "0.1"], ["top-k"]),
-    (["--secure-agg", "--mode", "async"], ["sync mode"]),
+    (["--secure-agg", "--mode", "async", "--buffer", "30", "--concurrency", "10"], ["buffer_size", "concurrency"]),
+    (["--secure-agg", "--mode", "gossip"], ["--secure-agg", "gossip"]),
     (["--secure-agg", "--secagg-threshold", "0.4"], ["secagg_threshold"]),
     (["--secure-agg", "--secagg-degree", "3"], ["secagg_degree"]),
     (["--secure-agg", "--central-clip", "1", "--central-noise-multiplier", "1"], ["central DP"]),
@@ -84,3 +85,17 @@ def test_phones_that_drop_between_steps_leave_the_rounds_merging(tmp_path: Path)
     assert [r["round"] for r in rows] == [1, 2, 3] and all(r["updates"] >= 2 for r in rows)
     assert sum(r["secagg_dropped"] + r["secagg_aborted"] for r in rows) > 0
     assert sum(d.drops for d in result.devices) > 0
+
+
+def test_async_secure_groups_merge_in_simulate_with_dropping_phones(tmp_path: Path) -> None:
+    """``simulate --secure-agg --mode async``: emulated devices on the virtual clock, groups of
+    K = 4 merging as buffers with their staleness, phones vanishing between steps."""
+    cfg = SimulateConfig(phones=12, rounds=4, mode="async", concurrency=8, buffer=4, model="mlp", local_epochs=1,
+                         clip=10.0, secure_agg=True, devices="default", dropout=0.2, out=str(tmp_path / "run"))
+    result, summary = aio.run(simulate(cfg))
+    rows = result.rounds
+    assert [r["round"] for r in rows] == [1, 2, 3, 4] and all(r["mode"] == "async" for r in rows)
+    assert all(2 <= r["secagg_survivors"] <= 4 and r["updates"] == r["secagg_survivors"] for r in rows)
+    assert len({r["secagg_group"] for r in rows}) == 4  # one group, one buffer
+    assert sum(r["secagg_dropped"] + r["secagg_aborted"] for r in rows) > 0
+    assert summary["privacy"]["secure_agg"] is True
