@@ -37,6 +37,9 @@ class ServerConfig:
     over_selection: float = 1.3  # hand out work to this many times the target (stragglers)
     round_timeout_s: float = 60.0  # sync: close with what arrived after this; async: task timeout
     min_updates: int = 1
+    # a phone past its appointment (a task's deadline, a wait's retry) by more than this is away: sync rounds
+    # size their cohort on the phones not away (server/appointments.py). None: round_timeout_s; inf: never away
+    cohort_grace_s: float | None = None
     example_cap: int = 10_000  # an update weighs min(num_examples, example_cap)
     # --- merging (both modes) ------------------------------------------------------------
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi (Reddi et al. 2021)
@@ -130,6 +133,8 @@ class ServerConfig:
             raise ValueError("min_cohort and min_updates must be at least 1")
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0 (0 = forever)")
+        if self.cohort_grace_s is not None and not self.cohort_grace_s >= 0:
+            raise ValueError("cohort_grace_s must be >= 0 (inf: never count a phone as away)")
         for name in ("server_lr", "round_timeout_s"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
