@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from fedfleet.protocol import ProtocolError, decode_message, encode_message
+from fedfleet.server.admin import with_stored_plan
 from fedfleet.server.async_coordinator import AsyncCoordinator
 from fedfleet.server.bundles import check_bundle, setup_bundle
 from fedfleet.server.config import ServerConfig
@@ -69,7 +70,8 @@ def make_app(
     coordinator = AsyncCoordinator if config.mode == "async" else SyncCoordinator
     app[CONFIG] = config
     app[STORE] = store
-    app[COORD] = coordinator(config, store, params, version, clock, opt_state)
+    # the admin's stored plan changes win over the start-up plan (server/admin.py)
+    app[COORD] = coordinator(with_stored_plan(config, store), store, params, version, clock, opt_state)
     app[UPLOADS] = UploadGate()
     app[WORK] = WorkSignal()
     app[NONCES] = NonceBook(config.signature_skew_s)
