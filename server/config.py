@@ -104,6 +104,8 @@ class ServerConfig:
     require_signatures: bool = False  # phones must enrol an Ed25519 key and sign every upload
     signature_skew_s: float = 300.0  # accepted distance of a signature's nonce from the server clock
     admin_token: str | None = None  # bearer token for /v1/admin/*; None disables admin endpoints
+    # --- enrolment (server/enrolment.py) and its rate budget (server/ratelimit.py) ---------------
+    enrolment_codes: str | None = None  # file of admin-issued single-use codes: registration then needs one
     # --- gossip mode: phones average with their neighbours; the server only relays (server/relay.py) ---
     topology: str = "none"  # none | ring | torus | regular:D | exponential | complete | matching | edges:PATH
     gossip_phones: int = 0  # the topology's phones, named {gossip_prefix}-00000, -00001, ... (edges files name them)
