@@ -36,6 +36,7 @@ from fedfleet.server.http import (
     read_body,
     read_json,
 )
+from fedfleet.server.ratelimit import check_registration_budget
 from fedfleet.server.robust_math import update_norms
 from fedfleet.server.security import SignatureError, parse_public_key
 from fedfleet.server.state import (
@@ -93,6 +94,7 @@ def _state_spec(cfg: ServerConfig, coord: Coordinator) -> dict[str, Any]:
 
 
 async def register(request: web.Request) -> web.Response:
+    check_registration_budget(request)  # server/ratelimit.py: per address, successful or not
     store = request.app[STORE]
     body = await read_json(request, timeout_s=request.app[CONFIG].request_timeout_s)
     name = body.get("name")
