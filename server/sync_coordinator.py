@@ -34,6 +34,7 @@ class SyncCoordinator(Coordinator):
                  opt_state: Params | None = None) -> None:
         super().__init__(config, store, params, version, clock, opt_state)
         self.appointments = Appointments(grace_of(config.cohort_grace_s, config.round_timeout_s))
+        self.appointments.started = clock()  # open() moves it to when serving starts
         self.round = _Round(self.merges + 1, clock(), self._target())
         shapes = {n: s.shape for n, s in self.specs.items()}
         self.secure = SecureRounds(settings_of(config), shapes, clock) if config.secure_agg else None
@@ -45,14 +46,16 @@ class SyncCoordinator(Coordinator):
     def open(self) -> None:
         super().open()
         self.round.opened_at = self.period.opened_at
+        self.appointments.started = self.period.opened_at
 
     def _target(self) -> int:
         """The round's size, from the registered phones that are not away (server/appointments.py)."""
-        registered = max(self.store.phone_count() - self.appointments.away_count(self.clock()), 1)
+        phones = self.store.phone_count()
+        registered = max(phones - self.appointments.away_count(self.clock(), phones), 1)
         return max(self.config.min_cohort, math.ceil(self.config.sample_fraction * registered))
 
     def checkin(self, phone: str) -> dict[str, Any]:
-        self.appointments.arrived(phone)  # present from now: it counts in a target set by this check-in
+        self.appointments.arrived(phone, self.clock())  # present from now: it counts in a target set by this check-in
         answer = self._answer(phone)
         due = answer.get("deadline_s", answer.get("retry_after_s"))
         if due is not None:  # the phone's appointment: it uploads, or checks in again, by then
@@ -147,5 +150,5 @@ class SyncCoordinator(Coordinator):
     def status(self) -> dict[str, Any]:
         rnd = self.round
         return {**super().status(), "phones": self.store.phone_count(), "target": rnd.target,
-                "away": self.appointments.away_count(self.clock()),
+                "away": self.appointments.away_count(self.clock(), self.store.phone_count()),
                 "selected": len(rnd.cohort), "updates_in_round": len(rnd.updates)}

@@ -57,6 +57,22 @@ async def test_a_round_is_sized_on_the_phones_that_are_not_away(aiohttp_client: 
     assert (await _status(client))["version"] == 2  # merged at once: the round waited for no away phone
 
 
+async def test_phones_unheard_of_since_the_start_are_away_after_the_grace(aiohttp_client: Any) -> None:
+    """Phones that never check in (an emulated phone asleep outside its diurnal window) count as
+    away once the grace since the server started has passed."""
+    now = [0.0]
+    client = await aiohttp_client(make_app(CFG, clock=lambda: now[0]))
+    phones = [await register(client, name) for name in "abcd"]
+    assert (await _status(client))["away"] == 0  # within the grace of the start
+    now[0] += 61.0
+    assert (await _status(client))["away"] == 4
+    assert (await _checkin(client, phones[0][1]))["action"] == "train"
+    status = await _status(client)
+    assert (status["away"], status["target"]) == (3, 1)
+    await _upload(client, phones[0][1], phones[0][2], 0, "r1")
+    assert (await _status(client))["version"] == 1
+
+
 async def test_infinite_grace_counts_every_phone(aiohttp_client: Any) -> None:
     now = [0.0]
     client = await aiohttp_client(make_app(CFG.replace(cohort_grace_s=float("inf")), clock=lambda: now[0]))
