@@ -76,6 +76,20 @@ async def test_a_fleet_registers_with_a_file_of_codes(aiohttp_client: Any, tmp_p
     assert len(result.rounds) == 1 and client.server.app[STORE].phone_count() == 4
 
 
+async def test_the_phone_command_registers_with_its_code(aiohttp_client: Any, tmp_path: Path) -> None:
+    client = await aiohttp_client(make_app(_config(tmp_path)))
+    url = str(client.make_url("")).rstrip("/")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fedfleet.cli", "phone", "--server", url, "--name", "solo", "--rounds", "1",
+        "--model", "mlp", "--out", str(tmp_path / "run"), "--enrolment-code", CODES[3],
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert client.server.app[STORE].phone_ids() == ["solo"]
+    status, body = await _register(client, "other", CODES[3])
+    assert (status, body["error"]) == (403, "enrolment_code_used")
+
+
 def test_the_cli_refuses_a_missing_or_short_codes_file_in_one_line(tmp_path: Path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("only-one-code\n")
