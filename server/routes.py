@@ -178,7 +178,7 @@ async def _checkin_answer(request: web.Request, phone: str, inline: bool, chaine
     if chained:
         await request.app[WORK].settled()
     if coord.paused and not coord.done:
-        return json_response(coord.wait())
+        return json_response(coord.paused_wait(phone))
     answer = coord.checkin(phone)
     hold = request.app[CONFIG].checkin_hold_s
     if answer["action"] == "wait" and hold > 0:  # long poll: answer as soon as there is work
@@ -188,7 +188,7 @@ async def _checkin_answer(request: web.Request, phone: str, inline: bool, chaine
             if left <= 0:
                 break
             await request.app[WORK].wait(left)
-            answer = coord.wait() if coord.paused and not coord.done else coord.checkin(phone)
+            answer = coord.paused_wait(phone) if coord.paused and not coord.done else coord.checkin(phone)
     if answer["action"] in ("train", "wait"):
         coord.pace.observe(answer["action"] == "train")
     if inline and answer["action"] == "train":

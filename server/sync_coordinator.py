@@ -62,6 +62,11 @@ class SyncCoordinator(Coordinator):
             self.appointments.book(phone, self.clock() + float(due))
         return answer
 
+    def paused_wait(self, phone: str) -> dict[str, Any]:
+        answer = self.wait()
+        self.appointments.book(phone, self.clock() + float(answer["retry_after_s"]))
+        return answer
+
     def _answer(self, phone: str) -> dict[str, Any]:
         self.tick()
         if self.done:

@@ -80,3 +80,18 @@ async def test_infinite_grace_counts_every_phone(aiohttp_client: Any) -> None:
     now[0] += 120.0
     await _checkin(client, phones[0][1])
     assert (await _status(client))["target"] == 2
+
+
+async def test_phones_checking_in_during_a_pause_are_not_away(aiohttp_client: Any) -> None:
+    now = [0.0]
+    client = await aiohttp_client(make_app(CFG.replace(admin_token="s3cret"), clock=lambda: now[0]))
+    phones = [await register(client, name) for name in "abcd"]
+    assert (await client.post("/v1/admin/pause", headers={"Authorization": "Bearer s3cret"})).status == 200
+    for _ in range(3):  # a long pause: every phone keeps checking in, and is told to wait
+        now[0] += 50.0
+        for _, auth, _ in phones:
+            assert (await _checkin(client, auth))["action"] == "wait"
+    assert (await _status(client))["away"] == 0
+    assert (await client.post("/v1/admin/resume", headers={"Authorization": "Bearer s3cret"})).status == 200
+    assert (await _checkin(client, phones[0][1]))["action"] == "train"
+    assert (await _status(client))["target"] == 2  # ceil(0.5 x 4): nobody was away
