@@ -44,6 +44,10 @@ PLAN_KEYS = (*PLAN_FIELDS, *PLAN_LIMITS)
 PLAN_META = "admin_plan"  # the store's meta key: the JSON object of every field an admin changed
 
 
+class StoredPlanConflict(ValueError):
+    """An admin's stored plan change does not fit the start-up configuration. The CLI reports it in one line."""
+
+
 def stored_plan(store: Store) -> dict[str, Any]:
     """The plan fields an admin changed on this data dir ({} if none)."""
     return dict(json.loads(store.get_meta(PLAN_META) or "{}"))
@@ -52,7 +56,7 @@ def stored_plan(store: Store) -> dict[str, Any]:
 def with_stored_plan(config: ServerConfig, store: Store) -> ServerConfig:
     """``config`` with the admin's stored plan changes laid over it (they win: they came later).
     A stored change that no longer fits the start-up configuration (a lower ``max_checkin_retry_s``)
-    is a ValueError naming it: the operator decides, not a silent drop."""
+    is a ``StoredPlanConflict`` naming it: the operator decides, not a silent drop."""
     plan = stored_plan(store)
     if not plan:
         return config
@@ -61,7 +65,7 @@ def with_stored_plan(config: ServerConfig, store: Store) -> ServerConfig:
         return config.replace(**plan)
     except (web.HTTPException, TypeError, ValueError) as exc:
         words = json.loads(exc.text or "{}")["message"] if isinstance(exc, web.HTTPException) else str(exc)
-        raise ValueError(f"the admin's plan change {plan} stored in the data dir does not fit this configuration "
+        raise StoredPlanConflict(f"the admin's plan change {plan} stored in the data dir does not fit this configuration "
                          f"({words}); clear it with DELETE /v1/admin/plan on a server started without the "
                          "conflicting setting, or use a fresh --data-dir") from None
 

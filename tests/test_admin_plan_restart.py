@@ -4,6 +4,7 @@ decision, wins until an admin forgets it (DELETE /v1/admin/plan)."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,20 @@ async def test_forgetting_the_plan_needs_the_admin_token(tmp_path: Path) -> None
             assert r.status == 403
     finally:
         server.stop()
+
+
+async def test_a_stored_change_that_no_longer_fits_stops_the_start_in_one_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = ServerProcess(state, "synthetic:200", {**SETTINGS, "max_checkin_retry_s": 600.0})
+    try:
+        await first.start()
+        async with aiohttp.ClientSession() as http, \
+                http.post(f"{first.url}/v1/admin/plan", json={"checkin_retry_s": 300}, headers=ADMIN) as r:
+            assert r.status == 200, await r.text()
+    finally:
+        first.stop()
+    lower = ServerProcess(state, "synthetic:200", {**SETTINGS, "max_checkin_retry_s": 60.0})
+    done = subprocess.run(lower.args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("fedfleet serve: error: the admin's plan change") and "checkin_retry_s" in line, line
