@@ -144,9 +144,11 @@ class PhoneClient:
         chain_checkin: bool = True,
         key: PhoneKey | None = None,
         model_fingerprint: str | None = None,
+        enrolment_code: str | None = None,
     ) -> None:
         self.session, self.server, self.name = session, server.rstrip("/"), name
         self.model_fingerprint = model_fingerprint  # of the phone's own model: the server refuses another
+        self.enrolment_code = enrolment_code  # the admin's single-use code, for a server that requires one
         self.poll_session = poll_session or session  # check-ins (long polls) may use their own connections
         self.attack = attack or Attack()  # a Byzantine phone (tests, benchmarks); none by default
         self.x, self.y = data[0], self.attack.apply_labels(data[1], num_classes) if self.attack.poisons_data else data[1]
@@ -218,6 +220,8 @@ class PhoneClient:
             enrol["public_key"] = self.key.public_b64()
         if self.model_fingerprint is not None:
             enrol["model_fingerprint"] = self.model_fingerprint
+        if self.enrolment_code is not None:
+            enrol["enrolment_code"] = self.enrolment_code
         # On the connection its check-ins (and chained uploads) will use: one set-up, not two.
         answer = await self._json("POST", "/v1/register", enrol, session=self.poll_session)
         self.token, self.task = str(answer["token"]), dict(answer["task"])

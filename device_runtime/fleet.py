@@ -96,6 +96,7 @@ async def run_fleet(
                 models=models,
                 key=key,
                 model_fingerprint=cfg.model_fingerprint,
+                enrolment_code=cfg.enrolment_codes[i] if cfg.enrolment_codes else None,
             )
 
         phones: list[PhoneClient] = []

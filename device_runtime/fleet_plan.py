@@ -47,6 +47,7 @@ class FleetConfig:
     # 10 s, so 20 is ~2.5 min of a server gone: time for it to be restarted on its data dir)
     phone_max_errors: int = 20
     model_fingerprint: str | None = None  # the phones' model (export.task_model): the server refuses another
+    enrolment_codes: tuple[str, ...] = ()  # phone i registers with code i (a server that requires codes)
 
     def __post_init__(self) -> None:
         if self.phones < 1 or self.workers < 1 or self.phone_max_errors < 0:
@@ -54,6 +55,8 @@ class FleetConfig:
         if not 0 < self.availability <= 1:
             raise ValueError("availability must be in (0, 1]")
         parse_attack(self.attack)
+        if self.enrolment_codes and len(self.enrolment_codes) < self.phones:
+            raise ValueError(f"{self.phones} phones need as many enrolment codes, got {len(self.enrolment_codes)}")
         if self.runtime not in ("torch", "executorch", "onnx"):
             raise ValueError("runtime must be torch, executorch or onnx")
         if self.trainer not in ("batched", "pool"):

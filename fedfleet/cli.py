@@ -16,6 +16,7 @@ from fedfleet.cli_flags import (
     PHONE_ONLY,
     SERVER_SETTINGS,
     SERVER_SIDE,
+    add_enrolment_flags,
     add_gossip_flags,
     add_gossip_fleet_flags,
     add_gossip_serve_flags,
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_gossip_serve_flags(p)
     add_state_flags(p)
     add_secagg_flags(p)
+    add_enrolment_flags(p, "serve")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="a server on loopback plus an emulated fleet")
@@ -140,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_flags(p, server_here=False)
     p.add_argument("--clock", choices=["auto", "wall", "virtual"], help=argparse.SUPPRESS)  # only to refuse virtual
     add_gossip_fleet_flags(p)
+    add_enrolment_flags(p, "fleet")
     refuse(p, SERVER_SETTINGS, SERVER_SIDE)
     p.set_defaults(func=cmd_fleet)
 
@@ -154,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     phone_side_flags(p, fleet=False)
     training_flags(p, server_here=False)
     p.add_argument("--clock", choices=["auto", "wall", "virtual"], help=argparse.SUPPRESS)
+    add_enrolment_flags(p, "phone")
     refuse(p, SERVER_SETTINGS, SERVER_SIDE)
     refuse(p, FLEET_SETTINGS + ("name_prefix", "backend", "address", "shards"), PHONE_ONLY)
     p.set_defaults(func=cmd_phone)

@@ -37,7 +37,8 @@ def user_error(exc: BaseException) -> str | None:
                                  ("fedfleet.device_runtime.client", "ServerError", "the server refused: "),
                                  ("fedfleet.device_runtime.data", "DatasetUnavailable", ""),
                                  ("fedfleet.server.store", "StoreInUse", ""),
-                                 ("fedfleet.server.app", "OtherTask", "")):
+                                 ("fedfleet.server.app", "OtherTask", ""),
+                                 ("fedfleet.server.admin", "StoredPlanConflict", "")):
         cls = getattr(mods.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
             return f"{prefix}{exc}"

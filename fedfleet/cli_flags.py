@@ -271,3 +271,32 @@ def add_gossip_fleet_flags(p: argparse.ArgumentParser) -> None:
                         "the server's codec) or decentralized ADMM (default: none, FedAvg)")
     p.add_argument("--gossip-gamma", type=float, help="gossip: CHOCO-SGD's consensus step size (default 0.5)")
     p.add_argument("--admm-rho", type=float, help="gossip: ADMM's penalty rho (default 0.1)")
+
+
+def add_enrolment_flags(p: argparse.ArgumentParser, side: str) -> None:
+    """Registration with admin-issued single-use codes (server/enrolment.py, docs/operations.md).
+    ``side``: serve (the codes it accepts), fleet (a file, one code per phone) or phone (one code)."""
+    if side == "phone":
+        p.add_argument("--enrolment-code", help="the admin's single-use code this phone registers with, for a "
+                                                "server started with --enrolment-codes (default: none)")
+        return
+    p.add_argument("--enrolment-codes", help={
+        "serve": "registration needs one of the single-use codes in this file, one per line (default: none needed)",
+        "fleet": "phone I registers with the code on line I of this file (one per phone; default: none)",
+    }[side])
+
+
+def enrolment_codes_of(args: argparse.Namespace, phones: int) -> tuple[str, ...]:
+    """The codes the fleet's or phone's flags give its ``phones`` (ValueError for a bad file)."""
+    from fedfleet.server.enrolment import read_codes
+
+    code = getattr(args, "enrolment_code", None)
+    if code is not None:
+        return (code,)  # `fedfleet phone`: its one phone
+    path = getattr(args, "enrolment_codes", None)
+    if path is None:
+        return ()
+    codes = read_codes(path)
+    if len(codes) < phones:
+        raise ValueError(f"--enrolment-codes {path}: {len(codes)} codes for {phones} phones (one each)")
+    return tuple(codes)

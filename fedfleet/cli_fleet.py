@@ -19,6 +19,7 @@ from fedfleet.cli_flags import (
     PHONE_ONLY,
     SERVER_SETTINGS,
     SERVER_SIDE,
+    enrolment_codes_of,
     run_values,
     toml_values,
 )
@@ -137,6 +138,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         # The same checks and messages as simulate's for these two (SimulateConfig names them as flags).
         SimulateConfig(rounds=rounds, sample=availability)
         server = check_server_url(args.server)
+        codes = enrolment_codes_of(args, cfg.phones)
         if backend == "ray":
             from fedfleet.device_runtime.ray_backend import import_ray
 
@@ -152,7 +154,9 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         else:
             fleet_cfg = dataclasses.replace(cfg.fleet_config(), server_here=False, name_prefix=args.name_prefix)
         fleet_cfg = dataclasses.replace(fleet_cfg, max_rounds=rounds, availability=availability,
-                                        model_fingerprint=prepared.fingerprint)
+                                        model_fingerprint=prepared.fingerprint,
+                                        # a phone's one code, whatever its index in the split
+                                        enrolment_codes=codes * fleet_cfg.phones if section == "phone" else codes)
         assert isinstance(fleet_cfg, FleetConfig)
         if note:
             print(note, flush=True)

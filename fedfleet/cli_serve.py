@@ -26,6 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fedfleet.export.refs import check_model_name
     from fedfleet.server.app import make_app
     from fedfleet.server.config import ServerConfig
+    from fedfleet.server.enrolment import read_codes
     from fedfleet.task import FINAL_WEIGHTS, prepare_task
 
     # Everything the user gave is checked before the banner, and before anything goes into --data-dir.
@@ -40,7 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       ("init_weights", args.init_weights), ("local_state", args.local_state),
                       ("secure_agg", args.secure_agg), ("secagg_threshold", args.secagg_threshold),
                       ("secagg_degree", args.secagg_degree),
-                      ("distributed_noise_multiplier", args.distributed_noise_multiplier)):
+                      ("distributed_noise_multiplier", args.distributed_noise_multiplier),
+                      ("enrolment_codes", args.enrolment_codes)):
         if flag is not None:
             values[key] = flag
     values.update(gossip_server_values(args))  # --mode gossip: the relay (server/relay.py)
@@ -48,6 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = ServerConfig().replace(**values)
         check_dataset_name(dataset)
         check_model_name(config.model)
+        if config.enrolment_codes is not None:
+            read_codes(config.enrolment_codes)  # a missing or malformed file: one line, before anything starts
     if config.data_dir is not None and Path(config.data_dir).exists() and not Path(config.data_dir).is_dir():
         raise CliError(f"--data-dir {config.data_dir}: exists and is not a folder")
     if config.bundle_dir is not None and not (Path(config.bundle_dir) / "manifest.json").is_file():

@@ -1,7 +1,14 @@
-"""Admin endpoints (``Authorization: Bearer ADMIN_TOKEN``): pause, resume, change the plan."""
+"""Admin endpoints (``Authorization: Bearer ADMIN_TOKEN``): pause, resume, change the plan.
+
+A plan change is durable: the fields an admin changed are kept in the store (meta ``admin_plan``)
+and laid over the start-up configuration when the server starts again on the same data dir. The
+admin's change is the later decision, so it wins over a start-up flag or TOML value for the same
+field; ``DELETE /v1/admin/plan`` forgets every change and returns to the start-up plan.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +19,7 @@ from fedfleet.protocol.plan import PLAN_FIELDS, InvalidPlan, check_plan_value
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.http import check_admin, fail, json_response, read_json
 from fedfleet.server.state import CONFIG, COORD, STORE, WORK
+from fedfleet.server.store import Store
 
 Check = Callable[[Any, ServerConfig], bool]
 
@@ -33,6 +41,33 @@ PLAN_LIMITS: dict[str, tuple[Check, str]] = {
                         "a number of seconds from 0 to max_checkin_retry_s ({limit:g})"),
 }
 PLAN_KEYS = (*PLAN_FIELDS, *PLAN_LIMITS)
+PLAN_META = "admin_plan"  # the store's meta key: the JSON object of every field an admin changed
+
+
+class StoredPlanConflict(ValueError):
+    """An admin's stored plan change does not fit the start-up configuration. The CLI reports it in one line."""
+
+
+def stored_plan(store: Store) -> dict[str, Any]:
+    """The plan fields an admin changed on this data dir ({} if none)."""
+    return dict(json.loads(store.get_meta(PLAN_META) or "{}"))
+
+
+def with_stored_plan(config: ServerConfig, store: Store) -> ServerConfig:
+    """``config`` with the admin's stored plan changes laid over it (they win: they came later).
+    A stored change that no longer fits the start-up configuration (a lower ``max_checkin_retry_s``)
+    is a ``StoredPlanConflict`` naming it: the operator decides, not a silent drop."""
+    plan = stored_plan(store)
+    if not plan:
+        return config
+    try:
+        check_plan(plan, config)
+        return config.replace(**plan)
+    except (web.HTTPException, TypeError, ValueError) as exc:
+        words = json.loads(exc.text or "{}")["message"] if isinstance(exc, web.HTTPException) else str(exc)
+        raise StoredPlanConflict(f"the admin's plan change {plan} stored in the data dir does not fit this configuration "
+                         f"({words}); clear it with DELETE /v1/admin/plan on a server started without the "
+                         "conflicting setting, or use a fresh --data-dir") from None
 
 
 def check_plan(body: dict[str, Any], config: ServerConfig) -> None:
@@ -75,8 +110,20 @@ async def plan(request: web.Request) -> web.Response:
         config = current.replace(**body)
     except (TypeError, ValueError) as exc:
         fail(400, "bad_plan", str(exc))
+    store = request.app[STORE]
+    store.set_meta(PLAN_META, json.dumps({**stored_plan(store), **body}))  # durable before the answer
     request.app[COORD].config = config  # the app's CONFIG key is frozen; the coordinator reads its own
     request.app[WORK].notify()  # held check-ins look again: the new plan may have ended the task
+    return json_response({"train": config.train_plan(), "rounds": config.rounds})
+
+
+async def forget_plan(request: web.Request) -> web.Response:
+    """Forget every stored plan change: back to the start-up plan, now and after a restart."""
+    check_admin(request, request.app[CONFIG].admin_token)
+    request.app[STORE].set_meta(PLAN_META, "{}")
+    config = request.app[CONFIG]
+    request.app[COORD].config = config
+    request.app[WORK].notify()
     return json_response({"train": config.train_plan(), "rounds": config.rounds})
 
 
@@ -91,5 +138,6 @@ def admin_routes() -> list[web.RouteDef]:
         web.post("/v1/admin/pause", pause),
         web.post("/v1/admin/resume", resume),
         web.post("/v1/admin/plan", plan),
+        web.delete("/v1/admin/plan", forget_plan),
         web.get("/v1/admin/phones", phones),
     ]

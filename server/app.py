@@ -12,10 +12,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from fedfleet.protocol import ProtocolError, decode_message, encode_message
+from fedfleet.server.admin import with_stored_plan
 from fedfleet.server.async_coordinator import AsyncCoordinator
 from fedfleet.server.bundles import check_bundle, setup_bundle
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.coordinator import Clock, wall_clock
+from fedfleet.server.enrolment import read_codes, setup_enrolment
 from fedfleet.server.evaluation import Evaluator
 from fedfleet.server.http import COUNTED_KEY, JsonError, json_response
 from fedfleet.server.observability import setup_observability
@@ -62,6 +64,7 @@ def make_app(
         # no HTTP-level inflation (see server.http.read_body); idle and slow-loris connections closed early
         handler_args={"auto_decompress": False, "keepalive_timeout": config.idle_timeout_s},
     )
+    codes = read_codes(config.enrolment_codes) if config.enrolment_codes is not None else None  # before the store
     store = Store(_db_path(config), keep_versions=max(16, config.max_staleness + 2), sync=config.sqlite_sync)
     version, params, fingerprint = _initial_state(config, store)
     opt_blob = store.optimizer_state(version)
@@ -69,7 +72,8 @@ def make_app(
     coordinator = AsyncCoordinator if config.mode == "async" else SyncCoordinator
     app[CONFIG] = config
     app[STORE] = store
-    app[COORD] = coordinator(config, store, params, version, clock, opt_state)
+    # the admin's stored plan changes win over the start-up plan (server/admin.py)
+    app[COORD] = coordinator(with_stored_plan(config, store), store, params, version, clock, opt_state)
     app[UPLOADS] = UploadGate()
     app[WORK] = WorkSignal()
     app[NONCES] = NonceBook(config.signature_skew_s)
@@ -84,6 +88,7 @@ def make_app(
         if bundle_fp is not None and fingerprint is not None and bundle_fp != fingerprint:
             raise ValueError(f"bundle {config.bundle_dir} is for another model than the task's (fingerprint "
                              f"{bundle_fp[:12]} vs {fingerprint[:12]})")
+    setup_enrolment(app, codes, store)
     setup_routes(app)
     if config.topology != "none":  # gossip mode: the server relays phones' messages (server/relay.py)
         setup_relay(app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import numbers
 import tomllib
@@ -37,6 +38,9 @@ class ServerConfig:
     over_selection: float = 1.3  # hand out work to this many times the target (stragglers)
     round_timeout_s: float = 60.0  # sync: close with what arrived after this; async: task timeout
     min_updates: int = 1
+    # a phone past its appointment (a task's deadline, a wait's retry) by more than this is away: sync rounds
+    # size their cohort on the phones not away (server/appointments.py). None: round_timeout_s; inf: never away
+    cohort_grace_s: float | None = None
     example_cap: int = 10_000  # an update weighs min(num_examples, example_cap)
     # --- merging (both modes) ------------------------------------------------------------
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi (Reddi et al. 2021)
@@ -101,6 +105,13 @@ class ServerConfig:
     require_signatures: bool = False  # phones must enrol an Ed25519 key and sign every upload
     signature_skew_s: float = 300.0  # accepted distance of a signature's nonce from the server clock
     admin_token: str | None = None  # bearer token for /v1/admin/*; None disables admin endpoints
+    # --- enrolment (server/enrolment.py) and its rate budget (server/ratelimit.py) ---------------
+    enrolment_codes: str | None = None  # file of admin-issued single-use codes: registration then needs one
+    # registrations (successful or not) per address: a fresh identity cannot buy a fresh failure budget
+    register_burst: int = 100  # registrations an address may make at once (0 = no registration budget)
+    register_rate_per_s: float = 0.1  # ...and per second after that (360 an hour)
+    # addresses without a registration budget (CIDR): loopback, where an emulated fleet registers its thousands
+    register_trusted: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     # --- gossip mode: phones average with their neighbours; the server only relays (server/relay.py) ---
     topology: str = "none"  # none | ring | torus | regular:D | exponential | complete | matching | edges:PATH
     gossip_phones: int = 0  # the topology's phones, named {gossip_prefix}-00000, -00001, ... (edges files name them)
@@ -130,6 +141,11 @@ class ServerConfig:
             raise ValueError("min_cohort and min_updates must be at least 1")
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0 (0 = forever)")
+        if self.register_burst < 0 or not (self.register_rate_per_s > 0 and math.isfinite(self.register_rate_per_s)):
+            raise ValueError("register_burst must be >= 0 and register_rate_per_s a positive number")
+        object.__setattr__(self, "register_trusted", trusted_networks(self.register_trusted))
+        if self.cohort_grace_s is not None and not self.cohort_grace_s >= 0:
+            raise ValueError("cohort_grace_s must be >= 0 (inf: never count a phone as away)")
         for name in ("server_lr", "round_timeout_s"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
@@ -234,6 +250,18 @@ def load_toml(path: str | Path, section: str = "server") -> dict[str, Any]:
 
 
 _KINDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def trusted_networks(value: Any) -> tuple[str, ...]:
+    """``register_trusted`` as a tuple of CIDR strings, each checked (ValueError naming a bad one)."""
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"register_trusted must be a list of networks (CIDR strings), got {value!r}")
+    for v in value:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise ValueError(f"register_trusted: {v!r} is not a network such as 10.0.0.0/8 or ::1/128") from None
+    return tuple(value)
 
 
 def _is_kind(value: Any, kind: str) -> bool:

@@ -148,6 +148,11 @@ class Coordinator:
         self.pace.base_s = self.config.checkin_retry_s  # an admin may have changed it
         return {"action": "wait", "retry_after_s": self.pace.retry_after(), "version": self.version}
 
+    def paused_wait(self, phone: str) -> dict[str, Any]:
+        """The ``wait`` a check-in gets while an admin has paused the task (sync: it books the phone's
+        next appointment, server/appointments.py, so a pause does not make the fleet look away)."""
+        return self.wait()
+
     def count_bytes(self, up: int, down: int) -> None:
         self.period.bytes_up += up
         self.period.bytes_down += down

@@ -17,10 +17,16 @@ is taken from the header it sets (``ratelimit_peer_header``), never from a heade
 forge on a direct connection. (A phone that changes address gets a fresh budget there: on a mobile
 network that is a phone moving, and an attacker's own phone gains ``reject_burst`` failures per
 address it can use.)
+
+Registration has a budget of its own per address (``RegistrationBudget``): every registration,
+successful or not, costs a token, so an attacker cannot enrol fresh identities to get a fresh
+per-phone failure budget with each. Addresses in ``register_trusted`` (loopback by default: the
+emulated fleet registers its 10,000 phones from 127.0.0.1) have no registration budget.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from fedfleet.server.config import ServerConfig
-from fedfleet.server.http import json_response
+from fedfleet.server.http import JsonError, json_response
 from fedfleet.server.state import COORD
 from fedfleet.server.store import Store
 
@@ -98,7 +104,7 @@ class FailureLimits:
     def client(self, request: web.Request) -> tuple[TokenBuckets, str]:
         """The bucket a request draws on: its phone's at its address when its bearer token is a
         phone's, else its address's."""
-        address = self._address(request)
+        address = self.address(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and 0 < len(token) <= 512:
             phone = self.store.phone_for_token(token.strip())  # cached for known tokens
@@ -106,7 +112,8 @@ class FailureLimits:
                 return self.phones, f"{phone}@{address}"
         return self.peers, address
 
-    def _address(self, request: web.Request) -> str:
+    def address(self, request: web.Request) -> str:
+        """The client's address: the trusted proxy's header when configured, else the peer's."""
         if self.peer_header:  # a trusted proxy in front appends the real client last
             forwarded = request.headers.get(self.peer_header, "")
             last = forwarded.rsplit(",", 1)[-1].strip()
@@ -115,7 +122,47 @@ class FailureLimits:
         return request.remote or "unknown"
 
 
+class RegistrationBudget:
+    """Registrations per address: ``register_burst`` at once, then ``register_rate_per_s``; none for
+    the ``register_trusted`` networks."""
+
+    def __init__(self, config: ServerConfig, clock: Clock = time.monotonic) -> None:
+        self.enabled = config.register_burst > 0
+        self.buckets = TokenBuckets(max(1, config.register_burst), config.register_rate_per_s, clock=clock)
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in config.register_trusted]
+        self.throttled = 0
+
+    def is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False  # "unknown" or a proxy's odd header: budgeted
+        return any(ip in net for net in self.trusted)
+
+    def charge(self, address: str) -> float:
+        """0 and one registration charged to ``address``, or the seconds until it may register."""
+        if not self.enabled or self.is_trusted(address):
+            return 0.0
+        wait = self.buckets.retry_after(address)
+        if wait > 0:
+            self.throttled += 1
+            return wait
+        self.buckets.charge(address)
+        return 0.0
+
+
 LIMITS = web.AppKey("failure_limits", FailureLimits)
+REGISTRATIONS = web.AppKey("registration_budget", RegistrationBudget)
+
+
+def check_registration_budget(request: web.Request) -> None:
+    """Charge a registration to its address, or refuse it with 429 + Retry-After (before its body is read)."""
+    address = request.app[LIMITS].address(request)
+    wait = request.app[REGISTRATIONS].charge(address)
+    if wait > 0:
+        raise JsonError(429, "registration_rate_limited",
+                        f"too many registrations from this address; retry in {wait:.1f} s",
+                        headers={"Retry-After": str(max(1, round(wait + 0.5)))})
 
 
 @web.middleware
@@ -172,7 +219,9 @@ def _who(buckets: TokenBuckets, limits: FailureLimits) -> str:
 def setup_failure_limits(app: web.Application, config: ServerConfig, store: Store) -> None:
     """Install before ``setup_observability`` (whose middleware must stay outermost to see the 429s)."""
     app[LIMITS] = FailureLimits(config, store)
+    app[REGISTRATIONS] = RegistrationBudget(config)
     app.middlewares.insert(0, failure_limit_middleware)
 
 
-__all__ = ["FailureLimits", "TokenBuckets", "failure_limit_middleware", "setup_failure_limits"]
+__all__ = ["FailureLimits", "RegistrationBudget", "TokenBuckets", "check_registration_budget",
+           "failure_limit_middleware", "setup_failure_limits"]

@@ -23,6 +23,7 @@ from fedfleet.protocol.state import split_state
 from fedfleet.server.admin import admin_routes
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.coordinator import Coordinator
+from fedfleet.server.enrolment import ENROLMENT, EnrolmentCodes, EnrolmentRefused
 from fedfleet.server.http import (
     COUNTED_KEY,
     NAME_RE,
@@ -35,6 +36,7 @@ from fedfleet.server.http import (
     read_body,
     read_json,
 )
+from fedfleet.server.ratelimit import check_registration_budget
 from fedfleet.server.robust_math import update_norms
 from fedfleet.server.security import SignatureError, parse_public_key
 from fedfleet.server.state import (
@@ -92,6 +94,7 @@ def _state_spec(cfg: ServerConfig, coord: Coordinator) -> dict[str, Any]:
 
 
 async def register(request: web.Request) -> web.Response:
+    check_registration_budget(request)  # server/ratelimit.py: per address, successful or not
     store = request.app[STORE]
     body = await read_json(request, timeout_s=request.app[CONFIG].request_timeout_s)
     name = body.get("name")
@@ -111,18 +114,35 @@ async def register(request: web.Request) -> web.Response:
     else:
         phone_id = name
     token = secrets.token_urlsafe(24)
+    codes = request.app.get(ENROLMENT)  # server/enrolment.py: a single-use code from the admin, if required
+    code = _claim_code(codes, body.get("enrolment_code"), info) if codes is not None else None
+    registered = False
     try:
         await store.enrol(phone_id, token, info)  # the token is given only once the phone is committed
+        registered = True
     except NameTaken:
         fail(409, "name_taken", f"a phone named {phone_id!r} is already registered")
     except sqlite3.Error as exc:  # not committed: not registered, the phone retries
         raise JsonError(503, "storage_unavailable", f"the registration could not be made durable ({exc}); retry",
                         headers={"Retry-After": "1"}) from None
+    finally:
+        if code is not None and codes is not None:
+            codes.settle(code, registered)
     # json_response({"phone_id": ..., "token": ..., "task": task_spec(...)}) byte for byte, with the task's
     # JSON serialised once rather than per phone (~30 us each; 10,000 phones register in round 1)
     answer = b'{"phone_id":%s,"token":%s,"task":%s}' % (json.dumps(phone_id).encode(), json.dumps(token).encode(),
                                                          task_spec_json(request))
     return web.Response(body=answer, status=201, content_type="application/json")
+
+
+def _claim_code(codes: EnrolmentCodes, code: Any, info: dict[str, Any]) -> str:
+    """Claim the registration's enrolment code (403 if it has none, or one not issued or spent); its
+    hash goes into the phone's row, committed with it."""
+    try:
+        info["enrolment_code"] = digest = codes.claim(code)
+    except EnrolmentRefused as exc:
+        fail(403, exc.reason, exc.message)
+    return digest
 
 
 def check_model_fingerprint(phone: Any, server: str | None) -> None:
@@ -158,7 +178,7 @@ async def _checkin_answer(request: web.Request, phone: str, inline: bool, chaine
     if chained:
         await request.app[WORK].settled()
     if coord.paused and not coord.done:
-        return json_response(coord.wait())
+        return json_response(coord.paused_wait(phone))
     answer = coord.checkin(phone)
     hold = request.app[CONFIG].checkin_hold_s
     if answer["action"] == "wait" and hold > 0:  # long poll: answer as soon as there is work
@@ -168,7 +188,7 @@ async def _checkin_answer(request: web.Request, phone: str, inline: bool, chaine
             if left <= 0:
                 break
             await request.app[WORK].wait(left)
-            answer = coord.wait() if coord.paused and not coord.done else coord.checkin(phone)
+            answer = coord.paused_wait(phone) if coord.paused and not coord.done else coord.checkin(phone)
     if answer["action"] in ("train", "wait"):
         coord.pace.observe(answer["action"] == "train")
     if inline and answer["action"] == "train":

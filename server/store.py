@@ -285,6 +285,12 @@ class Store:
     def phone_ids(self, limit: int = 1000) -> list[str]:
         return [str(r[0]) for r in self.db.execute("SELECT phone_id FROM phones ORDER BY rowid LIMIT ?", (limit,))]
 
+    def enrolment_codes_spent(self) -> set[str]:
+        """The hashes of the enrolment codes registered phones used (server/enrolment.py)."""
+        rows = self.db.execute("SELECT json_extract(info, '$.enrolment_code') FROM phones "
+                               "WHERE json_extract(info, '$.enrolment_code') IS NOT NULL")
+        return {str(r[0]) for r in rows}
+
     def phone_count(self) -> int:
         if self._phones < 0:
             self._phones = int(self.db.execute("SELECT COUNT(*) FROM phones").fetchone()[0])

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedfleet.server.aggregation import Params
+from fedfleet.server.appointments import Appointments, grace_of
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.coordinator import Clock, Coordinator
 from fedfleet.server.secagg import SecureGroup
@@ -32,6 +33,8 @@ class SyncCoordinator(Coordinator):
     def __init__(self, config: ServerConfig, store: Store, params: Params, version: int, clock: Clock,
                  opt_state: Params | None = None) -> None:
         super().__init__(config, store, params, version, clock, opt_state)
+        self.appointments = Appointments(grace_of(config.cohort_grace_s, config.round_timeout_s))
+        self.appointments.started = clock()  # open() moves it to when serving starts
         self.round = _Round(self.merges + 1, clock(), self._target())
         shapes = {n: s.shape for n, s in self.specs.items()}
         self.secure = SecureRounds(settings_of(config), shapes, clock, store, self.round.number) if config.secure_agg \
@@ -46,12 +49,28 @@ class SyncCoordinator(Coordinator):
     def open(self) -> None:
         super().open()
         self.round.opened_at = self.period.opened_at
+        self.appointments.started = self.period.opened_at
 
     def _target(self) -> int:
-        registered = max(self.store.phone_count(), 1)
+        """The round's size, from the registered phones that are not away (server/appointments.py)."""
+        phones = self.store.phone_count()
+        registered = max(phones - self.appointments.away_count(self.clock(), phones), 1)
         return max(self.config.min_cohort, math.ceil(self.config.sample_fraction * registered))
 
     def checkin(self, phone: str) -> dict[str, Any]:
+        self.appointments.arrived(phone, self.clock())  # present from now: it counts in a target set by this check-in
+        answer = self._answer(phone)
+        due = answer.get("deadline_s", answer.get("retry_after_s"))
+        if due is not None:  # the phone's appointment: it uploads, or checks in again, by then
+            self.appointments.book(phone, self.clock() + float(due))
+        return answer
+
+    def paused_wait(self, phone: str) -> dict[str, Any]:
+        answer = self.wait()
+        self.appointments.book(phone, self.clock() + float(answer["retry_after_s"]))
+        return answer
+
+    def _answer(self, phone: str) -> dict[str, Any]:
         self.tick()
         if self.done:
             return {"action": "done", "version": self.version}
@@ -89,6 +108,7 @@ class SyncCoordinator(Coordinator):
 
     def _hold(self, c: Contribution) -> None:
         self.round.updates[c.phone] = c
+        self.appointments.book(c.phone, self.clock() + self.config.rest_after_update_s)
 
     def forget(self, phone: str, update_id: str) -> None:
         c = self.round.updates.get(phone)
@@ -138,4 +158,5 @@ class SyncCoordinator(Coordinator):
     def status(self) -> dict[str, Any]:
         rnd = self.round
         return {**super().status(), "phones": self.store.phone_count(), "target": rnd.target,
+                "away": self.appointments.away_count(self.clock(), self.store.phone_count()),
                 "selected": len(rnd.cohort), "updates_in_round": len(rnd.updates)}
