@@ -18,8 +18,7 @@ import numpy as np
 from fedfleet.device_runtime.attacks import Attack
 from fedfleet.device_runtime.clock import PhoneClock, WallClock
 from fedfleet.device_runtime.profiles import DeviceProfile
-from fedfleet.device_runtime.protocol_client import ModelMemo, Params, ProtocolClient, Trained
-from fedfleet.device_runtime.trainer import BatchedTrainer, RuntimePool
+from fedfleet.device_runtime.protocol_client import ModelMemo, Params, ProtocolClient, Trained, Trainer
 from fedfleet.protocol.signing import PhoneKey
 
 
@@ -101,7 +100,7 @@ class PhoneClient(ProtocolClient):
         server: str,
         name: str,
         data: tuple[np.ndarray, np.ndarray],
-        pool: RuntimePool | BatchedTrainer | None,
+        pool: Trainer | None,
         rng: np.random.Generator,
         *,
         ledger: Any = None,

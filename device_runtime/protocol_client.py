@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,7 +24,6 @@ import numpy as np
 from fedfleet.device_runtime.clock import PhoneClock, WallClock
 from fedfleet.device_runtime.runtimes import TrainConfig, TrainResult
 from fedfleet.device_runtime.secagg_client import SecureRoundAborted, secure_round
-from fedfleet.device_runtime.trainer import BatchedTrainer, RuntimePool
 from fedfleet.protocol import (
     EncoderConfig,
     ProtocolError,
@@ -125,6 +124,16 @@ class ModelMemo:
         return msg
 
 
+class Trainer(Protocol):
+    """Runs local training through a runtime (ExecuTorch, ONNX Runtime, torch): ``trainer.RuntimePool``,
+    or ``trainer.BatchedTrainer`` for many emulated phones at once. ``key``: the model version, which
+    phones trained together share."""
+
+    def submit(self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+               rng: np.random.Generator, key: Hashable = None) -> Awaitable[Trained]:
+        """Start training from ``params`` on (x, y); await the result."""
+
+
 class Device(Protocol):
     """What the phone runs on, as the protocol sees it: when it is around, how long its work
     takes, whether it vanishes part way, what it uploads. A task calls the hooks in the order
@@ -192,7 +201,7 @@ class ProtocolClient:
         server: str,
         name: str,
         data: tuple[np.ndarray, np.ndarray],
-        pool: RuntimePool | BatchedTrainer | None,
+        pool: Trainer | None,
         rng: np.random.Generator,
         *,
         device: Device | None = None,

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-# Not at run time: device_runtime.protocol_client brings torch, and ``fedfleet simulate`` starts
-# its server process before it imports torch.
 if TYPE_CHECKING:
     from fedfleet.device_runtime.protocol_client import PhoneStats
 
