@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from fedfleet.device_runtime.protocol_client import PhoneStats
+    from fedfleet.device_runtime.phone_stats import PhoneStats
 
 COLUMNS = [
     ("round", "{:>5}", 5),
