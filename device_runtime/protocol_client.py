@@ -141,6 +141,12 @@ class RealDevice:
 
 
 class ProtocolClient:
+    """One phone against one server; ``run()`` is its whole life. ``data``: its examples (x, y);
+    ``pool``: its trainer (set after ``register()`` if the task decides the runtime); ``rng``:
+    every draw the phone makes (batch order, noise, back-off jitter), so a seed reproduces it;
+    ``device``, ``clock``: what it runs on, a real phone's by default; ``sign``: Ed25519-signed
+    uploads; ``inline_model``, ``chain_checkin``: the request shortcuts of FORMAT.md section 9."""
+
     def __init__(
         self,
         session: aiohttp.ClientSession,
