@@ -13,15 +13,16 @@ import aiohttp
 
 from fedfleet.device_runtime import aio
 from fedfleet.device_runtime.bundle_client import fetch_bundle
-from fedfleet.device_runtime.client import ModelMemo, PhoneClient, ServerError
+from fedfleet.device_runtime.clock import PhoneClock, WallClock
 from fedfleet.device_runtime.data import Dataset
+from fedfleet.device_runtime.emulated_device import PhoneClient
 from fedfleet.device_runtime.fleet_monitor import _monitor
 from fedfleet.device_runtime.fleet_plan import FleetConfig, plan_fleet
 from fedfleet.device_runtime.fleet_result import FleetError, FleetResult, NamesTaken, ServerGone, _why
 from fedfleet.device_runtime.limits import open_file_limit
+from fedfleet.device_runtime.protocol_client import ModelMemo, ServerError
 from fedfleet.device_runtime.runtimes import TrainingRuntime
 from fedfleet.device_runtime.trainer import BatchedTrainer, RuntimePool
-from fedfleet.device_runtime.vclock import PhoneClock, WallClock
 
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
 

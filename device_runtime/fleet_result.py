@@ -9,9 +9,10 @@ from typing import Any
 
 import aiohttp
 
-from fedfleet.device_runtime.client import PhoneStats, ServerError
 from fedfleet.device_runtime.data import Dataset
 from fedfleet.device_runtime.fleet_plan import FleetConfig
+from fedfleet.device_runtime.phone_stats import PhoneStats
+from fedfleet.device_runtime.protocol_client import ServerError
 from fedfleet.protocol import EncoderConfig
 from fedfleet.protocol.codec.encoder import resolve_noise_multiplier
 

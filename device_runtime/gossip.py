@@ -1,6 +1,6 @@
 """A phone's side of gossip mode (docs/gossip.md): its own model, what it sends its neighbours
 through the server's relay, and how it folds in what they sent. The arithmetic is in
-``gossip_math``; enrolment, signing keys and HTTP (with byte counts) are the PhoneClient's.
+``gossip_math``; enrolment, signing keys and HTTP (with byte counts) are the ProtocolClient's.
 
 D-PSGD and ADMM send the whole model, dense float32. CHOCO-SGD sends q = Q(x - x_hat) encoded by
 the task's update codec (top-k, random-k, quantization: the same encoder and wire format as FedAvg
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from fedfleet.device_runtime.client import PhoneClient, ServerError
 from fedfleet.device_runtime.gossip_math import add, admm_center, admm_dual, choco_mix, mix
+from fedfleet.device_runtime.protocol_client import ProtocolClient, ServerError
 from fedfleet.protocol import TensorMessage, UpdateEncoder, decode_message, encode_message
 from fedfleet.protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, signature_ok, signed_text
 
@@ -28,7 +28,7 @@ ALGORITHMS = ("dpsgd", "choco", "admm")
 
 
 class GossipPhone:
-    def __init__(self, client: PhoneClient, algorithm: str, params: Mapping[str, np.ndarray], *,
+    def __init__(self, client: ProtocolClient, algorithm: str, params: Mapping[str, np.ndarray], *,
                  encoder: UpdateEncoder | None = None, gamma: float = 1.0, rho: float = 0.1) -> None:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"gossip algorithm must be one of {ALGORITHMS}, got {algorithm!r}")

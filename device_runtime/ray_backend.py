@@ -26,11 +26,11 @@ from typing import Any
 import aiohttp
 
 from fedfleet.device_runtime import aio
-from fedfleet.device_runtime.client import PhoneStats
 from fedfleet.device_runtime.fleet import run_fleet
 from fedfleet.device_runtime.fleet_monitor import _monitor
 from fedfleet.device_runtime.fleet_plan import FleetConfig, shard_phones
 from fedfleet.device_runtime.fleet_result import FleetResult
+from fedfleet.device_runtime.phone_stats import PhoneStats
 
 RAY_MISSING = "the ray backend needs Ray: pip install 'fedfleet[ray]'"
 LOCAL_ADDRESSES = (None, "", "local")

@@ -12,38 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import time
 from collections.abc import Callable
-from typing import Protocol
-
-
-class PhoneClock(Protocol):
-    def now(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-    def join(self) -> None: ...
-
-    def leave(self) -> None: ...
-
-
-class WallClock:
-    """Real time: sleeping really waits."""
-
-    def __init__(self) -> None:
-        self._t0 = time.monotonic()
-
-    def now(self) -> float:
-        return time.monotonic() - self._t0
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(max(seconds, 0.0))
-
-    def join(self) -> None:
-        pass
-
-    def leave(self) -> None:
-        pass
 
 
 class VirtualClock:

@@ -34,7 +34,7 @@ def user_error(exc: BaseException) -> str | None:
         return str(exc)
     mods = sys.modules
     for module, name, prefix in (("fedfleet.export.manifest", "BundleError", "bundle: "),
-                                 ("fedfleet.device_runtime.client", "ServerError", "the server refused: "),
+                                 ("fedfleet.device_runtime.protocol_client", "ServerError", "the server refused: "),
                                  ("fedfleet.device_runtime.data", "DatasetUnavailable", ""),
                                  ("fedfleet.server.store", "StoreInUse", ""),
                                  ("fedfleet.server.app", "OtherTask", ""),

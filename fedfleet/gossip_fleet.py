@@ -54,8 +54,8 @@ async def _phones(cfg: SimulateConfig, server: str, task: dict[str, Any], table:
                   stop: Stop) -> Any:
     import aiohttp
 
+    from fedfleet.device_runtime.clock import WallClock
     from fedfleet.device_runtime.data import load_dataset
-    from fedfleet.device_runtime.vclock import WallClock
     from fedfleet.gossip_run import run_phones
 
     data = load_dataset(cfg.dataset, seed=cfg.seed)

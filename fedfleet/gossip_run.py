@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from fedfleet.device_runtime import aio
+from fedfleet.device_runtime.clock import WallClock
 from fedfleet.device_runtime.data import Dataset, load_dataset
-from fedfleet.device_runtime.vclock import VirtualClock, WallClock
+from fedfleet.device_runtime.vclock import VirtualClock
 from fedfleet.gossip_metrics import scores, traffic
 from fedfleet.output import RoundTable, summarize, write_run
 from fedfleet.serving import serve_here
@@ -187,7 +188,7 @@ async def _enrol(cfg: SimulateConfig, data: Dataset, url: str, session: aiohttp.
     """The fleet's phones (shards, generators, keys and profiles as plan_fleet draws them for a
     FedAvg fleet of the same seed), registered, each with the initial model. CHOCO-SGD compresses
     with the codec of the server's task, as FedAvg phones encode their updates."""
-    from fedfleet.device_runtime.client import PhoneClient
+    from fedfleet.device_runtime.emulated_device import PhoneClient
     from fedfleet.device_runtime.fleet_plan import plan_fleet
     from fedfleet.device_runtime.gossip import GossipPhone
     from fedfleet.protocol import EncoderConfig, UpdateEncoder

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-if TYPE_CHECKING:  # not at run time: device_runtime.client brings torch, and ``fedfleet simulate`` starts
-    from fedfleet.device_runtime.client import PhoneStats  # its server process before it imports torch
+if TYPE_CHECKING:
+    from fedfleet.device_runtime.phone_stats import PhoneStats
 
 COLUMNS = [
     ("round", "{:>5}", 5),

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedfleet.device_runtime import aio
+from fedfleet.device_runtime.clock import WallClock
 from fedfleet.device_runtime.data import Dataset
 from fedfleet.device_runtime.limits import ACCEPT_BACKLOG
-from fedfleet.device_runtime.vclock import VirtualClock, WallClock
+from fedfleet.device_runtime.vclock import VirtualClock
 from fedfleet.server.config import ServerConfig
 from fedfleet.tuning import tune_process
 

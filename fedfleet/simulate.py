@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedfleet.device_runtime import aio
+from fedfleet.device_runtime.clock import WallClock
 from fedfleet.device_runtime.data import Dataset, load_dataset
-from fedfleet.device_runtime.vclock import VirtualClock, WallClock
+from fedfleet.device_runtime.vclock import VirtualClock
 from fedfleet.output import RoundTable, summarize, write_run
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.privacy import task_release

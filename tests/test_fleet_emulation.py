@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from fedfleet.device_runtime import aio
-from fedfleet.device_runtime.client import ModelMemo, PhoneClient, ServerError
+from fedfleet.device_runtime.emulated_device import PhoneClient
 from fedfleet.device_runtime.fleet import run_fleet
 from fedfleet.device_runtime.fleet_plan import FleetConfig
+from fedfleet.device_runtime.protocol_client import ModelMemo, ServerError
 from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 from fedfleet.device_runtime.vclock import VirtualClock
 from fedfleet.protocol import ChecksumMismatch, ShapeMismatch, TensorSpec, decode_message, encode_message

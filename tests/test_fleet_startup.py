@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from fedfleet.device_runtime import fleet
-from fedfleet.device_runtime.client import _mean_cell
 from fedfleet.device_runtime.data import load_dataset
+from fedfleet.device_runtime.phone_stats import _mean_cell
 from fedfleet.serving import ServerProcess
 from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig

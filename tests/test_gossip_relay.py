@@ -188,7 +188,7 @@ def test_recipients_check_the_senders_own_signature() -> None:
     signed, or a sender whose key the phone was not given, is refused by the recipient itself."""
     import base64
 
-    from fedfleet.device_runtime.client import PhoneClient
+    from fedfleet.device_runtime.emulated_device import PhoneClient
     from fedfleet.device_runtime.gossip import GossipPhone
 
     sender = PhoneKey()

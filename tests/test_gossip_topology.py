@@ -162,7 +162,7 @@ def test_dpsgd_on_the_complete_graph_after_one_local_step_is_fedavg() -> None:
 
 
 def _phones(algorithm: str, models: list[dict[str, np.ndarray]], codec: dict[str, Any], gamma: float) -> list[Any]:
-    from fedfleet.device_runtime.client import PhoneClient
+    from fedfleet.device_runtime.emulated_device import PhoneClient
     from fedfleet.device_runtime.gossip import GossipPhone
     from fedfleet.protocol import EncoderConfig, UpdateEncoder
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfleet.device_runtime.client import PhoneClient
+from fedfleet.device_runtime.emulated_device import PhoneClient
 from fedfleet.device_runtime.runtimes.base import TrainConfig
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
 from fedfleet.device_runtime.trainer import BatchedTrainer

@@ -11,7 +11,7 @@ def test_packages_import_only_under_fedfleet_from_a_users_folder(tmp_path: Path)
     (tmp_path / "server" / "__init__.py").write_text("raise SystemExit('the user server/ was imported')\n")
     code = (
         "import importlib.util\n"
-        "import fedfleet.device_runtime.client, fedfleet.export.manifest, fedfleet.protocol.wire, fedfleet.server.app\n"
+        "import fedfleet.device_runtime.protocol_client, fedfleet.export.manifest, fedfleet.protocol.wire, fedfleet.server.app\n"
         "assert importlib.util.find_spec('protocol') is None, 'a bare protocol package is installed'\n"
         "assert importlib.util.find_spec('device_runtime') is None, 'a bare device_runtime package is installed'\n"
         "print(fedfleet.server.app.__name__, fedfleet.export.manifest.__name__)\n"

@@ -1,4 +1,4 @@
-// The web phone's protocol loop, as device_runtime/client.py's PhoneClient: register, check in,
+// The web phone's protocol loop, as device_runtime/protocol_client.py's ProtocolClient: register, check in,
 // download the model, train locally (WASM), encode the update (FORMAT.md section 6), upload.
 // Check-ins ask for the model inside a "train" answer (FORMAT.md section 9): when the server
 // sends it that way, the task comes in the model message's meta and there is no download. Uploads

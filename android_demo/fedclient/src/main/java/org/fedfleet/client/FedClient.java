@@ -20,7 +20,7 @@ import org.json.JSONObject;
 
 /**
  * The phone's protocol client: register, check in, download (ETag), train, encode, upload. It
- * behaves as {@code device_runtime/client.py}: one encoder kept across tasks for its
+ * behaves as {@code device_runtime/protocol_client.py}: one encoder kept across tasks for its
  * error-feedback residual, rolled back when an upload is refused; 409 counts as a straggler's
  * rejection; 400/401 end the run. Everything the server sends is checked before it is used.
  * Check-ins ask for the model inside a "train" answer ({@link #inlineModel(boolean)}, on by

@@ -1,28 +1,29 @@
-"""The phone's protocol client: register, check in, download, train, upload.
+"""The phone's protocol client: register, check in, download, train through a runtime, encode,
+sign, upload, retry.
 
-It speaks only HTTP and the wire format of ``protocol/``; the same code drives a single
-phone (``fedfleet phone``) and every phone of an emulated fleet.
+It speaks only HTTP and the wire format of ``protocol/`` (FORMAT.md), and it is the one file a
+port of the phone to another language reads. What the phone runs on comes in as a ``Device``:
+a real phone's (``RealDevice``, the default) is there whenever it checks in, adds no time and
+uploads what it trained; an emulated fleet's (``emulated_device.EmulatedDevice``) brings its
+profile's compute and link times, its availability, its dropouts and its attacks through the
+same hooks. The same code drives a single phone (``fedfleet phone``) and every phone of a fleet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Hashable, Mapping
+from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
 
-from fedfleet.device_runtime.attacks import Attack
-from fedfleet.device_runtime.profiles import DeviceProfile
-from fedfleet.device_runtime.runtimes import TrainConfig
+from fedfleet.device_runtime.clock import PhoneClock, WallClock
+from fedfleet.device_runtime.phone_stats import PhoneStats
+from fedfleet.device_runtime.runtimes import TrainConfig, TrainResult
 from fedfleet.device_runtime.secagg_client import SecureRoundAborted, secure_round
-from fedfleet.device_runtime.trainer import BatchedTrainer, RuntimePool
-from fedfleet.device_runtime.vclock import PhoneClock, WallClock
 from fedfleet.protocol import (
     EncoderConfig,
     ProtocolError,
@@ -34,6 +35,9 @@ from fedfleet.protocol import (
 from fedfleet.protocol.signing import PhoneKey
 from fedfleet.protocol.state import STATE_PREFIX, split_state, with_state
 
+Params = dict[str, np.ndarray]
+Trained = tuple[Params, TrainResult]  # (new params - params, with end state under "state:" names; result)
+
 
 class ServerError(Exception):
     """The server refused a request; ``status`` and ``reason`` come from its JSON answer."""
@@ -41,60 +45,6 @@ class ServerError(Exception):
     def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status, self.reason, self.retry_after = status, reason, retry_after
-
-
-@dataclass
-class PhoneStats:
-    """What one phone saw, from its side of the wire."""
-
-    phone: str
-    examples: int
-    participations: int = 0
-    checkins: int = 0
-    rejected: int = 0
-    errors: int = 0
-    drops: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    latencies_s: list[float] = field(default_factory=list)  # task handed out -> upload acknowledged
-    download_s: list[float] = field(default_factory=list)
-    train_s: list[float] = field(default_factory=list)
-    upload_s: list[float] = field(default_factory=list)
-    epsilon: float | None = None  # local-DP epsilon this phone spent (its own ledger)
-
-    def row(self) -> dict[str, Any]:
-        mean = _mean_cell
-        return {
-            "phone": self.phone,
-            "examples": self.examples,
-            "participations": self.participations,
-            "checkins": self.checkins,
-            "rejected": self.rejected,
-            "drops": self.drops,
-            "errors": self.errors,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "latency_mean_s": mean(self.latencies_s),
-            "download_mean_s": mean(self.download_s),
-            "train_mean_s": mean(self.train_s),
-            "upload_mean_s": mean(self.upload_s),
-            "epsilon": "" if self.epsilon is None else round(self.epsilon, 4),
-        }
-
-
-def _mean_cell(xs: list[float]) -> float | str:
-    """``round(np.mean(xs), 4)``, or "" for no values, bit for bit. A fleet's devices.csv takes four of
-    these per phone, mostly over one to three values, where np.mean's array round trip cost ~10 us
-    each (~0.4 s at 10,000 phones). numpy adds fewer than 8 float64s one after another from 0.0
-    (from 8 on, with 8 partial sums), so the short lists are summed here in that same order."""
-    if not xs:
-        return ""
-    if len(xs) >= 8:
-        return round(float(np.mean(xs)), 4)
-    total = 0.0
-    for x in xs:
-        total += x
-    return round(float(total) / len(xs), 4)
 
 
 class ModelMemo:
@@ -120,24 +70,97 @@ class ModelMemo:
         return msg
 
 
-class PhoneClient:
+class Trainer(Protocol):
+    """Runs local training through a runtime (ExecuTorch, ONNX Runtime, torch): ``trainer.RuntimePool``,
+    or ``trainer.BatchedTrainer`` for many emulated phones at once. ``key``: the model version, which
+    phones trained together share."""
+
+    def submit(self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+               rng: np.random.Generator, key: Hashable = None) -> Awaitable[Trained]:
+        """Start training from ``params`` on (x, y); await the result."""
+
+
+class Device(Protocol):
+    """What the phone runs on, as the protocol sees it: when it is around, how long its work
+    takes, whether it vanishes part way, what it uploads. A task calls the hooks in the order
+    below; an emulated device draws from the phone's own generator inside them, so that order is
+    part of a seeded run."""
+
+    platform: str  # what the phone tells the server at registration
+
+    def away_s(self) -> float:
+        """Seconds before the phone can take part (0: it checks in now)."""
+
+    async def downloaded(self, inline_bytes: int, fetched_bytes: int) -> None:
+        """The task's model arrived: ``inline_bytes`` with the check-in's answer, or
+        ``fetched_bytes`` over GET /v1/model (both 0: the phone held it already)."""
+
+    async def train(self, training: Awaitable[Trained], examples: int, epochs: int) -> Trained | None:
+        """The local training's result, awaited; None: the phone vanished while training."""
+
+    def uploads(self, delta: Params) -> Params:
+        """The update the phone sends for ``delta``."""
+
+    def secure_drop(self) -> str | None:
+        """In a secure round, the step after which the phone vanishes ("share", "masked"), or None."""
+
+    def link_breaks(self, nbytes: int) -> int | None:
+        """How many of an upload's ``nbytes`` go out before the link breaks; None: all of them."""
+
+    async def uploading(self, nbytes: int) -> None:
+        """``nbytes`` of the update go up (the request is made after)."""
+
+
+class RealDevice:
+    """A phone's own hardware: there whenever it checks in (the phone checks in when it can),
+    nothing added to the time requests and training really take, never vanishing on purpose,
+    uploading what it trained."""
+
+    platform = "python"
+
+    def away_s(self) -> float:
+        return 0.0
+
+    async def downloaded(self, inline_bytes: int, fetched_bytes: int) -> None:
+        return None
+
+    async def train(self, training: Awaitable[Trained], examples: int, epochs: int) -> Trained | None:
+        return await training
+
+    def uploads(self, delta: Params) -> Params:
+        return delta
+
+    def secure_drop(self) -> str | None:
+        return None
+
+    def link_breaks(self, nbytes: int) -> int | None:
+        return None
+
+    async def uploading(self, nbytes: int) -> None:
+        return None
+
+
+class ProtocolClient:
+    """One phone against one server; ``run()`` is its whole life. ``data``: its examples (x, y);
+    ``pool``: its trainer (set after ``register()`` if the task decides the runtime); ``rng``:
+    every draw the phone makes (batch order, noise, back-off jitter), so a seed reproduces it;
+    ``device``, ``clock``: what it runs on, a real phone's by default; ``sign``: Ed25519-signed
+    uploads; ``inline_model``, ``chain_checkin``: the request shortcuts of FORMAT.md section 9."""
+
     def __init__(
         self,
         session: aiohttp.ClientSession,
         server: str,
         name: str,
         data: tuple[np.ndarray, np.ndarray],
-        pool: RuntimePool | BatchedTrainer | None,
+        pool: Trainer | None,
         rng: np.random.Generator,
         *,
+        device: Device | None = None,
+        clock: PhoneClock | None = None,
         ledger: Any = None,
         sign: bool = True,
         train_overrides: Mapping[str, Any] | None = None,
-        availability: float = 1.0,
-        profile: DeviceProfile | None = None,
-        clock: PhoneClock | None = None,
-        attack: Attack | None = None,
-        num_classes: int = 0,
         poll_session: aiohttp.ClientSession | None = None,
         inline_model: bool = True,
         models: ModelMemo | None = None,
@@ -150,8 +173,8 @@ class PhoneClient:
         self.model_fingerprint = model_fingerprint  # of the phone's own model: the server refuses another
         self.enrolment_code = enrolment_code  # the admin's single-use code, for a server that requires one
         self.poll_session = poll_session or session  # check-ins (long polls) may use their own connections
-        self.attack = attack or Attack()  # a Byzantine phone (tests, benchmarks); none by default
-        self.x, self.y = data[0], self.attack.apply_labels(data[1], num_classes) if self.attack.poisons_data else data[1]
+        self.device: Device = device or RealDevice()
+        self.x, self.y = data
         self.pool, self.rng = pool, rng
         self.ledger = ledger  # protocol.privacy.PrivacyLedger: this side's count of releases
         self.encoder: UpdateEncoder | None = None
@@ -159,8 +182,6 @@ class PhoneClient:
         self.key = (key or PhoneKey()) if sign else None
         self._codec: dict[str, Any] | None = None
         self.train_overrides = dict(train_overrides or {})
-        self.availability = availability
-        self.profile = profile  # None: no emulated device delays
         self.clock: PhoneClock = clock or WallClock()
         self.token = ""
         self.task: dict[str, Any] = {}
@@ -170,8 +191,8 @@ class PhoneClient:
         self._inline_bytes = 0  # size of the check-in answer that brought the model, if one did
         self.models = models  # shared by a fleet's phones: identical model messages decoded once
         # The next check-in rides on the upload (one request per task): only for a phone that is
-        # always available, as one with a device profile may be away before it checks in again.
-        self.chain_checkin = chain_checkin and profile is None and availability >= 1.0
+        # always available, as one that may be away checks in again when it is back.
+        self.chain_checkin = chain_checkin
         self._next: dict[str, Any] | None = None  # a check-in answer that came with the upload's
         self._updates_sent = 0
         self.local_state = False
@@ -215,7 +236,7 @@ class PhoneClient:
 
     # --- protocol steps ---------------------------------------------------------------------
     async def register(self) -> dict[str, Any]:
-        enrol: dict[str, Any] = {"name": self.name, "platform": "emulated"}
+        enrol: dict[str, Any] = {"name": self.name, "platform": self.device.platform}
         if self.key is not None:
             enrol["public_key"] = self.key.public_b64()
         if self.model_fingerprint is not None:
@@ -248,9 +269,9 @@ class PhoneClient:
 
     async def step(self) -> str:
         """One check-in and, when handed work, one local training task. Returns the action."""
-        away = self.profile.wait_until_available(self.clock.now()) if self.profile else 0.0
-        if away > 0 or self.rng.random() >= self.availability:
-            await self.clock.sleep(away or 1.0)  # not idle-and-charging now
+        away = self.device.away_s()
+        if away > 0:
+            await self.clock.sleep(away)  # not idle-and-charging now
             return "away"
         answer, self._next = self._next or await self._checkin(), None
         self.stats.checkins += 1
@@ -284,54 +305,36 @@ class PhoneClient:
         return task
 
     async def _train_and_upload(self, task: dict[str, Any]) -> None:
-        """Download, train, upload; with a device profile, each step also takes the time it
-        would take on that phone (its link speed times the real bytes, its compute speed)."""
-        profile, clock = self.profile, self.clock
+        """Download, train, upload; the device adds the time each step takes on it, and may
+        vanish part way (counted as a drop)."""
+        device, clock = self.device, self.clock
         t0 = clock.now()
         version = int(task["version"])
         down_before = self.stats.bytes_down
         inline, self._inline_bytes = self._inline_bytes, 0
         params = await self.download(version)
-        if profile is not None:  # an inline model came with the check-in: its bytes, no round trip of its own
-            await clock.sleep(profile.transfer_s(inline, uplink=False, round_trip=False) if inline
-                              else profile.transfer_s(self.stats.bytes_down - down_before, uplink=False))
+        await device.downloaded(inline, self.stats.bytes_down - down_before)
         t1 = clock.now()
         self.stats.download_s.append(t1 - t0)
         plan = {**task["train"], **self.train_overrides}
         cfg = TrainConfig(**{k: plan[k] for k in ("local_epochs", "batch_size", "lr", "prox_mu")})
         if self.pool is None:
             raise RuntimeError("phone has no trainer: the fleet sets one after registration")
-        wall = time.monotonic()
         if self.local_state and self.own_state:
             params = with_state(params, self.own_state)  # this phone's statistics, not the fleet's
         training = self.pool.submit(params, self.x, self.y, cfg, self.rng, key=version)
-        vanish = None  # a phone that drops out does so mid-training or mid-upload (even odds)
-        if profile is not None and profile.dropout and self.rng.random() < profile.dropout:
-            vanish = "training" if self.rng.random() < 0.5 else "upload"
-        if vanish == "training" and profile is not None:
-            # Vanishes mid-training: the server never hears back (the arithmetic still runs;
-            # its result is dropped, so the phone's random stream stays the same either way).
-            await clock.sleep(profile.train_s(len(self.x) * cfg.local_epochs) * self.rng.random())
-            await training
+        trained = await device.train(training, len(self.x), cfg.local_epochs)
+        if trained is None:  # vanished mid-training: the server never hears back
             self.stats.drops += 1
             return
-        if isinstance(clock, WallClock):
-            delta, result = await training
-            if profile is not None:  # the real compute already took part of the device's time
-                await clock.sleep(profile.train_s(result.num_examples * cfg.local_epochs) - (time.monotonic() - wall))
-        else:
-            # Virtual time: the phone is busy for its device's training time while the
-            # arithmetic runs beside the event loop; it needs the result only when done.
-            await clock.sleep(profile.train_s(len(self.x) * cfg.local_epochs) if profile is not None else 0.0)
-            delta, result = await training
+        delta, result = trained
         self._model = None  # an idle phone holds no model copy (memory stays flat in large fleets)
         delta, state = split_state(delta)
-        delta = self.attack.apply_delta(delta, self.rng)
+        delta = device.uploads(delta)
         t2 = clock.now()
         self.stats.train_s.append(t2 - t1)
         if plan.get("secure_agg"):  # masked integers through the four steps; a dropout vanishes after one
-            drop = ("share" if self.rng.random() < 0.5 else "masked") if vanish == "upload" else None
-            await self._secure_upload(delta, task, t0, drop)
+            await self._secure_upload(delta, task, t0, device.secure_drop())
             return
         self._updates_sent += 1
         meta = {
@@ -349,15 +352,14 @@ class PhoneClient:
         release = encoder.release()
         if release is not None and self.ledger is not None:
             self.ledger.charge(self.name, release)  # spent once it leaves, whatever happens next
-        if vanish == "upload" and profile is not None:
-            cut = int(len(body) * self.rng.random())
-            await clock.sleep(profile.transfer_s(cut, uplink=True))
+        cut = device.link_breaks(len(body))
+        if cut is not None:
+            await device.uploading(cut)
             encoder.rollback()  # the server never got it whole: keep the residual
             self.stats.drops += 1
             await self._send_truncated(body, cut, meta)
             return
-        if profile is not None:
-            await clock.sleep(profile.transfer_s(len(body), uplink=True))  # arrives when fully sent
+        await device.uploading(len(body))  # arrives when fully sent
         try:
             answer = await self._upload(body, meta)
         except ServerError as exc:
@@ -398,7 +400,7 @@ class PhoneClient:
 
     async def _send_truncated(self, body: bytes, cut: int, meta: dict[str, Any]) -> None:
         """Start the upload for real and lose the connection after ``cut`` of its bytes (the
-        phone left coverage): the server sees a body shorter than its Content-Length."""
+        device's link broke): the server sees a body shorter than its Content-Length."""
 
         async def part() -> AsyncIterator[bytes]:
             yield body[:cut]
