@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
 from fedfleet.protocol.plan import TrainPlan
 from fedfleet.server.config import load_toml
 
@@ -35,7 +36,7 @@ def phone_side_flags(p: argparse.ArgumentParser, fleet: bool) -> None:
         p.add_argument("--workers", type=int, help="local trainings in parallel with --trainer pool (default 2)")
         p.add_argument("--trainer", choices=["batched", "pool"], help="batched: phones on one version train in one "
                                                                        "vmapped step (default); pool: one by one")
-    p.add_argument("--runtime", choices=["torch", "executorch", "onnx"], help="on-device runtime (default torch)")
+    p.add_argument("--runtime", choices=RUNTIME_NAMES, help="on-device runtime (default torch)")
     p.add_argument("--out", help="output folder for metrics.jsonl, summary.json, devices.csv (default runs/latest)")
     p.add_argument("--devices", help="none | default | PATH.csv: emulated device speeds, links, availability "
                                      "(default none)")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fedfleet.device_runtime.attacks import parse_attack
 from fedfleet.device_runtime.data import Dataset, check_dataset_name, parse_partition
 from fedfleet.device_runtime.profiles import ProfileSpec, load_profiles
+from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
 from fedfleet.export.refs import check_model_name
 from fedfleet.protocol.plan import PLAN_FIELDS, TrainPlan
 from fedfleet.server.config import ServerConfig, check_types
@@ -105,7 +106,7 @@ class SimulateConfig:
             ("quantity_skew", 0 <= self.quantity_skew < math.inf, ">= 0"),
             ("attack_fraction", 0 <= self.attack_fraction <= 1, "a fraction in [0, 1]"),
             ("workers", self.workers >= 1, "at least 1"), ("trainer", self.trainer in ("batched", "pool"), "batched or pool"),
-            ("runtime", self.runtime in ("torch", "executorch", "onnx"), "torch, executorch or onnx"),
+            ("runtime", self.runtime in RUNTIME_NAMES, "one of " + ", ".join(RUNTIME_NAMES)),
             ("mode", self.mode in ("sync", "async", "gossip"), "sync, async or gossip"),
             ("concurrency", self.concurrency >= 1, "at least 1"), ("buffer", self.buffer >= 1, "at least 1"),
             ("max_staleness", self.max_staleness >= 0, ">= 0"),
