@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
 from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
@@ -217,13 +216,11 @@ def shard_spec(text: str) -> tuple[int, int]:
 
 def run_values(args: argparse.Namespace) -> dict[str, Any]:
     """The SimulateConfig values given as flags (None: not given) of whichever subcommand ran."""
-    from fedfleet.simulate_config import SimulateConfig
+    from fedfleet.simulate_config import setting_names
 
-    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SimulateConfig)}
+    values = {name: getattr(args, name, None) for name in setting_names() - {"server", "start_spread_s"}}
     for key in ("inline_model", "chain_checkin"):
         values[key] = None if values[key] is None else values[key] == "yes"
-    values.pop("server")
-    values.pop("start_spread_s")
     return values
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,7 @@ async def test_federated_run_with_each_runtime(runtime: str, mlp_bundle: Path, t
     cfg = SimulateConfig(phones=6, rounds=3, sample=1.0, model="mlp", runtime=runtime, trainer="pool", workers=1,
                          lr=0.1, out=str(tmp_path))
     if runtime == "torch":
-        cfg = dataclasses.replace(cfg, trainer="batched")
+        cfg = cfg.replace(trainer="batched")
     result, _ = await simulate(cfg)
     accs = [r["accuracy"] for r in result.rounds]
     assert accs[-1] > 0.5 and accs[-1] > accs[0], accs
