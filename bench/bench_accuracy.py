@@ -21,7 +21,6 @@ fraction of the updates.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -99,9 +98,9 @@ def row_config(base: SimulateConfig, name: str, out: str = "runs/bench_accuracy"
     """The simulation of one CODECS row on top of ``base``."""
     fields = dict(CODECS[name])
     encoder = fields.pop("encoder", {})
-    cfg = dataclasses.replace(base, out=f"{out}/codec-s{base.seed}-{name.replace(' ', '')}", **fields)
+    cfg = base.replace(out=f"{out}/codec-s{base.seed}-{name.replace(' ', '')}", **fields)
     if encoder:
-        cfg = dataclasses.replace(cfg, server={**cfg.server, "codec": {**cfg.codec(), **encoder}})
+        cfg = cfg.replace(server={**cfg.server, "codec": {**cfg.codec(), **encoder}})
     return cfg
 
 
@@ -192,7 +191,7 @@ def part_privacy(args: argparse.Namespace) -> list[dict[str, Any]]:
             releases = int(np.ceil(base.sample * base.rounds * 1.3))
             extra = {"noise_multiplier": calibrate_noise_multiplier("gaussian", eps, base.delta, releases=releases),
                      "epsilon_budget": eps}
-        cfg = dataclasses.replace(base, out=f"runs/bench_accuracy/eps-{eps}", **extra)
+        cfg = base.replace(out=f"runs/bench_accuracy/eps-{eps}", **extra)
         records, summary, wall = run_sim(cfg)
         rows.append({"epsilon_target": eps if eps is not None else "inf",
                      "noise_multiplier": extra.get("noise_multiplier"),

@@ -12,7 +12,6 @@ bench/results/async.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
 from bench.common import first_reaching, run_sim, table, write
@@ -25,9 +24,9 @@ def configs(args: argparse.Namespace) -> dict[str, SimulateConfig]:
                           out="runs/bench_async")
     cohort = args.concurrency // 2  # sync waits for this many per round (over-selection hands out 1.3x)
     return {
-        "sync FedAvg": dataclasses.replace(base, mode="sync", sample=cohort / args.phones,
+        "sync FedAvg": base.replace(mode="sync", sample=cohort / args.phones,
                                            rounds=args.updates // cohort, out="runs/bench_async/sync"),
-        "async FedBuff": dataclasses.replace(base, mode="async", concurrency=args.concurrency, buffer=args.buffer,
+        "async FedBuff": base.replace(mode="async", concurrency=args.concurrency, buffer=args.buffer,
                                              staleness="poly:0.5", rounds=args.updates // args.buffer,
                                              out="runs/bench_async/async"),
     }

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -104,7 +103,7 @@ def finished_run(cfg: SimulateConfig) -> tuple[list[dict[str, Any]], dict[str, A
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return None
-    if summary.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))) or len(rows) != cfg.rounds:
+    if summary.get("config") != json.loads(json.dumps(cfg.to_dict())) or len(rows) != cfg.rounds:
         return None
     return rows, summary, float(summary.get("wall_s", 0.0))
 
@@ -138,12 +137,12 @@ def run_cell(job: tuple[SimulateConfig, bool]) -> dict[str, Any]:
 def cell_configs(args: argparse.Namespace, rules: dict[str, str]) -> list[SimulateConfig]:
     base = base_config(args)
     out = Path(base.out)
-    cells = [dataclasses.replace(base, robust=spec, out=str(out / f"clean_{name}")) for name, spec in rules.items()]
+    cells = [base.replace(robust=spec, out=str(out / f"clean_{name}")) for name, spec in rules.items()]
     for frac in args.fractions:
         for attack in args.attacks:
             for name, spec in rules.items():
                 tag = f"{int(round(frac * 100))}pct_{attack.replace(':', '')}_{name}"
-                cells.append(dataclasses.replace(base, robust=spec, attack=attack, attack_fraction=frac,
+                cells.append(base.replace(robust=spec, attack=attack, attack_fraction=frac,
                                                  out=str(out / tag)))
     return cells
 

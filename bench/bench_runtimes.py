@@ -24,8 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
-RUNTIMES = ("torch", "executorch", "onnx")
+RUNTIMES = RUNTIME_NAMES
 BATCHES = (16, 32)
 WARMUP_STEPS = 3
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -117,6 +117,7 @@ class PhoneClient(ProtocolClient):
         chain_checkin: bool = True,
         key: PhoneKey | None = None,
         model_fingerprint: str | None = None,
+        enrolment_code: str | None = None,
     ) -> None:
         clock = clock or WallClock()
         device = EmulatedDevice(rng, clock, profile=profile, availability=availability, attack=attack)
@@ -127,4 +128,4 @@ class PhoneClient(ProtocolClient):
                          sign=sign, train_overrides=train_overrides, poll_session=poll_session,
                          inline_model=inline_model, models=models,
                          chain_checkin=chain_checkin and profile is None and availability >= 1.0, key=key,
-                         model_fingerprint=model_fingerprint)
+                         model_fingerprint=model_fingerprint, enrolment_code=enrolment_code)

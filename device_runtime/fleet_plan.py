@@ -10,6 +10,7 @@ import numpy as np
 from fedfleet.device_runtime.attacks import Attack, choose_attackers, parse_attack
 from fedfleet.device_runtime.data import Dataset, partition
 from fedfleet.device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
+from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
 from fedfleet.protocol.signing import PhoneKey
 
 
@@ -28,7 +29,7 @@ class FleetConfig:
     hours: float = 0.0  # stop after this much (virtual) time; 0 = until the server's task is done
     devices: str = "none"  # none (no emulated delays) | default (drawn profiles) | PATH.csv (a trace)
     profile_spec: ProfileSpec = ProfileSpec()
-    runtime: str = "torch"  # torch | executorch | onnx: executorch and onnx run the server's bundle
+    runtime: str = "torch"  # one of RUNTIME_NAMES: executorch and onnx run the server's bundle
     trainer: str = "batched"  # batched (phones on the same version in one vmapped step) | pool (one by one)
     attack: str = "none"  # device_runtime.attacks: none | signflip | scale:F | noise:STD | labelflip
     attack_fraction: float = 0.0  # share of phones (drawn with the fleet seed) that run ``attack``
@@ -57,8 +58,8 @@ class FleetConfig:
         parse_attack(self.attack)
         if self.enrolment_codes and len(self.enrolment_codes) < self.phones:
             raise ValueError(f"{self.phones} phones need as many enrolment codes, got {len(self.enrolment_codes)}")
-        if self.runtime not in ("torch", "executorch", "onnx"):
-            raise ValueError("runtime must be torch, executorch or onnx")
+        if self.runtime not in RUNTIME_NAMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIME_NAMES)}")
         if self.trainer not in ("batched", "pool"):
             raise ValueError("trainer must be 'batched' or 'pool'")
         if not 0 <= self.attack_fraction <= 1:

@@ -11,7 +11,6 @@ the phones import it by ``MODULE:ATTR`` (``fedfleet.ref_of`` gives that name).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +57,7 @@ def run_simulation(config: SimulateConfig | None = None, *, model: ModelArg | No
         data, settings["dataset"] = dataset, dataset.name
     elif dataset is not None:
         settings["dataset"] = ref_of(dataset, "dataset")
-    cfg = dataclasses.replace(config or SimulateConfig(), **settings)
+    cfg = (config or SimulateConfig()).replace(**settings)
     task = prepare_task(cfg.model, data or cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights)
     return run(cfg, data=task.data, show_table=progress)
 

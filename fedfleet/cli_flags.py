@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
+from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
 from fedfleet.protocol.plan import TrainPlan
 from fedfleet.server.config import load_toml
 
@@ -35,7 +35,7 @@ def phone_side_flags(p: argparse.ArgumentParser, fleet: bool) -> None:
         p.add_argument("--workers", type=int, help="local trainings in parallel with --trainer pool (default 2)")
         p.add_argument("--trainer", choices=["batched", "pool"], help="batched: phones on one version train in one "
                                                                        "vmapped step (default); pool: one by one")
-    p.add_argument("--runtime", choices=["torch", "executorch", "onnx"], help="on-device runtime (default torch)")
+    p.add_argument("--runtime", choices=RUNTIME_NAMES, help="on-device runtime (default torch)")
     p.add_argument("--out", help="output folder for metrics.jsonl, summary.json, devices.csv (default runs/latest)")
     p.add_argument("--devices", help="none | default | PATH.csv: emulated device speeds, links, availability "
                                      "(default none)")
@@ -216,13 +216,11 @@ def shard_spec(text: str) -> tuple[int, int]:
 
 def run_values(args: argparse.Namespace) -> dict[str, Any]:
     """The SimulateConfig values given as flags (None: not given) of whichever subcommand ran."""
-    from fedfleet.simulate_config import SimulateConfig
+    from fedfleet.simulate_config import setting_names
 
-    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SimulateConfig)}
+    values = {name: getattr(args, name, None) for name in setting_names() - {"server", "start_spread_s"}}
     for key in ("inline_model", "chain_checkin"):
         values[key] = None if values[key] is None else values[key] == "yes"
-    values.pop("server")
-    values.pop("start_spread_s")
     return values
 
 

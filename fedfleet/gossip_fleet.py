@@ -6,7 +6,6 @@ the flags override it."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ def run_gossip_fleet(args: argparse.Namespace, server: str, cfg: SimulateConfig,
     if getattr(args, "sample", None) not in (None, 1.0):
         raise CliError("--sample is not taken with --gossip: phones are away as their device profiles say (--devices)")
     plan = {k: getattr(args, k) if getattr(args, k) is not None else task["train"][k] for k in TRAIN_KEYS}
-    cfg = dataclasses.replace(cfg, mode="gossip", model=str(task["model"]), rounds=rounds or 10, **plan)
+    cfg = cfg.replace(mode="gossip", model=str(task["model"]), rounds=rounds or 10, **plan)
     print(f"fedfleet fleet: {cfg.phones} phones gossiping ({cfg.gossip}) through {server} for {cfg.rounds} rounds, "
           f"{cfg.dataset}, partition {cfg.partition}", flush=True)
     t0 = time.perf_counter()

@@ -129,7 +129,7 @@ def write_gossip_run(cfg: SimulateConfig, rows: list[dict[str, Any]], fleet: Fle
     summary = summarize(rows, devices, wall_s)
     if signum:
         summary["interrupted"] = signal.Signals(signum).name
-    summary["config"] = dataclasses.asdict(cfg)
+    summary["config"] = cfg.to_dict()
     summary["clock"] = "virtual" if cfg.virtual else "wall"
     summary["gossip"] = {"algorithm": cfg.gossip, "topology": rows[0]["topology"] if rows else None,
                          "final_consensus_distance": rows[-1]["consensus_distance"] if rows else None}

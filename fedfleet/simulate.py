@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 import sys
@@ -96,7 +95,7 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
     summary = summarize(result.rounds, result.devices, time.perf_counter() - t0)
     if interrupt is not None and interrupt.signum:
         summary["interrupted"] = signal.Signals(interrupt.signum).name
-    summary["config"] = dataclasses.asdict(cfg)
+    summary["config"] = cfg.to_dict()
     summary["dataset_sizes"] = {"train": len(data.y_train), "test": len(data.y_test)}
     summary["clock"] = "virtual" if cfg.virtual else "wall"
     summary["server_process"] = cfg.use_server_process

@@ -1,6 +1,7 @@
 """``fedfleet simulate``'s settings: SimulateConfig (every value checked when it is made, with
-messages that name its flag) and merge_config (defaults < TOML file < command-line flags). What
-the server and the fleet are given is derived from it here; running them is fedfleet.simulate."""
+messages that name its flag) and merge_config (defaults < TOML file < command-line flags). The
+server's and the fleet's settings are their configs' own (fedfleet/simulate_routes.py); the configs
+they are given are built from it here; running them is fedfleet.simulate."""
 
 from __future__ import annotations
 
@@ -9,75 +10,46 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedfleet.device_runtime.attacks import parse_attack
 from fedfleet.device_runtime.data import Dataset, check_dataset_name, parse_partition
+from fedfleet.device_runtime.fleet_plan import FleetConfig
 from fedfleet.device_runtime.profiles import ProfileSpec, load_profiles
+from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
 from fedfleet.export.refs import check_model_name
-from fedfleet.protocol.plan import PLAN_FIELDS, TrainPlan
-from fedfleet.server.config import ServerConfig, check_types
-
-if TYPE_CHECKING:  # the fleet (torch) is imported where it runs: see fleet_config
-    from fedfleet.device_runtime.fleet_plan import FleetConfig
-
+from fedfleet.protocol.plan import PLAN_FIELDS
+from fedfleet.server.config import ServerConfig, check_type, check_types
+from fedfleet.simulate_routes import DEFAULTS, ROUTES, component_field, component_values, field_default
 
 AUTO_SERVER_PROCESS_PHONES = 1000  # server_process "auto": its own process from this fleet size on
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class SimulateConfig:
-    phones: int = 50
-    rounds: int = 10
-    sample: float = 0.5  # fraction of phones whose updates each round waits for
+    """Every setting of a simulate run. The server's and the fleet's settings (phones, rounds, sample,
+    lr, ...: fedfleet/simulate_routes.py) are taken as keywords and read as attributes like the run's
+    own fields below, but declared once, by ServerConfig, FleetConfig and ProfileSpec (their types,
+    defaults and limits): ``settings`` holds their values under simulate's names, and server_config /
+    fleet_config build those components from them (the task's input shape and the clock are known
+    only when the run starts)."""
+
     dataset: str = "digits"  # a built-in name | npz:PATH | imagefolder:PATH | MODULE:ATTR (device_runtime/task_data.py)
-    model: str = "cnn"  # mlp | cnn | mobilenet | MODULE:ATTR, a callable returning a torch.nn.Module
-    # the user's task (docs/your-own-task.md): initial weights, and the side imagefolder:PATH images are resized to
-    init_weights: str | None = None  # safetensors, or a torch state_dict loaded with weights_only=True
-    image_size: int = 32
-    partition: str = "iid"
-    quantity_skew: float = 0.0
-    attack: str = "none"  # Byzantine phones: none | signflip | scale:F | noise:STD | labelflip
-    attack_fraction: float = 0.0  # share of phones that attack
-    robust: str = "none"  # server rule: none | normbound:C | median | trimmed:B | krum:F | multikrum:F[:M]
-    local_epochs: int = TrainPlan.local_epochs  # the training plan: defaults and limits in protocol/plan.py
-    batch_size: int = TrainPlan.batch_size
-    lr: float = TrainPlan.lr
-    prox_mu: float = TrainPlan.prox_mu
-    seed: int = 0
-    workers: int = 2
-    trainer: str = "batched"  # batched (vmap across phones on one version) | pool (one phone at a time)
-    runtime: str = "torch"
+    image_size: int = 32  # the side imagefolder:PATH images are resized to (docs/your-own-task.md)
     out: str = "runs/latest"
-    mode: str = "sync"  # sync | async (FedBuff)
-    concurrency: int = 20  # async: phones training at once
-    buffer: int = 10  # async: updates per merge
-    staleness: str = "poly:0.5"  # async: constant | inverse | poly:A | hinge:A:B
-    max_staleness: int = 20
-    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
-    server_lr: float = 1.0
-    devices: str = "none"  # none | default | PATH.csv: emulated device speeds, links, availability
-    compute_ms: float = 5.0  # default devices: mean ms per training sample
-    diurnal: float = 0.0  # default devices: fraction of phones only available at night
-    dropout: float = 0.0  # default devices: probability of vanishing mid-task
+    mode: str = "sync"  # the server's sync | async (FedBuff), or gossip (the server relays, see below)
     clock: str = "auto"  # wall | virtual | auto (virtual when devices are emulated)
-    hours: float = 0.0  # stop the fleet after this much (virtual) time; 0 = when the rounds are done
     server_process: str = "auto"  # auto | yes | no: the server in a child process (wall clock only; see use_server_process)
-    local_state: bool = False  # FedBN: phones keep their batch norm statistics (docs/model-state.md)
-    inline_model: bool = True  # phones take the model in the check-in's answer (no GET /v1/model)
-    chain_checkin: bool | None = None  # phones check in again with their upload (None: see FleetConfig)
-    start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
     # gossip mode (--mode gossip): phones average with their neighbours, the server only relays (docs/gossip.md)
-    topology: str = "ring"  # ring | torus | regular:D | exponential | complete | matching | edges:PATH
+    topology: str = "ring"  # the relay's graph: ring | torus | regular:D | exponential | complete | matching | edges:PATH
     gossip: str = "dpsgd"  # dpsgd | choco | admm (CHOCO-SGD compresses with the codec flags: --topk, --quant-bits, ...)
     gossip_gamma: float = 0.5  # CHOCO-SGD's consensus step size gamma, in (0, 1]
     admm_rho: float = 0.1  # decentralized ADMM's penalty rho (local proximal weight 2 * rho * degree)
-    # update codec and privacy (the task tells phones how to encode; see protocol/FORMAT.md)
+    # update codec and privacy: the flags' names for the server's codec (codec(); protocol/FORMAT.md)
     clip: float | None = None  # L2 clipping norm C of each update
     noise: str | None = None  # gaussian | laplace (default gaussian when a noise level is given)
     noise_multiplier: float | None = None  # local DP noise std = z * C ...
     epsilon: float | None = None  # ...or calibrated to this epsilon per release, at delta
-    delta: float = 1e-5
     topk: float | None = None  # fraction of each tensor sent (top-k by magnitude)
     randk: float | None = None  # ...or a random fraction (unbiased, rescaled)
     quant_bits: int = 32  # 32 | 8 | 4 | 2 | 1 (stochastic, per-chunk scales)
@@ -85,27 +57,51 @@ class SimulateConfig:
     compress: bool = False  # zlib over the payload
     quant_rounding: str = "stochastic"  # stochastic (unbiased) | nearest (deterministic; for error feedback)
     quant_scale: str = "max"  # max | fit (least-squares scale per chunk; needs quant_rounding nearest)
-    epsilon_budget: float = 0.0  # stop scheduling a phone past this local epsilon (0 = no limit)
-    central_clip: float = 0.0  # central DP on the server (DP-FedAvg): clip ...
-    central_noise_multiplier: float = 0.0  # ... and noise the sum
-    strategy: str | None = None  # MODULE:ATTR: a fedfleet.server.strategy.Strategy merging instead of FedAvg
-    # secure aggregation (docs/secure-aggregation.md): sync rounds or async groups; --clip bounds each update
-    secure_agg: bool = False
-    secagg_threshold: float = 0.55  # fraction of neighbours and of the group needed to unmask
-    secagg_degree: int = 0  # neighbours per phone (0 = about 2 log2 n)
-    distributed_noise_multiplier: float = 0.0  # the central Gaussian's z, added a share per phone
+    settings: dict[str, Any] = field(default_factory=lambda: dict(DEFAULTS))  # the server's and fleet's (ROUTES)
+    server: dict[str, Any] = field(default_factory=dict)  # any other ServerConfig field ([simulate.server])
+
+    def __init__(self, **values: Any) -> None:
+        settings = {**DEFAULTS, **values.pop("settings", {})}
+        for f in dataclasses.fields(self):
+            if f.name != "settings":
+                object.__setattr__(self, f.name, values.pop(f.name) if f.name in values else field_default(f))
+        unknown = sorted((set(values) | set(settings)) - set(ROUTES))
+        if unknown:
+            raise TypeError(f"SimulateConfig got unknown settings: {', '.join(unknown)}")
+        object.__setattr__(self, "settings", {**settings, **values})
+        self.__post_init__()
+
+    def __getattr__(self, name: str) -> Any:
+        """The server's and the fleet's settings, by simulate's names (``cfg.phones``, ``cfg.sample``)."""
+        settings = self.__dict__.get("settings", {})
+        if name in settings:
+            return settings[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def replace(self, **changes: Any) -> SimulateConfig:
+        """This config with ``changes`` (any setting, by simulate's name) made, checked again."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting under simulate's name (as summary.json records it), and the other server fields."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("settings", "server")}
+        return {**own, **self.settings, "server": dict(self.server)}
 
     def __post_init__(self) -> None:
         """Every setting checked before anything starts, with messages that name it as the flag (and
         TOML key) a user gave: a bad value must not surface later as a traceback or an obscure error."""
         check_types(self, _flag)
+        for name, value in self.settings.items():
+            check_type(name, component_field(name).type, value, _flag(name))
+        if self.strategy is not None and not isinstance(self.strategy, str):  # by name: the server may be a child process
+            raise ValueError(f"strategy (--strategy) must be a string, got {self.strategy!r}")
         _check_range(self, [
             ("phones", self.phones >= 1, "at least 1"), ("image_size", self.image_size >= 1, "at least 1"), ("rounds", self.rounds >= 0, ">= 0 (0 = until stopped)"),
             ("sample", 0 < self.sample <= 1, "a fraction in (0, 1]"),
             ("quantity_skew", 0 <= self.quantity_skew < math.inf, ">= 0"),
             ("attack_fraction", 0 <= self.attack_fraction <= 1, "a fraction in [0, 1]"),
             ("workers", self.workers >= 1, "at least 1"), ("trainer", self.trainer in ("batched", "pool"), "batched or pool"),
-            ("runtime", self.runtime in ("torch", "executorch", "onnx"), "torch, executorch or onnx"),
+            ("runtime", self.runtime in RUNTIME_NAMES, "one of " + ", ".join(RUNTIME_NAMES)),
             ("mode", self.mode in ("sync", "async", "gossip"), "sync, async or gossip"),
             ("concurrency", self.concurrency >= 1, "at least 1"), ("buffer", self.buffer >= 1, "at least 1"),
             ("max_staleness", self.max_staleness >= 0, ">= 0"),
@@ -187,24 +183,15 @@ class SimulateConfig:
         if self.quant_scale != "max":
             c["quant_scale"] = self.quant_scale
         return c
-    server: dict[str, Any] = field(default_factory=dict)  # any other ServerConfig field
 
     def server_config(self, data: Dataset, data_dir: str | None) -> ServerConfig:
         return self._server_config(data.input_shape, data.num_classes, data_dir)
 
     def _server_config(self, input_shape: tuple[int, ...], num_classes: int, data_dir: str | None) -> ServerConfig:
         base = ServerConfig(
-            model=self.model,
-            init_weights=self.init_weights,
+            **component_values(self.settings, "server"),
             input_shape=input_shape,
             num_classes=num_classes,
-            seed=self.seed,
-            rounds=self.rounds,
-            sample_fraction=self.sample,
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            prox_mu=self.prox_mu,
             # Over-selection guards against stragglers and dropouts; phones without emulated devices
             # have neither, so the extra phones' work would only be thrown away.
             over_selection=ServerConfig.over_selection if self.devices != "none" else 1.0,
@@ -216,23 +203,8 @@ class SimulateConfig:
             data_dir=data_dir,
             sqlite_sync="normal",  # an emulation's state need not survive a power cut, only a crash
             mode="sync" if self.mode == "gossip" else self.mode,  # gossip: the server's rounds stay idle
-            concurrency=self.concurrency,
-            buffer_size=self.buffer,
-            staleness=self.staleness,
-            max_staleness=self.max_staleness,
-            server_optimizer=self.server_optimizer,
-            server_lr=self.server_lr,
             codec=self.codec(),
-            robust=self.robust,
-            dp_delta=self.delta,
-            epsilon_budget=self.epsilon_budget,
-            central_clip=self.central_clip,
-            central_noise_multiplier=self.central_noise_multiplier,
-            strategy=self.strategy,
-            local_state=self.local_state,
-            secure_agg=self.secure_agg, secagg_threshold=self.secagg_threshold, secagg_degree=self.secagg_degree,
             secagg_clip=self.clip or ServerConfig.secagg_clip,
-            distributed_noise_multiplier=self.distributed_noise_multiplier,
         )
         if self.mode == "gossip":  # the relay's graph: the fleet's phones, named as the fleet names them
             base = base.replace(topology=self.topology, gossip_phones=self.phones)
@@ -257,31 +229,13 @@ class SimulateConfig:
         return self.clock == "virtual" or (self.clock == "auto" and self.devices != "none")
 
     def fleet_config(self) -> FleetConfig:
-        from fedfleet.device_runtime.fleet_plan import FleetConfig
-
-        return FleetConfig(
-            phones=self.phones,
-            partition=self.partition,
-            quantity_skew=self.quantity_skew,
-            attack=self.attack,
-            attack_fraction=self.attack_fraction,
-            seed=self.seed,
-            workers=self.workers,
-            trainer=self.trainer,
-            runtime=self.runtime,
-            hours=self.hours,
-            inline_model=self.inline_model,
-            chain_checkin=self.chain_checkin,
-            start_spread_s=self.start_spread_s,
-            server_here=not self.use_server_process,
-            devices=self.devices,
-            profile_spec=ProfileSpec(compute_ms=self.compute_ms, diurnal=self.diurnal, dropout=self.dropout),
-        )
+        return FleetConfig(**component_values(self.settings, "fleet"), server_here=not self.use_server_process,
+                           profile_spec=ProfileSpec(**component_values(self.settings, "profile")))
 
 
 def _flag(name: str) -> str | None:
     """The command-line flag of a SimulateConfig field (None: a TOML-only setting)."""
-    return None if name in ("server", "start_spread_s") else "--" + name.replace("_", "-")
+    return None if name in ("server", "settings", "start_spread_s") else "--" + name.replace("_", "-")
 
 
 def _check_range(cfg: SimulateConfig, checks: list[tuple[str, bool, str]]) -> None:
@@ -290,10 +244,15 @@ def _check_range(cfg: SimulateConfig, checks: list[tuple[str, bool, str]]) -> No
             raise ValueError(f"{name} ({_flag(name)}) must be {wanted}, got {getattr(cfg, name)!r}")
 
 
+def setting_names() -> set[str]:
+    """The names SimulateConfig takes: its own fields (but ``settings``) and the components' (ROUTES)."""
+    return {f.name for f in dataclasses.fields(SimulateConfig) if f.name != "settings"} | set(ROUTES)
+
+
 def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any], source: str | None = None) -> SimulateConfig:
     """Defaults < TOML file < command-line flags (flags left unset do not override). ``source``: the
     TOML file's name, for messages about its values."""
-    known = {f.name for f in dataclasses.fields(SimulateConfig)}
+    known = setting_names() | {"server"}
     values = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
     unknown = sorted(set(values) - known)
     if unknown:

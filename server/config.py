@@ -285,12 +285,16 @@ def check_types(obj: Any, flag: Any = None) -> None:
     type (from a TOML file, say: ``phones = "four"``), before arithmetic on it fails obscurely.
     ``flag(name)``: the command-line flag of a field, added to the message when not None."""
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        kinds = [k.strip() for k in str(f.type).split("|")]
-        if value is None and "None" in kinds:
-            continue
-        kind = kinds[0]
-        if not _is_kind(value, kind):
-            words = _KINDS.get(kind, "a list of whole numbers" if kind.startswith("tuple") else "a table")
-            where = flag(f.name) if flag is not None else None
-            raise ValueError(f"{f.name}{f' ({where})' if where else ''} must be {words}, got {value!r}")
+        check_type(f.name, f.type, getattr(obj, f.name), flag(f.name) if flag is not None else None)
+
+
+def check_type(name: str, annotation: Any, value: Any, where: str | None = None) -> None:
+    """Raise ValueError naming ``name`` (and its flag ``where``) when ``value`` is not of the
+    dataclass field type ``annotation``."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return
+    kind = kinds[0]
+    if not _is_kind(value, kind):
+        words = _KINDS.get(kind, "a list of whole numbers" if kind.startswith("tuple") else "a table")
+        raise ValueError(f"{name}{f' ({where})' if where else ''} must be {words}, got {value!r}")

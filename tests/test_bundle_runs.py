@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 
 from fedfleet.device_runtime.bundle_client import fetch_bundle
 from fedfleet.device_runtime.data import load_dataset
+from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
 from fedfleet.export.build import ExportConfig, export_bundle
 from fedfleet.export.manifest import HashMismatch
 from fedfleet.server.app import make_app
@@ -52,13 +52,13 @@ def test_server_refuses_a_bundle_for_another_task(mlp_bundle: Path) -> None:
         make_app(ServerConfig(model="cnn", bundle_dir=str(mlp_bundle)))
 
 
-@pytest.mark.parametrize("runtime", ["torch", "executorch", "onnx"])
+@pytest.mark.parametrize("runtime", RUNTIME_NAMES)
 async def test_federated_run_with_each_runtime(runtime: str, mlp_bundle: Path, tmp_path: Path) -> None:
     shutil.copytree(mlp_bundle, tmp_path / "bundle")  # simulate reuses an intact bundle for its task
     cfg = SimulateConfig(phones=6, rounds=3, sample=1.0, model="mlp", runtime=runtime, trainer="pool", workers=1,
                          lr=0.1, out=str(tmp_path))
     if runtime == "torch":
-        cfg = dataclasses.replace(cfg, trainer="batched")
+        cfg = cfg.replace(trainer="batched")
     result, _ = await simulate(cfg)
     accs = [r["accuracy"] for r in result.rounds]
     assert accs[-1] > 0.5 and accs[-1] > accs[0], accs
