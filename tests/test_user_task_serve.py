@@ -1,5 +1,5 @@
 """A user's task on a deployed server: `serve` and `fleet` take the same MODULE:ATTR specs, the server writes
-the trained model when it stops, and `export --weights` ships that file."""
+the trained model when it stops, and `export --weights` refuses in one line a model the on-device runtimes cannot train."""
 
 from __future__ import annotations
 
@@ -40,12 +40,16 @@ def test_serve_and_fleet_train_a_users_task_and_the_weights_come_out(tmp_path: P
         out, _ = server.communicate(timeout=60)
     assert "wrote version 2 to" in out, out
     weights = data_dir / "final_weights.safetensors"
+    # ExecuTorch's portable kernels train 2-D convolutions only, and the ONNX training graph decomposes only
+    # those: export says so in one line and claims no artifact (test_user_task ships an exportable run's weights).
     exported = _cli("export", *TASK, "--weights", str(weights), "--out", str(tmp_path / "bundle"))
-    assert exported.returncode == 0, exported.stderr
+    assert exported.returncode == 2, exported.stderr
+    last = exported.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedfleet export: error: model.pte: ") and "train_step.onnx: " in last, last
+    assert not (tmp_path / "bundle" / "manifest.json").exists()
     from safetensors.numpy import load_file
 
-    trained, shipped = load_file(str(weights)), load_file(str(tmp_path / "bundle" / "weights.safetensors"))
-    assert trained.keys() == shipped.keys() and all(np.array_equal(trained[k], shipped[k]) for k in trained)
+    trained = load_file(str(weights))
     from fedfleet.export.task_model import task_model
 
     seeded = task_model("examples.custom_task:conv1d", (8, 8), 10).state_dict()  # what version 0 was
