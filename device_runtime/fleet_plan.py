@@ -47,6 +47,7 @@ class FleetConfig:
     # 10 s, so 20 is ~2.5 min of a server gone: time for it to be restarted on its data dir)
     phone_max_errors: int = 20
     model_fingerprint: str | None = None  # the phones' model (export.task_model): the server refuses another
+    device: str = "cpu"  # where batched training runs: cpu | cuda (resolved; export.accelerator.resolve_device)
 
     def __post_init__(self) -> None:
         if self.phones < 1 or self.workers < 1 or self.phone_max_errors < 0:

@@ -16,6 +16,7 @@ from fedfleet.cli_flags import (
     PHONE_ONLY,
     SERVER_SETTINGS,
     SERVER_SIDE,
+    add_accelerator_flags,
     add_gossip_flags,
     add_gossip_fleet_flags,
     add_gossip_serve_flags,
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_gossip_flags(p)
     add_state_flags(p)
     add_secagg_flags(p)
+    add_accelerator_flags(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("fleet", help="an emulated fleet against a running server")

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 from fedfleet.device_runtime.attacks import parse_attack
 from fedfleet.device_runtime.data import Dataset, check_dataset_name, parse_partition
 from fedfleet.device_runtime.profiles import ProfileSpec, load_profiles
+from fedfleet.export.accelerator import resolve_device
 from fedfleet.export.refs import check_model_name
 from fedfleet.protocol.plan import PLAN_FIELDS, TrainPlan
 from fedfleet.server.config import ServerConfig, check_types
+from fedfleet.tuning import parse_threads
 
 if TYPE_CHECKING:  # the fleet (torch) is imported where it runs: see fleet_config
     from fedfleet.device_runtime.fleet_plan import FleetConfig
@@ -94,6 +96,9 @@ class SimulateConfig:
     secagg_threshold: float = 0.55  # fraction of neighbours and of the group needed to unmask
     secagg_degree: int = 0  # neighbours per phone (0 = about 2 log2 n)
     distributed_noise_multiplier: float = 0.0  # the central Gaussian's z, added a share per phone
+    # where training arithmetic runs (docs/accelerators.md): batched training and the server's evaluation
+    device: str = "cpu"  # auto (CUDA when torch sees one) | cpu | cuda
+    train_threads: str = "1"  # torch intra-op threads of the process: N | auto (the cores it may use)
 
     def __post_init__(self) -> None:
         """Every setting checked before anything starts, with messages that name it as the flag (and
@@ -144,6 +149,9 @@ class SimulateConfig:
             _check_gossip(self)
         check_dataset_name(self.dataset)
         check_model_name(self.model)
+        parse_threads(self.train_threads)
+        if self.device != "auto":  # auto never fails; cuda without a GPU does, now, in one line
+            resolve_device(self.device)
         if self.init_weights is not None and not Path(self.init_weights).is_file():
             raise ValueError(f"--init-weights {self.init_weights}: no such file")
         parse_partition(self.partition)
@@ -222,6 +230,7 @@ class SimulateConfig:
             max_staleness=self.max_staleness,
             server_optimizer=self.server_optimizer,
             server_lr=self.server_lr,
+            device=self.device,
             codec=self.codec(),
             robust=self.robust,
             dp_delta=self.delta,
@@ -276,6 +285,7 @@ class SimulateConfig:
             server_here=not self.use_server_process,
             devices=self.devices,
             profile_spec=ProfileSpec(compute_ms=self.compute_ms, diurnal=self.diurnal, dropout=self.dropout),
+            device=resolve_device(self.device),
         )
 
 
