@@ -227,15 +227,14 @@ def _train_chunk(step: Step, start: Mapping[str, torch.Tensor], state: Tensors, 
 
 
 def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Tensors as numpy arrays, those on an accelerator fetched in one transfer per dtype."""
-    on_host = {n: t for n, t in tensors.items() if t.device.type == "cpu"}
-    rest = [n for n in tensors if n not in on_host]
-    for dt in {tensors[n].dtype for n in rest}:
-        group = [n for n in rest if tensors[n].dtype == dt]
-        flat = torch.cat([tensors[n].reshape(-1) for n in group]).cpu()
-        for n, part in zip(group, flat.split([tensors[n].numel() for n in group]), strict=True):
-            on_host[n] = part.reshape(tensors[n].shape)
-    return {n: on_host[n].numpy() for n in tensors}
+    """Tensors as numpy arrays, fetched in one transfer per dtype (on the CPU, one copy)."""
+    out: dict[str, np.ndarray] = {}
+    for dt in {t.dtype for t in tensors.values()}:
+        group = [n for n, t in tensors.items() if t.dtype == dt]
+        flat = torch.cat([tensors[n].detach().reshape(-1) for n in group]).cpu().numpy()
+        for n, part in zip(group, np.split(flat, np.cumsum([tensors[n].numel() for n in group])[:-1]), strict=True):
+            out[n] = part.reshape(tensors[n].shape)
+    return out
 
 
 def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequence[str], cfg: TrainConfig,

@@ -53,7 +53,13 @@ def rows_that_fit(device: torch.device | str, bytes_per_row: int, cap: int) -> i
     if dev.type != "cuda":
         return cap
     free, _total = torch.cuda.mem_get_info(dev)
-    return max(1, min(cap, int(free * FREE_SHARE) // max(bytes_per_row, 1)))
+    return fit_rows(free, bytes_per_row, cap)
+
+
+def fit_rows(free_bytes: int, bytes_per_row: int, cap: int) -> int:
+    """Rows of ``bytes_per_row`` in FREE_SHARE of ``free_bytes``: at least 1 (a row that does not fit
+    fails in torch with its own out-of-memory error), at most ``cap``."""
+    return max(1, min(cap, int(free_bytes * FREE_SHARE) // max(bytes_per_row, 1)))
 
 
 def training_bytes_per_phone(model: torch.nn.Module, example: torch.Tensor, batch_size: int, itemsize: int) -> int:
