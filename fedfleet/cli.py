@@ -57,7 +57,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     interrupt = Interrupt()
     if cfg.mode == "gossip":  # phones average with their neighbours; the server relays (fedfleet/gossip_run.py)
         from fedfleet.gossip_run import run_gossip
+        from fedfleet.tuning import parse_threads, set_torch_threads
 
+        set_torch_threads(parse_threads(cfg.train_threads))
         summary = run_gossip(cfg)
         interrupt.signum = signal.Signals[summary["interrupted"]].value if "interrupted" in summary else 0
     else:

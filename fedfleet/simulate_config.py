@@ -150,6 +150,9 @@ class SimulateConfig:
         check_dataset_name(self.dataset)
         check_model_name(self.model)
         parse_threads(self.train_threads)
+        if self.device == "cuda" and (self.mode == "gossip" or self.trainer != "batched" or self.runtime != "torch"):
+            raise ValueError("--device cuda trains with --trainer batched and --runtime torch, in sync or async "
+                             "mode; these phones would train on the CPU")
         if self.device != "auto":  # auto never fails; cuda without a GPU does, now, in one line
             resolve_device(self.device)
         if self.init_weights is not None and not Path(self.init_weights).is_file():

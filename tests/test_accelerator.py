@@ -153,3 +153,12 @@ def test_train_threads_take_a_count_or_auto(capsys: pytest.CaptureFixture[str]) 
     assert rc == 2
     assert capsys.readouterr().err.strip() == ("fedfleet simulate: error: --train-threads 0: give a number of "
                                                "threads (at least 1) or auto")
+
+
+@pytest.mark.parametrize("flags", [["--trainer", "pool"], ["--mode", "gossip"], ["--runtime", "onnx"]])
+def test_device_cuda_is_refused_where_phones_would_train_on_the_cpu(capsys: pytest.CaptureFixture[str],
+                                                                    flags: list[str]) -> None:
+    rc = main(["simulate", "--device", "cuda", *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1
+    assert lines[0].startswith("fedfleet simulate: error: --device cuda trains with --trainer batched"), lines
