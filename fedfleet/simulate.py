@@ -236,12 +236,12 @@ class Interrupted(Exception):
 def run(cfg: SimulateConfig, interrupt: Interrupt | None = None, data: Dataset | None = None,
         show_table: bool = True) -> dict[str, Any]:
     """``simulate`` with the live round table, training on ``cfg.train_threads`` torch threads (the
-    command line's run; see fedfleet.tuning); ``interrupt``: see ``simulate`` (a run it cancels before its fleet started
-    raises Interrupted)."""
+    command line's run; see fedfleet.tuning); ``interrupt``: see ``simulate`` (a run it cancels before
+    its fleet started raises Interrupted)."""
     table = RoundTable(total=cfg.rounds) if show_table else None
+    threads = parse_threads(cfg.train_threads)
     try:
-        _, summary = aio.run(simulate(cfg, table, interrupt=interrupt,
-                                             torch_threads=parse_threads(cfg.train_threads), data=data))
+        _, summary = aio.run(simulate(cfg, table, interrupt=interrupt, torch_threads=threads, data=data))
     except asyncio.CancelledError:
         if interrupt is None or not interrupt.signum:
             raise

@@ -83,6 +83,6 @@ class Evaluator:
                 yb = y[start : start + batch_size]
                 losses.append(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
                 hits.append((logits.argmax(1) == yb).sum())
-            loss_sum = float(sum(float(v) for v in torch.stack(losses).cpu().tolist()))
+            loss_sum = sum(torch.stack(losses).cpu().tolist(), 0.0)
             correct = int(torch.stack(hits).sum().cpu())
         return Evaluation(loss=loss_sum / len(x), accuracy=correct / len(x))
