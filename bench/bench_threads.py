@@ -169,7 +169,9 @@ def main() -> None:
                      "cpu_pct": round(100 * _median(steps[t], "cpu_s") / wall), "gflops": round(achieved, 2),
                      "conv_gflops": round(rates[t]["conv_gflops"], 2), "matmul_gflops": round(rates[t]["matmul_gflops"], 2),
                      "floor_ms_per_update": round(flops / max(rates[t].values()) / 1e6, 2),
-                     "ms_per_update": round(wall / args.group * 1e3, 2), "load": round(_median(steps[t], "load"), 2)})
+                     "ms_per_update": round(wall / args.group * 1e3, 2),
+                     "cpu_ms_per_update": round(_median(steps[t], "cpu_s") / args.group * 1e3, 2),
+                     "load": round(_median(steps[t], "load"), 2)})
     print(f"batched CNN step: {args.group} phones x {args.examples} examples, batch 16, "
           f"{flops / 1e6:.1f} MFLOP per update (FlopCounterMode; {counted['vmapped'] / 1e6:.1f} with the vmapped "
           f"step's padding); medians of {args.repeats} alternating repeats; floor = FLOPs / the faster kernel rate")
