@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedfleet.export.accelerator import check_device_name
+from fedfleet.export.accelerator import resolve_device
 from fedfleet.protocol.plan import PLAN_FIELDS, TrainPlan
 
 if TYPE_CHECKING:
@@ -116,7 +116,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        check_device_name(self.device)
+        if self.device != "auto":  # cuda on a machine without one is refused here, not at the first evaluation
+            resolve_device(self.device)
         TrainPlan(self.local_epochs, self.batch_size, self.lr, self.prox_mu)  # what phones would refuse
         if self.checkin_pace < 0 or self.checkin_retry_s < 0 or self.checkin_hold_s < 0:
             raise ValueError("checkin_pace, checkin_retry_s and checkin_hold_s must be >= 0")

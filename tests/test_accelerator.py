@@ -162,3 +162,12 @@ def test_device_cuda_is_refused_where_phones_would_train_on_the_cpu(capsys: pyte
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(lines) == 1
     assert lines[0].startswith("fedfleet simulate: error: --device cuda trains with --trainer batched"), lines
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device: device cuda is valid here")
+def test_a_server_configured_for_cuda_without_a_gpu_is_refused_when_configured() -> None:
+    from fedfleet.server.config import ServerConfig
+
+    with pytest.raises(ValueError, match=r"no CUDA device \(torch.cuda.is_available\(\) is False\)"):
+        ServerConfig(device="cuda")
+    assert ServerConfig(device="auto").device == "auto"  # resolved where the evaluator is built
