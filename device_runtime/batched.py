@@ -36,6 +36,7 @@ from fedfleet.device_runtime.stateful import (
     masked_dropout,
     queued_masks,
 )
+from fedfleet.export.accelerator import rows_that_fit, training_bytes_per_phone
 from fedfleet.export.model_state import state_names
 from fedfleet.protocol.state import split_state, with_state
 
@@ -56,6 +57,7 @@ def train_many(
     states: Sequence[Mapping[str, np.ndarray]] | None = None,
     chunk: int = 128,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> list[tuple[Params, TrainResult]]:
     """Train every job from ``params``; return ``(new - params, result)`` per job, in job order,
     with the phone's end state under ``"state:"`` names when the model has state.
@@ -69,6 +71,11 @@ def train_many(
     or tied for the digits MLP and CNN on one thread (bench/bench_batched.py); lower it for large
     inputs, whose activations scale with it. Deltas come back in ``dtype`` (float32 unless a test
     asks for float64). ``model`` is put in train mode, as the reference does, and is not modified.
+
+    ``device`` (a resolved one, export.accelerator.resolve_device): where the stacked parameters, the
+    batches and the arithmetic live; ``model`` itself stays where it is. On CUDA a chunk is every phone
+    that fits in the free memory (``chunk`` is ignored); each chunk's results come back to the host in
+    one transfer.
     """
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
@@ -87,7 +94,8 @@ def train_many(
     own = states if states is not None else [{}] * len(jobs)
     job_states = [{n: np.asarray(s.get(n, default[n])) for n in snames} for s in own]
 
-    start = {n: torch.as_tensor(np.asarray(params[n]), dtype=dtype) for n in names}
+    dev = torch.device(device)
+    start = {n: torch.as_tensor(np.asarray(params[n]), dtype=dtype).to(dev) for n in names}
     # The same draws, in the same order per rng, as the per-phone path makes lazily.
     gens = [dropout_generator(rng) if layers else None for _, _, rng in jobs]
     plans = [list(iterate_batches(len(x), cfg, rng)) for x, _, rng in jobs]
@@ -95,20 +103,24 @@ def train_many(
     example = next((x[:1] for x, _, _ in jobs if len(x)), None)
     if layers and example is not None:
         calls = dropout_call_shapes(model, layers, torch.as_tensor(example).to(next(model.parameters()).dtype))
+    if dev.type != "cpu" and example is not None:
+        per_phone = training_bytes_per_phone(model, torch.as_tensor(example).to(next(model.parameters()).dtype),
+                                             cfg.batch_size, dtype.itemsize)
+        chunk = rows_that_fit(dev, per_phone, cap=len(jobs))
     holder: list[MaskSource] = []
     rows: list[torch.Tensor | None] = []  # the phone's real rows, for batch norm's statistics
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     with masked_dropout(layers, lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows):
-        step = _make_step(model, start, snames, cfg, dtype, holder, rows)
+        step = _make_step(model, start, snames, cfg, dtype, holder, rows, dev)
         # Longest first: phones in a chunk then have similar step counts (little padding), and
         # the phones still training at step t are a prefix of the chunk.
         order = sorted(range(len(jobs)), key=lambda i: -len(plans[i]))
         results: dict[int, tuple[Params, TrainResult]] = {}
         for lo in range(0, len(order), chunk):
             ids = order[lo : lo + chunk]
-            batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype)
-            state0 = {n: torch.stack([_as_state(job_states[i][n], dtype) for i in ids]) for n in snames}
-            drops = _Drops(calls if layers else [], [gens[i] for i in ids], dtype)
+            batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype, dev)
+            state0 = {n: torch.stack([_as_state(job_states[i][n], dtype) for i in ids]).to(dev) for n in snames}
+            drops = _Drops(calls if layers else [], [gens[i] for i in ids], dtype, dev)
             for i, out in zip(ids, _train_chunk(step, start, state0, batch, drops), strict=True):
                 results[i] = out
     return [results[i] for i in range(len(jobs))]
@@ -126,6 +138,7 @@ class _Drops:
     calls: list[tuple[nn.Module, tuple[int, ...]]]
     gens: list[torch.Generator | None]
     dtype: torch.dtype
+    device: torch.device  # masks are drawn on the CPU (the phones' generators), then moved here
 
     def masks(self, counts: Sequence[int], width: int) -> list[torch.Tensor]:
         """[k, width, ...] per call: phone j's masks for its ``counts[j]`` real rows of one step, drawn
@@ -139,7 +152,7 @@ class _Drops:
             per_phone.append([torch.cat([draw_mask(m, (int(rows), *s), gen, self.dtype),
                                          torch.ones(mask_shape(m, (width - int(rows), *s)), dtype=self.dtype)])
                               for m, s in self.calls])
-        return [torch.stack([p[c] for p in per_phone]) for c in range(len(self.calls))]
+        return [torch.stack([p[c] for p in per_phone]).to(self.device) for c in range(len(self.calls))]
 
 
 @dataclass(frozen=True)
@@ -156,7 +169,8 @@ class _ChunkData:
     sizes: list[int]  # [P] examples per phone
 
 
-def _gather(jobs: Sequence[Job], plans: Sequence[list[np.ndarray]], batch_size: int, dtype: torch.dtype) -> _ChunkData:
+def _gather(jobs: Sequence[Job], plans: Sequence[list[np.ndarray]], batch_size: int, dtype: torch.dtype,
+            device: torch.device) -> _ChunkData:
     sizes = [len(x) for x, _, _ in jobs]
     steps = [len(p) for p in plans]
     offsets = np.cumsum([0, *sizes[:-1]])
@@ -172,10 +186,10 @@ def _gather(jobs: Sequence[Job], plans: Sequence[list[np.ndarray]], batch_size: 
     x = np.concatenate([np.asarray(x) for x, _, _ in jobs])
     y = np.concatenate([np.asarray(y, dtype=np.int64) for _, y, _ in jobs])
     return _ChunkData(
-        x=torch.from_numpy(x).to(dtype),
-        y=torch.from_numpy(y),
-        index=torch.from_numpy(index),
-        mask=torch.from_numpy(mask).to(dtype),
+        x=torch.from_numpy(x).to(device, dtype),
+        y=torch.from_numpy(y).to(device),
+        index=torch.from_numpy(index).to(device),
+        mask=torch.from_numpy(mask).to(device, dtype),
         rows=rows,
         active=[sum(s > t for s in steps) for t in range(t_max)],
         steps=steps,
@@ -196,9 +210,11 @@ def _train_chunk(step: Step, start: Mapping[str, torch.Tensor], state: Tensors, 
         bufs = {n: s[:k] for n, s in state.items()}
         masks = drops.masks(data.rows[t, :k].tolist(), data.index.shape[2])
         losses[t, :k] = step(views, bufs, masks, data.x[rows], data.y[rows], data.mask[t, :k])
-    deltas = {n: (s - start[n]).numpy() for n, s in stacked.items()}
-    ends = {n: s.numpy() for n, s in state.items()}
-    per_step = losses.double().numpy()  # float32 -> float64 is exact, like float(loss)
+    host = _to_host({**{"delta:" + n: s - start[n] for n, s in stacked.items()}, "loss": losses,
+                     **{"end:" + n: s for n, s in state.items()}})
+    deltas = {n: host["delta:" + n] for n in stacked}
+    ends = {n: host["end:" + n] for n in state}
+    per_step = host["loss"].astype(np.float64)  # float32 -> float64 is exact, like float(loss)
     out: list[tuple[Params, TrainResult]] = []
     for j, steps in enumerate(data.steps):
         total = 0.0
@@ -210,8 +226,20 @@ def _train_chunk(step: Step, start: Mapping[str, torch.Tensor], state: Tensors, 
     return out
 
 
+def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Tensors as numpy arrays, fetched in one transfer per dtype (on the CPU, one copy)."""
+    out: dict[str, np.ndarray] = {}
+    for dt in {t.dtype for t in tensors.values()}:
+        group = [n for n, t in tensors.items() if t.dtype == dt]
+        flat = torch.cat([tensors[n].detach().reshape(-1) for n in group]).cpu().numpy()
+        for n, part in zip(group, np.split(flat, np.cumsum([tensors[n].numel() for n in group])[:-1]), strict=True):
+            out[n] = part.reshape(tensors[n].shape)
+    return out
+
+
 def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequence[str], cfg: TrainConfig,
-               dtype: torch.dtype, holder: list[MaskSource], rows: list[torch.Tensor | None]) -> Step:
+               dtype: torch.dtype, holder: list[MaskSource], rows: list[torch.Tensor | None],
+               device: torch.device) -> Step:
     """The batched SGD step: per phone, masked mean cross-entropy (+ FedProx), then
     ``w -= lr * grad`` in place, the update ``torch.optim.SGD`` makes.
 
@@ -226,7 +254,7 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequ
     (``stateful.masked_batch_norm``).
     """
     frozen = {
-        n: t.detach().to(dtype) if t.is_floating_point() else t
+        n: (t.detach().to(dtype) if t.is_floating_point() else t).to(device)
         for n, t in chain(model.named_parameters(), model.named_buffers())
         if n not in start and n not in snames
     }

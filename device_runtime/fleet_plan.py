@@ -49,6 +49,7 @@ class FleetConfig:
     phone_max_errors: int = 20
     model_fingerprint: str | None = None  # the phones' model (export.task_model): the server refuses another
     enrolment_codes: tuple[str, ...] = ()  # phone i registers with code i (a server that requires codes)
+    device: str = "cpu"  # where batched training runs: cpu | cuda (resolved; export.accelerator.resolve_device)
 
     def __post_init__(self) -> None:
         if self.phones < 1 or self.workers < 1 or self.phone_max_errors < 0:

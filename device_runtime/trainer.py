@@ -105,11 +105,16 @@ class BatchedTrainer:
     virtual instant, flushed when the clock is about to move on, so grouping (and therefore
     every float) is the same from run to run. A group smaller than ``min_group`` trains phone
     by phone on the eager runtime (the reference path): a vmapped call costs a few plain steps
-    of fixed overhead, so it only pays from about 4 phones on (bench/bench_batched.py)."""
+    of fixed overhead, so it only pays from about 4 phones on (bench/bench_batched.py).
+
+    ``device`` (resolved: "cpu" or "cuda", export.accelerator.resolve_device) is where the vmapped
+    groups train; the phone-by-phone path and the codec stay on the CPU. The worker thread's torch
+    intra-op threads are the process's (fedfleet.tuning.set_torch_threads, before the first group)."""
 
     def __init__(self, model: torch.nn.Module, chunk: int = 128, window_s: float = 0.02, min_group: int = 4,
-                 quiet_s: float = 0.003, release_every: int = 0) -> None:
+                 quiet_s: float = 0.003, release_every: int = 0, device: str = "cpu") -> None:
         self.model, self.chunk, self.window_s, self.min_group = model, chunk, window_s, min_group
+        self.device = device
         self.quiet_s = min(quiet_s, window_s)
         # Its own copy: eager training moves batch norm buffers, which train_many reads as the start state.
         self._eager = TorchRuntime(copy.deepcopy(model))
@@ -212,7 +217,8 @@ class BatchedTrainer:
         try:
             if len(jobs) >= self.min_group and self._batchable(starts[0], jobs):
                 states = [split_state(p)[1] for p in starts]
-                return train_many(self.model, split_state(starts[0])[0], jobs, cfg, states=states, chunk=self.chunk)
+                return train_many(self.model, split_state(starts[0])[0], jobs, cfg, states=states, chunk=self.chunk,
+                                  device=self.device)
             return [_train_delta(self._eager, p, x, y, cfg, rng) for p, (x, y, rng) in zip(starts, jobs, strict=True)]
         finally:
             self.busy_s += time.thread_time() - t0

@@ -16,6 +16,7 @@ from fedfleet.cli_flags import (
     PHONE_ONLY,
     SERVER_SETTINGS,
     SERVER_SIDE,
+    add_accelerator_flags,
     add_enrolment_flags,
     add_gossip_flags,
     add_gossip_fleet_flags,
@@ -57,7 +58,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     interrupt = Interrupt()
     if cfg.mode == "gossip":  # phones average with their neighbours; the server relays (fedfleet/gossip_run.py)
         from fedfleet.gossip_run import run_gossip
+        from fedfleet.tuning import parse_threads, set_torch_threads
 
+        set_torch_threads(parse_threads(cfg.train_threads))
         summary = run_gossip(cfg)
         interrupt.signum = signal.Signals[summary["interrupted"]].value if "interrupted" in summary else 0
     else:
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_gossip_flags(p)
     add_state_flags(p)
     add_secagg_flags(p)
+    add_accelerator_flags(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("fleet", help="an emulated fleet against a running server")

@@ -115,6 +115,15 @@ def server_task_flags(p: argparse.ArgumentParser) -> None:
                         "phones on 2+ cores)")
 
 
+def add_accelerator_flags(p: argparse.ArgumentParser) -> None:
+    """Where simulate's training arithmetic runs: docs/accelerators.md."""
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="batched training and the server's evaluation on the CPU (default), a CUDA GPU, or "
+                        "auto: CUDA when torch sees one")
+    p.add_argument("--train-threads", metavar="N|auto",
+                   help="torch intra-op threads of the training (default 1; auto: the cores this process may use)")
+
+
 def add_strategy_flags(p: argparse.ArgumentParser) -> None:
     """A merge of one's own (serve and simulate): see docs/strategies.md."""
     p.add_argument("--strategy", metavar="MODULE:ATTR",

@@ -27,7 +27,7 @@ from fedfleet.server.config import ServerConfig
 from fedfleet.server.privacy import task_release
 from fedfleet.serving import ServerProcess, serve_here
 from fedfleet.simulate_config import SimulateConfig
-from fedfleet.tuning import set_torch_threads
+from fedfleet.tuning import parse_threads, set_torch_threads
 
 if TYPE_CHECKING:  # the fleet (torch) and the server are imported where they run: see simulate, ServerProcess
     from fedfleet.device_runtime.fleet_result import FleetResult
@@ -235,12 +235,13 @@ class Interrupted(Exception):
 
 def run(cfg: SimulateConfig, interrupt: Interrupt | None = None, data: Dataset | None = None,
         show_table: bool = True) -> dict[str, Any]:
-    """``simulate`` with the live round table, training on one torch thread (the command line's run;
-    see fedfleet.tuning); ``interrupt``: see ``simulate`` (a run it cancels before its fleet started
-    raises Interrupted)."""
+    """``simulate`` with the live round table, training on ``cfg.train_threads`` torch threads (the
+    command line's run; see fedfleet.tuning); ``interrupt``: see ``simulate`` (a run it cancels before
+    its fleet started raises Interrupted)."""
     table = RoundTable(total=cfg.rounds) if show_table else None
+    threads = parse_threads(cfg.train_threads)
     try:
-        _, summary = aio.run(simulate(cfg, table, interrupt=interrupt, torch_threads=1, data=data))
+        _, summary = aio.run(simulate(cfg, table, interrupt=interrupt, torch_threads=threads, data=data))
     except asyncio.CancelledError:
         if interrupt is None or not interrupt.signum:
             raise

@@ -17,10 +17,12 @@ from fedfleet.device_runtime.data import Dataset, check_dataset_name, parse_part
 from fedfleet.device_runtime.fleet_plan import FleetConfig
 from fedfleet.device_runtime.profiles import ProfileSpec, load_profiles
 from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
+from fedfleet.export.accelerator import resolve_device
 from fedfleet.export.refs import check_model_name
 from fedfleet.protocol.plan import PLAN_FIELDS
 from fedfleet.server.config import ServerConfig, check_type, check_types
 from fedfleet.simulate_routes import DEFAULTS, ROUTES, component_field, component_values, field_default
+from fedfleet.tuning import parse_threads
 
 AUTO_SERVER_PROCESS_PHONES = 1000  # server_process "auto": its own process from this fleet size on
 
@@ -57,6 +59,8 @@ class SimulateConfig:
     compress: bool = False  # zlib over the payload
     quant_rounding: str = "stochastic"  # stochastic (unbiased) | nearest (deterministic; for error feedback)
     quant_scale: str = "max"  # max | fit (least-squares scale per chunk; needs quant_rounding nearest)
+    # where training arithmetic runs (docs/accelerators.md): the device is the server's and the fleet's setting
+    train_threads: str = "1"  # torch intra-op threads of the process: N | auto (the cores it may use)
     settings: dict[str, Any] = field(default_factory=lambda: dict(DEFAULTS))  # the server's and fleet's (ROUTES)
     server: dict[str, Any] = field(default_factory=dict)  # any other ServerConfig field ([simulate.server])
 
@@ -140,6 +144,12 @@ class SimulateConfig:
             _check_gossip(self)
         check_dataset_name(self.dataset)
         check_model_name(self.model)
+        parse_threads(self.train_threads)
+        if self.device == "cuda" and (self.mode == "gossip" or self.trainer != "batched" or self.runtime != "torch"):
+            raise ValueError("--device cuda trains with --trainer batched and --runtime torch, in sync or async "
+                             "mode; these phones would train on the CPU")
+        if self.device != "auto":  # auto never fails; cuda without a GPU does, now, in one line
+            resolve_device(self.device)
         if self.init_weights is not None and not Path(self.init_weights).is_file():
             raise ValueError(f"--init-weights {self.init_weights}: no such file")
         parse_partition(self.partition)
@@ -229,7 +239,8 @@ class SimulateConfig:
         return self.clock == "virtual" or (self.clock == "auto" and self.devices != "none")
 
     def fleet_config(self) -> FleetConfig:
-        return FleetConfig(**component_values(self.settings, "fleet"), server_here=not self.use_server_process,
+        values = {**component_values(self.settings, "fleet"), "device": resolve_device(self.settings["device"])}
+        return FleetConfig(**values, server_here=not self.use_server_process,
                            profile_spec=ProfileSpec(**component_values(self.settings, "profile")))
 
 

@@ -31,6 +31,7 @@ ROUTES: dict[str, tuple[Target, ...]] = {
     "buffer": (("server", "buffer_size"),),
     "delta": (("server", "dp_delta"),),  # also the codec's delta when its noise is calibrated to --epsilon
     "seed": (("server", "seed"), ("fleet", "seed")),  # one seed: the initial model and every draw of the fleet
+    "device": (("server", "device"), ("fleet", "device")),  # evaluation and batched training (docs/accelerators.md)
     # the phones: FleetConfig
     **_same("fleet", "phones", "partition", "quantity_skew", "attack", "attack_fraction", "workers", "trainer",
             "runtime", "hours", "inline_model", "chain_checkin", "start_spread_s", "devices"),

@@ -8,6 +8,7 @@ program embedding fedfleet at that scale calls it once itself, before it starts.
 from __future__ import annotations
 
 import gc
+import os
 
 from fedfleet.device_runtime.limits import raise_open_file_limit
 
@@ -35,9 +36,19 @@ def tune_process(*, torch_threads: int | None = None, freeze: bool = True) -> No
 
 
 def set_torch_threads(threads: int) -> None:
-    """Torch's intra-op threads for the whole process. Phone-sized models gain nothing from them, and
-    OpenMP's spin-waiting makes them several times slower when the cores are shared: a fleet's
-    parallelism comes from its trainers (1 is what the command line uses)."""
+    """Torch's intra-op threads for the whole process, before its training thread first runs (a thread
+    keeps the OpenMP team size it started with). The command line's ``--train-threads`` (default 1):
+    OpenMP's teams wait for their slowest thread, so on cores other processes share, 2 threads made the
+    batched CNN step slower, not faster (bench/bench_threads.py, docs/accelerators.md)."""
     import torch
 
     torch.set_num_threads(threads)
+
+
+def parse_threads(value: str) -> int:
+    """``--train-threads``: a positive count, or ``auto``: the cores this process may run on."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--train-threads {value}: give a number of threads (at least 1) or auto")
+    return int(value)

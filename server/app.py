@@ -11,6 +11,7 @@ import numpy as np
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from fedfleet.export.accelerator import resolve_device
 from fedfleet.protocol import ProtocolError, decode_message, encode_message
 from fedfleet.server.admin import with_stored_plan
 from fedfleet.server.async_coordinator import AsyncCoordinator
@@ -81,7 +82,8 @@ def make_app(
         app[MODEL_FINGERPRINT] = fingerprint
     if test_data is not None:
         task = (config.model, config.input_shape, config.num_classes)  # torch loads at the first evaluation
-        app[EVALUATOR] = Evaluator(task, test_data[0], test_data[1], seed=config.seed, init_weights=config.init_weights)
+        app[EVALUATOR] = Evaluator(task, test_data[0], test_data[1], seed=config.seed, init_weights=config.init_weights,
+                                   device=resolve_device(config.device))
     if config.bundle_dir is not None:
         manifest = check_bundle(Path(config.bundle_dir), config.model, app[COORD].specs)
         bundle_fp = manifest.model_fingerprint

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedfleet.export.accelerator import resolve_device
 from fedfleet.protocol.plan import PLAN_FIELDS, TrainPlan
 
 if TYPE_CHECKING:
@@ -120,10 +121,14 @@ class ServerConfig:
     data_dir: str | None = None  # SQLite file and metrics live here; None = in memory
     sqlite_sync: str = "full"  # full: fsync every commit (survives power loss) | normal: survives kill -9 only
     bundle_dir: str | None = None  # the task's exported bundle (fedfleet export), served at /v1/bundle
+    # --- accelerator (export/accelerator.py): where the evaluation's arithmetic runs: auto | cpu | cuda ---
+    device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.device != "auto":  # cuda on a machine without one is refused here, not at the first evaluation
+            resolve_device(self.device)
         TrainPlan(self.local_epochs, self.batch_size, self.lr, self.prox_mu)  # what phones would refuse
         if self.checkin_pace < 0 or self.checkin_retry_s < 0 or self.checkin_hold_s < 0:
             raise ValueError("checkin_pace, checkin_retry_s and checkin_hold_s must be >= 0")

@@ -11,6 +11,7 @@ import numpy as np
 from fedfleet.protocol.state import split_state
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from fedfleet.export.models import ModelSpec
@@ -28,16 +29,21 @@ class Evaluator:
     """Holds the test split and one eager model; ``evaluate`` loads parameters and scores them.
 
     The model, and torch with it, is built at the first evaluation (in the publisher's thread),
-    so that a server restarting after a crash answers requests without waiting for torch."""
+    so that a server restarting after a crash answers requests without waiting for torch.
+
+    ``device`` (resolved: "cpu" or "cuda", export.accelerator.resolve_device): where the model and the
+    test split live from the first evaluation on; on CUDA a batch is as many examples as fit in the
+    free memory, and the loss and the count of correct answers come back to the host once."""
 
     def __init__(self, spec: ModelSpec | TaskSpec, x_test: np.ndarray, y_test: np.ndarray, seed: int = 0,
-                 init_weights: str | None = None) -> None:
+                 init_weights: str | None = None, device: str = "cpu") -> None:
         if len(x_test) != len(y_test) or len(x_test) == 0:
             raise ValueError("the test split needs as many labels as examples, and at least one")
-        self.spec, self.seed, self.init_weights = spec, seed, init_weights
+        self.spec, self.seed, self.init_weights, self.device = spec, seed, init_weights, device
         self.x = np.ascontiguousarray(x_test, dtype=np.float32)
         self.y = np.asarray(y_test, dtype=np.int64)
         self._model: nn.Module | None = None
+        self._split: tuple[torch.Tensor, torch.Tensor] | None = None  # the test split on the device
 
     def _built(self) -> nn.Module:
         if self._model is None:
@@ -46,15 +52,22 @@ class Evaluator:
 
             spec = self.spec if isinstance(self.spec, ModelSpec) else ModelSpec(*self.spec)
             # the parameters phones do not train (a frozen backbone) are the initial weights' too
-            self._model = task_model(spec.name, spec.input_shape, spec.num_classes, self.seed, self.init_weights)
+            self._model = task_model(spec.name, spec.input_shape, spec.num_classes, self.seed,
+                                     self.init_weights).to(self.device)
         return self._model
 
     def evaluate(self, params: Mapping[str, np.ndarray], batch_size: int = 512) -> Evaluation:
         import torch
 
+        from fedfleet.export.accelerator import activation_bytes, rows_that_fit
+
         model = self._built()
-        x, y = torch.from_numpy(self.x), torch.from_numpy(self.y)
+        if self._split is None:
+            self._split = torch.from_numpy(self.x).to(self.device), torch.from_numpy(self.y).to(self.device)
+        x, y = self._split
         params, state = split_state(params)
+        if self.device != "cpu":  # as many rows as the free memory holds, with their activations
+            batch_size = rows_that_fit(self.device, activation_bytes(model, x[:1], 4), cap=len(x))
         with torch.no_grad():
             named = dict(model.named_parameters())
             for name, value in params.items():
@@ -63,10 +76,13 @@ class Evaluator:
             for name, value in state.items():  # batch norm statistics: what the phones would use
                 buffers[name].copy_(torch.from_numpy(np.asarray(value)).to(buffers[name].dtype))
             model.eval()
-            loss_sum, correct = 0.0, 0
+            # Per batch, summed on the host in float64 (on the CPU the same floats as one float() per batch).
+            losses, hits = [], []
             for start in range(0, len(x), batch_size):
                 logits = model(x[start : start + batch_size])
                 yb = y[start : start + batch_size]
-                loss_sum += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
-                correct += int((logits.argmax(1) == yb).sum())
+                losses.append(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
+                hits.append((logits.argmax(1) == yb).sum())
+            loss_sum = sum(torch.stack(losses).cpu().tolist(), 0.0)
+            correct = int(torch.stack(hits).sum().cpu())
         return Evaluation(loss=loss_sum / len(x), accuracy=correct / len(x))
