@@ -1,6 +1,6 @@
 """A user's own models, federated, against the same models trained centrally (issue 20's goals).
 
-    python -m bench.bench_user_task [--seeds 0,1,2] [--jobs 2] [--local-epochs 2 --batch-size 8 --lr 0.1]
+    python -m bench.bench_user_task [--seeds 0,1,2] [--jobs 2] [--local-epochs E --batch-size B --lr LR]
 
 Two models of examples/custom_task.py, given as a user gives them (``MODULE:ATTR``):
 
@@ -12,7 +12,9 @@ Federated: ``fedfleet.run_simulation``, 20 phones, Dirichlet(0.5) labels, 10 rou
 in every round (sample 1.0), the virtual clock, the default trainer (batched; the GRU group falls
 back to the per-phone loop by itself). Central: the same model, seed, batch size and learning rate,
 plain SGD (bench_accuracy's ``central_accuracy``) for as many passes over the training split as
-the fleet makes: rounds x local epochs x sample. Writes bench/results/user_task.json.
+the fleet makes: rounds x local epochs x sample (50 with fedfleet's training plan defaults, 5 local
+epochs of batches of 8 at lr 0.1, which are this benchmark's defaults). Writes
+bench/results/user_task.json (``--only``: user_task_bn_cnn.json or user_task_gru.json).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from bench.bench_accuracy import central_accuracy
 from bench.common import table, write
+from fedfleet.protocol.plan import TrainPlan
 
 PHONES, ROUNDS, PARTITION, SAMPLE = 20, 10, "dirichlet:0.5", 1.0
 
@@ -107,10 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--only", choices=sorted(TASKS), help="one model instead of both")
     parser.add_argument("--jobs", type=int, default=1, help="trainings run at once, each on one thread")
-    # what a user tunes, the same for every seed and for both trainings
-    parser.add_argument("--local-epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.1)
+    # what a user tunes, the same for every seed and for both trainings; fedfleet's defaults
+    parser.add_argument("--local-epochs", type=int, default=TrainPlan.local_epochs)
+    parser.add_argument("--batch-size", type=int, default=TrainPlan.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainPlan.lr)
     args = parser.parse_args(argv)
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",")]
