@@ -21,6 +21,7 @@ FULL = [
     ["bench.bench_accuracy", "central"],
     ["bench.bench_accuracy", "codec"],
     ["bench.bench_accuracy", "privacy"],
+    ["bench.bench_user_task", "--seeds", "0,1,2", "--jobs", "2"],
     ["bench.bench_scale", "--phones", "1000,10000"],
     ["bench.bench_faults", "all"],
     ["bench.bench_attack"],

