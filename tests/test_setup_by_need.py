@@ -4,6 +4,7 @@ step a fresh machine would take (``-n -B``: print, do not run, as if nothing wer
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,8 +17,10 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 
 def dry_run(target: str, tmp_path: Path) -> list[str]:
-    out = subprocess.run(["make", "-n", "-B", target, f"VENV={tmp_path / 'venv'}"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
+    # A fresh make, also under `make test` (CI): no inherited MAKELEVEL/MAKEFLAGS, no "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-B", target, f"VENV={tmp_path / 'venv'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     return out.splitlines()
 
 
