@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from fedfleet.device_runtime.secagg_client import SecureOutcome
 from fedfleet.server.secagg_journal import Journal
 from fedfleet.server.state import COORD
 from fedfleet.server.store import Store
 from tests.conftest import MakeClient
-from tests.test_secagg_server import SECURE, _cohort, _round, _wait_version
+from tests.test_secagg_server import SECURE, _cohort, _round
 
 
 def _on_disk(path: Path) -> int:
@@ -63,8 +64,8 @@ async def test_a_round_commits_fewer_transactions_than_messages(make_server: Mak
     n = 12
     client = await make_server(min_cohort=n, **SECURE)
     phones, task = await _cohort(client, n)
-    await _round(client, phones, task, {})
-    await _wait_version(client, 1)
+    outcomes = await _round(client, phones, task, {})  # every message acknowledged
+    assert all(isinstance(o, SecureOutcome) for o in outcomes), outcomes
     journal = client.app[COORD].secure.journal  # type: ignore[attr-defined]
     messages = 4 * n + 1  # advertise, share, masked, unmask per phone, and the round's header
     assert 0 < journal.commits < messages / 2
