@@ -18,7 +18,7 @@ import numpy as np
 
 from fedfleet.protocol.secagg import GroupParams, PublicKeys, SecAggPhone
 from fedfleet.protocol.secagg.coords import shared_coordinates
-from fedfleet.protocol.secagg.integer import flatten, to_integers, words_to_bytes
+from fedfleet.protocol.secagg.integer import flatten, pack, to_integers
 from fedfleet.protocol.secagg.params import params_from_json
 from fedfleet.protocol.secagg.phone import keys_for, sync_group_name
 
@@ -106,7 +106,7 @@ class SecureSession:
             x = x[shared_coordinates(params.graph_seed, params.context, params.model_dim, params.dim)]
         out.values = to_integers(x, params, self.rng)
         out.masked = phone.masked_upload({int(j): bytes.fromhex(s) for j, s in inbox["shares"].items()}, out.values)
-        body = words_to_bytes(out.masked, params.word_bytes)
+        body = pack(out.masked, params.modulus_bits)
         out.cpu_ms += (time.perf_counter() - t) * 1e3
         await self._call("POST", f"/v1/secagg/masked?round={self.round}", None, body)
         if drop_after == "masked":

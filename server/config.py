@@ -69,7 +69,7 @@ class ServerConfig:
     secagg_threshold: float = 0.55  # fraction of neighbours (shares) and of the group (survivors) needed to unmask
     secagg_degree: int = 0  # neighbours per phone (0 = about 2 log2 n)
     secagg_clip: float = 1.0  # L2 clip of each update before it becomes integers
-    secagg_value_bits: int = 16  # the clip maps to 2**value_bits integer units
+    secagg_modulus_bits: int = 0  # b, bits per masked value (0 = the smallest b >= 12 at which the sum fits)
     distributed_noise_multiplier: float = 0.0  # z of the central Gaussian the phones' summed noise amounts to
     secagg_step_timeout_s: float = 30.0  # phones that have not acted by then are dropped from the step
     # --- Byzantine robustness (server/robust.py) -------------------------------------------

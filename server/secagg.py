@@ -37,7 +37,7 @@ from fedfleet.protocol.secagg import (
 )
 from fedfleet.protocol.secagg.coords import kept
 from fedfleet.protocol.secagg.graph import neighbours
-from fedfleet.protocol.secagg.integer import words_from_bytes
+from fedfleet.protocol.secagg.integer import unpack
 from fedfleet.protocol.secagg.params import params_json
 from fedfleet.protocol.secagg.phone import sync_group_name
 from fedfleet.protocol.secagg.shamir import PRIME
@@ -54,7 +54,7 @@ class SecAggSettings:
     threshold: float
     degree: int | None
     clip: float
-    value_bits: int
+    modulus_bits: int  # b; 0: the smallest b >= 12 at which the group's sum fits
     noise_multiplier: float
     step_timeout_s: float
     seed: int
@@ -122,8 +122,9 @@ class SecureGroup:
         seed = hashlib.sha256(f"fedfleet graph {s.seed} {self.name}".encode()).digest()
         try:
             self.params = group_params(self.name, len(self.keys), kept(self.dim, s.density), clip=s.clip,
-                                       threshold=s.threshold, degree=s.degree, value_bits=s.value_bits,
-                                       noise_multiplier=s.noise_multiplier, graph_seed=seed, full_dim=self.dim)
+                                       threshold=s.threshold, degree=s.degree,
+                                       noise_multiplier=s.noise_multiplier, graph_seed=seed, full_dim=self.dim,
+                                       modulus_bits=s.modulus_bits or None)
         except ValueError as exc:  # SumMayWrap too: settings that fail at this group's size
             self._abort(f"no parameters for {len(self.keys)} phones: {exc}")
             return
@@ -183,11 +184,13 @@ class SecureGroup:
         if i in self.masked:
             raise WrongStep(f"{phone} already sent its masked update in {self.name}")
         p = self._params()
-        if len(body) != p.dim * p.word_bytes:
-            raise BadShare(f"a masked update is {p.dim} x {p.word_bytes} bytes, got {len(body)}")
-        y = words_from_bytes(body, p.dim, p.word_bytes)
-        if p.modulus_bits < 64 and (y >> np.uint64(p.modulus_bits)).any():
-            raise BadShare(f"masked values must be below 2**{p.modulus_bits}")
+        if len(body) != p.upload_bytes:
+            raise BadShare(f"a masked update is {p.rotated_dim} values of {p.modulus_bits} bits, {p.upload_bytes} "
+                           f"bytes, got {len(body)}")
+        spare = 8 * p.upload_bytes - p.rotated_dim * p.modulus_bits
+        if spare and body[-1] >> (8 - spare):
+            raise BadShare("the padding bits after the last masked value must be zero")
+        y = unpack(body, p.rotated_dim, p.modulus_bits)
         self._log("masked", phone, body)
         self.masked[i] = y
         if self.first_upload_at is None:

@@ -105,7 +105,7 @@ class AsyncSecureGroups:
         f = self.filling
         if f is None or f.base_version != version:
             f = self._open(version)
-        self.journal.write(f.number, "assign", phone, b"")
+        self.journal.write_now(f.number, "assign", phone, b"")  # durable before the task goes out
         f.members[phone] = self.clock()
         if len(f.members) >= self.size:
             self._stop_taking(f)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from fedfleet.protocol.secagg.coords import shared_coordinates
-from fedfleet.protocol.secagg.integer import unflatten
+from fedfleet.protocol.secagg.integer import mean_from_sum, unflatten
 from fedfleet.server.secagg import SecAggSettings, SecureGroup
 from fedfleet.server.secagg_journal import Journal, replay
 from fedfleet.server.store import Store
@@ -103,7 +103,7 @@ def group_contribution(g: SecureGroup, shapes: Mapping[str, tuple[int, ...]], cl
     assert g.total is not None and g.params is not None, "merge only a finished group"
     survivors = len(g.masked)
     p = g.params
-    mean = g.total.astype(np.float64) / (p.scale * survivors)
+    mean = mean_from_sum(g.total, p, survivors)
     if p.dim < p.model_dim:  # shared random-k: back to every coordinate, unbiased (x D / k)
         full = np.zeros(p.model_dim)
         full[shared_coordinates(p.graph_seed, p.context, p.model_dim, p.dim)] = mean * (p.model_dim / p.dim)
@@ -111,9 +111,9 @@ def group_contribution(g: SecureGroup, shapes: Mapping[str, tuple[int, ...]], cl
     delta = unflatten(mean, shapes)  # float64: the optimizer adds it in float64
     c = Contribution(f"secagg:{g.name}", f"{g.name}/sum", delta, survivors, None,
                      clock() - g.opened_at, 0, g.bytes_up)
-    masked_bytes = survivors * g.params.dim * g.params.word_bytes
+    masked_bytes = survivors * p.upload_bytes
     extra = {"updates": survivors, "dropped": g.dropped(), "update_bytes": masked_bytes,
-             "dense_bytes": 4 * g.params.dim * survivors, "compression_ratio": 4 / g.params.word_bytes,
+             "dense_bytes": 4 * p.dim * survivors, "compression_ratio": 4 * p.dim / p.upload_bytes,
              "secagg_bytes_up": g.bytes_up, "secagg_bytes_down": g.bytes_down,
              "secagg_unmask_ms": g.unmask_ms, "secagg_dropped": g.dropped(), "secagg_aborted": aborted,
              "secagg_survivors": survivors, "secagg_modulus_bits": g.params.modulus_bits}
@@ -134,7 +134,7 @@ def group_contribution(g: SecureGroup, shapes: Mapping[str, tuple[int, ...]], cl
 
 def settings_of(config: Any) -> SecAggSettings:
     return SecAggSettings(config.secagg_threshold, config.secagg_degree or None, config.secagg_clip,
-                          config.secagg_value_bits, config.distributed_noise_multiplier,
+                          config.secagg_modulus_bits, config.distributed_noise_multiplier,
                           config.secagg_step_timeout_s, config.seed,
                           float(config.codec.get("density", 1.0)) if config.codec.get("sparsify") == "randk" else 1.0)
 
@@ -162,7 +162,8 @@ def check_secure_config(config: Any) -> None:
         raise ValueError(f"secagg_threshold must be in (0.5, 1], got {config.secagg_threshold!r}")
     if config.secagg_degree < 0 or config.secagg_degree % 2:
         raise ValueError(f"secagg_degree must be even and >= 0 (0 = about 2 log2 n), got {config.secagg_degree}")
-    if not config.secagg_clip > 0 or not 1 <= config.secagg_value_bits <= 40:
-        raise ValueError("secagg_clip must be > 0 and secagg_value_bits in [1, 40]")
+    if not config.secagg_clip > 0 or not (config.secagg_modulus_bits == 0 or 2 <= config.secagg_modulus_bits <= 62):
+        raise ValueError("secagg_clip must be > 0 and secagg_modulus_bits 0 (smallest that fits, at least 12) "
+                         f"or in [2, 62], got {config.secagg_modulus_bits}")
     if not config.distributed_noise_multiplier >= 0 or not config.secagg_step_timeout_s > 0:
         raise ValueError("distributed_noise_multiplier must be >= 0 and secagg_step_timeout_s > 0")

@@ -81,9 +81,9 @@ async def _poll(request: web.Request, answer_for: Any) -> web.Response:
     if aborted is None and phone not in group.keys:  # e.g. after a server restart lost the group
         aborted = f"{phone} is not in {group.name}; check in again"
     if aborted:
-        return json_response({"state": "aborted", "error": "below_threshold", "message": aborted})
+        return await _durable(request, {"state": "aborted", "error": "below_threshold", "message": aborted})
     answer = answer_for(group, phone)
-    return _wait(request) if answer is None else json_response({"state": "ready", **answer})
+    return await _durable(request, _wait(request) if answer is None else {"state": "ready", **answer})
 
 
 def _round_query(request: web.Request) -> int:
@@ -109,8 +109,17 @@ def _by_index(value: Any, what: str) -> dict[int, str]:
     return {int(k): v for k, v in value.items()}
 
 
-def _wait(request: web.Request) -> web.Response:
-    return json_response({"state": "wait", "retry_after_s": request.app[CONFIG].checkin_retry_s})
+def _wait(request: web.Request) -> dict[str, Any]:
+    return {"state": "wait", "retry_after_s": request.app[CONFIG].checkin_retry_s}
+
+
+async def _durable(request: web.Request, answer: dict[str, Any]) -> web.Response:
+    """Answer once every secure-group message written so far is committed (server/secagg_journal.py):
+    the phone's own, and those of other phones that the answer reveals."""
+    secure = getattr(request.app[COORD], "secure", None)
+    if secure is not None:
+        await secure.journal.settled()
+    return json_response(answer)
 
 
 def _after(request: web.Request, group: SecureGroup) -> None:
@@ -130,10 +139,10 @@ async def advertise(request: web.Request) -> web.Response:
     if not assigned:
         raise WrongStep(f"{phone} has no task in round {group.round}; check in first")
     if group.step != "advertise" and phone not in group.keys:  # came too late: a race, not bad input
-        return json_response({"accepted": False, "step": group.step})
+        return await _durable(request, {"accepted": False, "step": group.step})
     group.advertise(phone, PublicKeys(_hex(body.get("channel_key"), 32, "channel_key"),
                                       _hex(body.get("mask_key"), 32, "mask_key")))
-    return json_response({"accepted": True, "step": group.step})
+    return await _durable(request, {"accepted": True, "step": group.step})
 
 
 async def roster(request: web.Request) -> web.Response:
@@ -146,7 +155,7 @@ async def shares(request: web.Request) -> web.Response:
     sealed = {j: _hex(v, None, "a sealed share") for j, v in _by_index(body.get("shares"), "shares").items()}
     group.share(phone, sealed)
     _after(request, group)
-    return json_response({"accepted": True, "step": group.step})
+    return await _durable(request, {"accepted": True, "step": group.step})
 
 
 async def inbox(request: web.Request) -> web.Response:
@@ -159,7 +168,7 @@ async def masked(request: web.Request) -> web.Response:
     body = await read_body(request, cfg.max_update_bytes, cfg.request_timeout_s)
     group.upload(phone, body)
     _after(request, group)
-    return json_response({"accepted": True, "step": group.step})
+    return await _durable(request, {"accepted": True, "step": group.step})
 
 
 async def unmask_request(request: web.Request) -> web.Response:
@@ -175,7 +184,7 @@ async def unmask(request: web.Request) -> web.Response:
     ]
     group.unmask(phone, UnmaskShares(parsed[0], parsed[1]))
     _after(request, group)
-    return json_response({"accepted": True, "step": group.step})
+    return await _durable(request, {"accepted": True, "step": group.step})
 
 
 def setup_secagg_routes(app: web.Application) -> None:

@@ -7,6 +7,7 @@ changes nothing; bad messages get a named 4xx."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,13 +21,13 @@ from fedfleet.device_runtime.secagg_client import (
     SecureSession,
     secure_round,
 )
+from fedfleet.protocol.secagg.integer import mean_from_sum
 from fedfleet.server.staleness import parse_staleness
 from fedfleet.server.state import STORE
 from tests.conftest import MakeClient, register, update_body
 from tests.test_secagg_server import SECURE, _deltas, _model, _status, _wait_version, sender
 
 ASYNC = {**SECURE, "mode": "async", "buffer_size": 5, "concurrency": 12, "staleness": "poly:0.5"}
-SCALE = 2.0**12 / 5.0  # SECURE: value bits 12, clip 5
 Phones = list[tuple[str, dict[str, str]]]
 
 
@@ -56,11 +57,14 @@ async def _group(client: TestClient, phones: Phones, number: int, task: dict[str
     return outcomes, [v for v in summed if v is not None]
 
 
-def _fedbuff(before: dict[str, np.ndarray], values: list[np.ndarray], staleness: int) -> dict[str, np.ndarray]:
+def _fedbuff(before: dict[str, np.ndarray], outcomes: Sequence[SecureOutcome | BaseException],
+             values: list[np.ndarray], staleness: int) -> dict[str, np.ndarray]:
     """FedBuff's merge (Nguyen et al. 2022) of a buffer of equally weighted integer updates, all
-    from one base version: the model plus the staleness weight times their mean."""
+    from one base version: the model plus the staleness weight times their mean (scaled and
+    rotated back with the group's parameters)."""
     w = parse_staleness("poly:0.5")(staleness)
-    mean = np.sum(values, axis=0).astype(np.float64) / (SCALE * len(values))
+    params = next(o.params for o in outcomes if isinstance(o, SecureOutcome) and o.params is not None)
+    mean = mean_from_sum(np.sum(values, axis=0), params, len(values))
     out, at = {}, 0
     for name, p in before.items():
         out[name] = (p.astype(np.float64) + w * mean[at : at + p.size].reshape(p.shape)).astype(p.dtype)
@@ -83,7 +87,7 @@ async def test_each_group_merges_as_one_fedbuff_buffer_with_its_base_versions_st
     assert len(summed) == (4 if when == "share" else 5)
     await _wait_version(client, 1)
     v1 = await _model(client, phones[0][1])
-    for name, p in _fedbuff(v0, summed, 0).items():
+    for name, p in _fedbuff(v0, outcomes, summed, 0).items():
         np.testing.assert_array_equal(v1[name], p)
 
     # the model moved on: the next phone opens group 3 on version 1; group 2 keeps its 3 phones, on version 0
@@ -95,7 +99,7 @@ async def test_each_group_merges_as_one_fedbuff_buffer_with_its_base_versions_st
     assert all(isinstance(o, SecureOutcome) for o in outcomes) and len(summed) == 3, outcomes
     await _wait_version(client, 2)
     v2 = await _model(client, phones[0][1])
-    for name, p in _fedbuff(v1, summed, 1).items():  # staleness 1: weight 2 ** -0.5
+    for name, p in _fedbuff(v1, outcomes, summed, 1).items():  # staleness 1: weight 2 ** -0.5
         np.testing.assert_array_equal(v2[name], p)
     for _ in range(100):
         rows = (await (await client.get("/v1/rounds")).json())["rounds"]
@@ -197,5 +201,5 @@ async def test_phones_exchange_keys_while_they_train(make_server: MakeClient) ->
     outcomes = await asyncio.gather(*[phone(i, a) for i, (_, a) in enumerate(phones)])
     await _wait_version(client, 1)
     v1 = await _model(client, phones[0][1])
-    for name, p in _fedbuff(v0, [o.values for o in outcomes if o.values is not None], 0).items():
+    for name, p in _fedbuff(v0, outcomes, [o.values for o in outcomes if o.values is not None], 0).items():
         np.testing.assert_array_equal(v1[name], p)

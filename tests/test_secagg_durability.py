@@ -16,6 +16,7 @@ import pytest
 
 from fedfleet.device_runtime.secagg_client import SecureOutcome, secure_round
 from fedfleet.protocol import decode_message
+from fedfleet.protocol.secagg.integer import mean_from_sum
 from tests.test_durability import _free_port, _start
 
 TOML = ("[server]\nsecagg_step_timeout_s = 3.0\nsecagg_clip = 5.0\ncheckin_retry_s = 0.05\n"
@@ -111,7 +112,8 @@ async def test_kill_9_mid_group_loses_no_acknowledged_step(tmp_path: Path, kill_
         values = [o.values for o in outcomes if isinstance(o, SecureOutcome) and o.values is not None]
         assert len(values) == N and rows[-1]["round"] == 1 and rows[-1]["updates"] == N
         assert rows[-1]["secagg_group"] == 1 if mode == "async" else "secagg_group" not in rows[-1]
-        mean = np.sum(values, axis=0).astype(np.float64) / (2.0**16 / 5.0 * N)  # staleness 0: weight 1
+        params = next(o.params for o in outcomes if isinstance(o, SecureOutcome) and o.params is not None)
+        mean = mean_from_sum(np.sum(values, axis=0), params, N)  # staleness 0: weight 1
         at = 0
         for name in names:
             p = v0[name]

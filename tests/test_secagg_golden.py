@@ -11,7 +11,7 @@ import numpy as np
 
 from fedfleet.protocol.secagg import SecAggPhone, UnmaskShares, crypto, group_params, unmask_sum
 from fedfleet.protocol.secagg.graph import neighbours, ring_order
-from fedfleet.protocol.secagg.integer import words_from_bytes, words_to_bytes
+from fedfleet.protocol.secagg.integer import pack, unpack
 from fedfleet.protocol.secagg.phone import pairwise_key
 
 GOLDEN = Path(__file__).parent / "golden" / "secagg"
@@ -50,11 +50,30 @@ def test_shared_coordinates() -> None:
     assert got.tolist() == v["coordinates"]
 
 
+def test_rotation() -> None:
+    from fedfleet.protocol.secagg.rotation import rotation
+
+    v = _load("rotation_63")
+    r = rotation(bytes.fromhex(v["seed_hex"]), v["group"].encode(), v["dim"])
+    assert (r.block, r.rotated_dim) == (v["block"], v["rotated_dim"])
+    assert r.signs.astype(int).tolist() == v["signs"] and r.order.tolist() == v["order"]
+    y = r.apply(np.array(v["x"]))
+    assert y.tolist() == v["y"]  # the same float operations in the same order: bit for bit
+    np.testing.assert_allclose(r.invert(y), v["x"], rtol=0, atol=1e-12)
+
+
+def test_packing() -> None:
+    v = _load("packing_5_bits")
+    values = np.array(v["values"], dtype=np.uint64)
+    assert pack(values, v["bits"]).hex() == v["packed_hex"]
+    assert unpack(bytes.fromhex(v["packed_hex"]), len(values), v["bits"]).tolist() == v["values"]
+
+
 def test_group_of_six_step_by_step() -> None:
     v = _load("group_6_phones")
     p = v["params"]
     params = group_params(
-        p["group"], p["size"], p["dim"], clip=p["clip"], threshold=p["threshold"], value_bits=p["value_bits"],
+        p["group"], p["size"], p["dim"], clip=p["clip"], threshold=p["threshold"], modulus_bits=p["modulus_bits"],
         graph_seed=bytes.fromhex(p["graph_seed_hex"]),
     )
     assert (params.degree, params.share_threshold, params.min_survivors, params.modulus_bits) == (
@@ -78,8 +97,8 @@ def test_group_of_six_step_by_step() -> None:
     for i in sorted(survivors):
         incoming = {j: out[i] for j, out in sealed.items() if i in out}
         y = phones[i].masked_upload(incoming, np.array(spec[i]["values"], dtype=np.int64))
-        assert words_to_bytes(y, params.word_bytes).hex() == v["masked_hex"][str(i)]
-        masked[i] = words_from_bytes(bytes.fromhex(v["masked_hex"][str(i)]), params.dim, params.word_bytes)
+        assert pack(y, params.modulus_bits).hex() == v["masked_hex"][str(i)]
+        masked[i] = unpack(bytes.fromhex(v["masked_hex"][str(i)]), params.rotated_dim, params.modulus_bits)
     responses = {}
     for key, expected in v["responses"].items():
         shares = phones[int(key)].unmask(survivors, dropped)

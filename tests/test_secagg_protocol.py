@@ -96,7 +96,7 @@ def test_request_for_both_secrets_of_one_phone_is_refused() -> None:
     phones = {i: SecAggPhone(params, i, rng.bytes(32)) for i in range(1, 7)}
     roster = {i: p.advertise() for i, p in phones.items()}
     sealed = {i: p.share_keys(roster) for i, p in phones.items()}
-    zero = np.zeros(10, dtype=np.int64)
+    zero = np.zeros(params.rotated_dim, dtype=np.int64)
     for i, p in phones.items():
         p.masked_upload({j: out[i] for j, out in sealed.items() if i in out}, zero)
     everyone = set(phones)
@@ -120,7 +120,7 @@ def test_shares_from_outside_the_neighbourhood_are_refused() -> None:
     stranger = next(j for j in phones if j != 1 and j not in phones[1].neighbours)
     incoming = {j: out[1] for j, out in sealed.items() if 1 in out}
     with pytest.raises(NotANeighbour):
-        phones[1].masked_upload({**incoming, stranger: b"\x00" * 148}, np.zeros(4, dtype=np.int64))
+        phones[1].masked_upload({**incoming, stranger: b"\x00" * 148}, np.zeros(params.rotated_dim, dtype=np.int64))
 
 
 def test_graph_is_k_regular_and_symmetric() -> None:
@@ -132,24 +132,25 @@ def test_graph_is_k_regular_and_symmetric() -> None:
     assert all(neighbours_of(1000, 20, b"seed", i) == graph[i] for i in (1, 500, 1000))
 
 
-def test_modulus_fits_the_largest_sum_and_refuses_a_smaller_one() -> None:
-    p = group_params("g", 1000, 10, clip=1.0, value_bits=16)
-    assert (1000 * p.value_bound) < 2 ** (p.modulus_bits - 1) <= 2 * 1000 * p.value_bound
+def test_modulus_fits_the_largest_signal_sum_and_refuses_a_smaller_one() -> None:
+    p = group_params("g", 1000, 10, clip=1.0)
+    assert p.modulus_bits == 12 and 1000 * p.clip_bound < 2 ** (p.modulus_bits - 1)
     with pytest.raises(SumMayWrap):
-        group_params("g", 1000, 10, clip=1.0, value_bits=16, modulus_bits=p.modulus_bits - 1)
-    extreme = np.full(10, p.value_bound, dtype=np.int64)
+        group_params("g", 1000, 10, clip=1.0, modulus_bits=10)
+    extreme = np.full(p.rotated_dim, p.clip_bound, dtype=np.int64)
     total = sum(to_field(extreme, p.modulus_bits) for _ in range(1000)) & np.uint64(2**p.modulus_bits - 1)
     np.testing.assert_array_equal(from_field(np.asarray(total), p.modulus_bits), 1000 * extreme)
     np.testing.assert_array_equal(from_field(to_field(-extreme, p.modulus_bits), p.modulus_bits), -extreme)
 
 
 def test_distributed_noise_has_the_central_variance() -> None:
-    p = group_params("g", 50, 20000, clip=1.0, value_bits=8, noise_multiplier=1.0)
+    p = group_params("g", 50, 20000, clip=1.0, noise_multiplier=1.0)
     rng = np.random.default_rng(5)
     noise = np.sum([to_integers(np.zeros(p.dim), p, rng) for _ in range(p.min_survivors)], axis=0)
     central_sigma = 1.0 * p.sensitivity
+    assert noise.shape == (p.rotated_dim,)
     assert abs(noise.std() / central_sigma - 1) < 0.02
-    assert abs(noise.mean()) < 4 * central_sigma / np.sqrt(p.dim)
+    assert abs(noise.mean()) < 4 * central_sigma / np.sqrt(p.rotated_dim)
 
 
 def test_sparse_graph_survives_ten_percent_dropped() -> None:
@@ -168,7 +169,7 @@ def test_distributed_epsilon_matches_the_central_gaussian() -> None:
 
     from fedfleet.protocol.secagg.dp import distributed_epsilon
 
-    p = group_params("g", 100, 1000, clip=1.0, value_bits=12, noise_multiplier=1.1)
+    p = group_params("g", 100, 1000, clip=1.0, noise_multiplier=1.1)
     central = RdpAccountant().compose(dp_accounting.GaussianDpEvent(1.1), 50).get_epsilon(1e-5)
     assert distributed_epsilon(p, 50, 1e-5) == pytest.approx(central, rel=1e-3)
     assert distributed_epsilon(p, 0, 1e-5) == 0.0

@@ -17,12 +17,13 @@ from nacl.public import PrivateKey
 from fedfleet.device_runtime.secagg_client import SecureOutcome, SecureRoundAborted, secure_round
 from fedfleet.protocol import decode_message
 from fedfleet.protocol.secagg.coords import shared_coordinates
+from fedfleet.protocol.secagg.integer import mean_from_sum
 from fedfleet.protocol.secagg.params import params_from_json
 from fedfleet.server.state import STORE
 from tests.conftest import MakeClient, register
 
 SECURE = {"secure_agg": True, "sample_fraction": 1.0, "secagg_threshold": 0.6, "secagg_step_timeout_s": 0.6,
-          "checkin_retry_s": 0.02, "secagg_clip": 5.0, "secagg_value_bits": 12}
+          "checkin_retry_s": 0.02, "secagg_clip": 5.0}
 
 
 class Refused(Exception):
@@ -103,8 +104,8 @@ async def test_merged_model_is_fedavg_of_the_integer_updates(make_server: MakeCl
     for o in summed:  # no upload equals the phone's integer update
         assert o.values is not None and o.masked is not None
         assert np.mean(o.masked.astype(np.int64) == o.values) < 0.01
-    scale = 2.0**12 / 5.0
-    mean = np.sum([_values(o) for o in summed], axis=0).astype(np.float64) / (scale * len(summed))
+    assert summed[0].params is not None
+    mean = mean_from_sum(np.sum([_values(o) for o in summed], axis=0), summed[0].params, len(summed))
     after, at = await _model(client, phones[0][1]), 0
     for name, p in before.items():
         d = mean[at : at + p.size].reshape(p.shape)
@@ -124,12 +125,12 @@ async def test_shared_random_k_sends_the_same_coordinates_and_merges_them_unbias
     params = outcomes[0].params  # type: ignore[union-attr]
     total = sum(p.size for p in before.values())
     assert params is not None and params.model_dim == total and params.dim == int(0.25 * total + 0.5)
-    for o in outcomes:  # each phone uploaded k words, not D
-        assert isinstance(o, SecureOutcome) and o.masked is not None and o.masked.size == params.dim
+    for o in outcomes:  # each phone uploaded k coordinates (rotated), not all of the model's
+        assert isinstance(o, SecureOutcome) and o.masked is not None and o.masked.size == params.rotated_dim
     coords = shared_coordinates(params.graph_seed, params.context, params.model_dim, params.dim)
     mean = np.zeros(total)
-    mean[coords] = (np.sum([_values(o) for o in outcomes if isinstance(o, SecureOutcome)], axis=0)
-                    .astype(np.float64) / (2.0**12 / 5.0 * n)) * (total / params.dim)
+    mean[coords] = mean_from_sum(np.sum([_values(o) for o in outcomes if isinstance(o, SecureOutcome)], axis=0),
+                                 params, n) * (total / params.dim)
     after, at = await _model(client, phones[0][1]), 0
     for name, p in before.items():
         np.testing.assert_array_equal(after[name], (p.astype(np.float64) + mean[at : at + p.size].reshape(p.shape))
@@ -187,7 +188,7 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
     assert (await post(a3, "/v1/secagg/shares", {"round": 1, "shares": {
         str(j): "ab" * 148 for j in range(1, n + 1) if j != me3}}))[0] == 200
     await asyncio.gather(*runs)
-    body = bytes(params.dim * params.word_bytes)
+    body = bytes(params.upload_bytes)
     assert await post(a0, "/v1/secagg/masked?round=1", raw=body[:-1]) == (400, "bad_share")
     assert (await post(a0, "/v1/secagg/masked?round=1", raw=body))[0] == 200
     assert await post(a0, "/v1/secagg/masked?round=1", raw=body) == (400, "wrong_step")  # a second upload

@@ -4,6 +4,7 @@ same updates up to the integer rounding; bad combinations are one-line errors be
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,12 @@ import pytest
 from fedfleet.cli import main
 from fedfleet.device_runtime import aio
 from fedfleet.protocol import decode_message
+from fedfleet.protocol.secagg import group_params
 from fedfleet.server.store import Store
 from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig
 
-VALUE_BITS = 24
+MODULUS_BITS = 24
 CLIP = 100.0  # above every update's norm here: nothing is clipped, only rounded
 
 
@@ -31,7 +33,7 @@ def test_secure_simulate_merges_fedavg_of_the_same_updates(tmp_path: Path) -> No
     common = {"phones": 6, "rounds": 1, "sample": 1.0, "model": "mlp", "local_epochs": 1, "clip": CLIP,
               "inline_model": True, "chain_checkin": False}
     secure = SimulateConfig(**common, out=str(tmp_path / "secure"), secure_agg=True,  # type: ignore[arg-type]
-                            server={"secagg_value_bits": VALUE_BITS, "secagg_step_timeout_s": 60.0})
+                            server={"secagg_modulus_bits": MODULUS_BITS, "secagg_step_timeout_s": 60.0})
     plain = SimulateConfig(**common, out=str(tmp_path / "plain"), server={"example_cap": 1})  # type: ignore[arg-type]
     result, summary = aio.run(simulate(secure))
     aio.run(simulate(plain))
@@ -42,7 +44,11 @@ def test_secure_simulate_merges_fedavg_of_the_same_updates(tmp_path: Path) -> No
     v_secure, secure_model = _final_model(tmp_path / "secure")
     v_plain, plain_model = _final_model(tmp_path / "plain")
     assert v_secure == v_plain == 1
-    step = CLIP / 2**VALUE_BITS  # the mean of six roundings, each below one integer unit
+    dim = sum(p.size for p in plain_model.values())
+    params = group_params("g", 6, dim, clip=CLIP, modulus_bits=MODULUS_BITS)
+    # the mean of six roundings, each below one integer unit per rotated coordinate; rotated back,
+    # a coordinate sums one block of them, each over sqrt(block)
+    step = math.sqrt(params.block) / params.scale
     for name, p in plain_model.items():
         assert not np.array_equal(secure_model[name], p) or p.size < 20  # rounded, so not bit-identical
         np.testing.assert_allclose(secure_model[name], p, rtol=0, atol=step + 1e-6)

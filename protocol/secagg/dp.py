@@ -40,7 +40,7 @@ def distributed_rho(sigma: float, survivors: int, sensitivity: float, dim: int) 
 def round_event(params: GroupParams) -> dp_accounting.DpEvent:
     """One secure round's privacy, at the fewest survivors the group may unmask."""
     return dp_accounting.ZCDpEvent(
-        distributed_rho(params.noise_sigma, params.min_survivors, params.sensitivity, params.dim)
+        distributed_rho(params.noise_sigma, params.min_survivors, params.sensitivity, params.rotated_dim)
     )
 
 
@@ -52,7 +52,7 @@ def ledger_release(params: GroupParams, uploads: int) -> Any:
     masked upload included), at least min_survivors by construction."""
     from fedfleet.protocol.privacy import Release
 
-    rho = distributed_rho(params.noise_sigma, uploads, params.sensitivity, params.dim)
+    rho = distributed_rho(params.noise_sigma, uploads, params.sensitivity, params.rotated_dim)
     return Release("gaussian", 1.0 / math.sqrt(2.0 * rho))
 
 

@@ -1,10 +1,13 @@
 """Float updates to integers and back, the codec of secure rounds (replacing float
-quantization): clip to L2 norm C, scale, stochastically round, add discrete Gaussian noise,
-reduce mod 2**b. The server's unmasked sum, read as signed integers and divided by the
-scale, is the sum of the phones' clipped updates plus the summed noise.
+quantization): clip to L2 norm C, rotate (rotation.py), scale by gamma, clip each coordinate
+to [-B, B], stochastically round, add discrete Gaussian noise, reduce mod 2**b, pack b bits
+a value. The server's unmasked sum, read as signed integers, divided by gamma and rotated
+back, is the sum of the phones' clipped updates plus the summed noise (rotated back: R is
+orthogonal, so the noise keeps its per-coordinate variance).
 
-Stochastic rounding floor(v + u), u ~ U[0, 1) drawn from the phone's seeded generator,
-is unbiased. The noise is the discrete Gaussian N_Z(0, sigma**2) (Canonne, Kamath and
+Stochastic rounding floor(v + u), u ~ U[0, 1) drawn from the phone's seeded generator, is
+unbiased; it is redrawn while the rounded vector's L2 norm passes the group's sensitivity
+(Kairouz, Liu and Steinke's conditional rounding; at most a few draws). The noise is the discrete Gaussian N_Z(0, sigma**2) (Canonne, Kamath and
 Steinke, 2020, "The Discrete Gaussian for Differential Privacy", Algorithm 3: a discrete
 Laplace proposal accepted with probability exp(-(|y| - sigma**2/s)**2 / (2 sigma**2))),
 vectorised, with float acceptance tests, and redrawn beyond the group's tail bound so the
@@ -19,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedfleet.protocol.secagg.params import GroupParams
+from fedfleet.protocol.secagg.rotation import Rotation, rotation
 
 
 def flatten(update: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
@@ -63,11 +67,32 @@ def discrete_gaussian(sigma: float, count: int, tail: int, rng: np.random.Genera
     return out
 
 
-def to_integers(x: np.ndarray, params: GroupParams, rng: np.random.Generator) -> np.ndarray:
-    """A float update (d,) -> the phone's integer contribution (d,) int64: clip, scale,
-    round, add noise. Draws d uniforms, then the noise, from ``rng``."""
-    q = stochastic_round(clip_l2(x, params.clip) * params.scale, rng)
+def round_bounded(v: np.ndarray, norm_bound: float, rng: np.random.Generator) -> np.ndarray:
+    """Stochastic rounding of ``v``, redrawn until ||result||_2 <= ``norm_bound``."""
+    while True:
+        q = stochastic_round(v, rng)
+        if float(np.dot(q, q)) <= norm_bound * norm_bound:
+            return q
+
+
+def group_rotation(params: GroupParams) -> Rotation:
+    return rotation(params.graph_seed, params.context, params.dim)
+
+
+def to_integers(x: np.ndarray, params: GroupParams, rng: np.random.Generator,
+                rotated: Rotation | None = None) -> np.ndarray:
+    """A float update (d,) -> the phone's integer contribution (D,) int64: clip, rotate, scale,
+    clip to [-B, B], round, add noise. Draws the rounding's uniforms, then the noise, from ``rng``.
+    ``rotated``: the group's rotation, if already made."""
+    r = rotated if rotated is not None else group_rotation(params)
+    v = np.clip(r.apply(clip_l2(x, params.clip)) * params.scale, -params.clip_bound, params.clip_bound)
+    q = round_bounded(v, params.sensitivity, rng)
     return q + discrete_gaussian(params.noise_sigma, q.size, params.noise_tail, rng)
+
+
+def mean_from_sum(total: np.ndarray, params: GroupParams, count: int) -> np.ndarray:
+    """The unmasked signed sum (D,) of ``count`` phones -> their mean update (d,) float64."""
+    return group_rotation(params).invert(total.astype(np.float64) / (params.scale * count))
 
 
 def to_field(q: np.ndarray, modulus_bits: int) -> np.ndarray:
@@ -84,14 +109,16 @@ def from_field(r: np.ndarray, modulus_bits: int) -> np.ndarray:
     return (r.astype(np.uint64) << shift).view(np.int64) >> np.int64(64 - modulus_bits)
 
 
-def words_to_bytes(r: np.ndarray, word_bytes: int) -> bytes:
-    """uint64 residues -> ``word_bytes`` little-endian bytes each."""
-    raw = r.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :word_bytes]
-    return raw.tobytes()
+def pack(r: np.ndarray, bits: int) -> bytes:
+    """Residues mod 2**bits -> a little-endian bit stream: value i holds bits [i*bits, (i+1)*bits),
+    least significant bit first; the last byte is padded with zero bits."""
+    stream = np.unpackbits(r.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+    return np.packbits(stream[:, :bits].reshape(-1), bitorder="little").tobytes()
 
 
-def words_from_bytes(data: bytes, count: int, word_bytes: int) -> np.ndarray:
-    raw = np.frombuffer(data, dtype=np.uint8).reshape(count, word_bytes)
-    full = np.zeros((count, 8), dtype=np.uint8)
-    full[:, :word_bytes] = raw
-    return full.reshape(-1).view("<u8").astype(np.uint64)
+def unpack(data: bytes, count: int, bits: int) -> np.ndarray:
+    """``pack``'s inverse: ``count`` values of ``bits`` bits, uint64."""
+    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: count * bits]
+    full = np.zeros((count, 64), dtype=np.uint8)
+    full[:, :bits] = stream.reshape(count, bits)
+    return np.packbits(full, axis=1, bitorder="little").reshape(-1).view("<u8").astype(np.uint64)

@@ -129,7 +129,7 @@ class SecAggPhone:
     def masked_upload(self, incoming: Mapping[int, bytes], values: np.ndarray) -> np.ndarray:
         """``incoming``: sender -> sealed share, from every neighbour that shared keys
         (and only those: they are the neighbours whose pairwise masks go in).
-        ``values``: this phone's integer update (d,). Returns y (d,) uint64 mod 2**b."""
+        ``values``: this phone's integer update (D,). Returns y (D,) uint64 mod 2**b."""
         if self._held is not None:
             raise WrongStep("masked update already made")
         if not self._roster:
@@ -139,8 +139,8 @@ class SecAggPhone:
             raise NotANeighbour(f"shares from phones {sorted(stray)} outside this phone's advertised neighbours")
         p, ctx = self.params, self.params.context
         values = np.asarray(values, dtype=np.int64)
-        if values.shape != (p.dim,) or np.abs(values).max(initial=0) > p.value_bound:
-            raise ValueError(f"values must be ({p.dim},) integers within +-{p.value_bound}: the sum could wrap")
+        if values.shape != (p.rotated_dim,) or np.abs(values).max(initial=0) > p.value_bound:
+            raise ValueError(f"values must be ({p.rotated_dim},) integers within +-{p.value_bound}: the sum could wrap")
         held = {
             j: parse_share_plaintext(
                 crypto.open_sealed(self._channel_secret, self._roster[j].channel, ctx, j, self.index, sealed)
@@ -148,9 +148,9 @@ class SecAggPhone:
             for j, sealed in sorted(incoming.items())
         }
         bits, mod = p.modulus_bits, np.uint64((1 << p.modulus_bits) - 1) if p.modulus_bits < 64 else None
-        y = to_field(values, bits) + crypto.mask(self._seed, p.dim, bits)
+        y = to_field(values, bits) + crypto.mask(self._seed, p.rotated_dim, bits)
         for j in sorted(held):
-            m = crypto.mask(pairwise_key(self._mask_secret, self._roster[j].mask, ctx), p.dim, bits)
+            m = crypto.mask(pairwise_key(self._mask_secret, self._roster[j].mask, ctx), p.rotated_dim, bits)
             y = y + m if self.index < j else y - m  # uint64 arithmetic wraps mod 2**64
         if mod is not None:
             y &= mod

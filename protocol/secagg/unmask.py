@@ -48,7 +48,7 @@ def unmask_sum(
     masked: Mapping[int, np.ndarray],
     responses: Mapping[int, UnmaskShares],
 ) -> np.ndarray:
-    """The signed sum (d,) int64 of the integer updates of the phones in ``masked``.
+    """The signed sum (D,) int64 of the integer updates of the phones in ``masked``.
 
     ``keys``: advertised keys; ``sharers``: the phones that shared keys (U2);
     ``masked``: survivor -> y (U3, a subset of U2); ``responses``: responder -> its
@@ -68,13 +68,13 @@ def unmask_sum(
         if crypto.public_key(secret) != keys[j].mask:
             raise BadShare(f"the shares of phone {j}'s mask key rebuild a key it did not advertise")
     bits, ctx = params.modulus_bits, params.context
-    total = np.zeros(params.dim, dtype=np.uint64)
+    total = np.zeros(params.rotated_dim, dtype=np.uint64)
     for i in sorted(survivors):
         total += masked[i]
-        total -= crypto.mask(seeds[i], params.dim, bits)
+        total -= crypto.mask(seeds[i], params.rotated_dim, bits)
     for j, secret in secrets.items():
         for i in sorted(graph[j] & survivors):
-            m = crypto.mask(pairwise_key(secret, keys[i].mask, ctx), params.dim, bits)
+            m = crypto.mask(pairwise_key(secret, keys[i].mask, ctx), params.rotated_dim, bits)
             # i added +m if i < j, -m if i > j: take it back out
             if i < j:
                 total -= m

@@ -15,8 +15,9 @@ import numpy as np
 from fedfleet.protocol.secagg import SecAggPhone, crypto, group_params, unmask_sum
 from fedfleet.protocol.secagg.coords import shared_coordinates
 from fedfleet.protocol.secagg.graph import neighbours, ring_order
-from fedfleet.protocol.secagg.integer import words_to_bytes
+from fedfleet.protocol.secagg.integer import pack
 from fedfleet.protocol.secagg.phone import pairwise_key
+from fedfleet.protocol.secagg.rotation import rotation
 
 HERE = Path(__file__).parent
 PRG_KEY = bytes(range(32))
@@ -64,7 +65,7 @@ def coords_vector() -> dict[str, Any]:
 def group_vector() -> dict[str, Any]:
     """Six phones, complete graph, t = 3: phone 6 drops after sharing keys, phone 5 after its
     masked upload. The server rebuilds 6's mask key and the seeds of 1-5 from the shares of 1-4."""
-    params = group_params("round/7/group/0", 6, 6, clip=1.0, threshold=0.6, value_bits=10, graph_seed=b"g")
+    params = group_params("round/7/group/0", 6, 6, clip=1.0, threshold=0.6, modulus_bits=14, graph_seed=b"g")
     entropy = {i: bytes([i]) * 32 for i in range(1, 7)}
     values = {i: np.array([i, -i, 100 * i, -100 * i, 0, i * i - 7], dtype=np.int64) for i in range(1, 7)}
     phones = {i: SecAggPhone(params, i, entropy[i]) for i in range(1, 7)}
@@ -83,7 +84,7 @@ def group_vector() -> dict[str, Any]:
         "name": "group_6_phones",
         "description": group_vector.__doc__.split("\n\n")[0] if group_vector.__doc__ else "",
         "params": {
-            "group": params.group, "clip": 1.0, "threshold": 0.6, "value_bits": 10, "size": params.size, "dim": params.dim, "degree": params.degree,
+            "group": params.group, "clip": 1.0, "threshold": 0.6, "size": params.size, "dim": params.dim, "degree": params.degree,
             "share_threshold": params.share_threshold, "min_survivors": params.min_survivors,
             "modulus_bits": params.modulus_bits, "graph_seed_hex": params.graph_seed.hex(),
         },
@@ -102,7 +103,7 @@ def group_vector() -> dict[str, Any]:
             f"{i}-{j}": pairwise_key(crypto.hkdf(entropy[i], "mask key", ctx), roster[j].mask, ctx).hex()
             for i in range(1, 7) for j in range(i + 1, 7)
         },
-        "masked_hex": {str(i): words_to_bytes(y, params.word_bytes).hex() for i, y in masked.items()},
+        "masked_hex": {str(i): pack(y, params.modulus_bits).hex() for i, y in masked.items()},
         "survivors": sorted(uploaders),
         "dropped": sorted(dropped),
         "responses": {
@@ -116,8 +117,33 @@ def group_vector() -> dict[str, Any]:
     }
 
 
+def rotation_vector() -> dict[str, Any]:
+    seed, group = b"fedfleet rotation", b"round/7/group/0"
+    r = rotation(seed, group, 63)
+    x = np.random.default_rng(0).normal(0, 1, 63)
+    return {
+        "name": "rotation_63",
+        "description": "The rotation of 63 coordinates: blocks of 32, padded to 64; signs from bit 0 of "
+        "PRG(HKDF(seed, 'rotation signs', group)), order by (PRG(HKDF(seed, 'rotation order', group)) word, index); "
+        "y = block Hadamard / sqrt(32) of (signs * pad(x))[order]. Floats as Python repr (round-trip).",
+        "seed_hex": seed.hex(), "group": group.decode(), "dim": 63, "block": r.block, "rotated_dim": r.rotated_dim,
+        "signs": [int(v) for v in r.signs], "order": r.order.tolist(),
+        "x": [float(v) for v in x], "y": [float(v) for v in r.apply(x)],
+    }
+
+
+def packing_vector() -> dict[str, Any]:
+    values = np.array([0, 1, 2, 3, 4, 31, 17, 9, 30], dtype=np.uint64)
+    return {
+        "name": "packing_5_bits",
+        "description": "Nine values of 5 bits, packed little-endian: value i is bits [5i, 5i + 5) of the stream, "
+        "least significant first; the last byte padded with zeros.",
+        "bits": 5, "values": values.tolist(), "packed_hex": pack(values, 5).hex(),
+    }
+
+
 def vectors() -> list[dict[str, Any]]:
-    return [prg_vector(), graph_vector(), coords_vector(), group_vector()]
+    return [prg_vector(), graph_vector(), coords_vector(), rotation_vector(), packing_vector(), group_vector()]
 
 
 def main() -> None:

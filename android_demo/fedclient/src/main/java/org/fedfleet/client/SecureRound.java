@@ -2,8 +2,6 @@ package org.fedfleet.client;
 
 import java.io.IOException;
 import java.math.BigInteger;
-import java.nio.ByteBuffer;
-import java.nio.ByteOrder;
 import java.nio.charset.StandardCharsets;
 import java.security.SecureRandom;
 import java.util.HexFormat;
@@ -14,6 +12,7 @@ import java.util.TreeMap;
 import java.util.TreeSet;
 import org.fedfleet.secagg.Coords;
 import org.fedfleet.secagg.IntegerCodec;
+import org.fedfleet.secagg.Rotation;
 import org.fedfleet.secagg.SecAggPhone;
 import org.fedfleet.wire.Tensor;
 import org.json.JSONArray;
@@ -57,9 +56,18 @@ final class SecureRound {
       return false;
     }
     JSONObject p = roster.getJSONObject("params");
+    int dim = p.getInt("dim");
+    byte[] graphSeed = HEX.parseHex(p.getString("graph_seed"));
+    byte[] group = p.getString("group").getBytes(StandardCharsets.UTF_8);
+    Rotation rotation = new Rotation(graphSeed, group, dim);
+    if (Rotation.rotatedDim(dim) != p.getInt("rotated_dim")) {
+      throw new IllegalArgumentException("the group rotates " + dim + " values to " + p.getInt("rotated_dim")
+          + ", this phone to " + Rotation.rotatedDim(dim));
+    }
+    // the masks cover the rotated update: D values
     SecAggPhone.Params params = new SecAggPhone.Params(p.getString("group"), p.getInt("size"), p.getInt("degree"),
-        p.getInt("share_threshold"), p.getInt("min_survivors"), p.getInt("modulus_bits"), p.getInt("dim"),
-        HEX.parseHex(p.getString("graph_seed")));
+        p.getInt("share_threshold"), p.getInt("min_survivors"), p.getInt("modulus_bits"), p.getInt("rotated_dim"),
+        graphSeed);
     SecAggPhone phone = new SecAggPhone(params, roster.getInt("index"), entropy);
     Map<Integer, byte[][]> advertised = new TreeMap<>();
     JSONObject all = roster.getJSONObject("keys");
@@ -81,27 +89,20 @@ final class SecureRound {
     for (String j : names(got)) {
       incoming.put(Integer.parseInt(j), HEX.parseHex(got.getString(j)));
     }
-    int fullDim = p.optInt("full_dim", params.dim());
+    int fullDim = p.optInt("full_dim", dim);
     double[] x = flatten(delta, fullDim);
-    if (params.dim() < fullDim) {  // shared random-k: the group's coordinates only
-      int[] coords = Coords.shared(params.graphSeed(), params.group().getBytes(StandardCharsets.UTF_8), fullDim,
-          params.dim());
+    if (dim < fullDim) {  // shared random-k: the group's coordinates only
+      int[] coords = Coords.shared(graphSeed, group, fullDim, dim);
       double[] kept = new double[coords.length];
       for (int i = 0; i < coords.length; i++) {
         kept[i] = x[coords[i]];
       }
       x = kept;
     }
-    long[] values = IntegerCodec.toIntegers(x, p.getDouble("clip"), p.getDouble("scale"),
-        p.getDouble("noise_sigma"), p.getLong("noise_tail"), rng);
-    long[] y = phone.maskedUpload(incoming, values);
-    int word = (params.modulusBits() + 7) / 8;
-    ByteBuffer words = ByteBuffer.allocate(8 * y.length).order(ByteOrder.LITTLE_ENDIAN);
-    byte[] body = new byte[word * y.length];
-    for (int i = 0; i < y.length; i++) {
-      words.putLong(8 * i, y[i]);
-      System.arraycopy(words.array(), 8 * i, body, word * i, word);
-    }
+    IntegerCodec.Spec spec = new IntegerCodec.Spec(p.getDouble("clip"), p.getDouble("scale"), p.getLong("clip_bound"),
+        p.getDouble("sensitivity"), p.getDouble("noise_sigma"), p.getLong("noise_tail"));
+    long[] values = IntegerCodec.toIntegers(x, spec, rotation, rng);
+    byte[] body = IntegerCodec.pack(phone.maskedUpload(incoming, values), params.modulusBits());
     http.send("POST", "/v1/secagg/masked?round=" + round, body, "application/octet-stream", Map.of(), false);
     JSONObject request = poll("/v1/secagg/unmask");
     if (request == null) {

@@ -5,8 +5,6 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 
 import java.math.BigInteger;
-import java.nio.ByteBuffer;
-import java.nio.ByteOrder;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -82,6 +80,32 @@ class SecAggGoldenTest {
 
   @Test
   @SuppressWarnings("unchecked")
+  void rotation() throws Exception {
+    Map<String, Object> v = load("rotation_63");
+    int dim = num(v.get("dim"));
+    Rotation r = new Rotation(HEX.parseHex((String) v.get("seed_hex")),
+        ((String) v.get("group")).getBytes(StandardCharsets.UTF_8), dim);
+    assertEquals(num(v.get("block")), r.block());
+    assertEquals(num(v.get("rotated_dim")), Rotation.rotatedDim(dim));
+    assertEquals(((List<Object>) v.get("order")).stream().map(SecAggGoldenTest::num).toList(),
+        java.util.Arrays.stream(r.order()).boxed().toList());
+    assertEquals(((List<Object>) v.get("signs")).stream().map(SecAggGoldenTest::num).toList(),
+        java.util.Arrays.stream(r.signs()).mapToInt(d -> (int) d).boxed().toList());
+    double[] x = ((List<Object>) v.get("x")).stream().mapToDouble(o -> ((Number) o).doubleValue()).toArray();
+    double[] want = ((List<Object>) v.get("y")).stream().mapToDouble(o -> ((Number) o).doubleValue()).toArray();
+    assertArrayEquals(want, r.apply(x), 0.0);  // the same operations in the same order: bit for bit
+  }
+
+  @Test
+  @SuppressWarnings("unchecked")
+  void packing() throws Exception {
+    Map<String, Object> v = load("packing_5_bits");
+    long[] values = ((List<Object>) v.get("values")).stream().mapToLong(o -> ((Number) o).longValue()).toArray();
+    assertEquals(v.get("packed_hex"), HEX.formatHex(IntegerCodec.pack(values, num(v.get("bits")))));
+  }
+
+  @Test
+  @SuppressWarnings("unchecked")
   void groupOfSixStepByStep() throws Exception {
     Map<String, Object> v = load("group_6_phones");
     Map<String, Object> p = (Map<String, Object>) v.get("params");
@@ -115,7 +139,6 @@ class SecAggGoldenTest {
     Set<Integer> dropped = new TreeSet<>();
     ((List<Object>) v.get("dropped")).forEach(o -> dropped.add(num(o)));
     Map<String, Object> maskedHex = (Map<String, Object>) v.get("masked_hex");
-    int word = (params.modulusBits() + 7) / 8;
     for (int i : survivors) {
       Map<Integer, byte[]> incoming = new TreeMap<>();
       for (Map.Entry<Integer, Map<Integer, byte[]>> e : sealed.entrySet()) {
@@ -125,13 +148,7 @@ class SecAggGoldenTest {
       }
       List<Object> values = (List<Object>) ((Map<String, Object>) spec.get(String.valueOf(i))).get("values");
       long[] x = values.stream().mapToLong(o -> ((Number) o).longValue()).toArray();
-      long[] y = phones.get(i).maskedUpload(incoming, x);
-      ByteBuffer buf = ByteBuffer.allocate(8 * y.length).order(ByteOrder.LITTLE_ENDIAN);
-      byte[] wire = new byte[word * y.length];
-      for (int k = 0; k < y.length; k++) {
-        buf.putLong(8 * k, y[k]);
-        System.arraycopy(buf.array(), 8 * k, wire, word * k, word);
-      }
+      byte[] wire = IntegerCodec.pack(phones.get(i).maskedUpload(incoming, x), params.modulusBits());
       assertArrayEquals(HEX.parseHex((String) maskedHex.get(String.valueOf(i))), wire);
     }
     Map<String, Object> responses = (Map<String, Object>) v.get("responses");
