@@ -70,7 +70,7 @@ def test_every_phone_keeps_its_bounds_and_the_sum_neither_wraps_nor_drifts() -> 
                               np.uint64(2**p.modulus_bits - 1))
     np.testing.assert_array_equal(from_field(residues, p.modulus_bits), total)  # no wrap
     mean = mean_from_sum(total, p, n)
-    clipped = np.mean([u / max(1.0, np.linalg.norm(u)) for u in updates], axis=0)
+    clipped = np.mean([u / max(1.0, float(np.linalg.norm(u))) for u in updates], axis=0)
     # the error: the summed noise (sigma z * sensitivity / gamma / n per coordinate) and the roundings
     noise_sd = 0.5 * p.sensitivity * math.sqrt(n / p.min_survivors) / (p.scale * n)
     err = mean - clipped
