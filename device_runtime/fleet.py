@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 
 from fedfleet.device_runtime import aio
 from fedfleet.device_runtime.bundle_client import fetch_bundle
 from fedfleet.device_runtime.clock import PhoneClock, WallClock
 from fedfleet.device_runtime.data import Dataset
 from fedfleet.device_runtime.emulated_device import PhoneClient
+from fedfleet.device_runtime.fleet_activation import activate_in_time
 from fedfleet.device_runtime.fleet_monitor import _monitor
 from fedfleet.device_runtime.fleet_plan import FleetConfig, plan_fleet
 from fedfleet.device_runtime.fleet_result import FleetError, FleetResult, NamesTaken, ServerGone, _why
@@ -23,6 +25,7 @@ from fedfleet.device_runtime.limits import open_file_limit
 from fedfleet.device_runtime.protocol_client import ModelMemo, ServerError
 from fedfleet.device_runtime.runtimes import TrainingRuntime
 from fedfleet.device_runtime.trainer import BatchedTrainer, RuntimePool
+from fedfleet.device_runtime.vclock import VirtualClock
 
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
 
@@ -125,8 +128,11 @@ async def run_fleet(
                     await p.register()
                 tasks.share(p)
 
+            # FleetConfig.register_when_active: only the first phone now, the others at their first check-ins
+            lazy = cfg.register_when_active and isinstance(clock, VirtualClock) and registered is None
+
             def built_and_registered() -> Iterator[Awaitable[None]]:
-                for i in shard:  # each phone registers as soon as it is built (~60 us each)
+                for i in shard[:1] if lazy else shard:  # each phone registers as soon as it is built (~60 us each)
                     phones.append(phone(i))
                     yield register(phones[-1])
 
@@ -147,16 +153,41 @@ async def run_fleet(
                 bundle_dir = Path(tempfile.mkdtemp(prefix="fedfleet-bundle-"))
                 await fetch_bundle(session, server, phones[0].token, bundle_dir)
                 runtime_factory = partial(_bundle_runtime, cfg.runtime, bundle_dir)
-            first_checkin = [float(starts[i]) for i in shard]
             pool = _trainer(cfg, task, runtime_factory)
             if clock is not None:
                 pool.bind(clock)
             for p in phones:
                 p.pool = pool
             until = cfg.hours * 3600 if cfg.hours > 0 else None
-            # On a virtual clock every phone must have joined it before any time passes: all in one pass.
-            await _in_waves((_run_phone(p, stop, until, t, failures, cfg.phone_max_errors) for p, t in zip(phones, first_checkin, strict=True)),
-                            WAVE if not virtual else 0, deadline=deadline)
+            if lazy and isinstance(clock, VirtualClock):
+                active: dict[int, PhoneClient] = {shard[0]: phones[0]}
+                ended: list[bool] = []  # a phone's run ended: the server's task is done (or time is up)
+
+                async def activated(i: int) -> None:
+                    try:  # the clock was joined for this phone (fleet_activation)
+                        p = active.get(i) or phone(i)
+                        if not p.token:
+                            await register(p)
+                            p.pool = pool
+                            active[i] = p
+                    except BaseException:
+                        clock.leave()
+                        ended.append(True)  # no more phones: the error ends the fleet
+                        raise
+                    gave_up = len(failures)
+                    await _run_phone(p, stop, until, 0.0, failures, cfg.phone_max_errors, joined=True)
+                    if len(failures) == gave_up:
+                        ended.append(True)
+
+                started = await activate_in_time(clock, np.asarray(shard), starts, activated, lambda: bool(ended), until)
+                await _in_waves(started, 0)
+                phones[:] = [active[i] for i in sorted(active)]
+            else:
+                first_checkin = [float(starts[i]) for i in shard]
+                # On a virtual clock every phone must have joined it before any time passes: all in one pass.
+                await _in_waves((_run_phone(p, stop, until, t, failures, cfg.phone_max_errors)
+                                 for p, t in zip(phones, first_checkin, strict=True)),
+                                WAVE if not virtual else 0, deadline=deadline)
             phones_done.set()
             try:
                 rounds = await asyncio.wait_for(monitor, timeout=120)
@@ -182,11 +213,11 @@ async def run_fleet(
 
 
 async def _run_phone(p: PhoneClient, stop: asyncio.Event, until: float | None, start_after: float,
-                     failures: list[tuple[str, BaseException]], max_errors: int) -> None:
+                     failures: list[tuple[str, BaseException]], max_errors: int, joined: bool = False) -> None:
     """One phone's run; a phone that gives up (see PhoneClient.run) is noted in ``failures`` while
     the others go on (the fleet reports it at the end, after the rounds and counts it saw)."""
     try:
-        await p.run(stop, max_errors=max_errors, until=until, start_after=start_after)
+        await p.run(stop, max_errors=max_errors, until=until, start_after=start_after, joined=joined)
     except (TimeoutError, aiohttp.ClientError, ServerError) as exc:
         failures.append((p.name, exc))
 

@@ -51,6 +51,9 @@ class FleetConfig:
     # 203 vs 298 (round 1: 40 s vs 27 s).
     chain_checkin: bool | None = None
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
+    # virtual clock: a phone is built and registers (over HTTP, as any) at its first check-in rather than
+    # all before the first (fleet_activation.py): phones that never become active cost a row of columns
+    register_when_active: bool = False
     server_here: bool = True  # the server runs in this process (its sockets count against the same limit)
     # failed steps in a row after which a phone gives up (PhoneClient.run: backoff 0.2 s doubled up to
     # 10 s, so 20 is ~2.5 min of a server gone: time for it to be restarted on its data dir)

@@ -101,9 +101,9 @@ def sample_profile_columns(n: int, rng: np.random.Generator, spec: ProfileSpec =
         window_hours=np.where(nightly, hours, 24.0), dropout=spec.dropout)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ProfileColumns:
-    """Device profiles as columns (``profiles.sample_profiles`` draws them); row ``i`` is phone ``i``'s."""
+    """Device profiles as columns (``sample_profile_columns`` draws them); row ``i`` is phone ``i``'s."""
 
     ms_per_sample: np.ndarray
     up_mbps: np.ndarray
@@ -115,6 +115,14 @@ class ProfileColumns:
 
     def __len__(self) -> int:
         return len(self.ms_per_sample)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ProfileColumns):
+            return NotImplemented
+        return self.dropout == other.dropout and all(
+            np.array_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self) if f.name != "dropout")
+
+    __hash__ = None  # type: ignore[assignment]  # columns of arrays: compared by value, not hashed
 
     def profile(self, i: int) -> DeviceProfile:
         return DeviceProfile(

@@ -464,15 +464,17 @@ class ProtocolClient:
         return self.encoder
 
     async def run(self, stop: asyncio.Event | None = None, max_errors: int = 20,
-                  until: float | None = None, start_after: float = 0.0) -> PhoneStats:
+                  until: float | None = None, start_after: float = 0.0, joined: bool = False) -> PhoneStats:
         """Check in until the server says the task is done, ``stop`` is set, or the clock
         passes ``until``; the first check-in ``start_after`` seconds from now. A failed step
         (the server unreachable, restarting, or refusing) is retried with backoff (0.2 s doubled
         up to 10 s); the phone gives up, raising the error, after ``max_errors`` failures in a
-        row (~2.5 min of a server gone), or at once on a 400 or 401 (retrying cannot help)."""
+        row (~2.5 min of a server gone), or at once on a 400 or 401 (retrying cannot help).
+        ``joined``: the caller joined the clock for this phone already (it leaves when the run ends)."""
         backoff = 0.2
         failures = 0  # in a row: a server restarted now and then does not wear the phone out
-        self.clock.join()
+        if not joined:
+            self.clock.join()
         try:
             if start_after > 0:
                 await self.clock.sleep(start_after)

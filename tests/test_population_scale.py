@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import base64
 import gc
+import json
 import math
+import sqlite3
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 
 from fedfleet.cli import main
+from fedfleet.device_runtime import aio
 from fedfleet.device_runtime.data import Dataset, load_dataset, partition
 from fedfleet.device_runtime.emulated_device import PhoneClient
 from fedfleet.device_runtime.fleet import SharedTasks
@@ -24,6 +28,10 @@ from fedfleet.device_runtime.vclock import VirtualClock
 from fedfleet.population import check_population, estimate_bytes
 from fedfleet.protocol.signing import PhoneKey, signature_ok, signed_text
 from fedfleet.server import phone_cache
+from fedfleet.simulate import simulate
+from fedfleet.simulate_config import SimulateConfig
+
+WALL_CLOCK_FIELDS = ("aggregate_ms",)  # measured in wall time on purpose (server processing time)
 
 
 def _eager_profiles(n: int, rng: np.random.Generator, spec: ProfileSpec) -> list[DeviceProfile]:
@@ -140,3 +148,42 @@ def test_a_population_that_cannot_fit_is_refused_with_its_estimate(capsys: pytes
     assert len(err) == 1 and err[0].startswith("fedfleet simulate: error: phones (--phones): 100,000,000 phones "
                                                "need about"), err
     assert "GB is available" in err[0]
+
+
+def _lazy_run(tmp_path: Path, name: str, lazy: bool, spread_s: float = 60.0, rounds: int = 0,
+              hours: float = 2 / 60) -> tuple[Any, list[dict[str, Any]], bytes]:
+    cfg = SimulateConfig(phones=120, dataset="digits", model="mlp", local_epochs=1, mode="async", concurrency=8,
+                         buffer=4, rounds=rounds, hours=hours, devices="default", dropout=0.1, diurnal=0.5, seed=3,
+                         out=str(tmp_path / name), server={"rest_after_update_s": 60.0},
+                         register_when_active=lazy, start_spread_s=spread_s)
+    result, _ = aio.run(simulate(cfg))
+    rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return result, rows, (tmp_path / name / "devices.csv").read_bytes()
+
+
+def test_phones_registered_when_active_run_as_phones_registered_up_front(tmp_path: Path) -> None:
+    """The same seeded run whether every phone registers before the first check-in or each at its
+    own first check-in; only the bytes of the registrations land in the rounds they happen in."""
+    _, eager, eager_devices = _lazy_run(tmp_path, "eager", lazy=False)
+    result, lazy, lazy_devices = _lazy_run(tmp_path, "lazy", lazy=True)
+    assert len(result.devices) == 120 and len(eager) >= 5
+    assert lazy_devices == eager_devices
+
+    def without_bytes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        skip = {*WALL_CLOCK_FIELDS, "bytes_up", "bytes_down"}
+        return [{k: v for k, v in r.items() if k not in skip} for r in rows]
+
+    assert without_bytes(lazy) == without_bytes(eager)
+    for field in ("bytes_up", "bytes_down"):
+        assert sum(r[field] for r in lazy) == sum(r[field] for r in eager)
+
+
+def test_phones_that_never_become_active_never_register(tmp_path: Path) -> None:
+    """First check-ins spread over a virtual hour, the run capped at 5 merges: the phones whose start
+    comes after the end are never built nor registered."""
+    result, rows, _ = _lazy_run(tmp_path, "capped", lazy=True, spread_s=3600.0, rounds=5, hours=1.0)
+    assert len(rows) == 5
+    assert 8 <= len(result.devices) < 60, len(result.devices)
+    with sqlite3.connect(tmp_path / "capped" / "server" / "server.sqlite") as db:
+        registered = db.execute("SELECT COUNT(*) FROM phones").fetchone()[0]
+    assert registered == len(result.devices)
