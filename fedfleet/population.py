@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Resident bytes per registered phone, fleet and server together, with headroom for the allocator
-# (RSS runs above tracemalloc's count): bench_scale measured peak RSS growing ~2.6 KB a phone from
-# 100,000 to 1,000,000 phones (docs/emulation.md).
-BYTES_PER_PHONE = 4_000
-BASE_BYTES = 1_500_000_000  # the process before any phone: interpreter, torch, numpy, aiohttp, the server
+# Resident bytes per registered phone, fleet and server together, with headroom: peak RSS grew by
+# 6.8 KB a phone from 10,000 to 100,000 phones registered up front, each running and holding a 4-sample
+# shard (`python -m bench.bench_scale --population --eager`, docs/benchmarks.md); 830 MB at 10,000.
+BYTES_PER_PHONE = 8_000
+BASE_BYTES = 1_000_000_000  # the process before any phone: interpreter, torch, numpy, aiohttp, the server
 
 
 def estimate_bytes(phones: int, dataset_bytes: int = 0) -> int:
@@ -46,6 +46,6 @@ def check_population(phones: int, available: int | None = None) -> None:
     if available is not None and need > available:
         raise ValueError(
             f"phones (--phones): {phones:,} phones need about {need / 1e9:.1f} GB (fleet and server, "
-            f"~{BYTES_PER_PHONE / 1e3:.0f} KB a phone over a {BASE_BYTES / 1e9:.1f} GB base, the dataset aside) but "
+            f"~{BYTES_PER_PHONE / 1e3:.0f} KB a phone over a {BASE_BYTES / 1e9:.1f} GB base) but "
             f"{available / 1e9:.1f} GB is available; run fewer phones, or shard the fleet over machines "
             f"(fedfleet fleet --shard)")

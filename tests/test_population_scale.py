@@ -140,7 +140,7 @@ async def test_a_registered_idle_phone_holds_little_on_either_side(make_server: 
 
 
 def test_a_population_that_cannot_fit_is_refused_with_its_estimate(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(ValueError, match=r"1,000,000 phones need about 5\.5 GB .* but 2\.0 GB is available"):
+    with pytest.raises(ValueError, match=r"1,000,000 phones need about 9\.0 GB .* but 2\.0 GB is available"):
         check_population(1_000_000, available=2_000_000_000)
     check_population(1_000_000, available=estimate_bytes(1_000_000))  # fits exactly: no error
     assert main(["simulate", "--phones", "100000000", "--dataset", "digits"]) == 2
