@@ -176,8 +176,9 @@ def main() -> None:
         for r in rows:  # growth from the smallest population
             r["rss_per_phone_kb_over_first"] = round((r["peak_rss_mb"] - base["peak_rss_mb"]) * 1024
                                                      / max(r["phones"] - base["phones"], 1), 2)
-            r["steady_vs_first"] = round(r["steady_ms_per_update"] / base["steady_ms_per_update"], 3) \
-                if r["steady_ms_per_update"] and base["steady_ms_per_update"] else None
+            for col in ("steady_ms_per_update", "steady_cpu_ms_per_update"):
+                ratio = col.replace("ms_per_update", "vs_first")
+                r[ratio] = round(r[col] / base[col], 3) if r[col] and base[col] else None
         name = "scale_population_eager" if args.eager else "scale_population"
         print("wrote", write(name, {"workload": __doc__, "versions": args.versions, "rows": rows}))
         return
