@@ -18,7 +18,14 @@ import numpy as np
 from fedfleet.device_runtime.attacks import Attack
 from fedfleet.device_runtime.clock import PhoneClock, WallClock
 from fedfleet.device_runtime.profiles import DeviceProfile
-from fedfleet.device_runtime.protocol_client import ModelMemo, Params, ProtocolClient, Trained, Trainer
+from fedfleet.device_runtime.protocol_client import (
+    Examples,
+    ModelMemo,
+    Params,
+    ProtocolClient,
+    Trained,
+    Trainer,
+)
 from fedfleet.protocol.signing import PhoneKey
 
 
@@ -99,7 +106,7 @@ class PhoneClient(ProtocolClient):
         session: aiohttp.ClientSession,
         server: str,
         name: str,
-        data: tuple[np.ndarray, np.ndarray],
+        data: Examples,
         pool: Trainer | None,
         rng: np.random.Generator,
         *,
@@ -121,10 +128,10 @@ class PhoneClient(ProtocolClient):
     ) -> None:
         clock = clock or WallClock()
         device = EmulatedDevice(rng, clock, profile=profile, availability=availability, attack=attack)
-        x, y = data
         if device.attack.poisons_data:
-            y = device.attack.apply_labels(y, num_classes)
-        super().__init__(session, server, name, (x, y), pool, rng, device=device, clock=clock, ledger=ledger,
+            x, y = data
+            data = (x, device.attack.apply_labels(y, num_classes))
+        super().__init__(session, server, name, data, pool, rng, device=device, clock=clock, ledger=ledger,
                          sign=sign, train_overrides=train_overrides, poll_session=poll_session,
                          inline_model=inline_model, models=models,
                          chain_checkin=chain_checkin and profile is None and availability >= 1.0, key=key,

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 
 from fedfleet.device_runtime import aio
 from fedfleet.device_runtime.bundle_client import fetch_bundle
 from fedfleet.device_runtime.clock import PhoneClock, WallClock
 from fedfleet.device_runtime.data import Dataset
 from fedfleet.device_runtime.emulated_device import PhoneClient
+from fedfleet.device_runtime.fleet_activation import activate_in_time
 from fedfleet.device_runtime.fleet_monitor import _monitor
 from fedfleet.device_runtime.fleet_plan import FleetConfig, plan_fleet
 from fedfleet.device_runtime.fleet_result import FleetError, FleetResult, NamesTaken, ServerGone, _why
@@ -23,6 +25,7 @@ from fedfleet.device_runtime.limits import open_file_limit
 from fedfleet.device_runtime.protocol_client import ModelMemo, ServerError
 from fedfleet.device_runtime.runtimes import TrainingRuntime
 from fedfleet.device_runtime.trainer import BatchedTrainer, RuntimePool
+from fedfleet.device_runtime.vclock import VirtualClock
 
 RuntimeFactory = Callable[[dict[str, Any]], TrainingRuntime]
 
@@ -52,7 +55,7 @@ async def run_fleet(
     awaited once they are registered, before any trains (a barrier across shards)."""
     virtual = clock is not None and not isinstance(clock, WallClock)
     plan = plan_fleet(data, cfg, virtual)
-    profiles, attack, attackers, starts = plan.profiles, plan.attack, plan.attackers, plan.starts
+    attack, attackers, starts = plan.attack, plan.attackers, plan.starts
     ledger = None
     connector = aiohttp.TCPConnector(limit=256)
     timeout = aiohttp.ClientTimeout(total=300)
@@ -87,7 +90,7 @@ async def run_fleet(
                 ledger=ledger,
                 train_overrides=train_overrides,
                 availability=cfg.availability,
-                profile=profiles[i] if profiles else None,
+                profile=plan.profile(i),
                 clock=clock,
                 attack=attack if i in attackers else None,
                 num_classes=data.num_classes,
@@ -118,13 +121,18 @@ async def run_fleet(
             # At most 256 registrations in flight: each opens its phone's connection, and 10,000 connects
             # at once overflow the server's accept backlog (connection reset by peer).
             enrolling = asyncio.Semaphore(256)
+            tasks = SharedTasks()
 
             async def register(p: PhoneClient) -> None:
                 async with enrolling:
                     await p.register()
+                tasks.share(p)
+
+            # FleetConfig.register_when_active: only the first phone now, the others at their first check-ins
+            lazy = cfg.register_when_active and isinstance(clock, VirtualClock) and registered is None
 
             def built_and_registered() -> Iterator[Awaitable[None]]:
-                for i in shard:  # each phone registers as soon as it is built (~60 us each)
+                for i in shard[:1] if lazy else shard:  # each phone registers as soon as it is built (~60 us each)
                     phones.append(phone(i))
                     yield register(phones[-1])
 
@@ -145,16 +153,41 @@ async def run_fleet(
                 bundle_dir = Path(tempfile.mkdtemp(prefix="fedfleet-bundle-"))
                 await fetch_bundle(session, server, phones[0].token, bundle_dir)
                 runtime_factory = partial(_bundle_runtime, cfg.runtime, bundle_dir)
-            first_checkin = [float(starts[i]) for i in shard]
             pool = _trainer(cfg, task, runtime_factory)
             if clock is not None:
                 pool.bind(clock)
             for p in phones:
                 p.pool = pool
             until = cfg.hours * 3600 if cfg.hours > 0 else None
-            # On a virtual clock every phone must have joined it before any time passes: all in one pass.
-            await _in_waves((_run_phone(p, stop, until, t, failures, cfg.phone_max_errors) for p, t in zip(phones, first_checkin, strict=True)),
-                            WAVE if not virtual else 0, deadline=deadline)
+            if lazy and isinstance(clock, VirtualClock):
+                active: dict[int, PhoneClient] = {shard[0]: phones[0]}
+                ended: list[bool] = []  # a phone's run ended: the server's task is done (or time is up)
+
+                async def activated(i: int) -> None:
+                    try:  # the clock was joined for this phone (fleet_activation)
+                        p = active.get(i) or phone(i)
+                        if not p.token:
+                            await register(p)
+                            p.pool = pool
+                            active[i] = p
+                    except BaseException:
+                        clock.leave()
+                        ended.append(True)  # no more phones: the error ends the fleet
+                        raise
+                    gave_up = len(failures)
+                    await _run_phone(p, stop, until, 0.0, failures, cfg.phone_max_errors, joined=True)
+                    if len(failures) == gave_up:
+                        ended.append(True)
+
+                started = await activate_in_time(clock, np.asarray(shard), starts, activated, lambda: bool(ended), until)
+                await _in_waves(started, 0)
+                phones[:] = [active[i] for i in sorted(active)]
+            else:
+                first_checkin = [float(starts[i]) for i in shard]
+                # On a virtual clock every phone must have joined it before any time passes: all in one pass.
+                await _in_waves((_run_phone(p, stop, until, t, failures, cfg.phone_max_errors)
+                                 for p, t in zip(phones, first_checkin, strict=True)),
+                                WAVE if not virtual else 0, deadline=deadline)
             phones_done.set()
             try:
                 rounds = await asyncio.wait_for(monitor, timeout=120)
@@ -180,11 +213,11 @@ async def run_fleet(
 
 
 async def _run_phone(p: PhoneClient, stop: asyncio.Event, until: float | None, start_after: float,
-                     failures: list[tuple[str, BaseException]], max_errors: int) -> None:
+                     failures: list[tuple[str, BaseException]], max_errors: int, joined: bool = False) -> None:
     """One phone's run; a phone that gives up (see PhoneClient.run) is noted in ``failures`` while
     the others go on (the fleet reports it at the end, after the rounds and counts it saw)."""
     try:
-        await p.run(stop, max_errors=max_errors, until=until, start_after=start_after)
+        await p.run(stop, max_errors=max_errors, until=until, start_after=start_after, joined=joined)
     except (TimeoutError, aiohttp.ClientError, ServerError) as exc:
         failures.append((p.name, exc))
 
@@ -225,6 +258,21 @@ async def _in_waves(coros: Iterable[Awaitable[Any]], wave: int, deadline: float 
     for outcome in await asyncio.gather(*tasks, return_exceptions=True):
         if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
             raise outcome
+
+
+class SharedTasks:
+    """One copy of the task the server hands every phone at registration: each phone parsed its
+    own (~6 KB of dicts and specs a phone, the largest part of an idle phone's memory)."""
+
+    def __init__(self) -> None:
+        self.task: dict[str, Any] | None = None
+        self.specs: dict[str, Any] = {}
+
+    def share(self, p: PhoneClient) -> None:
+        if self.task is None:
+            self.task, self.specs = p.task, p.specs
+        elif p.task == self.task and p.specs == self.specs:
+            p.task, p.specs = self.task, self.specs
 
 
 def _chains(cfg: FleetConfig) -> bool:

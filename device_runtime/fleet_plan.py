@@ -3,13 +3,21 @@ shards, generators, device profiles, attackers and first check-in times."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedfleet.device_runtime.attacks import Attack, choose_attackers, parse_attack
 from fedfleet.device_runtime.data import Dataset, partition
-from fedfleet.device_runtime.profiles import DeviceProfile, ProfileSpec, load_profiles, sample_profiles
+from fedfleet.device_runtime.fleet_columns import Shard, Shards, child_seed, key_seed
+from fedfleet.device_runtime.profiles import (
+    DeviceProfile,
+    ProfileColumns,
+    ProfileSpec,
+    load_profiles,
+    sample_profile_columns,
+)
 from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
 from fedfleet.protocol.signing import PhoneKey
 
@@ -43,6 +51,9 @@ class FleetConfig:
     # 203 vs 298 (round 1: 40 s vs 27 s).
     chain_checkin: bool | None = None
     start_spread_s: float = 60.0  # virtual clock: phones first check in at seeded times in [0, this)
+    # virtual clock: a phone is built and registers (over HTTP, as any) at its first check-in rather than
+    # all before the first (fleet_activation.py): phones that never become active cost a row of columns
+    register_when_active: bool = False
     server_here: bool = True  # the server runs in this process (its sockets count against the same limit)
     # failed steps in a row after which a phone gives up (PhoneClient.run: backoff 0.2 s doubled up to
     # 10 s, so 20 is ~2.5 min of a server gone: time for it to be restarted on its data dir)
@@ -78,42 +89,52 @@ def shard_phones(phones: int, shard_index: int, shard_count: int) -> range:
     return range(start, start + size + (shard_index < extra))
 
 
-PhoneParts = tuple[tuple[np.ndarray, np.ndarray], np.random.Generator, PhoneKey]  # data, generator, key
+PhoneParts = tuple[Shard, np.random.Generator, PhoneKey]  # data, generator, key
 
 
 @dataclass
 class FleetPlan:
     """What a fleet takes from its configuration and data alone: the phones' shards, seeded
     generators (the fleet generator's ``spawn``, child by child), device profiles, attackers and
-    first check-in times, drawn in that order from ``cfg.seed``. A phone's data, generator and key
-    are made when it is asked for (``phone``), as it registers: building 10,000 generators up front
-    took ~0.13 s before the first registration."""
+    first check-in times, drawn in that order from ``cfg.seed``. Held as columns
+    (``fleet_columns``): a phone's data, generator and key are made when it is asked for
+    (``phone``), as it registers."""
 
     cfg: FleetConfig
     data: Dataset
     virtual: bool
-    parts: list[np.ndarray]
-    seeds: list[np.random.SeedSequence]
+    shards: Shards
+    seed_root: np.random.SeedSequence  # the fleet generator's: phone i's generator is its i-th child
     bit_generator: type[np.random.BitGenerator]
-    profiles: list[DeviceProfile] | None
+    profiles: ProfileColumns | list[DeviceProfile] | None  # drawn, or a trace's (cycled)
     attack: Attack
     attackers: set[int]
     starts: np.ndarray
     shard: range
+    key_secret: bytes = field(default_factory=lambda: os.urandom(32))  # phones' keys (fleet_columns.key_seed)
 
     def phone(self, i: int) -> PhoneParts:
-        """Phone ``i``'s data, generator (the same stream as ``rng.spawn(phones)[i]``) and a new key."""
-        part = self.parts[i]
-        return (self.data.x_train[part], self.data.y_train[part]), \
-            np.random.Generator(self.bit_generator(self.seeds[i])), PhoneKey()
+        """Phone ``i``'s data, generator (the same stream as ``rng.spawn(phones)[i]``) and key."""
+        data = Shard(self.data.x_train, self.data.y_train, self.shards.index(i))
+        rng = np.random.Generator(self.bit_generator(child_seed(self.seed_root, i)))
+        return data, rng, PhoneKey(key_seed(self.key_secret, i))
+
+    def profile(self, i: int) -> DeviceProfile | None:
+        profiles = self.profiles
+        if profiles is None:
+            return None
+        if isinstance(profiles, list):
+            return profiles[i % len(profiles)]
+        return profiles.profile(i)
 
 
 def plan_fleet(data: Dataset, cfg: FleetConfig, virtual: bool = False) -> FleetPlan:
     """The fleet's draws from its seed (see FleetPlan); ``virtual``: it will run on a virtual clock."""
     rng = np.random.default_rng(cfg.seed)
-    parts = partition(data.y_train, cfg.phones, cfg.partition, rng, cfg.quantity_skew)
-    # rng.spawn(cfg.phones) without building the generators yet (~20 us each): their seed sequences
-    seeds = rng.bit_generator.seed_seq.spawn(cfg.phones)  # type: ignore[attr-defined]
+    shards = Shards.of(partition(data.y_train, cfg.phones, cfg.partition, rng, cfg.quantity_skew))
+    # rng.spawn(cfg.phones) without building the generators or seed sequences (fleet_columns.child_seed)
+    seed_root = rng.bit_generator.seed_seq
+    assert isinstance(seed_root, np.random.SeedSequence)  # default_rng's is one
     profiles = fleet_profiles(cfg, rng)
     attack = parse_attack(cfg.attack)
     attackers = set(choose_attackers(cfg.phones, cfg.attack_fraction, rng).tolist())
@@ -122,15 +143,14 @@ def plan_fleet(data: Dataset, cfg: FleetConfig, virtual: bool = False) -> FleetP
     # time order. So the fleet does not start at one instant: each phone's first check-in is
     # at its own seeded time (a real fleet does not wake in unison either).
     starts = rng.uniform(0.0, cfg.start_spread_s, cfg.phones) if virtual else np.zeros(cfg.phones)
-    return FleetPlan(cfg, data, virtual, parts, seeds, type(rng.bit_generator), profiles, attack, attackers, starts,
-                     shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count))
+    return FleetPlan(cfg, data, virtual, shards, seed_root, type(rng.bit_generator), profiles, attack, attackers,
+                     starts, shard_phones(cfg.phones, cfg.shard_index, cfg.shard_count))
 
 
-def fleet_profiles(cfg: FleetConfig, rng: np.random.Generator) -> list[DeviceProfile] | None:
-    """One profile per phone: none, drawn from ``cfg.profile_spec``, or cycled from a trace."""
+def fleet_profiles(cfg: FleetConfig, rng: np.random.Generator) -> ProfileColumns | list[DeviceProfile] | None:
+    """The phones' profiles: none, drawn from ``cfg.profile_spec`` (columns), or a trace's, cycled."""
     if cfg.devices == "none":
         return None
     if cfg.devices == "default":
-        return sample_profiles(cfg.phones, rng, cfg.profile_spec)
-    trace = load_profiles(cfg.devices)
-    return [trace[i % len(trace)] for i in range(cfg.phones)]
+        return sample_profile_columns(cfg.phones, rng, cfg.profile_spec)
+    return load_profiles(cfg.devices)

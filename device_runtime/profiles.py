@@ -80,6 +80,12 @@ class ProfileSpec:
 
 
 def sample_profiles(n: int, rng: np.random.Generator, spec: ProfileSpec = ProfileSpec()) -> list[DeviceProfile]:
+    cols = sample_profile_columns(n, rng, spec)
+    return [cols.profile(i) for i in range(n)]
+
+
+def sample_profile_columns(n: int, rng: np.random.Generator, spec: ProfileSpec = ProfileSpec()) -> ProfileColumns:
+    """``n`` profiles drawn from ``spec`` as columns (a fleet of a million phones holds no profile objects)."""
     mu = math.log(spec.compute_ms) - spec.compute_sigma**2 / 2  # so that the mean is compute_ms
     compute = rng.lognormal(mu, spec.compute_sigma, size=n)
     names = list(NETWORKS)
@@ -88,17 +94,43 @@ def sample_profiles(n: int, rng: np.random.Generator, spec: ProfileSpec = Profil
     nightly = rng.random(n) < spec.diurnal
     starts = (rng.normal(22.0, 1.5, size=n)) % 24
     hours = np.clip(rng.normal(7.0, 1.5, size=n), 2.0, 12.0)
-    out = []
-    for i in range(n):
-        _, up, down, rtt = NETWORKS[names[kinds[i]]]
-        out.append(DeviceProfile(
-            ms_per_sample=float(compute[i]), up_mbps=up * float(noise[i, 0]), down_mbps=down * float(noise[i, 1]),
-            rtt_ms=rtt * float(noise[i, 2]),
-            window_start_h=float(starts[i]) if nightly[i] else 0.0,
-            window_hours=float(hours[i]) if nightly[i] else 24.0,
-            dropout=spec.dropout,
-        ))
-    return out
+    link = np.array([NETWORKS[k][1:] for k in names], dtype=np.float64)[kinds]  # [n, (up, down, rtt)]
+    return ProfileColumns(
+        ms_per_sample=compute, up_mbps=link[:, 0] * noise[:, 0], down_mbps=link[:, 1] * noise[:, 1],
+        rtt_ms=link[:, 2] * noise[:, 2], window_start_h=np.where(nightly, starts, 0.0),
+        window_hours=np.where(nightly, hours, 24.0), dropout=spec.dropout)
+
+
+@dataclass(frozen=True, eq=False)
+class ProfileColumns:
+    """Device profiles as columns (``sample_profile_columns`` draws them); row ``i`` is phone ``i``'s."""
+
+    ms_per_sample: np.ndarray
+    up_mbps: np.ndarray
+    down_mbps: np.ndarray
+    rtt_ms: np.ndarray
+    window_start_h: np.ndarray
+    window_hours: np.ndarray
+    dropout: float
+
+    def __len__(self) -> int:
+        return len(self.ms_per_sample)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ProfileColumns):
+            return NotImplemented
+        return self.dropout == other.dropout and all(
+            np.array_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self) if f.name != "dropout")
+
+    __hash__ = None  # type: ignore[assignment]  # columns of arrays: compared by value, not hashed
+
+    def profile(self, i: int) -> DeviceProfile:
+        return DeviceProfile(
+            ms_per_sample=float(self.ms_per_sample[i]), up_mbps=float(self.up_mbps[i]),
+            down_mbps=float(self.down_mbps[i]), rtt_ms=float(self.rtt_ms[i]),
+            window_start_h=float(self.window_start_h[i]), window_hours=float(self.window_hours[i]),
+            dropout=self.dropout)
+
 
 
 REQUIRED = ("ms_per_sample", "up_mbps", "down_mbps", "rtt_ms")

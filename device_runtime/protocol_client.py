@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Hashable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Hashable, Iterator, Mapping
 from typing import Any, Protocol
 
 import aiohttp
@@ -37,6 +37,14 @@ from fedfleet.protocol.state import STATE_PREFIX, split_state, with_state
 
 Params = dict[str, np.ndarray]
 Trained = tuple[Params, TrainResult]  # (new params - params, with end state under "state:" names; result)
+
+
+class Examples(Protocol):
+    """A phone's examples: the pair (x, y), or what makes it when unpacked (``x, y = examples``):
+    an emulated fleet's phones gather theirs from the shared dataset when they train
+    (``fleet_columns.Shard``)."""
+
+    def __iter__(self) -> Iterator[np.ndarray]: ...
 
 
 class ServerError(Exception):
@@ -152,7 +160,7 @@ class ProtocolClient:
         session: aiohttp.ClientSession,
         server: str,
         name: str,
-        data: tuple[np.ndarray, np.ndarray],
+        data: Examples,
         pool: Trainer | None,
         rng: np.random.Generator,
         *,
@@ -174,7 +182,7 @@ class ProtocolClient:
         self.enrolment_code = enrolment_code  # the admin's single-use code, for a server that requires one
         self.poll_session = poll_session or session  # check-ins (long polls) may use their own connections
         self.device: Device = device or RealDevice()
-        self.x, self.y = data
+        self.data = data
         self.pool, self.rng = pool, rng
         self.ledger = ledger  # protocol.privacy.PrivacyLedger: this side's count of releases
         self.encoder: UpdateEncoder | None = None
@@ -185,7 +193,7 @@ class ProtocolClient:
         self.clock: PhoneClock = clock or WallClock()
         self.token = ""
         self.task: dict[str, Any] = {}
-        self.stats = PhoneStats(name, len(self.x))
+        self.stats = PhoneStats(name, _count(data))
         self._model: tuple[int, dict[str, np.ndarray]] | None = None
         self.inline_model = inline_model  # ask for the model inside the check-in's "train" answer
         self._inline_bytes = 0  # size of the check-in answer that brought the model, if one did
@@ -322,8 +330,9 @@ class ProtocolClient:
             raise RuntimeError("phone has no trainer: the fleet sets one after registration")
         if self.local_state and self.own_state:
             params = with_state(params, self.own_state)  # this phone's statistics, not the fleet's
-        training = self.pool.submit(params, self.x, self.y, cfg, self.rng, key=version)
-        trained = await device.train(training, len(self.x), cfg.local_epochs)
+        x, y = self.data
+        training = self.pool.submit(params, x, y, cfg, self.rng, key=version)
+        trained = await device.train(training, len(x), cfg.local_epochs)
         if trained is None:  # vanished mid-training: the server never hears back
             self.stats.drops += 1
             return
@@ -455,15 +464,17 @@ class ProtocolClient:
         return self.encoder
 
     async def run(self, stop: asyncio.Event | None = None, max_errors: int = 20,
-                  until: float | None = None, start_after: float = 0.0) -> PhoneStats:
+                  until: float | None = None, start_after: float = 0.0, joined: bool = False) -> PhoneStats:
         """Check in until the server says the task is done, ``stop`` is set, or the clock
         passes ``until``; the first check-in ``start_after`` seconds from now. A failed step
         (the server unreachable, restarting, or refusing) is retried with backoff (0.2 s doubled
         up to 10 s); the phone gives up, raising the error, after ``max_errors`` failures in a
-        row (~2.5 min of a server gone), or at once on a 400 or 401 (retrying cannot help)."""
+        row (~2.5 min of a server gone), or at once on a 400 or 401 (retrying cannot help).
+        ``joined``: the caller joined the clock for this phone already (it leaves when the run ends)."""
         backoff = 0.2
         failures = 0  # in a row: a server restarted now and then does not wear the phone out
-        self.clock.join()
+        if not joined:
+            self.clock.join()
         try:
             if start_after > 0:
                 await self.clock.sleep(start_after)
@@ -482,6 +493,14 @@ class ProtocolClient:
         finally:
             self.clock.leave()
         return self.stats
+
+
+def _count(data: Examples) -> int:
+    examples = getattr(data, "examples", None)  # a fleet_columns.Shard knows without gathering
+    if isinstance(examples, int):
+        return examples
+    x, _ = data
+    return len(x)
 
 
 def _json_object(payload: bytes) -> dict[str, Any]:

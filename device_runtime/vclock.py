@@ -38,17 +38,33 @@ class VirtualClock:
         self._schedule_advance()
 
     async def sleep(self, seconds: float) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (self.t + max(seconds, 0.0), next(self._seq), fut))
-        self._sleeping += 1
-        self._schedule_advance()
+        fut = self._wake_at(self.t + max(seconds, 0.0))
         try:
             await fut
         except asyncio.CancelledError:
-            if fut.cancelled():  # woken futures were already uncounted in _advance
-                self._sleeping -= 1
-                self._schedule_advance()
+            self._cancelled(fut)
             raise
+
+    async def sleep_until(self, when: float) -> None:
+        """Sleep until virtual time ``when`` exactly (the next advance, if it has passed)."""
+        fut = self._wake_at(max(when, self.t))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self._cancelled(fut)
+            raise
+
+    def _wake_at(self, when: float) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (when, next(self._seq), fut))
+        self._sleeping += 1
+        self._schedule_advance()
+        return fut
+
+    def _cancelled(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():  # woken futures were already uncounted in _advance
+            self._sleeping -= 1
+            self._schedule_advance()
 
     def _schedule_advance(self) -> None:
         if not self._advance_scheduled and self._heap:

@@ -207,8 +207,10 @@ async def _enrol(cfg: SimulateConfig, data: Dataset, url: str, session: aiohttp.
         encoder = UpdateEncoder(EncoderConfig.from_mapping(codec), rng.spawn(1)[0]) if cfg.gossip == "choco" else None
         phones.append(GossipPhone(client, cfg.gossip, await client.download(0), encoder=encoder,
                                   gamma=cfg.gossip_gamma, rho=cfg.admm_rho))
-        shards.append(shard)
-    return Fleet(phones, plan.profiles, shards)
+        x, y = shard
+        shards.append((x, y))
+    profiles = None if plan.profiles is None else [plan.profile(i) or DeviceProfile() for i in range(cfg.phones)]
+    return Fleet(phones, profiles, shards)
 
 
 async def _open_round(session: aiohttp.ClientSession, url: str) -> int:

@@ -154,6 +154,9 @@ class SimulateConfig:
             raise ValueError(f"--init-weights {self.init_weights}: no such file")
         parse_partition(self.partition)
         parse_attack(self.attack)
+        from fedfleet.population import check_population
+
+        check_population(self.phones)  # a population that cannot fit, refused with its estimate
         try:  # what the server would refuse, refused now (the shape is the dataset's, known later)
             self._server_config((1, 8, 8), 10, None)
         except ValueError as exc:
@@ -246,7 +249,7 @@ class SimulateConfig:
 
 def _flag(name: str) -> str | None:
     """The command-line flag of a SimulateConfig field (None: a TOML-only setting)."""
-    return None if name in ("server", "settings", "start_spread_s") else "--" + name.replace("_", "-")
+    return None if name in ("server", "settings", "start_spread_s", "register_when_active") else "--" + name.replace("_", "-")
 
 
 def _check_range(cfg: SimulateConfig, checks: list[tuple[str, bool, str]]) -> None:

@@ -34,7 +34,8 @@ ROUTES: dict[str, tuple[Target, ...]] = {
     "device": (("server", "device"), ("fleet", "device")),  # evaluation and batched training (docs/accelerators.md)
     # the phones: FleetConfig
     **_same("fleet", "phones", "partition", "quantity_skew", "attack", "attack_fraction", "workers", "trainer",
-            "runtime", "hours", "inline_model", "chain_checkin", "start_spread_s", "devices"),
+            "runtime", "hours", "inline_model", "chain_checkin", "start_spread_s", "devices",
+            "register_when_active"),
     # --devices default: how the emulated devices are drawn (FleetConfig.profile_spec)
     **_same("profile", "compute_ms", "diurnal", "dropout"),
 }

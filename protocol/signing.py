@@ -56,15 +56,23 @@ def signature_ok(public_key: bytes, signature: bytes, text: bytes) -> bool:
 class PhoneKey:
     """The phone's key pair and the headers for one signed upload."""
 
-    def __init__(self) -> None:
-        self._key = SigningKey.generate()  # from the OS: keys are secrets, not part of a seeded run
+    def __init__(self, seed: bytes | None = None) -> None:
+        # None: a key from the OS (keys are secrets, not part of a seeded run). ``seed``: the key's
+        # 32-byte RFC 8032 seed, the key made from it each time it is used (an emulated fleet derives
+        # its idle phones' keys from a secret of its own rather than holding a million key objects).
+        self._key: SigningKey | bytes = SigningKey.generate() if seed is None else seed
         self._last = 0
 
+    @property
+    def _signing(self) -> SigningKey:
+        key = self._key
+        return key if isinstance(key, SigningKey) else SigningKey(key)
+
     def public_b64(self) -> str:
-        return base64.b64encode(bytes(self._key.verify_key)).decode()
+        return base64.b64encode(bytes(self._signing.verify_key)).decode()
 
     def headers(self, phone: str, base_version: int, update_id: str, body: bytes) -> dict[str, str]:
         nonce = max(int(time.time() * 1e3), self._last + 1)
         self._last = nonce
-        sig = self._key.sign(signed_text(phone, base_version, update_id, body, nonce)).signature
+        sig = self._signing.sign(signed_text(phone, base_version, update_id, body, nonce)).signature
         return {SIGNATURE_HEADER: base64.b64encode(sig).decode(), NONCE_HEADER: str(nonce)}

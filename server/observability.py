@@ -35,6 +35,7 @@ PUSH_EVERY_S = 1.0  # an event stream sends a snapshot at least this often
 POLL_S = 0.2  # how soon a stream notices a new round record
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SWEEP_MIN = 4096  # per-phone books are swept of phones gone quiet from this size on
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})  # others count as "other"
 
 
@@ -60,6 +61,7 @@ class Observability:
         # Labelled children by their labels: ``labels()`` takes a lock and builds a tuple each time
         # (~15 us per request for the four of them); the label values are bounded (route patterns).
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
+        self._sweep_at = SWEEP_MIN  # last_seen's size that triggers the next sweep (see seen)
 
     def children(self, method: str, endpoint: str, status: int) -> tuple[Any, Any, Any, Any]:
         """(requests, latency, bytes_in, bytes_out) children for one method, route and status."""
@@ -73,6 +75,17 @@ class Observability:
 
     def online(self, now: float) -> int:
         return sum(1 for t in self.last_seen.values() if now - t <= WINDOW_S)
+
+    def seen(self, phone: str, now: float) -> None:
+        """``phone`` made a request at ``now``. Phones quiet for longer than the window are forgotten
+        once the book has doubled since it was last swept: it holds the phones online lately, not
+        every phone registered (amortised O(1) a request)."""
+        last_seen = self.last_seen
+        last_seen[phone] = now
+        if len(last_seen) >= self._sweep_at:
+            for quiet in [p for p, t in last_seen.items() if now - t > WINDOW_S]:
+                del last_seen[quiet]
+            self._sweep_at = max(2 * len(last_seen), SWEEP_MIN)
 
     def updates_per_s(self, now: float) -> float:
         while self.accepted and now - self.accepted[0] > WINDOW_S:
@@ -130,7 +143,7 @@ def _observe(request: web.Request, response: web.StreamResponse, elapsed: float)
     bytes_out.inc(_body_size(response))
     now = time.monotonic()
     if (phone := request.get(PHONE_KEY)) is not None:
-        obs.last_seen[phone] = now
+        obs.seen(phone, now)
     if 400 <= status < 500:
         obs.rejected.labels(endpoint, str(_json_body(response).get("error", f"http_{status}"))).inc()
     elif status == 200 and request.get(NEW_UPDATE_KEY):

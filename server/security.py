@@ -26,6 +26,9 @@ def parse_public_key(text: object) -> bytes:
     return raw
 
 
+SWEEP_MIN = 4096  # the nonce book is swept of stale nonces from this size on
+
+
 class NonceBook:
     """The last nonce each phone used. In memory: after a restart the skew window still
     bounds how old a replayed request can be, and merged updates stay idempotent."""
@@ -33,6 +36,7 @@ class NonceBook:
     def __init__(self, max_skew_s: float = 300.0) -> None:
         self.max_skew_s = max_skew_s
         self.last: dict[str, int] = {}
+        self._sweep_at = SWEEP_MIN  # the book's size that triggers the next sweep (see _sweep)
 
     def precheck(self, phone: str, signature: str | None, nonce: str | None) -> None:
         """What the headers alone can refuse (missing, malformed, stale or replayed), before the
@@ -59,3 +63,14 @@ class NonceBook:
         if not signature_ok(public_key, sig, signed_text(phone, base_version, update_id, body, n)):
             raise SignatureError("bad_signature", "the signature does not match this phone's key and request")
         self.last[phone] = n
+        if len(self.last) >= self._sweep_at:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Forget nonces older than the skew window: a request carrying one is refused as stale
+        anyway, so the book holds the phones that uploaded lately, not every phone (amortised
+        O(1) an upload: swept again once it has doubled)."""
+        oldest = (time.time() - self.max_skew_s) * 1e3
+        for phone in [p for p, n in self.last.items() if n < oldest]:
+            del self.last[phone]
+        self._sweep_at = max(2 * len(self.last), SWEEP_MIN)

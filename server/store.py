@@ -24,6 +24,7 @@ from typing import Any
 
 from fedfleet.server.commit import PENDING_SQL, PHONE_SQL, GroupCommit, PhoneRow, fast_delete, settle
 from fedfleet.server.commit import NameTaken as NameTaken  # re-exported: server.routes answers it with a 409
+from fedfleet.server.phone_cache import BoundedCache
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -135,9 +136,11 @@ class Store:
         except BaseException:
             _unlock(self._lock)
             raise
-        self._tokens: dict[str, str] = {}  # token hash -> phone id: authentication without a query
+        # token hash -> phone id, phone id -> enrolled Ed25519 public key: the phones heard from lately
+        # are authenticated without a query; the rest are rows of ``phones`` (server/phone_cache.py)
+        self._tokens: BoundedCache[str, str] = BoundedCache()
         self._phones = -1  # cached count
-        self._keys: dict[str, bytes | None] = {}  # phone id -> enrolled Ed25519 public key
+        self._keys: BoundedCache[str, bytes | None] = BoundedCache()
 
     def close(self) -> None:
         try:
