@@ -104,3 +104,31 @@ def mnist5k_rows(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 
     d = fedfleet.load_dataset("mnist5k", seed=seed)  # images [N, 1, 28, 28]
     return d.x_train[:, 0], d.y_train, d.x_test[:, 0], d.y_test
+
+
+# A task's own loss and metrics: --loss examples.custom_task:focal_loss --metrics examples.custom_task:scores
+# (docs/your-own-task.md). A loss is (outputs [B, classes], targets [B]) -> the mean over the batch, a
+# scalar tensor; metrics are (outputs [N, classes], targets [N]) -> {name: float} over the whole test split.
+
+
+def smoothed_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against labels smoothed by 0.1 (Szegedy et al. 2016)."""
+    return nn.functional.cross_entropy(outputs, targets, label_smoothing=0.1)
+
+
+def focal_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Focal loss with gamma 2 (Lin et al. 2017): -(1 - p_t)^2 log p_t, averaged over the batch."""
+    log_p = torch.log_softmax(outputs, dim=-1).gather(-1, targets[..., None])[..., 0]  # [B]
+    return (-((1 - log_p.exp()) ** 2) * log_p).mean()
+
+
+def scores(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Macro-averaged F1 and top-2 accuracy of the model's logits on the test split."""
+    predicted = outputs.argmax(1)
+    f1 = []
+    for c in range(outputs.shape[1]):
+        tp = float(((predicted == c) & (targets == c)).sum())
+        fp, fn = float(((predicted == c) & (targets != c)).sum()), float(((predicted != c) & (targets == c)).sum())
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+    top2 = (outputs.topk(2, dim=1).indices == targets[:, None]).any(1)
+    return {"macro_f1": sum(f1) / len(f1), "top2_accuracy": float(top2.double().mean())}

@@ -60,10 +60,15 @@ def check_forward(model: nn.Module, input_shape: tuple[int, ...], num_classes: i
                          f"dataset's {num_classes} classes must return logits [2, {num_classes}]")
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module, loss: str | None = None) -> str:
     """sha256 of the model's state: every tensor's name, shape and dtype, in ``state_dict`` order
-    (weights' values are not part of it). Phones and server compare it at registration."""
-    entries = [[n, list(t.shape), str(t.dtype).removeprefix("torch.")] for n, t in model.state_dict().items()]
+    (weights' values are not part of it), and the task's loss when it is not the built-in cross-entropy
+    (export.task_loss: a phone training another loss would pull the model elsewhere). Phones and server
+    compare it at registration."""
+    entries: list[list[object]] = [[n, list(t.shape), str(t.dtype).removeprefix("torch.")]
+                                   for n, t in model.state_dict().items()]
+    if loss is not None and loss != "cross_entropy":
+        entries.append(["loss", loss])
     return hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -53,12 +53,16 @@ def run_simulation(config: SimulateConfig | None = None, *, model: ModelArg | No
     data: Dataset | None = None
     if model is not None:
         settings["model"] = ref_of(model, "model")
+    for name in ("loss", "metrics"):  # a callable's MODULE:ATTR, as phones and the server import it
+        if settings.get(name) is not None:
+            settings[name] = ref_of(settings[name], name)
     if isinstance(dataset, Dataset):
         data, settings["dataset"] = dataset, dataset.name
     elif dataset is not None:
         settings["dataset"] = ref_of(dataset, "dataset")
     cfg = (config or SimulateConfig()).replace(**settings)
-    task = prepare_task(cfg.model, data or cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights)
+    task = prepare_task(cfg.model, data or cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights, cfg.loss,
+                        cfg.metrics)
     return run(cfg, data=task.data, show_table=progress)
 
 

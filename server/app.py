@@ -83,7 +83,7 @@ def make_app(
     if test_data is not None:
         task = (config.model, config.input_shape, config.num_classes)  # torch loads at the first evaluation
         app[EVALUATOR] = Evaluator(task, test_data[0], test_data[1], seed=config.seed, init_weights=config.init_weights,
-                                   device=resolve_device(config.device))
+                                   device=resolve_device(config.device), loss=config.loss, metrics=config.metrics)
     if config.bundle_dir is not None:
         manifest = check_bundle(Path(config.bundle_dir), config.model, app[COORD].specs)
         bundle_fp = manifest.model_fingerprint
@@ -157,7 +157,7 @@ def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, n
     params = {n: p.detach().numpy().copy() for n, p in trainable_params(model).items()}
     params = with_state(params, initial_state(model))  # batch norm statistics travel as "state:" tensors
     store.set_meta("model_spec", fingerprint)
-    store.set_meta("model_fingerprint", model_fingerprint(model))
+    store.set_meta("model_fingerprint", model_fingerprint(model, config.loss))
     store.save_version(0, encode_message("model", {"version": 0, "model": config.model}, params))
     return 0, params, store.get_meta("model_fingerprint")
 

@@ -17,13 +17,15 @@ from fedfleet.device_runtime.stateful import (
     set_state,
 )
 from fedfleet.export.model_state import get_state, state_names
+from fedfleet.export.task_loss import LossFn
 
 
 class TorchRuntime:
     name = "torch"
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss: LossFn | None = None) -> None:
         self.model = model
+        self.loss = loss  # the task's own (export/task_loss.py); None: cross-entropy
         self._trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         model.train()
         self._state_names = state_names(model)
@@ -68,7 +70,7 @@ class TorchRuntime:
         total, steps = 0.0, 0
         for idx in iterate_batches(len(x), cfg, rng):
             ti = torch.from_numpy(idx)
-            loss = nn.functional.cross_entropy(self.model(xt[ti]), yt[ti])
+            loss = (self.loss or nn.functional.cross_entropy)(self.model(xt[ti]), yt[ti])
             total += float(loss.detach())
             if anchor:  # FedProx: mu/2 * ||w - w_global||^2
                 loss = loss + 0.5 * cfg.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
