@@ -215,8 +215,8 @@ class ServerConfig:
 
         for name, value, builtin in (("loss", self.loss, "cross_entropy"), ("metrics", self.metrics, None)):
             if value is not None and value != builtin and not is_ref(value):
-                raise ValueError(f"{name} must be MODULE:ATTR (a callable){' or cross_entropy' if builtin else ''}, "
-                                 f"got {value!r}")
+                raise ValueError(f"{name} (--{name}) must be MODULE:ATTR (a callable)"
+                                 f"{' or cross_entropy' if builtin else ''}, got {value!r}")
 
     def _check_strategy(self) -> None:
         """A strategy of one's own replaces the built-in merge its settings describe; it must load."""
