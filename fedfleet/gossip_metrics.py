@@ -26,7 +26,7 @@ def scores(models: list[dict[str, np.ndarray]], evaluator: Evaluator, draws: np.
     own = np.array([evaluator.evaluate(models[i]).accuracy for i in sample])
     return {"accuracy": mean.accuracy, "loss": mean.loss, "accuracy_mean": float(own.mean()),
             "accuracy_p10": float(np.percentile(own, 10)), "accuracy_p90": float(np.percentile(own, 90)),
-            "consensus_distance": consensus_distance(models)}
+            "consensus_distance": consensus_distance(models), **({"metrics": mean.metrics} if mean.metrics else {})}
 
 
 async def traffic(session: aiohttp.ClientSession, url: str, r: int, topology: Topology,

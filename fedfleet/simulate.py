@@ -112,7 +112,6 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
     summary["final_weights"] = None if final is None else {"path": str(final[1]), "version": final[0]}
     summary["task"] = {"model": cfg.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
                        "loss": cfg.loss or "cross_entropy", "metrics": cfg.metrics}
-    summary["final_metrics"] = next((r["metrics"] for r in reversed(result.rounds) if r.get("metrics")), None)
     write_run(out, result.rounds, result.devices, summary)
     return result, summary
 

@@ -198,6 +198,14 @@ def test_simulate_trains_the_loss_and_records_the_metrics(tmp_path: Path) -> Non
     assert rows[-1]["loss"] != pytest.approx(float(nn.functional.cross_entropy(outputs, y)), rel=1e-3)
     for name, value in custom_task.scores(outputs, y).items():
         assert summary["final_metrics"][name] == pytest.approx(value, abs=1e-6)
+    # fedfleet report shows them: the summary's final values, a column per metric in the rounds' table
+    from fedfleet.report import load_run, summary_row
+
+    row = summary_row(load_run(out))
+    assert row["final macro_f1"] == summary["final_metrics"]["macro_f1"]
+    assert row["training loss"] == "examples.custom_task:focal_loss"
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "report.html").read_text().count("<th>top2_accuracy</th>") == 1
 
 
 def test_the_python_api_takes_the_loss_and_metrics_as_callables(tmp_path: Path) -> None:

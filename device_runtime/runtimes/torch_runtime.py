@@ -104,8 +104,10 @@ def evaluate_module(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: 
 
 
 def torch_runtime_for_task(task: dict) -> TorchRuntime:
-    """The eager model a server's task describes (model name, input shape, classes)."""
+    """The eager model a server's task describes (model name, input shape, classes), trained with its
+    loss (export/task_loss.py; cross-entropy when the task names none)."""
     from fedfleet.export.models import ModelSpec, build_model
+    from fedfleet.export.task_loss import resolve_loss
 
     spec = ModelSpec(str(task["model"]), tuple(task["input_shape"]), int(task["num_classes"]))  # type: ignore[arg-type]
-    return TorchRuntime(build_model(spec))
+    return TorchRuntime(build_model(spec), loss=resolve_loss(task.get("loss")))
