@@ -245,7 +245,7 @@ def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequence[str], cfg: TrainConfig,
                dtype: torch.dtype, holder: list[MaskSource], rows: list[torch.Tensor | None],
                device: torch.device, loss: LossFn | None = None) -> Step:
-    """The batched SGD step: per phone, masked mean cross-entropy (+ FedProx), then
+    """The batched SGD step: per phone, masked mean cross-entropy or the task's loss (+ FedProx), then
     ``w -= lr * grad`` in place, the update ``torch.optim.SGD`` makes.
 
     Only the model's forward pass is vmapped; the loss is computed on the stacked logits and the
@@ -326,6 +326,6 @@ def vmap_failure(model: nn.Module, params: Mapping[str, np.ndarray], example: np
     jobs = [(x, y, np.random.default_rng(0)) for _ in range(2)]
     try:
         train_many(model, params, jobs, TrainConfig(batch_size=2), chunk=2, loss=loss)
-    except (RuntimeError, NotImplementedError) as exc:
+    except Exception as exc:  # whatever vmap raises; the per-phone path runs the same code eagerly
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return None

@@ -4,6 +4,8 @@
     fedfleet simulate --model examples.custom_task:bn_cnn --dataset digits --phones 10 --rounds 5
     fedfleet simulate --model examples.custom_task:gru --dataset examples.custom_task:digit_rows --trainer pool
     fedfleet simulate --model mlp --dataset examples.custom_task:digit_features
+    fedfleet simulate --model mlp --dataset digits --loss examples.custom_task:focal_loss \
+        --metrics examples.custom_task:scores
 
 A model factory returns a ``torch.nn.Module`` mapping ``[batch, *input_shape]`` to logits
 ``[batch, num_classes]``; it is given ``input_shape`` and ``num_classes`` when it names them. A dataset

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -317,3 +318,38 @@ def test_a_loss_export_cannot_trace_is_refused_in_one_line(capsys: pytest.Captur
     assert len(ours) == 1 and err.strip().splitlines()[-1] == ours[0], err[-2000:]
     assert "model.pte: " in ours[0] and "train_step.onnx: " in ours[0], ours
     assert list((tmp_path / "bundle").iterdir()) == []  # nothing claimed
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedfleet.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_serve_evaluates_with_the_metrics_and_fleet_phones_train_the_loss(tmp_path: Path) -> None:
+    """A deployed server with the task's loss and metrics: a fleet not given the loss refuses to start in
+    one line; given another loss, its phones are refused at registration; given the same, they train and
+    the server records the metrics."""
+    focal = "examples.custom_task:focal_loss"
+    port, data_dir = _free_port(), tmp_path / "server"
+    server = subprocess.Popen([sys.executable, "-m", "fedfleet.cli", "serve", "--port", str(port), "--model", "mlp",
+                               "--loss", focal, "--metrics", "examples.custom_task:scores", "--rounds", "1",
+                               "--sample", "1", "--data-dir", str(data_dir)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert server.stdout is not None and "listening" in server.stdout.readline()
+        unnamed = _cli("fleet", "--server", url, "--model", "mlp", "--phones", "2", "--out", str(tmp_path / "a"))
+        assert unnamed.returncode == 2
+        _one_error_line(unnamed.stderr, "fleet", f"trains with the loss {focal}", f"give --loss {focal}")
+        other = _cli("phone", "--server", url, "--model", "mlp", "--loss", "examples.custom_task:smoothed_cross_entropy",
+                     "--out", str(tmp_path / "b"))
+        assert other.returncode == 2
+        _one_error_line(other.stderr, "phone", "model_mismatch", "loss (--loss)")
+        fleet = _cli("fleet", "--server", url, "--model", "mlp", "--loss", focal, "--phones", "3",
+                     "--out", str(tmp_path / "fleet"))
+        assert fleet.returncode == 0, fleet.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=60)
+    rows = [json.loads(line) for line in (data_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and set(rows[-1]["metrics"]) == {"macro_f1", "top2_accuracy"}
