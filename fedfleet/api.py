@@ -45,7 +45,8 @@ def run_simulation(config: SimulateConfig | None = None, *, model: ModelArg | No
     SimulateConfig()) with ``settings`` (SimulateConfig fields, e.g. phones=20, rounds=5) replaced;
     ``model``: a built-in name, ``MODULE:ATTR`` or a module-level callable returning a torch.nn.Module;
     ``dataset``: a spec string, a module-level callable (see device_runtime/task_data.py) or a Dataset
-    (``make_dataset``). Writes config.out as the command does (metrics.jsonl, summary.json,
+    (``make_dataset``); ``loss=``, ``metrics=`` (settings): the task's own, ``MODULE:ATTR`` or module-level
+    callables (export/task_loss.py; default cross-entropy and no metrics). Writes config.out as the command does (metrics.jsonl, summary.json,
     final_weights.safetensors) and returns the summary. ``progress``: print the round table."""
     from fedfleet.simulate import run
     from fedfleet.task import prepare_task

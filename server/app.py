@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from aiohttp import web
@@ -131,7 +132,7 @@ def _db_path(config: ServerConfig) -> str:
 
 
 class OtherTask(ValueError):
-    """The data dir holds the state of another task (model, input shape or classes): nothing to
+    """The data dir holds the state of another task (model, input shape, classes or loss): nothing to
     resume. The CLI reports it in one line."""
 
 
@@ -139,8 +140,11 @@ def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, n
     """Resume from the newest durable version, or make version 0: drawn from the seed, or the user's
     ``init_weights``. Only a fresh start imports torch: a restart after a crash serves in well under 2 s.
     Also the model's fingerprint (None for a data dir written before fingerprints were kept)."""
-    fingerprint = json.dumps({"model": config.model, "input_shape": list(config.input_shape),
-                              "classes": config.num_classes})
+    spec: dict[str, Any] = {"model": config.model, "input_shape": list(config.input_shape),
+                            "classes": config.num_classes}
+    if config.loss not in (None, "cross_entropy"):  # phones train it: resuming with another is another task
+        spec["loss"] = config.loss
+    fingerprint = json.dumps(spec)
     saved = store.get_meta("model_spec")
     if saved is not None and saved != fingerprint:
         raise OtherTask(f"data dir {config.data_dir} holds a different task ({saved}); use a fresh --data-dir")

@@ -353,3 +353,21 @@ def test_serve_evaluates_with_the_metrics_and_fleet_phones_train_the_loss(tmp_pa
         server.communicate(timeout=60)
     rows = [json.loads(line) for line in (data_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows and set(rows[-1]["metrics"]) == {"macro_f1", "top2_accuracy"}
+
+
+async def test_a_data_dir_resumes_only_with_the_loss_it_was_started_with(make_server: MakeClient,
+                                                                          tmp_path: Path) -> None:
+    from fedfleet.server.app import make_app
+    from fedfleet.server.config import ServerConfig
+
+    focal = "examples.custom_task:focal_loss"
+    client = await make_server(data_dir=str(tmp_path), loss=focal)
+    assert (await (await client.get("/v1/task")).json())["loss"] == focal
+    await client.close()
+    for other in (None, "examples.custom_task:smoothed_cross_entropy"):
+        with pytest.raises(ValueError, match="different task"):
+            make_app(ServerConfig(model="mlp", input_shape=(1, 8, 8), num_classes=10, data_dir=str(tmp_path),
+                                  loss=other))
+    again = await make_server(data_dir=str(tmp_path), loss=focal)
+    assert (await (await again.get("/v1/task")).json())["model_fingerprint"] == model_fingerprint(
+        task_model("mlp", (1, 8, 8), 10), focal)
