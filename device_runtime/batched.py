@@ -165,7 +165,7 @@ class _ChunkData:
     """One chunk's data and padded batch layout; phones sorted by step count, longest first."""
 
     x: torch.Tensor  # [N, ...]: every phone's examples, concatenated
-    y: torch.Tensor  # [N] int64
+    y: torch.Tensor  # [N] int64 labels, or [N, ...] float targets (a regression)
     index: torch.Tensor  # [T, P, B] rows of x per step and phone; padding points at row 0
     mask: torch.Tensor  # [T, P, B] 1 for a real example, 0 for padding
     rows: np.ndarray  # [T, P] real examples per step and phone
@@ -189,10 +189,10 @@ def _gather(jobs: Sequence[Job], plans: Sequence[list[np.ndarray]], batch_size: 
             mask[t, j, : len(picked)] = 1.0
             rows[t, j] = len(picked)
     x = np.concatenate([np.asarray(x) for x, _, _ in jobs])
-    y = np.concatenate([np.asarray(y, dtype=np.int64) for _, y, _ in jobs])
+    y = np.concatenate([np.asarray(y) for _, y, _ in jobs])
     return _ChunkData(
         x=torch.from_numpy(x).to(device, dtype),
-        y=torch.from_numpy(y).to(device),
+        y=torch.from_numpy(y).to(device, dtype) if y.dtype.kind == "f" else torch.from_numpy(y.astype(np.int64)).to(device),
         index=torch.from_numpy(index).to(device),
         mask=torch.from_numpy(mask).to(device, dtype),
         rows=rows,
@@ -316,13 +316,13 @@ def _task_loss(loss: LossFn, outputs: torch.Tensor, y: torch.Tensor, mask: torch
 
 
 def vmap_failure(model: nn.Module, params: Mapping[str, np.ndarray], example: np.ndarray,
-                 loss: LossFn | None = None) -> str | None:
+                 loss: LossFn | None = None, target: np.ndarray | None = None) -> str | None:
     """Why ``train_many`` cannot train ``model`` with ``loss`` (an op without a batching rule, such
     as ``aten::gru``, or a loss calling ``.item()``), or None: one vmapped step of two phones on two
     copies of ``example`` (one example, with its batch axis). Run once per model; the model is not
-    modified."""
+    modified. ``target``: the example's target, with its batch axis (default: class 0)."""
     x = np.concatenate([example, example])
-    y = np.zeros(2, dtype=np.int64)
+    y = np.zeros(2, dtype=np.int64) if target is None else np.concatenate([target, target])
     jobs = [(x, y, np.random.default_rng(0)) for _ in range(2)]
     try:
         train_many(model, params, jobs, TrainConfig(batch_size=2), chunk=2, loss=loss)

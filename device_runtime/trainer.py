@@ -232,10 +232,10 @@ class BatchedTrainer:
         with an op vmap cannot batch (``aten::gru``), or a loss vmap cannot batch (one that calls
         ``.item()``), trains phone by phone, said in one log line."""
         if self.unbatchable is None:
-            example = next((x[:1] for x, _, _ in jobs if len(x)), None)
-            if example is None:
+            first = next(((x[:1], y[:1]) for x, y, _ in jobs if len(x)), None)
+            if first is None:
                 return True
-            self.unbatchable = vmap_failure(self.model, params, example, self.loss) or ""
+            self.unbatchable = vmap_failure(self.model, params, first[0], self.loss, first[1]) or ""
             if self.unbatchable:
                 log.warning("batched training cannot vmap this model (%s): its phones train one by one",
                             self.unbatchable)

@@ -134,3 +134,34 @@ def scores(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
     top2 = (outputs.topk(2, dim=1).indices == targets[:, None]).any(1)
     return {"macro_f1": sum(f1) / len(f1), "top2_accuracy": float(top2.double().mean())}
+
+
+# A regression: float targets make one (docs/your-own-task.md); the model returns one output per example.
+#   fedfleet simulate --model mlp --dataset examples.custom_task:diabetes --loss examples.custom_task:mse \
+#       --metrics examples.custom_task:regression_scores
+
+
+def diabetes(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's diabetes progression: 10 standardised features, a float target (standardised on the
+    training split); a seeded 20% held out."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    x, y = d.data.astype(np.float32), d.target.astype(np.float32)
+    order = np.random.default_rng(seed).permutation(len(x))
+    test, train = order[: len(x) // 5], order[len(x) // 5 :]
+    mu, sd = x[train].mean(0), x[train].std(0)
+    t_mu, t_sd = y[train].mean(), y[train].std()
+    return (x[train] - mu) / sd, (y[train] - t_mu) / t_sd, (x[test] - mu) / sd, (y[test] - t_mu) / t_sd
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the model's one output per example ([B, 1]) against the targets [B]."""
+    return ((outputs[:, 0] - targets) ** 2).mean()
+
+
+def regression_scores(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """RMSE and the coefficient of determination R^2 over the test split."""
+    err = outputs[:, 0].double() - targets.double()
+    total = ((targets.double() - targets.double().mean()) ** 2).sum()
+    return {"rmse": float(err.pow(2).mean().sqrt()), "r2": float(1 - err.pow(2).sum() / total)}

@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         task = _task_of(args)
         check_model_name(task["model"])
         data = load_dataset(task["dataset"], seed=task["seed"], image_size=task["image_size"])
+        if data.regression:
+            raise ValueError(f"--dataset {task['dataset']}: float targets (a regression task): model.pte and "
+                             "train_step.onnx take class labels; train it with --runtime torch")
         cfg = ExportConfig(
             model=task["model"],
             dataset=task["dataset"],

@@ -61,7 +61,11 @@ def check_task(model: nn.Module, x_train: Any, y_train: Any, loss: str | None, m
     import numpy as np
 
     x = torch.from_numpy(np.ascontiguousarray(x_train[:8], dtype=np.float32))
-    y = torch.from_numpy(np.asarray(y_train[:8], dtype=np.int64))
+    regression = np.asarray(y_train).dtype.kind == "f"
+    y = torch.from_numpy(np.asarray(y_train[:8], dtype=np.float32 if regression else np.int64))
+    if regression and is_default_loss(loss):
+        raise ValueError("--loss: the dataset's targets are floats, a regression task; give its loss, a "
+                         "MODULE:ATTR such as examples.custom_task:mse (cross-entropy takes class labels)")
     check_loss(loss, model, x, y)
     return check_metrics(metrics, model, x, y)
 

@@ -52,7 +52,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg = merge_config(toml_values(args, "simulate"), run_values(args), args.config)
         check_out_dir(cfg.out, create=False)
         _ = cfg.use_server_process  # raises for --server-process yes on a virtual clock
-        task = prepare_task(cfg.model, cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights, cfg.loss, cfg.metrics)
+        task = prepare_task(cfg.model, cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights, cfg.loss, cfg.metrics,
+                            cfg.partition, cfg.runtime)
     tune_process()  # before a server process starts, so that it inherits the open-file limit too
     print(f"fedfleet simulate: {cfg.phones} phones, {cfg.dataset}, {cfg.model}, {cfg.rounds or 'unlimited'} rounds, "
           f"sample {cfg.sample}, partition {cfg.partition}, runtime {cfg.runtime}", flush=True)

@@ -22,18 +22,25 @@ class PreparedTask:
 
 def prepare_task(model: str, dataset: str | Dataset, seed: int = 0, image_size: int = 32,
                  init_weights: str | None = None, loss: str | None = None,
-                 metrics: str | None = None) -> PreparedTask:
+                 metrics: str | None = None, partition: str = "iid", runtime: str = "torch") -> PreparedTask:
     """Load ``dataset`` (a spec, or a Dataset as is) and build ``model`` for it. ValueError naming the flag
     (--dataset, --model, --init-weights, --loss, --metrics) and what is wrong: a bad MODULE:ATTR, data with
     mismatched lengths, NaN or bad labels, a model that fails on the data, weights that do not fit, a loss
     that is not a finite scalar tensor of the model's outputs, metrics that are not ``{name: float}``
-    (export/task_loss.py)."""
+    (export/task_loss.py); for a regression (float targets), a ``partition`` by label or a ``runtime``
+    other than torch (exported training programs take class labels)."""
     from fedfleet.export.task_loss import check_task
     from fedfleet.export.task_model import check_forward, model_fingerprint, task_model
 
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, seed=seed, image_size=image_size)
     built = task_model(model, data.input_shape, data.num_classes, seed, init_weights)
-    check_forward(built, data.input_shape, data.num_classes, "--model", model)
+    check_forward(built, data.input_shape, data.num_classes, "--model", model, data.regression)
+    if data.regression and partition != "iid":
+        raise ValueError(f"--partition {partition}: splits by class label; a regression task (float targets) "
+                         "splits iid")
+    if data.regression and runtime != "torch":
+        raise ValueError(f"--runtime {runtime}: exported training programs take class labels; a regression "
+                         "task (float targets) trains with --runtime torch")
     names = check_task(built, data.x_train, data.y_train, loss, metrics)
     return PreparedTask(data, model_fingerprint(built, loss), tuple(names))
 

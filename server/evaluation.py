@@ -22,7 +22,7 @@ TaskSpec = tuple[str, tuple[int, ...], int]  # model name, input shape, classes
 @dataclass(frozen=True)
 class Evaluation:
     loss: float
-    accuracy: float
+    accuracy: float | None  # None for a regression (float targets)
     metrics: dict[str, float | None] = field(default_factory=dict)  # the task's own (export/task_loss.py)
 
 
@@ -48,7 +48,7 @@ class Evaluator:
         self.spec, self.seed, self.init_weights, self.device = spec, seed, init_weights, device
         self.loss_spec, self.metrics_spec = loss, metrics
         self.x = np.ascontiguousarray(x_test, dtype=np.float32)
-        self.y = np.asarray(y_test, dtype=np.int64)
+        self.y = np.asarray(y_test) if np.asarray(y_test).dtype.kind == "f" else np.asarray(y_test, dtype=np.int64)
         self._model: nn.Module | None = None
         self._split: tuple[torch.Tensor, torch.Tensor] | None = None  # the test split on the device
 
@@ -104,7 +104,8 @@ class Evaluator:
 
         out = torch.cat([model(x[start : start + batch_size]) for start in range(0, len(x), batch_size)])
         loss = float(loss_or_default(self.loss_spec)(out, y))
-        accuracy = int((out.argmax(1) == y).sum()) / len(y)  # classification: outputs are logits [N, classes]
+        # classification: outputs are logits [N, classes]; a regression (float targets) has no accuracy
+        accuracy = None if y.is_floating_point() else int((out.argmax(1) == y).sum()) / len(y)
         metrics_fn = resolve_metrics(self.metrics_spec)
         metrics = {} if metrics_fn is None else metric_values(metrics_fn(out, y), f"--metrics {self.metrics_spec}",
                                                                 finite=False)

@@ -80,6 +80,10 @@ def reserved_metrics(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, 
 NOT_CALLABLE = 3
 
 
+def ten_outputs() -> nn.Module:
+    return nn.Linear(10, 10)
+
+
 def smoothed_oracle(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Label smoothing written out: (1 - e) * NLL of the label + e * mean over classes of -log p."""
     log_p = torch.log_softmax(logits, dim=1)
@@ -371,3 +375,67 @@ async def test_a_data_dir_resumes_only_with_the_loss_it_was_started_with(make_se
     again = await make_server(data_dir=str(tmp_path), loss=focal)
     assert (await (await again.get("/v1/task")).json())["model_fingerprint"] == model_fingerprint(
         task_model("mlp", (1, 8, 8), 10), focal)
+
+
+# --- a regression: float targets, examples.custom_task's diabetes with MSE and RMSE ------------------------
+
+REGRESSION = ["--model", "mlp", "--dataset", "examples.custom_task:diabetes"]
+
+
+def test_regression_targets_train_batched_as_per_phone_in_float64() -> None:
+    x, y, _, _ = custom_task.diabetes(seed=0)
+    assert y.dtype == np.float32 and np.any(y != np.round(y))
+    cfg = TrainConfig(local_epochs=2, batch_size=8, lr=0.05, prox_mu=0.1)
+    model = task_model("mlp", (10,), 1, seed=3)
+    params = TorchRuntime(model).get_params()
+    model.double()
+    xd = x.astype(np.float64)
+    got = train_many(model, params, make_jobs(xd, y, seed=5), cfg, chunk=3, dtype=torch.float64, loss=custom_task.mse)
+    want = per_phone_with(TorchRuntime(model, loss=custom_task.mse), params, make_jobs(xd, y, seed=5), cfg)
+    assert_same(got, want, atol=1e-12)
+    assert max(float(np.abs(d[n]).max()) for d, _ in want for n in d) > 1e-3
+
+
+def test_a_regression_runs_end_to_end_with_its_loss_and_metrics(tmp_path: Path) -> None:
+    import fedfleet
+
+    out = tmp_path / "reg"
+    rc = main(["simulate", *REGRESSION, "--loss", "examples.custom_task:mse", "--metrics",
+               "examples.custom_task:regression_scores", "--phones", "4", "--rounds", "3", "--sample", "1",
+               "--lr", "0.05", "--out", str(out)])
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "server" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["accuracy"] is None for r in rows)  # no accuracy for a regression
+    assert rows[-1]["loss"] < 0.9  # standardised targets: 1.0 is predicting the mean
+    model = fedfleet.load_trained_model(out)
+    _, _, xt, yt = custom_task.diabetes(seed=0)
+    with torch.no_grad():
+        outputs = model(torch.from_numpy(xt))
+    target = torch.from_numpy(yt)
+    assert rows[-1]["loss"] == pytest.approx(float(custom_task.mse(outputs, target)), rel=1e-5)
+    scores = custom_task.regression_scores(outputs, target)
+    assert rows[-1]["metrics"] == pytest.approx(scores, rel=1e-5)
+    assert scores["rmse"] == pytest.approx(rows[-1]["loss"] ** 0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("flags, words", [
+    ([], ["--loss", "regression task", "cross-entropy takes class labels"]),
+    (["--loss", "examples.custom_task:mse", "--partition", "dirichlet:0.5"], ["--partition dirichlet:0.5", "iid"]),
+    (["--loss", "examples.custom_task:mse", "--runtime", "onnx"], ["--runtime onnx", "--runtime torch"]),
+    (["--loss", "examples.custom_task:mse", "--model", f"{HERE}:ten_outputs"],
+     ["--model", "returns [2, 10]", "a regression of 1 target(s) per example must return [2, 1]"]),
+])
+def test_a_regression_the_run_cannot_take_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                      flags: list[str], words: list[str]) -> None:
+    out = tmp_path / "run"
+    rc = main(["simulate", "--out", str(out), "--phones", "2", "--rounds", "1", *REGRESSION, *flags])
+    stdout, err = capsys.readouterr()
+    assert rc == 2 and stdout == "" and not out.exists(), (rc, stdout, err)
+    _one_error_line(err, "simulate", *words)
+
+
+def test_export_refuses_a_regression_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc = main(["export", *REGRESSION, "--loss", "examples.custom_task:mse", "--out", str(tmp_path / "b")])
+    _, err = capsys.readouterr()
+    assert rc == 2 and not (tmp_path / "b").exists()
+    _one_error_line(err, "export", "--dataset examples.custom_task:diabetes", "regression", "--runtime torch")

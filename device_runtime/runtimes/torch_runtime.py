@@ -61,7 +61,7 @@ class TorchRuntime:
             return self._train(x, y, cfg, rng)
 
     def _train(self, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> TrainResult:
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+        xt, yt = torch.from_numpy(x), torch.from_numpy(targets(y))
         params = list(self._trainable.values())
         anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
         # Plain SGD by hand, exactly torch.optim.SGD(lr)'s step (param.add_(grad, alpha=-lr)): the
@@ -101,6 +101,11 @@ def evaluate_module(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: 
         correct += int((logits.argmax(1) == yb).sum())
     n = max(len(x), 1)
     return EvalResult(loss=loss_sum / n, accuracy=correct / n, num_examples=len(x))
+
+
+def targets(y: np.ndarray) -> np.ndarray:
+    """Class labels as int64; a regression's float targets as they are (device_runtime/task_data.py)."""
+    return y if y.dtype.kind == "f" else y.astype(np.int64)
 
 
 def torch_runtime_for_task(task: dict) -> TorchRuntime:
