@@ -25,7 +25,7 @@ from fedfleet.export.refs import resolve_ref
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricsFn = Callable[[torch.Tensor, torch.Tensor], Mapping[str, Any]]
 DEFAULT_LOSS = "cross_entropy"
-# Names a metric cannot take: the round record's own (server/metrics.py RoundRecord and what merges add).
+# Names a metric cannot take: the round record's own, beside which fedfleet report shows the metrics.
 RESERVED_METRICS = ("round", "version", "accuracy", "loss", "train_loss", "updates", "time_s")
 
 
@@ -77,12 +77,14 @@ def check_loss(spec: str | None, model: nn.Module, x: torch.Tensor, y: torch.Ten
     if fn is None:
         return
     model = copy.deepcopy(model).train()  # a training-mode forward moves batch norm statistics
-    out = model(x)
-    try:
-        value = fn(out, y)
-    except Exception as exc:
-        raise ValueError(f"{flag} {spec}: fails on the model's outputs {list(out.shape)} and targets "
-                         f"{list(y.shape)}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    with torch.random.fork_rng(devices=[]):  # dropout draws: torch's global generator is left as it was
+        torch.manual_seed(0)
+        out = model(x)
+        try:
+            value = fn(out, y)
+        except Exception as exc:
+            raise ValueError(f"{flag} {spec}: fails on the model's outputs {list(out.shape)} and targets "
+                             f"{list(y.shape)}: {type(exc).__name__}: {_first_line(exc)}") from exc
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{flag} {spec}: returned a {type(value).__name__}, not a torch.Tensor (the mean loss "
                          "over the batch, a scalar tensor)")
