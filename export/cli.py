@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     failed = failures(manifest)
     if failed:  # one line, nothing claimed: the directory is left without a manifest or artifacts
         withdraw(args.out, manifest)
-        print(f"fedfleet export: error: {'; '.join(failed)}", file=sys.stderr)
+        print(f"fedfleet export: error: {'; '.join(failed)}" + (f" (training with --loss {cfg.loss})" if cfg.loss else ""),
+              file=sys.stderr)
         return 2
     print(
         f"exported {cfg.model} for {cfg.dataset} {cfg.input_shape} -> {args.out} in {time.perf_counter() - start:.1f}s"

@@ -321,6 +321,7 @@ def test_a_loss_export_cannot_trace_is_refused_in_one_line(capsys: pytest.Captur
     ours = [line for line in err.splitlines() if line.startswith("fedfleet export: error: ")]  # torch warns above it
     assert len(ours) == 1 and err.strip().splitlines()[-1] == ours[0], err[-2000:]
     assert "model.pte: " in ours[0] and "train_step.onnx: " in ours[0], ours
+    assert ours[0].endswith(f"(training with --loss {HERE}:item_loss)"), ours
     assert list((tmp_path / "bundle").iterdir()) == []  # nothing claimed
 
 
