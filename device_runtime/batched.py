@@ -38,6 +38,7 @@ from fedfleet.device_runtime.stateful import (
 )
 from fedfleet.export.accelerator import rows_that_fit, training_bytes_per_phone
 from fedfleet.export.model_state import state_names
+from fedfleet.export.task_loss import LossFn
 from fedfleet.protocol.state import split_state, with_state
 
 Params = dict[str, np.ndarray]
@@ -58,6 +59,7 @@ def train_many(
     chunk: int = 128,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    loss: LossFn | None = None,
 ) -> list[tuple[Params, TrainResult]]:
     """Train every job from ``params``; return ``(new - params, result)`` per job, in job order,
     with the phone's end state under ``"state:"`` names when the model has state.
@@ -76,6 +78,9 @@ def train_many(
     batches and the arithmetic live; ``model`` itself stays where it is. On CUDA a chunk is every phone
     that fits in the free memory (``chunk`` is ignored); each chunk's results come back to the host in
     one transfer.
+
+    ``loss``: the task's own (export/task_loss.py), applied to each phone's real rows under ``vmap``
+    (phones grouped by their number of real rows); None: cross-entropy, on the stacked logits at once.
     """
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
@@ -111,7 +116,7 @@ def train_many(
     rows: list[torch.Tensor | None] = []  # the phone's real rows, for batch norm's statistics
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     with masked_dropout(layers, lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows):
-        step = _make_step(model, start, snames, cfg, dtype, holder, rows, dev)
+        step = _make_step(model, start, snames, cfg, dtype, holder, rows, dev, loss)
         # Longest first: phones in a chunk then have similar step counts (little padding), and
         # the phones still training at step t are a prefix of the chunk.
         order = sorted(range(len(jobs)), key=lambda i: -len(plans[i]))
@@ -160,7 +165,7 @@ class _ChunkData:
     """One chunk's data and padded batch layout; phones sorted by step count, longest first."""
 
     x: torch.Tensor  # [N, ...]: every phone's examples, concatenated
-    y: torch.Tensor  # [N] int64
+    y: torch.Tensor  # [N] int64 labels, or [N, ...] float targets (a regression)
     index: torch.Tensor  # [T, P, B] rows of x per step and phone; padding points at row 0
     mask: torch.Tensor  # [T, P, B] 1 for a real example, 0 for padding
     rows: np.ndarray  # [T, P] real examples per step and phone
@@ -184,10 +189,10 @@ def _gather(jobs: Sequence[Job], plans: Sequence[list[np.ndarray]], batch_size: 
             mask[t, j, : len(picked)] = 1.0
             rows[t, j] = len(picked)
     x = np.concatenate([np.asarray(x) for x, _, _ in jobs])
-    y = np.concatenate([np.asarray(y, dtype=np.int64) for _, y, _ in jobs])
+    y = np.concatenate([np.asarray(y) for _, y, _ in jobs])
     return _ChunkData(
         x=torch.from_numpy(x).to(device, dtype),
-        y=torch.from_numpy(y).to(device),
+        y=torch.from_numpy(y).to(device, dtype) if y.dtype.kind == "f" else torch.from_numpy(y.astype(np.int64)).to(device),
         index=torch.from_numpy(index).to(device),
         mask=torch.from_numpy(mask).to(device, dtype),
         rows=rows,
@@ -239,8 +244,8 @@ def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequence[str], cfg: TrainConfig,
                dtype: torch.dtype, holder: list[MaskSource], rows: list[torch.Tensor | None],
-               device: torch.device) -> Step:
-    """The batched SGD step: per phone, masked mean cross-entropy (+ FedProx), then
+               device: torch.device, loss: LossFn | None = None) -> Step:
+    """The batched SGD step: per phone, masked mean cross-entropy or the task's loss (+ FedProx), then
     ``w -= lr * grad`` in place, the update ``torch.optim.SGD`` makes.
 
     Only the model's forward pass is vmapped; the loss is computed on the stacked logits and the
@@ -278,11 +283,14 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequ
         padded[-1] = not bool(mask.all())  # without padding, batch norm runs its own kernel
         with torch.enable_grad():
             logits = batched_forward(leaves, s, masks, mask, x)  # [k, B, classes]
-            k, b = y.shape
-            ce = nn.functional.cross_entropy(logits.reshape(k * b, -1), y.reshape(-1), reduction="none").reshape(k, b)
-            # Mean over each phone's real examples only; equal to the reference's mean over a
-            # (possibly partial) batch. max(.., 1) keeps an all-padding row finite.
-            data = (ce * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [k]
+            if loss is not None:
+                data = _task_loss(loss, logits, y, mask)  # [k]
+            else:
+                k, b = y.shape
+                ce = nn.functional.cross_entropy(logits.reshape(k * b, -1), y.reshape(-1), reduction="none").reshape(k, b)
+                # Mean over each phone's real examples only; equal to the reference's mean over a
+                # (possibly partial) batch. max(.., 1) keeps an all-padding row finite.
+                data = (ce * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [k]
             total = data.sum()
             if mu > 0:  # FedProx (Li et al. 2020): mu/2 * ||w - w_global||^2 per phone, start is shared
                 total = total + 0.5 * mu * sum(((leaves[n] - start[n]) ** 2).sum() for n in leaves)
@@ -294,15 +302,30 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequ
     return step
 
 
-def vmap_failure(model: nn.Module, params: Mapping[str, np.ndarray], example: np.ndarray) -> str | None:
-    """Why ``train_many`` cannot train ``model`` (an op without a batching rule, such as
-    ``aten::gru``), or None: one vmapped step of two phones on two copies of ``example`` (one
-    example, with its batch axis). Run once per model; the model is not modified."""
+def _task_loss(loss: LossFn, outputs: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[k]: ``loss`` (a mean over a batch) of each phone's real rows, which come first in its row of the
+    step (outputs [k, B, ...], y [k, B], mask [k, B]). Phones with as many real rows share one vmapped
+    call: usually all of them, or two groups when some have a partial last batch."""
+    counts = mask.sum(dim=1).to(torch.int64).tolist()
+    out = outputs.new_zeros(len(counts))
+    for r in sorted(set(counts)):
+        ids = torch.tensor([j for j, c in enumerate(counts) if c == r], device=outputs.device)
+        if r > 0:  # a phone in the step has at least one real row
+            out = out.index_copy(0, ids, vmap(loss)(outputs[ids, :r], y[ids, :r]).to(out.dtype))
+    return out
+
+
+def vmap_failure(model: nn.Module, params: Mapping[str, np.ndarray], example: np.ndarray,
+                 loss: LossFn | None = None, target: np.ndarray | None = None) -> str | None:
+    """Why ``train_many`` cannot train ``model`` with ``loss`` (an op without a batching rule, such
+    as ``aten::gru``, or a loss calling ``.item()``), or None: one vmapped step of two phones on two
+    copies of ``example`` (one example, with its batch axis). Run once per model; the model is not
+    modified. ``target``: the example's target, with its batch axis (default: class 0)."""
     x = np.concatenate([example, example])
-    y = np.zeros(2, dtype=np.int64)
+    y = np.zeros(2, dtype=np.int64) if target is None else np.concatenate([target, target])
     jobs = [(x, y, np.random.default_rng(0)) for _ in range(2)]
     try:
-        train_many(model, params, jobs, TrainConfig(batch_size=2), chunk=2)
-    except (RuntimeError, NotImplementedError) as exc:
+        train_many(model, params, jobs, TrainConfig(batch_size=2), chunk=2, loss=loss)
+    except Exception as exc:  # whatever vmap raises; the per-phone path runs the same code eagerly
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return None

@@ -30,10 +30,15 @@ class DatasetUnavailable(FileNotFoundError):
 class Dataset:
     name: str
     x_train: np.ndarray  # [N, *input_shape] float32
-    y_train: np.ndarray  # [N] int64
+    y_train: np.ndarray  # [N] int64 class labels, or float32 targets [N] / [N, K] (a regression)
     x_test: np.ndarray
     y_test: np.ndarray
-    num_classes: int
+    num_classes: int  # a regression's outputs per example (K, or 1)
+
+    @property
+    def regression(self) -> bool:
+        """Float targets (device_runtime/task_data.py is_regression): the task needs its own --loss."""
+        return self.y_train.dtype.kind == "f"
 
     @property
     def input_shape(self) -> tuple[int, ...]:

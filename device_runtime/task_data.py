@@ -11,7 +11,8 @@ where it comes in, so that phones and the server can trust it.
   otherwise a seeded 20% of PATH is held out for testing.
 
 Inputs may have any shape (images ``[C, H, W]``, sequences ``[T, F]``, features ``[F]``); they are
-made float32. Labels are integers in ``[0, num_classes)`` (num_classes: given, or the largest label + 1).
+made float32. Labels are integers in ``[0, num_classes)`` (num_classes: given, or the largest label + 1);
+float targets with a fractional part, or targets ``[N, K]``, make a regression task (``is_regression``).
 """
 
 from __future__ import annotations
@@ -124,8 +125,34 @@ def _image_folder(root: Path, size: int, seed: int, test_fraction: float) -> tup
     return x[order[n_test:]], y[order[n_test:]], x[order[:n_test]], y[order[:n_test]], len(ds.classes)
 
 
+def is_regression(y: np.ndarray, yt: np.ndarray) -> bool:
+    """Float targets with a fractional part anywhere, or targets ``[N, K]``: a regression task (integer
+    labels, or floats that are all whole numbers, are class labels)."""
+    if y.ndim == 2 or yt.ndim == 2:
+        return True
+    floats = [t for t in (y, yt) if np.issubdtype(t.dtype, np.floating)]
+    return any(bool((np.isfinite(t) & (t != np.round(t))).any()) for t in floats)
+
+
+def _regression_arrays(where: str, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray,
+                       classes: int | None) -> Arrays:
+    """Regression targets as float32, ``[N]`` or ``[N, K]``; its "classes" are the model's outputs per example
+    (K, or 1 for targets ``[N]``)."""
+    if classes is not None:
+        raise ValueError(f"{where}: float targets make a regression task; leave out num_classes")
+    for split, ys in (("train", y), ("test", yt)):
+        if not (np.issubdtype(ys.dtype, np.number) and np.isfinite(ys.astype(np.float64)).all()):
+            raise ValueError(f"{where}: y_{split} (regression targets) holds NaN, infinite or non-numeric values")
+    if y.shape[1:] != yt.shape[1:]:
+        raise ValueError(f"{where}: train targets have shape {list(y.shape[1:])}, test targets {list(yt.shape[1:])}")
+    outputs = int(y.shape[1]) if y.ndim == 2 else 1
+    return (np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.float32),
+            np.ascontiguousarray(xt, dtype=np.float32), np.ascontiguousarray(yt, dtype=np.float32), outputs)
+
+
 def check_arrays(spec: str, x: Any, y: Any, xt: Any, yt: Any, classes: int | None) -> Arrays:
-    """The four arrays as float32 / int64, or ValueError naming ``--dataset`` and what is wrong."""
+    """The four arrays as float32 / int64 labels (float32 targets for regression: ``is_regression``), or
+    ValueError naming ``--dataset`` and what is wrong."""
     where = f"--dataset {spec}"
     arrays = []
     for name, value in (("x_train", x), ("y_train", y), ("x_test", xt), ("y_test", yt)):
@@ -141,18 +168,21 @@ def check_arrays(spec: str, x: Any, y: Any, xt: Any, yt: Any, classes: int | Non
         if len(xs) == 0:
             raise ValueError(f"{where}: the {split} split is empty (x_{split} has shape {list(xs.shape)}); "
                              "give at least one example")
-        if ys.ndim != 1 or len(ys) != len(xs):
+        if ys.ndim not in (1, 2) or len(ys) != len(xs):
             raise ValueError(f"{where}: x_{split} has {len(xs)} examples but y_{split} has shape {list(ys.shape)}")
         if not (np.issubdtype(xs.dtype, np.number) or xs.dtype == bool):
             raise ValueError(f"{where}: x_{split} holds {xs.dtype}, not numbers")
         if not np.isfinite(xs.astype(np.float32)).all():
             raise ValueError(f"{where}: x_{split} holds NaN or infinite values")
-        if not np.issubdtype(ys.dtype, np.integer) and not (np.issubdtype(ys.dtype, np.floating)
-                                                              and np.isfinite(ys).all() and (ys == np.round(ys)).all()):
-            raise ValueError(f"{where}: y_{split} must hold integer class labels, got {ys.dtype}")
     if x.shape[1:] != xt.shape[1:]:
         raise ValueError(f"{where}: train examples have shape {list(x.shape[1:])}, test examples "
                          f"{list(xt.shape[1:])}")
+    if is_regression(y, yt):
+        return _regression_arrays(where, x, y, xt, yt, classes)
+    for split, ys in (("train", y), ("test", yt)):
+        if ys.ndim != 1 or not np.issubdtype(ys.dtype, np.integer) and not (np.issubdtype(ys.dtype, np.floating)
+                                                                            and (ys == np.round(ys)).all()):
+            raise ValueError(f"{where}: y_{split} must hold integer class labels, got {ys.dtype}")
     y, yt = y.astype(np.int64), yt.astype(np.int64)
     top = int(max(y.max(), yt.max()))
     num_classes = top + 1 if classes is None else int(classes)

@@ -13,14 +13,18 @@ from typing import Any
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
 
 
-def task_runtime_factory(model: str | None = None, weights: str | None = None) -> Callable[[dict[str, Any]], TorchRuntime]:
+def task_runtime_factory(model: str | None = None, weights: str | None = None,
+                         loss: str | None = None) -> Callable[[dict[str, Any]], TorchRuntime]:
     """A runtime factory for ``run_fleet``: ``model`` (default: the task's) with the task's input shape
-    and classes, ``weights`` (a safetensors file) loaded over its seeded initialisation."""
+    and classes, ``weights`` (a safetensors file) loaded over its seeded initialisation, trained with
+    ``loss`` (``MODULE:ATTR``, the phone's own import of it; None: cross-entropy)."""
 
     def factory(task: dict[str, Any]) -> TorchRuntime:
+        from fedfleet.export.task_loss import resolve_loss
         from fedfleet.export.task_model import task_model
 
         return TorchRuntime(task_model(model or str(task["model"]), tuple(task["input_shape"]),
-                                       int(task["num_classes"]), weights=weights, allow_torch_weights=False))
+                                       int(task["num_classes"]), weights=weights, allow_torch_weights=False),
+                            loss=resolve_loss(loss))
 
     return factory

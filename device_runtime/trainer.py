@@ -20,6 +20,7 @@ import torch
 from fedfleet.device_runtime.batched import train_many, vmap_failure
 from fedfleet.device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
+from fedfleet.export.task_loss import LossFn
 from fedfleet.protocol.state import split_state, with_state
 
 Params = dict[str, np.ndarray]
@@ -112,12 +113,14 @@ class BatchedTrainer:
     intra-op threads are the process's (fedfleet.tuning.set_torch_threads, before the first group)."""
 
     def __init__(self, model: torch.nn.Module, chunk: int = 128, window_s: float = 0.02, min_group: int = 4,
-                 quiet_s: float = 0.003, release_every: int = 0, device: str = "cpu") -> None:
+                 quiet_s: float = 0.003, release_every: int = 0, device: str = "cpu",
+                 loss: LossFn | None = None) -> None:
         self.model, self.chunk, self.window_s, self.min_group = model, chunk, window_s, min_group
         self.device = device
         self.quiet_s = min(quiet_s, window_s)
+        self.loss = loss  # the task's own (export/task_loss.py), per phone under vmap; None: cross-entropy
         # Its own copy: eager training moves batch norm buffers, which train_many reads as the start state.
-        self._eager = TorchRuntime(copy.deepcopy(model))
+        self._eager = TorchRuntime(copy.deepcopy(model), loss=loss)
         self._groups: dict[Hashable, list[_Request]] = {}
         self._arrivals: dict[Hashable, tuple[float, float]] = {}  # wall clock: group's first and last request
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfleet-vmap")
@@ -218,7 +221,7 @@ class BatchedTrainer:
             if len(jobs) >= self.min_group and self._batchable(starts[0], jobs):
                 states = [split_state(p)[1] for p in starts]
                 return train_many(self.model, split_state(starts[0])[0], jobs, cfg, states=states, chunk=self.chunk,
-                                  device=self.device)
+                                  device=self.device, loss=self.loss)
             return [_train_delta(self._eager, p, x, y, cfg, rng) for p, (x, y, rng) in zip(starts, jobs, strict=True)]
         finally:
             self.busy_s += time.thread_time() - t0
@@ -226,12 +229,13 @@ class BatchedTrainer:
     def _batchable(self, params: Mapping[str, np.ndarray],
                    jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]]) -> bool:
         """Whether vmap can train this model, found out once (on the first group with data): a model
-        with an op vmap cannot batch (``aten::gru``) trains phone by phone, said in one log line."""
+        with an op vmap cannot batch (``aten::gru``), or a loss vmap cannot batch (one that calls
+        ``.item()``), trains phone by phone, said in one log line."""
         if self.unbatchable is None:
-            example = next((x[:1] for x, _, _ in jobs if len(x)), None)
-            if example is None:
+            first = next(((x[:1], y[:1]) for x, y, _ in jobs if len(x)), None)
+            if first is None:
                 return True
-            self.unbatchable = vmap_failure(self.model, params, example) or ""
+            self.unbatchable = vmap_failure(self.model, params, first[0], self.loss, first[1]) or ""
             if self.unbatchable:
                 log.warning("batched training cannot vmap this model (%s): its phones train one by one",
                             self.unbatchable)

@@ -4,6 +4,8 @@
     fedfleet simulate --model examples.custom_task:bn_cnn --dataset digits --phones 10 --rounds 5
     fedfleet simulate --model examples.custom_task:gru --dataset examples.custom_task:digit_rows --trainer pool
     fedfleet simulate --model mlp --dataset examples.custom_task:digit_features
+    fedfleet simulate --model mlp --dataset digits --loss examples.custom_task:focal_loss \
+        --metrics examples.custom_task:scores
 
 A model factory returns a ``torch.nn.Module`` mapping ``[batch, *input_shape]`` to logits
 ``[batch, num_classes]``; it is given ``input_shape`` and ``num_classes`` when it names them. A dataset
@@ -104,3 +106,62 @@ def mnist5k_rows(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 
     d = fedfleet.load_dataset("mnist5k", seed=seed)  # images [N, 1, 28, 28]
     return d.x_train[:, 0], d.y_train, d.x_test[:, 0], d.y_test
+
+
+# A task's own loss and metrics: --loss examples.custom_task:focal_loss --metrics examples.custom_task:scores
+# (docs/your-own-task.md). A loss is (outputs [B, classes], targets [B]) -> the mean over the batch, a
+# scalar tensor; metrics are (outputs [N, classes], targets [N]) -> {name: float} over the whole test split.
+
+
+def smoothed_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against labels smoothed by 0.1 (Szegedy et al. 2016)."""
+    return nn.functional.cross_entropy(outputs, targets, label_smoothing=0.1)
+
+
+def focal_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Focal loss with gamma 2 (Lin et al. 2017): -(1 - p_t)^2 log p_t, averaged over the batch."""
+    log_p = torch.log_softmax(outputs, dim=-1).gather(-1, targets[..., None])[..., 0]  # [B]
+    return (-((1 - log_p.exp()) ** 2) * log_p).mean()
+
+
+def scores(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Macro-averaged F1 and top-2 accuracy of the model's logits on the test split."""
+    predicted = outputs.argmax(1)
+    f1 = []
+    for c in range(outputs.shape[1]):
+        tp = float(((predicted == c) & (targets == c)).sum())
+        fp, fn = float(((predicted == c) & (targets != c)).sum()), float(((predicted != c) & (targets == c)).sum())
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+    top2 = (outputs.topk(2, dim=1).indices == targets[:, None]).any(1)
+    return {"macro_f1": sum(f1) / len(f1), "top2_accuracy": float(top2.double().mean())}
+
+
+# A regression: float targets make one (docs/your-own-task.md); the model returns one output per example.
+#   fedfleet simulate --model mlp --dataset examples.custom_task:diabetes --loss examples.custom_task:mse \
+#       --metrics examples.custom_task:regression_scores
+
+
+def diabetes(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's diabetes progression: 10 standardised features, a float target (standardised on the
+    training split); a seeded 20% held out."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    x, y = d.data.astype(np.float32), d.target.astype(np.float32)
+    order = np.random.default_rng(seed).permutation(len(x))
+    test, train = order[: len(x) // 5], order[len(x) // 5 :]
+    mu, sd = x[train].mean(0), x[train].std(0)
+    t_mu, t_sd = y[train].mean(), y[train].std()
+    return (x[train] - mu) / sd, (y[train] - t_mu) / t_sd, (x[test] - mu) / sd, (y[test] - t_mu) / t_sd
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the model's one output per example ([B, 1]) against the targets [B]."""
+    return ((outputs[:, 0] - targets) ** 2).mean()
+
+
+def regression_scores(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """RMSE and the coefficient of determination R^2 over the test split."""
+    err = outputs[:, 0].double() - targets.double()
+    total = ((targets.double() - targets.double().mean()) ** 2).sum()
+    return {"rmse": float(err.pow(2).mean().sqrt()), "r2": float(1 - err.pow(2).sum() / total)}

@@ -27,6 +27,7 @@ from fedfleet.export.manifest import (
     train_step_signature,
 )
 from fedfleet.export.models import ModelSpec, build_model, trainable_names
+from fedfleet.export.task_loss import resolve_loss
 from fedfleet.export.task_model import model_fingerprint
 from fedfleet.export.weights import fit_weights, load_weights, save_weights
 from fedfleet.protocol.plan import TrainPlan
@@ -48,6 +49,7 @@ class ExportConfig:
     max_batch: int = 64  # largest batch model.pte accepts (ExecuTorch plans memory for it)
     backbone_weights: Path | None = None  # torchvision MobileNetV3-small state dict
     weights: Path | None = None  # the model's weights (e.g. a run's final_weights.safetensors); default: seeded
+    loss: str | None = None  # the task's loss, MODULE:ATTR, traced into the training programs (default: cross-entropy)
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= self.max_batch:
@@ -73,13 +75,14 @@ def export_bundle(cfg: ExportConfig, out_dir: Path, model: nn.Module | None = No
 
     if model is None:
         model = export_model(cfg)
+    loss = resolve_loss(cfg.loss)
     out_dir = Path(out_dir)  # made once the model and its weights are known good
     out_dir.mkdir(parents=True, exist_ok=True)
     opsets: list[int] = []
     backends: dict[str, str] = {}
 
     def write_pte(path: Path) -> None:
-        program, backends[MODEL_PTE] = export_executorch(model, cfg.input_shape, cfg.max_batch)
+        program, backends[MODEL_PTE] = export_executorch(model, cfg.input_shape, cfg.max_batch, loss)
         path.write_bytes(program)
 
     def write_onnx(
@@ -94,7 +97,7 @@ def export_bundle(cfg: ExportConfig, out_dir: Path, model: nn.Module | None = No
         WEIGHTS: write_weights,
         MODEL_PTE: write_pte,
         MODEL_ONNX: write_onnx(export_inference_onnx),
-        TRAIN_STEP_ONNX: write_onnx(export_train_step_onnx),
+        TRAIN_STEP_ONNX: write_onnx(lambda m, shape, path: export_train_step_onnx(m, shape, path, loss)),
     }
     artifacts = {
         name: replace(_produce(out_dir / name, writer), backend=backends.get(name))
@@ -122,7 +125,7 @@ def export_bundle(cfg: ExportConfig, out_dir: Path, model: nn.Module | None = No
             "mu": {"dtype": "float32", "shape": []},
         },
         signatures=_signatures(trainable_names(model)),
-        model_fingerprint=model_fingerprint(model),
+        model_fingerprint=model_fingerprint(model, cfg.loss),
     )
     write_manifest(out_dir, manifest)
     return verify_bundle(out_dir)

@@ -49,11 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.1,
                         help="default task learning rate, recorded in the manifest (default %(default)s, as the server's plan)")
     parser.add_argument("--backbone-weights", type=Path, default=None, help="MobileNetV3-small state dict")
+    parser.add_argument("--loss", default=None, help="the task's loss, traced into model.pte and train_step.onnx: "
+                                                     "MODULE:ATTR, (outputs, targets) -> mean over the batch "
+                                                     "(default: cross-entropy, or the run's)")
 
 
 def _task_of(args: argparse.Namespace) -> dict[str, Any]:
     """model, dataset, seed, image_size and weights: the flags, else the run's (--from-run)."""
-    task: dict[str, Any] = {"model": None, "dataset": None, "seed": 0, "image_size": 32, "weights": args.weights}
+    task: dict[str, Any] = {"model": None, "dataset": None, "seed": 0, "image_size": 32, "weights": args.weights,
+                            "loss": None}
     if args.from_run is not None:
         if args.weights is not None:
             raise ValueError("--weights and --from-run: give one")
@@ -65,8 +69,8 @@ def _task_of(args: argparse.Namespace) -> dict[str, Any]:
         summary = args.from_run / "summary.json"
         if summary.is_file():
             config = json.loads(summary.read_text()).get("config", {})
-            task.update({k: config[k] for k in ("model", "dataset", "seed", "image_size") if k in config})
-    for key in ("model", "dataset", "seed", "image_size"):
+            task.update({k: config[k] for k in ("model", "dataset", "seed", "image_size", "loss") if k in config})
+    for key in ("model", "dataset", "seed", "image_size", "loss"):
         if getattr(args, key) is not None:
             task[key] = getattr(args, key)
     missing = [f"--{k}" for k in ("model", "dataset") if task[k] is None]
@@ -80,11 +84,15 @@ def run(args: argparse.Namespace) -> int:
     from fedfleet.device_runtime.data import load_dataset
     from fedfleet.export.build import ExportConfig, export_bundle, export_model
     from fedfleet.export.refs import check_model_name
+    from fedfleet.export.task_loss import check_task
 
     with checking_input():  # the model, dataset, weights and settings the user named
         task = _task_of(args)
         check_model_name(task["model"])
         data = load_dataset(task["dataset"], seed=task["seed"], image_size=task["image_size"])
+        if data.regression:
+            raise ValueError(f"--dataset {task['dataset']}: float targets (a regression task): model.pte and "
+                             "train_step.onnx take class labels; train it with --runtime torch")
         cfg = ExportConfig(
             model=task["model"],
             dataset=task["dataset"],
@@ -96,14 +104,17 @@ def run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             backbone_weights=args.backbone_weights,
             weights=task["weights"],
+            loss=task["loss"],
         )
         model = export_model(cfg)
+        check_task(model, data.x_train, data.y_train, cfg.loss, None)
     start = time.perf_counter()
     manifest = export_bundle(cfg, args.out, model)
     failed = failures(manifest)
     if failed:  # one line, nothing claimed: the directory is left without a manifest or artifacts
         withdraw(args.out, manifest)
-        print(f"fedfleet export: error: {'; '.join(failed)}", file=sys.stderr)
+        print(f"fedfleet export: error: {'; '.join(failed)}" + (f" (training with --loss {cfg.loss})" if cfg.loss else ""),
+              file=sys.stderr)
         return 2
     print(
         f"exported {cfg.model} for {cfg.dataset} {cfg.input_shape} -> {args.out} in {time.perf_counter() - start:.1f}s"

@@ -25,6 +25,7 @@ from torch import nn
 
 from fedfleet.export.bn_decomp import batch_norm_decompositions, min_batch, training_copy
 from fedfleet.export.manifest import PTE_PREFIX, UnsupportedExport
+from fedfleet.export.task_loss import LossFn, cross_entropy
 
 # Max difference of the loss and of each gradient against eager PyTorch, relative to the larger of 1 and
 # that tensor's largest magnitude (batch norm over two examples makes gradients of tens).
@@ -34,15 +35,17 @@ JOINT_DECOMPOSED = [aten.max_pool2d_with_indices_backward]
 
 
 class LossWrapper(nn.Module):
-    """``forward(x, y) -> (mean cross-entropy, logits)``; the loss must be the first output."""
+    """``forward(x, y) -> (the task's loss, logits)``; the loss must be the first output. ``loss``: the
+    task's own (export/task_loss.py), traced into the program; None: mean cross-entropy."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss: LossFn | None = None) -> None:
         super().__init__()
         self.model = model  # parameter FQNs become PTE_PREFIX + plain name
+        self.loss = loss or cross_entropy
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)  # [B, num_classes]
-        return nn.functional.cross_entropy(logits, y), logits.detach()
+        return self.loss(logits, y), logits.detach()
 
 
 def frozen_as_buffers(model: nn.Module) -> nn.Module:
@@ -61,7 +64,7 @@ def frozen_as_buffers(model: nn.Module) -> nn.Module:
 
 
 def export_executorch(
-    model: nn.Module, input_shape: tuple[int, ...], max_batch: int
+    model: nn.Module, input_shape: tuple[int, ...], max_batch: int, loss: LossFn | None = None
 ) -> tuple[bytes, str]:
     """Serialise the training program for batches of 1..``max_batch``; return it and its backend.
 
@@ -83,11 +86,11 @@ def export_executorch(
     problems = []
     for backend, lower in lowerings.items():
         try:
-            buffer = bytes(lower(_joint_program(model, input_shape, max_batch)).buffer)  # type: ignore[attr-defined]
+            buffer = bytes(lower(_joint_program(model, input_shape, max_batch, loss)).buffer)  # type: ignore[attr-defined]
         except Exception as exc:  # recorded in the manifest, not raised at the user
             problems.append(f"{backend}: {UnsupportedExport.from_exception('lowering', exc).reason}")
             continue
-        problem = _self_check(buffer, model, input_shape, max_batch)
+        problem = _self_check(buffer, model, input_shape, max_batch, loss)
         if problem is None:
             return buffer, backend if not problems else f"{backend} ({'; '.join(problems)})"
         problems.append(f"{backend}: {problem}")
@@ -118,11 +121,11 @@ def frozen_only_xnnpack() -> object:
 
 
 def _joint_program(
-    model: nn.Module, input_shape: tuple[int, ...], max_batch: int
+    model: nn.Module, input_shape: tuple[int, ...], max_batch: int, loss: LossFn | None = None
 ) -> torch.export.ExportedProgram:
     from torch.export.experimental import _export_forward_backward
 
-    wrapper = LossWrapper(training_copy(frozen_as_buffers(model))).train()
+    wrapper = LossWrapper(training_copy(frozen_as_buffers(model)), loss).train()
     # The example batch is the upper bound: with a small example batch, XNNPACK lowering of
     # MobileNetV3 planned the input for 15 examples instead of max_batch (ExecuTorch 1.5.1).
     x = torch.rand((max_batch, *input_shape), generator=torch.Generator().manual_seed(0))
@@ -141,7 +144,7 @@ def _joint_program(
 
 
 def _self_check(
-    buffer: bytes, model: nn.Module, input_shape: tuple[int, ...], max_batch: int
+    buffer: bytes, model: nn.Module, input_shape: tuple[int, ...], max_batch: int, task_loss: LossFn | None = None
 ) -> str | None:
     """Describe any disagreement of the program with eager PyTorch, else None.
 
@@ -151,7 +154,7 @@ def _self_check(
     from executorch.extension.training import _load_for_executorch_for_training_from_buffer
 
     module = _load_for_executorch_for_training_from_buffer(buffer)  # reads `buffer` in place
-    reference = LossWrapper(training_copy(model)).train()  # what the program computes: see export.bn_decomp
+    reference = LossWrapper(training_copy(model), task_loss).train()  # what the program computes: see export.bn_decomp
     # One example is no batch for batch norm, and over two or three its backward amplifies float32
     # rounding past the tolerance (the decomposition equals the eager kernel in float64): from 4 on.
     smallest = 1 if min_batch(model) == 1 else min(4, max_batch)

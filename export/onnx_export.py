@@ -25,6 +25,7 @@ from fedfleet.export.bn_decomp import min_batch, training_copy
 from fedfleet.export.manifest import TRAIN_STEP_ONNX, UnsupportedExport, train_step_signature
 from fedfleet.export.models import trainable_names
 from fedfleet.export.onnx_decomp import training_decompositions
+from fedfleet.export.task_loss import LossFn, cross_entropy
 
 STANDARD_DOMAINS = ("", "ai.onnx")  # what onnxruntime-web and every other runtime implements
 MIN_OPSET = 17
@@ -60,8 +61,11 @@ def export_inference_onnx(model: nn.Module, input_shape: tuple[int, ...], path: 
     return _check_and_save(proto, path)
 
 
-def export_train_step_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> int:
-    """Write ``train_step.onnx`` for a dynamic batch and return its opset."""
+def export_train_step_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path,
+                           loss_fn: LossFn | None = None) -> int:
+    """Write ``train_step.onnx`` for a dynamic batch and return its opset; ``loss_fn``: the task's own
+    (export/task_loss.py), traced into the step; None: mean cross-entropy."""
+    task_loss = loss_fn or cross_entropy
     model = training_copy(model)  # batch statistics only, dropout as the identity: export.bn_decomp
     names = trainable_names(model)
     params = [p.detach().clone().requires_grad_(True) for p in model.parameters() if p.requires_grad]
@@ -71,7 +75,7 @@ def export_train_step_onnx(model: nn.Module, input_shape: tuple[int, ...], path:
         weights, (x, y, lr, mu), anchors = args[:k], args[k : k + 4], args[k + 4 :]
         # frozen parameters and buffers are read from the model: constants of the graph
         logits = torch.func.functional_call(model, dict(zip(names, weights, strict=True)), (x,))
-        loss = nn.functional.cross_entropy(logits, y)
+        loss = task_loss(logits, y)
         grads = torch.autograd.grad(loss, weights)
         new = [w - lr * (g + mu * (w - a)) for w, g, a in zip(weights, grads, anchors, strict=True)]
         return (loss.detach(), *new)
@@ -107,14 +111,15 @@ def export_train_step_onnx(model: nn.Module, input_shape: tuple[int, ...], path:
         raise UnsupportedExport.from_exception("ONNX train-step export", exc) from exc
     assert program is not None  # dynamo=True always returns an ONNXProgram
     opset = _check_and_save(program.model_proto, path)
-    problem = _self_check_step(path, model, names, input_shape)
+    problem = _self_check_step(path, model, names, input_shape, task_loss)
     if problem is not None:
         path.unlink(missing_ok=True)
         raise UnsupportedExport(TRAIN_STEP_ONNX, problem)
     return opset
 
 
-def _self_check_step(path: Path, model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -> str | None:
+def _self_check_step(path: Path, model: nn.Module, names: list[str], input_shape: tuple[int, ...],
+                     task_loss: LossFn = cross_entropy) -> str | None:
     """Describe any disagreement of one step in ONNX Runtime with the same step in eager PyTorch
     (loss and new parameters, from changed weights, at a few batch sizes), else None."""
     import numpy as np
@@ -131,8 +136,7 @@ def _self_check_step(path: Path, model: nn.Module, names: list[str], input_shape
         lr, mu = torch.tensor(0.1), torch.tensor(0.5)
         anchors = [w + 0.01 for w in weights]
         leaves = [w.clone().requires_grad_(True) for w in weights]
-        loss = nn.functional.cross_entropy(torch.func.functional_call(model, dict(zip(names, leaves, strict=True)),
-                                                                      (x,)), y)
+        loss = task_loss(torch.func.functional_call(model, dict(zip(names, leaves, strict=True)), (x,)), y)
         grads = torch.autograd.grad(loss, leaves)
         want = [loss.detach()] + [w - lr * (g + mu * (w - a)) for w, g, a in zip(weights, grads, anchors, strict=True)]
         feed = [*weights, x, y, lr, mu, *anchors]

@@ -41,7 +41,8 @@ def build_user_model(ref: str, input_shape: tuple[int, ...], num_classes: int, s
     return model
 
 
-def check_forward(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, flag: str, name: str) -> None:
+def check_forward(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, flag: str, name: str,
+                  regression: bool = False) -> None:
     """The model takes a batch of the dataset's examples and returns ``[batch, num_classes]`` logits;
     ValueError naming ``flag`` otherwise. The model is left in training mode."""
     x = torch.zeros((2, *input_shape), dtype=torch.float32)
@@ -56,14 +57,22 @@ def check_forward(model: nn.Module, input_shape: tuple[int, ...], num_classes: i
         model.train()
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if regression:
+            raise ValueError(f"{flag} {name}: on inputs {list(x.shape)} it returns {got}; a regression of "
+                             f"{num_classes} target(s) per example must return [2, {num_classes}]")
         raise ValueError(f"{flag} {name}: on inputs {list(x.shape)} it returns {got}; a classifier of the "
                          f"dataset's {num_classes} classes must return logits [2, {num_classes}]")
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module, loss: str | None = None) -> str:
     """sha256 of the model's state: every tensor's name, shape and dtype, in ``state_dict`` order
-    (weights' values are not part of it). Phones and server compare it at registration."""
-    entries = [[n, list(t.shape), str(t.dtype).removeprefix("torch.")] for n, t in model.state_dict().items()]
+    (weights' values are not part of it), and the task's loss when it is not the built-in cross-entropy
+    (export.task_loss: a phone training another loss would pull the model elsewhere). Phones and server
+    compare it at registration."""
+    entries: list[list[object]] = [[n, list(t.shape), str(t.dtype).removeprefix("torch.")]
+                                   for n, t in model.state_dict().items()]
+    if loss is not None and loss != "cross_entropy":
+        entries.append(["loss", loss])
     return hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -45,7 +45,8 @@ def run_simulation(config: SimulateConfig | None = None, *, model: ModelArg | No
     SimulateConfig()) with ``settings`` (SimulateConfig fields, e.g. phones=20, rounds=5) replaced;
     ``model``: a built-in name, ``MODULE:ATTR`` or a module-level callable returning a torch.nn.Module;
     ``dataset``: a spec string, a module-level callable (see device_runtime/task_data.py) or a Dataset
-    (``make_dataset``). Writes config.out as the command does (metrics.jsonl, summary.json,
+    (``make_dataset``); ``loss=``, ``metrics=`` (settings): the task's own, ``MODULE:ATTR`` or module-level
+    callables (export/task_loss.py; default cross-entropy and no metrics). Writes config.out as the command does (metrics.jsonl, summary.json,
     final_weights.safetensors) and returns the summary. ``progress``: print the round table."""
     from fedfleet.simulate import run
     from fedfleet.task import prepare_task
@@ -53,12 +54,16 @@ def run_simulation(config: SimulateConfig | None = None, *, model: ModelArg | No
     data: Dataset | None = None
     if model is not None:
         settings["model"] = ref_of(model, "model")
+    for name in ("loss", "metrics"):  # a callable's MODULE:ATTR, as phones and the server import it
+        if settings.get(name) is not None:
+            settings[name] = ref_of(settings[name], name)
     if isinstance(dataset, Dataset):
         data, settings["dataset"] = dataset, dataset.name
     elif dataset is not None:
         settings["dataset"] = ref_of(dataset, "dataset")
     cfg = (config or SimulateConfig()).replace(**settings)
-    task = prepare_task(cfg.model, data or cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights)
+    task = prepare_task(cfg.model, data or cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights, cfg.loss,
+                        cfg.metrics, cfg.partition, cfg.runtime)
     return run(cfg, data=task.data, show_table=progress)
 
 

@@ -22,6 +22,7 @@ from fedfleet.cli_flags import (
     add_gossip_fleet_flags,
     add_gossip_serve_flags,
     add_image_size_flag,
+    add_loss_flags,
     add_model_flags,
     add_secagg_flags,
     add_state_flags,
@@ -51,7 +52,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg = merge_config(toml_values(args, "simulate"), run_values(args), args.config)
         check_out_dir(cfg.out, create=False)
         _ = cfg.use_server_process  # raises for --server-process yes on a virtual clock
-        task = prepare_task(cfg.model, cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights)
+        task = prepare_task(cfg.model, cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights, cfg.loss, cfg.metrics,
+                            cfg.partition, cfg.runtime)
     tune_process()  # before a server process starts, so that it inherits the open-file limit too
     print(f"fedfleet simulate: {cfg.phones} phones, {cfg.dataset}, {cfg.model}, {cfg.rounds or 'unlimited'} rounds, "
           f"sample {cfg.sample}, partition {cfg.partition}, runtime {cfg.runtime}", flush=True)
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="held-out split for evaluation, and the input shape: " + DATASET_HELP)
     add_image_size_flag(p)
     add_model_flags(p)
+    add_loss_flags(p)
     p.add_argument("--weights-out", help="where the trained model is written at shutdown, as a safetensors "
                                          "state_dict (default: DATA_DIR/final_weights.safetensors with --data-dir)")
     p.add_argument("--mode", choices=["sync", "async", "gossip"], help="sync: FedAvg rounds; async: FedBuff merges; "
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     phone_side_flags(p, fleet=True)
     training_flags(p, server_here=True)
     server_task_flags(p)
+    add_loss_flags(p)
     add_strategy_flags(p)
     add_gossip_flags(p)
     add_state_flags(p)
@@ -142,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "HOST:PORT joins a running one (`ray start --head`)")
     p.add_argument("--shards", type=int, help="ray: shards of phones, one Ray task each (default: one per CPU)")
     fleet_task_flags(p)
+    add_loss_flags(p, metrics=False)
     phone_side_flags(p, fleet=True)
     training_flags(p, server_here=False)
     p.add_argument("--clock", choices=["auto", "wall", "virtual"], help=argparse.SUPPRESS)  # only to refuse virtual
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on shard I of the training set split N ways (--partition, --seed), as phone I "
                         "of an N-phone fleet would (default 0/50)")
     fleet_task_flags(p)
+    add_loss_flags(p, metrics=False)
     phone_side_flags(p, fleet=False)
     training_flags(p, server_here=False)
     p.add_argument("--clock", choices=["auto", "wall", "virtual"], help=argparse.SUPPRESS)

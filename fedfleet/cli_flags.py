@@ -15,7 +15,8 @@ SERVER_SETTINGS = ("mode", "concurrency", "buffer", "staleness", "max_staleness"
                    "clip", "noise", "noise_multiplier", "epsilon", "delta", "topk", "randk", "quant_bits",
                    "error_feedback", "compress", "quant_rounding", "quant_scale", "epsilon_budget", "central_clip",
                    "central_noise_multiplier", "robust", "server_process", "strategy", "init_weights",
-                   "local_state", "secure_agg", "secagg_threshold", "secagg_degree", "distributed_noise_multiplier")
+                   "local_state", "secure_agg", "secagg_threshold", "secagg_degree", "distributed_noise_multiplier",
+                   "metrics")
 # What only a fleet of several phones takes: refused on `phone`.
 FLEET_SETTINGS = ("phones", "workers", "trainer", "attack", "attack_fraction")
 
@@ -178,6 +179,17 @@ def add_model_flags(p: argparse.ArgumentParser, init_weights: bool = True) -> No
     if init_weights:
         p.add_argument("--init-weights", help="the initial global model: a safetensors file, or a torch state_dict "
                                               "(loaded with weights_only=True) (default: drawn from --seed)")
+
+
+def add_loss_flags(p: argparse.ArgumentParser, metrics: bool = True) -> None:
+    """A task's own loss and metrics (export/task_loss.py, docs/your-own-task.md); phones take the loss only."""
+    p.add_argument("--loss", metavar="MODULE:ATTR",
+                   help="the training loss: a callable (outputs, targets) -> the mean over the batch, a scalar "
+                        "tensor; phones train it, exported bundles trace it (default: cross-entropy)")
+    if metrics:
+        p.add_argument("--metrics", metavar="MODULE:ATTR",
+                       help="the server's evaluation: a callable (outputs, targets) -> {name: float} on the whole "
+                            "test split, recorded with each version beside accuracy and loss (default: none)")
 
 
 def add_image_size_flag(p: argparse.ArgumentParser) -> None:

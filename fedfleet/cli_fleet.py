@@ -184,7 +184,11 @@ def _phones_model(model: str | None, task: dict[str, Any], server: str, cfg: Any
         model = str(task["model"])
     elif task.get("model_fingerprint") is None and task["model"] != model:  # a server without fingerprints
         raise CliError(f"--model {model}: the server at {server} trains {task['model']!r}")
-    return model, prepare_task(model, cfg.dataset, cfg.seed, cfg.image_size)
+    if task.get("loss") not in (None, "cross_entropy") and cfg.loss is None:
+        raise CliError(f"the server at {server} trains with the loss {task['loss']}; give --loss {task['loss']}, "
+                       "the phones' own import of it")
+    return model, prepare_task(model, cfg.dataset, cfg.seed, cfg.image_size, loss=cfg.loss, partition=cfg.partition,
+                               runtime=cfg.runtime)
 
 
 def _phone_fleet_config(args: argparse.Namespace, cfg: Any, data: Any) -> tuple[Any, str]:
@@ -227,7 +231,8 @@ def _run_phones(args: argparse.Namespace, section: str, server: str, cfg: Any, f
         else:
             data = prepared_data
             result, signum = aio.run(_until_signal(run_fleet(
-                server, data, fleet_cfg, task_runtime_factory(model), on_round=on_round, train_overrides=overrides),
+                server, data, fleet_cfg, task_runtime_factory(model, loss=cfg.loss), on_round=on_round,
+                train_overrides=overrides),
                 section))
     except FleetError as exc:
         if isinstance(exc, NamesTaken) or exc.result is None:

@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       ("secure_agg", args.secure_agg), ("secagg_threshold", args.secagg_threshold),
                       ("secagg_degree", args.secagg_degree),
                       ("distributed_noise_multiplier", args.distributed_noise_multiplier),
-                      ("enrolment_codes", args.enrolment_codes)):
+                      ("enrolment_codes", args.enrolment_codes), ("loss", args.loss), ("metrics", args.metrics)):
         if flag is not None:
             values[key] = flag
     values.update(gossip_server_values(args))  # --mode gossip: the relay (server/relay.py)
@@ -62,7 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with checking_input():
             if config.data_dir is not None:
                 check_out_dir(config.data_dir, "--data-dir")
-            data = prepare_task(config.model, dataset, config.seed, image_size, config.init_weights).data
+            data = prepare_task(config.model, dataset, config.seed, image_size, config.init_weights, config.loss,
+                                config.metrics).data
             config = config.replace(input_shape=data.input_shape, num_classes=data.num_classes)
         try:
             app = make_app(config, test_data=(data.x_test, data.y_test))

@@ -23,10 +23,13 @@ def scores(models: list[dict[str, np.ndarray]], evaluator: Evaluator, draws: np.
     mean = evaluator.evaluate(average(models))
     n = len(models)
     sample = range(n) if n <= sample_size else sorted(draws.choice(n, sample_size, replace=False).tolist())
+    task = {"metrics": mean.metrics} if mean.metrics else {}  # the task's own (--metrics)
+    if mean.accuracy is None:  # a regression: no accuracy to spread
+        return {"accuracy": None, "loss": mean.loss, "consensus_distance": consensus_distance(models), **task}
     own = np.array([evaluator.evaluate(models[i]).accuracy for i in sample])
     return {"accuracy": mean.accuracy, "loss": mean.loss, "accuracy_mean": float(own.mean()),
             "accuracy_p10": float(np.percentile(own, 10)), "accuracy_p90": float(np.percentile(own, 90)),
-            "consensus_distance": consensus_distance(models)}
+            "consensus_distance": consensus_distance(models), **task}
 
 
 async def traffic(session: aiohttp.ClientSession, url: str, r: int, topology: Topology,

@@ -97,7 +97,8 @@ async def run_phones(cfg: SimulateConfig, data: Dataset, url: str, session: aioh
     from fedfleet.device_runtime.trainer import RuntimePool
     from fedfleet.server.evaluation import Evaluator
 
-    evaluator = Evaluator((cfg.model, data.input_shape, data.num_classes), data.x_test, data.y_test, seed=cfg.seed)
+    evaluator = Evaluator((cfg.model, data.input_shape, data.num_classes), data.x_test, data.y_test, seed=cfg.seed,
+                          loss=cfg.loss, metrics=cfg.metrics)
     fleet = await _enrol(cfg, data, url, session, prefix)
     first = await _open_round(session, url) + 1
     pool = RuntimePool(lambda: _runtime(cfg, data), size=cfg.workers)
@@ -181,7 +182,7 @@ def _runtime(cfg: SimulateConfig, data: Dataset) -> Any:
     from fedfleet.device_runtime.runtimes.torch_runtime import torch_runtime_for_task
 
     return torch_runtime_for_task({"model": cfg.model, "input_shape": data.input_shape,
-                                   "num_classes": data.num_classes})
+                                   "num_classes": data.num_classes, "loss": cfg.loss})
 
 
 async def _enrol(cfg: SimulateConfig, data: Dataset, url: str, session: aiohttp.ClientSession, prefix: str) -> Fleet:

@@ -121,6 +121,8 @@ def summarize(rounds: Sequence[dict[str, Any]], devices: Sequence[PhoneStats], w
         "final_accuracy": last.get("accuracy"),
         "best_accuracy": max(accs) if accs else None,
         "final_loss": last.get("loss"),
+        # the task's own metrics (--metrics) of the last evaluated version, by name
+        "final_metrics": next((r["metrics"] for r in reversed(rounds) if r.get("metrics")), None),
         "updates": sum(r["updates"] for r in rounds),
         "bytes_up": sum(r["bytes_up"] for r in rounds),
         "bytes_down": sum(r["bytes_down"] for r in rounds),

@@ -138,7 +138,17 @@ def summary_row(run: Run) -> dict[str, Any]:
     }
     if any(_num(r.get("epsilon_max")) for r in m):
         row["final epsilon_max"] = last.get("epsilon_max")
+    task = run.summary.get("task", {})
+    if task.get("loss") not in (None, "cross_entropy"):
+        row["training loss"] = task["loss"]
+    row.update({f"final {name}": value for name, value in _task_metrics(last).items()})  # --metrics
     return row
+
+
+def _task_metrics(r: Record) -> dict[str, Any]:
+    """The task's own metrics (--metrics) a round recorded, by name."""
+    found = r.get("metrics")
+    return dict(found) if isinstance(found, dict) else {}
 
 
 # --- plots (matplotlib's Agg canvas; no pyplot, no global state) ----------------------------
@@ -310,7 +320,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def _rounds_table(run: Run) -> str:
     keys = [k for k in ROUND_COLUMNS if any(k in r for r in run.metrics)]
-    return _table([{k: r.get(k) for k in keys} for r in run.metrics])
+    return _table([{**{k: r.get(k) for k in keys}, **_task_metrics(r)} for r in run.metrics])
 
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}

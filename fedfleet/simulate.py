@@ -61,7 +61,7 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
             if cfg.runtime != "torch":  # phones run the exported artifacts: export them for this task
                 server_cfg = server_cfg.replace(bundle_dir=str(ensure_bundle(cfg, data, out / "bundle")))
             _fresh_state(out / "server")
-            phones_model = task_runtime_factory(weights=_phone_weights(server_cfg, out))
+            phones_model = task_runtime_factory(weights=_phone_weights(server_cfg, out), loss=cfg.loss)
             clock = VirtualClock() if cfg.virtual else WallClock()
             rows: list[dict[str, Any]] = []  # the rounds recorded so far, should the fleet be cancelled
 
@@ -110,7 +110,8 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
 
     final = write_final_weights(server_cfg, out / "server", out / FINAL_WEIGHTS)
     summary["final_weights"] = None if final is None else {"path": str(final[1]), "version": final[0]}
-    summary["task"] = {"model": cfg.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    summary["task"] = {"model": cfg.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+                       "loss": cfg.loss or "cross_entropy", "metrics": cfg.metrics}
     write_run(out, result.rounds, result.devices, summary)
     return result, summary
 
@@ -209,13 +210,14 @@ def ensure_bundle(cfg: SimulateConfig, data: Dataset, path: Path) -> Path:
     try:
         m = verify_bundle(path)
         same = (m.model, m.input_shape, m.num_classes, m.seed) == (cfg.model, data.input_shape, data.num_classes, cfg.seed)
-        if same and cfg.init_weights is None:  # a user's weights may have changed under the same name: export anew
+        # a user's weights or loss may have changed under the same name: export anew
+        if same and cfg.init_weights is None and cfg.loss is None:
             return path
     except (BundleError, FileNotFoundError, ValueError):
         pass
     export_bundle(ExportConfig(cfg.model, data.name, data.input_shape, data.num_classes, seed=cfg.seed,
                                batch_size=min(cfg.batch_size, 64), lr=cfg.lr,
-                               weights=Path(cfg.init_weights) if cfg.init_weights else None), path)
+                               weights=Path(cfg.init_weights) if cfg.init_weights else None, loss=cfg.loss), path)
     return path
 
 

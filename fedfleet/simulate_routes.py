@@ -23,7 +23,7 @@ def _same(component: str, *names: str) -> dict[str, tuple[Target, ...]]:
 
 ROUTES: dict[str, tuple[Target, ...]] = {
     # the task, its training plan (protocol/plan.py), merging and privacy: ServerConfig
-    **_same("server", "model", "init_weights", "rounds", "local_epochs", "batch_size", "lr", "prox_mu",
+    **_same("server", "model", "init_weights", "loss", "metrics", "rounds", "local_epochs", "batch_size", "lr", "prox_mu",
             "concurrency", "staleness", "max_staleness", "server_optimizer", "server_lr", "robust",
             "epsilon_budget", "central_clip", "central_noise_multiplier", "strategy", "local_state",
             "secure_agg", "secagg_threshold", "secagg_degree", "distributed_noise_multiplier"),

@@ -16,20 +16,33 @@ FINAL_WEIGHTS = "final_weights.safetensors"
 @dataclass(frozen=True)
 class PreparedTask:
     data: Dataset
-    fingerprint: str  # export.task_model.model_fingerprint of the model
+    fingerprint: str  # export.task_model.model_fingerprint of the model (and of the loss, when not built in)
+    metric_names: tuple[str, ...] = ()  # what the task's metrics (--metrics) return on the model's outputs
 
 
 def prepare_task(model: str, dataset: str | Dataset, seed: int = 0, image_size: int = 32,
-                 init_weights: str | None = None) -> PreparedTask:
+                 init_weights: str | None = None, loss: str | None = None,
+                 metrics: str | None = None, partition: str = "iid", runtime: str = "torch") -> PreparedTask:
     """Load ``dataset`` (a spec, or a Dataset as is) and build ``model`` for it. ValueError naming the flag
-    (--dataset, --model, --init-weights) and what is wrong: a bad MODULE:ATTR, data with mismatched
-    lengths, NaN or bad labels, a model that fails on the data, weights that do not fit."""
+    (--dataset, --model, --init-weights, --loss, --metrics) and what is wrong: a bad MODULE:ATTR, data with
+    mismatched lengths, NaN or bad labels, a model that fails on the data, weights that do not fit, a loss
+    that is not a finite scalar tensor of the model's outputs, metrics that are not ``{name: float}``
+    (export/task_loss.py); for a regression (float targets), a ``partition`` by label or a ``runtime``
+    other than torch (exported training programs take class labels)."""
+    from fedfleet.export.task_loss import check_task
     from fedfleet.export.task_model import check_forward, model_fingerprint, task_model
 
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, seed=seed, image_size=image_size)
     built = task_model(model, data.input_shape, data.num_classes, seed, init_weights)
-    check_forward(built, data.input_shape, data.num_classes, "--model", model)
-    return PreparedTask(data, model_fingerprint(built))
+    check_forward(built, data.input_shape, data.num_classes, "--model", model, data.regression)
+    if data.regression and partition != "iid":
+        raise ValueError(f"--partition {partition}: splits by class label; a regression task (float targets) "
+                         "splits iid")
+    if data.regression and runtime != "torch":
+        raise ValueError(f"--runtime {runtime}: exported training programs take class labels; a regression "
+                         "task (float targets) trains with --runtime torch")
+    names = check_task(built, data.x_train, data.y_train, loss, metrics)
+    return PreparedTask(data, model_fingerprint(built, loss), tuple(names))
 
 
 def write_final_weights(config: ServerConfig, data_dir: str | Path, path: str | Path) -> tuple[int, Path] | None:

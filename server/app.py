@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from aiohttp import web
@@ -83,7 +84,7 @@ def make_app(
     if test_data is not None:
         task = (config.model, config.input_shape, config.num_classes)  # torch loads at the first evaluation
         app[EVALUATOR] = Evaluator(task, test_data[0], test_data[1], seed=config.seed, init_weights=config.init_weights,
-                                   device=resolve_device(config.device))
+                                   device=resolve_device(config.device), loss=config.loss, metrics=config.metrics)
     if config.bundle_dir is not None:
         manifest = check_bundle(Path(config.bundle_dir), config.model, app[COORD].specs)
         bundle_fp = manifest.model_fingerprint
@@ -131,7 +132,7 @@ def _db_path(config: ServerConfig) -> str:
 
 
 class OtherTask(ValueError):
-    """The data dir holds the state of another task (model, input shape or classes): nothing to
+    """The data dir holds the state of another task (model, input shape, classes or loss): nothing to
     resume. The CLI reports it in one line."""
 
 
@@ -139,8 +140,11 @@ def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, n
     """Resume from the newest durable version, or make version 0: drawn from the seed, or the user's
     ``init_weights``. Only a fresh start imports torch: a restart after a crash serves in well under 2 s.
     Also the model's fingerprint (None for a data dir written before fingerprints were kept)."""
-    fingerprint = json.dumps({"model": config.model, "input_shape": list(config.input_shape),
-                              "classes": config.num_classes})
+    spec: dict[str, Any] = {"model": config.model, "input_shape": list(config.input_shape),
+                            "classes": config.num_classes}
+    if config.loss not in (None, "cross_entropy"):  # phones train it: resuming with another is another task
+        spec["loss"] = config.loss
+    fingerprint = json.dumps(spec)
     saved = store.get_meta("model_spec")
     if saved is not None and saved != fingerprint:
         raise OtherTask(f"data dir {config.data_dir} holds a different task ({saved}); use a fresh --data-dir")
@@ -157,7 +161,7 @@ def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, n
     params = {n: p.detach().numpy().copy() for n, p in trainable_params(model).items()}
     params = with_state(params, initial_state(model))  # batch norm statistics travel as "state:" tensors
     store.set_meta("model_spec", fingerprint)
-    store.set_meta("model_fingerprint", model_fingerprint(model))
+    store.set_meta("model_fingerprint", model_fingerprint(model, config.loss))
     store.save_version(0, encode_message("model", {"version": 0, "model": config.model}, params))
     return 0, params, store.get_meta("model_fingerprint")
 

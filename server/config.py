@@ -27,6 +27,9 @@ class ServerConfig:
     init_weights: str | None = None  # safetensors or torch state_dict file: version 0 (default: drawn from seed)
     num_classes: int = 10
     seed: int = 0  # initial parameters are drawn from this seed
+    # the task's loss and metrics (export/task_loss.py; docs/your-own-task.md): MODULE:ATTR, phones train the loss
+    loss: str | None = None  # None or "cross_entropy": the built-in; part of the model fingerprint otherwise
+    metrics: str | None = None  # evaluated on the test split with each version, beside accuracy and loss
     # the training plan sent to phones with each task: defaults and limits in protocol/plan.py
     local_epochs: int = TrainPlan.local_epochs
     batch_size: int = TrainPlan.batch_size
@@ -180,6 +183,7 @@ class ServerConfig:
         if self.mode == "async" and self.buffer_size < rule.min_updates:
             raise ValueError(f"robust {self.robust!r} needs buffer_size >= {rule.min_updates}")
         self._check_strategy()
+        self._check_loss_metrics()
         if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
             raise ValueError("max_update_norm must be a finite number >= 0 (0 = no limit)")
         if min(self.reject_burst, self.peer_reject_burst) < 0 or not min(self.reject_rate_per_s,
@@ -204,6 +208,15 @@ class ServerConfig:
         from fedfleet.protocol.topology import parse_topology, phone_names
 
         return parse_topology(self.topology, phone_names(self.gossip_prefix, self.gossip_phones), self.seed)
+
+    def _check_loss_metrics(self) -> None:
+        """The task's loss and metrics are named MODULE:ATTR (imported where they run: fedfleet.task checks them)."""
+        from fedfleet.export.refs import is_ref
+
+        for name, value, builtin in (("loss", self.loss, "cross_entropy"), ("metrics", self.metrics, None)):
+            if value is not None and value != builtin and not is_ref(value):
+                raise ValueError(f"{name} (--{name}) must be MODULE:ATTR (a callable)"
+                                 f"{' or cross_entropy' if builtin else ''}, got {value!r}")
 
     def _check_strategy(self) -> None:
         """A strategy of one's own replaces the built-in merge its settings describe; it must load."""

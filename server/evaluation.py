@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,7 +22,8 @@ TaskSpec = tuple[str, tuple[int, ...], int]  # model name, input shape, classes
 @dataclass(frozen=True)
 class Evaluation:
     loss: float
-    accuracy: float
+    accuracy: float | None  # None for a regression (float targets)
+    metrics: dict[str, float | None] = field(default_factory=dict)  # the task's own (export/task_loss.py)
 
 
 class Evaluator:
@@ -33,15 +34,21 @@ class Evaluator:
 
     ``device`` (resolved: "cpu" or "cuda", export.accelerator.resolve_device): where the model and the
     test split live from the first evaluation on; on CUDA a batch is as many examples as fit in the
-    free memory, and the loss and the count of correct answers come back to the host once."""
+    free memory, and the loss and the count of correct answers come back to the host once.
+
+    ``loss``, ``metrics``: the task's own (``MODULE:ATTR``, export/task_loss.py), each called once on the
+    model's outputs over the whole test split (collected batch by batch), so a loss or metric that is not
+    a mean of per-example terms (RMSE, F1) is still exact; None: cross-entropy, and no metrics."""
 
     def __init__(self, spec: ModelSpec | TaskSpec, x_test: np.ndarray, y_test: np.ndarray, seed: int = 0,
-                 init_weights: str | None = None, device: str = "cpu") -> None:
+                 init_weights: str | None = None, device: str = "cpu", loss: str | None = None,
+                 metrics: str | None = None) -> None:
         if len(x_test) != len(y_test) or len(x_test) == 0:
             raise ValueError("the test split needs as many labels as examples, and at least one")
         self.spec, self.seed, self.init_weights, self.device = spec, seed, init_weights, device
+        self.loss_spec, self.metrics_spec = loss, metrics
         self.x = np.ascontiguousarray(x_test, dtype=np.float32)
-        self.y = np.asarray(y_test, dtype=np.int64)
+        self.y = np.asarray(y_test) if np.asarray(y_test).dtype.kind == "f" else np.asarray(y_test, dtype=np.int64)
         self._model: nn.Module | None = None
         self._split: tuple[torch.Tensor, torch.Tensor] | None = None  # the test split on the device
 
@@ -76,6 +83,8 @@ class Evaluator:
             for name, value in state.items():  # batch norm statistics: what the phones would use
                 buffers[name].copy_(torch.from_numpy(np.asarray(value)).to(buffers[name].dtype))
             model.eval()
+            if self.loss_spec is not None or self.metrics_spec is not None:
+                return self._task_evaluation(model, x, y, batch_size)
             # Per batch, summed on the host in float64 (on the CPU the same floats as one float() per batch).
             losses, hits = [], []
             for start in range(0, len(x), batch_size):
@@ -86,3 +95,18 @@ class Evaluator:
             loss_sum = sum(torch.stack(losses).cpu().tolist(), 0.0)
             correct = int(torch.stack(hits).sum().cpu())
         return Evaluation(loss=loss_sum / len(x), accuracy=correct / len(x))
+
+    def _task_evaluation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Evaluation:
+        """The task's loss and metrics on every test output at once (export/task_loss.py)."""
+        import torch
+
+        from fedfleet.export.task_loss import loss_or_default, metric_values, resolve_metrics
+
+        out = torch.cat([model(x[start : start + batch_size]) for start in range(0, len(x), batch_size)])
+        loss = float(loss_or_default(self.loss_spec)(out, y))
+        # classification: outputs are logits [N, classes]; a regression (float targets) has no accuracy
+        accuracy = None if y.is_floating_point() else int((out.argmax(1) == y).sum()) / len(y)
+        metrics_fn = resolve_metrics(self.metrics_spec)
+        metrics = {} if metrics_fn is None else metric_values(metrics_fn(out, y), f"--metrics {self.metrics_spec}",
+                                                                finite=False)
+        return Evaluation(loss=loss, accuracy=accuracy, metrics=metrics)

@@ -82,6 +82,7 @@ def task_spec(cfg: ServerConfig, coord: Coordinator, fingerprint: str | None = N
         "max_update_bytes": cfg.max_update_bytes,
         "rounds": cfg.rounds,
         "model_fingerprint": fingerprint,  # names, shapes, dtypes of the model's state (None: not known)
+        "loss": cfg.loss or "cross_entropy",  # what phones train (export/task_loss.py); in the fingerprint too
     }
 
 
@@ -154,7 +155,8 @@ def check_model_fingerprint(phone: Any, server: str | None) -> None:
         fail(400, "bad_fingerprint", "model_fingerprint must be a string")
     if phone != server:
         fail(409, "model_mismatch", f"this phone's model (fingerprint {phone[:12]}) differs from the task's "
-                                    f"(fingerprint {server[:12]}): its tensors' names, shapes or dtypes differ")
+                                    f"(fingerprint {server[:12]}): its tensors' names, shapes or dtypes, or its "
+                                    "loss (--loss), differ")
 
 
 async def task(request: web.Request) -> web.Response:

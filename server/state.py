@@ -152,6 +152,8 @@ async def _publisher(app: web.Application) -> None:
         if evaluator is not None and pub.params:
             ev = await asyncio.to_thread(evaluator.evaluate, pub.params)
             record.accuracy, record.loss = ev.accuracy, ev.loss
+            if ev.metrics:  # the task's own (--metrics), by their names
+                record.extra["metrics"] = ev.metrics
         coord.record(record)  # replaces the draft committed with the version
         if metrics_path is not None:
             with metrics_path.open("a") as f:

@@ -17,13 +17,15 @@ from fedfleet.device_runtime.stateful import (
     set_state,
 )
 from fedfleet.export.model_state import get_state, state_names
+from fedfleet.export.task_loss import LossFn
 
 
 class TorchRuntime:
     name = "torch"
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss: LossFn | None = None) -> None:
         self.model = model
+        self.loss = loss  # the task's own (export/task_loss.py); None: cross-entropy
         self._trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         model.train()
         self._state_names = state_names(model)
@@ -59,7 +61,7 @@ class TorchRuntime:
             return self._train(x, y, cfg, rng)
 
     def _train(self, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> TrainResult:
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+        xt, yt = torch.from_numpy(x), torch.from_numpy(targets(y))
         params = list(self._trainable.values())
         anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
         # Plain SGD by hand, exactly torch.optim.SGD(lr)'s step (param.add_(grad, alpha=-lr)): the
@@ -68,7 +70,7 @@ class TorchRuntime:
         total, steps = 0.0, 0
         for idx in iterate_batches(len(x), cfg, rng):
             ti = torch.from_numpy(idx)
-            loss = nn.functional.cross_entropy(self.model(xt[ti]), yt[ti])
+            loss = (self.loss or nn.functional.cross_entropy)(self.model(xt[ti]), yt[ti])
             total += float(loss.detach())
             if anchor:  # FedProx: mu/2 * ||w - w_global||^2
                 loss = loss + 0.5 * cfg.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
@@ -101,9 +103,16 @@ def evaluate_module(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: 
     return EvalResult(loss=loss_sum / n, accuracy=correct / n, num_examples=len(x))
 
 
+def targets(y: np.ndarray) -> np.ndarray:
+    """Class labels as int64; a regression's float targets as they are (device_runtime/task_data.py)."""
+    return y if y.dtype.kind == "f" else y.astype(np.int64)
+
+
 def torch_runtime_for_task(task: dict) -> TorchRuntime:
-    """The eager model a server's task describes (model name, input shape, classes)."""
+    """The eager model a server's task describes (model name, input shape, classes), trained with its
+    loss (export/task_loss.py; cross-entropy when the task names none)."""
     from fedfleet.export.models import ModelSpec, build_model
+    from fedfleet.export.task_loss import resolve_loss
 
     spec = ModelSpec(str(task["model"]), tuple(task["input_shape"]), int(task["num_classes"]))  # type: ignore[arg-type]
-    return TorchRuntime(build_model(spec))
+    return TorchRuntime(build_model(spec), loss=resolve_loss(task.get("loss")))
