@@ -31,6 +31,14 @@ as digits gives 100 phones (~14: one SGD step per round).
         [--loops uvloop[,asyncio]]
 
 Prints a table and writes bench/results/flower.json.
+
+``--workloads mlp,cnn,transfer`` runs instead the realistic workloads of bench/flower_workloads.py
+at 100 phones (the MLP on digits for 20 rounds, the CNN on mnist5k and a transfer task with a frozen
+pretrained backbone for 10), each side timed as a whole process (command to exit) and in steady
+rounds, with one py-spy profile of fedfleet's CPU by stage:
+
+    .venv/bin/python -m bench.bench_flower --workloads mlp,cnn,transfer [--client-cpus 1.0]
+        [--server-process auto] [--train-threads 1,2] [--profile yes] [--out flower_workloads]
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 py-spy samples every thread of the process and of its children (a server process) at ``rate`` Hz,
 idle threads left out, so a stage's samples / rate are the CPU seconds it used. Each sample is
-given the stage of the innermost frame that names one (its file or function), with imports first:
-a module executing at import time is start-up, whatever the module is. Training arithmetic is the
+given a stage by its frames (their files): imports first (a module executing at import time is
+start-up, whatever the module is), then the work stages in STAGES' order, each matched by any
+frame; the rest goes to the innermost frame of the event loop (HTTP) or of fedfleet's other code. Training arithmetic is the
 batched trainer and the runtimes (the torch ops under them included); evaluation is the server's
 central evaluation (torch under it too). Shares are of the process's wall time: with a server
 process they can add up to more than 100% (two cores).
@@ -31,17 +32,26 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("merge", ("server/strateg", "server/aggregation", "server/robust", "server/merge")),
     ("HTTP and event loop", ("aiohttp/", "asyncio/", "uvloop", "server/routes.py", "server/http.py",
                              "protocol_client.py", "json/", "yarl/", "multidict/")),
-    ("fleet and server logic", ("device_runtime/", "server/", "fedfleet/")),
 ]
-IMPORT_MARKS = ("<frozen importlib._bootstrap", "<module> (")
+# Only when no frame of the stack names a stage above: the rest of fedfleet's own code (a model's
+# forward names no stage, the trainer or the evaluation under it does).
+FALLBACK = ("fleet and server logic", ("device_runtime/", "server/", "fedfleet/"))
+IMPORT_MARK = "<frozen importlib._bootstrap"
+# A thread pool's worker between tasks (py-spy counts some of its waits as active): not work.
+POOL_WAIT = "_worker (concurrent/futures/thread.py"
 
 
 def stage_of(frames: list[str]) -> str:
     """The stage of one sample's stack (outermost frame first)."""
-    if any(m in f for f in frames for m in IMPORT_MARKS[:1]):
+    if any(IMPORT_MARK in f for f in frames):
         return "start-up imports"
-    for frame in reversed(frames):
-        for stage, marks in STAGES:
+    if frames and frames[-1].startswith(POOL_WAIT):
+        return "thread pool waiting"
+    for stage, marks in STAGES[:-1]:  # the work stages: any frame
+        if any(m in frame for frame in frames for m in marks):
+            return stage
+    for frame in reversed(frames):  # else the innermost of the event loop's and fedfleet's other frames
+        for stage, marks in (STAGES[-1], FALLBACK):
             if any(m in frame for m in marks):
                 return stage
     return "other"

@@ -1,5 +1,5 @@
-"""bench/stage_profile.py gives each sampled stack the stage of its innermost frame that names one,
-imports first, and sums py-spy's collapsed stacks per stage."""
+"""bench/stage_profile.py gives each sampled stack a stage (imports first, then the named stages,
+fedfleet's other code last) and sums py-spy's collapsed stacks per stage."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ def test_the_innermost_named_frame_decides() -> None:
     assert stage_of(["<module> (fedfleet/cli.py:1)", "_find_and_load (<frozen importlib._bootstrap>:1176)",
                      "<module> (aiohttp/client.py:1)"]) == "start-up imports"
     assert stage_of(["main (something_else.py:3)"]) == "other"
+    # a model's forward under the trainer is training, though its own frame names no stage
+    assert stage_of([LOOP, "step (device_runtime/batched.py:200)", "CNN.forward (fedfleet/export/models.py:46)"]) \
+        == "training"
+    assert stage_of([LOOP, "SyncCoordinator.openings (fedfleet/server/sync_coordinator.py:146)"]) \
+        == "fleet and server logic"
+    assert stage_of(["_bootstrap (threading.py:1002)", "_worker (concurrent/futures/thread.py:81)"]) \
+        == "thread pool waiting"
 
 
 def test_collapsed_stacks_are_summed_per_stage(tmp_path: Path) -> None:
