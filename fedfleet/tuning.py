@@ -24,8 +24,10 @@ def tune_process(*, torch_threads: int | None = None, freeze: bool = True) -> No
     """Set this process up to serve or emulate many phones: the open-file limit up to its hard limit
     (each long poll holds a socket; children started later inherit it), the GC thresholds above
     (never lowered), everything alive now frozen out of the GC's walks (``freeze``: the modules, a
-    loaded model, an app built before this call live as long as the process), and torch's intra-op
-    threads (``torch_threads``; importing torch if need be)."""
+    loaded model, an app built before this call live as long as the process), numpy's BLAS on one
+    thread (see limit_blas_threads), and torch's intra-op threads (``torch_threads``; importing torch
+    if need be)."""
+    limit_blas_threads()
     raise_open_file_limit()
     now = gc.get_threshold()
     gc.set_threshold(*(max(a, b) for a, b in zip(now, GC_THRESHOLDS, strict=True)))
@@ -33,6 +35,17 @@ def tune_process(*, torch_threads: int | None = None, freeze: bool = True) -> No
         gc.freeze()
     if torch_threads is not None:
         set_torch_threads(torch_threads)
+
+
+def limit_blas_threads(threads: int = 1) -> None:
+    """numpy's BLAS (OpenBLAS) on ``threads`` threads. The server's and the fleet's products are of
+    one update at a time (an update's norm, a row of a merge), and OpenBLAS hands a 20,000-element
+    dot product to its thread pool: on 2 cores shared with a fleet, a server and other processes,
+    ``update_norms`` of one CNN update took 5.5 ms with the pool and 0.06 ms on one thread (a whole
+    process's CPU profile had 13% of the CNN run's wall time in it; bench/stage_profile.py)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")
 
 
 def set_torch_threads(threads: int) -> None:

@@ -20,7 +20,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import networkx as nx
 import numpy as np
 
 Edge = tuple[int, int]  # (i, j) with i < j
@@ -140,6 +139,8 @@ def exponential_edges(n: int) -> set[Edge]:
 
 def regular_edges(n: int, d: int, rng: np.random.Generator, attempts: int = 100) -> set[Edge]:
     """A connected random d-regular graph (networkx's generator, seeded from ``rng``)."""
+    import networkx as nx  # here, not at the top: every server imports this module, few draw graphs
+
     for _ in range(attempts):
         g = nx.random_regular_graph(d, n, seed=int(rng.integers(2**31)))
         if nx.is_connected(g):
@@ -185,6 +186,8 @@ def load_edges(path: str, names: Sequence[str]) -> set[Edge]:
 
 
 def check_connected(n: int, edges: Iterable[Edge], spec: str) -> None:
+    import networkx as nx
+
     g = nx.Graph()
     g.add_nodes_from(range(n))
     g.add_edges_from(edges)

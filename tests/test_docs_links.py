@@ -19,7 +19,8 @@ PAGES = [REPO / "README.md", *DOCS]
 # What a reader would take for development history. "session" alone is fine (an HTTP ClientSession).
 HISTORY = re.compile(r"\b(last|previous|earlier|this) session|session [0-9]+", re.IGNORECASE)
 TEXT_SUFFIXES = {".md", ".py", ".toml", ".java", ".js", ".mjs", ".html", ".json", ".sh", ".txt", ".kts"}
-SKIPPED_DIRS = {"node_modules", ".venv", ".git", "__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
+SKIPPED_DIRS = {"node_modules", ".venv", ".flower-venv", ".git", "__pycache__", ".mypy_cache", ".pytest_cache",
+                ".ruff_cache"}  # .flower-venv: bench_flower's venv for Flower (git-ignored)
 
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
