@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.common import run_sim, table, write
@@ -69,6 +70,14 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _reference(path: Path, setting: str) -> list[dict[str, Any]]:
+    """The ``setting`` row of an earlier result, named after its file."""
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["setting"] == setting]
+    if not rows:
+        raise SystemExit(f"bench_gossip: {path} has no {setting!r} row")
+    return rows
+
+
 def _assignment(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or key not in SimulateConfig.__dataclass_fields__:
@@ -97,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a simulate setting for every row (FedAvg's and gossip's alike), e.g. quant_bits=8")
     p.add_argument("--budget-of", default="fedavg",
                    help="the setting whose total bytes per phone the same-budget table holds every row to")
+    p.add_argument("--reference", type=Path, metavar="RESULT.json",
+                   help="hold every row to the --budget-of row of an earlier result (same fleet and settings)")
     p.add_argument("--out", default="gossip", help="bench/results/OUT.json")
     args = p.parse_args(argv)
     args.set = dict(args.set)
@@ -108,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         rows.append(run_one(name, args))
         print(f"{name}: accuracy {rows[-1]['accuracy']}, {rows[-1]['wall_s']} s", file=sys.stderr, flush=True)
-        budget = same_budget(rows, args.budget_of) if args.budget_of in [r["setting"] for r in rows] else []
+        ref = _reference(args.reference, args.budget_of) if args.reference else []
+        held = ref + rows
+        budget = same_budget(held, args.budget_of) if args.budget_of in [r["setting"] for r in held] else []
         path = write(args.out, {"settings": vars(args), "rows": rows, "same_budget": budget})  # each row as it ends
     columns = ["setting", "accuracy", "best_accuracy", "accuracy_p10", "accuracy_p90", "consensus_distance",
                "up_per_phone", "down_per_phone", "messages_dropped", "virtual_s", "wall_s"]
