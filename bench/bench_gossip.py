@@ -70,9 +70,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _reference(path: Path, setting: str) -> list[dict[str, Any]]:
+def _reference(path: str, setting: str) -> list[dict[str, Any]]:
     """The ``setting`` row of an earlier result, named after its file."""
-    rows = [r for r in json.loads(path.read_text())["rows"] if r["setting"] == setting]
+    rows = [r for r in json.loads(Path(path).read_text())["rows"] if r["setting"] == setting]
     if not rows:
         raise SystemExit(f"bench_gossip: {path} has no {setting!r} row")
     return rows
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a simulate setting for every row (FedAvg's and gossip's alike), e.g. quant_bits=8")
     p.add_argument("--budget-of", default="fedavg",
                    help="the setting whose total bytes per phone the same-budget table holds every row to")
-    p.add_argument("--reference", type=Path, metavar="RESULT.json",
+    p.add_argument("--reference", metavar="RESULT.json",
                    help="hold every row to the --budget-of row of an earlier result (same fleet and settings)")
     p.add_argument("--out", default="gossip", help="bench/results/OUT.json")
     args = p.parse_args(argv)
