@@ -1,17 +1,22 @@
 """Gossip against FedAvg on one fleet: the same data, phones, device profiles and local training.
 
     python -m bench.bench_gossip                       # mnist5k, Dirichlet 0.5, 50 phones, 10 rounds
-    python -m bench.bench_gossip --rounds 5 --only fedavg,dpsgd-ring
+    python -m bench.bench_gossip --rounds 20 --only fedavg,dpsgd-ring-matchings --set quant_bits=8 --lr 0.2
 
-Rows: FedAvg (the server merges half the phones each round); D-PSGD on a ring, on time-varying
-random matchings and on the exponential graph (every phone each round, whole models to each
-neighbour through the relay); CHOCO-SGD on a ring with 1% top-k (q = top-k(x - x_hat), values
-float32); decentralized ADMM on a ring (--rho). Each row reports the average model's accuracy
-(final and best), the spread over phones (p10, p90) and consensus distance of gossip, the bytes
-per phone up and down over the run (as the server counted them) and the virtual time (drawn
-device profiles: compute speed, links).
+Rows: FedAvg (the server merges half the phones each round); D-PSGD on a ring, on the ring's edges
+taken one neighbour per round (ring-matchings), on time-varying random matchings and on the
+exponential graph (every phone each round, its model posted once to the relay, which hands it to
+each neighbour); CHOCO-SGD on a ring with 1% top-k (q = top-k(x - x_hat)); decentralized ADMM on a
+ring (--rho). ``--set KEY=VALUE`` gives every row the same simulate setting (``quant_bits=8``: FedAvg's
+updates and gossip's messages alike). Each row reports the average model's accuracy (final and
+best), the spread over phones (p10, p90) and consensus distance of gossip, the bytes per phone up
+and down over the run (as the server counted them), the virtual time (drawn device profiles:
+compute speed, links) and its curve of accuracy against cumulative bytes per phone; the
+same-budget table holds every row to the total bytes per phone of ``--budget-of`` (FedAvg), from
+this run or from an earlier result (``--reference``).
 
-Writes bench/results/gossip.json (the command, date and machine with the rows) and prints a table.
+Writes bench/results/OUT.json (the command, date and machine with the rows) as each row ends, and
+prints the tables.
 """
 
 from __future__ import annotations
