@@ -2,7 +2,9 @@
 through the server's relay, and how it folds in what they sent. The arithmetic is in
 ``gossip_math``; enrolment, signing keys and HTTP (with byte counts) are the ProtocolClient's.
 
-D-PSGD and ADMM send the whole model, dense float32. CHOCO-SGD sends q = Q(x - x_hat) encoded by
+D-PSGD and ADMM send the whole model, dense float32; D-PSGD may send it quantized by the task's
+codec (its value steps only: quantization and zlib, never sparsification, which would send a
+model with most of its weights zeroed). CHOCO-SGD sends q = Q(x - x_hat) encoded by
 the task's update codec (top-k, random-k, quantization: the same encoder and wire format as FedAvg
 updates; without error feedback, which CHOCO's x_hat already provides) and keeps x_hat, its
 public copy, in step with what its neighbours decode, by decoding its own message. Every message
@@ -22,9 +24,23 @@ from fedfleet.device_runtime.gossip_math import add, admm_center, admm_dual, cho
 from fedfleet.device_runtime.protocol_client import ProtocolClient, ServerError
 from fedfleet.protocol import TensorMessage, UpdateEncoder, decode_message, encode_message
 from fedfleet.protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, signature_ok, signed_text
+from fedfleet.protocol.topology import EVERY_NEIGHBOUR, TO_HEADER
 
 Params = dict[str, np.ndarray]
 ALGORITHMS = ("dpsgd", "choco", "admm")
+MODEL_CODEC = ("quant_bits", "stochastic_rounding", "chunk", "quant_scale", "compress")  # what D-PSGD's models take
+
+
+def check_codec(algorithm: str, codec: Mapping[str, Any]) -> None:
+    """Refuse a codec the algorithm cannot use (ValueError, one line naming it): ADMM sends whole
+    float32 models; D-PSGD whole models, quantized or zlib-compressed at most."""
+    if algorithm == "admm" and codec:
+        raise ValueError(f"gossip admm sends whole float32 models: the codec ({dict(codec)}) is for choco, "
+                         "or for dpsgd's quantization")
+    extra = sorted(set(codec) - set(MODEL_CODEC))
+    if algorithm == "dpsgd" and extra:
+        raise ValueError(f"gossip dpsgd sends whole models: of the codec it takes quantization and zlib only, "
+                         f"not {extra} (sparsified gossip is choco)")
 
 
 class GossipPhone:
@@ -34,6 +50,8 @@ class GossipPhone:
             raise ValueError(f"gossip algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         if algorithm == "choco" and encoder is None:
             raise ValueError("CHOCO-SGD needs an update encoder (its compression)")
+        if algorithm == "admm" and encoder is not None:
+            raise ValueError("ADMM sends whole float32 models: no encoder")
         if client.key is None:
             raise ValueError("gossip messages are signed: the phone needs a key")
         self.client, self.algorithm, self.encoder, self.gamma, self.rho = client, algorithm, encoder, gamma, rho
@@ -52,11 +70,14 @@ class GossipPhone:
         return self.client.name
 
     def message(self, round_: int) -> bytes:
-        """This round's message to every neighbour: the model (D-PSGD) or q (CHOCO, which then
-        moves x_hat by the q its neighbours will decode)."""
+        """This round's message to every neighbour: the model (D-PSGD: through the codec's value steps
+        when it has an encoder; its own model stays as it is) or q (CHOCO, which then moves x_hat by
+        the q its neighbours will decode)."""
         meta: dict[str, Any] = {"algorithm": self.algorithm, "from": self.name, "round": round_}
-        if self.encoder is None or self.algorithm != "choco":
+        if self.encoder is None:
             return encode_message("update", meta, self.x)
+        if self.algorithm == "dpsgd":
+            return self.encoder.encode({n: v.astype(np.float64) for n, v in self.x.items()}, meta)
         body = self.encoder.encode({n: self.x[n].astype(np.float64) - self.hat[n] for n in self.x}, meta)
         self.hat = add(self.hat, decode_message(body).tensors)
         return body
@@ -66,6 +87,13 @@ class GossipPhone:
         headers = {"Content-Type": "application/octet-stream",
                    **self.client.key.headers(self.name, round_, f"gossip:{to}", body)}
         await self.client._request("POST", f"/v1/gossip/send?round={round_}&to={to}", data=body, headers=headers)
+
+    async def post(self, round_: int, body: bytes) -> None:
+        """This round's message to every neighbour at once: uploaded once, the relay fans it out."""
+        assert self.client.key is not None
+        headers = {"Content-Type": "application/octet-stream",
+                   **self.client.key.headers(self.name, round_, f"gossip:{EVERY_NEIGHBOUR}", body)}
+        await self.client._request("POST", f"/v1/gossip/post?round={round_}", data=body, headers=headers)
 
     async def receive(self, round_: int, sender: str) -> TensorMessage | None:
         """The message ``sender`` left this round, checked against the task's tensors; None if none
@@ -83,14 +111,19 @@ class GossipPhone:
         return msg
 
     def signed_by(self, sender: str, round_: int, body: bytes, headers: Mapping[str, str]) -> bool:
-        """The sender's own Ed25519 signature (forwarded by the relay) over this body, round and recipient."""
+        """The sender's own Ed25519 signature (forwarded by the relay) over this body, round and recipient
+        (this phone, or every neighbour of the round: the recipient's own neighbours are the only
+        senders it fetches from)."""
         key = self.peer_keys.get(sender)
+        target = headers.get(TO_HEADER, self.name)
+        if target not in (self.name, EVERY_NEIGHBOUR):
+            return False
         try:
             signature = base64.b64decode(headers.get(SIGNATURE_HEADER, ""), validate=True)
             nonce = int(headers.get(NONCE_HEADER, ""))
         except (binascii.Error, ValueError):
             return False
-        return key is not None and signature_ok(key, signature, signed_text(sender, round_, f"gossip:{self.name}",
+        return key is not None and signature_ok(key, signature, signed_text(sender, round_, f"gossip:{target}",
                                                                               body, nonce))
 
     def absorb(self, received: Mapping[str, TensorMessage], weights: Mapping[str, float]) -> None:

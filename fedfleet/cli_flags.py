@@ -251,8 +251,8 @@ def toml_values(args: argparse.Namespace, section: str) -> dict[str, Any]:
 
 def add_gossip_flags(p: argparse.ArgumentParser) -> None:
     """--mode gossip: phones average with their neighbours through the server's relay (docs/gossip.md)."""
-    p.add_argument("--topology", help="gossip: ring | torus | regular:D | exponential | complete | matching | "
-                                      "edges:PATH (a file of 'PHONE PHONE' lines) (default ring)")
+    p.add_argument("--topology", help="gossip: ring | ring-matchings | torus | regular:D | exponential | complete | "
+                                      "matching | edges:PATH (a file of 'PHONE PHONE' lines) (default ring)")
     p.add_argument("--gossip", choices=["dpsgd", "choco", "admm"],
                    help="gossip: D-PSGD (whole models), CHOCO-SGD (compressed by the codec flags) or decentralized "
                         "ADMM (default dpsgd)")
@@ -262,8 +262,8 @@ def add_gossip_flags(p: argparse.ArgumentParser) -> None:
 
 def add_gossip_serve_flags(p: argparse.ArgumentParser) -> None:
     """serve --mode gossip: the server relays phones' messages along a topology (docs/gossip.md)."""
-    p.add_argument("--topology", help="gossip: ring | torus | regular:D | exponential | complete | matching | "
-                                      "edges:PATH (default ring)")
+    p.add_argument("--topology", help="gossip: ring | ring-matchings | torus | regular:D | exponential | complete | "
+                                      "matching | edges:PATH (default ring)")
     p.add_argument("--gossip-phones", type=int, help="gossip: the topology's phones, named phone-00000, "
                                                      "phone-00001, ... (default: none; required with --mode gossip)")
 

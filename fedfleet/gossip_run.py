@@ -2,8 +2,8 @@
 
 The server runs on this event loop as for FedAvg, but only enrols phones, hands out the initial
 model and relays messages (server/relay.py). Each round, every phone that is around (its device
-profile's window, a seeded dropout draw) trains locally from its own model, sends its message to
-each neighbour of the round through the relay, fetches theirs, and takes one gossip step
+profile's window, a seeded dropout draw) trains locally from its own model, posts its message
+once to the relay, which hands it to each neighbour of the round, fetches theirs, and takes one gossip step
 (device_runtime/gossip.py). Rounds are synchronous: the round lasts as long as its slowest phone
 (training time and link time of its real bytes, from its profile) on the virtual clock.
 
@@ -188,10 +188,10 @@ def _runtime(cfg: SimulateConfig, data: Dataset) -> Any:
 async def _enrol(cfg: SimulateConfig, data: Dataset, url: str, session: aiohttp.ClientSession, prefix: str) -> Fleet:
     """The fleet's phones (shards, generators, keys and profiles as plan_fleet draws them for a
     FedAvg fleet of the same seed), registered, each with the initial model. CHOCO-SGD compresses
-    with the codec of the server's task, as FedAvg phones encode their updates."""
+    (and D-PSGD quantizes) with the codec of the server's task, as FedAvg phones encode their updates."""
     from fedfleet.device_runtime.emulated_device import PhoneClient
     from fedfleet.device_runtime.fleet_plan import plan_fleet
-    from fedfleet.device_runtime.gossip import GossipPhone
+    from fedfleet.device_runtime.gossip import GossipPhone, check_codec
     from fedfleet.protocol import EncoderConfig, UpdateEncoder
     from fedfleet.protocol.topology import phone_names
 
@@ -202,10 +202,9 @@ async def _enrol(cfg: SimulateConfig, data: Dataset, url: str, session: aiohttp.
         client = PhoneClient(session, url, name, shard, None, rng, key=key, num_classes=data.num_classes)
         await client.register()
         codec = dict(client.task["train"].get("codec") or {})
-        if cfg.gossip != "choco" and codec:
-            raise ValueError(f"the server's task compresses ({codec}) but {cfg.gossip} sends whole models: "
-                             "use --gossip choco")
-        encoder = UpdateEncoder(EncoderConfig.from_mapping(codec), rng.spawn(1)[0]) if cfg.gossip == "choco" else None
+        check_codec(cfg.gossip, codec)  # the server's task's codec
+        encoder = UpdateEncoder(EncoderConfig.from_mapping(codec), rng.spawn(1)[0]) \
+            if cfg.gossip == "choco" or (cfg.gossip == "dpsgd" and codec) else None
         phones.append(GossipPhone(client, cfg.gossip, await client.download(0), encoder=encoder,
                                   gamma=cfg.gossip_gamma, rho=cfg.admm_rho))
         x, y = shard
@@ -274,10 +273,11 @@ async def _round(cfg: SimulateConfig, r: int, fleet: Fleet, topology: Topology, 
     weights = topology.weights(r)
     link_s = {i: 0.0 for i in active}
     for i in active:  # in phone order: each phone's nonces, and so every byte, are the same run to run
+        if not neighbours[i]:
+            continue  # left out of this round's matching: nothing to say
         body = phones[i].message(r)
-        for j in neighbours[i]:
-            await phones[i].send(r, names[j], body)
-            link_s[i] += _link(fleet, i, len(body), uplink=True)
+        await phones[i].post(r, body)  # uploaded once; the relay hands it to each neighbour
+        link_s[i] += _link(fleet, i, len(body), uplink=True)
     for i in active:
         received = {}
         for j in neighbours[i]:

@@ -15,11 +15,13 @@ from typing import Any
 from fedfleet.device_runtime.attacks import parse_attack
 from fedfleet.device_runtime.data import Dataset, check_dataset_name, parse_partition
 from fedfleet.device_runtime.fleet_plan import FleetConfig
+from fedfleet.device_runtime.gossip import MODEL_CODEC
 from fedfleet.device_runtime.profiles import ProfileSpec, load_profiles
 from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
 from fedfleet.export.accelerator import resolve_device
 from fedfleet.export.refs import check_model_name
 from fedfleet.protocol.plan import PLAN_FIELDS
+from fedfleet.protocol.topology import TIME_VARYING
 from fedfleet.server.config import ServerConfig, check_type, check_types
 from fedfleet.simulate_routes import DEFAULTS, ROUTES, component_field, component_values, field_default
 from fedfleet.tuning import parse_threads
@@ -43,7 +45,7 @@ class SimulateConfig:
     clock: str = "auto"  # wall | virtual | auto (virtual when devices are emulated)
     server_process: str = "auto"  # auto | yes | no: the server in a child process (wall clock only; see use_server_process)
     # gossip mode (--mode gossip): phones average with their neighbours, the server only relays (docs/gossip.md)
-    topology: str = "ring"  # the relay's graph: ring | torus | regular:D | exponential | complete | matching | edges:PATH
+    topology: str = "ring"  # the relay's graph: ring | ring-matchings | torus | regular:D | exponential | complete | matching | edges:PATH
     gossip: str = "dpsgd"  # dpsgd | choco | admm (CHOCO-SGD compresses with the codec flags: --topk, --quant-bits, ...)
     gossip_gamma: float = 0.5  # CHOCO-SGD's consensus step size gamma, in (0, 1]
     admm_rho: float = 0.1  # decentralized ADMM's penalty rho (local proximal weight 2 * rho * degree)
@@ -296,13 +298,17 @@ def _check_gossip(cfg: SimulateConfig) -> None:
                          ("epsilon-budget", cfg.epsilon_budget > 0), ("secure-agg", cfg.secure_agg)):
         if unused:
             raise ValueError(f"--{name} is not taken in gossip mode (docs/gossip.md)")
-    if cfg.gossip in ("choco", "admm") and cfg.topology == "matching":
-        raise ValueError(f"--gossip {cfg.gossip} keeps state per neighbour: it needs a static --topology, not matching")
+    if cfg.gossip in ("choco", "admm") and cfg.topology in TIME_VARYING:
+        raise ValueError(f"--gossip {cfg.gossip} keeps state per neighbour: it needs a static --topology, "
+                         f"not {cfg.topology}")
     if cfg.gossip == "admm" and cfg.prox_mu:
         raise ValueError("--gossip admm sets each phone's proximal weight itself (2 * --admm-rho * degree): "
                          "leave out --prox-mu")
     if cfg.gossip == "choco" and cfg.error_feedback:
         raise ValueError("--gossip choco compensates its own compression error: leave out --error-feedback")
-    if cfg.gossip != "choco" and codec:
-        raise ValueError(f"--gossip {cfg.gossip} sends whole models; the codec flags (--topk, --quant-bits, ...) "
-                         "choose CHOCO-SGD's compression: use --gossip choco")
+    if cfg.gossip == "admm" and codec:
+        raise ValueError("--gossip admm sends whole float32 models; the codec flags (--topk, --quant-bits, ...) "
+                         "choose CHOCO-SGD's compression or D-PSGD's quantization")
+    if cfg.gossip == "dpsgd" and set(codec) - set(MODEL_CODEC):
+        raise ValueError("--gossip dpsgd sends whole models: it takes --quant-bits and --compress, not "
+                         "--topk, --randk or --error-feedback (sparsified gossip is --gossip choco)")

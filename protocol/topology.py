@@ -5,7 +5,8 @@ with, the server to forward messages only along its edges. A topology is a list 
 and, for each round, a set of undirected edges between their indices: fixed for ring, torus,
 random d-regular, exponential and complete graphs and edges files; drawn afresh each round for
 time-varying random matchings (from ``numpy.random.default_rng([seed, round])``, so every party
-draws the same matching without talking).
+draws the same matching without talking); the ring's edges split into matchings taken in turn
+(``ring-matchings``: one neighbour per phone and round, every ring edge once in two rounds).
 
 Mixing weights are Metropolis-Hastings (Xiao & Boyd 2004): ``w_ij = 1 / (1 + max(d_i, d_j))`` on
 an edge, ``w_ii = 1 - sum_j w_ij``; the matrix is symmetric and doubly stochastic, so gossip keeps
@@ -24,7 +25,10 @@ import numpy as np
 
 Edge = tuple[int, int]  # (i, j) with i < j
 STATIC = ("ring", "torus", "exponential", "complete")
-SPECS = "ring | torus | regular:D | exponential | complete | matching | edges:PATH"
+EVERY_NEIGHBOUR = "*"  # the recipient a posted gossip message's signature names: every neighbour of its round
+TO_HEADER = "X-Fedfleet-To"  # on a relayed message: the recipient its signature names (a phone, or EVERY_NEIGHBOUR)
+SPECS = "ring | ring-matchings | torus | regular:D | exponential | complete | matching | edges:PATH"
+TIME_VARYING = ("matching", "ring-matchings")  # topologies whose edges change from round to round
 
 
 class TopologyError(ValueError):
@@ -37,12 +41,15 @@ class Topology:
 
     spec: str
     names: tuple[str, ...]
-    fixed: frozenset[Edge] | None  # None: a fresh random matching every round
+    fixed: frozenset[Edge] | None  # None: time-varying (``cycle``, or a fresh random matching every round)
     seed: int = 0
+    cycle: tuple[frozenset[Edge], ...] = ()  # edge sets taken in turn, round 1 the first
 
     def edges(self, round_: int) -> frozenset[Edge]:
         if self.fixed is not None:
             return self.fixed
+        if self.cycle:
+            return self.cycle[(round_ - 1) % len(self.cycle)]
         return _round_matching(len(self.names), self.seed, round_)
 
     def neighbours(self, round_: int) -> list[list[int]]:
@@ -66,7 +73,7 @@ def phone_names(prefix: str, n: int) -> list[str]:
 
 
 def parse_topology(spec: str, names: Sequence[str], seed: int = 0) -> Topology:
-    """``ring | torus | regular:D | exponential | complete | matching | edges:PATH`` over ``names``.
+    """``SPECS`` over ``names``.
     Random graphs draw from ``numpy.random.default_rng(seed)``. Raises TopologyError (one line)."""
     names = tuple(names)
     n = len(names)
@@ -77,6 +84,8 @@ def parse_topology(spec: str, names: Sequence[str], seed: int = 0) -> Topology:
     kind, _, arg = spec.partition(":")
     if kind == "matching" and not arg:
         return Topology(spec, names, None, seed)
+    if kind == "ring-matchings" and not arg:
+        return Topology(spec, names, None, seed, ring_matchings(n))
     if kind == "edges" and arg:
         edges = load_edges(arg, names)
     elif kind in STATIC and not arg:
@@ -105,6 +114,18 @@ def _edge(i: int, j: int) -> Edge:
 
 def ring_edges(n: int) -> set[Edge]:
     return {_edge(i, (i + 1) % n) for i in range(n)}
+
+
+def ring_matchings(n: int) -> tuple[frozenset[Edge], ...]:
+    """The ring's edges as matchings taken in turn: (0,1), (2,3), ... then (1,2), (3,4), ...; an odd
+    ring needs a third for its closing edge (n-1, 0). Two phones: the one edge, every round."""
+    if n == 2:
+        return (frozenset({(0, 1)}),)
+    colour = [k % 2 for k in range(n)]  # edge k joins k and k + 1 (mod n)
+    if n % 2:
+        colour[n - 1] = 2
+    return tuple(frozenset(_edge(k, (k + 1) % n) for k in range(n) if colour[k] == c)
+                 for c in range(max(colour) + 1))
 
 
 def complete_edges(n: int) -> set[Edge]:

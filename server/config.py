@@ -117,7 +117,7 @@ class ServerConfig:
     # addresses without a registration budget (CIDR): loopback, where an emulated fleet registers its thousands
     register_trusted: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     # --- gossip mode: phones average with their neighbours; the server only relays (server/relay.py) ---
-    topology: str = "none"  # none | ring | torus | regular:D | exponential | complete | matching | edges:PATH
+    topology: str = "none"  # none | ring | ring-matchings | torus | regular:D | exponential | complete | matching | edges:PATH
     gossip_phones: int = 0  # the topology's phones, named {gossip_prefix}-00000, -00001, ... (edges files name them)
     gossip_prefix: str = "phone"
     # --- state ---------------------------------------------------------------------------

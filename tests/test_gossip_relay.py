@@ -218,6 +218,6 @@ def test_the_relay_keeps_a_bounded_history(monkeypatch: pytest.MonkeyPatch) -> N
     for r in range(1, 21):
         relay.open(r)
         relay.of(r).messages += 1
-        relay.boxes[("phone-00000", "phone-00001")] = (b"m", "", "")
+        relay.boxes[("phone-00000", "phone-00001")] = (b"m", "", "", "phone-00001")
     assert sorted(relay.traffic) == [16, 17, 18, 19, 20] and len(relay.boxes) == 1
     assert relay.traffic[19].undelivered == 1
