@@ -11,13 +11,16 @@ def _rows(per_round: int, accuracies: list[float]) -> list[dict[str, object]]:
 
 
 def test_each_row_is_held_to_the_references_bytes() -> None:
-    fedavg = {"setting": "fedavg", "accuracy": 0.9, "curve": curve(_rows(1000, [0.5, 0.7, 0.8, 0.9]), phones=10)}
-    cheap = {"setting": "cheap", "accuracy": 0.95, "curve": curve(_rows(500, [0.3, 0.6, 0.7, 0.8, 0.86, 0.87,
-                                                                             0.88, 0.89, 0.95]), phones=10)}
-    dear = {"setting": "dear", "accuracy": 0.99, "curve": curve(_rows(5000, [0.9, 0.99]), phones=10)}
-    assert fedavg["curve"][-1] == {"round": 4, "bytes_per_phone": 400, "accuracy": 0.9, "time_s": 4.0}
-    assert within(cheap["curve"], 400)["round"] == 8  # type: ignore[index]
-    assert within(dear["curve"], 400) is None
+    fedavg_curve = curve(_rows(1000, [0.5, 0.7, 0.8, 0.9]), phones=10)
+    cheap_curve = curve(_rows(500, [0.3, 0.6, 0.7, 0.8, 0.86, 0.87, 0.88, 0.89, 0.95]), phones=10)
+    dear_curve = curve(_rows(5000, [0.9, 0.99]), phones=10)
+    fedavg = {"setting": "fedavg", "accuracy": 0.9, "curve": fedavg_curve}
+    cheap = {"setting": "cheap", "accuracy": 0.95, "curve": cheap_curve}
+    dear = {"setting": "dear", "accuracy": 0.99, "curve": dear_curve}
+    assert fedavg_curve[-1] == {"round": 4, "bytes_per_phone": 400, "accuracy": 0.9, "time_s": 4.0}
+    found = within(cheap_curve, 400)
+    assert found is not None and found["round"] == 8
+    assert within(dear_curve, 400) is None
     by = {r["setting"]: r for r in same_budget([fedavg, cheap, dear], "fedavg")}
     assert by["fedavg"]["points_behind"] == 0.0 and by["fedavg"]["round"] == 4
     assert by["cheap"]["round"] == 8 and by["cheap"]["accuracy"] == 0.89 and by["cheap"]["points_behind"] == 1.0
