@@ -63,7 +63,7 @@ def run_simulation(config: SimulateConfig | None = None, *, model: ModelArg | No
         settings["dataset"] = ref_of(dataset, "dataset")
     cfg = (config or SimulateConfig()).replace(**settings)
     task = prepare_task(cfg.model, data or cfg.dataset, cfg.seed, cfg.image_size, cfg.init_weights, cfg.loss,
-                        cfg.metrics, cfg.partition, cfg.runtime)
+                        cfg.metrics, cfg.partition, cfg.runtime, cfg.attack)
     return run(cfg, data=task.data, show_table=progress)
 
 

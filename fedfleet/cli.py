@@ -67,7 +67,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             data = load_dataset(cfg.dataset, seed=cfg.seed, image_size=cfg.image_size)
             timeline.mark("data loaded")
             task = prepare_task(cfg.model, data, cfg.seed, cfg.image_size, cfg.init_weights, cfg.loss,
-                                cfg.metrics, cfg.partition, cfg.runtime)
+                                cfg.metrics, cfg.partition, cfg.runtime, cfg.attack)
     except BaseException:
         if server is not None:
             server.kill()

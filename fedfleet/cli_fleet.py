@@ -188,7 +188,7 @@ def _phones_model(model: str | None, task: dict[str, Any], server: str, cfg: Any
         raise CliError(f"the server at {server} trains with the loss {task['loss']}; give --loss {task['loss']}, "
                        "the phones' own import of it")
     return model, prepare_task(model, cfg.dataset, cfg.seed, cfg.image_size, loss=cfg.loss, partition=cfg.partition,
-                               runtime=cfg.runtime)
+                               runtime=cfg.runtime, attack=cfg.attack)
 
 
 def _phone_fleet_config(args: argparse.Namespace, cfg: Any, data: Any) -> tuple[Any, str]:

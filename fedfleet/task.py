@@ -22,13 +22,14 @@ class PreparedTask:
 
 def prepare_task(model: str, dataset: str | Dataset, seed: int = 0, image_size: int = 32,
                  init_weights: str | None = None, loss: str | None = None,
-                 metrics: str | None = None, partition: str = "iid", runtime: str = "torch") -> PreparedTask:
+                 metrics: str | None = None, partition: str = "iid", runtime: str = "torch",
+                 attack: str = "none") -> PreparedTask:
     """Load ``dataset`` (a spec, or a Dataset as is) and build ``model`` for it. ValueError naming the flag
     (--dataset, --model, --init-weights, --loss, --metrics) and what is wrong: a bad MODULE:ATTR, data with
     mismatched lengths, NaN or bad labels, a model that fails on the data, weights that do not fit, a loss
     that is not a finite scalar tensor of the model's outputs, metrics that are not ``{name: float}``
-    (export/task_loss.py); for a regression (float targets), a ``partition`` by label or a ``runtime``
-    other than torch (exported training programs take class labels)."""
+    (export/task_loss.py); for a regression (float targets), a ``partition`` by label, a ``runtime``
+    other than torch (exported training programs take class labels) or a label-flipping ``attack``."""
     from fedfleet.export.task_loss import check_task
     from fedfleet.export.task_model import check_forward, model_fingerprint, task_model
 
@@ -41,6 +42,9 @@ def prepare_task(model: str, dataset: str | Dataset, seed: int = 0, image_size: 
     if data.regression and runtime != "torch":
         raise ValueError(f"--runtime {runtime}: exported training programs take class labels; a regression "
                          "task (float targets) trains with --runtime torch")
+    if data.regression and attack.startswith("labelflip"):
+        raise ValueError(f"--attack {attack}: flips class labels; a regression task (float targets) has none "
+                         "(signflip, scale:F and noise:STD attack any task)")
     names = check_task(built, data.x_train, data.y_train, loss, metrics)
     return PreparedTask(data, model_fingerprint(built, loss), tuple(names))
 

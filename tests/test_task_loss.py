@@ -423,6 +423,8 @@ def test_a_regression_runs_end_to_end_with_its_loss_and_metrics(tmp_path: Path) 
     ([], ["--loss", "regression task", "cross-entropy takes class labels"]),
     (["--loss", "examples.custom_task:mse", "--partition", "dirichlet:0.5"], ["--partition dirichlet:0.5", "iid"]),
     (["--loss", "examples.custom_task:mse", "--runtime", "onnx"], ["--runtime onnx", "--runtime torch"]),
+    (["--loss", "examples.custom_task:mse", "--attack", "labelflip", "--attack-fraction", "0.5"],
+     ["--attack labelflip", "flips class labels"]),
     (["--loss", "examples.custom_task:mse", "--model", f"{HERE}:ten_outputs"],
      ["--model", "returns [2, 10]", "a regression of 1 target(s) per example must return [2, 1]"]),
 ])
