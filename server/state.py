@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections import deque
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ COORD = web.AppKey("coordinator", Coordinator)
 EVALUATOR = web.AppKey("evaluator", Evaluator)
 MODEL_FINGERPRINT = web.AppKey("model_fingerprint", str)  # export.task_model.model_fingerprint of the task's model
 PUBLISH_QUEUE = web.AppKey("publish_queue", asyncio.Queue)
+log = logging.getLogger("fedfleet.server")
 
 
 @dataclass
@@ -130,6 +132,7 @@ UPLOADS = web.AppKey("uploads", UploadGate)
 WORK = web.AppKey("work", WorkSignal)
 NONCES = web.AppKey("nonces", NonceBook)
 TICK_S = 0.2
+TICK_MAX_S = 10.0  # the longest pause between ticks after failed ones
 
 
 def schedule_merge(app: web.Application) -> None:
@@ -140,25 +143,35 @@ def schedule_merge(app: web.Application) -> None:
 
 
 async def _publisher(app: web.Application) -> None:
-    """Evaluate published versions off the event loop, in order, and record them."""
+    """Evaluate published versions off the event loop, in order, and record them.
+
+    A version whose evaluation or recording raises is logged with its traceback and the publisher
+    goes on with the next one: the version itself is durable, and its draft record, committed with
+    it, is evaluated again at the next start (``recover_records``). Every version taken from the
+    queue is marked done, so shutdown, which waits for the queue, is never held up by a failure."""
     queue: asyncio.Queue[Published] = app[PUBLISH_QUEUE]
-    coord = app[COORD]
-    evaluator = app.get(EVALUATOR)
-    data_dir = app[CONFIG].data_dir
-    metrics_path = Path(data_dir) / "metrics.jsonl" if data_dir else None
     while True:
         pub = await queue.get()
-        record = pub.record
-        if evaluator is not None and pub.params:
-            ev = await asyncio.to_thread(evaluator.evaluate, pub.params)
-            record.accuracy, record.loss = ev.accuracy, ev.loss
-            if ev.metrics:  # the task's own (--metrics), by their names
-                record.extra["metrics"] = ev.metrics
-        coord.record(record)  # replaces the draft committed with the version
-        if metrics_path is not None:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(coord.history[-1]) + "\n")  # the row just recorded (to_json once)
-        queue.task_done()
+        try:
+            await _record(app, pub)
+        except Exception:
+            log.exception("recording version %d failed; its draft record stays in the store", pub.version)
+        finally:
+            queue.task_done()
+
+
+async def _record(app: web.Application, pub: Published) -> None:
+    coord, evaluator, data_dir = app[COORD], app.get(EVALUATOR), app[CONFIG].data_dir
+    record = pub.record
+    if evaluator is not None and pub.params:
+        ev = await asyncio.to_thread(evaluator.evaluate, pub.params)
+        record.accuracy, record.loss = ev.accuracy, ev.loss
+        if ev.metrics:  # the task's own (--metrics), by their names
+            record.extra["metrics"] = ev.metrics
+    coord.record(record)  # replaces the draft committed with the version
+    if data_dir:
+        with (Path(data_dir) / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(coord.history[-1]) + "\n")  # the row just recorded (to_json once)
 
 
 def recover_records(app: web.Application) -> None:
@@ -189,16 +202,34 @@ def recover_records(app: web.Application) -> None:
 
 
 async def _ticker(app: web.Application) -> None:
-    """Close rounds whose deadline passed even when no request arrives."""
-    coord = app[COORD]
+    """Close rounds whose deadline passed even when no request arrives.
+
+    A tick that raises (a merge whose strategy has a bug) is logged with its traceback and the
+    ticker goes on: a merge changes nothing before the strategy's result has passed its checks
+    (the round and its updates stay as they were), so the next tick tries the round again, as the
+    next upload would. After a failure the ticks are spaced out, doubling up to ``TICK_MAX_S``, so a
+    merge that fails every time logs a few lines a minute rather than five a second."""
+    wait = TICK_S
     while True:
-        await asyncio.sleep(TICK_S)
-        before = coord.openings()
-        coord.tick()
-        if coord.ready():
-            schedule_merge(app)
-        elif coord.openings() != before:
-            app[WORK].notify()  # a slot timed out or a round restarted: held check-ins look again
+        await asyncio.sleep(wait)
+        try:
+            _tick(app)
+        except Exception:
+            wait = min(2 * wait, TICK_MAX_S)
+            log.exception("closing round %d at its deadline failed; trying again in %.1f s",
+                          app[COORD].merges + 1, wait)
+        else:
+            wait = TICK_S
+
+
+def _tick(app: web.Application) -> None:
+    coord = app[COORD]
+    before = coord.openings()
+    coord.tick()
+    if coord.ready():
+        schedule_merge(app)
+    elif coord.openings() != before:
+        app[WORK].notify()  # a slot timed out or a round restarted: held check-ins look again
 
 
 async def stop_holding(app: web.Application) -> None:

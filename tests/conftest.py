@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +17,7 @@ from fedfleet.device_runtime.data import load_dataset
 from fedfleet.protocol import encode_message
 from fedfleet.server.app import make_app
 from fedfleet.server.config import ServerConfig
+from tests.exports import Exports, Finished
 
 MakeClient = Callable[..., Awaitable[TestClient]]
 
@@ -25,6 +29,55 @@ def one_torch_thread() -> None:
     from fedfleet.tuning import set_torch_threads
 
     set_torch_threads(1)
+
+
+EXPORTS = pytest.StashKey[Exports]()
+
+
+def _exports_needed(item: pytest.Item) -> set[str]:
+    """The shared exports (tests/exports.py) a test reads: ``mlp_bundle``, ``gru_refusal``, or
+    ``exports`` with the model as its ``model`` parameter."""
+    names = set(getattr(item, "fixturenames", ()))
+    params = getattr(item, "callspec", None)
+    needed = {name for fixture, name in (("mlp_bundle", "mlp"), ("gru_refusal", "gru")) if fixture in names}
+    if "exports" in names and params is not None and "model" in params.params:
+        needed.add(str(params.params["model"]))
+    return needed
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the exports the selected tests read, before the first test runs (in this process: under
+    pytest-xdist every worker would start them all)."""
+    if session.config.option.collectonly:
+        return
+    needed = set().union(*(_exports_needed(item) for item in session.items))
+    if needed:
+        session.stash[EXPORTS] = Exports(Path(tempfile.mkdtemp(prefix="fedfleet-exports-")), needed)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    exports = session.stash.get(EXPORTS, None)
+    if exports is not None:
+        exports.stop()
+        shutil.rmtree(exports.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def exports(request: pytest.FixtureRequest) -> Exports:
+    return request.session.stash[EXPORTS]
+
+
+@pytest.fixture(scope="session")
+def mlp_bundle(exports: Exports) -> Path:
+    """The MLP-on-digits bundle as `fedfleet export --model mlp --dataset digits` writes it (copy it
+    before changing it)."""
+    return exports.bundle("mlp")
+
+
+@pytest.fixture(scope="session")
+def gru_refusal(exports: Exports) -> Finished:
+    """`fedfleet export` of a GRU classifier, which the exporters refuse (tests.exports.Finished)."""
+    return exports.result("gru")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""The exported bundle through the real server: served, hash-checked, and trained on by every runtime."""
+"""The exported bundle through the real server: served, hash-checked, and trained on by every runtime.
+
+``mlp_bundle``: the MLP-on-digits bundle `fedfleet export` writes, shared with other tests (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,22 +12,12 @@ import aiohttp
 import pytest
 
 from fedfleet.device_runtime.bundle_client import fetch_bundle
-from fedfleet.device_runtime.data import load_dataset
 from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
-from fedfleet.export.build import ExportConfig, export_bundle
 from fedfleet.export.manifest import HashMismatch
 from fedfleet.server.app import make_app
 from fedfleet.server.config import ServerConfig
 from fedfleet.simulate import simulate
 from fedfleet.simulate_config import SimulateConfig
-
-
-@pytest.fixture(scope="module")
-def mlp_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = load_dataset("digits")
-    out = tmp_path_factory.mktemp("bundle")
-    export_bundle(ExportConfig("mlp", "digits", data.input_shape, data.num_classes, batch_size=8, lr=0.1), out)
-    return out
 
 
 async def test_bundle_is_served_and_verified(aiohttp_client: Any, mlp_bundle: Path, tmp_path: Path) -> None:

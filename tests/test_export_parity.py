@@ -1,17 +1,14 @@
 """Exported runtimes against eager PyTorch: same loss, gradients and SGD trajectory.
 
 Oracle: ``TorchRuntime`` on the model rebuilt from the manifest. Real ExecuTorch and ONNX
-Runtime, no mocks. Each model the session's tests need is exported once, by the real CLI
-in a subprocess; the exports start together. MobileNet (a ~100 s export) is marked slow.
+Runtime, no mocks. Each model the tests need is exported once, by the real CLI in a background
+process (tests/exports.py), and shared. MobileNet (a ~100 s export) is marked slow.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,58 +29,11 @@ from fedfleet.export.manifest import (
     ParameterMismatch,
     UnknownFormatVersion,
 )
+from tests.exports import Exports
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = ("mlp", "cnn", pytest.param("mobilenet", marks=pytest.mark.slow))
-MODEL_NAMES = ("mlp", "cnn", "mobilenet")
 EXPORTED = ("executorch", "onnx")
 SHAPE = (1, 8, 8)  # the digits dataset the bundles are exported for
-
-
-class Exports:
-    """Background ``python -m fedfleet.export.cli`` runs, one per model; ``get`` waits for one."""
-
-    def __init__(self, root: Path, models: set[str]) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        self.dirs = {m: root / m for m in MODEL_NAMES if m in models}
-        self.logs = {m: root / f"{m}.log" for m in self.dirs}
-        self.procs = {}
-        for m, d in self.dirs.items():
-            with self.logs[m].open("w") as log:  # a file, not a pipe: a full pipe would stall the export
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "fedfleet.export.cli",
-                    "--model",
-                    m,
-                    "--dataset",
-                    "digits",
-                    "--out",
-                    str(d),
-                ]
-                self.procs[m] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def get(self, model: str) -> Path:
-        code = self.procs[model].wait(timeout=900)
-        assert code == 0, self.logs[model].read_text()[-3000:]
-        return self.dirs[model]
-
-
-def _models_under_test(items: list[pytest.Item]) -> set[str]:
-    """The models this module's selected tests use; the bad-bundle tests use mlp."""
-    here = Path(__file__)
-    params = [item.callspec.params for item in items if item.path == here and hasattr(item, "callspec")]
-    return {str(p["model"]) for p in params if "model" in p} | {"mlp"}
-
-
-@pytest.fixture(scope="session")
-def exports(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exports]:
-    ex = Exports(tmp_path_factory.mktemp("bundles"), _models_under_test(request.session.items))
-    yield ex
-    for proc in ex.procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(autouse=True)
@@ -115,9 +65,9 @@ def perturbed(rt: TrainingRuntime, seed: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_exported_weights_and_names_equal_eager(exports: Exports, model: str) -> None:
-    ref = load_runtime("torch", exports.get(model)).get_params()
+    ref = load_runtime("torch", exports.bundle(model)).get_params()
     for kind in EXPORTED:
-        rt = load_runtime(kind, exports.get(model))
+        rt = load_runtime(kind, exports.bundle(model))
         assert rt.param_names() == list(ref)
         assert max_diff(rt.get_params(), ref) == 0.0
 
@@ -125,7 +75,7 @@ def test_exported_weights_and_names_equal_eager(exports: Exports, model: str) ->
 @pytest.mark.parametrize("kind", EXPORTED)
 @pytest.mark.parametrize("model", MODELS)
 def test_one_step_at_lr_1_is_minus_the_eager_gradient(exports: Exports, model: str, kind: str) -> None:
-    ref, rt = load_runtime("torch", exports.get(model)), load_runtime(kind, exports.get(model))
+    ref, rt = load_runtime("torch", exports.bundle(model)), load_runtime(kind, exports.bundle(model))
     start = perturbed(ref, seed=1)
     cfg = TrainConfig(local_epochs=1, batch_size=13, lr=1.0)  # one odd-sized batch: w1 - w0 = -grad
     x, y = data(13, seed=2)
@@ -142,7 +92,7 @@ def test_one_step_at_lr_1_is_minus_the_eager_gradient(exports: Exports, model: s
 @pytest.mark.parametrize("kind", EXPORTED)
 @pytest.mark.parametrize("model", MODELS)
 def test_fifty_fedprox_steps_follow_eager(exports: Exports, model: str, kind: str) -> None:
-    ref, rt = load_runtime("torch", exports.get(model)), load_runtime(kind, exports.get(model))
+    ref, rt = load_runtime("torch", exports.bundle(model)), load_runtime(kind, exports.bundle(model))
     cfg = TrainConfig(local_epochs=1, batch_size=16, lr=0.05, prox_mu=0.1)
     x, y = data(155, seed=4)  # 10 steps per task, the last on 11 examples
     for task in range(5):
@@ -155,8 +105,8 @@ def test_fifty_fedprox_steps_follow_eager(exports: Exports, model: str, kind: st
     assert evals[0].accuracy == evals[1].accuracy
 
 
-def test_executorch_rejects_batches_above_max_batch(exports: Exports) -> None:
-    rt = load_runtime("executorch", exports.get("mlp"))
+def test_executorch_rejects_batches_above_max_batch(mlp_bundle: Path) -> None:
+    rt = load_runtime("executorch", mlp_bundle)
     x, y = data(100, seed=5)
     with pytest.raises(ValueError, match="max_batch"):
         rt.train(x, y, TrainConfig(batch_size=65), np.random.default_rng(0))
@@ -165,7 +115,7 @@ def test_executorch_rejects_batches_above_max_batch(exports: Exports) -> None:
 @pytest.mark.parametrize("model", MODELS)
 def test_onnx_graphs_use_standard_float32_ops(exports: Exports, model: str) -> None:
     for name in (MODEL_ONNX, TRAIN_STEP_ONNX):
-        proto = onnx.load(str(exports.get(model) / name))
+        proto = onnx.load(str(exports.bundle(model) / name))
         assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
         assert all(o.version >= 17 for o in proto.opset_import)
         assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
@@ -177,8 +127,8 @@ def test_onnx_graphs_use_standard_float32_ops(exports: Exports, model: str) -> N
 
 
 @pytest.fixture
-def mlp_copy(exports: Exports, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(exports.get("mlp"), tmp_path / "bundle"))
+def mlp_copy(mlp_bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(mlp_bundle, tmp_path / "bundle"))
 
 
 def edit_manifest(bundle: Path, **changes: object) -> None:

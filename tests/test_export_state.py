@@ -8,6 +8,7 @@ and a GRU classifier's bundle is refused in one line naming what failed, with no
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ from fedfleet.device_runtime.runtimes.loader import load_runtime
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
 from fedfleet.export.bn_decomp import batch_norm_functional, training_copy
 from fedfleet.export.build import ExportConfig, export_bundle
-from fedfleet.export.cli import failures, withdraw
-from fedfleet.export.manifest import MANIFEST, MODEL_ONNX, MODEL_PTE, TRAIN_STEP_ONNX
-from tests.test_batched_state import BNDropoutCNN, GRUClassifier
+from fedfleet.export.manifest import MANIFEST, MODEL_ONNX, MODEL_PTE, TRAIN_STEP_ONNX, WEIGHTS
+from tests.exports import Finished
+from tests.test_batched_state import BNDropoutCNN
 
+ERROR = "fedfleet export: error: "
+ARTIFACTS = (WEIGHTS, MODEL_PTE, MODEL_ONNX, TRAIN_STEP_ONNX)
 CONFIG = ExportConfig(model="custom", dataset="digits", input_shape=(1, 8, 8), num_classes=10)
 
 
@@ -94,16 +97,17 @@ def test_bn_inference_model_keeps_batch_norm_weights_feedable(bn_bundle: tuple[P
     assert runtime.evaluate(x, y).loss == pytest.approx(eager.evaluate(x, y).loss, rel=1e-4)
 
 
-def test_a_model_the_exporters_cannot_take_is_refused_in_one_line(tmp_path: Path) -> None:
-    """A GRU: ExecuTorch lowering and the ONNX inference export fail; the line names each artifact and
-    what failed, and withdrawing leaves no manifest and no artifact. train_step.onnx, which passed
-    its check against eager, is withdrawn with the rest: a bundle is all or nothing."""
-    torch.manual_seed(0)
-    manifest = export_bundle(CONFIG, tmp_path, model=GRUClassifier())
-    lines = failures(manifest)
+def test_a_model_the_exporters_cannot_take_is_refused_in_one_line(gru_refusal: Finished) -> None:
+    """A GRU (`fedfleet export --model tests.exports:gru_classifier`, tests/exports.py): ExecuTorch lowering and
+    the ONNX inference export fail; the one line names each artifact and what failed, and withdrawing leaves
+    no manifest and no artifact. train_step.onnx, which passed its check against eager, is withdrawn with
+    the rest: a bundle is all or nothing."""
+    assert gru_refusal.returncode == 2, gru_refusal.output[-3000:]
+    (line,) = [line for line in gru_refusal.output.splitlines() if line.startswith(ERROR)]
+    lines = re.split(rf"; (?=(?:{'|'.join(map(re.escape, ARTIFACTS))}): )", line.removeprefix(ERROR))
     assert [line.split(":")[0] for line in lines] == [MODEL_ONNX, MODEL_PTE]
     assert "fails at" in lines[1] and "lowering" in lines[1]
     assert "gru.weight_ih_l0" in lines[0]
-    withdraw(tmp_path, manifest)
-    assert not (tmp_path / MANIFEST).exists() and not (tmp_path / TRAIN_STEP_ONNX).exists()
-    assert list(tmp_path.iterdir()) == []
+    out = gru_refusal.out
+    assert not (out / MANIFEST).exists() and not (out / TRAIN_STEP_ONNX).exists()
+    assert list(out.iterdir()) == []

@@ -94,20 +94,10 @@ async def test_webphone_serves_the_app_and_nothing_else(aiohttp_client: Any, tmp
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The MLP-on-digits bundle, as `fedfleet export` writes it, without model.pte (the web
-    phone runs only the ONNX graphs; the manifest records the skipped artifact)."""
-    from fedfleet.export.build import ExportConfig, export_bundle
-    from fedfleet.export.manifest import UnsupportedExport
-
-    def skip_pte(*args: Any, **kwargs: Any) -> Any:
-        raise UnsupportedExport("model.pte", "not needed by the web phone test")
-
-    out = tmp_path_factory.mktemp("bundle")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("fedfleet.export.executorch_export.export_executorch", skip_pte)
-        export_bundle(ExportConfig("mlp", "digits", (1, 8, 8), 10), out)
-    return out
+def bundle(mlp_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MLP-on-digits bundle as `fedfleet export` writes it (the web phone runs its ONNX graphs),
+    a copy of the one the suite shares (tests/conftest.py)."""
+    return Path(shutil.copytree(mlp_bundle, tmp_path_factory.mktemp("served") / "bundle"))
 
 
 class Driver:
