@@ -71,6 +71,12 @@ def plan_of(name: str, args: argparse.Namespace) -> Plan:
     return replace(TASKS[name].plan, **{f: v for f, v in fields.items() if v is not None})
 
 
+def converged(curve: list[float], patience: int) -> bool:
+    """Whether the last ``patience`` accuracies of ``curve`` (one per epoch) bring none better than
+    the best before them."""
+    return len(curve) > patience and max(curve[-patience:]) <= max(curve[:-patience])
+
+
 def central_to_convergence(task: UserTask, plan: Plan, seed: int, patience: int,
                            max_epochs: int) -> dict[str, Any]:
     """Plain SGD over the whole training split, one epoch at a time, until ``patience`` epochs in a
@@ -85,7 +91,7 @@ def central_to_convergence(task: UserTask, plan: Plan, seed: int, patience: int,
     rng = np.random.default_rng(seed)
     epoch = TrainConfig(local_epochs=1, batch_size=plan.batch_size, lr=plan.lr)
     curve: list[float] = []
-    while len(curve) < max_epochs and (len(curve) <= patience or max(curve[-patience:]) > max(curve[:-patience])):
+    while len(curve) < max_epochs and not converged(curve, patience):
         rt.train(data.x_train, data.y_train, epoch, rng)
         curve.append(round(rt.evaluate(data.x_test, data.y_test).accuracy, 4))
     return {"accuracy": max(curve), "final": curve[-1], "epochs": len(curve), "curve": curve}
