@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -202,10 +201,8 @@ def main() -> None:
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        **provenance(),  # command, date, machine
+        **provenance(),  # command, date, machine (python, cpu, cores)
         "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
         "threads": args.threads,
         "repeats": args.repeats,
         "train_config": asdict(CFG),
