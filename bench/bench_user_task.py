@@ -162,7 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--only", choices=sorted(TASKS), help="one model instead of both")
     parser.add_argument("--jobs", type=int, default=1, help="trainings run at once, each on one thread")
-    parser.add_argument("--patience", type=int, default=5, help="central: epochs without a better accuracy")
+    # 5 stopped the BN CNN's central training on seed 0 at 0.971 (epoch 12); it reached 0.981 by epoch 28
+    parser.add_argument("--patience", type=int, default=10, help="central: epochs without a better accuracy")
     parser.add_argument("--max-central-epochs", type=int, default=50)
     # a plan for every task instead of each one's own (tuning), the same for every seed
     parser.add_argument("--local-epochs", type=int)
