@@ -27,7 +27,6 @@ from torch.func import functional_call, vmap
 from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
 from fedfleet.device_runtime.stateful import (
     MaskSource,
-    draw_mask,
     dropout_call_shapes,
     dropout_generator,
     dropout_layers,
@@ -147,17 +146,23 @@ class _Drops:
 
     def masks(self, counts: Sequence[int], width: int) -> list[torch.Tensor]:
         """[k, width, ...] per call: phone j's masks for its ``counts[j]`` real rows of one step, drawn
-        in its eager order, padded with ones."""
+        in its eager order (``stateful.draw_mask``'s uniforms, straight into the chunk's buffers), padded
+        with ones."""
         if not self.calls:
             return []
-        per_phone = []
+        uniforms = [torch.empty((len(counts), *mask_shape(m, (width, *s)))) for m, s in self.calls]  # float32
         for j, rows in enumerate(counts):
             gen = self.gens[j]
             assert gen is not None
-            per_phone.append([torch.cat([draw_mask(m, (int(rows), *s), gen, self.dtype),
-                                         torch.ones(mask_shape(m, (width - int(rows), *s)), dtype=self.dtype)])
-                              for m, s in self.calls])
-        return [torch.stack([p[c] for p in per_phone]).to(self.device) for c in range(len(self.calls))]
+            for u in uniforms:
+                torch.rand((int(rows), *u.shape[2:]), generator=gen, out=u[j, : int(rows)])
+        real = (torch.arange(width)[None, :] < torch.as_tensor(counts)[:, None])  # [k, width]
+        out = []
+        for (m, _), u in zip(self.calls, uniforms, strict=True):
+            p = float(m.p)  # type: ignore[arg-type]
+            keep = (u >= p).to(self.dtype) / (1.0 - p)
+            out.append(torch.where(real.reshape(*real.shape, *(1,) * (u.dim() - 2)), keep, 1.0).to(self.device))
+        return out
 
 
 @dataclass(frozen=True)

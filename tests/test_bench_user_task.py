@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.bench_user_task import TASKS, compare, parse_args
+from bench.bench_user_task import TASKS, compare, converged, parse_args, plan_of
 from examples.custom_task import mnist5k_rows
 from fedfleet.device_runtime.data import load_dataset
 
@@ -42,3 +42,20 @@ def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
             parse_args(argv)
         assert exit_.value.code == 2
     assert "--seeds: comma-separated integers, got '0,x'" in capsys.readouterr().err
+
+
+def test_central_training_stops_once_patience_epochs_bring_no_better_accuracy() -> None:
+    assert not converged([], 2) and not converged([0.5, 0.6], 2)  # too few epochs to tell
+    assert not converged([0.5, 0.6, 0.59, 0.61], 2)  # the last two beat 0.6
+    assert converged([0.5, 0.6, 0.59, 0.6], 2)  # equal is not better
+    assert converged([0.5, 0.6, 0.59, 0.58, 0.7], 3) is False and converged([0.9, 0.5, 0.6, 0.7], 3)
+
+
+def test_each_task_has_its_own_plan_and_the_flags_override_it_for_every_task() -> None:
+    default = parse_args([])
+    assert plan_of("GRU", default) == TASKS["GRU"].plan != TASKS["BN CNN"].plan == plan_of("BN CNN", default)
+    tuned = parse_args(["--lr", "0.3", "--server-optimizer", "fedadam"])
+    for name in TASKS:
+        plan = plan_of(name, tuned)
+        assert (plan.lr, plan.server_optimizer) == (0.3, "fedadam")
+        assert plan.batch_size == TASKS[name].plan.batch_size
