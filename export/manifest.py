@@ -17,7 +17,7 @@ from typing import Any
 
 FORMAT_VERSION = 1
 
-MODEL_PTE = "model.pte"  # ExecuTorch training program: forward(x, y) -> (loss, logits) + grads
+MODEL_PTE = "model.pte"  # ExecuTorch training program: forward(x, y[, state...]) -> (loss, logits[, new state...]) + grads
 MODEL_ONNX = "model.onnx"  # ONNX inference graph: x -> logits (trainable weights overridable)
 TRAIN_STEP_ONNX = "train_step.onnx"  # ONNX SGD step, signature below
 WEIGHTS = "weights.safetensors"  # the model's state_dict the graphs were made from (fedfleet export --weights)
