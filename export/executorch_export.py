@@ -132,7 +132,7 @@ def _joint_program(
 
     # Running statistics in and out (export.state_outputs): forward(x, y, *state) -> (loss, logits, *new state)
     stateful, channel = stateful_copy(frozen_as_buffers(model))
-    wrapper = StatefulLoss(LossWrapper(stateful), channel).train()
+    wrapper = (StatefulLoss(LossWrapper(stateful), channel) if channel.names else LossWrapper(stateful)).train()
     state = tuple(example_state(model, channel.names))
     # The example batch is the upper bound: with a small example batch, XNNPACK lowering of
     # MobileNetV3 planned the input for 15 examples instead of max_batch (ExecuTorch 1.5.1).
@@ -140,8 +140,8 @@ def _joint_program(
     y = torch.zeros(max_batch, dtype=torch.int64)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     try:
-        ep = torch.export.export(wrapper, (x, y, *state), dynamic_shapes=({0: batch}, {0: batch}, (None,) * len(state)),
-                                 strict=False)
+        shapes = ({0: batch}, {0: batch}, *[(None,) * len(state)] * bool(state))  # no state: forward(x, y)
+        ep = torch.export.export(wrapper, (x, y, *state), dynamic_shapes=shapes, strict=False)
         # Batch norm in training mode is an op outside Core ATen (to_edge refuses it): written as
         # plain arithmetic before the joint graph, its backward is plain arithmetic too.
         ep = _export_forward_backward(ep.run_decompositions(batch_norm_decompositions()))
