@@ -19,6 +19,7 @@ import torch
 
 from fedfleet.device_runtime.batched import train_many, vmap_failure
 from fedfleet.device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
+from fedfleet.device_runtime.runtimes.base import StatefulRuntime
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
 from fedfleet.export.task_loss import LossFn
 from fedfleet.protocol.state import split_state, with_state
@@ -85,12 +86,12 @@ def _train_delta(
     ``params``' state entries (a runtime without state support ignores them)."""
     params, state = split_state(params)
     runtime.set_params(params)
-    if isinstance(runtime, TorchRuntime):
+    if isinstance(runtime, StatefulRuntime):
         runtime.set_state(state)
     result = runtime.train(x, y, cfg, rng)
     new = runtime.get_params()
     delta = {n: (new[n] - params[n]).astype(np.float32) for n in params}
-    if isinstance(runtime, TorchRuntime):
+    if isinstance(runtime, StatefulRuntime):
         delta = with_state(delta, runtime.get_state())
     return delta, result
 

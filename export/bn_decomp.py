@@ -7,12 +7,12 @@ and products (``batch_norm_functional``), its backward is the autograd of those 
 runtime has.
 
 The programs compute the loss and gradients of one batch, which depend on the batch statistics only.
-``training_copy`` therefore exports batch norm without running statistics: no buffer is mutated (an
+``training_copy`` therefore keeps no running statistics in the layers: no buffer is mutated (an
 ExecuTorch joint program with buffer mutations reports its gradient and parameter outputs at indices
-offset by the mutations, in ExecuTorch 1.5.1), and the running statistics stay the eager trainers'
-business (docs/model-state.md). Dropout is exported as the identity: a program's masks would come
-from the runtime's own generator, which no seed reaches; the programs train as eager PyTorch does
-with every mask kept.
+offset by the mutations, in ExecuTorch 1.5.1). The running statistics are the programs' inputs and
+outputs instead (export/state_outputs.py, docs/model-state.md). Dropout is exported as the identity: a
+program's masks would come from the runtime's own generator, which no seed reaches; the programs train
+as eager PyTorch does with every mask kept.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from fedfleet.export.manifest import (
     MODEL_ONNX,
     MODEL_PTE,
     PTE_PREFIX,
+    STATE_IN,
+    STATE_OUT,
     TRAIN_STEP_ONNX,
     WEIGHTS,
     ArtifactInfo,
@@ -27,6 +29,7 @@ from fedfleet.export.manifest import (
     train_step_signature,
 )
 from fedfleet.export.models import ModelSpec, build_model, trainable_names
+from fedfleet.export.state_outputs import inference_state_names, program_state_names
 from fedfleet.export.task_loss import resolve_loss
 from fedfleet.export.task_model import model_fingerprint
 from fedfleet.export.weights import fit_weights, load_weights, save_weights
@@ -124,22 +127,22 @@ def export_bundle(cfg: ExportConfig, out_dir: Path, model: nn.Module | None = No
             "lr": {"dtype": "float32", "shape": []},
             "mu": {"dtype": "float32", "shape": []},
         },
-        signatures=_signatures(trainable_names(model)),
+        signatures=_signatures(trainable_names(model), program_state_names(model)),
         model_fingerprint=model_fingerprint(model, cfg.loss),
     )
     write_manifest(out_dir, manifest)
     return verify_bundle(out_dir)
 
 
-def _signatures(names: list[str]) -> dict[str, dict[str, list[str]]]:
-    step_inputs, step_outputs = train_step_signature(names)
+def _signatures(names: list[str], state: list[str]) -> dict[str, dict[str, list[str]]]:
+    step_inputs, step_outputs = train_step_signature(names, state)
     return {
         MODEL_PTE: {
-            "inputs": ["x", "y"],
-            "outputs": ["loss", "logits"],
+            "inputs": ["x", "y", *[STATE_IN + n for n in state]],
+            "outputs": ["loss", "logits", *[STATE_OUT + n for n in state]],
             "parameters": [PTE_PREFIX + n for n in names],
         },
-        MODEL_ONNX: {"inputs": ["x", *names], "outputs": ["logits"]},
+        MODEL_ONNX: {"inputs": ["x", *names, *inference_state_names(state)], "outputs": ["logits"]},
         TRAIN_STEP_ONNX: {"inputs": step_inputs, "outputs": step_outputs},
     }
 

@@ -178,9 +178,10 @@ def _check_onnx_params(bundle_dir: Path, manifest: Manifest) -> None:
     import onnx  # the standard ONNX package (protobuf), not a runtime
 
     expected = {p.name: p.shape for p in manifest.trainable()}
-    extras = {
-        TRAIN_STEP_ONNX: set(train_step_signature(list(expected))[0]),
-        MODEL_ONNX: {"x"},
+    signed = {name: set(manifest.signatures.get(name, {}).get("inputs", [])) for name in (TRAIN_STEP_ONNX, MODEL_ONNX)}
+    extras = {  # and the running statistics their signatures name (export/state_outputs.py)
+        TRAIN_STEP_ONNX: set(train_step_signature(list(expected))[0]) | signed[TRAIN_STEP_ONNX],
+        MODEL_ONNX: {"x"} | signed[MODEL_ONNX],
     }
     for name, allowed in extras.items():
         info = manifest.artifacts.get(name)

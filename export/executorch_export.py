@@ -25,6 +25,14 @@ from torch import nn
 
 from fedfleet.export.bn_decomp import batch_norm_decompositions, min_batch, training_copy
 from fedfleet.export.manifest import PTE_PREFIX, UnsupportedExport
+from fedfleet.export.state_outputs import (
+    STATE_TOLERANCE,
+    StatefulLoss,
+    example_state,
+    program_state_names,
+    state_error,
+    stateful_copy,
+)
 from fedfleet.export.task_loss import LossFn, cross_entropy
 
 # Max difference of the loss and of each gradient against eager PyTorch, relative to the larger of 1 and
@@ -125,14 +133,19 @@ def _joint_program(
 ) -> torch.export.ExportedProgram:
     from torch.export.experimental import _export_forward_backward
 
-    wrapper = LossWrapper(training_copy(frozen_as_buffers(model)), loss).train()
+    # Running statistics in and out (export.state_outputs): forward(x, y, *state) -> (loss, logits, *new state)
+    stateful, channel = stateful_copy(frozen_as_buffers(model))
+    inner = LossWrapper(stateful, loss)
+    wrapper = (StatefulLoss(inner, channel) if channel.names else inner).train()
+    state = tuple(example_state(model, channel.names))
     # The example batch is the upper bound: with a small example batch, XNNPACK lowering of
     # MobileNetV3 planned the input for 15 examples instead of max_batch (ExecuTorch 1.5.1).
     x = torch.rand((max_batch, *input_shape), generator=torch.Generator().manual_seed(0))
     y = torch.zeros(max_batch, dtype=torch.int64)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     try:
-        ep = torch.export.export(wrapper, (x, y), dynamic_shapes=({0: batch}, {0: batch}), strict=False)
+        shapes = ({0: batch}, {0: batch}, *[(None,) * len(state)] * bool(state))  # no state: forward(x, y)
+        ep = torch.export.export(wrapper, (x, y, *state), dynamic_shapes=shapes, strict=False)
         # Batch norm in training mode is an op outside Core ATen (to_edge refuses it): written as
         # plain arithmetic before the joint graph, its backward is plain arithmetic too.
         ep = _export_forward_backward(ep.run_decompositions(batch_norm_decompositions()))
@@ -159,6 +172,8 @@ def _self_check(
     # rounding past the tolerance (the decomposition equals the eager kernel in float64): from 4 on.
     smallest = 1 if min_batch(model) == 1 else min(4, max_batch)
     trainable = {n: p for n, p in reference.model.named_parameters() if p.requires_grad}
+    names = program_state_names(model)
+    state = [t + 0.5 if t.is_floating_point() else t + 3 for t in example_state(model, names)]  # not the defaults
     gen = torch.Generator().manual_seed(1)
     params: dict[str, torch.Tensor] = {}
     for batch in (smallest, max(smallest, min(3, max_batch)), max_batch, smallest):
@@ -170,7 +185,8 @@ def _self_check(
                 if n in params:
                     params[n].copy_(p)
         try:
-            loss = module.forward_backward("forward", (x, y))[0]
+            outputs = module.forward_backward("forward", (x, y, *state))
+            loss = outputs[0]
         except RuntimeError as exc:
             return f"batch {batch} does not run: {exc}"
         if not params:  # the first call hands out the aliased weights: start them at the reference
@@ -181,7 +197,8 @@ def _self_check(
             with torch.no_grad():
                 for n, p in trainable.items():
                     params[n].copy_(p)
-            loss = module.forward_backward("forward", (x, y))[0]
+            outputs = module.forward_backward("forward", (x, y, *state))
+            loss = outputs[0]
         grads = {n.removeprefix(PTE_PREFIX): g for n, g in module.named_gradients().items()}
         ref_loss = reference(x, y)[0]
         ref_grads = dict(zip(trainable, torch.autograd.grad(ref_loss, list(trainable.values())), strict=True))
@@ -191,4 +208,7 @@ def _self_check(
         )
         if err > SELF_CHECK_TOLERANCE:
             return f"batch {batch}: loss/gradients differ from eager by {err:.2e} (relative)"
+        err = state_error(outputs[2 : 2 + len(names)], model, x, state, names, trainable)
+        if err > STATE_TOLERANCE:
+            return f"batch {batch}: running statistics differ from eager by {err:.2e} (relative)"
     return None

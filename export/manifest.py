@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 1
 
-MODEL_PTE = "model.pte"  # ExecuTorch training program: forward(x, y) -> (loss, logits) + grads
+MODEL_PTE = "model.pte"  # ExecuTorch training program: forward(x, y[, state...]) -> (loss, logits[, new state...]) + grads
 MODEL_ONNX = "model.onnx"  # ONNX inference graph: x -> logits (trainable weights overridable)
 TRAIN_STEP_ONNX = "train_step.onnx"  # ONNX SGD step, signature below
 WEIGHTS = "weights.safetensors"  # the model's state_dict the graphs were made from (fedfleet export --weights)
@@ -29,13 +30,19 @@ STEP_INPUTS = ("x", "y", "lr", "mu")
 ANCHOR_PREFIX = "anchor."  # FedProx anchor w0 for each trainable parameter
 NEW_PREFIX = "new."  # updated parameter outputs
 PTE_PREFIX = "model."  # model.pte parameter FQNs are the plain names under the loss wrapper's "model"
+# A model with batch norm statistics (export/state_outputs.py): both training programs also take
+# state.<buffer>... last and return new_state.<buffer>... last.
+STATE_IN = "state."
+STATE_OUT = "new_state."
 
 
-def train_step_signature(names: list[str]) -> tuple[list[str], list[str]]:
-    """Input and output names of train_step.onnx for trainable parameters ``names``."""
-    return [*names, *STEP_INPUTS, *[ANCHOR_PREFIX + n for n in names]], [
+def train_step_signature(names: list[str], state: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """Input and output names of train_step.onnx for trainable parameters ``names`` (and running
+    statistics ``state``)."""
+    return [*names, *STEP_INPUTS, *[ANCHOR_PREFIX + n for n in names], *[STATE_IN + n for n in state]], [
         "loss",
         *[NEW_PREFIX + n for n in names],
+        *[STATE_OUT + n for n in state],
     ]
 
 

@@ -127,7 +127,9 @@ def final_weights_at_shutdown(config: Any, path: str) -> Any:
 
         latest = app[STORE].latest_version()
         if latest is not None:
-            save_trained(config, decode_message(latest[1]).tensors, path)
+            from fedfleet.server.kept_state import KEPT_STATE, restore_state  # --local-state: the kept state
+
+            save_trained(config, restore_state(decode_message(latest[1]).tensors, app[STORE].get_meta(KEPT_STATE)), path)
             print(f"fedfleet server: wrote version {latest[0]} to {path}", flush=True)
 
     return write

@@ -59,14 +59,16 @@ def write_final_weights(config: ServerConfig, data_dir: str | Path, path: str | 
     if not db.is_file():
         return None
     store = Store(str(db))
+    from fedfleet.server.kept_state import KEPT_STATE, restore_state
+
     try:
-        latest = store.latest_version()
+        latest, kept = store.latest_version(), store.get_meta(KEPT_STATE)  # kept: --local-state's state
     finally:
         store.close()
     if latest is None:
         return None
     version, blob = latest
-    return version, save_trained(config, decode_message(blob).tensors, path)
+    return version, save_trained(config, restore_state(decode_message(blob).tensors, kept), path)
 
 
 def save_trained(config: ServerConfig, tensors: dict, path: str | Path) -> Path:  # type: ignore[type-arg]

@@ -22,6 +22,7 @@ from fedfleet.server.coordinator import Clock, wall_clock
 from fedfleet.server.enrolment import read_codes, setup_enrolment
 from fedfleet.server.evaluation import Evaluator
 from fedfleet.server.http import COUNTED_KEY, JsonError, json_response
+from fedfleet.server.kept_state import KEPT_STATE, restore_state
 from fedfleet.server.observability import setup_observability
 from fedfleet.server.ratelimit import setup_failure_limits
 from fedfleet.server.relay import setup_relay
@@ -151,7 +152,9 @@ def _initial_state(config: ServerConfig, store: Store) -> tuple[int, dict[str, n
     latest = store.latest_version()
     if latest is not None:
         version, blob = latest
-        return version, decode_message(blob).tensors, store.get_meta("model_fingerprint")
+        # --local-state: the version ships no state; the state it was evaluated with is kept beside it
+        tensors = restore_state(decode_message(blob).tensors, store.get_meta(KEPT_STATE))
+        return version, tensors, store.get_meta("model_fingerprint")
     from fedfleet.export.model_state import initial_state
     from fedfleet.export.models import trainable_params
     from fedfleet.export.task_model import model_fingerprint, task_model

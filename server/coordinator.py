@@ -26,6 +26,7 @@ from fedfleet.protocol.state import STATE_PREFIX, split_state, with_state
 from fedfleet.protocol.wire import WireTensor, encode_wire, wire_tensors
 from fedfleet.server.aggregation import Params, example_weight
 from fedfleet.server.config import ServerConfig
+from fedfleet.server.kept_state import kept_state_meta
 from fedfleet.server.metrics import RoundRecord, percentile
 from fedfleet.server.model_state import merge_state
 from fedfleet.server.pacing import PaceSteering
@@ -197,7 +198,8 @@ class Coordinator:
         # The record goes into the version's own transaction (a draft: not evaluated yet), so no crash
         # can leave a published version without its record; the publisher replaces it once evaluated.
         self.store.save_version(self.version, self.model_blob, opt_blob,
-                                meta={"merges": str(self.merges), **({"ledger": ledger} if ledger else {})},
+                                meta={"merges": str(self.merges), **({"ledger": ledger} if ledger else {}),
+                                      **kept_state_meta(self.config.local_state, self.state)},
                                 merged=[(c.phone, c.update_id) for c in contributions],
                                 record={**record.to_json(), DRAFT: True})
         now = self.clock()  # the final record's timings include the commit, as they always did

@@ -57,3 +57,14 @@ def iterate_batches(n: int, cfg: TrainConfig, rng: np.random.Generator) -> Itera
         order = rng.permutation(n)
         for start in range(0, n, cfg.batch_size):
             yield order[start : start + cfg.batch_size]
+
+
+@runtime_checkable
+class StatefulRuntime(Protocol):
+    """A runtime that carries non-trainable state (batch norm running statistics) between tasks: it
+    starts from the state it is given and reports the state its training ended with (FORMAT.md
+    section 11). Every backend is one; a model without state has an empty one."""
+
+    def get_state(self) -> dict[str, np.ndarray]: ...
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None: ...

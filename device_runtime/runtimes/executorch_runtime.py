@@ -3,7 +3,9 @@
 The program returns ``(loss, logits)``, then gradients, then the trainable parameters as
 tensors that alias the program's own weights (ExecuTorch ``TrainingModule``). Each
 ``forward_backward`` recomputes gradients from scratch (they do not accumulate), and this
-runtime applies SGD with the FedProx term in place on the aliased weights.
+runtime applies SGD with the FedProx term in place on the aliased weights. A model with batch
+norm also takes its running statistics after ``(x, y)`` and returns them updated after the
+logits (``program_state``): held here between steps, reported as the eager runtime's are.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from fedfleet.device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
+from fedfleet.device_runtime.runtimes.program_state import ProgramState
 from fedfleet.export.manifest import MODEL_PTE, PTE_PREFIX, Manifest, ParameterMismatch
 
 
@@ -35,8 +38,11 @@ def set_threads(count: int) -> None:
 class ExecuTorchRuntime:
     name = "executorch"
 
-    def __init__(self, program: bytes, manifest: Manifest, threads: int | None = 1) -> None:
-        """``threads`` sizes the process-wide kernel threadpool (see ``set_threads``); None leaves it."""
+    def __init__(self, program: bytes, manifest: Manifest, threads: int | None = 1,
+                 state: ProgramState | None = None) -> None:
+        """``threads`` sizes the process-wide kernel threadpool (see ``set_threads``); None leaves it.
+        ``state``: the running statistics the program carries, with their initial values (none: a
+        program without them)."""
         from executorch.extension.training import _load_for_executorch_for_training_from_buffer
 
         if threads is not None:
@@ -46,15 +52,18 @@ class ExecuTorchRuntime:
         self._module = _load_for_executorch_for_training_from_buffer(self._program)
         self._manifest = manifest
         self._max_batch = manifest.max_batch
+        self._state = state if state is not None else ProgramState({})
         # The parameter tensors are only handed out by a first forward_backward; run it on
         # a dummy batch (it changes no weight: the optimizer step is ours).
-        self._module.forward_backward("forward", (torch.zeros(1, *manifest.input_shape), torch.zeros(1, dtype=torch.int64)))
+        self._module.forward_backward("forward", (torch.zeros(2, *manifest.input_shape), torch.zeros(2, dtype=torch.int64),
+                                                  *self._state_inputs()))
         self._params = self._named(self._module.named_parameters())
         self._check_params()
 
     @classmethod
     def from_bundle(cls, bundle_dir: Path, manifest: Manifest) -> ExecuTorchRuntime:
-        return cls((Path(bundle_dir) / MODEL_PTE).read_bytes(), manifest)
+        return cls((Path(bundle_dir) / MODEL_PTE).read_bytes(), manifest,
+                   state=ProgramState.from_bundle(bundle_dir, manifest, MODEL_PTE))
 
     def param_names(self) -> list[str]:
         return list(self._params)
@@ -66,6 +75,17 @@ class ExecuTorchRuntime:
         with torch.no_grad():
             for n, p in self._params.items():
                 p.copy_(torch.from_numpy(np.asarray(params[n], dtype=np.float32)).reshape(p.shape))
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Batch norm running statistics; empty for a model without."""
+        return self._state.get()
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load ``state``; a buffer it lacks goes back to the bundle's initial value."""
+        self._state.set(state)
+
+    def _state_inputs(self) -> list[torch.Tensor]:
+        return [torch.from_numpy(v.copy()) for v in self._state.values()]
 
     def train(self, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> TrainResult:
         if cfg.batch_size > self._max_batch:
@@ -79,8 +99,10 @@ class ExecuTorchRuntime:
         with torch.no_grad():
             for idx in iterate_batches(len(x), cfg, rng):
                 ti = torch.from_numpy(idx)
-                loss = self._module.forward_backward("forward", (xt[ti], yt[ti]))[0]
-                total += float(loss)
+                outputs = self._module.forward_backward("forward", (xt[ti], yt[ti], *self._state_inputs()))
+                total += float(outputs[0])
+                if self._state.names:  # copied at once: the outputs live in the program's planned memory
+                    self._state.update([t.numpy().copy() for t in outputs[2 : 2 + len(self._state.names)]])
                 grads = self._named(self._module.named_gradients())
                 for n, p in self._params.items():
                     g = grads[n]
@@ -97,7 +119,7 @@ class ExecuTorchRuntime:
         for start in range(0, len(x), step):
             xb = torch.from_numpy(np.ascontiguousarray(x[start : start + step], dtype=np.float32))
             yb = torch.from_numpy(y[start : start + step].astype(np.int64))
-            loss, logits = self._module.forward_backward("forward", (xb, yb))[:2]
+            loss, logits = self._module.forward_backward("forward", (xb, yb, *self._state_inputs()))[:2]
             loss_sum += float(loss) * len(xb)  # the program's loss is the batch mean
             correct += int((logits.argmax(1) == yb).sum())
         n = max(len(x), 1)

@@ -3,7 +3,9 @@
 Stock onnxruntime, no training extension: the step graph maps
 ``(params..., x, y, lr, mu, anchor.<param>...)`` to ``(loss, new.<param>...)`` and the
 parameters live here as numpy arrays between steps. ``model.onnx`` exposes the trainable
-weights as overridable initializers, so evaluation feeds the current weights.
+weights as overridable initializers, so evaluation feeds the current weights. A model with batch
+norm also feeds its running statistics (``state.<buffer>``, last) and takes them back updated
+(``new_state.<buffer>``, last; ``program_state``); evaluation feeds them as well.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from fedfleet.device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
-from fedfleet.export.manifest import ANCHOR_PREFIX, MODEL_ONNX, TRAIN_STEP_ONNX, Manifest, ParameterMismatch
+from fedfleet.device_runtime.runtimes.program_state import ProgramState
+from fedfleet.export.manifest import (
+    ANCHOR_PREFIX,
+    MODEL_ONNX,
+    STATE_IN,
+    TRAIN_STEP_ONNX,
+    Manifest,
+    ParameterMismatch,
+)
 
 
 def session_options() -> object:
@@ -46,6 +56,9 @@ class OnnxRuntime:
         self._shapes = {p.name: p.shape for p in manifest.trainable()}
         self._outputs = [o.name for o in self._step.get_outputs()]
         self._params = _initial_params(bundle_dir / MODEL_ONNX, self._names)
+        self._state = ProgramState.from_bundle(bundle_dir, manifest, TRAIN_STEP_ONNX)
+        inference_inputs = set(manifest.signatures.get(MODEL_ONNX, {}).get("inputs", []))
+        self._eval_state = [n for n in self._state.names if n in inference_inputs]  # fed at evaluation
         for name, value in self._params.items():
             if value.shape != self._shapes[name]:
                 raise ParameterMismatch(
@@ -64,6 +77,14 @@ class OnnxRuntime:
             for n in self._names
         }
 
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Batch norm running statistics; empty for a model without."""
+        return self._state.get()
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load ``state``; a buffer it lacks goes back to the bundle's initial value."""
+        self._state.set(state)
+
     def train(self, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> TrainResult:
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = y.astype(np.int64)
@@ -71,10 +92,14 @@ class OnnxRuntime:
         anchors = {ANCHOR_PREFIX + n: v.copy() for n, v in self._params.items()}
         scalars = {"lr": np.array(cfg.lr, np.float32), "mu": np.array(cfg.prox_mu, np.float32)}
         total, steps = 0.0, 0
+        k = len(self._names)
         for idx in iterate_batches(len(x), cfg, rng):
-            feed = {**self._params, **anchors, **scalars, "x": x[idx], "y": y[idx]}
+            state = {STATE_IN + n: v for n, v in zip(self._state.names, self._state.values(), strict=True)}
+            feed = {**self._params, **anchors, **scalars, "x": x[idx], "y": y[idx], **state}
             loss, *new = self._step.run(self._outputs, feed)
-            self._params = dict(zip(self._names, new, strict=True))
+            self._params = dict(zip(self._names, new[:k], strict=True))
+            if self._state.names:
+                self._state.update(new[k:])
             total += float(loss)
             steps += 1
         return TrainResult(loss=total / max(steps, 1), num_examples=len(x), steps=steps)
@@ -84,7 +109,8 @@ class OnnxRuntime:
         for start in range(0, len(x), batch_size):
             xb = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
             yb = y[start : start + batch_size].astype(np.int64)
-            (logits,) = self._infer.run(["logits"], {"x": xb, **self._params})
+            state = {n: v for n, v in self._state.get().items() if n in self._eval_state}
+            (logits,) = self._infer.run(["logits"], {"x": xb, **self._params, **state})
             # stable log-softmax in float64: the per-example cross-entropy summed over the batch
             z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
             log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))

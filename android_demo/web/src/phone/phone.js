@@ -10,6 +10,12 @@
 // upload) is in IndexedDB; and an upload lost to the network is retried later with the same
 // bytes and update_id (the server is idempotent on (phone, update_id)) instead of being
 // retrained. The DOM is not touched here: `onChange(state)` reports every change.
+//
+// A registration carries the model fingerprint of the bundle the phone holds (its manifest's
+// model_fingerprint, export/manifest.py), kept from an earlier download: a server whose task is
+// another model refuses it (409 model_mismatch), and the phone stops with that error rather than
+// train a model that is not the server's. A phone with no bundle yet has nothing to send; the
+// bundle it then downloads is the server's own (the server checks it against the task at start).
 
 import { UpdateEncoder } from "../codec/encoder.js";
 import { localEpsilon } from "../codec/privacy.js";
@@ -41,6 +47,7 @@ export class WebPhone {
     this.codecKey = null;
     this.outbox = new Outbox(api, store); // an encoded update not yet acknowledged
     this.ledger = []; // [{ mechanism, z, count }]: local-DP releases that left this phone
+    this.bundleManifest = null; // manifest.json of the bundle this phone holds (its model fingerprint)
     this.state = {
       phase: "idle", phoneId: null, mode: null, signed: false, version: null, round: null, tasks: 0, accepted: 0,
       duplicates: 0, rejected: 0, networkRetries: 0, loss: null, localAccuracy: null, serverAccuracy: null,
@@ -71,7 +78,10 @@ export class WebPhone {
     this.set({ mode: this.task.mode, delta: this.task.dp_delta });
     try {
       const bundle = await cachedBundle(this.task);
-      if (bundle) this.trainer = await WasmTrainer.create(bundle.files, bundle.manifest);
+      if (bundle) {
+        this.trainer = await WasmTrainer.create(bundle.files, bundle.manifest);
+        this.bundleManifest = bundle.manifest;
+      }
       const body = await recall("/v1/model");
       if (body) this.model = this.decodeModel(body);
     } catch (err) {
@@ -93,6 +103,7 @@ export class WebPhone {
       this.set({ phase: "bundle" });
       const bundle = await downloadBundle(this.api, this.task);
       this.trainer = await WasmTrainer.create(bundle.files, bundle.manifest);
+      this.bundleManifest = bundle.manifest;
       this.bundleFresh = true;
       this.set({ bundleBytes: bundle.bytes });
     }
@@ -117,6 +128,8 @@ export class WebPhone {
     const key = this.sign ? await newSigningKey() : null;
     const enrol = { name: this.name, platform: "web", runtime: "onnxruntime-web" };
     if (key) enrol.public_key = await publicKeyB64(key);
+    const fingerprint = this.bundleManifest?.model_fingerprint;
+    if (fingerprint) enrol.model_fingerprint = fingerprint; // the model this phone holds
     this.api.token = "";
     let answer;
     try {
@@ -150,6 +163,12 @@ export class WebPhone {
           await waitForNetwork(backoff);
           backoff = Math.min(2 * backoff, 10000);
           continue;
+        }
+        if (err instanceof ServerError && err.reason === "model_mismatch") {
+          this.running = false; // the bundle this phone holds is for another model: stop, say why
+          this.set({ error: err.message });
+          this.log(`refused: ${err.message}`);
+          break;
         }
         if (err instanceof ServerError && err.reason === "unknown_phone") {
           this.log("the server does not know this phone any more: registering again");

@@ -32,6 +32,11 @@ export class WasmTrainer {
     const sig = manifest.signatures[TRAIN_STEP_ONNX];
     const missing = [...sig.inputs.filter((n) => !step.inputNames.includes(n)), ...sig.outputs.filter((n) => !step.outputNames.includes(n))];
     if (missing.length) throw new Error(`${TRAIN_STEP_ONNX} lacks ${missing}`);
+    const state = sig.inputs.filter((n) => n.startsWith("state."));
+    if (state.length) {
+      throw new Error(`this model keeps batch norm statistics (${state.slice(0, 2)}, ...), which the web phone does not carry; `
+        + "phones on Python, ExecuTorch or ONNX Runtime do (docs/model-state.md)");
+    }
     return new WasmTrainer(step, infer, trainable, manifest.input_shape);
   }
 

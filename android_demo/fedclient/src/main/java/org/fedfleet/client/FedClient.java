@@ -46,6 +46,7 @@ public final class FedClient {
   private UpdateEncoder encoder;
   private Map<String, Object> encoderCodec;
   private int updatesSent;
+  private String modelFingerprint; // of the bundle this phone runs; sent at registration
 
   /** {@code codecRng}: noise and stochastic rounding; pass a SecureRandom outside tests. */
   public FedClient(Http http, String name, Trainer trainer, Random trainRng, Random codecRng) {
@@ -66,10 +67,23 @@ public final class FedClient {
     stats.examples = trainer.numExamples();
   }
 
+  /**
+   * The model this phone runs, as its bundle's manifest names it ({@link BundleManifest#fingerprint}):
+   * sent with {@link #register()}, where the server refuses another model than the task's with 409
+   * {@code model_mismatch} (a {@link ServerException}). Without it, the server cannot check.
+   */
+  public FedClient modelFingerprint(String fingerprint) {
+    modelFingerprint = fingerprint;
+    return this;
+  }
+
   public Task register() throws IOException {
     JSONObject body = new JSONObject();
     try {
       body.put("name", name).put("platform", "java").put("runtime", trainer.runtime());
+      if (modelFingerprint != null) {
+        body.put("model_fingerprint", modelFingerprint);
+      }
     } catch (JSONException e) {
       throw new IllegalStateException(e);
     }

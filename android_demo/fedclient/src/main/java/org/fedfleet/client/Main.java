@@ -4,6 +4,7 @@ import java.io.FileInputStream;
 import java.io.IOException;
 import java.io.InputStream;
 import java.net.URI;
+import java.nio.file.Path;
 import java.security.SecureRandom;
 import java.util.Random;
 
@@ -14,14 +15,16 @@ import java.util.Random;
  * <pre>
  * java -cp fedclient.jar:android-json.jar org.fedfleet.client.Main --server http://127.0.0.1:8080 --name java-0
  *     [--shard 0/3] [--examples N] [--data FILE] [--seed S] [--max-errors 20] [--inline-model yes|no]
- *     [--chain-checkin yes|no]
+ *     [--chain-checkin yes|no] [--manifest BUNDLE/manifest.json]
  * </pre>
  *
  * It trains on the bundled digits sample (or FILE in the same format), runs until the server
  * says done, and prints one JSON line of its stats. Exit status 0 when done, 1 on error.
  * {@code --inline-model no} stops asking for the model inside check-in answers (it then comes
  * from GET /v1/model), to compare; {@code --chain-checkin no} stops asking for the next check-in
- * with each upload (each task then starts with its own POST /v1/checkin).
+ * with each upload (each task then starts with its own POST /v1/checkin). {@code --manifest} names the
+ * manifest of the bundle this phone runs: its model fingerprint goes with the registration, and a
+ * server whose task is another model refuses the phone (409 model_mismatch, exit 1).
  */
 public final class Main {
   private Main() {}
@@ -33,7 +36,7 @@ public final class Main {
     } catch (IllegalArgumentException e) {
       System.err.println("fedclient: " + e.getMessage());
       System.err.println("usage: Main --server URL --name NAME [--shard I/N] [--examples N] [--data FILE] "
-          + "[--seed S] [--max-errors N] [--inline-model yes|no] [--chain-checkin yes|no]");
+          + "[--seed S] [--max-errors N] [--inline-model yes|no] [--chain-checkin yes|no] [--manifest FILE]");
       System.exit(2);
     } catch (IOException | RuntimeException e) {
       System.err.println("fedclient: " + e);
@@ -49,6 +52,9 @@ public final class Main {
     Http http = new Http(URI.create(a.server), Http.REAL_SLEEP, new Random());
     FedClient client = new FedClient(http, a.name, new MlpTrainer(data), trainRng, codecRng)
         .inlineModel(a.inlineModel).chainCheckin(a.chainCheckin);
+    if (a.manifest != null) {
+      client.modelFingerprint(BundleManifest.fingerprint(BundleManifest.read(Path.of(a.manifest))));
+    }
     client.register();
     return client.run(a.maxErrors);
   }
@@ -74,6 +80,7 @@ public final class Main {
     int maxErrors = 20;
     boolean inlineModel = true;
     boolean chainCheckin = true;
+    String manifest;
 
     static Args parse(String[] argv) {
       Args a = new Args();
@@ -99,6 +106,7 @@ public final class Main {
           case "--max-errors" -> a.maxErrors = Integer.parseInt(v);
           case "--inline-model" -> a.inlineModel = yesNo("--inline-model", v);
           case "--chain-checkin" -> a.chainCheckin = yesNo("--chain-checkin", v);
+          case "--manifest" -> a.manifest = v;
           default -> throw new IllegalArgumentException("unknown flag " + argv[i]);
         }
       }
