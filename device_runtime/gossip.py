@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfleet.device_runtime.gossip_math import add, admm_center, admm_dual, choco_mix, mix
+from fedfleet.device_runtime.gossip_math import MODEL_CODEC, add, admm_center, admm_dual, choco_mix, mix
 from fedfleet.device_runtime.protocol_client import ProtocolClient, ServerError
 from fedfleet.protocol import TensorMessage, UpdateEncoder, decode_message, encode_message
 from fedfleet.protocol.signing import NONCE_HEADER, SIGNATURE_HEADER, signature_ok, signed_text
@@ -28,7 +28,6 @@ from fedfleet.protocol.topology import EVERY_NEIGHBOUR, TO_HEADER
 
 Params = dict[str, np.ndarray]
 ALGORITHMS = ("dpsgd", "choco", "admm")
-MODEL_CODEC = ("quant_bits", "stochastic_rounding", "chunk", "quant_scale", "compress")  # what D-PSGD's models take
 
 
 def check_codec(algorithm: str, codec: Mapping[str, Any]) -> None:

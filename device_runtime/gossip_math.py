@@ -19,6 +19,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+# the task codec's settings D-PSGD's models take: quantization and zlib (no sparsification)
+MODEL_CODEC = ("quant_bits", "stochastic_rounding", "chunk", "quant_scale", "compress")
+
 Params = dict[str, np.ndarray]
 
 

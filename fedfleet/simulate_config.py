@@ -15,7 +15,7 @@ from typing import Any
 from fedfleet.device_runtime.attacks import parse_attack
 from fedfleet.device_runtime.data import Dataset, check_dataset_name, parse_partition
 from fedfleet.device_runtime.fleet_plan import FleetConfig
-from fedfleet.device_runtime.gossip import MODEL_CODEC
+from fedfleet.device_runtime.gossip_math import MODEL_CODEC
 from fedfleet.device_runtime.profiles import ProfileSpec, load_profiles
 from fedfleet.device_runtime.runtimes import RUNTIME_NAMES
 from fedfleet.export.accelerator import resolve_device
