@@ -1,7 +1,7 @@
 """A published version and its round record cannot be separated by kill -9: a real ``fedfleet
 serve`` process, a real SQLite file, killed after version 1 is committed and before its record is
-written (a restarted server imports torch at its first evaluation: seconds); the restarted server evaluates
-and records round 1 (``recovered``), and metrics.jsonl holds each round once."""
+written (its evaluation is held by a gated ``--metrics`` hook, tests/eval_gate.py); the restarted
+server evaluates and records round 1 (``recovered``), and metrics.jsonl holds each round once."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from bench.bench_faults import ServerProcess
 from tests.conftest import update_body, zero_delta
@@ -43,9 +44,12 @@ def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-async def test_kill_9_between_a_version_and_its_record_loses_no_round(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    server = ServerProcess(state, "digits", {"rounds": 0, "sample_fraction": 1.0, "round_timeout_s": 3600.0})
+async def test_kill_9_between_a_version_and_its_record_loses_no_round(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    state, gate = tmp_path / "state", tmp_path / "evaluation-gate"
+    monkeypatch.setenv("FEDFLEET_TEST_EVAL_GATE", str(gate))  # the server processes inherit it
+    server = ServerProcess(state, "digits", {"rounds": 0, "sample_fraction": 1.0, "round_timeout_s": 3600.0,
+                                             "metrics": "tests.eval_gate:gated_accuracy"})
     metrics = state / "metrics.jsonl"
     try:
         await server.start()
@@ -55,10 +59,12 @@ async def test_kill_9_between_a_version_and_its_record_loses_no_round(tmp_path: 
             auth, task = {"Authorization": f"Bearer {reg['token']}"}, reg["task"]
         server.stop()  # a fresh start imports torch (version 0); a restart loads it at the first evaluation
         await server.start()
+        gate.touch()  # version 1's evaluation waits from now on
         async with aiohttp.ClientSession() as http:
             await _contribute(http, server.url, auth, task, 0)  # the round's only phone: merged at once
             await _wait_for(http, f"{server.url}/v1/status", lambda s: s["version"] == 1)
             server.kill9()  # version 1 is committed (the loop answered after the commit); its evaluation is not
+        gate.unlink()
         assert not metrics.exists(), "the kill came after round 1 was recorded: nothing tested"
         with sqlite3.connect(state / "server.sqlite") as db:
             assert db.execute("SELECT MAX(version) FROM versions").fetchone()[0] == 1
