@@ -93,9 +93,11 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
                 async def registered() -> None:
                     timeline.mark("phones registered")
 
+                # phones registering when first active (register_when_active) have no moment when all are
+                # registered: the timeline then has no such stage (a barrier would register them all up front)
                 fleet = asyncio.ensure_future(fleet_module.run_fleet(
                     url, data, cfg.fleet_config(), phones_model, on_round=on_round, clock=clock,
-                    registered=registered))
+                    registered=None if cfg.register_when_active else registered))
                 if interrupt is not None:
                     interrupt.fleet_started(fleet, finish)
                 try:
