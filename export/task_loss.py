@@ -79,12 +79,7 @@ def check_loss(spec: str | None, model: nn.Module, x: torch.Tensor, y: torch.Ten
     model = copy.deepcopy(model).train()  # a training-mode forward moves batch norm statistics
     with torch.random.fork_rng(devices=[]):  # dropout draws: torch's global generator is left as it was
         torch.manual_seed(0)
-        out = model(x)
-        try:
-            value = fn(out, y)
-        except Exception as exc:
-            raise ValueError(f"{flag} {spec}: fails on the model's outputs {list(out.shape)} and targets "
-                             f"{list(y.shape)}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        value = _applied(fn, model(x), y, flag, spec)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{flag} {spec}: returned a {type(value).__name__}, not a torch.Tensor (the mean loss "
                          "over the batch, a scalar tensor)")
@@ -101,6 +96,16 @@ def check_loss(spec: str | None, model: nn.Module, x: torch.Tensor, y: torch.Ten
                          "first training examples; the loss must be finite")
 
 
+def _applied(fn: Callable[[torch.Tensor, torch.Tensor], object], out: torch.Tensor, y: torch.Tensor, flag: str,
+             spec: str | None) -> Any:
+    """``fn(out, y)``; ValueError naming ``flag`` and the shapes when it raises (the user's function)."""
+    try:
+        return fn(out, y)
+    except Exception as exc:
+        raise ValueError(f"{flag} {spec}: fails on the model's outputs {list(out.shape)} and targets "
+                         f"{list(y.shape)}: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
 def check_metrics(spec: str | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   flag: str = "--metrics") -> list[str]:
     """The metric names ``spec`` gives on ``model``'s outputs for ``x``, ``y``; ValueError naming ``flag``
@@ -110,12 +115,7 @@ def check_metrics(spec: str | None, model: nn.Module, x: torch.Tensor, y: torch.
         return []
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
-        out = model(x)
-        try:
-            values = fn(out, y)
-        except Exception as exc:
-            raise ValueError(f"{flag} {spec}: fails on the model's outputs {list(out.shape)} and targets "
-                             f"{list(y.shape)}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        values = _applied(fn, model(x), y, flag, spec)
     return list(metric_values(values, f"{flag} {spec}"))
 
 
