@@ -71,6 +71,23 @@ def _write_rows(pending: list[PendingRow], phones: list[PhoneRow], db: sqlite3.C
     return refused
 
 
+def _write_all(phones: list[PhoneRow], db: sqlite3.Connection) -> None:
+    """Insert ``phones`` in one transaction: all, or none (``NameTaken`` for a name already taken)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany(PHONE_SQL, phones)
+        db.execute("COMMIT")
+    except BaseException as exc:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.IntegrityError):
+            names = [r[0] for r in phones]
+            marks = ",".join("?" * len(names))
+            row = db.execute(f"SELECT phone_id FROM phones WHERE phone_id IN ({marks}) LIMIT 1", names).fetchone()
+            raise NameTaken(row[0] if row else "(one of them)") from None
+        raise
+
+
 def fast_delete(db: sqlite3.Connection) -> None:
     """Zero deleted content only where that costs no extra write. With Debian's SECURE_DELETE
     build, moving a merge's 5,000 updates (~10 KB each) out of ``pending`` wrote ~51 MB of zeroed
@@ -139,6 +156,22 @@ class GroupCommit:
         fut = self._enqueue(self._enrolments, row)
         self._enrolling.add(phone_id)
         return fut
+
+    async def enrol_many(self, rows: list[PhoneRow]) -> None:
+        """Register ``rows`` in one transaction of their own (on the writer thread, after the group
+        commits before it): all of them, or none with ``NameTaken`` naming a name already taken."""
+        names = [r[0] for r in rows]
+        taken = next((n for n in names if n in self._enrolling), None)
+        if taken is not None:
+            raise NameTaken(taken)
+        self._enrolling.update(names)
+        try:
+            if self._writer is None or self._wdb is None:
+                _write_all(rows, self.db)
+            else:
+                await asyncio.wrap_future(self._writer.submit(_write_all, rows, self._wdb))
+        finally:
+            self._enrolling.difference_update(names)
 
     def _enqueue(self, queue: Queue, row: tuple[Any, ...]) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()

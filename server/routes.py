@@ -21,6 +21,7 @@ from fedfleet.protocol import FORMAT_VERSION, check_update_meta, decode_message
 from fedfleet.protocol.signing import NONCE_HEADER, SIGNATURE_HEADER
 from fedfleet.protocol.state import split_state
 from fedfleet.server.admin import admin_routes
+from fedfleet.server.bulk_registration import register_many
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.coordinator import Coordinator
 from fedfleet.server.enrolment import ENROLMENT, EnrolmentCodes, EnrolmentRefused
@@ -360,5 +361,6 @@ def setup_routes(app: web.Application) -> None:
             web.get("/v1/status", status),
             web.get("/v1/rounds", rounds),
             *admin_routes(),
+            web.post("/v1/admin/phones", register_many),  # server/bulk_registration.py
         ]
     )

@@ -223,6 +223,13 @@ class Store:
         the storage's error, and the phone is not registered."""
         return self.commits.enrol(self._phone_row(phone_id, token, info))
 
+    async def enrol_many(self, rows: list[PhoneRow]) -> None:
+        """Register ``rows`` in one transaction (server/bulk_registration.py): all, or none with
+        ``NameTaken``. They join no cache (a million would evict the phones heard from lately)."""
+        await self.commits.enrol_many(rows)
+        if self._phones >= 0:
+            self._phones += len(rows)
+
     def commit_of(self, phone: str, update_id: str) -> asyncio.Future[None] | None:
         """The commit a queued or in-flight (accepted, not yet durable) update waits for."""
         return self.commits.commit_of(phone, update_id)
