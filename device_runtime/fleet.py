@@ -20,6 +20,7 @@ from fedfleet.device_runtime.emulated_device import PhoneClient
 from fedfleet.device_runtime.fleet_activation import activate_in_time
 from fedfleet.device_runtime.fleet_monitor import _monitor
 from fedfleet.device_runtime.fleet_plan import FleetConfig, plan_fleet
+from fedfleet.device_runtime.fleet_population import Population, bulk_registered, population_of
 from fedfleet.device_runtime.fleet_result import FleetError, FleetResult, NamesTaken, ServerGone, _why
 from fedfleet.device_runtime.limits import open_file_limit
 from fedfleet.device_runtime.protocol_client import ModelMemo, ServerError
@@ -78,20 +79,21 @@ async def run_fleet(
             ledger = PrivacyLedger(float(task.get("dp_delta", 1e-5)))
         models = ModelMemo()  # the phones handed tasks together decode their common model once
 
-        def phone(i: int) -> PhoneClient:
+        def phone(i: int, kind: type[PhoneClient] = PhoneClient, phone_clock: PhoneClock | None = None,
+                  rng_of: Callable[[np.random.Generator], np.random.Generator] | None = None) -> PhoneClient:
             shard_data, phone_rng, key = plan.phone(i)
-            return PhoneClient(
+            return kind(
                 session,
                 server,
                 cfg.phone_name or f"{cfg.name_prefix}-{i:05d}",
                 shard_data,
                 None,
-                phone_rng,
+                rng_of(phone_rng) if rng_of is not None else phone_rng,
                 ledger=ledger,
                 train_overrides=train_overrides,
                 availability=cfg.availability,
                 profile=plan.profile(i),
-                clock=clock,
+                clock=phone_clock or clock,
                 attack=attack if i in attackers else None,
                 num_classes=data.num_classes,
                 poll_session=polls,
@@ -104,6 +106,8 @@ async def run_fleet(
             )
 
         phones: list[PhoneClient] = []
+        population: Population | None = None  # FleetConfig.register_in_bulk: phones built when active
+        register_s = 0.0
         stop = asyncio.Event()
         pool: RuntimePool | BatchedTrainer | None = None
         phones_done = asyncio.Event()
@@ -130,6 +134,7 @@ async def run_fleet(
 
             # FleetConfig.register_when_active: only the first phone now, the others at their first check-ins
             lazy = cfg.register_when_active and isinstance(clock, VirtualClock) and registered is None
+            bulk = cfg.register_in_bulk and isinstance(clock, VirtualClock)
 
             def built_and_registered() -> Iterator[Awaitable[None]]:
                 for i in shard[:1] if lazy else shard:  # each phone registers as soon as it is built (~60 us each)
@@ -138,10 +143,17 @@ async def run_fleet(
 
             registrations = built_and_registered()
             try:
-                # The first phone alone: names taken by an earlier fleet are refused before any other
-                # phone of this one registers (each would stay registered, counted in the cohorts).
-                await next(registrations)
-                await _in_waves(registrations, WAVE)
+                if bulk:  # every phone at once, in requests of 10,000 (fleet_bulk.py); tokens in a column
+                    t0 = loop.time()
+                    tokens, first = await bulk_registered(session, server, cfg, plan, phone)
+                    register_s = loop.time() - t0
+                    tasks.share(first)
+                    phones.append(first)
+                else:
+                    # The first phone alone: names taken by an earlier fleet are refused before any other
+                    # phone of this one registers (each would stay registered, counted in the cohorts).
+                    await next(registrations)
+                    await _in_waves(registrations, WAVE)
             except ServerError as exc:
                 if exc.status == 409 and exc.reason == "name_taken":
                     raise _names_taken(server, cfg.phone_name or f"{cfg.name_prefix}-NNNNN",
@@ -159,7 +171,11 @@ async def run_fleet(
             for p in phones:
                 p.pool = pool
             until = cfg.hours * 3600 if cfg.hours > 0 else None
-            if lazy and isinstance(clock, VirtualClock):
+            if bulk and isinstance(clock, VirtualClock):
+                population = population_of(cfg, clock, phone, tokens, shard, phones[0], pool, failures, lambda p: _run_phone(
+                    p, stop, until, 0.0, failures, cfg.phone_max_errors, joined=True))
+                await population.run_all(np.asarray(shard), starts, until)
+            elif lazy and isinstance(clock, VirtualClock):
                 active: dict[int, PhoneClient] = {shard[0]: phones[0]}
                 ended: list[bool] = []  # a phone's run ended: the server's task is done (or time is up)
 
@@ -198,17 +214,22 @@ async def run_fleet(
             monitor.cancel()
             if pool is not None:
                 pool.close()
+    devices = [p.stats for p in phones] if population is None else population.stats(
+        lambda i: cfg.phone_name or f"{cfg.name_prefix}-{i:05d}", lambda i: len(plan.shards.index(i)))
     if ledger is not None:
-        for p in phones:
-            p.stats.epsilon = ledger.epsilon(p.name)
-    result = FleetResult(rounds=rounds, devices=[p.stats for p in phones],
+        for d in devices:
+            d.epsilon = ledger.epsilon(d.phone)
+    result = FleetResult(rounds=rounds, devices=devices,
                          train_compute_s=pool.busy_s if pool is not None else 0.0, task=task,
-                         joined_after_round=joined[0] if joined else 0, event_loop=aio.running_loop_name())
+                         joined_after_round=joined[0] if joined else 0, event_loop=aio.running_loop_name(),
+                         population={} if population is None else {
+                             "register_s": round(register_s, 2), "peak_built": population.peak_active,
+                             "releases": population.releases})
     if gone is not None:
         raise ServerGone(str(gone), result)
     if failures:
         name, why = failures[0]
-        raise FleetError(f"{len(failures)} of {len(phones)} phones gave up; the first, {name}: {_why(why)}", result)
+        raise FleetError(f"{len(failures)} of {len(devices)} phones gave up; the first, {name}: {_why(why)}", result)
     return result
 
 

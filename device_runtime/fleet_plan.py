@@ -54,6 +54,12 @@ class FleetConfig:
     # virtual clock: a phone is built and registers (over HTTP, as any) at its first check-in rather than
     # all before the first (fleet_activation.py): phones that never become active cost a row of columns
     register_when_active: bool = False
+    # virtual clock: every phone registered before the first check-in in requests of 10,000 (POST
+    # /v1/admin/phones with ``admin_token``; tokens in a column), built at its first check-in and
+    # released back to the columns while it sleeps ``release_after_s`` or more (fleet_population.py)
+    register_in_bulk: bool = False
+    admin_token: str | None = None
+    release_after_s: float = 60.0
     server_here: bool = True  # the server runs in this process (its sockets count against the same limit)
     # failed steps in a row after which a phone gives up (PhoneClient.run: backoff 0.2 s doubled up to
     # 10 s, so 20 is ~2.5 min of a server gone: time for it to be restarted on its data dir)

@@ -25,6 +25,8 @@ class FleetResult:
     task: dict[str, Any] = dataclasses.field(default_factory=dict)  # the server's task as it served it
     joined_after_round: int = 0  # rounds the server had merged when the fleet joined (not counted)
     event_loop: str = ""  # uvloop | asyncio
+    # FleetConfig.register_in_bulk: registration's wall seconds, phones built at most at once, releases
+    population: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class FleetError(Exception):

@@ -252,7 +252,11 @@ class ProtocolClient:
         if self.enrolment_code is not None:
             enrol["enrolment_code"] = self.enrolment_code
         # On the connection its check-ins (and chained uploads) will use: one set-up, not two.
-        answer = await self._json("POST", "/v1/register", enrol, session=self.poll_session)
+        return self.registered(await self._json("POST", "/v1/register", enrol, session=self.poll_session))
+
+    def registered(self, answer: Mapping[str, Any]) -> dict[str, Any]:
+        """Take the registration's answer (``phone_id``, ``token``, ``task``): from POST /v1/register,
+        or an admin's bulk registration of many phones (POST /v1/admin/phones)."""
         self.token, self.task = str(answer["token"]), dict(answer["task"])
         self.name = str(answer["phone_id"])
         self.specs = {p["name"]: TensorSpec(tuple(p["shape"]), p["dtype"]) for p in self.task["params"]}

@@ -54,6 +54,12 @@ class VirtualClock:
             self._cancelled(fut)
             raise
 
+    def alarm(self, when: float) -> asyncio.Future[None]:
+        """A sleeper that is not a task: the future resolves at virtual time ``when``, as a member's
+        ``sleep_until(when)`` would (join for it first; leave once done with it). A fleet parks its
+        released phones on these (fleet_release.py) rather than on a task each."""
+        return self._wake_at(max(when, self.t))
+
     def _wake_at(self, when: float) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (when, next(self._seq), fut))

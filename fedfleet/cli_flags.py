@@ -239,7 +239,7 @@ def run_values(args: argparse.Namespace) -> dict[str, Any]:
     """The SimulateConfig values given as flags (None: not given) of whichever subcommand ran."""
     from fedfleet.simulate_config import setting_names
 
-    values = {name: getattr(args, name, None) for name in setting_names() - {"server", "start_spread_s", "register_when_active"}}
+    values = {name: getattr(args, name, None) for name in setting_names() - {"server", "start_spread_s", "register_when_active", "register_in_bulk"}}
     for key in ("inline_model", "chain_checkin"):
         values[key] = None if values[key] is None else values[key] == "yes"
     return values

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +72,10 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
             if cfg.runtime != "torch":  # phones run the exported artifacts: export them for this task
                 server_cfg = server_cfg.replace(bundle_dir=str(ensure_bundle(cfg, data, out / "bundle")))
             _fresh_state(out / "server")
+            fleet_cfg = cfg.fleet_config()
+            if fleet_cfg.register_in_bulk:  # the fleet registers its phones through the admin's bulk requests
+                admin = server_cfg.admin_token or secrets.token_urlsafe(24)
+                server_cfg, fleet_cfg = server_cfg.replace(admin_token=admin), replace(fleet_cfg, admin_token=admin)
             phones_model = task_runtime_factory(weights=_phone_weights(server_cfg, out), loss=cfg.loss)
             clock = VirtualClock() if cfg.virtual else WallClock()
             rows: list[dict[str, Any]] = []  # the rounds recorded so far, should the fleet be cancelled
@@ -96,7 +102,7 @@ async def simulate(cfg: SimulateConfig, table: RoundTable | None = None, *, inte
                 # phones registering when first active (register_when_active) have no moment when all are
                 # registered: the timeline then has no such stage (a barrier would register them all up front)
                 fleet = asyncio.ensure_future(fleet_module.run_fleet(
-                    url, data, cfg.fleet_config(), phones_model, on_round=on_round, clock=clock,
+                    url, data, fleet_cfg, phones_model, on_round=on_round, clock=clock,
                     registered=None if cfg.register_when_active else registered))
                 if interrupt is not None:
                     interrupt.fleet_started(fleet, finish)

@@ -251,7 +251,7 @@ class SimulateConfig:
 
 def _flag(name: str) -> str | None:
     """The command-line flag of a SimulateConfig field (None: a TOML-only setting)."""
-    return None if name in ("server", "settings", "start_spread_s", "register_when_active") else "--" + name.replace("_", "-")
+    return None if name in ("server", "settings", "start_spread_s", "register_when_active", "register_in_bulk") else "--" + name.replace("_", "-")
 
 
 def _check_range(cfg: SimulateConfig, checks: list[tuple[str, bool, str]]) -> None:

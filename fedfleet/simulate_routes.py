@@ -35,7 +35,7 @@ ROUTES: dict[str, tuple[Target, ...]] = {
     # the phones: FleetConfig
     **_same("fleet", "phones", "partition", "quantity_skew", "attack", "attack_fraction", "workers", "trainer",
             "runtime", "hours", "inline_model", "chain_checkin", "start_spread_s", "devices",
-            "register_when_active"),
+            "register_when_active", "register_in_bulk"),
     # --devices default: how the emulated devices are drawn (FleetConfig.profile_spec)
     **_same("profile", "compute_ms", "diurnal", "dropout"),
 }
