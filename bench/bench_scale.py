@@ -16,16 +16,21 @@ second, peak RSS, and the share of wall time spent in the training arithmetic it
 the work stays the same: the same day, profiles and pacing, but a fixed C = 100 phones training at
 once and K = 50 updates per merge whatever the population, every phone holding 4 synthetic samples
 (float32, made in chunks) and a fixed test set of 2,000, the run capped at ``--versions`` merges.
-Phones first check in at seeded times spread at 50 a virtual second (``start_spread_s`` = N / 50)
-and are built and registered over HTTP at that first check-in (``register_when_active``): a phone
-whose start comes after the run's end stays a row of columns. ``--eager``: every phone registers
-before the first check-in, all within the first virtual minute (the default fleet). The steady wall
-per merged update is timed over the second half of the versions. Peak RSS is fleet and server
+Phones first check in at seeded times spread at 50 a virtual second (``start_spread_s`` = N / 50).
+``--register bulk`` (the default): every phone is registered before the first check-in, through the
+admin's bulk requests of 10,000 (``register_in_bulk``; its key derived, its token kept in a column),
+built at its first check-in and released back to the columns whenever it sleeps a minute or more;
+the registration's wall time is ``register_s``. ``--register when-active``: a phone is built and
+registered over HTTP at its first check-in (``register_when_active``), and one whose start comes
+after the run's end never registers. ``--register eager``: every phone is built and registered over
+HTTP before the first check-in, all within the first virtual minute (the default fleet). The steady
+wall per merged update is timed over the second half of the versions. Peak RSS is fleet and server
 together (one process on the virtual clock). On a machine shared with other work, the CPU time per
 merged update is the steadier figure.
 
     python -m bench.bench_scale --population --phones 10000,100000,1000000 --versions 120
-    python -m bench.bench_scale --population --eager --phones 10000,100000 --versions 120
+    python -m bench.bench_scale --population --register when-active --phones 10000,100000,1000000
+    python -m bench.bench_scale --population --register eager --phones 10000,100000 --versions 120
 """
 
 from __future__ import annotations
@@ -101,11 +106,16 @@ def population_data(phones: int, seed: int = 0, per_phone: int = 4, test: int = 
     return Dataset("synthetic", x, y, xt, yt, 10)
 
 
-def population_workload(phones: int, versions: int, eager: bool = False, seed: int = 0) -> Any:
+REGISTER_MODES = ("bulk", "when-active", "eager")
+
+
+def population_workload(phones: int, versions: int, register: str = "bulk", seed: int = 0) -> Any:
     from fedfleet.simulate_config import SimulateConfig
 
     c = POPULATION_CONCURRENCY
-    spread = {} if eager else {"register_when_active": True, "start_spread_s": phones / ACTIVATION_RATE}
+    spread: dict[str, Any] = {} if register == "eager" else {"start_spread_s": phones / ACTIVATION_RATE}
+    spread.update({"register_in_bulk": True} if register == "bulk" else
+                  {"register_when_active": True} if register == "when-active" else {})
     return SimulateConfig(**spread,
         phones=phones, dataset="synthetic", model="mlp", local_epochs=1, batch_size=8, mode="async",
         concurrency=c, buffer=c // 2, rounds=versions, hours=24.0, devices="default", diurnal=0.5, dropout=0.05,
@@ -114,11 +124,11 @@ def population_workload(phones: int, versions: int, eager: bool = False, seed: i
     )
 
 
-def one_population(phones: int, versions: int, eager: bool) -> dict[str, Any]:
+def one_population(phones: int, versions: int, register: str) -> dict[str, Any]:
     from fedfleet.simulate import simulate
     from fedfleet.tuning import tune_process
 
-    cfg = population_workload(phones, versions, eager)
+    cfg = population_workload(phones, versions, register)
     tune_process()
     t0, c0 = time.perf_counter(), time.process_time()
     data = population_data(phones)
@@ -136,7 +146,11 @@ def one_population(phones: int, versions: int, eager: bool) -> dict[str, Any]:
     steady_cpu_s = marks[-1][1] - marks[half][1] if len(marks) > 1 else 0.0
     emu = summary["emulation"]
     return {
-        "phones": phones, "registered": len(result.devices), "virtual_s": round(result.rounds[-1]["time_s"], 1),
+        "phones": phones, "register": register,
+        "registered": len(result.devices) if register == "when-active" else phones,
+        "built_ever": len(result.devices), "peak_built": result.population.get("peak_built"),
+        "releases": result.population.get("releases"), "register_s": result.population.get("register_s"),
+        "virtual_s": round(result.rounds[-1]["time_s"], 1),
         "versions": summary["rounds"], "updates": summary["updates"], "checkins": emu["checkins"],
         "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "data_s": round(data_s, 1),
         "first_version_s": round(marks[0][0] - t0, 1) if marks else None,
@@ -154,17 +168,18 @@ def main() -> None:
     ap.add_argument("--hours", type=float, default=24.0)
     ap.add_argument("--population", action="store_true", help="fixed work, growing population (see above)")
     ap.add_argument("--versions", type=int, default=120, help="--population: merges a run is capped at")
-    ap.add_argument("--eager", action="store_true", help="--population: every phone registers before the first check-in")
+    ap.add_argument("--register", choices=REGISTER_MODES, default="bulk",
+                    help="--population: how the phones register (see above)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = [int(p) for p in args.phones.split(",")]
     if args.one:
-        print(json.dumps(one_population(sizes[0], args.versions, args.eager) if args.population
+        print(json.dumps(one_population(sizes[0], args.versions, args.register) if args.population
                          else one(sizes[0], args.hours)))
         return
     rows = []
     for n in sizes:
-        mode = ["--population", "--versions", str(args.versions), *(["--eager"] if args.eager else [])] \
+        mode = ["--population", "--versions", str(args.versions), "--register", args.register] \
             if args.population else ["--hours", str(args.hours)]
         out = subprocess.run([sys.executable, "-m", "bench.bench_scale", "--one", "--phones", str(n), *mode],
                              capture_output=True, text=True, check=True)
@@ -179,7 +194,8 @@ def main() -> None:
             for col in ("steady_ms_per_update", "steady_cpu_ms_per_update"):
                 ratio = col.replace("ms_per_update", "vs_first")
                 r[ratio] = round(r[col] / base[col], 3) if r[col] and base[col] else None
-        name = "scale_population_eager" if args.eager else "scale_population"
+        name = {"bulk": "scale_population_bulk", "when-active": "scale_population",
+                "eager": "scale_population_eager"}[args.register]
         print("wrote", write(name, {"workload": __doc__, "versions": args.versions, "rows": rows}))
         return
     cols = ["phones", "virtual_h", "wall_s", "cpu_s", "updates", "checkins", "updates_per_s", "peak_rss_mb",
