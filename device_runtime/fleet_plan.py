@@ -76,6 +76,11 @@ class FleetConfig:
         parse_attack(self.attack)
         if self.enrolment_codes and len(self.enrolment_codes) < self.phones:
             raise ValueError(f"{self.phones} phones need as many enrolment codes, got {len(self.enrolment_codes)}")
+        if self.register_in_bulk and self.register_when_active:
+            raise ValueError("register_in_bulk registers every phone up front; register_when_active, each when "
+                             "active: choose one")
+        if not self.release_after_s > 0:
+            raise ValueError("release_after_s must be > 0")
         if self.runtime not in RUNTIME_NAMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIME_NAMES)}")
         if self.trainer not in ("batched", "pool"):

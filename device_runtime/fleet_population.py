@@ -122,7 +122,12 @@ class Population:
         finally:
             self._driving = False
         self._check_idle()
-        await self._idle.wait()
+        try:
+            await self._idle.wait()
+        except BaseException:  # the fleet is cancelled: so are its phones
+            for t in list(self._tasks):
+                t.cancel()
+            raise
         if self._error is not None:
             raise self._error
 

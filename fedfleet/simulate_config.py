@@ -159,6 +159,7 @@ class SimulateConfig:
         from fedfleet.population import check_population
 
         check_population(self.phones)  # a population that cannot fit, refused with its estimate
+        self.fleet_config()  # what the fleet would refuse (FleetConfig), refused now
         try:  # what the server would refuse, refused now (the shape is the dataset's, known later)
             self._server_config((1, 8, 8), 10, None)
         except ValueError as exc:

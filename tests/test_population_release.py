@@ -97,6 +97,11 @@ async def test_a_phone_is_released_only_between_tasks_and_without_state_the_colu
     await session.close()
 
 
+def test_bulk_and_when_active_registration_exclude_each_other() -> None:
+    with pytest.raises(ValueError, match="register_in_bulk registers every phone up front; register_when_active"):
+        SimulateConfig(phones=10, dataset="digits", register_in_bulk=True, register_when_active=True)
+
+
 def _run(tmp_path: Path, name: str, bulk: bool) -> tuple[Any, list[dict[str, Any]], list[dict[str, str]]]:
     cfg = SimulateConfig(phones=120, dataset="digits", model="mlp", local_epochs=1, mode="async", concurrency=8,
                          buffer=4, rounds=0, hours=2 / 60, devices="default", dropout=0.1, diurnal=0.5, seed=3,
