@@ -156,9 +156,10 @@ class SimulateConfig:
             raise ValueError(f"--init-weights {self.init_weights}: no such file")
         parse_partition(self.partition)
         parse_attack(self.attack)
-        from fedfleet.population import check_population
+        from fedfleet.population import BULK_BYTES_PER_PHONE, BYTES_PER_PHONE, check_population
 
-        check_population(self.phones)  # a population that cannot fit, refused with its estimate
+        # a population that cannot fit, refused with its estimate
+        check_population(self.phones, per_phone=BULK_BYTES_PER_PHONE if self.register_in_bulk else BYTES_PER_PHONE)
         self.fleet_config()  # what the fleet would refuse (FleetConfig), refused now
         try:  # what the server would refuse, refused now (the shape is the dataset's, known later)
             self._server_config((1, 8, 8), 10, None)

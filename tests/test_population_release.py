@@ -97,6 +97,14 @@ async def test_a_phone_is_released_only_between_tasks_and_without_state_the_colu
     await session.close()
 
 
+def test_a_bulk_registered_population_is_estimated_at_its_columns_cost() -> None:
+    from fedfleet.population import BULK_BYTES_PER_PHONE, check_population
+
+    check_population(3_000_000, available=8_000_000_000, per_phone=BULK_BYTES_PER_PHONE)  # ~7 GB: fits
+    with pytest.raises(ValueError, match=r"3,000,000 phones need about 25\.0 GB .*~8 KB a phone"):
+        check_population(3_000_000, available=8_000_000_000)  # built and registered one by one: it does not
+
+
 def test_bulk_and_when_active_registration_exclude_each_other() -> None:
     with pytest.raises(ValueError, match="register_in_bulk registers every phone up front; register_when_active"):
         SimulateConfig(phones=10, dataset="digits", register_in_bulk=True, register_when_active=True)
