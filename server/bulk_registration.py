@@ -50,7 +50,7 @@ def parse_entries(body: dict[str, Any], require_key: bool) -> tuple[list[PhoneEn
     for i, entry in enumerate(phones):
         if not isinstance(entry, dict):
             fail(400, "malformed", f"phones[{i}] must be an object")
-        name = entry.get("name", f"phone-{secrets.token_hex(6)}")
+        name = entry["name"] if "name" in entry else f"phone-{secrets.token_hex(6)}"
         if not isinstance(name, str) or not NAME_RE.match(name):
             fail(400, "bad_name", f"phones[{i}]: name must be 1-64 characters of letters, digits, '.', '_' or '-'")
         if name in names:
