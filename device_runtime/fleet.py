@@ -172,8 +172,10 @@ async def run_fleet(
                 p.pool = pool
             until = cfg.hours * 3600 if cfg.hours > 0 else None
             if bulk and isinstance(clock, VirtualClock):
-                population = population_of(cfg, clock, phone, tokens, shard, phones[0], pool, failures, lambda p: _run_phone(
-                    p, stop, until, 0.0, failures, cfg.phone_max_errors, joined=True))
+                def run_phone(p: PhoneClient) -> Awaitable[None]:
+                    return _run_phone(p, stop, until, 0.0, failures, cfg.phone_max_errors, joined=True)
+
+                population = population_of(cfg, clock, phone, tokens, shard, phones[0], pool, failures, run_phone)
                 await population.run_all(np.asarray(shard), starts, until)
             elif lazy and isinstance(clock, VirtualClock):
                 active: dict[int, PhoneClient] = {shard[0]: phones[0]}
