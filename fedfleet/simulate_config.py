@@ -160,7 +160,7 @@ class SimulateConfig:
 
         # a population that cannot fit, refused with its estimate
         check_population(self.phones, per_phone=BULK_BYTES_PER_PHONE if self.register_in_bulk else BYTES_PER_PHONE)
-        self.fleet_config()  # what the fleet would refuse (FleetConfig), refused now
+        FleetConfig(**component_values(self.settings, "fleet"))  # what the fleet would refuse, refused now
         try:  # what the server would refuse, refused now (the shape is the dataset's, known later)
             self._server_config((1, 8, 8), 10, None)
         except ValueError as exc:
