@@ -116,8 +116,8 @@ class SecureSession:
         shares = phone.unmask(request["survivors"], request["dropped"])
         await self._call("POST", "/v1/secagg/unmask", {
             "round": self.round,
-            "seeds": {str(j): f"{y:0132x}" for j, y in shares.seeds.items()},
-            "keys": {str(j): f"{y:0132x}" for j, y in shares.keys.items()},
+            "seeds": {str(j): f"{y:032x}" for j, y in shares.seeds.items()},
+            "keys": {str(j): f"{y:032x}" for j, y in shares.keys.items()},
         })
         return out
 

@@ -40,10 +40,10 @@ from fedfleet.protocol.secagg.graph import neighbours
 from fedfleet.protocol.secagg.integer import unpack
 from fedfleet.protocol.secagg.params import params_json
 from fedfleet.protocol.secagg.phone import sync_group_name
-from fedfleet.protocol.secagg.shamir import PRIME
+from fedfleet.protocol.secagg.shamir import PRIME, SHARE_BYTES
 
 _PROBE = bytes(range(1, 33))  # any scalar: X25519 of it with a low-order key is all zeros
-SEALED_BYTES = 148  # 132-byte plaintext + 16-byte Poly1305 tag (FORMAT.md 12.2)
+SEALED_BYTES = 48  # two 16-byte shares + the 16-byte Poly1305 tag (FORMAT.md 12.2)
 STEPS = ("advertise", "share", "masked", "unmask", "done", "aborted")
 
 
@@ -240,7 +240,7 @@ class SecureGroup:
         self._log("unmask", phone, json.dumps({"seeds": {str(j): y for j, y in shares.seeds.items()},
                                                 "keys": {str(j): y for j, y in shares.keys.items()}}).encode())
         self.responses[i] = shares
-        self.bytes_up += 66 * (len(shares.seeds) + len(shares.keys))
+        self.bytes_up += SHARE_BYTES * (len(shares.seeds) + len(shares.keys))
         if len(self.responses) == len(self.masked):
             self._finish()
 

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from fedfleet.protocol import MalformedMessage
 from fedfleet.protocol.secagg import BelowThreshold, PublicKeys, UnmaskShares, WrongStep
+from fedfleet.protocol.secagg.shamir import SHARE_BYTES
 from fedfleet.server.async_coordinator import AsyncCoordinator
 from fedfleet.server.http import authenticate, json_response, read_body, read_json
 from fedfleet.server.secagg import SecureGroup
@@ -179,7 +180,7 @@ async def unmask(request: web.Request) -> web.Response:
     body = await read_json(request, limit=MAX_JSON)
     phone, group = _member(request, body.get("round"))
     parsed = [
-        {j: int.from_bytes(_hex(v, 66, "a share"), "big") for j, v in _by_index(body.get(k), k).items()}
+        {j: int.from_bytes(_hex(v, SHARE_BYTES, "a share"), "big") for j, v in _by_index(body.get(k), k).items()}
         for k in ("seeds", "keys")
     ]
     group.unmask(phone, UnmaskShares(parsed[0], parsed[1]))

@@ -12,7 +12,8 @@ import numpy as np
 from fedfleet.protocol.secagg import SecAggPhone, UnmaskShares, crypto, group_params, unmask_sum
 from fedfleet.protocol.secagg.graph import neighbours, ring_order
 from fedfleet.protocol.secagg.integer import pack, unpack
-from fedfleet.protocol.secagg.phone import pairwise_key
+from fedfleet.protocol.secagg.phone import mask_secret_key, pairwise_key, secret_seed
+from fedfleet.protocol.secagg.shamir import element_to_bytes
 
 GOLDEN = Path(__file__).parent / "golden" / "secagg"
 
@@ -85,13 +86,19 @@ def test_group_of_six_step_by_step() -> None:
     for i, ph in spec.items():
         assert roster[i].channel.hex() == ph["channel_public_hex"]
         assert roster[i].mask.hex() == ph["mask_public_hex"]
+    ctx = params.context
+    for ph in spec.values():  # the shared secrets are 16-byte field elements
+        entropy = bytes.fromhex(ph["entropy_hex"])
+        assert element_to_bytes(secret_seed(entropy, "mask key seed", ctx)).hex() == ph["mask_key_seed_hex"]
+        assert element_to_bytes(secret_seed(entropy, "self mask seed", ctx)).hex() == ph["self_mask_seed_hex"]
     for key, expected in v["pairwise_keys_hex"].items():
         i, j = map(int, key.split("-"))
-        secret = crypto.hkdf(bytes.fromhex(spec[i]["entropy_hex"]), "mask key", params.context)
-        assert pairwise_key(secret, roster[j].mask, params.context).hex() == expected
+        secret = mask_secret_key(int(spec[i]["mask_key_seed_hex"], 16), ctx)
+        assert pairwise_key(secret, roster[j].mask, ctx).hex() == expected
     sealed = {i: ph.share_keys(roster) for i, ph in phones.items()}
     for i, ph in spec.items():
         assert {str(j): s.hex() for j, s in sealed[i].items()} == ph["sealed_shares_hex"]
+        assert {len(s) for s in sealed[i].values()} == {48}  # two 16-byte shares and the 16-byte tag
     survivors, dropped = set(v["survivors"]), set(v["dropped"])
     masked = {}
     for i in sorted(survivors):
@@ -102,8 +109,8 @@ def test_group_of_six_step_by_step() -> None:
     responses = {}
     for key, expected in v["responses"].items():
         shares = phones[int(key)].unmask(survivors, dropped)
-        assert {str(j): f"{y:0132x}" for j, y in shares.seeds.items()} == expected["seeds_hex"]
-        assert {str(j): f"{y:0132x}" for j, y in shares.keys.items()} == expected["keys_hex"]
+        assert {str(j): f"{y:032x}" for j, y in shares.seeds.items()} == expected["seeds_hex"]
+        assert {str(j): f"{y:032x}" for j, y in shares.keys.items()} == expected["keys_hex"]
         responses[int(key)] = UnmaskShares(
             {int(j): int(h, 16) for j, h in expected["seeds_hex"].items()},
             {int(j): int(h, 16) for j, h in expected["keys_hex"].items()},

@@ -177,8 +177,8 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
     params = params_from_json(roster["params"])
     me = roster["index"]
     others = sorted(set(range(1, n + 1)) - {me})
-    sealed = {str(j): "ab" * 148 for j in others}
-    assert await post(a0, "/v1/secagg/shares", {"round": 1, "shares": {**sealed, "9": "ab" * 148}}) == (
+    sealed = {str(j): "ab" * 48 for j in others}
+    assert await post(a0, "/v1/secagg/shares", {"round": 1, "shares": {**sealed, "9": "ab" * 48}}) == (
         400, "not_a_neighbour")
     assert await post(a0, "/v1/secagg/shares", {"round": 1, "shares": {**sealed, str(others[0]): "ab"}}) == (
         400, "bad_share")
@@ -186,7 +186,7 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
     assert await post(a0, "/v1/secagg/shares", {"round": 1, "shares": sealed}) == (400, "duplicate_share")
     me3 = (await (await client.get("/v1/secagg/roster?round=1", headers=a3)).json())["index"]
     assert (await post(a3, "/v1/secagg/shares", {"round": 1, "shares": {
-        str(j): "ab" * 148 for j in range(1, n + 1) if j != me3}}))[0] == 200
+        str(j): "ab" * 48 for j in range(1, n + 1) if j != me3}}))[0] == 200
     await asyncio.gather(*runs)
     body = bytes(params.upload_bytes)
     assert await post(a0, "/v1/secagg/masked?round=1", raw=body[:-1]) == (400, "bad_share")
@@ -196,6 +196,52 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
     unmask = {"round": 1, "seeds": {}, "keys": {}}
     assert await post(a0, "/v1/secagg/unmask", unmask) == (400, "wrong_step")  # the upload step is open
     assert (await _status(client))["version"] == 0
+
+
+async def test_shares_of_the_wrong_size_or_outside_the_field_are_refused_and_stored_nowhere(
+        make_server: MakeClient) -> None:
+    """Phone 0 first sends each step's message malformed: a sealed share of the wrong length,
+    unmask shares of 66 bytes, one of 16 bytes that is no element of GF(2**127 - 1). Each is a
+    400 by name; the group stores none of them (the well-formed message that follows is
+    accepted, not a duplicate) and merges."""
+    n = 6
+    client = await make_server(min_cohort=n, **SECURE)
+    phones, task = await _cohort(client, n)
+    before = await _model(client, phones[0][1])
+    refused: list[tuple[int, str]] = []
+    inner = sender(client, phones[0][1])
+
+    async def send(method: str, path: str, body: Any, raw: bytes | None) -> dict[str, Any]:
+        async def bad(changed: dict[str, Any]) -> None:
+            with pytest.raises(Refused) as e:
+                await inner(method, path, changed, None)
+            refused.append((e.value.status, e.value.reason))
+
+        if method == "POST" and path == "/v1/secagg/shares":
+            j, sealed = next(iter(body["shares"].items()))
+            await bad({**body, "shares": {**body["shares"], j: sealed + "00" * 100}})  # the 148-byte size
+        if method == "POST" and path == "/v1/secagg/unmask":
+            j = next(iter(body["seeds"]))
+            await bad({**body, "seeds": {**body["seeds"], j: "00" * 66}})
+            await bad({**body, "seeds": {**body["seeds"], j: f"{2**127 - 1:032x}"}})
+        return await inner(method, path, body, raw)
+
+    names = [p["name"] for p in task["params"]]
+    deltas = _deltas(task, n)
+    outcomes = await asyncio.gather(*[
+        secure_round(send if i == 0 else sender(client, auth), asyncio.sleep, 1, deltas[i], names,
+                     np.random.default_rng([7, i]))
+        for i, (_, auth) in enumerate(phones)])
+    assert refused == [(400, "bad_share"), (400, "malformed"), (400, "bad_share")]
+    await _wait_version(client, 1)
+    summed = [o for o in outcomes if isinstance(o, SecureOutcome)]
+    assert len(summed) == n and summed[0].params is not None
+    mean = mean_from_sum(np.sum([_values(o) for o in summed], axis=0), summed[0].params, n)
+    after, at = await _model(client, phones[0][1]), 0
+    for name, p in before.items():  # FedAvg of all six phones' integer updates: nothing malformed went in
+        np.testing.assert_array_equal(after[name], (p.astype(np.float64) + mean[at : at + p.size].reshape(p.shape))
+                                      .astype(p.dtype))
+        at += p.size
 
 
 async def test_an_aborted_group_changes_no_model_no_version_and_no_ledger(make_server: MakeClient) -> None:

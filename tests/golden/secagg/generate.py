@@ -16,8 +16,9 @@ from fedfleet.protocol.secagg import SecAggPhone, crypto, group_params, unmask_s
 from fedfleet.protocol.secagg.coords import shared_coordinates
 from fedfleet.protocol.secagg.graph import neighbours, ring_order
 from fedfleet.protocol.secagg.integer import pack
-from fedfleet.protocol.secagg.phone import pairwise_key
+from fedfleet.protocol.secagg.phone import mask_secret_key, pairwise_key, secret_seed
 from fedfleet.protocol.secagg.rotation import rotation
+from fedfleet.protocol.secagg.shamir import element_to_bytes
 
 HERE = Path(__file__).parent
 PRG_KEY = bytes(range(32))
@@ -64,7 +65,8 @@ def coords_vector() -> dict[str, Any]:
 
 def group_vector() -> dict[str, Any]:
     """Six phones, complete graph, t = 3: phone 6 drops after sharing keys, phone 5 after its
-    masked upload. The server rebuilds 6's mask key and the seeds of 1-5 from the shares of 1-4."""
+    masked upload. The server rebuilds 6's mask-key seed and the self-mask seeds of 1-5 from the
+    shares of 1-4."""
     params = group_params("round/7/group/0", 6, 6, clip=1.0, threshold=0.6, modulus_bits=14, graph_seed=b"g")
     entropy = {i: bytes([i]) * 32 for i in range(1, 7)}
     values = {i: np.array([i, -i, 100 * i, -100 * i, 0, i * i - 7], dtype=np.int64) for i in range(1, 7)}
@@ -93,14 +95,15 @@ def group_vector() -> dict[str, Any]:
                 "entropy_hex": entropy[i].hex(),
                 "channel_public_hex": roster[i].channel.hex(),
                 "mask_public_hex": roster[i].mask.hex(),
-                "self_mask_seed_hex": crypto.hkdf(entropy[i], "self mask seed", ctx).hex(),
+                "mask_key_seed_hex": element_to_bytes(secret_seed(entropy[i], "mask key seed", ctx)).hex(),
+                "self_mask_seed_hex": element_to_bytes(secret_seed(entropy[i], "self mask seed", ctx)).hex(),
                 "values": values[i].tolist(),
                 "sealed_shares_hex": {str(j): sealed[i][j].hex() for j in sorted(sealed[i])},
             }
             for i in range(1, 7)
         },
         "pairwise_keys_hex": {
-            f"{i}-{j}": pairwise_key(crypto.hkdf(entropy[i], "mask key", ctx), roster[j].mask, ctx).hex()
+            f"{i}-{j}": pairwise_key(mask_secret_key(secret_seed(entropy[i], "mask key seed", ctx), ctx), roster[j].mask, ctx).hex()
             for i in range(1, 7) for j in range(i + 1, 7)
         },
         "masked_hex": {str(i): pack(y, params.modulus_bits).hex() for i, y in masked.items()},
@@ -108,8 +111,8 @@ def group_vector() -> dict[str, Any]:
         "dropped": sorted(dropped),
         "responses": {
             str(i): {
-                "seeds_hex": {str(j): f"{y:0132x}" for j, y in sorted(r.seeds.items())},
-                "keys_hex": {str(j): f"{y:0132x}" for j, y in sorted(r.keys.items())},
+                "seeds_hex": {str(j): f"{y:032x}" for j, y in sorted(r.seeds.items())},
+                "keys_hex": {str(j): f"{y:032x}" for j, y in sorted(r.keys.items())},
             }
             for i, r in responses.items()
         },

@@ -149,7 +149,7 @@ final class SecureRound {
   private static JSONObject hexes(Map<Integer, BigInteger> shares) throws JSONException {
     JSONObject o = new JSONObject();
     for (Map.Entry<Integer, BigInteger> e : shares.entrySet()) {
-      o.put(String.valueOf(e.getKey()), String.format("%0132x", e.getValue()));
+      o.put(String.valueOf(e.getKey()), String.format("%032x", e.getValue()));
     }
     return o;
   }

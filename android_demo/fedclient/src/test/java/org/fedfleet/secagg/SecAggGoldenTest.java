@@ -120,6 +120,12 @@ class SecAggGoldenTest {
       SecAggPhone phone = new SecAggPhone(params, i, HEX.parseHex((String) ph.get("entropy_hex")));
       assertEquals(ph.get("channel_public_hex"), HEX.formatHex(phone.channelPublic()));
       assertEquals(ph.get("mask_public_hex"), HEX.formatHex(phone.maskPublic()));
+      byte[] entropy = HEX.parseHex((String) ph.get("entropy_hex"));
+      byte[] ctx = params.context();
+      assertEquals(ph.get("mask_key_seed_hex"),
+          HEX.formatHex(Shamir.toBytes(SecAggPhone.secretSeed(entropy, "mask key seed", ctx))));
+      assertEquals(ph.get("self_mask_seed_hex"),
+          HEX.formatHex(Shamir.toBytes(SecAggPhone.secretSeed(entropy, "self mask seed", ctx))));
       phones.put(i, phone);
       roster.put(i, new byte[][] {phone.channelPublic(), phone.maskPublic()});
     }
@@ -131,6 +137,7 @@ class SecAggGoldenTest {
       assertEquals(want.size(), out.size());
       for (Map.Entry<Integer, byte[]> s : out.entrySet()) {
         assertEquals(want.get(s.getKey().toString()), HEX.formatHex(s.getValue()));
+        assertEquals(48, s.getValue().length);  // two 16-byte shares and the Poly1305 tag
       }
       sealed.put(e.getKey(), out);
     }
@@ -161,6 +168,15 @@ class SecAggGoldenTest {
     Set<Integer> both = new TreeSet<>(survivors);
     both.add(dropped.iterator().next());
     assertThrows(SecurityException.class, () -> phones.get(1).unmask(both, dropped));
+  }
+
+  @Test
+  void sharesAreSixteenByteFieldElements() {
+    BigInteger y = Shamir.PRIME.subtract(BigInteger.ONE);
+    assertEquals(y, Shamir.fromBytes(Shamir.toBytes(y)));
+    assertThrows(IllegalArgumentException.class, () -> Shamir.fromBytes(Shamir.toBytes(Shamir.PRIME)));
+    assertThrows(IllegalArgumentException.class, () -> Shamir.fromBytes(new byte[66]));
+    assertThrows(IllegalArgumentException.class, () -> Shamir.split(Shamir.PRIME, List.of(1, 2), List.of()));
   }
 
   private static Map<Integer, BigInteger> hexes(Map<String, Object> m) {
