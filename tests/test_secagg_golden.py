@@ -54,9 +54,9 @@ def test_shared_coordinates() -> None:
 def test_rotation() -> None:
     from fedfleet.protocol.secagg.rotation import rotation
 
-    v = _load("rotation_63")
+    v = _load("rotation_90")
     r = rotation(bytes.fromhex(v["seed_hex"]), v["group"].encode(), v["dim"])
-    assert (r.block, r.rotated_dim) == (v["block"], v["rotated_dim"])
+    assert (list(r.blocks), r.rotated_dim) == (v["blocks"], v["rotated_dim"]) == ([64, 32], 96)
     assert r.signs.astype(int).tolist() == v["signs"] and r.order.tolist() == v["order"]
     y = r.apply(np.array(v["x"]))
     assert y.tolist() == v["y"]  # the same float operations in the same order: bit for bit
@@ -77,8 +77,8 @@ def test_group_of_six_step_by_step() -> None:
         p["group"], p["size"], p["dim"], clip=p["clip"], threshold=p["threshold"], modulus_bits=p["modulus_bits"],
         graph_seed=bytes.fromhex(p["graph_seed_hex"]),
     )
-    assert (params.degree, params.share_threshold, params.min_survivors, params.modulus_bits) == (
-        p["degree"], p["share_threshold"], p["min_survivors"], p["modulus_bits"]
+    assert (params.degree, params.share_threshold, params.min_survivors, params.modulus_bits, params.rotated_dim) == (
+        p["degree"], p["share_threshold"], p["min_survivors"], p["modulus_bits"], p["rotated_dim"]
     )
     spec = {int(i): ph for i, ph in v["phones"].items()}
     phones = {i: SecAggPhone(params, i, bytes.fromhex(ph["entropy_hex"])) for i, ph in spec.items()}

@@ -69,7 +69,8 @@ def group_vector() -> dict[str, Any]:
     shares of 1-4."""
     params = group_params("round/7/group/0", 6, 6, clip=1.0, threshold=0.6, modulus_bits=14, graph_seed=b"g")
     entropy = {i: bytes([i]) * 32 for i in range(1, 7)}
-    values = {i: np.array([i, -i, 100 * i, -100 * i, 0, i * i - 7], dtype=np.int64) for i in range(1, 7)}
+    pad = [0] * (params.rotated_dim - 6)  # the 6 coordinates rotate into 32
+    values = {i: np.array([i, -i, 100 * i, -100 * i, 0, i * i - 7, *pad], dtype=np.int64) for i in range(1, 7)}
     phones = {i: SecAggPhone(params, i, entropy[i]) for i in range(1, 7)}
     roster = {i: p.advertise() for i, p in phones.items()}
     sealed = {i: p.share_keys(roster) for i, p in phones.items()}
@@ -86,7 +87,8 @@ def group_vector() -> dict[str, Any]:
         "name": "group_6_phones",
         "description": group_vector.__doc__.split("\n\n")[0] if group_vector.__doc__ else "",
         "params": {
-            "group": params.group, "clip": 1.0, "threshold": 0.6, "size": params.size, "dim": params.dim, "degree": params.degree,
+            "group": params.group, "clip": 1.0, "threshold": 0.6, "size": params.size, "dim": params.dim,
+            "rotated_dim": params.rotated_dim, "degree": params.degree,
             "share_threshold": params.share_threshold, "min_survivors": params.min_survivors,
             "modulus_bits": params.modulus_bits, "graph_seed_hex": params.graph_seed.hex(),
         },
@@ -122,14 +124,16 @@ def group_vector() -> dict[str, Any]:
 
 def rotation_vector() -> dict[str, Any]:
     seed, group = b"fedfleet rotation", b"round/7/group/0"
-    r = rotation(seed, group, 63)
-    x = np.random.default_rng(0).normal(0, 1, 63)
+    r = rotation(seed, group, 90)
+    x = np.random.default_rng(0).normal(0, 1, 90)
     return {
-        "name": "rotation_63",
-        "description": "The rotation of 63 coordinates: blocks of 32, padded to 64; signs from bit 0 of "
+        "name": "rotation_90",
+        "description": "The rotation of 90 coordinates: padded to 96, blocks of 64 and 32; signs from bit 0 of "
         "PRG(HKDF(seed, 'rotation signs', group)), order by (PRG(HKDF(seed, 'rotation order', group)) word, index); "
-        "y = block Hadamard / sqrt(32) of (signs * pad(x))[order]. Floats as Python repr (round-trip).",
-        "seed_hex": seed.hex(), "group": group.decode(), "dim": 63, "block": r.block, "rotated_dim": r.rotated_dim,
+        "y = H_64 / 8 of u[0:64] and H_32 / sqrt(32) of u[64:96], u = (signs * pad(x))[order]. Floats as Python "
+        "repr (round-trip).",
+        "seed_hex": seed.hex(), "group": group.decode(), "dim": 90, "blocks": list(r.blocks),
+        "rotated_dim": r.rotated_dim,
         "signs": [int(v) for v in r.signs], "order": r.order.tolist(),
         "x": [float(v) for v in x], "y": [float(v) for v in r.apply(x)],
     }

@@ -81,11 +81,15 @@ class SecAggGoldenTest {
   @Test
   @SuppressWarnings("unchecked")
   void rotation() throws Exception {
-    Map<String, Object> v = load("rotation_63");
+    Map<String, Object> v = load("rotation_90");
     int dim = num(v.get("dim"));
     Rotation r = new Rotation(HEX.parseHex((String) v.get("seed_hex")),
         ((String) v.get("group")).getBytes(StandardCharsets.UTF_8), dim);
-    assertEquals(num(v.get("block")), r.block());
+    assertEquals(((List<Object>) v.get("blocks")).stream().map(SecAggGoldenTest::num).toList(),
+        java.util.Arrays.stream(r.blocks()).boxed().toList());
+    assertEquals(List.of(4096, 4096, 4096, 4096, 2048, 1024, 256, 128, 64),
+        java.util.Arrays.stream(Rotation.blocks(19_885)).boxed().toList());
+    assertEquals(19_904, Rotation.rotatedDim(19_885));
     assertEquals(num(v.get("rotated_dim")), Rotation.rotatedDim(dim));
     assertEquals(((List<Object>) v.get("order")).stream().map(SecAggGoldenTest::num).toList(),
         java.util.Arrays.stream(r.order()).boxed().toList());
@@ -111,7 +115,7 @@ class SecAggGoldenTest {
     Map<String, Object> p = (Map<String, Object>) v.get("params");
     SecAggPhone.Params params = new SecAggPhone.Params((String) p.get("group"), num(p.get("size")),
         num(p.get("degree")), num(p.get("share_threshold")), num(p.get("min_survivors")), num(p.get("modulus_bits")),
-        num(p.get("dim")), HEX.parseHex((String) p.get("graph_seed_hex")));
+        num(p.get("rotated_dim")), HEX.parseHex((String) p.get("graph_seed_hex")));
     Map<String, Object> spec = (Map<String, Object>) v.get("phones");
     Map<Integer, SecAggPhone> phones = new TreeMap<>();
     Map<Integer, byte[][]> roster = new TreeMap<>();
