@@ -2,8 +2,9 @@
 
 Every message names its round (sync: the open round; async: the number of the phone's group,
 its task's ``round``); a message for another round or group, a step not open, or from a phone
-outside the group is a 400 ``wrong_step``. Bodies are JSON with hex bytes, except the
-masked update (raw little-endian words, ``application/octet-stream``). A GET for a step that
+outside the group is a 400 ``wrong_step``. The share messages and the masked update are binary
+(``application/octet-stream``, the round in the query: protocol/secagg/framing.py, packed
+values); the other bodies are JSON with hex bytes. A GET for a step that
 has not closed yet answers ``{"state": "wait", "retry_after_s": ...}``; one from a phone whose
 group aborted ``{"state": "aborted", ...}`` (a state, not bad input), and that phone's other
 messages a 400 ``below_threshold``. An advertisement that comes after the roster closed answers
@@ -11,23 +12,21 @@ messages a 400 ``below_threshold``. An advertisement that comes after the roster
 
     POST /v1/secagg/advertise  {"round", "channel_key", "mask_key"}
     GET  /v1/secagg/roster?round=R      -> {"index", "params", "neighbours", "keys"}
-    POST /v1/secagg/shares     {"round", "shares": {recipient: sealed}}
+    POST /v1/secagg/shares?round=R      sealed shares, 48 bytes per neighbour, increasing
     GET  /v1/secagg/inbox?round=R       -> {"shares": {sender: sealed}}
     POST /v1/secagg/masked?round=R      raw masked update
     GET  /v1/secagg/unmask?round=R      -> {"survivors", "dropped"}
-    POST /v1/secagg/unmask     {"round", "seeds": {phone: share}, "keys": {phone: share}}
+    POST /v1/secagg/unmask?round=R      16-byte shares, one per inbox sender, increasing
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from fedfleet.protocol import MalformedMessage
-from fedfleet.protocol.secagg import BelowThreshold, PublicKeys, UnmaskShares, WrongStep
-from fedfleet.protocol.secagg.shamir import SHARE_BYTES
+from fedfleet.protocol.secagg import BelowThreshold, PublicKeys, WrongStep
 from fedfleet.server.async_coordinator import AsyncCoordinator
 from fedfleet.server.http import authenticate, json_response, read_body, read_json
 from fedfleet.server.secagg import SecureGroup
@@ -35,7 +34,7 @@ from fedfleet.server.secagg_async import wrong_group
 from fedfleet.server.state import CONFIG, COORD, STORE, WORK, schedule_merge
 from fedfleet.server.sync_coordinator import SyncCoordinator
 
-MAX_JSON = 4 << 20  # a share message of a 1,000-phone group is well under 100 KiB
+MAX_SHARES = 1 << 20  # a phone's sealed shares: 48 bytes per neighbour (about 1 kB at k = 20)
 
 
 def _lookup(request: web.Request, phone: str, number: Any, poll: bool = False) -> tuple[SecureGroup, str | None, bool]:
@@ -104,12 +103,6 @@ def _hex(value: Any, size: int | None, what: str) -> bytes:
     return raw
 
 
-def _by_index(value: Any, what: str) -> dict[int, str]:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k.isdigit() for k in value):
-        raise MalformedMessage(f"{what} must map phone numbers to hex strings")
-    return {int(k): v for k, v in value.items()}
-
-
 def _wait(request: web.Request) -> dict[str, Any]:
     return {"state": "wait", "retry_after_s": request.app[CONFIG].checkin_retry_s}
 
@@ -151,10 +144,9 @@ async def roster(request: web.Request) -> web.Response:
 
 
 async def shares(request: web.Request) -> web.Response:
-    body = await read_json(request, limit=MAX_JSON)
-    phone, group = _member(request, body.get("round"))
-    sealed = {j: _hex(v, None, "a sealed share") for j, v in _by_index(body.get("shares"), "shares").items()}
-    group.share(phone, sealed)
+    phone, group = _member(request, _round_query(request))
+    body = await read_body(request, MAX_SHARES, request.app[CONFIG].request_timeout_s)
+    group.share_packed(phone, body)
     _after(request, group)
     return await _durable(request, {"accepted": True, "step": group.step})
 
@@ -177,13 +169,9 @@ async def unmask_request(request: web.Request) -> web.Response:
 
 
 async def unmask(request: web.Request) -> web.Response:
-    body = await read_json(request, limit=MAX_JSON)
-    phone, group = _member(request, body.get("round"))
-    parsed = [
-        {j: int.from_bytes(_hex(v, SHARE_BYTES, "a share"), "big") for j, v in _by_index(body.get(k), k).items()}
-        for k in ("seeds", "keys")
-    ]
-    group.unmask(phone, UnmaskShares(parsed[0], parsed[1]))
+    phone, group = _member(request, _round_query(request))
+    body = await read_body(request, MAX_SHARES, request.app[CONFIG].request_timeout_s)
+    group.unmask_packed(phone, body)
     _after(request, group)
     return await _durable(request, {"accepted": True, "step": group.step})
 

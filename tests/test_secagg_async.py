@@ -117,7 +117,7 @@ async def test_an_aborted_group_changes_nothing_and_frees_its_phones(make_server
     before = await _model(client, phones[0][1])
     outcomes, _ = await _group(client, phones, 1, task, 0, {0: "share", 1: "share", 2: "share"})
     assert isinstance(outcomes[3], SecureRoundAborted), outcomes  # 1 of 4 uploaded; 3 needed
-    late = await client.post("/v1/secagg/unmask", json={"round": 1, "seeds": {}, "keys": {}}, headers=phones[3][1])
+    late = await client.post("/v1/secagg/unmask?round=1", data=b"", headers=phones[3][1])
     assert late.status == 400 and (await late.json())["error"] == "below_threshold"
     polled = await (await client.get("/v1/secagg/unmask?round=1", headers=phones[3][1])).json()
     assert polled["state"] == "aborted"
@@ -152,7 +152,7 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
     assert await post(a2, "/v1/secagg/advertise", {"round": 1, **keys}) == (400, "wrong_step")  # not its group
     assert (await post(a0, "/v1/secagg/advertise", {"round": 1, **keys}))[0] == 200
     assert await post(a0, "/v1/secagg/advertise", {"round": 1, **keys}) == (400, "wrong_step")  # twice
-    assert await post(a0, "/v1/secagg/shares", {"round": 1, "shares": {}}) == (400, "wrong_step")  # roster open
+    assert await post(a0, "/v1/secagg/shares?round=1", raw=b"") == (400, "wrong_step")  # roster open
     gone = await (await client.get("/v1/secagg/roster?round=9", headers=a0)).json()
     assert gone["state"] == "aborted"  # a group the server does not know (e.g. lost in a restart): check in again
     assert await post(a1, "/v1/secagg/masked?round=1", raw=b"\x00" * 8) == (400, "wrong_step")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from fedfleet.protocol.secagg import SecAggPhone, UnmaskShares, crypto, group_params, unmask_sum
+from fedfleet.protocol.secagg.framing import pack_sealed, pack_unmask, unpack_sealed, unpack_unmask
 from fedfleet.protocol.secagg.graph import neighbours, ring_order
 from fedfleet.protocol.secagg.integer import pack, unpack
 from fedfleet.protocol.secagg.phone import mask_secret_key, pairwise_key, secret_seed
@@ -99,6 +100,8 @@ def test_group_of_six_step_by_step() -> None:
     for i, ph in spec.items():
         assert {str(j): s.hex() for j, s in sealed[i].items()} == ph["sealed_shares_hex"]
         assert {len(s) for s in sealed[i].values()} == {48}  # two 16-byte shares and the 16-byte tag
+        assert pack_sealed(sealed[i]).hex() == ph["shares_body_hex"]
+        assert unpack_sealed(bytes.fromhex(ph["shares_body_hex"]), list(sealed[i])) == sealed[i]
     survivors, dropped = set(v["survivors"]), set(v["dropped"])
     masked = {}
     for i in sorted(survivors):
@@ -111,6 +114,9 @@ def test_group_of_six_step_by_step() -> None:
         shares = phones[int(key)].unmask(survivors, dropped)
         assert {str(j): f"{y:032x}" for j, y in shares.seeds.items()} == expected["seeds_hex"]
         assert {str(j): f"{y:032x}" for j, y in shares.keys.items()} == expected["keys_hex"]
+        assert pack_unmask(shares).hex() == expected["body_hex"]
+        senders = [j for j, out in sealed.items() if int(key) in out]
+        assert unpack_unmask(bytes.fromhex(expected["body_hex"]), senders, survivors) == shares
         responses[int(key)] = UnmaskShares(
             {int(j): int(h, 16) for j, h in expected["seeds_hex"].items()},
             {int(j): int(h, 16) for j, h in expected["keys_hex"].items()},

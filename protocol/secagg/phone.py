@@ -73,6 +73,9 @@ def pairwise_key(own_mask_secret: bytes, peer_mask_public: bytes, context: bytes
     return crypto.hkdf(crypto.agree(own_mask_secret, peer_mask_public), "pairwise mask", context)
 
 
+SEALED_SHARE_BYTES = 2 * shamir.SHARE_BYTES + 16  # the two shares and the Poly1305 tag: 48
+
+
 def share_plaintext(key_share: int, seed_share: int) -> bytes:
     return shamir.element_to_bytes(key_share) + shamir.element_to_bytes(seed_share)
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from fedfleet.protocol.secagg import SecAggPhone, crypto, group_params, unmask_sum
 from fedfleet.protocol.secagg.coords import shared_coordinates
+from fedfleet.protocol.secagg.framing import pack_sealed, pack_unmask
 from fedfleet.protocol.secagg.graph import neighbours, ring_order
 from fedfleet.protocol.secagg.integer import pack
 from fedfleet.protocol.secagg.phone import mask_secret_key, pairwise_key, secret_seed
@@ -101,6 +102,7 @@ def group_vector() -> dict[str, Any]:
                 "self_mask_seed_hex": element_to_bytes(secret_seed(entropy[i], "self mask seed", ctx)).hex(),
                 "values": values[i].tolist(),
                 "sealed_shares_hex": {str(j): sealed[i][j].hex() for j in sorted(sealed[i])},
+                "shares_body_hex": pack_sealed(sealed[i]).hex(),
             }
             for i in range(1, 7)
         },
@@ -115,6 +117,7 @@ def group_vector() -> dict[str, Any]:
             str(i): {
                 "seeds_hex": {str(j): f"{y:032x}" for j, y in sorted(r.seeds.items())},
                 "keys_hex": {str(j): f"{y:032x}" for j, y in sorted(r.keys.items())},
+                "body_hex": pack_unmask(r).hex(),
             }
             for i, r in responses.items()
         },

@@ -75,11 +75,7 @@ final class SecureRound {
       JSONArray pair = all.getJSONArray(j);
       advertised.put(Integer.parseInt(j), new byte[][] {HEX.parseHex(pair.getString(0)), HEX.parseHex(pair.getString(1))});
     }
-    JSONObject shares = new JSONObject();
-    for (Map.Entry<Integer, byte[]> e : phone.shareKeys(advertised).entrySet()) {
-      shares.put(String.valueOf(e.getKey()), HEX.formatHex(e.getValue()));
-    }
-    post("/v1/secagg/shares", new JSONObject().put("round", round).put("shares", shares));
+    postBytes("/v1/secagg/shares", SecAggPhone.packSealed(phone.shareKeys(advertised)));
     JSONObject inbox = poll("/v1/secagg/inbox");
     if (inbox == null) {
       return false;
@@ -103,15 +99,14 @@ final class SecureRound {
         p.getDouble("sensitivity"), p.getDouble("noise_sigma"), p.getLong("noise_tail"));
     long[] values = IntegerCodec.toIntegers(x, spec, rotation, rng);
     byte[] body = IntegerCodec.pack(phone.maskedUpload(incoming, values), params.modulusBits());
-    http.send("POST", "/v1/secagg/masked?round=" + round, body, "application/octet-stream", Map.of(), false);
+    postBytes("/v1/secagg/masked", body);
     JSONObject request = poll("/v1/secagg/unmask");
     if (request == null) {
       return false;
     }
     SecAggPhone.UnmaskShares answer = phone.unmask(ints(request.getJSONArray("survivors")),
         ints(request.getJSONArray("dropped")));
-    post("/v1/secagg/unmask", new JSONObject().put("round", round).put("seeds", hexes(answer.seeds()))
-        .put("keys", hexes(answer.keys())));
+    postBytes("/v1/secagg/unmask", SecAggPhone.packUnmask(answer));
     return true;
   }
 
@@ -146,12 +141,9 @@ final class SecureRound {
     return out;
   }
 
-  private static JSONObject hexes(Map<Integer, BigInteger> shares) throws JSONException {
-    JSONObject o = new JSONObject();
-    for (Map.Entry<Integer, BigInteger> e : shares.entrySet()) {
-      o.put(String.valueOf(e.getKey()), String.format("%032x", e.getValue()));
-    }
-    return o;
+  /** A binary step message (FORMAT.md 12.5): the round in the query. */
+  private void postBytes(String path, byte[] body) throws IOException {
+    http.send("POST", path + "?round=" + round, body, "application/octet-stream", Map.of(), false);
   }
 
   private JSONObject post(String path, JSONObject body) throws IOException, JSONException {

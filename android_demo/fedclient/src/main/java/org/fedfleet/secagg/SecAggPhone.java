@@ -1,5 +1,6 @@
 package org.fedfleet.secagg;
 
+import java.io.ByteArrayOutputStream;
 import java.math.BigInteger;
 import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
@@ -156,6 +157,26 @@ public final class SecAggPhone {
     }
     held = got;
     return y;
+  }
+
+  /** The share-keys body (FORMAT.md 12.5): the sealed shares in increasing recipient order. */
+  public static byte[] packSealed(Map<Integer, byte[]> sealed) {
+    ByteArrayOutputStream out = new ByteArrayOutputStream();
+    for (byte[] s : new TreeMap<>(sealed).values()) {
+      out.writeBytes(s);
+    }
+    return out.toByteArray();
+  }
+
+  /** The unmask body (FORMAT.md 12.5): seeds and keys together, 16 bytes each, increasing neighbour order. */
+  public static byte[] packUnmask(UnmaskShares shares) {
+    Map<Integer, BigInteger> merged = new TreeMap<>(shares.seeds());
+    merged.putAll(shares.keys());
+    ByteArrayOutputStream out = new ByteArrayOutputStream();
+    for (BigInteger y : merged.values()) {
+      out.writeBytes(Shamir.toBytes(y));
+    }
+    return out.toByteArray();
   }
 
   public UnmaskShares unmask(Set<Integer> survivors, Set<Integer> dropped) {

@@ -139,6 +139,8 @@ class SecAggGoldenTest {
       Map<String, Object> want = (Map<String, Object>) ((Map<String, Object>) spec.get(e.getKey().toString()))
           .get("sealed_shares_hex");
       assertEquals(want.size(), out.size());
+      assertEquals(((Map<String, Object>) spec.get(e.getKey().toString())).get("shares_body_hex"),
+          HEX.formatHex(SecAggPhone.packSealed(out)));
       for (Map.Entry<Integer, byte[]> s : out.entrySet()) {
         assertEquals(want.get(s.getKey().toString()), HEX.formatHex(s.getValue()));
         assertEquals(48, s.getValue().length);  // two 16-byte shares and the Poly1305 tag
@@ -168,6 +170,7 @@ class SecAggGoldenTest {
       Map<String, Object> want = (Map<String, Object>) r.getValue();
       assertEquals(hexes((Map<String, Object>) want.get("seeds_hex")), got.seeds());
       assertEquals(hexes((Map<String, Object>) want.get("keys_hex")), got.keys());
+      assertEquals(want.get("body_hex"), HEX.formatHex(SecAggPhone.packUnmask(got)));
     }
     Set<Integer> both = new TreeSet<>(survivors);
     both.add(dropped.iterator().next());
