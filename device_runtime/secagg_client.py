@@ -18,7 +18,7 @@ import numpy as np
 
 from fedfleet.protocol.secagg import GroupParams, PublicKeys, SecAggPhone
 from fedfleet.protocol.secagg.coords import shared_coordinates
-from fedfleet.protocol.secagg.framing import pack_sealed, pack_unmask
+from fedfleet.protocol.secagg.framing import pack_keys, pack_sealed, pack_unmask
 from fedfleet.protocol.secagg.integer import flatten, pack, to_integers
 from fedfleet.protocol.secagg.params import params_from_json
 from fedfleet.protocol.secagg.phone import keys_for, sync_group_name
@@ -80,8 +80,7 @@ class SecureSession:
         out, t = self.out, time.perf_counter()
         probe = keys_for(self.entropy, sync_group_name(self.round).encode())
         out.cpu_ms += (time.perf_counter() - t) * 1e3
-        joined = await self._call("POST", "/v1/secagg/advertise",
-                                  {"round": self.round, "channel_key": probe.channel.hex(), "mask_key": probe.mask.hex()})
+        joined = await self._call("POST", f"/v1/secagg/advertise?round={self.round}", None, pack_keys(probe))
         if not joined.get("accepted"):
             raise SecureRoundAborted(f"round {self.round}'s group closed its roster before this phone joined")
         roster = await self._until_ready("/v1/secagg/roster")

@@ -2,15 +2,15 @@
 
 Every message names its round (sync: the open round; async: the number of the phone's group,
 its task's ``round``); a message for another round or group, a step not open, or from a phone
-outside the group is a 400 ``wrong_step``. The share messages and the masked update are binary
-(``application/octet-stream``, the round in the query: protocol/secagg/framing.py, packed
-values); the other bodies are JSON with hex bytes. A GET for a step that
+outside the group is a 400 ``wrong_step``. What phones POST is binary (``application/octet-stream``,
+the round in the query: protocol/secagg/framing.py, and the packed masked values); the answers
+are JSON with hex bytes. A GET for a step that
 has not closed yet answers ``{"state": "wait", "retry_after_s": ...}``; one from a phone whose
 group aborted ``{"state": "aborted", ...}`` (a state, not bad input), and that phone's other
 messages a 400 ``below_threshold``. An advertisement that comes after the roster closed answers
 ``{"accepted": false}``.
 
-    POST /v1/secagg/advertise  {"round", "channel_key", "mask_key"}
+    POST /v1/secagg/advertise?round=R   c_pk || s_pk, 64 bytes
     GET  /v1/secagg/roster?round=R      -> {"index", "params", "neighbours", "keys"}
     POST /v1/secagg/shares?round=R      sealed shares, 48 bytes per neighbour, increasing
     GET  /v1/secagg/inbox?round=R       -> {"shares": {sender: sealed}}
@@ -26,15 +26,16 @@ from typing import Any
 from aiohttp import web
 
 from fedfleet.protocol import MalformedMessage
-from fedfleet.protocol.secagg import BelowThreshold, PublicKeys, WrongStep
+from fedfleet.protocol.secagg import BelowThreshold, WrongStep
+from fedfleet.protocol.secagg.framing import unpack_keys
 from fedfleet.server.async_coordinator import AsyncCoordinator
-from fedfleet.server.http import authenticate, json_response, read_body, read_json
+from fedfleet.server.http import authenticate, json_response, read_body
 from fedfleet.server.secagg import SecureGroup
 from fedfleet.server.secagg_async import wrong_group
 from fedfleet.server.state import CONFIG, COORD, STORE, WORK, schedule_merge
 from fedfleet.server.sync_coordinator import SyncCoordinator
 
-MAX_SHARES = 1 << 20  # a phone's sealed shares: 48 bytes per neighbour (about 1 kB at k = 20)
+MAX_SHARES = 1 << 20  # a phone's keys or shares: its sealed shares are 48 bytes per neighbour (about 1 kB at k = 20)
 
 
 def _lookup(request: web.Request, phone: str, number: Any, poll: bool = False) -> tuple[SecureGroup, str | None, bool]:
@@ -93,16 +94,6 @@ def _round_query(request: web.Request) -> int:
     return int(text)
 
 
-def _hex(value: Any, size: int | None, what: str) -> bytes:
-    try:
-        raw = bytes.fromhex(value) if isinstance(value, str) else None
-    except ValueError:
-        raw = None
-    if raw is None or (size is not None and len(raw) != size):
-        raise MalformedMessage(f"{what} must be {size or 'some'} bytes in hex")
-    return raw
-
-
 def _wait(request: web.Request) -> dict[str, Any]:
     return {"state": "wait", "retry_after_s": request.app[CONFIG].checkin_retry_s}
 
@@ -127,15 +118,14 @@ def _after(request: web.Request, group: SecureGroup) -> None:
 
 
 async def advertise(request: web.Request) -> web.Response:
-    body = await read_json(request)
     phone = authenticate(request, request.app[STORE])
-    group, _, assigned = _lookup(request, phone, body.get("round"))  # a phone of an aborted group may join the next
+    group, _, assigned = _lookup(request, phone, _round_query(request))  # a phone of an aborted group may join the next
+    body = await read_body(request, MAX_SHARES, request.app[CONFIG].request_timeout_s)
     if not assigned:
         raise WrongStep(f"{phone} has no task in round {group.round}; check in first")
     if group.step != "advertise" and phone not in group.keys:  # came too late: a race, not bad input
         return await _durable(request, {"accepted": False, "step": group.step})
-    group.advertise(phone, PublicKeys(_hex(body.get("channel_key"), 32, "channel_key"),
-                                      _hex(body.get("mask_key"), 32, "mask_key")))
+    group.advertise(phone, unpack_keys(body))
     return await _durable(request, {"accepted": True, "step": group.step})
 
 

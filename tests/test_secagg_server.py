@@ -149,20 +149,20 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
         answer = await resp.json()
         return resp.status, answer.get("error", "")
 
-    assert await post(a0, "/v1/secagg/advertise", {"round": 1, "channel_key": "00" * 32, "mask_key": "00" * 32}) == (
+    assert await post(a0, "/v1/secagg/advertise?round=1", raw=bytes(64)) == (
         400, "bad_share")  # a low-order point would make every neighbour's key agreement fail
     lost = await (await client.get("/v1/secagg/roster?round=1", headers=a0)).json()
     assert lost["state"] == "aborted" and "not in" in lost["message"]  # polls before it advertised
-    keys = {"channel_key": PrivateKey(b"\x01" * 32).public_key.encode().hex(),
-            "mask_key": PrivateKey(b"\x02" * 32).public_key.encode().hex()}
-    assert await post(a0, "/v1/secagg/advertise", {"round": 2, **keys}) == (400, "wrong_step")
-    assert await post(a0, "/v1/secagg/advertise", {"round": 1, "channel_key": "zz", "mask_key": "11"}) == (
-        400, "malformed")
+    keys = PrivateKey(b"\x01" * 32).public_key.encode() + PrivateKey(b"\x02" * 32).public_key.encode()
+    assert await post(a0, "/v1/secagg/advertise?round=2", raw=keys) == (400, "wrong_step")
+    assert await post(a0, "/v1/secagg/advertise?round=one", raw=keys) == (400, "malformed")
+    assert await post(a0, "/v1/secagg/advertise?round=1", raw=keys[:-1]) == (400, "bad_share")  # 63 bytes
+    assert await post(a0, "/v1/secagg/advertise?round=1", raw=keys + bytes(1)) == (400, "bad_share")
     assert await post(a0, "/v1/secagg/shares?round=1", raw=b"") == (400, "wrong_step")  # roster open
-    assert (await post(a0, "/v1/secagg/advertise", {"round": 1, **keys}))[0] == 200
-    assert await post(a0, "/v1/secagg/advertise", {"round": 1, **keys}) == (400, "wrong_step")
+    assert (await post(a0, "/v1/secagg/advertise?round=1", raw=keys))[0] == 200
+    assert await post(a0, "/v1/secagg/advertise?round=1", raw=keys) == (400, "wrong_step")
     a3 = phones[3][1]  # advertises, and shares only once phone 0's duplicate has been refused
-    assert (await post(a3, "/v1/secagg/advertise", {"round": 1, **keys}))[0] == 200
+    assert (await post(a3, "/v1/secagg/advertise?round=1", raw=keys))[0] == 200
     # phones 1 and 2 advertise real keys through the client, and stop after sharing
     names = [p["name"] for p in task["params"]]
     deltas = _deltas(task, n)

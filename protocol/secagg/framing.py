@@ -1,6 +1,8 @@
-"""The bodies of the two share messages a phone uploads (FORMAT.md 12.5), binary and without
-addresses: both ends know whom each share is for from the group's graph and its inbox.
+"""The bodies of the messages a phone uploads besides its masked update (FORMAT.md 12.5),
+binary and without addresses: both ends know whom each share is for from the group's graph and
+its inbox.
 
+- advertise: c_pk || s_pk, 64 bytes;
 - share keys: the sealed share for each neighbour, neighbours in increasing index order,
   48 bytes each (``phone.SEALED_SHARE_BYTES``);
 - unmask: one 16-byte share (a field element, big-endian) for each neighbour whose sealed share
@@ -16,8 +18,19 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 from fedfleet.protocol.secagg import shamir
+from fedfleet.protocol.secagg.crypto import KEY_BYTES
 from fedfleet.protocol.secagg.errors import BadShare
-from fedfleet.protocol.secagg.phone import SEALED_SHARE_BYTES, UnmaskShares
+from fedfleet.protocol.secagg.phone import SEALED_SHARE_BYTES, PublicKeys, UnmaskShares
+
+
+def pack_keys(keys: PublicKeys) -> bytes:
+    return keys.channel + keys.mask
+
+
+def unpack_keys(body: bytes) -> PublicKeys:
+    if len(body) != 2 * KEY_BYTES:
+        raise BadShare(f"an advertisement is two {KEY_BYTES}-byte public keys, {2 * KEY_BYTES} bytes, got {len(body)}")
+    return PublicKeys(body[:KEY_BYTES], body[KEY_BYTES:])
 
 
 def pack_sealed(sealed: Mapping[int, bytes]) -> bytes:

@@ -46,8 +46,10 @@ final class SecureRound {
     byte[] entropy = new byte[32];
     new SecureRandom().nextBytes(entropy);  // the phone's secrets: never from a seeded generator
     byte[][] keys = SecAggPhone.keysFor(entropy, "round/" + round + "/group/0");
-    JSONObject joined = post("/v1/secagg/advertise", new JSONObject().put("round", round)
-        .put("channel_key", HEX.formatHex(keys[0])).put("mask_key", HEX.formatHex(keys[1])));
+    byte[] keyBody = new byte[64];  // c_pk || s_pk
+    System.arraycopy(keys[0], 0, keyBody, 0, 32);
+    System.arraycopy(keys[1], 0, keyBody, 32, 32);
+    JSONObject joined = postBytes("/v1/secagg/advertise", keyBody);
     if (!joined.optBoolean("accepted", false)) {
       return false;
     }
@@ -141,14 +143,9 @@ final class SecureRound {
     return out;
   }
 
-  /** A binary step message (FORMAT.md 12.5): the round in the query. */
-  private void postBytes(String path, byte[] body) throws IOException {
-    http.send("POST", path + "?round=" + round, body, "application/octet-stream", Map.of(), false);
-  }
-
-  private JSONObject post(String path, JSONObject body) throws IOException, JSONException {
-    Http.Response r = http.send("POST", path, body.toString().getBytes(StandardCharsets.UTF_8), "application/json",
-        Map.of(), false);
+  /** A step message (FORMAT.md 12.5): binary, the round in the query; the JSON answer. */
+  private JSONObject postBytes(String path, byte[] body) throws IOException, JSONException {
+    Http.Response r = http.send("POST", path + "?round=" + round, body, "application/octet-stream", Map.of(), false);
     return Answers.object(r.body());
   }
 
