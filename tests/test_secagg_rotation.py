@@ -1,6 +1,6 @@
 """The rotated, bounded, bit-packed integers of secure rounds: the rotation is orthogonal and
 seeded per group, packing round-trips b-bit values, the per-coordinate bound and the rounding's
-norm bound hold on every phone, the sum of 1,000 phones fits 12 bits (1.5 times int8 on the
+norm bound hold on every phone, the sum of 1,000 phones fits 12 bits (at most 1.5 times int8 on the
 wire) without wrapping, and the mean comes back close to the mean of the clipped updates."""
 
 from __future__ import annotations
