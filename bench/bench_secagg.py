@@ -27,6 +27,7 @@ masks), ``unmask_ms`` the server's unmasking of the group. Both are CPU time of 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any
@@ -129,13 +130,15 @@ def main() -> None:
                         help="shared random-k: the fraction of coordinates each phone sends")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    load_before = os.getloadavg()  # the machine is shared: say how busy it was (CPU times are this process's)
     rows = [run_group(n, b, args.z, args.drop, when, args.threshold, args.seed, density)
             for n in args.phones for density in args.density for b in args.modulus_bits for when in args.drop_after]
     print(table(rows, ["phones", "density", "degree", "t", "b", "B", "dropped", "masked_bytes", "int8_bytes", "vs_int8",
                        "keys_bytes", "up_bytes", "up_vs_int8", "rel_err", "central_err", "phone_ms", "unmask_ms"]))
     path = write(args.out, {"command": "python -m bench.bench_secagg " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dim": DIM, "rows": rows})
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dim": DIM,
+        "load_average_1_5_15_min": {"start": load_before, "end": os.getloadavg()}, "rows": rows})
     print(f"wrote {path}")
 
 
