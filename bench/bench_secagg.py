@@ -13,9 +13,9 @@ fraction of the coordinates. Writes bench/results/secagg.json (``--out`` names a
 
 Columns: ``b`` the field's bits per value, ``B`` the per-coordinate bound, ``masked_bytes`` the
 masked update (D rotated values of b bits, packed), ``vs_int8`` that over the plain int8 upload of
-the same update, ``up_bytes`` a phone's upload over all four steps (advertise 64 B, k sealed shares
-of 148 B, the masked update, its unmask shares of 66 B each) and ``up_vs_int8`` that over the plain
-int8 upload, ``rel_err`` the L2 error of the unmasked mean against the mean of the phones' clipped
+the same update, ``keys_bytes`` what else a phone uploads (advertise 64 B, k sealed shares of 48 B,
+its unmask shares of 16 B each), ``up_bytes`` a phone's upload over all four steps and
+``up_vs_int8`` that over the plain int8 upload, ``rel_err`` the L2 error of the unmasked mean against the mean of the phones' clipped
 float updates, relative to that mean's norm (noise, rounding and clipping; the phones' updates share a
 direction, as gradients of one model do, with a spread of their own), ``central_err`` the same
 error expected of central DP's float Gaussian at the same z (z * clip * sqrt(d) / n over the mean's
@@ -27,6 +27,7 @@ masks), ``unmask_ms`` the server's unmasking of the group. Both are CPU time of 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any
@@ -37,7 +38,10 @@ from bench.common import table, write
 from fedfleet.protocol import EncoderConfig, UpdateEncoder
 from fedfleet.protocol.secagg import SecAggPhone, group_params, unmask_sum
 from fedfleet.protocol.secagg.coords import kept, shared_coordinates
+from fedfleet.protocol.secagg.crypto import KEY_BYTES
 from fedfleet.protocol.secagg.integer import group_rotation, mean_from_sum, pack, to_integers
+from fedfleet.protocol.secagg.phone import SEALED_SHARE_BYTES
+from fedfleet.protocol.secagg.shamir import SHARE_BYTES
 
 DIM = 20_000
 META = {"update_id": "u", "base_version": 0, "num_examples": 32, "train_loss": 1.0, "round": 1}
@@ -98,12 +102,13 @@ def run_group(n: int, bits: int, z: float, drop: float, drop_after: str, thresho
     unmask_ms = (time.process_time() - t) * 1e3
     truth = np.mean([clip(update(i)[coords]) for i in sorted(uploaders)], axis=0)
     answered = responses[min(responses)]
-    up = 64 + 148 * len(sealed[1]) + params.upload_bytes + 66 * (len(answered.seeds) + len(answered.keys))
+    keys = 2 * KEY_BYTES + SEALED_SHARE_BYTES * len(sealed[1]) + SHARE_BYTES * (len(answered.seeds) + len(answered.keys))
+    up = keys + params.upload_bytes
     plain = int8_bytes(update(1))
     return {"phones": n, "density": density, "z": z, "degree": params.degree, "t": params.share_threshold,
             "b": params.modulus_bits, "B": params.clip_bound, "dropped": f"{len(gone)} after {drop_after}",
             "masked_bytes": params.upload_bytes, "int8_bytes": plain, "vs_int8": params.upload_bytes / plain,
-            "up_bytes": up, "up_vs_int8": up / plain,
+            "keys_bytes": keys, "up_bytes": up, "up_vs_int8": up / plain,
             "rel_err": float(np.linalg.norm(mean - truth) / np.linalg.norm(truth)),
             "central_err": z * np.sqrt(params.dim) / len(masked) / float(np.linalg.norm(truth)),
             "phone_ms": statistics.median(cpu[i] for i in responders) * 1e3, "unmask_ms": unmask_ms}
@@ -125,13 +130,15 @@ def main() -> None:
                         help="shared random-k: the fraction of coordinates each phone sends")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    load_before = os.getloadavg()  # the machine is shared: say how busy it was (CPU times are this process's)
     rows = [run_group(n, b, args.z, args.drop, when, args.threshold, args.seed, density)
             for n in args.phones for density in args.density for b in args.modulus_bits for when in args.drop_after]
     print(table(rows, ["phones", "density", "degree", "t", "b", "B", "dropped", "masked_bytes", "int8_bytes", "vs_int8",
-                       "up_bytes", "up_vs_int8", "rel_err", "central_err", "phone_ms", "unmask_ms"]))
+                       "keys_bytes", "up_bytes", "up_vs_int8", "rel_err", "central_err", "phone_ms", "unmask_ms"]))
     path = write(args.out, {"command": "python -m bench.bench_secagg " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dim": DIM, "rows": rows})
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dim": DIM,
+        "load_average_1_5_15_min": {"start": load_before, "end": os.getloadavg()}, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -102,7 +102,7 @@ def secure_sum(u: np.ndarray, params: GroupParams, rng: np.random.Generator, chu
         part = clip_rows(u[at : at + chunk].astype(np.float64), params.clip)
         padded = np.zeros((len(part), params.rotated_dim))
         padded[:, : params.dim] = part
-        v = np.clip(hadamard((padded * r.signs)[:, r.order], r.block) * params.scale,
+        v = np.clip(hadamard((padded * r.signs)[:, r.order], r.blocks) * params.scale,
                     -params.clip_bound, params.clip_bound)
         q = stochastic_round(v.reshape(-1), rng).reshape(v.shape)
         while True:  # conditional rounding: redraw the rows past the sensitivity

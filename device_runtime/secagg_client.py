@@ -18,6 +18,7 @@ import numpy as np
 
 from fedfleet.protocol.secagg import GroupParams, PublicKeys, SecAggPhone
 from fedfleet.protocol.secagg.coords import shared_coordinates
+from fedfleet.protocol.secagg.framing import pack_keys, pack_sealed, pack_unmask
 from fedfleet.protocol.secagg.integer import flatten, pack, to_integers
 from fedfleet.protocol.secagg.params import params_from_json
 from fedfleet.protocol.secagg.phone import keys_for, sync_group_name
@@ -79,8 +80,7 @@ class SecureSession:
         out, t = self.out, time.perf_counter()
         probe = keys_for(self.entropy, sync_group_name(self.round).encode())
         out.cpu_ms += (time.perf_counter() - t) * 1e3
-        joined = await self._call("POST", "/v1/secagg/advertise",
-                                  {"round": self.round, "channel_key": probe.channel.hex(), "mask_key": probe.mask.hex()})
+        joined = await self._call("POST", f"/v1/secagg/advertise?round={self.round}", None, pack_keys(probe))
         if not joined.get("accepted"):
             raise SecureRoundAborted(f"round {self.round}'s group closed its roster before this phone joined")
         roster = await self._until_ready("/v1/secagg/roster")
@@ -92,8 +92,7 @@ class SecureSession:
         keys = {int(j): PublicKeys(bytes.fromhex(c), bytes.fromhex(m)) for j, (c, m) in roster["keys"].items()}
         sealed = phone.share_keys(keys)
         out.cpu_ms += (time.perf_counter() - t) * 1e3
-        await self._call("POST", "/v1/secagg/shares",
-                         {"round": self.round, "shares": {str(j): s.hex() for j, s in sealed.items()}})
+        await self._call("POST", f"/v1/secagg/shares?round={self.round}", None, pack_sealed(sealed))
 
     async def upload(self, delta: Mapping[str, np.ndarray], *, drop_after: str | None = None) -> SecureOutcome:
         """Steps 3 and 4, after ``keys()``: ``delta`` is the float update (tensors named ``names``)."""
@@ -114,11 +113,7 @@ class SecureSession:
             return out
         request = await self._until_ready("/v1/secagg/unmask")
         shares = phone.unmask(request["survivors"], request["dropped"])
-        await self._call("POST", "/v1/secagg/unmask", {
-            "round": self.round,
-            "seeds": {str(j): f"{y:0132x}" for j, y in shares.seeds.items()},
-            "keys": {str(j): f"{y:0132x}" for j, y in shares.keys.items()},
-        })
+        await self._call("POST", f"/v1/secagg/unmask?round={self.round}", None, pack_unmask(shares))
         return out
 
 

@@ -36,14 +36,15 @@ from fedfleet.protocol.secagg import (
     unmask_sum,
 )
 from fedfleet.protocol.secagg.coords import kept
+from fedfleet.protocol.secagg.framing import unpack_sealed, unpack_unmask
 from fedfleet.protocol.secagg.graph import neighbours
 from fedfleet.protocol.secagg.integer import unpack
 from fedfleet.protocol.secagg.params import params_json
-from fedfleet.protocol.secagg.phone import sync_group_name
-from fedfleet.protocol.secagg.shamir import PRIME
+from fedfleet.protocol.secagg.phone import SEALED_SHARE_BYTES, sync_group_name
+from fedfleet.protocol.secagg.shamir import PRIME, SHARE_BYTES
 
 _PROBE = bytes(range(1, 33))  # any scalar: X25519 of it with a low-order key is all zeros
-SEALED_BYTES = 148  # 132-byte plaintext + 16-byte Poly1305 tag (FORMAT.md 12.2)
+SEALED_BYTES = SEALED_SHARE_BYTES  # two 16-byte shares + the 16-byte Poly1305 tag (FORMAT.md 12.2)
 STEPS = ("advertise", "share", "masked", "unmask", "done", "aborted")
 
 
@@ -164,6 +165,11 @@ class SecureGroup:
         if len(self.sealed) == len(self.index):
             self._enter("masked")
 
+    def share_packed(self, phone: str, body: bytes) -> None:
+        """``share`` from the binary body (protocol/secagg/framing.py): one sealed share per neighbour."""
+        self._expect("share")
+        self.share(phone, unpack_sealed(body, sorted(self.graph[self._member(phone)])))
+
     def inbox_for(self, phone: str) -> dict[str, Any] | None:
         """The sealed shares addressed to ``phone`` from neighbours that shared, once the step closed."""
         if self.step in ("advertise", "share"):
@@ -217,6 +223,15 @@ class SecureGroup:
         return {"survivors": sorted(self.masked), "dropped": sorted(set(self.sealed) - set(self.masked))}
 
     # --- step 4: unmask ---------------------------------------------------------------------
+    def unmask_packed(self, phone: str, body: bytes) -> None:
+        """``unmask`` from the binary body: one share per neighbour whose sealed share the phone got."""
+        if self.step == "aborted":
+            raise BelowThreshold(f"{self.name} aborted ({self.abort_reason}): nothing is unmasked")
+        self._expect("unmask")
+        i = self._member(phone)
+        senders = [j for j, out in self.sealed.items() if i in out]
+        self.unmask(phone, unpack_unmask(body, senders, self.masked))
+
     def unmask(self, phone: str, shares: UnmaskShares) -> None:
         if self.step == "aborted":
             raise BelowThreshold(f"{self.name} aborted ({self.abort_reason}): nothing is unmasked")
@@ -240,7 +255,7 @@ class SecureGroup:
         self._log("unmask", phone, json.dumps({"seeds": {str(j): y for j, y in shares.seeds.items()},
                                                 "keys": {str(j): y for j, y in shares.keys.items()}}).encode())
         self.responses[i] = shares
-        self.bytes_up += 66 * (len(shares.seeds) + len(shares.keys))
+        self.bytes_up += SHARE_BYTES * (len(shares.seeds) + len(shares.keys))
         if len(self.responses) == len(self.masked):
             self._finish()
 

@@ -2,39 +2,40 @@
 
 Every message names its round (sync: the open round; async: the number of the phone's group,
 its task's ``round``); a message for another round or group, a step not open, or from a phone
-outside the group is a 400 ``wrong_step``. Bodies are JSON with hex bytes, except the
-masked update (raw little-endian words, ``application/octet-stream``). A GET for a step that
+outside the group is a 400 ``wrong_step``. What phones POST is binary (``application/octet-stream``,
+the round in the query: protocol/secagg/framing.py, and the packed masked values); the answers
+are JSON with hex bytes. A GET for a step that
 has not closed yet answers ``{"state": "wait", "retry_after_s": ...}``; one from a phone whose
 group aborted ``{"state": "aborted", ...}`` (a state, not bad input), and that phone's other
 messages a 400 ``below_threshold``. An advertisement that comes after the roster closed answers
 ``{"accepted": false}``.
 
-    POST /v1/secagg/advertise  {"round", "channel_key", "mask_key"}
+    POST /v1/secagg/advertise?round=R   c_pk || s_pk, 64 bytes
     GET  /v1/secagg/roster?round=R      -> {"index", "params", "neighbours", "keys"}
-    POST /v1/secagg/shares     {"round", "shares": {recipient: sealed}}
+    POST /v1/secagg/shares?round=R      sealed shares, 48 bytes per neighbour, increasing
     GET  /v1/secagg/inbox?round=R       -> {"shares": {sender: sealed}}
     POST /v1/secagg/masked?round=R      raw masked update
     GET  /v1/secagg/unmask?round=R      -> {"survivors", "dropped"}
-    POST /v1/secagg/unmask     {"round", "seeds": {phone: share}, "keys": {phone: share}}
+    POST /v1/secagg/unmask?round=R      16-byte shares, one per inbox sender, increasing
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from fedfleet.protocol import MalformedMessage
-from fedfleet.protocol.secagg import BelowThreshold, PublicKeys, UnmaskShares, WrongStep
+from fedfleet.protocol.secagg import BelowThreshold, WrongStep
+from fedfleet.protocol.secagg.framing import unpack_keys
 from fedfleet.server.async_coordinator import AsyncCoordinator
-from fedfleet.server.http import authenticate, json_response, read_body, read_json
+from fedfleet.server.http import authenticate, json_response, read_body
 from fedfleet.server.secagg import SecureGroup
 from fedfleet.server.secagg_async import wrong_group
 from fedfleet.server.state import CONFIG, COORD, STORE, WORK, schedule_merge
 from fedfleet.server.sync_coordinator import SyncCoordinator
 
-MAX_JSON = 4 << 20  # a share message of a 1,000-phone group is well under 100 KiB
+MAX_SHARES = 1 << 20  # a phone's keys or shares: its sealed shares are 48 bytes per neighbour (about 1 kB at k = 20)
 
 
 def _lookup(request: web.Request, phone: str, number: Any, poll: bool = False) -> tuple[SecureGroup, str | None, bool]:
@@ -93,22 +94,6 @@ def _round_query(request: web.Request) -> int:
     return int(text)
 
 
-def _hex(value: Any, size: int | None, what: str) -> bytes:
-    try:
-        raw = bytes.fromhex(value) if isinstance(value, str) else None
-    except ValueError:
-        raw = None
-    if raw is None or (size is not None and len(raw) != size):
-        raise MalformedMessage(f"{what} must be {size or 'some'} bytes in hex")
-    return raw
-
-
-def _by_index(value: Any, what: str) -> dict[int, str]:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k.isdigit() for k in value):
-        raise MalformedMessage(f"{what} must map phone numbers to hex strings")
-    return {int(k): v for k, v in value.items()}
-
-
 def _wait(request: web.Request) -> dict[str, Any]:
     return {"state": "wait", "retry_after_s": request.app[CONFIG].checkin_retry_s}
 
@@ -133,15 +118,14 @@ def _after(request: web.Request, group: SecureGroup) -> None:
 
 
 async def advertise(request: web.Request) -> web.Response:
-    body = await read_json(request)
     phone = authenticate(request, request.app[STORE])
-    group, _, assigned = _lookup(request, phone, body.get("round"))  # a phone of an aborted group may join the next
+    group, _, assigned = _lookup(request, phone, _round_query(request))  # a phone of an aborted group may join the next
+    body = await read_body(request, MAX_SHARES, request.app[CONFIG].request_timeout_s)
     if not assigned:
         raise WrongStep(f"{phone} has no task in round {group.round}; check in first")
     if group.step != "advertise" and phone not in group.keys:  # came too late: a race, not bad input
         return await _durable(request, {"accepted": False, "step": group.step})
-    group.advertise(phone, PublicKeys(_hex(body.get("channel_key"), 32, "channel_key"),
-                                      _hex(body.get("mask_key"), 32, "mask_key")))
+    group.advertise(phone, unpack_keys(body))
     return await _durable(request, {"accepted": True, "step": group.step})
 
 
@@ -150,10 +134,9 @@ async def roster(request: web.Request) -> web.Response:
 
 
 async def shares(request: web.Request) -> web.Response:
-    body = await read_json(request, limit=MAX_JSON)
-    phone, group = _member(request, body.get("round"))
-    sealed = {j: _hex(v, None, "a sealed share") for j, v in _by_index(body.get("shares"), "shares").items()}
-    group.share(phone, sealed)
+    phone, group = _member(request, _round_query(request))
+    body = await read_body(request, MAX_SHARES, request.app[CONFIG].request_timeout_s)
+    group.share_packed(phone, body)
     _after(request, group)
     return await _durable(request, {"accepted": True, "step": group.step})
 
@@ -176,13 +159,9 @@ async def unmask_request(request: web.Request) -> web.Response:
 
 
 async def unmask(request: web.Request) -> web.Response:
-    body = await read_json(request, limit=MAX_JSON)
-    phone, group = _member(request, body.get("round"))
-    parsed = [
-        {j: int.from_bytes(_hex(v, 66, "a share"), "big") for j, v in _by_index(body.get(k), k).items()}
-        for k in ("seeds", "keys")
-    ]
-    group.unmask(phone, UnmaskShares(parsed[0], parsed[1]))
+    phone, group = _member(request, _round_query(request))
+    body = await read_body(request, MAX_SHARES, request.app[CONFIG].request_timeout_s)
+    group.unmask_packed(phone, body)
     _after(request, group)
     return await _durable(request, {"accepted": True, "step": group.step})
 

@@ -117,7 +117,7 @@ async def test_an_aborted_group_changes_nothing_and_frees_its_phones(make_server
     before = await _model(client, phones[0][1])
     outcomes, _ = await _group(client, phones, 1, task, 0, {0: "share", 1: "share", 2: "share"})
     assert isinstance(outcomes[3], SecureRoundAborted), outcomes  # 1 of 4 uploaded; 3 needed
-    late = await client.post("/v1/secagg/unmask", json={"round": 1, "seeds": {}, "keys": {}}, headers=phones[3][1])
+    late = await client.post("/v1/secagg/unmask?round=1", data=b"", headers=phones[3][1])
     assert late.status == 400 and (await late.json())["error"] == "below_threshold"
     polled = await (await client.get("/v1/secagg/unmask?round=1", headers=phones[3][1])).json()
     assert polled["state"] == "aborted"
@@ -137,8 +137,7 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
     phones, task = await _register(client, 3)
     a0, a1, a2 = (auth for _, auth in phones)
     assert [(await _checkin(client, a))["round"] for a in (a0, a1, a2)] == [1, 1, 2]
-    keys = {"channel_key": PrivateKey(b"\x01" * 32).public_key.encode().hex(),
-            "mask_key": PrivateKey(b"\x02" * 32).public_key.encode().hex()}
+    keys = PrivateKey(b"\x01" * 32).public_key.encode() + PrivateKey(b"\x02" * 32).public_key.encode()
 
     async def post(auth: dict[str, str], path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, str]:
         resp = await client.post(path, json=body if raw is None else None, data=raw, headers=auth)
@@ -147,12 +146,12 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
     plain = await client.post("/v1/update", data=update_body(task), headers={
         **a0, "Content-Type": "application/octet-stream"})
     assert plain.status == 409 and (await plain.json())["error"] == "secure_round"  # no update in the clear
-    assert await post(a0, "/v1/secagg/advertise", {"round": 7, **keys}) == (400, "wrong_step")  # no such group
-    assert await post(a0, "/v1/secagg/advertise", {"round": "1", **keys}) == (400, "wrong_step")
-    assert await post(a2, "/v1/secagg/advertise", {"round": 1, **keys}) == (400, "wrong_step")  # not its group
-    assert (await post(a0, "/v1/secagg/advertise", {"round": 1, **keys}))[0] == 200
-    assert await post(a0, "/v1/secagg/advertise", {"round": 1, **keys}) == (400, "wrong_step")  # twice
-    assert await post(a0, "/v1/secagg/shares", {"round": 1, "shares": {}}) == (400, "wrong_step")  # roster open
+    assert await post(a0, "/v1/secagg/advertise?round=7", raw=keys) == (400, "wrong_step")  # no such group
+    assert await post(a0, "/v1/secagg/advertise?round=-1", raw=keys) == (400, "malformed")
+    assert await post(a2, "/v1/secagg/advertise?round=1", raw=keys) == (400, "wrong_step")  # not its group
+    assert (await post(a0, "/v1/secagg/advertise?round=1", raw=keys))[0] == 200
+    assert await post(a0, "/v1/secagg/advertise?round=1", raw=keys) == (400, "wrong_step")  # twice
+    assert await post(a0, "/v1/secagg/shares?round=1", raw=b"") == (400, "wrong_step")  # roster open
     gone = await (await client.get("/v1/secagg/roster?round=9", headers=a0)).json()
     assert gone["state"] == "aborted"  # a group the server does not know (e.g. lost in a restart): check in again
     assert await post(a1, "/v1/secagg/masked?round=1", raw=b"\x00" * 8) == (400, "wrong_step")

@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 
 from fedfleet.protocol.secagg import SecAggPhone, UnmaskShares, crypto, group_params, unmask_sum
+from fedfleet.protocol.secagg.framing import pack_sealed, pack_unmask, unpack_sealed, unpack_unmask
 from fedfleet.protocol.secagg.graph import neighbours, ring_order
 from fedfleet.protocol.secagg.integer import pack, unpack
-from fedfleet.protocol.secagg.phone import pairwise_key
+from fedfleet.protocol.secagg.phone import mask_secret_key, pairwise_key, secret_seed
+from fedfleet.protocol.secagg.shamir import element_to_bytes
 
 GOLDEN = Path(__file__).parent / "golden" / "secagg"
 
@@ -53,9 +55,9 @@ def test_shared_coordinates() -> None:
 def test_rotation() -> None:
     from fedfleet.protocol.secagg.rotation import rotation
 
-    v = _load("rotation_63")
+    v = _load("rotation_90")
     r = rotation(bytes.fromhex(v["seed_hex"]), v["group"].encode(), v["dim"])
-    assert (r.block, r.rotated_dim) == (v["block"], v["rotated_dim"])
+    assert (list(r.blocks), r.rotated_dim) == (v["blocks"], v["rotated_dim"]) == ([64, 32], 96)
     assert r.signs.astype(int).tolist() == v["signs"] and r.order.tolist() == v["order"]
     y = r.apply(np.array(v["x"]))
     assert y.tolist() == v["y"]  # the same float operations in the same order: bit for bit
@@ -76,8 +78,8 @@ def test_group_of_six_step_by_step() -> None:
         p["group"], p["size"], p["dim"], clip=p["clip"], threshold=p["threshold"], modulus_bits=p["modulus_bits"],
         graph_seed=bytes.fromhex(p["graph_seed_hex"]),
     )
-    assert (params.degree, params.share_threshold, params.min_survivors, params.modulus_bits) == (
-        p["degree"], p["share_threshold"], p["min_survivors"], p["modulus_bits"]
+    assert (params.degree, params.share_threshold, params.min_survivors, params.modulus_bits, params.rotated_dim) == (
+        p["degree"], p["share_threshold"], p["min_survivors"], p["modulus_bits"], p["rotated_dim"]
     )
     spec = {int(i): ph for i, ph in v["phones"].items()}
     phones = {i: SecAggPhone(params, i, bytes.fromhex(ph["entropy_hex"])) for i, ph in spec.items()}
@@ -85,13 +87,21 @@ def test_group_of_six_step_by_step() -> None:
     for i, ph in spec.items():
         assert roster[i].channel.hex() == ph["channel_public_hex"]
         assert roster[i].mask.hex() == ph["mask_public_hex"]
+    ctx = params.context
+    for ph in spec.values():  # the shared secrets are 16-byte field elements
+        entropy = bytes.fromhex(ph["entropy_hex"])
+        assert element_to_bytes(secret_seed(entropy, "mask key seed", ctx)).hex() == ph["mask_key_seed_hex"]
+        assert element_to_bytes(secret_seed(entropy, "self mask seed", ctx)).hex() == ph["self_mask_seed_hex"]
     for key, expected in v["pairwise_keys_hex"].items():
         i, j = map(int, key.split("-"))
-        secret = crypto.hkdf(bytes.fromhex(spec[i]["entropy_hex"]), "mask key", params.context)
-        assert pairwise_key(secret, roster[j].mask, params.context).hex() == expected
+        secret = mask_secret_key(int(spec[i]["mask_key_seed_hex"], 16), ctx)
+        assert pairwise_key(secret, roster[j].mask, ctx).hex() == expected
     sealed = {i: ph.share_keys(roster) for i, ph in phones.items()}
     for i, ph in spec.items():
         assert {str(j): s.hex() for j, s in sealed[i].items()} == ph["sealed_shares_hex"]
+        assert {len(s) for s in sealed[i].values()} == {48}  # two 16-byte shares and the 16-byte tag
+        assert pack_sealed(sealed[i]).hex() == ph["shares_body_hex"]
+        assert unpack_sealed(bytes.fromhex(ph["shares_body_hex"]), list(sealed[i])) == sealed[i]
     survivors, dropped = set(v["survivors"]), set(v["dropped"])
     masked = {}
     for i in sorted(survivors):
@@ -102,8 +112,11 @@ def test_group_of_six_step_by_step() -> None:
     responses = {}
     for key, expected in v["responses"].items():
         shares = phones[int(key)].unmask(survivors, dropped)
-        assert {str(j): f"{y:0132x}" for j, y in shares.seeds.items()} == expected["seeds_hex"]
-        assert {str(j): f"{y:0132x}" for j, y in shares.keys.items()} == expected["keys_hex"]
+        assert {str(j): f"{y:032x}" for j, y in shares.seeds.items()} == expected["seeds_hex"]
+        assert {str(j): f"{y:032x}" for j, y in shares.keys.items()} == expected["keys_hex"]
+        assert pack_unmask(shares).hex() == expected["body_hex"]
+        senders = [j for j, out in sealed.items() if int(key) in out]
+        assert unpack_unmask(bytes.fromhex(expected["body_hex"]), senders, survivors) == shares
         responses[int(key)] = UnmaskShares(
             {int(j): int(h, 16) for j, h in expected["seeds_hex"].items()},
             {int(j): int(h, 16) for j, h in expected["keys_hex"].items()},

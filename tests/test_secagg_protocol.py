@@ -120,7 +120,35 @@ def test_shares_from_outside_the_neighbourhood_are_refused() -> None:
     stranger = next(j for j in phones if j != 1 and j not in phones[1].neighbours)
     incoming = {j: out[1] for j, out in sealed.items() if 1 in out}
     with pytest.raises(NotANeighbour):
-        phones[1].masked_upload({**incoming, stranger: b"\x00" * 148}, np.zeros(params.rotated_dim, dtype=np.int64))
+        phones[1].masked_upload({**incoming, stranger: b"\x00" * 48}, np.zeros(params.rotated_dim, dtype=np.int64))
+
+
+def test_a_share_sealed_under_another_nonce_or_of_another_length_is_refused() -> None:
+    """The nonce is not sent: both ends use the zero nonce of a key that seals one message, so a
+    share sealed under any other nonce (or cut, or padded) does not open."""
+    from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
+
+    from fedfleet.protocol.secagg import crypto
+    from fedfleet.protocol.secagg.errors import BadShare
+
+    params = group_params("g", 4, 4, clip=1.0, graph_seed=b"n")
+    entropy = {i: bytes([i]) * 32 for i in range(1, 5)}
+    phones = {i: SecAggPhone(params, i, entropy[i]) for i in range(1, 5)}
+    roster = {i: p.advertise() for i, p in phones.items()}
+    sealed = {i: p.share_keys(roster) for i, p in phones.items()}
+    incoming = {j: out[1] for j, out in sealed.items() if 1 in out}
+    assert {len(b) for b in incoming.values()} == {48}
+    ctx, channel_2 = params.context, crypto.hkdf(entropy[2], "channel key", params.context)
+    key = crypto._channel_key(channel_2, roster[1].channel, ctx, 2, 1)
+    plain = crypto.open_sealed(channel_2, roster[1].channel, ctx, 2, 1, incoming[2])  # what 2 sealed for 1
+    other_nonce = crypto_aead_chacha20poly1305_ietf_encrypt(plain, crypto._aad(ctx, 2, 1), bytes(11) + b"\x01", key)
+    zero = np.zeros(params.rotated_dim, dtype=np.int64)
+    for bad in (other_nonce, incoming[2][:-1], incoming[2] + b"\x00"):
+        with pytest.raises(BadShare):
+            fresh = SecAggPhone(params, 1, entropy[1])
+            fresh.share_keys(roster)
+            fresh.masked_upload({**incoming, 2: bad}, zero)
+    phones[1].masked_upload(incoming, zero)  # the shares as sent open
 
 
 def test_graph_is_k_regular_and_symmetric() -> None:
@@ -180,11 +208,16 @@ def test_shamir_rebuilds_from_any_t_shares_and_catches_a_wrong_one() -> None:
     from fedfleet.protocol.secagg.errors import BadShare
 
     rng = np.random.default_rng(9)
-    secret = rng.bytes(32)
-    coefficients = [int.from_bytes(rng.bytes(80), "big") % shamir.PRIME for _ in range(4)]  # t = 5
+    secret = int.from_bytes(rng.bytes(16), "big") % shamir.PRIME
+    coefficients = [int.from_bytes(rng.bytes(32), "big") % shamir.PRIME for _ in range(4)]  # t = 5
     points = list(zip(range(1, 10), shamir.split(secret, range(1, 10), coefficients), strict=True))
     assert shamir.combine(points[:5], 5) == shamir.combine(points[4:], 5) == secret
-    assert shamir._lagrange_at(points[:4], 0) != int.from_bytes(secret, "big")  # t - 1 shares: another value
+    assert shamir._lagrange_at(points[:4], 0) != secret  # t - 1 shares: another value
+    assert all(len(shamir.element_to_bytes(y)) == 16 for _, y in points)
+    with pytest.raises(ValueError):  # a secret must be a field element
+        shamir.split(shamir.PRIME, range(1, 10), coefficients)
+    with pytest.raises(BadShare):  # 2**127 - 1 fits 16 bytes but is no field element
+        shamir.element_from_bytes(shamir.PRIME.to_bytes(16, "big"))
     wrong = [*points[:2], (points[2][0], (points[2][1] + 1) % shamir.PRIME), *points[3:]]
     with pytest.raises(BadShare):
         shamir.combine(wrong, 5)

@@ -149,20 +149,20 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
         answer = await resp.json()
         return resp.status, answer.get("error", "")
 
-    assert await post(a0, "/v1/secagg/advertise", {"round": 1, "channel_key": "00" * 32, "mask_key": "00" * 32}) == (
+    assert await post(a0, "/v1/secagg/advertise?round=1", raw=bytes(64)) == (
         400, "bad_share")  # a low-order point would make every neighbour's key agreement fail
     lost = await (await client.get("/v1/secagg/roster?round=1", headers=a0)).json()
     assert lost["state"] == "aborted" and "not in" in lost["message"]  # polls before it advertised
-    keys = {"channel_key": PrivateKey(b"\x01" * 32).public_key.encode().hex(),
-            "mask_key": PrivateKey(b"\x02" * 32).public_key.encode().hex()}
-    assert await post(a0, "/v1/secagg/advertise", {"round": 2, **keys}) == (400, "wrong_step")
-    assert await post(a0, "/v1/secagg/advertise", {"round": 1, "channel_key": "zz", "mask_key": "11"}) == (
-        400, "malformed")
-    assert await post(a0, "/v1/secagg/shares", {"round": 1, "shares": {}}) == (400, "wrong_step")  # roster open
-    assert (await post(a0, "/v1/secagg/advertise", {"round": 1, **keys}))[0] == 200
-    assert await post(a0, "/v1/secagg/advertise", {"round": 1, **keys}) == (400, "wrong_step")
+    keys = PrivateKey(b"\x01" * 32).public_key.encode() + PrivateKey(b"\x02" * 32).public_key.encode()
+    assert await post(a0, "/v1/secagg/advertise?round=2", raw=keys) == (400, "wrong_step")
+    assert await post(a0, "/v1/secagg/advertise?round=one", raw=keys) == (400, "malformed")
+    assert await post(a0, "/v1/secagg/advertise?round=1", raw=keys[:-1]) == (400, "bad_share")  # 63 bytes
+    assert await post(a0, "/v1/secagg/advertise?round=1", raw=keys + bytes(1)) == (400, "bad_share")
+    assert await post(a0, "/v1/secagg/shares?round=1", raw=b"") == (400, "wrong_step")  # roster open
+    assert (await post(a0, "/v1/secagg/advertise?round=1", raw=keys))[0] == 200
+    assert await post(a0, "/v1/secagg/advertise?round=1", raw=keys) == (400, "wrong_step")
     a3 = phones[3][1]  # advertises, and shares only once phone 0's duplicate has been refused
-    assert (await post(a3, "/v1/secagg/advertise", {"round": 1, **keys}))[0] == 200
+    assert (await post(a3, "/v1/secagg/advertise?round=1", raw=keys))[0] == 200
     # phones 1 and 2 advertise real keys through the client, and stop after sharing
     names = [p["name"] for p in task["params"]]
     deltas = _deltas(task, n)
@@ -177,25 +177,66 @@ async def test_bad_messages_are_refused_by_name_and_change_nothing(make_server: 
     params = params_from_json(roster["params"])
     me = roster["index"]
     others = sorted(set(range(1, n + 1)) - {me})
-    sealed = {str(j): "ab" * 148 for j in others}
-    assert await post(a0, "/v1/secagg/shares", {"round": 1, "shares": {**sealed, "9": "ab" * 148}}) == (
-        400, "not_a_neighbour")
-    assert await post(a0, "/v1/secagg/shares", {"round": 1, "shares": {**sealed, str(others[0]): "ab"}}) == (
-        400, "bad_share")
-    assert (await post(a0, "/v1/secagg/shares", {"round": 1, "shares": sealed}))[0] == 200
-    assert await post(a0, "/v1/secagg/shares", {"round": 1, "shares": sealed}) == (400, "duplicate_share")
-    me3 = (await (await client.get("/v1/secagg/roster?round=1", headers=a3)).json())["index"]
-    assert (await post(a3, "/v1/secagg/shares", {"round": 1, "shares": {
-        str(j): "ab" * 148 for j in range(1, n + 1) if j != me3}}))[0] == 200
+    sealed = b"\xab" * 48 * len(others)  # one per neighbour, in increasing order: no addresses
+    assert await post(a0, "/v1/secagg/shares?round=1", raw=sealed + b"\xab" * 48) == (400, "bad_share")  # one too many
+    assert await post(a0, "/v1/secagg/shares?round=1", raw=sealed[:-1]) == (400, "bad_share")
+    assert await post(a0, "/v1/secagg/shares?round=2", raw=sealed) == (400, "wrong_step")  # another round
+    assert await post(a0, "/v1/secagg/shares", raw=sealed) == (400, "malformed")  # no round
+    assert (await post(a0, "/v1/secagg/shares?round=1", raw=sealed))[0] == 200
+    assert await post(a0, "/v1/secagg/shares?round=1", raw=sealed) == (400, "duplicate_share")
+    assert (await post(a3, "/v1/secagg/shares?round=1", raw=sealed))[0] == 200  # complete graph: n - 1 neighbours
     await asyncio.gather(*runs)
     body = bytes(params.upload_bytes)
     assert await post(a0, "/v1/secagg/masked?round=1", raw=body[:-1]) == (400, "bad_share")
     assert (await post(a0, "/v1/secagg/masked?round=1", raw=body))[0] == 200
     assert await post(a0, "/v1/secagg/masked?round=1", raw=body) == (400, "wrong_step")  # a second upload
     assert await post(a0, "/v1/secagg/masked?round=2", raw=body) == (400, "wrong_step")  # another round
-    unmask = {"round": 1, "seeds": {}, "keys": {}}
-    assert await post(a0, "/v1/secagg/unmask", unmask) == (400, "wrong_step")  # the upload step is open
+    assert await post(a0, "/v1/secagg/unmask?round=1", raw=b"") == (400, "wrong_step")  # the upload step is open
     assert (await _status(client))["version"] == 0
+
+
+async def test_shares_of_the_wrong_size_or_outside_the_field_are_refused_and_stored_nowhere(
+        make_server: MakeClient) -> None:
+    """Phone 0 first sends each share message malformed: sealed shares of the former 148 bytes,
+    an unmask body of 66-byte shares, one 16-byte share that is no element of GF(2**127 - 1). Each
+    is a 400 by name; the group stores none of them (the well-formed message that follows is
+    accepted, not a duplicate) and merges."""
+    n = 6
+    client = await make_server(min_cohort=n, **SECURE)
+    phones, task = await _cohort(client, n)
+    before = await _model(client, phones[0][1])
+    refused: list[tuple[int, str]] = []
+    inner = sender(client, phones[0][1])
+
+    async def send(method: str, path: str, body: Any, raw: bytes | None) -> dict[str, Any]:
+        async def bad(changed: bytes) -> None:
+            with pytest.raises(Refused) as e:
+                await inner(method, path, None, changed)
+            refused.append((e.value.status, e.value.reason))
+
+        if method == "POST" and path.startswith("/v1/secagg/shares") and raw is not None:
+            await bad(b"".join(raw[k : k + 48] + bytes(100) for k in range(0, len(raw), 48)))  # 148 bytes each
+        if method == "POST" and path.startswith("/v1/secagg/unmask") and raw is not None:
+            await bad(b"".join(bytes(50) + raw[k : k + 16] for k in range(0, len(raw), 16)))  # 66 bytes each
+            await bad((2**127 - 1).to_bytes(16, "big") + raw[16:])
+        return await inner(method, path, body, raw)
+
+    names = [p["name"] for p in task["params"]]
+    deltas = _deltas(task, n)
+    outcomes = await asyncio.gather(*[
+        secure_round(send if i == 0 else sender(client, auth), asyncio.sleep, 1, deltas[i], names,
+                     np.random.default_rng([7, i]))
+        for i, (_, auth) in enumerate(phones)])
+    assert refused == [(400, "bad_share")] * 3
+    await _wait_version(client, 1)
+    summed = [o for o in outcomes if isinstance(o, SecureOutcome)]
+    assert len(summed) == n and summed[0].params is not None
+    mean = mean_from_sum(np.sum([_values(o) for o in summed], axis=0), summed[0].params, n)
+    after, at = await _model(client, phones[0][1]), 0
+    for name, p in before.items():  # FedAvg of all six phones' integer updates: nothing malformed went in
+        np.testing.assert_array_equal(after[name], (p.astype(np.float64) + mean[at : at + p.size].reshape(p.shape))
+                                      .astype(p.dtype))
+        at += p.size
 
 
 async def test_an_aborted_group_changes_no_model_no_version_and_no_ledger(make_server: MakeClient) -> None:
@@ -208,7 +249,7 @@ async def test_an_aborted_group_changes_no_model_no_version_and_no_ledger(make_s
     aborted = [o for o in outcomes if isinstance(o, SecureRoundAborted)]
     assert len(aborted) == 2 and all("aborted" in str(o) for o in aborted), outcomes  # the two that uploaded
     # the unmask step never opened: shares sent anyway are refused by name, and unmask nothing
-    late = await client.post("/v1/secagg/unmask", json={"round": 1, "seeds": {}, "keys": {}}, headers=phones[5][1])
+    late = await client.post("/v1/secagg/unmask?round=1", data=b"", headers=phones[5][1])
     assert late.status == 400 and (await late.json())["error"] == "below_threshold"
     await asyncio.sleep(0.5)
     st = await _status(client)

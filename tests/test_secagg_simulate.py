@@ -48,7 +48,7 @@ def test_secure_simulate_merges_fedavg_of_the_same_updates(tmp_path: Path) -> No
     params = group_params("g", 6, dim, clip=CLIP, modulus_bits=MODULUS_BITS)
     # the mean of six roundings, each below one integer unit per rotated coordinate; rotated back,
     # a coordinate sums one block of them, each over sqrt(block)
-    step = math.sqrt(params.block) / params.scale
+    step = math.sqrt(max(params.blocks)) / params.scale
     for name, p in plain_model.items():
         assert not np.array_equal(secure_model[name], p) or p.size < 20  # rounded, so not bit-identical
         np.testing.assert_allclose(secure_model[name], p, rtol=0, atol=step + 1e-6)

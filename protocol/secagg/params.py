@@ -25,7 +25,7 @@ from typing import Any
 
 from fedfleet.protocol.secagg.errors import SumMayWrap
 from fedfleet.protocol.secagg.graph import default_degree
-from fedfleet.protocol.secagg.rotation import block_size, rotated_dim
+from fedfleet.protocol.secagg.rotation import blocks, rotated_dim
 
 MAX_MODULUS_BITS = 62  # masks and sums are uint64 words; the bound search stays in exact integers
 MIN_MODULUS_BITS = 12  # b when not given: the smallest width >= 12 at which the group's sum fits
@@ -57,12 +57,13 @@ class GroupParams:
 
     @property
     def rotated_dim(self) -> int:
-        """D, the integers (and masked values) per update: d padded to whole rotation blocks."""
+        """D, the integers (and masked values) per update: d padded to a multiple of 32."""
         return rotated_dim(self.dim)
 
     @property
-    def block(self) -> int:
-        return block_size(self.dim)
+    def blocks(self) -> tuple[int, ...]:
+        """The rotation's Hadamard blocks (largest first), summing to D."""
+        return blocks(self.dim)
 
     @property
     def context(self) -> bytes:
@@ -179,7 +180,7 @@ def params_json(p: GroupParams) -> dict[str, Any]:
             "share_threshold": p.share_threshold, "min_survivors": p.min_survivors, "clip": p.clip,
             "scale": p.scale, "noise_sigma": p.noise_sigma, "noise_tail": p.noise_tail,
             "modulus_bits": p.modulus_bits, "graph_seed": p.graph_seed.hex(), "full_dim": p.model_dim,
-            "clip_bound": p.clip_bound, "rotated_dim": p.rotated_dim, "block": p.block,
+            "clip_bound": p.clip_bound, "rotated_dim": p.rotated_dim, "blocks": list(p.blocks),
             "sensitivity": p.sensitivity}
 
 

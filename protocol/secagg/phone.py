@@ -2,14 +2,16 @@
 Secure Aggregation for Privacy-Preserving Machine Learning"), four steps, pure:
 
 1. ``advertise``: two X25519 public keys, one for the share channel (c), one for masks (s).
-2. ``share_keys``: Shamir shares of the mask secret key s_sk and of the self-mask seed b,
+2. ``share_keys``: Shamir shares of the mask-key seed (s_sk derives from it) and of the self-mask seed b,
    one sealed message per neighbour that advertised.
 3. ``masked_upload``: y = x + PRG(b) + sum over neighbours j that shared keys of
    +PRG(s_ij) (own index < j) or -PRG(s_ij) (own index > j), mod 2**b.
-4. ``unmask``: for each surviving neighbour the share of its seed b, for each dropped
-   neighbour the share of its key s_sk; never both for one phone, and one answer per group.
+4. ``unmask``: for each surviving neighbour the share of its self-mask seed, for each dropped
+   neighbour the share of its mask-key seed; never both for one phone, and one answer per group.
 
-Every secret derives from the phone's 32-byte ``entropy`` (``crypto.hkdf``).
+Every secret derives from the phone's 32-byte ``entropy`` (``crypto.hkdf``). The two secrets
+that are Shamir-shared are 127-bit field elements (``shamir.py``): the mask-key seed, from which
+s_sk derives, and the self-mask seed, from which the self mask's PRG key derives.
 """
 
 from __future__ import annotations
@@ -49,11 +51,29 @@ class HeldShare:
 @dataclass(frozen=True)
 class UnmaskShares:
     seeds: dict[int, int]  # surviving neighbour -> share of its self-mask seed
-    keys: dict[int, int]  # dropped neighbour -> share of its mask secret key
+    keys: dict[int, int]  # dropped neighbour -> share of its mask-key seed
+
+
+def secret_seed(entropy: bytes, label: str, context: bytes) -> int:
+    """A shared secret of the phone: HKDF(E, label, ctx, 16) as a big-endian integer mod p."""
+    return int.from_bytes(crypto.hkdf(entropy, label, context, shamir.SHARE_BYTES), "big") % shamir.PRIME
+
+
+def mask_secret_key(mask_seed: int, context: bytes) -> bytes:
+    """s_sk, the X25519 secret key of the pairwise masks, from its 127-bit seed."""
+    return crypto.hkdf(shamir.element_to_bytes(mask_seed), "mask key", context)
+
+
+def self_mask_key(seed: int, context: bytes) -> bytes:
+    """The PRG key of the self mask, from its 127-bit seed."""
+    return crypto.hkdf(shamir.element_to_bytes(seed), "self mask", context)
 
 
 def pairwise_key(own_mask_secret: bytes, peer_mask_public: bytes, context: bytes) -> bytes:
     return crypto.hkdf(crypto.agree(own_mask_secret, peer_mask_public), "pairwise mask", context)
+
+
+SEALED_SHARE_BYTES = 2 * shamir.SHARE_BYTES + 16  # the two shares and the Poly1305 tag: 48
 
 
 def share_plaintext(key_share: int, seed_share: int) -> bytes:
@@ -75,8 +95,8 @@ def sync_group_name(round_number: int) -> str:
 def keys_for(entropy: bytes, context: bytes) -> PublicKeys:
     """The public keys a phone with ``entropy`` advertises in the group named ``context``
     (known before the group's other parameters are)."""
-    return PublicKeys(crypto.public_key(crypto.hkdf(entropy, "channel key", context)),
-                      crypto.public_key(crypto.hkdf(entropy, "mask key", context)))
+    mask_secret = mask_secret_key(secret_seed(entropy, "mask key seed", context), context)
+    return PublicKeys(crypto.public_key(crypto.hkdf(entropy, "channel key", context)), crypto.public_key(mask_secret))
 
 
 class SecAggPhone:
@@ -90,15 +110,16 @@ class SecAggPhone:
         self.params, self.index = params, index
         ctx = params.context
         self._channel_secret = crypto.hkdf(entropy, "channel key", ctx)
-        self._mask_secret = crypto.hkdf(entropy, "mask key", ctx)
-        self._seed = crypto.hkdf(entropy, "self mask seed", ctx)
+        self._secrets = {label: secret_seed(entropy, label, ctx) for label in ("mask key seed", "self mask seed")}
+        self._mask_secret = mask_secret_key(self._secrets["mask key seed"], ctx)
+        self._self_mask = self_mask_key(self._secrets["self mask seed"], ctx)
         t = params.share_threshold
         self._coefficients = {
             label: [
-                int.from_bytes(crypto.hkdf(entropy, f"shamir {label} {m}", ctx, 80), "big") % shamir.PRIME
+                int.from_bytes(crypto.hkdf(entropy, f"shamir {label} {m}", ctx), "big") % shamir.PRIME
                 for m in range(1, t)
             ]
-            for label in ("mask key", "self mask seed")
+            for label in self._secrets
         }
         self.neighbours = neighbours_of(params.size, params.degree, params.graph_seed, index)
         self.keys = PublicKeys(crypto.public_key(self._channel_secret), crypto.public_key(self._mask_secret))
@@ -111,15 +132,16 @@ class SecAggPhone:
 
     def share_keys(self, roster: Mapping[int, PublicKeys]) -> dict[int, bytes]:
         """``roster``: the advertised keys of (at least) this phone's neighbours that
-        advertised. Returns recipient -> sealed (share of s_sk || share of b)."""
+        advertised. Returns recipient -> sealed (share of the mask-key seed || share of the
+        self-mask seed)."""
         if self._roster:
             raise WrongStep("keys already shared")
         if roster.get(self.index) != self.keys:
             raise BadShare("the roster does not carry this phone's own keys")
         self._roster = {j: k for j, k in roster.items() if j in self.neighbours}
         xs = sorted(self._roster)
-        key_shares = shamir.split(self._mask_secret, xs, self._coefficients["mask key"])
-        seed_shares = shamir.split(self._seed, xs, self._coefficients["self mask seed"])
+        key_shares, seed_shares = (shamir.split(self._secrets[label], xs, self._coefficients[label])
+                                   for label in ("mask key seed", "self mask seed"))
         ctx = self.params.context
         return {
             j: crypto.seal(self._channel_secret, self._roster[j].channel, ctx, self.index, j, share_plaintext(k, s))
@@ -148,7 +170,7 @@ class SecAggPhone:
             for j, sealed in sorted(incoming.items())
         }
         bits, mod = p.modulus_bits, np.uint64((1 << p.modulus_bits) - 1) if p.modulus_bits < 64 else None
-        y = to_field(values, bits) + crypto.mask(self._seed, p.rotated_dim, bits)
+        y = to_field(values, bits) + crypto.mask(self._self_mask, p.rotated_dim, bits)
         for j in sorted(held):
             m = crypto.mask(pairwise_key(self._mask_secret, self._roster[j].mask, ctx), p.rotated_dim, bits)
             y = y + m if self.index < j else y - m  # uint64 arithmetic wraps mod 2**64

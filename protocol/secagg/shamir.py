@@ -1,7 +1,9 @@
-"""Shamir secret sharing (Shamir, 1979, "How to Share a Secret") of 32-byte secrets over
-the prime field GF(p), p = 2**521 - 1 (a Mersenne prime, so every 256-bit secret is a field
-element). A secret s becomes the points (x, f(x)) of a random polynomial f of degree t - 1
-with f(0) = s; any t of them give s back by Lagrange interpolation at 0, fewer reveal nothing.
+"""Shamir secret sharing (Shamir, 1979, "How to Share a Secret") over the prime field GF(p),
+p = 2**127 - 1 (a Mersenne prime). The secrets are field elements themselves, 127-bit seeds
+from which the phone's mask key and self-mask key derive (``phone.py``), so a share is 16 bytes;
+X25519's own security is about 2**126, so a 127-bit seed is not the weaker link. A secret s
+becomes the points (x, f(x)) of a random polynomial f of degree t - 1 with f(0) = s; any t of
+them give s back by Lagrange interpolation at 0, fewer reveal nothing.
 
 Pure integer arithmetic; the random coefficients come from the caller (derived from the
 phone's entropy in ``keys.py``), so a fixed entropy gives fixed shares (golden vectors).
@@ -13,17 +15,16 @@ from collections.abc import Sequence
 
 from fedfleet.protocol.secagg.errors import BadShare
 
-PRIME = (1 << 521) - 1
-SHARE_BYTES = 66  # ceil(521 / 8): a field element, big-endian
-SECRET_BYTES = 32
+PRIME = (1 << 127) - 1
+SHARE_BYTES = 16  # a field element (a share or a secret), big-endian
 
 
-def split(secret: bytes, xs: Sequence[int], coefficients: Sequence[int]) -> list[int]:
-    """f(x) for each x in ``xs`` (distinct, in [1, p)), f(0) = secret, f's other
-    coefficients ``coefficients`` (t - 1 field elements, lowest degree first)."""
-    if len(secret) != SECRET_BYTES:
-        raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {len(secret)}")
-    coeffs = [int.from_bytes(secret, "big"), *coefficients]
+def split(secret: int, xs: Sequence[int], coefficients: Sequence[int]) -> list[int]:
+    """f(x) for each x in ``xs`` (distinct, in [1, p)), f(0) = secret (a field element), f's
+    other coefficients ``coefficients`` (t - 1 field elements, lowest degree first)."""
+    if not 0 <= secret < PRIME:
+        raise ValueError("the secret must be a field element")
+    coeffs = [secret, *coefficients]
     out = []
     for x in xs:
         y = 0
@@ -57,7 +58,7 @@ def _lagrange_at(points: Sequence[tuple[int, int]], at: int) -> int:
     return total
 
 
-def combine(points: Sequence[tuple[int, int]], threshold: int) -> bytes:
+def combine(points: Sequence[tuple[int, int]], threshold: int) -> int:
     """The secret from at least ``threshold`` points (x, f(x)). With more, the first point
     beyond ``threshold`` must lie on the polynomial of the others, else ``BadShare``: a wrong
     share among the first ``threshold`` moves the polynomial off it (a wrong share beyond
@@ -71,10 +72,7 @@ def combine(points: Sequence[tuple[int, int]], threshold: int) -> bytes:
         x, y = points[threshold]
         if _lagrange_at(basis, x) != y:
             raise BadShare(f"the share at x={x} is not on the polynomial of the others")
-    secret = _lagrange_at(basis, 0)
-    if secret >= 1 << (8 * SECRET_BYTES):
-        raise BadShare("the shares interpolate to no 32-byte secret")
-    return secret.to_bytes(SECRET_BYTES, "big")
+    return _lagrange_at(basis, 0)
 
 
 def element_to_bytes(y: int) -> bytes:

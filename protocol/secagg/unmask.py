@@ -1,5 +1,5 @@
 """The server's last step, pure: from the survivors' masked updates and the shares the
-responders sent, rebuild each survivor's self-mask seed and each dropped phone's mask key,
+responders sent, rebuild each survivor's self-mask seed and each dropped phone's mask-key seed,
 strip every mask, and return the sum of the survivors' integer updates.
 
 Rebuilding needs ``share_threshold`` shares per secret; fewer for any phone, or fewer than
@@ -18,10 +18,16 @@ from fedfleet.protocol.secagg.errors import BadShare, BelowThreshold
 from fedfleet.protocol.secagg.graph import neighbours
 from fedfleet.protocol.secagg.integer import from_field
 from fedfleet.protocol.secagg.params import GroupParams
-from fedfleet.protocol.secagg.phone import PublicKeys, UnmaskShares, pairwise_key
+from fedfleet.protocol.secagg.phone import (
+    PublicKeys,
+    UnmaskShares,
+    mask_secret_key,
+    pairwise_key,
+    self_mask_key,
+)
 
 
-def _rebuild(params: GroupParams, about: int, held: Mapping[int, int], what: str) -> bytes:
+def _rebuild(params: GroupParams, about: int, held: Mapping[int, int], what: str) -> int:
     if len(held) < params.share_threshold:
         raise BelowThreshold(
             f"{len(held)} shares of phone {about}'s {what}, fewer than the threshold {params.share_threshold}"
@@ -63,15 +69,17 @@ def unmask_sum(
     graph = neighbours(params.size, params.degree, params.graph_seed)
     # rebuild everything first: a missing share aborts before any mask is removed
     seeds = {j: _rebuild(params, j, seed_shares.get(j, {}), "self-mask seed") for j in sorted(survivors)}
-    secrets = {j: _rebuild(params, j, key_shares.get(j, {}), "mask key") for j in sorted(dropped)}
+    ctx = params.context
+    secrets = {j: mask_secret_key(_rebuild(params, j, key_shares.get(j, {}), "mask key seed"), ctx)
+               for j in sorted(dropped)}
     for j, secret in secrets.items():
         if crypto.public_key(secret) != keys[j].mask:
             raise BadShare(f"the shares of phone {j}'s mask key rebuild a key it did not advertise")
-    bits, ctx = params.modulus_bits, params.context
+    bits = params.modulus_bits
     total = np.zeros(params.rotated_dim, dtype=np.uint64)
     for i in sorted(survivors):
         total += masked[i]
-        total -= crypto.mask(seeds[i], params.rotated_dim, bits)
+        total -= crypto.mask(self_mask_key(seeds[i], ctx), params.rotated_dim, bits)
     for j, secret in secrets.items():
         for i in sorted(graph[j] & survivors):
             m = crypto.mask(pairwise_key(secret, keys[i].mask, ctx), params.rotated_dim, bits)

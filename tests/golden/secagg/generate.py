@@ -14,10 +14,12 @@ import numpy as np
 
 from fedfleet.protocol.secagg import SecAggPhone, crypto, group_params, unmask_sum
 from fedfleet.protocol.secagg.coords import shared_coordinates
+from fedfleet.protocol.secagg.framing import pack_sealed, pack_unmask
 from fedfleet.protocol.secagg.graph import neighbours, ring_order
 from fedfleet.protocol.secagg.integer import pack
-from fedfleet.protocol.secagg.phone import pairwise_key
+from fedfleet.protocol.secagg.phone import mask_secret_key, pairwise_key, secret_seed
 from fedfleet.protocol.secagg.rotation import rotation
+from fedfleet.protocol.secagg.shamir import element_to_bytes
 
 HERE = Path(__file__).parent
 PRG_KEY = bytes(range(32))
@@ -64,10 +66,12 @@ def coords_vector() -> dict[str, Any]:
 
 def group_vector() -> dict[str, Any]:
     """Six phones, complete graph, t = 3: phone 6 drops after sharing keys, phone 5 after its
-    masked upload. The server rebuilds 6's mask key and the seeds of 1-5 from the shares of 1-4."""
+    masked upload. The server rebuilds 6's mask-key seed and the self-mask seeds of 1-5 from the
+    shares of 1-4."""
     params = group_params("round/7/group/0", 6, 6, clip=1.0, threshold=0.6, modulus_bits=14, graph_seed=b"g")
     entropy = {i: bytes([i]) * 32 for i in range(1, 7)}
-    values = {i: np.array([i, -i, 100 * i, -100 * i, 0, i * i - 7], dtype=np.int64) for i in range(1, 7)}
+    pad = [0] * (params.rotated_dim - 6)  # the 6 coordinates rotate into 32
+    values = {i: np.array([i, -i, 100 * i, -100 * i, 0, i * i - 7, *pad], dtype=np.int64) for i in range(1, 7)}
     phones = {i: SecAggPhone(params, i, entropy[i]) for i in range(1, 7)}
     roster = {i: p.advertise() for i, p in phones.items()}
     sealed = {i: p.share_keys(roster) for i, p in phones.items()}
@@ -84,7 +88,8 @@ def group_vector() -> dict[str, Any]:
         "name": "group_6_phones",
         "description": group_vector.__doc__.split("\n\n")[0] if group_vector.__doc__ else "",
         "params": {
-            "group": params.group, "clip": 1.0, "threshold": 0.6, "size": params.size, "dim": params.dim, "degree": params.degree,
+            "group": params.group, "clip": 1.0, "threshold": 0.6, "size": params.size, "dim": params.dim,
+            "rotated_dim": params.rotated_dim, "degree": params.degree,
             "share_threshold": params.share_threshold, "min_survivors": params.min_survivors,
             "modulus_bits": params.modulus_bits, "graph_seed_hex": params.graph_seed.hex(),
         },
@@ -93,14 +98,16 @@ def group_vector() -> dict[str, Any]:
                 "entropy_hex": entropy[i].hex(),
                 "channel_public_hex": roster[i].channel.hex(),
                 "mask_public_hex": roster[i].mask.hex(),
-                "self_mask_seed_hex": crypto.hkdf(entropy[i], "self mask seed", ctx).hex(),
+                "mask_key_seed_hex": element_to_bytes(secret_seed(entropy[i], "mask key seed", ctx)).hex(),
+                "self_mask_seed_hex": element_to_bytes(secret_seed(entropy[i], "self mask seed", ctx)).hex(),
                 "values": values[i].tolist(),
                 "sealed_shares_hex": {str(j): sealed[i][j].hex() for j in sorted(sealed[i])},
+                "shares_body_hex": pack_sealed(sealed[i]).hex(),
             }
             for i in range(1, 7)
         },
         "pairwise_keys_hex": {
-            f"{i}-{j}": pairwise_key(crypto.hkdf(entropy[i], "mask key", ctx), roster[j].mask, ctx).hex()
+            f"{i}-{j}": pairwise_key(mask_secret_key(secret_seed(entropy[i], "mask key seed", ctx), ctx), roster[j].mask, ctx).hex()
             for i in range(1, 7) for j in range(i + 1, 7)
         },
         "masked_hex": {str(i): pack(y, params.modulus_bits).hex() for i, y in masked.items()},
@@ -108,8 +115,9 @@ def group_vector() -> dict[str, Any]:
         "dropped": sorted(dropped),
         "responses": {
             str(i): {
-                "seeds_hex": {str(j): f"{y:0132x}" for j, y in sorted(r.seeds.items())},
-                "keys_hex": {str(j): f"{y:0132x}" for j, y in sorted(r.keys.items())},
+                "seeds_hex": {str(j): f"{y:032x}" for j, y in sorted(r.seeds.items())},
+                "keys_hex": {str(j): f"{y:032x}" for j, y in sorted(r.keys.items())},
+                "body_hex": pack_unmask(r).hex(),
             }
             for i, r in responses.items()
         },
@@ -119,14 +127,16 @@ def group_vector() -> dict[str, Any]:
 
 def rotation_vector() -> dict[str, Any]:
     seed, group = b"fedfleet rotation", b"round/7/group/0"
-    r = rotation(seed, group, 63)
-    x = np.random.default_rng(0).normal(0, 1, 63)
+    r = rotation(seed, group, 90)
+    x = np.random.default_rng(0).normal(0, 1, 90)
     return {
-        "name": "rotation_63",
-        "description": "The rotation of 63 coordinates: blocks of 32, padded to 64; signs from bit 0 of "
+        "name": "rotation_90",
+        "description": "The rotation of 90 coordinates: padded to 96, blocks of 64 and 32; signs from bit 0 of "
         "PRG(HKDF(seed, 'rotation signs', group)), order by (PRG(HKDF(seed, 'rotation order', group)) word, index); "
-        "y = block Hadamard / sqrt(32) of (signs * pad(x))[order]. Floats as Python repr (round-trip).",
-        "seed_hex": seed.hex(), "group": group.decode(), "dim": 63, "block": r.block, "rotated_dim": r.rotated_dim,
+        "y = H_64 / 8 of u[0:64] and H_32 / sqrt(32) of u[64:96], u = (signs * pad(x))[order]. Floats as Python "
+        "repr (round-trip).",
+        "seed_hex": seed.hex(), "group": group.decode(), "dim": 90, "blocks": list(r.blocks),
+        "rotated_dim": r.rotated_dim,
         "signs": [int(v) for v in r.signs], "order": r.order.tolist(),
         "x": [float(v) for v in x], "y": [float(v) for v in r.apply(x)],
     }

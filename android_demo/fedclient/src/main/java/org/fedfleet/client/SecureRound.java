@@ -46,8 +46,10 @@ final class SecureRound {
     byte[] entropy = new byte[32];
     new SecureRandom().nextBytes(entropy);  // the phone's secrets: never from a seeded generator
     byte[][] keys = SecAggPhone.keysFor(entropy, "round/" + round + "/group/0");
-    JSONObject joined = post("/v1/secagg/advertise", new JSONObject().put("round", round)
-        .put("channel_key", HEX.formatHex(keys[0])).put("mask_key", HEX.formatHex(keys[1])));
+    byte[] keyBody = new byte[64];  // c_pk || s_pk
+    System.arraycopy(keys[0], 0, keyBody, 0, 32);
+    System.arraycopy(keys[1], 0, keyBody, 32, 32);
+    JSONObject joined = postBytes("/v1/secagg/advertise", keyBody);
     if (!joined.optBoolean("accepted", false)) {
       return false;
     }
@@ -75,11 +77,7 @@ final class SecureRound {
       JSONArray pair = all.getJSONArray(j);
       advertised.put(Integer.parseInt(j), new byte[][] {HEX.parseHex(pair.getString(0)), HEX.parseHex(pair.getString(1))});
     }
-    JSONObject shares = new JSONObject();
-    for (Map.Entry<Integer, byte[]> e : phone.shareKeys(advertised).entrySet()) {
-      shares.put(String.valueOf(e.getKey()), HEX.formatHex(e.getValue()));
-    }
-    post("/v1/secagg/shares", new JSONObject().put("round", round).put("shares", shares));
+    postBytes("/v1/secagg/shares", SecAggPhone.packSealed(phone.shareKeys(advertised)));
     JSONObject inbox = poll("/v1/secagg/inbox");
     if (inbox == null) {
       return false;
@@ -103,15 +101,14 @@ final class SecureRound {
         p.getDouble("sensitivity"), p.getDouble("noise_sigma"), p.getLong("noise_tail"));
     long[] values = IntegerCodec.toIntegers(x, spec, rotation, rng);
     byte[] body = IntegerCodec.pack(phone.maskedUpload(incoming, values), params.modulusBits());
-    http.send("POST", "/v1/secagg/masked?round=" + round, body, "application/octet-stream", Map.of(), false);
+    postBytes("/v1/secagg/masked", body);
     JSONObject request = poll("/v1/secagg/unmask");
     if (request == null) {
       return false;
     }
     SecAggPhone.UnmaskShares answer = phone.unmask(ints(request.getJSONArray("survivors")),
         ints(request.getJSONArray("dropped")));
-    post("/v1/secagg/unmask", new JSONObject().put("round", round).put("seeds", hexes(answer.seeds()))
-        .put("keys", hexes(answer.keys())));
+    postBytes("/v1/secagg/unmask", SecAggPhone.packUnmask(answer));
     return true;
   }
 
@@ -146,17 +143,9 @@ final class SecureRound {
     return out;
   }
 
-  private static JSONObject hexes(Map<Integer, BigInteger> shares) throws JSONException {
-    JSONObject o = new JSONObject();
-    for (Map.Entry<Integer, BigInteger> e : shares.entrySet()) {
-      o.put(String.valueOf(e.getKey()), String.format("%0132x", e.getValue()));
-    }
-    return o;
-  }
-
-  private JSONObject post(String path, JSONObject body) throws IOException, JSONException {
-    Http.Response r = http.send("POST", path, body.toString().getBytes(StandardCharsets.UTF_8), "application/json",
-        Map.of(), false);
+  /** A step message (FORMAT.md 12.5): binary, the round in the query; the JSON answer. */
+  private JSONObject postBytes(String path, byte[] body) throws IOException, JSONException {
+    Http.Response r = http.send("POST", path + "?round=" + round, body, "application/octet-stream", Map.of(), false);
     return Answers.object(r.body());
   }
 

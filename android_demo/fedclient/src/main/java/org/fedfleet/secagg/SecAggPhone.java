@@ -1,5 +1,6 @@
 package org.fedfleet.secagg;
 
+import java.io.ByteArrayOutputStream;
 import java.math.BigInteger;
 import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
@@ -17,6 +18,10 @@ import java.util.TreeSet;
  * isolate one phone's update is refused.
  */
 public final class SecAggPhone {
+  private static final String MASK_KEY_SEED = "mask key seed";
+  private static final String SELF_MASK_SEED = "self mask seed";
+  private static final List<String> LABELS = List.of(MASK_KEY_SEED, SELF_MASK_SEED);
+
   /** What the group agreed on (the server's {@code params}). */
   public record Params(String group, int size, int degree, int shareThreshold, int minSurvivors, int modulusBits,
       int dim, byte[] graphSeed) {
@@ -31,8 +36,9 @@ public final class SecAggPhone {
   private final Params params;
   private final int index;
   private final byte[] channelSecret;
+  private final Map<String, BigInteger> secrets = new TreeMap<>();  // the shared 127-bit seeds
   private final byte[] maskSecret;
-  private final byte[] seed;
+  private final byte[] selfMask;
   private final Map<String, List<BigInteger>> coefficients = new TreeMap<>();
   private final TreeSet<Integer> neighbours;
   private final Map<Integer, byte[][]> roster = new TreeMap<>();
@@ -47,23 +53,34 @@ public final class SecAggPhone {
     this.index = index;
     byte[] ctx = params.context();
     channelSecret = SecAggCrypto.hkdf(entropy, "channel key", ctx);
-    maskSecret = SecAggCrypto.hkdf(entropy, "mask key", ctx);
-    seed = SecAggCrypto.hkdf(entropy, "self mask seed", ctx);
-    for (String label : List.of("mask key", "self mask seed")) {
+    for (String label : LABELS) {
+      secrets.put(label, secretSeed(entropy, label, ctx));
       List<BigInteger> cs = new ArrayList<>();
       for (int m = 1; m < params.shareThreshold(); m++) {
-        cs.add(new BigInteger(1, SecAggCrypto.hkdf(entropy, "shamir " + label + " " + m, ctx, 80)).mod(Shamir.PRIME));
+        cs.add(new BigInteger(1, SecAggCrypto.hkdf(entropy, "shamir " + label + " " + m, ctx)).mod(Shamir.PRIME));
       }
       coefficients.put(label, cs);
     }
+    maskSecret = maskSecretKey(secrets.get(MASK_KEY_SEED), ctx);
+    selfMask = SecAggCrypto.hkdf(Shamir.toBytes(secrets.get(SELF_MASK_SEED)), "self mask", ctx);
     neighbours = Graph.neighboursOf(params.size(), params.degree(), params.graphSeed(), index);
+  }
+
+  /** HKDF(E, label, ctx, 16) as a big-endian integer mod 2^127 - 1: a shared 127-bit seed. */
+  static BigInteger secretSeed(byte[] entropy, String label, byte[] ctx) {
+    return new BigInteger(1, SecAggCrypto.hkdf(entropy, label, ctx, Shamir.SHARE_BYTES)).mod(Shamir.PRIME);
+  }
+
+  /** s_sk, the X25519 secret key of the pairwise masks, from its 127-bit seed. */
+  static byte[] maskSecretKey(BigInteger maskSeed, byte[] ctx) {
+    return SecAggCrypto.hkdf(Shamir.toBytes(maskSeed), "mask key", ctx);
   }
 
   /** The keys a phone with {@code entropy} advertises in the group named {@code group}. */
   public static byte[][] keysFor(byte[] entropy, String group) {
     byte[] ctx = group.getBytes(StandardCharsets.UTF_8);
     return new byte[][] {SecAggCrypto.publicKey(SecAggCrypto.hkdf(entropy, "channel key", ctx)),
-        SecAggCrypto.publicKey(SecAggCrypto.hkdf(entropy, "mask key", ctx))};
+        SecAggCrypto.publicKey(maskSecretKey(secretSeed(entropy, MASK_KEY_SEED, ctx), ctx))};
   }
 
   public byte[] channelPublic() {
@@ -89,8 +106,8 @@ public final class SecAggPhone {
       }
     }
     List<Integer> xs = new ArrayList<>(roster.keySet());
-    List<BigInteger> keyShares = Shamir.split(maskSecret, xs, coefficients.get("mask key"));
-    List<BigInteger> seedShares = Shamir.split(seed, xs, coefficients.get("self mask seed"));
+    List<BigInteger> keyShares = Shamir.split(secrets.get(MASK_KEY_SEED), xs, coefficients.get(MASK_KEY_SEED));
+    List<BigInteger> seedShares = Shamir.split(secrets.get(SELF_MASK_SEED), xs, coefficients.get(SELF_MASK_SEED));
     Map<Integer, byte[]> out = new TreeMap<>();
     for (int i = 0; i < xs.size(); i++) {
       int j = xs.get(i);
@@ -116,11 +133,14 @@ public final class SecAggPhone {
     for (Map.Entry<Integer, byte[]> e : incoming.entrySet()) {
       int j = e.getKey();
       byte[] plain = SecAggCrypto.open(channelSecret, roster.get(j)[0], params.context(), j, index, e.getValue());
+      if (plain.length != 2 * Shamir.SHARE_BYTES) {
+        throw new IllegalArgumentException("a share message is " + 2 * Shamir.SHARE_BYTES + " bytes");
+      }
       got.put(j, new BigInteger[] {
-          new BigInteger(1, Arrays.copyOfRange(plain, 0, Shamir.SHARE_BYTES)),
-          new BigInteger(1, Arrays.copyOfRange(plain, Shamir.SHARE_BYTES, 2 * Shamir.SHARE_BYTES))});
+          Shamir.fromBytes(Arrays.copyOfRange(plain, 0, Shamir.SHARE_BYTES)),
+          Shamir.fromBytes(Arrays.copyOfRange(plain, Shamir.SHARE_BYTES, 2 * Shamir.SHARE_BYTES))});
     }
-    long[] y = SecAggCrypto.mask(seed, params.dim(), bits);
+    long[] y = SecAggCrypto.mask(selfMask, params.dim(), bits);
     for (int i = 0; i < y.length; i++) {
       y[i] += values[i];
     }
@@ -137,6 +157,26 @@ public final class SecAggPhone {
     }
     held = got;
     return y;
+  }
+
+  /** The share-keys body (FORMAT.md 12.5): the sealed shares in increasing recipient order. */
+  public static byte[] packSealed(Map<Integer, byte[]> sealed) {
+    ByteArrayOutputStream out = new ByteArrayOutputStream();
+    for (byte[] s : new TreeMap<>(sealed).values()) {
+      out.writeBytes(s);
+    }
+    return out.toByteArray();
+  }
+
+  /** The unmask body (FORMAT.md 12.5): seeds and keys together, 16 bytes each, increasing neighbour order. */
+  public static byte[] packUnmask(UnmaskShares shares) {
+    Map<Integer, BigInteger> merged = new TreeMap<>(shares.seeds());
+    merged.putAll(shares.keys());
+    ByteArrayOutputStream out = new ByteArrayOutputStream();
+    for (BigInteger y : merged.values()) {
+      out.writeBytes(Shamir.toBytes(y));
+    }
+    return out.toByteArray();
   }
 
   public UnmaskShares unmask(Set<Integer> survivors, Set<Integer> dropped) {

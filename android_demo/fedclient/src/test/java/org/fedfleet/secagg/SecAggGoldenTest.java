@@ -81,11 +81,15 @@ class SecAggGoldenTest {
   @Test
   @SuppressWarnings("unchecked")
   void rotation() throws Exception {
-    Map<String, Object> v = load("rotation_63");
+    Map<String, Object> v = load("rotation_90");
     int dim = num(v.get("dim"));
     Rotation r = new Rotation(HEX.parseHex((String) v.get("seed_hex")),
         ((String) v.get("group")).getBytes(StandardCharsets.UTF_8), dim);
-    assertEquals(num(v.get("block")), r.block());
+    assertEquals(((List<Object>) v.get("blocks")).stream().map(SecAggGoldenTest::num).toList(),
+        java.util.Arrays.stream(r.blocks()).boxed().toList());
+    assertEquals(List.of(4096, 4096, 4096, 4096, 2048, 1024, 256, 128, 64),
+        java.util.Arrays.stream(Rotation.blocks(19_885)).boxed().toList());
+    assertEquals(19_904, Rotation.rotatedDim(19_885));
     assertEquals(num(v.get("rotated_dim")), Rotation.rotatedDim(dim));
     assertEquals(((List<Object>) v.get("order")).stream().map(SecAggGoldenTest::num).toList(),
         java.util.Arrays.stream(r.order()).boxed().toList());
@@ -111,7 +115,7 @@ class SecAggGoldenTest {
     Map<String, Object> p = (Map<String, Object>) v.get("params");
     SecAggPhone.Params params = new SecAggPhone.Params((String) p.get("group"), num(p.get("size")),
         num(p.get("degree")), num(p.get("share_threshold")), num(p.get("min_survivors")), num(p.get("modulus_bits")),
-        num(p.get("dim")), HEX.parseHex((String) p.get("graph_seed_hex")));
+        num(p.get("rotated_dim")), HEX.parseHex((String) p.get("graph_seed_hex")));
     Map<String, Object> spec = (Map<String, Object>) v.get("phones");
     Map<Integer, SecAggPhone> phones = new TreeMap<>();
     Map<Integer, byte[][]> roster = new TreeMap<>();
@@ -120,6 +124,12 @@ class SecAggGoldenTest {
       SecAggPhone phone = new SecAggPhone(params, i, HEX.parseHex((String) ph.get("entropy_hex")));
       assertEquals(ph.get("channel_public_hex"), HEX.formatHex(phone.channelPublic()));
       assertEquals(ph.get("mask_public_hex"), HEX.formatHex(phone.maskPublic()));
+      byte[] entropy = HEX.parseHex((String) ph.get("entropy_hex"));
+      byte[] ctx = params.context();
+      assertEquals(ph.get("mask_key_seed_hex"),
+          HEX.formatHex(Shamir.toBytes(SecAggPhone.secretSeed(entropy, "mask key seed", ctx))));
+      assertEquals(ph.get("self_mask_seed_hex"),
+          HEX.formatHex(Shamir.toBytes(SecAggPhone.secretSeed(entropy, "self mask seed", ctx))));
       phones.put(i, phone);
       roster.put(i, new byte[][] {phone.channelPublic(), phone.maskPublic()});
     }
@@ -129,8 +139,11 @@ class SecAggGoldenTest {
       Map<String, Object> want = (Map<String, Object>) ((Map<String, Object>) spec.get(e.getKey().toString()))
           .get("sealed_shares_hex");
       assertEquals(want.size(), out.size());
+      assertEquals(((Map<String, Object>) spec.get(e.getKey().toString())).get("shares_body_hex"),
+          HEX.formatHex(SecAggPhone.packSealed(out)));
       for (Map.Entry<Integer, byte[]> s : out.entrySet()) {
         assertEquals(want.get(s.getKey().toString()), HEX.formatHex(s.getValue()));
+        assertEquals(48, s.getValue().length);  // two 16-byte shares and the Poly1305 tag
       }
       sealed.put(e.getKey(), out);
     }
@@ -157,10 +170,20 @@ class SecAggGoldenTest {
       Map<String, Object> want = (Map<String, Object>) r.getValue();
       assertEquals(hexes((Map<String, Object>) want.get("seeds_hex")), got.seeds());
       assertEquals(hexes((Map<String, Object>) want.get("keys_hex")), got.keys());
+      assertEquals(want.get("body_hex"), HEX.formatHex(SecAggPhone.packUnmask(got)));
     }
     Set<Integer> both = new TreeSet<>(survivors);
     both.add(dropped.iterator().next());
     assertThrows(SecurityException.class, () -> phones.get(1).unmask(both, dropped));
+  }
+
+  @Test
+  void sharesAreSixteenByteFieldElements() {
+    BigInteger y = Shamir.PRIME.subtract(BigInteger.ONE);
+    assertEquals(y, Shamir.fromBytes(Shamir.toBytes(y)));
+    assertThrows(IllegalArgumentException.class, () -> Shamir.fromBytes(Shamir.toBytes(Shamir.PRIME)));
+    assertThrows(IllegalArgumentException.class, () -> Shamir.fromBytes(new byte[66]));
+    assertThrows(IllegalArgumentException.class, () -> Shamir.split(Shamir.PRIME, List.of(1, 2), List.of()));
   }
 
   private static Map<Integer, BigInteger> hexes(Map<String, Object> m) {
