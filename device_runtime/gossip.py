@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fedfleet.device_runtime.gossip_frame import compact
 from fedfleet.device_runtime.gossip_math import MODEL_CODEC, add, admm_center, admm_dual, choco_mix, mix
 from fedfleet.device_runtime.protocol_client import ProtocolClient, ServerError
 from fedfleet.protocol import TensorMessage, UpdateEncoder, decode_message, encode_message
@@ -71,13 +72,13 @@ class GossipPhone:
     def message(self, round_: int) -> bytes:
         """This round's message to every neighbour: the model (D-PSGD: through the codec's value steps
         when it has an encoder; its own model stays as it is) or q (CHOCO, which then moves x_hat by
-        the q its neighbours will decode)."""
+        the q its neighbours will decode). Its header travels zlib-compressed when shorter (gossip_frame)."""
         meta: dict[str, Any] = {"algorithm": self.algorithm, "from": self.name, "round": round_}
         if self.encoder is None:
-            return encode_message("update", meta, self.x)
+            return compact(encode_message("update", meta, self.x))
         if self.algorithm == "dpsgd":
-            return self.encoder.encode({n: v.astype(np.float64) for n, v in self.x.items()}, meta)
-        body = self.encoder.encode({n: self.x[n].astype(np.float64) - self.hat[n] for n in self.x}, meta)
+            return compact(self.encoder.encode({n: v.astype(np.float64) for n, v in self.x.items()}, meta))
+        body = compact(self.encoder.encode({n: self.x[n].astype(np.float64) - self.hat[n] for n in self.x}, meta))
         self.hat = add(self.hat, decode_message(body).tensors)
         return body
 

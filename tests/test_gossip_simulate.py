@@ -54,9 +54,9 @@ def test_dpsgd_complete_graph_reaches_consensus_and_counts_bytes(tmp_path: Path)
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] > 0.1
     assert all(r["messages"] == 30 and r["messages_dropped"] == 0 for r in rows)  # 15 edges, both ways
     # every message is the whole model, posted once by each of the 6 phones and handed to its 5 neighbours:
-    # the relay counted the bodies up once, and down five times plus its answers
-    size = rows[1]["bytes_up"] / 6
-    assert size == int(size) and 5 * rows[1]["bytes_up"] < rows[1]["bytes_down"] < 5 * rows[1]["bytes_up"] + 6 * 100
+    # the relay counted the bodies up once, and down five times plus its answers (headers are zlib-compressed,
+    # so a message's size depends a little on its sender's name)
+    assert 5 * rows[1]["bytes_up"] < rows[1]["bytes_down"] < 5 * rows[1]["bytes_up"] + 6 * 100
     written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert written == rows
     summary = json.loads((tmp_path / "summary.json").read_text())
