@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedfleet.device_runtime import batched_conv, batched_pool
 from fedfleet.device_runtime.batched_norm import masked_batch_norm
 from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
 from fedfleet.device_runtime.stateful import (
@@ -114,7 +115,10 @@ def train_many(
     holder: list[MaskSource] = []
     rows: list[torch.Tensor] = []  # the phone's real rows, for batch norm's statistics
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    with masked_dropout(layers, lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows):
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d) and batched_pool.fits(m)]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and batched_conv.fits(m)]
+    with (masked_dropout(layers, lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows),
+          batched_pool.strided_pooling(pools), batched_conv.matmul_convolutions(convs)):
         step = _make_step(model, start, snames, cfg, dtype, holder, rows, dev, loss)
         # Longest first: phones in a chunk then have similar step counts (little padding), and
         # the phones still training at step t are a prefix of the chunk.
