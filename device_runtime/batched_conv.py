@@ -44,12 +44,13 @@ def _columns(x: torch.Tensor, kh: int, kw: int, ph: int, pw: int) -> torch.Tenso
 
 class PhoneConv(torch.autograd.Function):
     """(x [P, B, Cin, H, W], weight [P, Cout, Cin, kh, kw], bias [P, Cout] | None, padding (ph, pw)) ->
-    [P, B, Cout, H', W']: each phone's stride-1 convolution. Without the leading P (one phone, outside
+    ([P, B, Cout, H', W'], columns): each phone's stride-1 convolution. Without the leading P (one phone, outside
     vmap) the same, P = 1."""
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                padding: tuple[int, int]) -> torch.Tensor:
+                padding: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, the columns: kept for the weight's gradient, k * k times the input's size)."""
         single = weight.dim() == 4
         if single:
             x, weight, bias = x[None], weight[None], None if bias is None else bias[None]
@@ -60,33 +61,34 @@ class PhoneConv(torch.autograd.Function):
         y = torch.bmm(flat, cols) if bias is None else torch.baddbmm(bias[:, :, None], flat, cols)
         ho, wo = x.shape[3] + 2 * padding[0] - kh + 1, x.shape[4] + 2 * padding[1] - kw + 1
         y = y.view(p, cout, b, ho, wo).transpose(1, 2)  # [P, B, Cout, H', W'], a view
-        return y[0] if single else y
+        return (y[0], cols[0]) if single else (y, cols)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
         x, weight, bias, padding = inputs
         ctx.shape = x.shape
         ctx.padding = padding
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight)
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1], weight)
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad: torch.Tensor | None, _cols: Any) -> tuple[torch.Tensor | None, ...]:
         if grad is None:
             return None, None, None, None
-        x, weight = ctx.saved_tensors
+        cols, weight = ctx.saved_tensors
         single = weight.dim() == 4
         if single:
-            x, weight, grad = x[None], weight[None], grad[None]
-        p, b, cin, h, w = x.shape
+            cols, weight, grad = cols[None], weight[None], grad[None]
+        p, b, cin, h, w = (1, *ctx.shape) if single else ctx.shape
         cout, _, kh, kw = weight.shape[1:]
         ph, pw = ctx.padding
         g = grad.transpose(1, 2).reshape(p, cout, -1)  # [P, Cout, B * H' * W']
         needs = ctx.needs_input_grad
         dx = dw = db = None
         if needs[1]:
-            dw = torch.bmm(g, _columns(x, kh, kw, ph, pw).transpose(1, 2)).view(weight.shape)
+            dw = torch.bmm(g, cols.transpose(1, 2)).view(weight.shape)
         if ctx.has_bias and needs[2]:
             db = g.sum(dim=2)
         if needs[0]:
@@ -100,13 +102,13 @@ class PhoneConv(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor,
-             bias: torch.Tensor | None, padding: tuple[int, int]) -> tuple[torch.Tensor, int]:
+             bias: torch.Tensor | None, padding: tuple[int, int]) -> tuple[Any, tuple[int, int]]:
         """The phone axis P first on every input (an unbatched one expanded to it)."""
         def first(t: torch.Tensor, dim: int | None) -> torch.Tensor:
             return t.expand(info.batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
 
         return PhoneConv.apply(first(x, in_dims[0]), first(weight, in_dims[1]),
-                               None if bias is None else first(bias, in_dims[2]), padding), 0
+                               None if bias is None else first(bias, in_dims[2]), padding), (0, 0)
 
 
 @contextmanager
@@ -123,6 +125,7 @@ def matmul_convolutions(layers: Sequence[nn.Conv2d]) -> Iterator[None]:
 
 def _forward(layer: nn.Conv2d) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:  # x [B, 1, H, W] for one phone
-        return PhoneConv.apply(x, layer.weight, layer.bias, tuple(layer.padding))  # type: ignore[no-any-return]
+        y, _ = PhoneConv.apply(x, layer.weight, layer.bias, tuple(layer.padding))
+        return y  # type: ignore[no-any-return]
 
     return forward

@@ -23,6 +23,14 @@ def _corners(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return v[..., 0, :, 0], v[..., 0, :, 1], v[..., 1, :, 0], v[..., 1, :, 1]
 
 
+def _memory_order(x: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The permutation putting x's leading (pooled-over) axes in memory order, largest stride first,
+    and its inverse: the phone axis of a batched layer is rarely the first in memory."""
+    lead = x.dim() - 2
+    order = sorted(range(lead), key=lambda d: -x.stride(d)) + [lead, lead + 1]
+    return order, sorted(range(x.dim()), key=order.__getitem__)
+
+
 def _windows(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (x.shape[-1] // 2, 2)).unflatten(-3, (x.shape[-2] // 2, 2))
 
@@ -33,13 +41,14 @@ class Pool2x2(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b, c, d = _corners(_windows(x))
+        order, back = _memory_order(x)
+        a, b, c, d = _corners(_windows(x.permute(order)))
         top, bottom = torch.maximum(a, b), torch.maximum(c, d)
         w = x.shape[-1]
         below = bottom > top  # strictly: a tie keeps the upper row, as the kernel's scan does
         index = torch.where(below, d > c, b > a).to(torch.int64).add_(below, alpha=w)
         corner = torch.arange(0, x.shape[-2], 2, device=x.device)[:, None] * w + torch.arange(0, w, 2, device=x.device)
-        return torch.maximum(top, bottom), index.add_(corner)
+        return torch.maximum(top, bottom).permute(back), index.add_(corner).permute(back)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -52,11 +61,13 @@ class Pool2x2(torch.autograd.Function):
         if grad is None:
             return None
         x, index = ctx.saved_tensors
+        order, back = _memory_order(x)  # x and index as laid out in memory: flattening them copies nothing
+        x, index, grad = x.permute(order), index.permute(order), grad.permute(order)
         h, w = x.shape[-2:]
         out = torch.ops.aten.max_pool2d_with_indices_backward(
             grad.reshape(-1, h // 2, w // 2), x.reshape(-1, h, w), [2, 2], [2, 2], [0, 0], [1, 1], False,
             index.reshape(-1, h // 2, w // 2))
-        return out.reshape(x.shape)  # type: ignore[no-any-return]
+        return out.view(x.shape).permute(back)  # type: ignore[no-any-return]
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None], x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor],

@@ -86,13 +86,15 @@ def test_convolution_equals_conv2d(kernel: Any, padding: Any, input_grad: bool) 
     upstream = torch.randn(P, *out_shape, generator=gen, dtype=torch.float64)
     want, want_grads = eager_grads(lambda x_, w_, b_: F.conv2d(x_, w_, b_, padding=pad), [x, w, b], upstream)
     leaves = [x.requires_grad_(input_grad), w.requires_grad_(), b.requires_grad_()]
-    got = vmap(lambda x_, w_, b_: PhoneConv.apply(x_, w_, b_, pad))(*leaves)
+    got = vmap(lambda x_, w_, b_: PhoneConv.apply(x_, w_, b_, pad)[0])(*leaves)
     grads = torch.autograd.grad(got, [t for t in leaves if t.requires_grad], upstream)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     for g, g_want in zip(grads, want_grads[0 if input_grad else 1 :], strict=True):
         torch.testing.assert_close(g, g_want, rtol=0, atol=1e-12)
-    one = PhoneConv.apply(x[0].detach(), w[0].detach(), b[0].detach(), pad)  # outside vmap: one phone
+    one, _ = PhoneConv.apply(x[0].detach(), w[0].detach(), b[0].detach(), pad)  # outside vmap: one phone
     torch.testing.assert_close(one, want[0], rtol=0, atol=1e-12)
+    small = [t[0, :2].detach().requires_grad_() if i == 0 else t[0].detach().requires_grad_() for i, t in enumerate(leaves)]
+    assert torch.autograd.gradcheck(lambda x_, w_, b_: PhoneConv.apply(x_, w_, b_, pad)[0], small)
 
 
 def test_convolution_fits_only_single_channel_stride_1() -> None:
