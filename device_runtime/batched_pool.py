@@ -27,7 +27,7 @@ def _memory_order(x: torch.Tensor) -> tuple[list[int], list[int]]:
     """The permutation putting x's leading (pooled-over) axes in memory order, largest stride first,
     and its inverse: the phone axis of a batched layer is rarely the first in memory."""
     lead = x.dim() - 2
-    order = sorted(range(lead), key=lambda d: -x.stride(d)) + [lead, lead + 1]
+    order = sorted(range(lead), key=lambda d: -x.stride()[d]) + [lead, lead + 1]
     return order, sorted(range(x.dim()), key=order.__getitem__)
 
 
