@@ -115,8 +115,9 @@ def train_many(
     holder: list[MaskSource] = []
     rows: list[torch.Tensor] = []  # the phone's real rows, for batch norm's statistics
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d) and batched_pool.fits(m)]
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and batched_conv.fits(m)]
+    cpu = dev.type == "cpu"  # measured faster than the kernels vmap picks there (docs/model-state.md)
+    pools = [m for m in model.modules() if cpu and isinstance(m, nn.MaxPool2d) and batched_pool.fits(m)]
+    convs = [m for m in model.modules() if cpu and isinstance(m, nn.Conv2d) and batched_conv.fits(m)]
     with (masked_dropout(layers, lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows),
           batched_pool.strided_pooling(pools), batched_conv.matmul_convolutions(convs)):
         step = _make_step(model, start, snames, cfg, dtype, holder, rows, dev, loss)

@@ -2,10 +2,11 @@
 
 PyTorch's CPU max-pool kernel for ``[N, C, H, W]`` works plane by plane, slow on the small planes of
 a batched step (``[B, P * C, 8, 8]`` for the digits). ``Pool2x2`` takes the maximum of the window's
-four strided views instead, over all leading dimensions at once, and sends the gradient to each
-window's first maximum in the kernel's order ((0, 0), (0, 1), (1, 0), (1, 1)), as the kernel's
-indices do, so results equal ``nn.MaxPool2d(2)``'s (a NaN in a window gives NaN, and no gradient
-reaches that window). Its ``vmap`` rule pools the phone axis with the others, as a leading dimension.
+four strided views instead, over all leading dimensions at once, with the position of each window's
+first maximum in the kernel's order ((0, 0), (0, 1), (1, 0), (1, 1)), the indices the kernel would
+return; the backward is PyTorch's own on those indices. Results equal ``nn.MaxPool2d(2)``'s (a NaN in
+a window gives NaN, but its gradient may go to another position of the window than the kernel's).
+Its ``vmap`` rule pools the phone axis with the others, as a leading dimension.
 """
 
 from __future__ import annotations
