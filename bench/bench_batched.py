@@ -10,7 +10,11 @@ calls (median over repeats). "cpu s" and "x loop cpu" time the same calls in thi
 seconds, which other processes on a shared machine do not inflate. Writes bench/results/batched.json.
 
     .venv/bin/python bench/bench_batched.py [--phones 100 500] [--models mlp cnn bncnn]
-        [--chunks 16 32 64 128 0] [--repeats 5] [--threads 1]      (chunk 0 = all phones)
+        [--chunks 16 32 64 128 0] [--repeats 5] [--threads 1] [--reference REV]   (chunk 0 = all phones)
+
+``--reference REV`` adds "REV chunk C" rows: ``train_many`` as the git revision REV wrote it
+(``device_runtime/batched.py`` and ``stateful.py`` from that commit), timed in the same process,
+interleaved with the others, so two implementations compare under the same load.
 
 ``bncnn`` is a user's model with state and randomness (``BNCNN`` below: batch norm and dropout):
 the loop starts every phone from the same batch norm statistics, as the batched trainer does, and
@@ -23,7 +27,10 @@ import argparse
 import copy
 import json
 import statistics
+import subprocess
+import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -124,7 +131,21 @@ def max_diff(a: Outputs, b: Outputs) -> float:
     return max(float(np.abs(da[n] - db[n]).max()) for (da, _), (db, _) in zip(a, b, strict=True) for n in db)
 
 
-def bench_case(model_name: str, phones: int, chunks: list[int], repeats: int) -> list[dict[str, Any]]:
+def reference_train_many(rev: str) -> Callable[..., Outputs]:
+    """``train_many`` of git revision ``rev``, its batched.py and stateful.py loaded as ``_ref_*`` modules."""
+    root = Path(__file__).resolve().parents[1]
+    for name in ("stateful", "batched"):
+        path = f"device_runtime/{name}.py"
+        source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True, capture_output=True,
+                                text=True).stdout.replace("fedfleet.device_runtime.stateful", "_ref_stateful")
+        module = types.ModuleType(f"_ref_{name}")
+        sys.modules[module.__name__] = module  # dataclasses look their module up
+        exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)  # noqa: S102 - our own repository's code
+    return sys.modules["_ref_batched"].train_many  # type: ignore[no-any-return]
+
+
+def bench_case(model_name: str, phones: int, chunks: list[int], repeats: int,
+               reference: tuple[str, Callable[..., Outputs]] | None = None) -> list[dict[str, Any]]:
     digits = load_dataset("digits", seed=0)
     model = make_model(model_name, digits.input_shape, digits.num_classes)
     params = TorchRuntime(model).get_params()
@@ -135,10 +156,14 @@ def bench_case(model_name: str, phones: int, chunks: list[int], repeats: int) ->
 
     methods: dict[str, Callable[[list[Job]], Outputs]] = {"loop": lambda jobs: per_phone_loop(model, params, jobs)}
     methods.update({f"chunk {c or 'all'}": vectorized(c or phones) for c in chunks})
+    if reference is not None:
+        rev, ref = reference
+        methods.update({f"{rev} chunk {c or 'all'}": (lambda size: lambda jobs: ref(model, params, jobs, CFG, chunk=size))(c or phones)
+                        for c in chunks})
     outputs = {name: fn(jobs_for(data)) for name, fn in methods.items()}  # warm-up, equivalence check
     times: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[float]] = {name: [] for name in methods}
-    arith: dict[str, list[float]] = {name: [] for name in methods if name != "loop"}
+    arith: dict[str, list[float]] = {name: [] for name in methods if name.startswith("chunk")}
     for _ in range(repeats):
         for name, fn in methods.items():
             jobs = jobs_for(data)  # seeding 500 generators takes ~35 ms: not timed
@@ -174,14 +199,14 @@ def bench_case(model_name: str, phones: int, chunks: list[int], repeats: int) ->
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = (f"{'model':5} {'phones':>6} {'method':10} {'median s':>9} {'min s':>7} {'upd/s':>7} {'x loop':>7} "
+    head = (f"{'model':5} {'phones':>6} {'method':16} {'median s':>9} {'min s':>7} {'upd/s':>7} {'x loop':>7} "
             f"{'cpu s':>7} {'x loop cpu':>10} {'arith':>6} {'max|diff|':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
         arith = "" if r["arith_fraction"] is None else f"{r['arith_fraction']:.0%}"
         print(
-            f"{r['model']:5} {r['phones']:>6} {r['method']:10} {r['median_s']:>9.3f} {r['min_s']:>7.3f} "
+            f"{r['model']:5} {r['phones']:>6} {r['method']:16} {r['median_s']:>9.3f} {r['min_s']:>7.3f} "
             f"{r['updates_per_s']:>7.0f} {r['speedup_vs_loop']:>7.2f} {r['cpu_median_s']:>7.3f} "
             f"{r['cpu_speedup_vs_loop']:>10.2f} {arith:>6} {r['max_abs_diff_vs_loop']:>9.1e}"
         )
@@ -194,10 +219,12 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64, 128, 0], help="0 = all phones")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the fleet uses 1)")
+    parser.add_argument("--reference", metavar="REV", help="also time train_many as git revision REV wrote it")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batched.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [r for m in args.models for n in args.phones for r in bench_case(m, n, args.chunks, args.repeats)]
+    reference = (args.reference, reference_train_many(args.reference)) if args.reference else None
+    rows = [r for m in args.models for n in args.phones for r in bench_case(m, n, args.chunks, args.repeats, reference)]
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {

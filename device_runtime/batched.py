@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedfleet.device_runtime import batched_conv, batched_pool
+from fedfleet.device_runtime.batched_norm import masked_batch_norm
 from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
 from fedfleet.device_runtime.stateful import (
     MaskSource,
@@ -31,7 +33,6 @@ from fedfleet.device_runtime.stateful import (
     dropout_generator,
     dropout_layers,
     mask_shape,
-    masked_batch_norm,
     masked_dropout,
     queued_masks,
 )
@@ -112,9 +113,13 @@ def train_many(
                                              cfg.batch_size, dtype.itemsize)
         chunk = rows_that_fit(dev, per_phone, cap=len(jobs))
     holder: list[MaskSource] = []
-    rows: list[torch.Tensor | None] = []  # the phone's real rows, for batch norm's statistics
+    rows: list[torch.Tensor] = []  # the phone's real rows, for batch norm's statistics
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    with masked_dropout(layers, lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows):
+    cpu = dev.type == "cpu"  # measured faster than the kernels vmap picks there (docs/model-state.md)
+    pools = [m for m in model.modules() if cpu and isinstance(m, nn.MaxPool2d) and batched_pool.fits(m)]
+    convs = [m for m in model.modules() if cpu and isinstance(m, nn.Conv2d) and batched_conv.fits(m)]
+    with (masked_dropout(layers, lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows),
+          batched_pool.strided_pooling(pools), batched_conv.matmul_convolutions(convs)):
         step = _make_step(model, start, snames, cfg, dtype, holder, rows, dev, loss)
         # Longest first: phones in a chunk then have similar step counts (little padding), and
         # the phones still training at step t are a prefix of the chunk.
@@ -248,7 +253,7 @@ def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequence[str], cfg: TrainConfig,
-               dtype: torch.dtype, holder: list[MaskSource], rows: list[torch.Tensor | None],
+               dtype: torch.dtype, holder: list[MaskSource], rows: list[torch.Tensor],
                device: torch.device, loss: LossFn | None = None) -> Step:
     """The batched SGD step: per phone, masked mean cross-entropy or the task's loss (+ FedProx), then
     ``w -= lr * grad`` in place, the update ``torch.optim.SGD`` makes.
@@ -261,7 +266,7 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequ
     call does not pay the ~2.5 s of lazy imports (torch._dynamo, sympy for the nll_loss
     decomposition) that the grad transform triggers. Batch norm takes each phone's statistics over
     its real rows and updates its running statistics in place, inside vmap, as the eager layer does
-    (``stateful.masked_batch_norm``).
+    (``batched_norm.masked_batch_norm``).
     """
     frozen = {
         n: (t.detach().to(dtype) if t.is_floating_point() else t).to(device)
@@ -269,11 +274,10 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequ
         if n not in start and n not in snames
     }
     mu, lr = cfg.prox_mu, cfg.lr
-    padded = [True]
 
     def forward(w: Tensors, s: Tensors, masks: list[torch.Tensor], real: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         holder.append(queued_masks(masks))  # this phone's dropout masks, in call order
-        rows.append(real if padded[-1] else None)  # [B]: this phone's real rows, for batch norm
+        rows.append(real)  # [B]: this phone's real rows, for batch norm
         try:
             return functional_call(model, (frozen, s, w), (x,))  # [B, classes] for one phone
         finally:
@@ -285,7 +289,6 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequ
     def step(w: Tensors, s: Tensors, masks: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
              mask: torch.Tensor) -> torch.Tensor:
         leaves = {n: t.detach().requires_grad_() for n, t in w.items()}
-        padded[-1] = not bool(mask.all())  # without padding, batch norm runs its own kernel
         with torch.enable_grad():
             logits = batched_forward(leaves, s, masks, mask, x)  # [k, B, classes]
             if loss is not None:

@@ -13,13 +13,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import nn
 
-_BatchNorm = nn.modules.batchnorm._BatchNorm
 _CHANNEL_DROPOUT = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 MaskSource = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (dropout layer, its output) -> mask
 
@@ -114,57 +113,3 @@ def dropout_call_shapes(model: nn.Module, layers: Sequence[nn.Module], example: 
     finally:
         model.train()
     return calls
-
-
-def masked_batch_norm(layers: Sequence[_BatchNorm], rows: list[torch.Tensor | None]) -> AbstractContextManager[None]:
-    """While inside, each training-mode batch norm layer takes its statistics over the rows
-    ``rows[-1]`` marks real ([B]: 1 real, 0 padding; None: every row, the layer's own kernel then) and updates its running statistics from them as
-    ``nn.BatchNorm`` does (``num_batches_tracked + 1``; ``(1 - momentum) * old + momentum * batch``,
-    the variance unbiased there, biased in the normalisation). Under vmap each phone sees its own
-    rows and buffers, so phones with partial batches share one call. Needs a numeric momentum."""
-    return _patched_forwards(layers, lambda layer: _masked_forward(layer, rows))  # type: ignore[arg-type]
-
-
-@contextmanager
-def _patched_forwards(layers: Sequence[nn.Module], make: Callable[[nn.Module], Callable[..., torch.Tensor]]
-                      ) -> Iterator[None]:
-    for layer in layers:
-        layer.forward = make(layer)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
-def _masked_forward(layer: _BatchNorm, rows: list[torch.Tensor | None]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:  # x [B, C, ...] for one phone
-        if layer.track_running_stats and layer.momentum is None:
-            raise NotImplementedError("batch norm with momentum=None (a cumulative average) reads its counter "
-                                      "as a number, per phone: not batched")
-        if rows[-1] is None:
-            return type(layer).forward(layer, x)
-        b, c = x.shape[0], x.shape[1]
-        flat = x.reshape(b, c, -1)  # [B, C, L]
-        real = rows[-1].to(x.dtype)  # [B]
-        count = real.sum() * flat.shape[2]  # values per channel over the real rows
-        # Sums over real rows as contractions with the row mask: no masked copy of the activations.
-        mean = torch.einsum("b,bcl->c", real, flat) / count  # [C]
-        centered = flat - mean[:, None]
-        var = torch.einsum("b,bcl->c", real, centered * centered) / count  # biased
-        scale = torch.rsqrt(var + layer.eps)
-        if layer.weight is not None:
-            scale = scale * layer.weight
-        out = centered * scale[:, None]
-        if layer.bias is not None:
-            out = out + layer.bias[:, None]
-        out = out.reshape(x.shape)
-        if layer.track_running_stats:
-            momentum = float(layer.momentum)  # type: ignore[arg-type]
-            with torch.no_grad():
-                layer.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
-                layer.running_mean.mul_(1 - momentum).add_(mean * momentum)  # type: ignore[union-attr, operator]
-                layer.running_var.mul_(1 - momentum).add_(var * (count / (count - 1)) * momentum)  # type: ignore[union-attr, operator]
-        return out
-
-    return forward

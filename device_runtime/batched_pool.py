@@ -1,0 +1,110 @@
+"""2x2, stride-2 max pooling for the batched trainer: every phone's pooling in a few elementwise calls.
+
+PyTorch's CPU max-pool kernel for ``[N, C, H, W]`` works plane by plane, slow on the small planes of
+a batched step (``[B, P * C, 8, 8]`` for the digits). ``Pool2x2`` takes the maximum of the window's
+four strided views instead, over all leading dimensions at once, with the position of each window's
+first maximum in the kernel's order ((0, 0), (0, 1), (1, 0), (1, 1)), the indices the kernel would
+return; the backward is PyTorch's own on those indices. Results equal ``nn.MaxPool2d(2)``'s (a NaN in
+a window gives NaN, but its gradient may go to another position of the window than the kernel's).
+Its ``vmap`` rule pools the phone axis with the others, as a leading dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _corners(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four [..., H/2, W/2] strided views of v [..., H/2, 2, W/2, 2], in the kernel's scan order."""
+    return v[..., 0, :, 0], v[..., 0, :, 1], v[..., 1, :, 0], v[..., 1, :, 1]
+
+
+def _memory_order(x: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The permutation putting x's leading (pooled-over) axes in memory order, largest stride first,
+    and its inverse: the phone axis of a batched layer is rarely the first in memory."""
+    lead = x.dim() - 2
+    order = sorted(range(lead), key=lambda d: -x.stride()[d]) + [lead, lead + 1]
+    return order, sorted(range(x.dim()), key=order.__getitem__)
+
+
+def _windows(x: torch.Tensor) -> torch.Tensor:
+    return x.unflatten(-1, (x.shape[-1] // 2, 2)).unflatten(-3, (x.shape[-2] // 2, 2))
+
+
+class Pool2x2(torch.autograd.Function):
+    """x [..., H, W] (H and W even) -> (the maximum of each 2x2 window [..., H/2, W/2], the flat
+    position in its plane of the window's first maximum, int64: the kernel's indices)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order, back = _memory_order(x)
+        a, b, c, d = _corners(_windows(x.permute(order)))
+        top, bottom = torch.maximum(a, b), torch.maximum(c, d)
+        w = x.shape[-1]
+        below = bottom > top  # strictly: a tie keeps the upper row, as the kernel's scan does
+        index = torch.where(below, d > c, b > a).to(torch.int64).add_(below, alpha=w)
+        corner = torch.arange(0, x.shape[-2], 2, device=x.device)[:, None] * w + torch.arange(0, w, 2, device=x.device)
+        return torch.maximum(top, bottom).permute(back), index.add_(corner).permute(back)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None, _index: Any) -> torch.Tensor | None:
+        if grad is None:
+            return None
+        x, index = ctx.saved_tensors
+        order, back = _memory_order(x)  # x and index as laid out in memory: flattening them copies nothing
+        x, index, grad = x.permute(order), index.permute(order), grad.permute(order)
+        h, w = x.shape[-2:]
+        out = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.reshape(-1, h // 2, w // 2), x.reshape(-1, h, w), [2, 2], [2, 2], [0, 0], [1, 1], False,
+            index.reshape(-1, h // 2, w // 2))
+        return out.view(x.shape).permute(back)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None], x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                            tuple[int, int]]:
+        """The phone axis is one more leading dimension: pooled with the others, where it is."""
+        dim = in_dims[0]
+        assert dim is not None  # vmap calls the rule only for a batched input
+        dim %= x.dim()
+        if dim >= x.dim() - 2:  # the phones among the pooled axes: put them first
+            x, dim = x.movedim(dim, 0), 0
+        return Pool2x2.apply(x), (dim, dim)
+
+
+def fits(layer: nn.MaxPool2d) -> bool:
+    """Whether ``layer`` is a plain 2x2, stride-2 max pooling that ``Pool2x2`` computes."""
+    def pair(v: Any) -> tuple[Any, Any]:
+        return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+    return (pair(layer.kernel_size) == (2, 2) and pair(layer.stride) == (2, 2) and pair(layer.padding) == (0, 0)
+            and pair(layer.dilation) == (1, 1) and not layer.ceil_mode and not layer.return_indices)
+
+
+def pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """``nn.MaxPool2d(2)(x)``: an odd last row or column is dropped, as floor mode does."""
+    pooled, _ = Pool2x2.apply(x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2])
+    return pooled  # type: ignore[no-any-return]
+
+
+@contextmanager
+def strided_pooling(layers: Sequence[nn.MaxPool2d]) -> Iterator[None]:
+    """While inside, each of ``layers`` (those ``fits`` accepts) pools with ``pool2x2``."""
+    for layer in layers:
+        layer.forward = pool2x2  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
