@@ -100,15 +100,31 @@ def export_executorch(
             # "forward" trains (the joint graph), EVALUATE evaluates (export.pte_evaluate)
             programs = {"forward": _joint_program(model, input_shape, max_batch, loss),
                         EVALUATE: _eval_program(model, input_shape, max_batch)}
-            buffer = bytes(lower(programs).buffer)  # type: ignore[attr-defined]
+            lowered = lower(programs)
+            buffer = bytes(lowered.buffer)  # type: ignore[attr-defined]
         except Exception as exc:  # recorded in the manifest, not raised at the user
             problems.append(f"{backend}: {UnsupportedExport.from_exception('lowering', exc).reason}")
+            continue
+        missing = missing_kernels(lowered)
+        if missing:  # the program would load, then fail at its first step (error 0x14)
+            problems.append(f"{backend}: {', '.join(missing)} has no ExecuTorch kernel")
             continue
         problem = _self_check(buffer, model, input_shape, max_batch, loss)
         if problem is None:
             return buffer, backend if not problems else f"{backend} ({'; '.join(problems)})"
         problems.append(f"{backend}: {problem}")
     raise UnsupportedExport("model.pte", "; ".join(problems)[:800])
+
+
+def missing_kernels(lowered: object) -> list[str]:
+    """The operators a lowered program calls that this ExecuTorch build has no kernel for (delegated
+    partitions call none)."""
+    from executorch.extension.pybindings.portable_lib import _get_operator_names
+
+    registered = set(_get_operator_names())
+    called = {f"{op.name}.{op.overload}" if op.overload else op.name
+              for plan in lowered.executorch_program.execution_plan for op in plan.operators}  # type: ignore[attr-defined]
+    return sorted(called - registered)
 
 
 def frozen_only_xnnpack() -> object:
