@@ -29,8 +29,7 @@ from fedfleet.device_runtime.runtimes.base import (
 )
 from fedfleet.device_runtime.runtimes.program_state import ProgramState
 from fedfleet.export.manifest import MODEL_PTE, PTE_PREFIX, STATE_IN, Manifest, ParameterMismatch
-
-EVALUATE = "evaluate"  # model.pte's evaluation method (export/pte_evaluate.py)
+from fedfleet.export.pte_evaluate import EVALUATE
 
 
 def set_threads(count: int) -> None:
