@@ -29,6 +29,7 @@ from fedfleet.export.manifest import (
     train_step_signature,
 )
 from fedfleet.export.models import ModelSpec, build_model, trainable_names
+from fedfleet.export.pte_evaluate import evaluate_signature
 from fedfleet.export.state_outputs import inference_state_names, program_state_names
 from fedfleet.export.task_loss import resolve_loss
 from fedfleet.export.task_model import model_fingerprint
@@ -136,11 +137,15 @@ def export_bundle(cfg: ExportConfig, out_dir: Path, model: nn.Module | None = No
 
 def _signatures(names: list[str], state: list[str]) -> dict[str, dict[str, list[str]]]:
     step_inputs, step_outputs = train_step_signature(names, state)
+    eval_inputs, eval_outputs = evaluate_signature(names, state)
     return {
         MODEL_PTE: {
             "inputs": ["x", "y", *[STATE_IN + n for n in state]],
             "outputs": ["loss", "logits", *[STATE_OUT + n for n in state]],
             "parameters": [PTE_PREFIX + n for n in names],
+            # the evaluation method (export/pte_evaluate.py): eval mode, with the weights and statistics fed
+            "evaluate_inputs": eval_inputs,
+            "evaluate_outputs": eval_outputs,
         },
         MODEL_ONNX: {"inputs": ["x", *names, *inference_state_names(state)], "outputs": ["logits"]},
         TRAIN_STEP_ONNX: {"inputs": step_inputs, "outputs": step_outputs},

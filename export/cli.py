@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from fedfleet.cli_errors import checking_input
     from fedfleet.device_runtime.data import load_dataset
     from fedfleet.export.build import ExportConfig, export_bundle, export_model
+    from fedfleet.export.quiet import held_back
     from fedfleet.export.refs import check_model_name
     from fedfleet.export.task_loss import check_task
 
@@ -109,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         model = export_model(cfg)
         check_task(model, data.x_train, data.y_train, cfg.loss, None)
     start = time.perf_counter()
-    manifest = export_bundle(cfg, args.out, model)
+    with held_back():  # torch's own messages about a failed trace would bury the one line below
+        manifest = export_bundle(cfg, args.out, model)
     failed = failures(manifest)
     if failed:  # one line, nothing claimed: the directory is left without a manifest or artifacts
         withdraw(args.out, manifest)

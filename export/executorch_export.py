@@ -25,6 +25,8 @@ from torch import nn
 
 from fedfleet.export.bn_decomp import batch_norm_decompositions, min_batch, training_copy
 from fedfleet.export.manifest import PTE_PREFIX, UnsupportedExport
+from fedfleet.export.pool_decomp import pool_decompositions
+from fedfleet.export.pte_evaluate import EVALUATE, eval_error, eval_names, eval_program
 from fedfleet.export.state_outputs import (
     STATE_TOLERANCE,
     StatefulLoss,
@@ -85,24 +87,44 @@ def export_executorch(
         raise ValueError("max_batch must be at least 2")
     if not any(p.requires_grad for p in model.parameters()):
         raise UnsupportedExport("model", "no trainable parameters")
-    lowerings: dict[str, Callable[[torch.export.ExportedProgram], object]] = {
-        "xnnpack": lambda ep: to_edge_transform_and_lower(
-            ep, partitioner=[frozen_only_xnnpack()]
+    Programs = dict[str, torch.export.ExportedProgram]
+    lowerings: dict[str, Callable[[Programs], object]] = {
+        "xnnpack": lambda eps: to_edge_transform_and_lower(
+            eps, partitioner=[frozen_only_xnnpack()]
         ).to_executorch(),
-        "portable": lambda ep: to_edge(ep).to_executorch(),
+        "portable": lambda eps: to_edge(eps).to_executorch(),
     }
     problems = []
     for backend, lower in lowerings.items():
         try:
-            buffer = bytes(lower(_joint_program(model, input_shape, max_batch, loss)).buffer)  # type: ignore[attr-defined]
+            # "forward" trains (the joint graph), EVALUATE evaluates (export.pte_evaluate)
+            programs = {"forward": _joint_program(model, input_shape, max_batch, loss),
+                        EVALUATE: _eval_program(model, input_shape, max_batch)}
+            lowered = lower(programs)
+            buffer = bytes(lowered.buffer)  # type: ignore[attr-defined]
         except Exception as exc:  # recorded in the manifest, not raised at the user
             problems.append(f"{backend}: {UnsupportedExport.from_exception('lowering', exc).reason}")
+            continue
+        missing = missing_kernels(lowered)
+        if missing:  # the program would load, then fail at its first step (error 0x14)
+            problems.append(f"{backend}: {', '.join(missing)} has no ExecuTorch kernel")
             continue
         problem = _self_check(buffer, model, input_shape, max_batch, loss)
         if problem is None:
             return buffer, backend if not problems else f"{backend} ({'; '.join(problems)})"
         problems.append(f"{backend}: {problem}")
     raise UnsupportedExport("model.pte", "; ".join(problems)[:800])
+
+
+def missing_kernels(lowered: object) -> list[str]:
+    """The operators a lowered program calls that this ExecuTorch build has no kernel for (delegated
+    partitions call none)."""
+    from executorch.extension.pybindings.portable_lib import _get_operator_names
+
+    registered = set(_get_operator_names())
+    called = {f"{op.name}.{op.overload}" if op.overload else op.name
+              for plan in lowered.executorch_program.execution_plan for op in plan.operators}  # type: ignore[attr-defined]
+    return sorted(called - registered)
 
 
 def frozen_only_xnnpack() -> object:
@@ -146,14 +168,22 @@ def _joint_program(
     try:
         shapes = ({0: batch}, {0: batch}, *[(None,) * len(state)] * bool(state))  # no state: forward(x, y)
         ep = torch.export.export(wrapper, (x, y, *state), dynamic_shapes=shapes, strict=False)
-        # Batch norm in training mode is an op outside Core ATen (to_edge refuses it): written as
-        # plain arithmetic before the joint graph, its backward is plain arithmetic too.
-        ep = _export_forward_backward(ep.run_decompositions(batch_norm_decompositions()))
+        # Batch norm in training mode is an op outside Core ATen (to_edge refuses it), and adaptive average
+        # pooling's backward has no ExecuTorch kernel (export.pool_decomp): written as plain arithmetic
+        # before the joint graph, their backward is plain arithmetic too.
+        ep = _export_forward_backward(ep.run_decompositions({**batch_norm_decompositions(), **pool_decompositions()}))
         # The portable max_pool2d_with_indices_backward kernel of ExecuTorch 1.5.1 leaves stale
         # values in its output buffer (pytorch/executorch#21686); decompose it into scatter-adds.
         return ep.run_decompositions(torch._decomp.get_decompositions(JOINT_DECOMPOSED))
     except Exception as exc:
         raise UnsupportedExport.from_exception("torch.export of the joint graph", exc) from exc
+
+
+def _eval_program(model: nn.Module, input_shape: tuple[int, ...], max_batch: int) -> torch.export.ExportedProgram:
+    try:
+        return eval_program(model, input_shape, max_batch)
+    except Exception as exc:
+        raise UnsupportedExport.from_exception("torch.export of the evaluation method", exc) from exc
 
 
 def _self_check(
@@ -211,4 +241,14 @@ def _self_check(
         err = state_error(outputs[2 : 2 + len(names)], model, x, state, names, trainable)
         if err > STATE_TOLERANCE:
             return f"batch {batch}: running statistics differ from eager by {err:.2e} (relative)"
+        # the evaluation method, with the changed weights and statistics
+        current = {**trainable, **dict(zip(names, state, strict=True))}
+        feed = [current[n].detach() for n in eval_names(model)]
+        try:
+            logits = module.model.run_method(EVALUATE, (x, *feed))[0]
+        except RuntimeError as exc:
+            return f"{EVALUATE} at batch {batch} does not run: {exc}"
+        err = eval_error(logits, model, x, feed)
+        if err > SELF_CHECK_TOLERANCE:
+            return f"{EVALUATE} at batch {batch}: logits differ from eager eval mode by {err:.2e} (relative)"
     return None

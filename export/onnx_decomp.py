@@ -11,6 +11,7 @@ backward ops that ``torch.onnx`` cannot translate, or translates wrongly, into f
 - ``nll_loss_forward``/``nll_loss_backward``/``_log_softmax_backward_data``/``threshold_backward``:
   onnxscript 0.7.2 translates nll_loss with a normaliser of 1, so mean-reduced gradients come
   out batch-size times too large; the torch._decomp versions divide by the batch explicitly.
+- ``_adaptive_avg_pool2d_backward`` has no ONNX translation: ``export.pool_decomp``'s means and spreads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch._decomp import get_decompositions
 
 from fedfleet.export.manifest import UnsupportedExport
+from fedfleet.export.pool_decomp import pool_decompositions
 
 aten = torch.ops.aten
 
@@ -86,4 +88,4 @@ def convolution_backward(
 def training_decompositions() -> dict[Any, Callable[..., Any]]:
     table: dict[Any, Callable[..., Any]] = dict(get_decompositions(list(_TORCH_DECOMPOSED)))
     table[aten.convolution_backward.default] = convolution_backward
-    return table
+    return {**table, **pool_decompositions()}

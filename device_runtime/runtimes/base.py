@@ -68,3 +68,11 @@ class StatefulRuntime(Protocol):
     def get_state(self) -> dict[str, np.ndarray]: ...
 
     def set_state(self, state: Mapping[str, np.ndarray]) -> None: ...
+
+
+def score_logits(logits: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    """(summed cross-entropy, correct predictions) of one batch's logits ``[B, classes]``: a stable
+    log-softmax in float64, as the ONNX Runtime and ExecuTorch phones evaluate."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(y)), y].sum()), int((logits.argmax(axis=1) == y).sum())

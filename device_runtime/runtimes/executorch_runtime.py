@@ -6,6 +6,10 @@ tensors that alias the program's own weights (ExecuTorch ``TrainingModule``). Ea
 runtime applies SGD with the FedProx term in place on the aliased weights. A model with batch
 norm also takes its running statistics after ``(x, y)`` and returns them updated after the
 logits (``program_state``): held here between steps, reported as the eager runtime's are.
+
+Evaluation runs the program's ``evaluate`` method (eval mode: batch norm with the running statistics
+held here, dropout off), fed the current weights and statistics. A bundle whose manifest names no
+such method evaluates with the training method's logits (batch statistics).
 """
 
 from __future__ import annotations
@@ -16,9 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedfleet.device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
+from fedfleet.device_runtime.runtimes.base import (
+    EvalResult,
+    TrainConfig,
+    TrainResult,
+    iterate_batches,
+    score_logits,
+)
 from fedfleet.device_runtime.runtimes.program_state import ProgramState
-from fedfleet.export.manifest import MODEL_PTE, PTE_PREFIX, Manifest, ParameterMismatch
+from fedfleet.export.manifest import MODEL_PTE, PTE_PREFIX, STATE_IN, Manifest, ParameterMismatch
+from fedfleet.export.pte_evaluate import EVALUATE
 
 
 def set_threads(count: int) -> None:
@@ -59,6 +70,9 @@ class ExecuTorchRuntime:
                                                   *self._state_inputs()))
         self._params = self._named(self._module.named_parameters())
         self._check_params()
+        signature = manifest.signatures.get(MODEL_PTE, {})
+        # the evaluation method's inputs after x: trainable weights, then running statistics
+        self._eval_inputs = signature.get("evaluate_inputs", [])[1:]
 
     @classmethod
     def from_bundle(cls, bundle_dir: Path, manifest: Manifest) -> ExecuTorchRuntime:
@@ -113,17 +127,28 @@ class ExecuTorchRuntime:
         return TrainResult(loss=total / max(steps, 1), num_examples=len(x), steps=steps)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalResult:
-        """Loss and accuracy from the training program's logits; the weights do not change."""
+        """Cross-entropy and accuracy of the evaluation method's logits (see the module docstring);
+        the weights and the state do not change."""
         step = min(batch_size, self._max_batch)
         loss_sum, correct = 0.0, 0
         for start in range(0, len(x), step):
             xb = torch.from_numpy(np.ascontiguousarray(x[start : start + step], dtype=np.float32))
-            yb = torch.from_numpy(y[start : start + step].astype(np.int64))
-            loss, logits = self._module.forward_backward("forward", (xb, yb, *self._state_inputs()))[:2]
-            loss_sum += float(loss) * len(xb)  # the program's loss is the batch mean
-            correct += int((logits.argmax(1) == yb).sum())
+            yb = y[start : start + step].astype(np.int64)
+            if self._eval_inputs:
+                logits = self._module.model.run_method(EVALUATE, (xb, *self._eval_feed()))[0]
+            else:
+                logits = self._module.forward_backward("forward", (xb, torch.from_numpy(yb), *self._state_inputs()))[1]
+            batch_loss, batch_correct = score_logits(logits.numpy(), yb)
+            loss_sum += batch_loss
+            correct += batch_correct
         n = max(len(x), 1)
         return EvalResult(loss=loss_sum / n, accuracy=correct / n, num_examples=len(x))
+
+    def _eval_feed(self) -> list[torch.Tensor]:
+        """The evaluation method's weights and statistics, in its input order."""
+        state = self._state.get()
+        return [self._params[n] if n in self._params else torch.from_numpy(state[n.removeprefix(STATE_IN)])
+                for n in self._eval_inputs]
 
     @staticmethod
     def _named(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfleet.device_runtime.runtimes.base import EvalResult, TrainConfig, TrainResult, iterate_batches
+from fedfleet.device_runtime.runtimes.base import (
+    EvalResult,
+    TrainConfig,
+    TrainResult,
+    iterate_batches,
+    score_logits,
+)
 from fedfleet.device_runtime.runtimes.program_state import ProgramState
 from fedfleet.export.manifest import (
     ANCHOR_PREFIX,
@@ -111,11 +117,9 @@ class OnnxRuntime:
             yb = y[start : start + batch_size].astype(np.int64)
             state = {n: v for n, v in self._state.get().items() if n in self._eval_state}
             (logits,) = self._infer.run(["logits"], {"x": xb, **self._params, **state})
-            # stable log-softmax in float64: the per-example cross-entropy summed over the batch
-            z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-            log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            loss_sum += float(-log_probs[np.arange(len(yb)), yb].sum())
-            correct += int((logits.argmax(axis=1) == yb).sum())
+            batch_loss, batch_correct = score_logits(logits, yb)
+            loss_sum += batch_loss
+            correct += batch_correct
         n = max(len(x), 1)
         return EvalResult(loss=loss_sum / n, accuracy=correct / n, num_examples=len(x))
 
