@@ -5,11 +5,18 @@ anything). The exports the selected tests need start as soon as the tests are co
 after another beside the tests: the suite trains on one torch thread, so on two cores they take the
 core the tests leave, and a test that reads a bundle rarely waits for it. ``bundle`` waits for one
 export and asserts it succeeded; ``result`` hands back an export the test expects to be refused.
+
+Under pytest-xdist every worker starts the same exports in the run's shared directory: a lock per
+export makes one worker run it while the others take the next one, and each reads the record the
+runner left. An export process dies with the pytest process that started it, even one killed
+with SIGTERM (Linux's parent-death signal).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from filelock import FileLock, Timeout
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,7 +59,8 @@ class Finished:
 
 
 class Exports:
-    """Runs ``fedfleet export`` for each of ``names`` (in ``JOBS`` order), one at a time, in a thread."""
+    """Runs ``fedfleet export`` for each of ``names`` (in ``JOBS`` order), one at a time, in a thread,
+    in ``root``, which the processes of one run share (each export runs once: see the module)."""
 
     def __init__(self, root: Path, names: Iterable[str]) -> None:
         wanted = set(names)
@@ -65,21 +75,51 @@ class Exports:
         self.thread.start()
 
     def _run_all(self) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        for name in self.queue:
-            out, log = self.root / name, self.root / f"{name}.log"
+        pending = list(self.queue)
+        # first the exports no other process has taken, then wait for the ones they run
+        for blocking in (False, True):
+            for name in list(pending):
+                finished = self._take(name, blocking)
+                if self.stopped:
+                    break
+                if finished is not None:
+                    self.results[name] = finished
+                    self.done[name].set()
+                    pending.remove(name)
+        for event in self.done.values():  # stopped: nobody waits for the rest
+            event.set()
+
+    def _take(self, name: str, blocking: bool) -> Finished | None:
+        """The export's record once this process holds its lock (None: another process holds it and
+        ``blocking`` is false, or this one was stopped)."""
+        lock = FileLock(str(self.root / f"{name}.lock"))
+        while not self.stopped:
+            try:
+                with lock.acquire(timeout=1.0 if blocking else 0):
+                    return self._run_or_read(name)
+            except Timeout:
+                if not blocking:
+                    return None
+        return None
+
+    def _run_or_read(self, name: str) -> Finished | None:
+        """The export's record, running it first if no process of this run has (None: stopped)."""
+        out, log, record = self.root / name, self.root / f"{name}.log", self.root / f"{name}.json"
+        if not record.exists():
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
             with log.open("wb") as f:  # a file, not a pipe: a full pipe would stall the export
                 with self.lock:
                     if self.stopped:
-                        break
-                    self.proc = subprocess.Popen([sys.executable, "-m", "fedfleet.cli", "export", *JOBS[name],
-                                                  "--out", str(out)], cwd=REPO, env=env, stdout=f,
+                        return None
+                    self.proc = subprocess.Popen([sys.executable, "-m", "tests.exports", str(os.getpid()), "export",
+                                                  *JOBS[name], "--out", str(out)], cwd=REPO, env=env, stdout=f,
                                                  stderr=subprocess.STDOUT)
                 code = self.proc.wait()
-            self.results[name] = Finished(out, code, log.read_text(errors="replace"))
-            self.done[name].set()
-        for event in self.done.values():  # stopped: nobody waits for the rest
-            event.set()
+            if self.stopped:  # killed half-way: another process of the run may still need it
+                return None
+            record.write_text(json.dumps({"returncode": code}))
+        code = json.loads(record.read_text())["returncode"]
+        return Finished(out, code, log.read_text(errors="replace"))
 
     def result(self, name: str) -> Finished:
         assert name in self.done, f"export {name!r} was not started: no selected test asked for it (tests/conftest.py)"
@@ -99,3 +139,19 @@ class Exports:
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.kill()
         self.thread.join(timeout=60)
+
+
+def _exec_cli_as_child(parent_pid: int, args: list[str]) -> None:
+    """``fedfleet ARGS`` in this process, killed when the pytest process ``parent_pid`` dies."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before the signal was armed
+            sys.exit(1)
+    os.execv(sys.executable, [sys.executable, "-m", "fedfleet.cli", *args])
+
+
+if __name__ == "__main__":
+    _exec_cli_as_child(int(sys.argv[1]), sys.argv[2:])
