@@ -51,6 +51,7 @@ def _server(tmp_path: Path, **overrides: Any) -> Any:
     return make_app(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("javac") is None, reason="javac not found: the Java client needs JDK 17+")
 async def test_java_phone_sends_its_bundles_fingerprint(aiohttp_server: Any, tmp_path: Path,
                                                         bundles: dict[str, Path], fedclient: JavaBuild) -> None:

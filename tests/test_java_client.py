@@ -53,6 +53,7 @@ def classpath(fedclient: JavaBuild) -> str:
     return fedclient.classpath
 
 
+@pytest.mark.slow
 def test_junit_suite(fedclient: JavaBuild) -> None:
     """The JUnit run of the session's build (tests/fedclient_build.py: `build.sh test`)."""
     assert fedclient.returncode == 0, fedclient.stdout[-4000:] + fedclient.stderr[-4000:]
