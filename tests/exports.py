@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +77,13 @@ class Exports:
 
     def _run_all(self) -> None:
         pending = list(self.queue)
-        # first the exports no other process has taken, then wait for the ones they run
-        for blocking in (False, True):
-            for name in list(pending):
-                finished = self._take(name, blocking)
-                if self.stopped:
-                    break
+        while pending and not self.stopped:
+            # the exports other processes finished first (a test may be waiting for one), then the next
+            # export nobody has taken; when every one left is taken, wait for the first of them
+            ready = [n for n in pending if (self.root / f"{n}.json").exists()]
+            free = ready or [n for n in pending if self._try_lock(n)]
+            for name in ready or free[:1] or pending[:1]:
+                finished = self._take(name)
                 if finished is not None:
                     self.results[name] = finished
                     self.done[name].set()
@@ -89,17 +91,23 @@ class Exports:
         for event in self.done.values():  # stopped: nobody waits for the rest
             event.set()
 
-    def _take(self, name: str, blocking: bool) -> Finished | None:
-        """The export's record once this process holds its lock (None: another process holds it and
-        ``blocking`` is false, or this one was stopped)."""
+    def _try_lock(self, name: str) -> bool:
+        """Whether no other process holds the export's lock (it is let go at once)."""
+        try:
+            with FileLock(str(self.root / f"{name}.lock")).acquire(timeout=0):
+                return True
+        except Timeout:
+            return False
+
+    def _take(self, name: str) -> Finished | None:
+        """The export's record, made by this process if no other has (None: stopped)."""
         lock = FileLock(str(self.root / f"{name}.lock"))
         while not self.stopped:
             try:
-                with lock.acquire(timeout=1.0 if blocking else 0):
+                with lock.acquire(timeout=1.0):
                     return self._run_or_read(name)
             except Timeout:
-                if not blocking:
-                    return None
+                continue
         return None
 
     def _run_or_read(self, name: str) -> Finished | None:
@@ -117,13 +125,27 @@ class Exports:
                 code = self.proc.wait()
             if self.stopped:  # killed half-way: another process of the run may still need it
                 return None
-            record.write_text(json.dumps({"returncode": code}))
+            record.with_suffix(".tmp").write_text(json.dumps({"returncode": code}))
+            record.with_suffix(".tmp").replace(record)  # whole, for the processes that read it unlocked
+        return self._record(name)
+
+    def _record(self, name: str) -> Finished | None:
+        """The export as the process that ran it recorded it (None: not finished)."""
+        record = self.root / f"{name}.json"
+        if not record.exists():
+            return None
         code = json.loads(record.read_text())["returncode"]
-        return Finished(out, code, log.read_text(errors="replace"))
+        return Finished(self.root / name, code, (self.root / f"{name}.log").read_text(errors="replace"))
 
     def result(self, name: str) -> Finished:
         assert name in self.done, f"export {name!r} was not started: no selected test asked for it (tests/conftest.py)"
-        assert self.done[name].wait(TIMEOUT_S), f"export {name!r} still running after {TIMEOUT_S:.0f} s"
+        deadline = time.monotonic() + TIMEOUT_S
+        # this process's thread may be busy with another export: one another process finished is read here
+        while not self.done[name].wait(1.0):
+            finished = self._record(name)
+            if finished is not None:
+                return finished
+            assert time.monotonic() < deadline, f"export {name!r} still running after {TIMEOUT_S:.0f} s"
         assert name in self.results, f"export {name!r} was stopped"
         return self.results[name]
 
