@@ -77,6 +77,7 @@ async def test_java_phone_sends_its_bundles_fingerprint(aiohttp_server: Any, tmp
     assert server.app[COORD].version == 1  # its update was merged
 
 
+@pytest.mark.slow
 @needs_browser
 async def test_web_phone_sends_the_fingerprint_of_the_bundle_it_keeps(aiohttp_server: Any, tmp_path: Path,
                                                                       bundles: dict[str, Path]) -> None:

@@ -85,6 +85,7 @@ def test_bn_bundle_trains_as_eager_pytorch(bn_bundle: tuple[Path, nn.Module], di
     assert float(np.abs(after["bn2.weight"] - start["bn2.weight"]).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_bn_inference_model_keeps_batch_norm_weights_feedable(bn_bundle: tuple[Path, nn.Module], digits: Any) -> None:
     """model.onnx evaluates the weights it is fed, batch norm's included (not folded into the layer
     before it), with the exported running statistics, as eager eval mode does."""
