@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ from fedfleet.protocol import encode_message
 from fedfleet.server.app import make_app
 from fedfleet.server.config import ServerConfig
 from tests.exports import Exports, Finished
+from tests.fedclient_build import JavaBuild, build_once
 
 MakeClient = Callable[..., Awaitable[TestClient]]
 
@@ -31,7 +33,24 @@ def one_torch_thread() -> None:
     set_torch_threads(1)
 
 
+RUN_DIR = pytest.StashKey[Path]()
+RUN_DIR_ENV = "FEDFLEET_TEST_RUN_DIR"
 EXPORTS = pytest.StashKey[Exports]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One directory per run for what the run makes once (the exports, the Java client's build),
+    shared with pytest-xdist's workers: they are started after this, and inherit the variable."""
+    shared = os.environ.get(RUN_DIR_ENV) if hasattr(config, "workerinput") else None
+    if shared is None:
+        shared = tempfile.mkdtemp(prefix="fedfleet-tests-")
+        os.environ[RUN_DIR_ENV] = shared
+    config.stash[RUN_DIR] = Path(shared)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and RUN_DIR in config.stash:
+        shutil.rmtree(config.stash[RUN_DIR], ignore_errors=True)
 
 
 def _exports_needed(item: pytest.Item) -> set[str]:
@@ -46,20 +65,21 @@ def _exports_needed(item: pytest.Item) -> set[str]:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the exports the selected tests read, before the first test runs (in this process: under
-    pytest-xdist every worker would start them all)."""
+    """Start the exports the selected tests read, before the first test runs (under pytest-xdist
+    each worker does, and the run's processes share them: tests/exports.py)."""
     if session.config.option.collectonly:
         return
     needed = set().union(*(_exports_needed(item) for item in session.items))
     if needed:
-        session.stash[EXPORTS] = Exports(Path(tempfile.mkdtemp(prefix="fedfleet-exports-")), needed)
+        root = session.config.stash[RUN_DIR] / "exports"
+        root.mkdir(exist_ok=True)
+        session.stash[EXPORTS] = Exports(root, needed)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     exports = session.stash.get(EXPORTS, None)
     if exports is not None:
         exports.stop()
-        shutil.rmtree(exports.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +98,12 @@ def mlp_bundle(exports: Exports) -> Path:
 def gru_refusal(exports: Exports) -> Finished:
     """`fedfleet export` of a GRU classifier, which the exporters refuse (tests.exports.Finished)."""
     return exports.result("gru")
+
+
+@pytest.fixture(scope="session")
+def fedclient(request: pytest.FixtureRequest) -> JavaBuild:
+    """The Java client built and its JUnit tests run, once per run (tests/fedclient_build.py)."""
+    return build_once(request.config.stash[RUN_DIR])
 
 
 @pytest.fixture(scope="session")

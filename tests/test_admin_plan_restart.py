@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from bench.bench_faults import ServerProcess
 
@@ -26,6 +27,7 @@ async def _plan_of_a_task(http: aiohttp.ClientSession, url: str, name: str) -> d
     return dict(answer["train"])
 
 
+@pytest.mark.slow
 async def test_an_admin_plan_change_survives_a_kill_and_beats_the_new_start_up_plan(tmp_path: Path) -> None:
     state = tmp_path / "state"
     first = ServerProcess(state, "synthetic:200", {**SETTINGS, "lr": 0.1, "batch_size": 32})
@@ -54,6 +56,7 @@ async def test_an_admin_plan_change_survives_a_kill_and_beats_the_new_start_up_p
         second.stop()
 
 
+@pytest.mark.slow
 async def test_a_stored_change_that_no_longer_fits_stops_the_start_in_one_line(tmp_path: Path) -> None:
     state = tmp_path / "state"
     first = ServerProcess(state, "synthetic:200", {**SETTINGS, "max_checkin_retry_s": 600.0})

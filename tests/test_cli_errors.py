@@ -215,6 +215,7 @@ def server(tmp_path: Path) -> Iterator[str]:
         proc.wait(30)
 
 
+@pytest.mark.slow
 def test_phone_trains_on_one_shard_and_says_which(server: str, tmp_path: Path) -> None:
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fedfleet.cli", "phone", "--server", server, "--name", "solo",
@@ -301,6 +302,7 @@ def test_a_fault_of_ours_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tm
         main(["simulate", "--phones", "2", "--out", str(tmp_path / "run")])
 
 
+@pytest.mark.slow
 def test_serve_says_when_its_rounds_are_done_and_keeps_serving(tmp_path: Path) -> None:
     import select
     import urllib.request

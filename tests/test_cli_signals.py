@@ -56,6 +56,7 @@ def _outputs(out: Path) -> tuple[list[dict[str, object]], dict[str, object], lis
     (signal.SIGTERM, ["--server-process", "yes"]),  # the server in a child process
     (signal.SIGINT, ["--devices", "default"]),  # a virtual clock
 ])
+@pytest.mark.slow
 def test_a_forever_simulation_stops_cleanly_and_writes_its_outputs(tmp_path: Path, sig: signal.Signals,
                                                                     extra: list[str]) -> None:
     out = tmp_path / "run"
@@ -76,6 +77,7 @@ def test_a_forever_simulation_stops_cleanly_and_writes_its_outputs(tmp_path: Pat
     assert len(server_rounds) == len(metrics)  # the server recorded no round the outputs lack
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = _start("simulate", "--phones", "6", "--rounds", "0", "--model", "mlp", "--server-process", "yes",
@@ -97,6 +99,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_a_fleet_writes_the_rounds_seen(tmp_path: Path) -> None:
     port = _free_port()
     server = _start("serve", "--port", str(port), "--model", "mlp", "--rounds", "0")

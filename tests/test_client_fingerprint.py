@@ -22,7 +22,7 @@ from fedfleet.server.app import make_app
 from fedfleet.server.config import ServerConfig
 from fedfleet.server.state import COORD
 from fedfleet.server.webphone import setup_webphone
-from tests.test_java_client import _build
+from tests.fedclient_build import JavaBuild
 from tests.test_webphone import BROWSER_DIR, CHROMIUM, NODE
 
 needs_browser = pytest.mark.skipif(NODE is None or not CHROMIUM.exists(), reason="Node.js or Debian's chromium missing")
@@ -51,12 +51,12 @@ def _server(tmp_path: Path, **overrides: Any) -> Any:
     return make_app(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("javac") is None, reason="javac not found: the Java client needs JDK 17+")
 async def test_java_phone_sends_its_bundles_fingerprint(aiohttp_server: Any, tmp_path: Path,
-                                                        bundles: dict[str, Path]) -> None:
-    built = _build("build")
-    assert built.returncode == 0, built.stderr + built.stdout
-    classpath = _build("classpath").stdout.strip()
+                                                        bundles: dict[str, Path], fedclient: JavaBuild) -> None:
+    assert fedclient.jar_built, fedclient.stderr + fedclient.stdout
+    classpath = fedclient.classpath
     server = await aiohttp_server(_server(tmp_path))
     url = str(server.make_url("")).rstrip("/")
 
@@ -77,6 +77,7 @@ async def test_java_phone_sends_its_bundles_fingerprint(aiohttp_server: Any, tmp
     assert server.app[COORD].version == 1  # its update was merged
 
 
+@pytest.mark.slow
 @needs_browser
 async def test_web_phone_sends_the_fingerprint_of_the_bundle_it_keeps(aiohttp_server: Any, tmp_path: Path,
                                                                       bundles: dict[str, Path]) -> None:

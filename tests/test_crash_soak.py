@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.bench_faults import TOLERANCE, ServerProcess, crash_settings, run_crash
 
 
+@pytest.mark.slow
 async def test_five_kill_9_lose_nothing_and_merge_nothing_twice(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "state", "synthetic:200", crash_settings())
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import pytest
 
 from fedfleet.protocol import decode_message
 from tests.conftest import update_body, zero_delta
@@ -41,6 +42,7 @@ def _start(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     raise TimeoutError("server did not start")
 
 
+@pytest.mark.slow
 async def test_kill_9_loses_no_acknowledged_update_and_merges_none_twice(tmp_path: Path) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

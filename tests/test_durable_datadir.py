@@ -30,6 +30,7 @@ def _second_server(first: ServerProcess) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 async def test_a_second_server_on_a_data_dir_in_use_is_refused_until_the_first_dies(tmp_path: Path) -> None:
     state = tmp_path / "state"
     first = ServerProcess(state, "synthetic:200", {"rounds": 0, "sample_fraction": 1.0})

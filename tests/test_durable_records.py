@@ -44,6 +44,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 async def test_kill_9_between_a_version_and_its_record_loses_no_round(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     state, gate = tmp_path / "state", tmp_path / "evaluation-gate"

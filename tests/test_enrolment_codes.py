@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from fedfleet.device_runtime.fleet import run_fleet
@@ -76,6 +77,7 @@ async def test_a_fleet_registers_with_a_file_of_codes(aiohttp_client: Any, tmp_p
     assert len(result.rounds) == 1 and client.server.app[STORE].phone_count() == 4
 
 
+@pytest.mark.slow
 async def test_the_phone_command_registers_with_its_code(aiohttp_client: Any, tmp_path: Path) -> None:
     client = await aiohttp_client(make_app(_config(tmp_path)))
     url = str(client.make_url("")).rstrip("/")

@@ -59,6 +59,7 @@ def test_batch_norm_decomposition_equals_the_kernel_in_float64(shape: tuple[int,
         torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["executorch", "onnx"])
 def test_bn_bundle_trains_as_eager_pytorch(bn_bundle: tuple[Path, nn.Module], digits: Any, kind: str) -> None:
     """Two epochs of SGD (FedProx on) from the same weights and batches: the same loss and weights as
@@ -84,6 +85,7 @@ def test_bn_bundle_trains_as_eager_pytorch(bn_bundle: tuple[Path, nn.Module], di
     assert float(np.abs(after["bn2.weight"] - start["bn2.weight"]).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_bn_inference_model_keeps_batch_norm_weights_feedable(bn_bundle: tuple[Path, nn.Module], digits: Any) -> None:
     """model.onnx evaluates the weights it is fed, batch norm's included (not folded into the layer
     before it), with the exported running statistics, as eager eval mode does."""
@@ -97,6 +99,7 @@ def test_bn_inference_model_keeps_batch_norm_weights_feedable(bn_bundle: tuple[P
     assert runtime.evaluate(x, y).loss == pytest.approx(eager.evaluate(x, y).loss, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_model_the_exporters_cannot_take_is_refused_in_one_line(gru_refusal: Finished) -> None:
     """A GRU (`fedfleet export --model tests.exports:gru_classifier`, tests/exports.py): ExecuTorch lowering and
     the ONNX inference export fail; the one line names each artifact and what failed, and withdrawing leaves

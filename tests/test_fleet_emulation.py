@@ -90,6 +90,7 @@ def test_same_seed_same_metrics_and_devices_byte_for_byte(tmp_path: Path) -> Non
     assert sum(int(d["drops"]) for d in dev1) > 0, "dropout 0.3 should drop some phones"
 
 
+@pytest.mark.slow
 def test_a_crowd_is_deterministic_too(tmp_path: Path) -> None:
     """300 phones for 10 slots: had they all first checked in at one virtual instant, which
     of them took the slots would depend on socket timing (two runs differed, tried with

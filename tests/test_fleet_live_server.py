@@ -89,6 +89,7 @@ async def test_a_fleet_counts_only_the_rounds_after_it_joined_and_names_taken_ar
     assert (await _status(server.url))["phones"] == phones  # none of that fleet registered
 
 
+@pytest.mark.slow
 async def test_a_fleet_rides_out_a_kill_9_and_restart_of_its_server(
         tmp_path: Path, data: Dataset, live: list[ServerProcess]) -> None:
     server = await _server(tmp_path, rounds=8, checkin_hold_s=5.0)

@@ -35,9 +35,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import request_counts
+from tests.fedclient_build import JavaBuild
 
 REPO = Path(__file__).resolve().parents[1]
-BUILD = REPO / "android_demo" / "fedclient" / "build.sh"
 JAVA_PHONES = 3
 PY_PHONES = 3
 ROUNDS = 3
@@ -47,21 +47,17 @@ CODEC = ('{clip = 1.0, noise = "gaussian", noise_multiplier = 0.3, sparsify = "t
 pytestmark = pytest.mark.skipif(shutil.which("javac") is None, reason="javac not found: the Java client needs JDK 17+")
 
 
-def _build(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(BUILD), *args], capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
-def classpath() -> str:
-    built = _build("build")
-    assert built.returncode == 0, built.stderr + built.stdout
-    return _build("classpath").stdout.strip()
+def classpath(fedclient: JavaBuild) -> str:
+    assert fedclient.jar_built, fedclient.stderr + fedclient.stdout
+    return fedclient.classpath
 
 
-def test_junit_suite() -> None:
-    run = _build("test")
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert " 0 tests failed" in run.stdout and " tests successful" in run.stdout, run.stdout[-2000:]
+@pytest.mark.slow
+def test_junit_suite(fedclient: JavaBuild) -> None:
+    """The JUnit run of the session's build (tests/fedclient_build.py: `build.sh test`)."""
+    assert fedclient.returncode == 0, fedclient.stdout[-4000:] + fedclient.stderr[-4000:]
+    assert " 0 tests failed" in fedclient.stdout and " tests successful" in fedclient.stdout, fedclient.stdout[-2000:]
 
 
 def _free_port() -> int:

@@ -71,6 +71,7 @@ async def test_an_app_served_in_process_changes_no_process_setting(untuned: Sett
     assert _settings() == untuned and _frozen() <= frozen
 
 
+@pytest.mark.slow
 async def test_a_fleet_run_in_process_changes_no_process_setting(untuned: Settings, tmp_path: Path) -> None:
     seen: list[Settings] = []
     frozen = _frozen()

@@ -288,6 +288,7 @@ def focal_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["executorch", "onnx"])
 def test_an_exported_bundle_trains_the_custom_loss_as_eager(focal_bundle: Path, digits: Any, kind: str) -> None:
     from fedfleet.device_runtime.runtimes.loader import load_runtime
@@ -330,6 +331,7 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_serve_evaluates_with_the_metrics_and_fleet_phones_train_the_loss(tmp_path: Path) -> None:
     """A deployed server with the task's loss and metrics: a fleet not given the loss refuses to start in
     one line; given another loss, its phones are refused at registration; given the same, they train and

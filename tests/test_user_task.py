@@ -73,6 +73,7 @@ def test_the_final_weights_reload_into_the_model_and_give_the_reported_accuracy(
     assert _accuracy(mine.eval(), data.x_test, data.y_test) == pytest.approx(summary["final_accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_export_from_a_run_ships_its_trained_weights(tmp_path: Path) -> None:
     _simulate(tmp_path / "run", "--model", "mlp", "--dataset", "examples.custom_task:digit_features",
               "--rounds", "1")

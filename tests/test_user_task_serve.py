@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.test_cli_errors import REPO, _free_port, _one_error_line
 
@@ -20,6 +21,7 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_serve_and_fleet_train_a_users_task_and_the_weights_come_out(tmp_path: Path) -> None:
     port, data_dir = _free_port(), tmp_path / "server"
     server = subprocess.Popen([sys.executable, "-m", "fedfleet.cli", "serve", "--port", str(port), *TASK,

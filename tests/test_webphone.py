@@ -208,6 +208,7 @@ def screenshot() -> Iterator[Path]:
     yield path
 
 
+@pytest.mark.slow
 @needs_node
 @needs_chromium
 async def test_browser_tabs_train_in_wasm_next_to_python_phones(
