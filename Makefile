@@ -55,7 +55,7 @@ lint: $(DEV_STAMP)
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: install lint
-	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+	$(PY) -m pytest -q -ra -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 bench: install
 	$(PY) -m bench
