@@ -323,7 +323,7 @@ async def test_lost_upload_is_resent_and_merged_once(aiohttp_server: Any, digits
     server = await aiohttp_server(app)
     base = str(server.make_url("")).rstrip("/")
     tabs: list[dict[str, Any]] = [{"name": "web-lossy", "shard": "0/2", "lose": {"offlineMs": 3000}},
-                                  {"name": "web-ok", "shard": "1/2"}]
+                                  {"name": "web-ok", "shard": "1/2", "afterLost": True}]  # the run cannot end first
     driver = await Driver.start({"url": base + "/phone/", "tabs": tabs, "timeoutMs": 240_000})
     try:
         lost = await driver.until("lost", 240)

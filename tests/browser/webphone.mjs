@@ -4,7 +4,8 @@
 //
 // Config: url; tabs: [{ name, shard, draw (a label: before joining, draw a digit and add it),
 // lose (drop the answer to the first upload after the server got it, then go offline for
-// offlineMs), query (more URL parameters for this tab, e.g. {"chain": "0"}) }]; screenshot (PNG path, of tab 0); offlineReload (reload tab 0 offline at the end);
+// offlineMs), afterLost (open this tab only once a lose tab's answer was dropped, so the lost upload is
+// the task's first whatever the machine's load), query (more URL parameters for this tab, e.g. {"chain": "0"}) }]; screenshot (PNG path, of tab 0); offlineReload (reload tab 0 offline at the end);
 // benchmark ({ batch, steps }: time train_step.onnx in tab 0 once every tab is idle); timeoutMs.
 // Every tab is its own browser context (its own IndexedDB: its own phone).
 //
@@ -20,6 +21,8 @@ if (!config.url || !config.tabs?.length) {
 }
 const TIMEOUT_MS = config.timeoutMs ?? 300000;
 const emit = (event, data = {}) => console.log(JSON.stringify({ event, ...data }));
+let announceLost = () => {};
+const lostSeen = new Promise((resolve) => { announceLost = resolve; });
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium", // never a downloaded browser
@@ -56,6 +59,7 @@ async function loseFirstUpload(tab, { offlineMs = 3000 }) {
     await tab.context.setOffline(true);
     await route.abort("internetdisconnected"); // ...but the phone never hears it
     emit("lost", { tab: tab.name, status: response.status(), answer, chained: Boolean(chained) });
+    announceLost();
     setTimeout(() => tab.context.setOffline(false).catch(() => {}), offlineMs);
   });
 }
@@ -86,6 +90,7 @@ async function serviceWorkerReport(page) {
 try {
   const tabs = [];
   for (const spec of config.tabs) {
+    if (spec.afterLost) await lostSeen;
     const context = await browser.newContext({
       viewport: { width: 430, height: 1000 },
       serviceWorkers: spec.lose ? "block" : "allow", // routing needs the requests outside a service worker
