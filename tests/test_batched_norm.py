@@ -3,30 +3,18 @@ own statistics over its real rows, against eager PyTorch phone by phone in float
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedfleet.device_runtime.batched import train_many
 from fedfleet.device_runtime.batched_norm import masked_batch_norm
-from fedfleet.device_runtime.runtimes.base import TrainConfig
-from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
-from tests.test_batched_state import assert_same, make_jobs, per_phone
+from tests.test_batched_state import assert_float64_train_many_equals_loop
+from tests.test_batched_state import one_thread as one_thread  # autouse: one torch thread here too
 
 REAL = (6, 3, 2, 5, 4)  # real rows per phone; every phone's batch is padded to 6 rows
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def oracle(layer: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, real: int) -> torch.Tensor:
@@ -120,11 +108,4 @@ def test_train_many_equals_per_phone_in_float64(digits: Any, chunk: int) -> None
     """Deltas, losses and every phone's running statistics, with partial batches, dropout, a layer
     without affine parameters and chunks of 5 (not dividing the 8 phones) and of all 8."""
     torch.manual_seed(0)  # the test's model initialisation only
-    model = MixedNormNet()
-    params = TorchRuntime(model).get_params()
-    model = model.double()
-    cfg = TrainConfig(local_epochs=2, batch_size=8, lr=0.1)
-    x = digits.x_train.astype(np.float64)
-    got = train_many(model, params, make_jobs(x, digits.y_train, 9), cfg, chunk=chunk, dtype=torch.float64)
-    want = per_phone(model, params, make_jobs(x, digits.y_train, 9), cfg, [{}] * 8)
-    assert_same(got, want, atol=1e-10)
+    assert_float64_train_many_equals_loop(MixedNormNet(), digits, chunk, seed=9)

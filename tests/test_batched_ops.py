@@ -4,34 +4,22 @@ outputs and gradients, padding rows (all zeros) included."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.func import vmap
 
-from fedfleet.device_runtime.batched import train_many
 from fedfleet.device_runtime.batched_conv import PhoneConv, matmul_convolutions
 from fedfleet.device_runtime.batched_conv import fits as conv_fits
 from fedfleet.device_runtime.batched_pool import fits as pool_fits
 from fedfleet.device_runtime.batched_pool import pool2x2, strided_pooling
-from fedfleet.device_runtime.runtimes.base import TrainConfig
-from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
-from tests.test_batched_state import assert_same, make_jobs, per_phone
+from tests.test_batched_state import assert_float64_train_many_equals_loop
+from tests.test_batched_state import one_thread as one_thread  # autouse: one torch thread here too
 
 F = nn.functional
 P, B = 4, 5  # phones, rows per phone; the last two rows of every phone are padding (zeros)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def with_padding(x: torch.Tensor) -> torch.Tensor:
@@ -122,13 +110,7 @@ class PoolBNCNN(nn.Module):
 def test_train_many_with_replaced_layers_equals_per_phone_in_float64(digits: Any, chunk: int) -> None:
     torch.manual_seed(0)  # the test's model initialisation only
     model = PoolBNCNN()
-    params = TorchRuntime(model).get_params()
-    model = model.double()
-    cfg = TrainConfig(local_epochs=2, batch_size=8, lr=0.1)
-    x = digits.x_train.astype(np.float64)
-    got = train_many(model, params, make_jobs(x, digits.y_train, 5), cfg, chunk=chunk, dtype=torch.float64)
-    want = per_phone(model, params, make_jobs(x, digits.y_train, 5), cfg, [{}] * 8)
-    assert_same(got, want, atol=1e-10)
+    assert_float64_train_many_equals_loop(model, digits, chunk, seed=5)
     assert not any("forward" in vars(m) for m in model.modules())  # every layer's own forward is back
 
 

@@ -95,6 +95,18 @@ def assert_same(got: list[tuple[Params, TrainResult]], want: list[tuple[Params, 
             np.testing.assert_allclose(s_got[n], s_want[n], atol=atol, rtol=rtol, err_msg=n)
 
 
+def assert_float64_train_many_equals_loop(model: nn.Module, digits: Any, chunk: int, seed: int) -> None:
+    """``train_many`` of ``model`` (initialised in float32, trained in float64) equals the per-phone loop
+    to 1e-10: deltas, losses and each phone's state, two local epochs in batches of 8."""
+    params = TorchRuntime(model).get_params()
+    model = model.double()
+    cfg = TrainConfig(local_epochs=2, batch_size=8, lr=0.1)
+    x = digits.x_train.astype(np.float64)
+    got = train_many(model, params, make_jobs(x, digits.y_train, seed), cfg, chunk=chunk, dtype=torch.float64)
+    want = per_phone(model, params, make_jobs(x, digits.y_train, seed), cfg, [{}] * len(SIZES))
+    assert_same(got, want, atol=1e-10)
+
+
 def float64_model(p: float, momentum: float | None = 0.1) -> tuple[nn.Module, Params]:
     torch.manual_seed(0)  # the test's model initialisation only
     model = BNDropoutCNN(p, momentum)
