@@ -43,6 +43,7 @@ from fedfleet.protocol.secagg.integer import (
     group_rotation,
     mean_from_sum,
     stochastic_round,
+    unflatten,
 )
 from fedfleet.protocol.secagg.params import GroupParams
 from fedfleet.protocol.secagg.rotation import hadamard
@@ -53,12 +54,7 @@ DIM = sum(math.prod(s) for s in SHAPES.values())  # 19,885
 
 
 def unflat(w: np.ndarray) -> dict[str, np.ndarray]:
-    out, at = {}, 0
-    for name, shape in SHAPES.items():
-        size = math.prod(shape)
-        out[name] = w[at : at + size].reshape(shape)
-        at += size
-    return out
+    return unflatten(w, SHAPES)
 
 
 def init(rng: np.random.Generator) -> np.ndarray:
