@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fedfleet.device_runtime import batched_conv, batched_pool
+from fedfleet.device_runtime.batched_calls import rows_per_call, split_step
 from fedfleet.device_runtime.batched_norm import masked_batch_norm
 from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
 from fedfleet.device_runtime.stateful import (
@@ -60,6 +61,7 @@ def train_many(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     loss: LossFn | None = None,
+    call_rows: int | None = None,
 ) -> list[tuple[Params, TrainResult]]:
     """Train every job from ``params``; return ``(new - params, result)`` per job, in job order,
     with the phone's end state under ``"state:"`` names when the model has state.
@@ -81,6 +83,10 @@ def train_many(
 
     ``loss``: the task's own (export/task_loss.py), applied to each phone's real rows under ``vmap``
     (phones grouped by their number of real rows); None: cross-entropy, on the stacked logits at once.
+
+    ``call_rows``: what one more call of a step costs, in rows of the model's computation; phones at a
+    partial batch train in narrower calls where that saves more rows (``batched_calls.split_step``).
+    None: estimated from the model's forward FLOPs (``batched_calls.rows_per_call``).
     """
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
@@ -112,6 +118,9 @@ def train_many(
         per_phone = training_bytes_per_phone(model, torch.as_tensor(example).to(next(model.parameters()).dtype),
                                              cfg.batch_size, dtype.itemsize)
         chunk = rows_that_fit(dev, per_phone, cap=len(jobs))
+    if call_rows is None:
+        call_rows = 1 << 30 if example is None else rows_per_call(
+            model, torch.as_tensor(example).to(next(model.parameters()).dtype))
     holder: list[MaskSource] = []
     rows: list[torch.Tensor] = []  # the phone's real rows, for batch norm's statistics
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
@@ -123,21 +132,23 @@ def train_many(
         step = _make_step(model, start, snames, cfg, dtype, holder, rows, dev, loss)
         # Longest first: phones in a chunk then have similar step counts (little padding), and
         # the phones still training at step t are a prefix of the chunk.
-        order = sorted(range(len(jobs)), key=lambda i: -len(plans[i]))
+        # Among phones with as many steps, the larger last batch first: a step's rows per phone then fall
+        # along the chunk, and the phones at their partial last batch train in narrower calls (batched_calls).
+        order = sorted(range(len(jobs)), key=lambda i: (-len(plans[i]), -len(plans[i][-1]) if plans[i] else 0))
         results: dict[int, tuple[Params, TrainResult]] = {}
         for lo in range(0, len(order), chunk):
             ids = order[lo : lo + chunk]
             batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype, dev)
-            state0 = {n: torch.stack([_as_state(job_states[i][n], dtype) for i in ids]).to(dev) for n in snames}
+            state0 = {n: _as_state(np.stack([job_states[i][n] for i in ids]), dtype).to(dev) for n in snames}
             drops = _Drops(calls if layers else [], [gens[i] for i in ids], dtype, dev)
-            for i, out in zip(ids, _train_chunk(step, start, state0, batch, drops), strict=True):
+            for i, out in zip(ids, _train_chunk(step, start, state0, batch, drops, call_rows), strict=True):
                 results[i] = out
     return [results[i] for i in range(len(jobs))]
 
 
 def _as_state(value: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(value))
-    return t.to(dtype) if t.is_floating_point() else t.clone()
+    t = torch.from_numpy(np.ascontiguousarray(value))  # a fresh stack: trained in place, shared with nothing
+    return t.to(dtype) if t.is_floating_point() else t
 
 
 @dataclass
@@ -149,15 +160,15 @@ class _Drops:
     dtype: torch.dtype
     device: torch.device  # masks are drawn on the CPU (the phones' generators), then moved here
 
-    def masks(self, counts: Sequence[int], width: int) -> list[torch.Tensor]:
-        """[k, width, ...] per call: phone j's masks for its ``counts[j]`` real rows of one step, drawn
+    def masks(self, counts: Sequence[int], width: int, first: int = 0) -> list[torch.Tensor]:
+        """[k, width, ...] per call: phone ``first + j``'s masks for its ``counts[j]`` real rows of one step, drawn
         in its eager order (``stateful.draw_mask``'s uniforms, straight into the chunk's buffers), padded
         with ones."""
         if not self.calls:
             return []
         uniforms = [torch.empty((len(counts), *mask_shape(m, (width, *s)))) for m, s in self.calls]  # float32
         for j, rows in enumerate(counts):
-            gen = self.gens[j]
+            gen = self.gens[first + j]
             assert gen is not None
             for u in uniforms:
                 torch.rand((int(rows), *u.shape[2:]), generator=gen, out=u[j, : int(rows)])
@@ -213,18 +224,19 @@ def _gather(jobs: Sequence[Job], plans: Sequence[list[np.ndarray]], batch_size: 
 
 
 def _train_chunk(step: Step, start: Mapping[str, torch.Tensor], state: Tensors, data: _ChunkData,
-                 drops: _Drops) -> list[tuple[Params, TrainResult]]:
+                 drops: _Drops, call_rows: int) -> list[tuple[Params, TrainResult]]:
     p = len(data.steps)
     stacked = {n: s.expand(p, *s.shape).clone() for n, s in start.items()}  # [P, ...]
     losses = torch.zeros(len(data.active), p, dtype=data.mask.dtype)  # [T, P]
     for t, k in enumerate(data.active):
         # Phones past their last step are left out of the call entirely (not just masked),
         # so their parameters cannot move: no gradient and no FedProx pull toward start.
-        rows = data.index[t, :k]  # [k, B]
-        views = {n: s[:k] for n, s in stacked.items()}
-        bufs = {n: s[:k] for n, s in state.items()}
-        masks = drops.masks(data.rows[t, :k].tolist(), data.index.shape[2])
-        losses[t, :k] = step(views, bufs, masks, data.x[rows], data.y[rows], data.mask[t, :k])
+        for lo, hi, width in split_step(data.rows[t, :k], call_rows):
+            rows = data.index[t, lo:hi, :width]  # [k, width]
+            views = {n: s[lo:hi] for n, s in stacked.items()}
+            bufs = {n: s[lo:hi] for n, s in state.items()}
+            masks = drops.masks(data.rows[t, lo:hi].tolist(), width, lo)
+            losses[t, lo:hi] = step(views, bufs, masks, data.x[rows], data.y[rows], data.mask[t, lo:hi, :width])
     host = _to_host({**{"delta:" + n: s - start[n] for n, s in stacked.items()}, "loss": losses,
                      **{"end:" + n: s for n, s in state.items()}})
     deltas = {n: host["delta:" + n] for n in stacked}

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from fedfleet.device_runtime import vmap_rules
+
 
 def fits(layer: nn.Conv2d) -> bool:
     """Whether ``layer`` is a stride-1, undilated, ungrouped, zero-padded convolution of one input
@@ -125,7 +127,7 @@ def matmul_convolutions(layers: Sequence[nn.Conv2d]) -> Iterator[None]:
 
 def _forward(layer: nn.Conv2d) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:  # x [B, 1, H, W] for one phone
-        y, _ = PhoneConv.apply(x, layer.weight, layer.bias, tuple(layer.padding))
+        y, _ = vmap_rules.apply(PhoneConv, x, layer.weight, layer.bias, tuple(layer.padding))
         return y  # type: ignore[no-any-return]
 
     return forward

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedfleet.device_runtime import vmap_rules
+
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
@@ -113,7 +115,7 @@ def _masked_forward(layer: _BatchNorm, rows: list[torch.Tensor]) -> Callable[[to
                                       "as a number, per phone: not batched")
         b, c = x.shape[0], x.shape[1]
         real = rows[-1].to(x.dtype)[:, None].expand(b, c)
-        y, mean, var = FoldedBatchNorm.apply(x.reshape(b, c, -1), real, layer.weight, layer.bias, layer.eps)
+        y, mean, var = vmap_rules.apply(FoldedBatchNorm, x.reshape(b, c, -1), real, layer.weight, layer.bias, layer.eps)
         if layer.track_running_stats:
             momentum = float(layer.momentum)  # type: ignore[arg-type]
             count = rows[-1].sum() * (x.numel() // (b * c))  # values per channel over the real rows

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedfleet.device_runtime import vmap_rules
+
 
 def _corners(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The four [..., H/2, W/2] strided views of v [..., H/2, 2, W/2, 2], in the kernel's scan order."""
@@ -93,7 +95,7 @@ def fits(layer: nn.MaxPool2d) -> bool:
 
 def pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``nn.MaxPool2d(2)(x)``: an odd last row or column is dropped, as floor mode does."""
-    pooled, _ = Pool2x2.apply(x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2])
+    pooled, _ = vmap_rules.apply(Pool2x2, x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2])
     return pooled  # type: ignore[no-any-return]
 
 

@@ -1,0 +1,75 @@
+"""How one batched training step is split into calls: phones at a partial batch train in narrower calls.
+
+A step of ``train_many`` stacks its phones' batches to one width, the batch size, so a phone at its
+partial last batch of an epoch (``iterate_batches``) computes padding rows. With phones of 20-40
+examples at batch 16 a fifth of the rows were padding. ``split_step`` cuts a step's phones into
+contiguous calls, each as wide as its widest phone, where the rows saved outweigh the extra call's
+fixed cost (dispatch and Python, whatever the width). That cost is counted in rows of the model's own
+arithmetic (``rows_per_call``): a call is worth about 2.2e7 forward FLOPs (``CALL_FLOPS``), which is 128 rows
+of the digits BN CNN, where 96 to 300 measured alike (bench/bench_batched.py, one thread), and more rows
+than any step has for the digits MLP, whose rows cost next to nothing: it is never split.
+
+The choice depends on the model and the batch layout only, never on a timer, so seeded runs stay
+byte-for-byte reproducible.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+CALL_FLOPS = 2.2e7
+_FLOPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], int]] = weakref.WeakKeyDictionary()
+
+
+def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of ``model``'s forward pass on ``example`` (one example with its batch axis), counted by
+    ``FlopCounterMode`` in eval mode without gradients (no running statistic moves); cached per model
+    and input shape. The model is left in train mode, as ``train_many`` puts it."""
+    shapes = _FLOPS.setdefault(model, {})
+    key = tuple(example.shape)
+    if key not in shapes:
+        counter = FlopCounterMode(display=False)
+        model.eval()
+        try:
+            with torch.no_grad(), counter:
+                model(example)
+        finally:
+            model.train()
+        shapes[key] = int(counter.get_total_flops())
+    return shapes[key]
+
+
+def rows_per_call(model: nn.Module, example: torch.Tensor) -> int:
+    """A step call's fixed cost in rows of ``model``'s computation (at least 1)."""
+    return max(1, round(CALL_FLOPS / max(forward_flops(model, example), 1)))
+
+
+def split_step(rows: np.ndarray, call_rows: int) -> list[tuple[int, int, int]]:
+    """One step's phones (their real rows, at least one each) split into contiguous calls
+    ``(lo, hi, width)``, each as wide as its widest phone: the fewest rows computed, a call counting
+    ``call_rows`` rows more. Cuts fall only where the rows change; ``train_many`` sorts a chunk's phones
+    so that a step's phones at their partial batch come last, the widest first."""
+    starts = [0, *(i for i in range(1, len(rows)) if rows[i] != rows[i - 1])]
+    bounds = [*starts, len(rows)]
+    runs = len(starts)
+    best = [0.0] + [float("inf")] * runs
+    cut = [0] * (runs + 1)
+    for hi in range(1, runs + 1):  # runs [lo, hi) form one call
+        width = 0
+        for lo in range(hi - 1, -1, -1):
+            width = max(width, int(rows[starts[lo]]))
+            cost = best[lo] + call_rows + (bounds[hi] - bounds[lo]) * width
+            if cost < best[hi]:
+                best[hi], cut[hi] = cost, lo
+    out = []
+    hi = runs
+    while hi > 0:
+        lo = cut[hi]
+        out.append((bounds[lo], bounds[hi], max(1, int(rows[bounds[lo] : bounds[hi]].max()))))
+        hi = lo
+    return out[::-1]
