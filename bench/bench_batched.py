@@ -11,10 +11,14 @@ seconds, which other processes on a shared machine do not inflate. Writes bench/
 
     .venv/bin/python bench/bench_batched.py [--phones 100 500] [--models mlp cnn bncnn]
         [--chunks 16 32 64 128 0] [--repeats 5] [--threads 1] [--reference REV]   (chunk 0 = all phones)
+        [--workers 1 2] [--dataset digits|mnist5k]
 
 ``--reference REV`` adds "REV chunk C" rows: ``train_many`` as the git revision REV wrote it
 (``device_runtime/batched.py`` and ``stateful.py`` from that commit), timed in the same process,
 interleaved with the others, so two implementations compare under the same load.
+
+``--workers 1 2`` adds "chunk C x2" rows: ``train_many(..., workers=2)``, its chunks trained on two
+threads (their CPU seconds summed in "cpu s"). ``--dataset mnist5k``: phones hold 28x28 MNIST digits.
 
 ``bncnn`` is a user's model with state and randomness (``BNCNN`` below: batch norm and dropout):
 the loop starts every phone from the same batch norm statistics, as the batched trainer does, and
@@ -145,17 +149,19 @@ def reference_train_many(rev: str) -> Callable[..., Outputs]:
 
 
 def bench_case(model_name: str, phones: int, chunks: list[int], repeats: int,
-               reference: tuple[str, Callable[..., Outputs]] | None = None) -> list[dict[str, Any]]:
-    digits = load_dataset("digits", seed=0)
+               reference: tuple[str, Callable[..., Outputs]] | None = None, workers: tuple[int, ...] = (1,),
+               dataset: str = "digits") -> list[dict[str, Any]]:
+    digits = load_dataset(dataset, seed=0)
     model = make_model(model_name, digits.input_shape, digits.num_classes)
     params = TorchRuntime(model).get_params()
     data = fleet_data(digits.x_train, digits.y_train, phones, seed=phones)
 
-    def vectorized(size: int) -> Callable[[list[Job]], Outputs]:
-        return lambda jobs: train_many(model, params, jobs, CFG, chunk=size)
+    def vectorized(size: int, threads: int) -> Callable[[list[Job]], Outputs]:
+        return lambda jobs: train_many(model, params, jobs, CFG, chunk=size, workers=threads)
 
     methods: dict[str, Callable[[list[Job]], Outputs]] = {"loop": lambda jobs: per_phone_loop(model, params, jobs)}
-    methods.update({f"chunk {c or 'all'}": vectorized(c or phones) for c in chunks})
+    methods.update({f"chunk {c or 'all'}" + (f" x{w}" if w > 1 else ""): vectorized(c or phones, w)
+                    for c in chunks for w in workers})
     if reference is not None:
         rev, ref = reference
         methods.update({f"{rev} chunk {c or 'all'}": (lambda size: lambda jobs: ref(model, params, jobs, CFG, chunk=size))(c or phones)
@@ -163,7 +169,8 @@ def bench_case(model_name: str, phones: int, chunks: list[int], repeats: int,
     outputs = {name: fn(jobs_for(data)) for name, fn in methods.items()}  # warm-up, equivalence check
     times: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[float]] = {name: [] for name in methods}
-    arith: dict[str, list[float]] = {name: [] for name in methods if name.startswith("chunk")}
+    # the step calls' share of wall time, on one training thread (with several, their times overlap)
+    arith: dict[str, list[float]] = {name: [] for name in methods if name.startswith("chunk") and " x" not in name}
     for _ in range(repeats):
         for name, fn in methods.items():
             jobs = jobs_for(data)  # seeding 500 generators takes ~35 ms: not timed
@@ -181,6 +188,7 @@ def bench_case(model_name: str, phones: int, chunks: list[int], repeats: int,
         rows.append(
             {
                 "model": model_name,
+                "dataset": dataset,
                 "phones": phones,
                 "method": name,
                 "median_s": med,
@@ -220,11 +228,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the fleet uses 1)")
     parser.add_argument("--reference", metavar="REV", help="also time train_many as git revision REV wrote it")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1],
+                        help="train_many's training threads (each also a row: 'chunk C xW')")
+    parser.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batched.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reference = (args.reference, reference_train_many(args.reference)) if args.reference else None
-    rows = [r for m in args.models for n in args.phones for r in bench_case(m, n, args.chunks, args.repeats, reference)]
+    rows = [r for m in args.models for n in args.phones
+            for r in bench_case(m, n, args.chunks, args.repeats, reference, tuple(args.workers), args.dataset)]
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -233,7 +245,8 @@ def main() -> None:
         "threads": args.threads,
         "repeats": args.repeats,
         "train_config": asdict(CFG),
-        "examples_per_phone": "uniform 20-40 from sklearn digits train split",
+        "examples_per_phone": f"uniform 20-40 from the {args.dataset} train split",
+        "workers": args.workers,
     }
     args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,4 +1,5 @@
-"""Training on every core: the batched CNN step and a whole ``fedfleet simulate`` at 1 and 2 torch threads.
+"""Training on every core: the batched CNN step and a whole ``fedfleet simulate`` with 1 or 2 torch
+intra-op threads and 1 or 2 training threads (``train_many``'s ``workers``: chunks side by side).
 
 Two measurements, each side by side in one run, alternating the settings (A B A B ...) so that load
 from other processes hits both alike; the table shows medians, and the load average is recorded
@@ -6,17 +7,18 @@ around every repeat:
 
 - **step**: ``train_many`` on a group of ``--group`` phones (the built-in ``cnn`` on mnist5k-shaped
   1x28x28 inputs, ``--examples`` each, one local epoch at batch 16), run on a worker thread as
-  ``BatchedTrainer`` runs it, with that thread's torch intra-op threads set to 1 or 2. Beside it the
+  ``BatchedTrainer`` runs it, with that thread's torch intra-op threads set to T and the group's chunks
+  trained on W threads (setting ``TxW``). Beside it the
   arithmetic floor: FLOPs per update (``torch.utils.flop_counter.FlopCounterMode`` over one group's
   training) and this machine's measured rate on a 3x3 convolution and a matmul at the same
   thread count.
 - **simulate**: ``fedfleet simulate --phones 100 --rounds 5 --sample 0.5 --dataset mnist5k --model cnn
-  --local-epochs 1 --batch-size 16 --lr 0.05 --partition iid --train-threads N``, each a whole process
+  --local-epochs 1 --batch-size 16 --lr 0.05 --partition iid --train-threads T --workers W``, each a whole process
   (wall time, CPU time of the process and its children, steady-round updates/s from summary.json).
 
 Writes bench/results/threads.json.
 
-    python -m bench.bench_threads [--repeats 5] [--sim-repeats 3] [--threads 1 2] [--skip-sim]
+    python -m bench.bench_threads [--repeats 5] [--sim-repeats 3] [--settings 1x1 2x1 1x2] [--skip-sim]
 """
 
 from __future__ import annotations
@@ -101,15 +103,15 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def step_once(threads: int, model: torch.nn.Module, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
-              phones: int, examples: int) -> dict[str, float]:
+def step_once(threads: int, workers: int, model: torch.nn.Module, params: dict[str, np.ndarray], x: np.ndarray,
+              y: np.ndarray, phones: int, examples: int) -> dict[str, float]:
     """One group on a fresh worker thread with ``threads`` intra-op threads (a thread's OpenMP team size
     is fixed at its first parallel region, so each setting gets a thread of its own)."""
     def run() -> tuple[float, float]:
         torch.set_num_threads(threads)
-        train_many(model, params, group_jobs(x, y, phones, examples), CFG)  # warm-up
+        train_many(model, params, group_jobs(x, y, phones, examples), CFG, workers=workers)  # warm-up
         t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        train_many(model, params, group_jobs(x, y, phones, examples), CFG)
+        train_many(model, params, group_jobs(x, y, phones, examples), CFG, workers=workers)
         c1 = resource.getrusage(resource.RUSAGE_SELF)
         return time.perf_counter() - t0, (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
 
@@ -119,8 +121,9 @@ def step_once(threads: int, model: torch.nn.Module, params: dict[str, np.ndarray
     return {"wall_s": wall, "cpu_s": cpu, "load": load}
 
 
-def sim_once(threads: int, out: Path) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "fedfleet.cli", "simulate", *SIM_ARGS, "--train-threads", str(threads), "--out", str(out)]
+def sim_once(threads: int, workers: int, out: Path) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "fedfleet.cli", "simulate", *SIM_ARGS, "--train-threads", str(threads),
+           "--workers", str(workers), "--out", str(out)]
     load = _load()
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -141,7 +144,8 @@ def _median(runs: list[dict[str, float]], key: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--settings", nargs="+", default=["1x1", "2x1", "1x2"],
+                    help="TxW: T torch intra-op threads, W training threads (chunks side by side)")
     ap.add_argument("--group", type=int, default=50, help="phones per vmapped group")
     ap.add_argument("--examples", type=int, default=50, help="examples per phone (mnist5k over 100 phones)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -156,42 +160,46 @@ def main() -> None:
     counted = flops_per_update(model, params, group_jobs(x, y, 1, args.examples)[0])
     flops = counted["eager"]
 
-    steps: dict[int, list[dict[str, float]]] = {t: [] for t in args.threads}
+    settings = [tuple(int(v) for v in name.split("x")) for name in args.settings]
+    steps: dict[str, list[dict[str, float]]] = {n: [] for n in args.settings}
     for _ in range(args.repeats):
-        for t in args.threads:
-            steps[t].append(step_once(t, model, params, x, y, args.group, args.examples))
-    rates = {t: kernel_rates(t, 5) for t in args.threads}
+        for name, (t, w) in zip(args.settings, settings, strict=True):
+            steps[name].append(step_once(t, w, model, params, x, y, args.group, args.examples))
+    rates = {t: kernel_rates(t, 5) for t in sorted({t for t, _ in settings})}
     rows = []
-    for t in args.threads:
-        wall = _median(steps[t], "wall_s")
+    for name, (t, w) in zip(args.settings, settings, strict=True):
+        wall = _median(steps[name], "wall_s")
         achieved = flops * args.group / wall / 1e9
-        rows.append({"threads": t, "group_ms": round(wall * 1e3, 1), "updates_per_s": round(args.group / wall, 1),
-                     "cpu_pct": round(100 * _median(steps[t], "cpu_s") / wall), "gflops": round(achieved, 2),
+        cores = max(t, w)  # the floor: the faster kernel rate at one thread, times the cores in use
+        best = max(rates[1].values()) * cores if 1 in rates else max(rates[t].values())
+        rows.append({"setting": name, "group_ms": round(wall * 1e3, 1), "updates_per_s": round(args.group / wall, 1),
+                     "cpu_pct": round(100 * _median(steps[name], "cpu_s") / wall), "gflops": round(achieved, 2),
                      "conv_gflops": round(rates[t]["conv_gflops"], 2), "matmul_gflops": round(rates[t]["matmul_gflops"], 2),
-                     "floor_ms_per_update": round(flops / max(rates[t].values()) / 1e6, 2),
+                     "floor_ms_per_update": round(flops / best / 1e6, 2),
                      "ms_per_update": round(wall / args.group * 1e3, 2),
-                     "cpu_ms_per_update": round(_median(steps[t], "cpu_s") / args.group * 1e3, 2),
-                     "load": round(_median(steps[t], "load"), 2)})
+                     "cpu_ms_per_update": round(_median(steps[name], "cpu_s") / args.group * 1e3, 2),
+                     "load": round(_median(steps[name], "load"), 2)})
     print(f"batched CNN step: {args.group} phones x {args.examples} examples, batch 16, "
           f"{flops / 1e6:.1f} MFLOP per update (FlopCounterMode; {counted['vmapped'] / 1e6:.1f} with the vmapped "
-          f"step's padding); medians of {args.repeats} alternating repeats; floor = FLOPs / the faster kernel rate")
+          f"step's padding); medians of {args.repeats} alternating repeats; floor = FLOPs / (the faster kernel "
+          "rate on one thread x the cores the setting uses); setting TxW: T intra-op threads, W training threads")
     print(table(rows, list(rows[0])))
 
-    sims: dict[int, list[dict[str, float]]] = {t: [] for t in args.threads}
+    sims: dict[str, list[dict[str, float]]] = {n: [] for n in args.settings}
     sim_rows = []
     if not args.skip_sim:
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(args.sim_repeats):
-                for t in args.threads:
-                    sims[t].append(sim_once(t, Path(tmp) / f"t{t}r{r}"))
-        for t in args.threads:
-            wall = _median(sims[t], "wall_s")
-            sim_rows.append({"threads": t, "wall_s": round(wall, 2),
-                             "cpu_pct": round(100 * _median(sims[t], "cpu_s") / wall),
-                             "steady_updates_per_s": round(_median(sims[t], "steady_updates_per_s"), 1),
-                             "train_fraction": round(_median(sims[t], "train_fraction"), 3),
-                             "load": round(_median(sims[t], "load"), 2)})
-        print(f"fedfleet simulate {' '.join(SIM_ARGS)} --train-threads N: medians of {args.sim_repeats} "
+                for name, (t, w) in zip(args.settings, settings, strict=True):
+                    sims[name].append(sim_once(t, w, Path(tmp) / f"{name}r{r}"))
+        for name in args.settings:
+            wall = _median(sims[name], "wall_s")
+            sim_rows.append({"setting": name, "wall_s": round(wall, 2),
+                             "cpu_pct": round(100 * _median(sims[name], "cpu_s") / wall),
+                             "steady_updates_per_s": round(_median(sims[name], "steady_updates_per_s"), 1),
+                             "train_fraction": round(_median(sims[name], "train_fraction"), 3),
+                             "load": round(_median(sims[name], "load"), 2)})
+        print(f"fedfleet simulate {' '.join(SIM_ARGS)} --train-threads T --workers W: medians of {args.sim_repeats} "
               "alternating whole processes")
         print(table(sim_rows, list(sim_rows[0])))
     path = write("threads", {"flops_per_update": counted, "group": args.group, "examples": args.examples,

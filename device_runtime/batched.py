@@ -15,7 +15,8 @@ A phone's tensors are its trainable parameters plus its state under ``"state:<bu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from itertools import chain
 
@@ -25,8 +26,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fedfleet.device_runtime import batched_conv, batched_pool
-from fedfleet.device_runtime.batched_calls import rows_per_call, split_step
+from fedfleet.device_runtime.batched_calls import chunk_bounds, chunk_phones, rows_per_call, split_step
 from fedfleet.device_runtime.batched_norm import masked_batch_norm
+from fedfleet.device_runtime.batched_threads import in_threads
 from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
 from fedfleet.device_runtime.stateful import (
     MaskSource,
@@ -62,6 +64,8 @@ def train_many(
     device: torch.device | str = "cpu",
     loss: LossFn | None = None,
     call_rows: int | None = None,
+    workers: int = 1,
+    cpu_seconds: list[float] | None = None,
 ) -> list[tuple[Params, TrainResult]]:
     """Train every job from ``params``; return ``(new - params, result)`` per job, in job order,
     with the phone's end state under ``"state:"`` names when the model has state.
@@ -87,6 +91,14 @@ def train_many(
     ``call_rows``: what one more call of a step costs, in rows of the model's computation; phones at a
     partial batch train in narrower calls where that saves more rows (``batched_calls.split_step``).
     None: estimated from the model's forward FLOPs (``batched_calls.rows_per_call``).
+
+    ``chunk`` is the most phones one call stacks; the phones are cut into that many chunks or more, of
+    equal size (within one phone), each holding at least ``batched_calls.CHUNK_CALLS`` calls' worth of
+    rows (``batched_calls.chunk_phones``), so that a group of a few dozen phones of a heavy model
+    makes several chunks. ``workers`` threads train the chunks side by side, each on a copy of
+    ``model``'s modules (``functional_call`` swaps a module's tensors while it runs, so two threads
+    cannot share one); the chunks do not depend on ``workers``, so neither does any result.
+    ``cpu_seconds``, when given, gets each training thread's CPU seconds appended.
     """
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
@@ -121,28 +133,25 @@ def train_many(
     if call_rows is None:
         call_rows = 1 << 30 if example is None else rows_per_call(
             model, torch.as_tensor(example).to(next(model.parameters()).dtype))
-    holder: list[MaskSource] = []
-    rows: list[torch.Tensor] = []  # the phone's real rows, for batch norm's statistics
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    cpu = dev.type == "cpu"  # measured faster than the kernels vmap picks there (docs/model-state.md)
-    pools = [m for m in model.modules() if cpu and isinstance(m, nn.MaxPool2d) and batched_pool.fits(m)]
-    convs = [m for m in model.modules() if cpu and isinstance(m, nn.Conv2d) and batched_conv.fits(m)]
-    with (masked_dropout(layers, lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows),
-          batched_pool.strided_pooling(pools), batched_conv.matmul_convolutions(convs)):
-        step = _make_step(model, start, snames, cfg, dtype, holder, rows, dev, loss)
-        # Longest first: phones in a chunk then have similar step counts (little padding), and
-        # the phones still training at step t are a prefix of the chunk.
-        # Among phones with as many steps, the larger last batch first: a step's rows per phone then fall
-        # along the chunk, and the phones at their partial last batch train in narrower calls (batched_calls).
-        order = sorted(range(len(jobs)), key=lambda i: (-len(plans[i]), -len(plans[i][-1]) if plans[i] else 0))
-        results: dict[int, tuple[Params, TrainResult]] = {}
-        for lo in range(0, len(order), chunk):
-            ids = order[lo : lo + chunk]
-            batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype, dev)
-            state0 = {n: _as_state(np.stack([job_states[i][n] for i in ids]), dtype).to(dev) for n in snames}
-            drops = _Drops(calls if layers else [], [gens[i] for i in ids], dtype, dev)
-            for i, out in zip(ids, _train_chunk(step, start, state0, batch, drops, call_rows), strict=True):
-                results[i] = out
+    # Longest first: phones in a chunk then have similar step counts (little padding), and
+    # the phones still training at step t are a prefix of the chunk.
+    # Among phones with as many steps, the larger last batch first: a step's rows per phone then fall
+    # along the chunk, and the phones at their partial last batch train in narrower calls (batched_calls).
+    order = sorted(range(len(jobs)), key=lambda i: (-len(plans[i]), -len(plans[i][-1]) if plans[i] else 0))
+    least = chunk_phones(call_rows, cfg.batch_size) if dev.type == "cpu" else chunk  # on a GPU, all that fit
+    chunks = [order[lo:hi] for lo, hi in chunk_bounds(len(order), chunk, least)]
+    frozen = _frozen(model, start, snames, dtype, dev)
+
+    def train(step: Step, ids: list[int]) -> list[tuple[int, tuple[Params, TrainResult]]]:
+        batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype, dev)
+        state0 = {n: _as_state(np.stack([job_states[i][n] for i in ids]), dtype).to(dev) for n in snames}
+        drops = _Drops(calls if layers else [], [gens[i] for i in ids], dtype, dev)
+        return list(zip(ids, _train_chunk(step, start, state0, batch, drops, call_rows), strict=True))
+
+    def make(m: nn.Module) -> AbstractContextManager[Step]:
+        return _patched_step(m, start, frozen, snames, cfg, dtype, dev, loss)
+
+    results = dict(in_threads(model, chunks, min(workers, len(chunks)), make, train, cpu_seconds))
     return [results[i] for i in range(len(jobs))]
 
 
@@ -264,9 +273,35 @@ def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return out
 
 
-def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequence[str], cfg: TrainConfig,
-               dtype: torch.dtype, holder: list[MaskSource], rows: list[torch.Tensor],
-               device: torch.device, loss: LossFn | None = None) -> Step:
+def _frozen(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequence[str], dtype: torch.dtype,
+            device: torch.device) -> Tensors:
+    """The model's other parameters and buffers (a transfer model's backbone), shared by every phone."""
+    return {
+        n: (t.detach().to(dtype) if t.is_floating_point() else t).to(device)
+        for n, t in chain(model.named_parameters(), model.named_buffers())
+        if n not in start and n not in snames
+    }
+
+
+@contextmanager
+def _patched_step(model: nn.Module, start: Mapping[str, torch.Tensor], frozen: Tensors, snames: Sequence[str],
+                  cfg: TrainConfig, dtype: torch.dtype, dev: torch.device, loss: LossFn | None) -> Iterator[Step]:
+    """The step of ``model`` (the user's, or a thread's copy of it), with its layers swapped for their
+    batched forms while inside."""
+    model.train()  # the reference's mode; TransferMobileNet keeps its backbone in eval
+    holder: list[MaskSource] = []
+    rows: list[torch.Tensor] = []  # the phone's real rows, for batch norm's statistics
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    cpu = dev.type == "cpu"  # measured faster than the kernels vmap picks there (docs/model-state.md)
+    pools = [m for m in model.modules() if cpu and isinstance(m, nn.MaxPool2d) and batched_pool.fits(m)]
+    convs = [m for m in model.modules() if cpu and isinstance(m, nn.Conv2d) and batched_conv.fits(m)]
+    with (masked_dropout(dropout_layers(model), lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows),
+          batched_pool.strided_pooling(pools), batched_conv.matmul_convolutions(convs)):
+        yield _make_step(model, start, frozen, cfg, holder, rows, loss)
+
+
+def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], frozen: Tensors, cfg: TrainConfig,
+               holder: list[MaskSource], rows: list[torch.Tensor], loss: LossFn | None = None) -> Step:
     """The batched SGD step: per phone, masked mean cross-entropy or the task's loss (+ FedProx), then
     ``w -= lr * grad`` in place, the update ``torch.optim.SGD`` makes.
 
@@ -280,11 +315,6 @@ def _make_step(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequ
     its real rows and updates its running statistics in place, inside vmap, as the eager layer does
     (``batched_norm.masked_batch_norm``).
     """
-    frozen = {
-        n: (t.detach().to(dtype) if t.is_floating_point() else t).to(device)
-        for n, t in chain(model.named_parameters(), model.named_buffers())
-        if n not in start and n not in snames
-    }
     mu, lr = cfg.prox_mu, cfg.lr
 
     def forward(w: Tensors, s: Tensors, masks: list[torch.Tensor], real: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -73,3 +73,31 @@ def split_step(rows: np.ndarray, call_rows: int) -> list[tuple[int, int, int]]:
         out.append((bounds[lo], bounds[hi], max(1, int(rows[bounds[lo] : bounds[hi]].max()))))
         hi = lo
     return out[::-1]
+
+
+# A chunk holds at least this many calls' worth of rows per step, and at least MIN_CHUNK phones: chunks
+# of 25 digits-CNN phones cost 1-2% more CPU than one chunk of 50 (bench/bench_batched.py --phones 50
+# --chunks 13 17 25 50, one thread), chunks of 13 15-25% more.
+CHUNK_CALLS = 3
+MIN_CHUNK = 8
+
+
+def chunk_phones(call_rows: int, batch_size: int) -> int:
+    """The fewest phones a chunk should stack so that a step call's fixed cost stays a small share."""
+    return max(MIN_CHUNK, -(-CHUNK_CALLS * call_rows // max(batch_size, 1)))
+
+
+def chunk_bounds(phones: int, most: int, least: int) -> list[tuple[int, int]]:
+    """``phones`` cut into contiguous chunks ``(lo, hi)`` of equal size (within one): as many as keep
+    ``least`` phones each, and enough to hold at most ``most`` each. Training threads take the chunks
+    side by side; the cut depends on neither the threads nor a timer."""
+    if phones <= 0:
+        return []
+    k = max(1, -(-phones // max(most, 1)), phones // max(least, 1))
+    size, extra = divmod(phones, k)
+    bounds, lo = [], 0
+    for j in range(k):
+        hi = lo + size + (1 if j < extra else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds

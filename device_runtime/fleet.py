@@ -325,7 +325,7 @@ def _trainer(cfg: FleetConfig, task: dict[str, Any], factory: RuntimeFactory) ->
         if model is not None:  # the eager runtime: vectorize across phones
             # a server in another process takes each upload while the next phones encode
             return BatchedTrainer(model, release_every=0 if cfg.server_here else RELEASE_EVERY, device=cfg.device,
-                                  loss=getattr(runtime, "loss", None))
+                                  loss=getattr(runtime, "loss", None), workers=cfg.workers)
     return RuntimePool(lambda: factory(task), size=cfg.workers)
 
 

@@ -28,7 +28,7 @@ class FleetConfig:
     partition: str = "iid"  # iid | dirichlet:ALPHA | shards:K
     quantity_skew: float = 0.0  # lognormal sigma of phone dataset sizes (iid)
     seed: int = 0
-    workers: int = 2  # local trainings running at once (one runtime each)
+    workers: int = 2  # training threads: pool, local trainings at once (one runtime each); batched, chunks at once
     availability: float = 1.0  # probability a phone is available at a check-in
     name_prefix: str = "phone"
     phone_name: str | None = None  # one phone (fedfleet phone --name): it registers as exactly this

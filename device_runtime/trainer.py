@@ -99,7 +99,8 @@ def _train_delta(
 class BatchedTrainer:
     """Trains the phones that start from the same model version together (``train_many``:
     one vmapped step over their stacked parameters, equal to training them one by one up to
-    float32 rounding). Groups run one at a time on one worker thread, beside the event loop.
+    float32 rounding). Groups run one at a time on one worker thread, beside the event loop; a group's
+    chunks train on ``workers`` threads side by side (``train_many``; no result depends on it).
 
     Which requests form a group: on the wall clock, those for the same (version, plan)
     arriving until none came for ``quiet_s`` (a round's phones get their tasks in one burst),
@@ -115,8 +116,9 @@ class BatchedTrainer:
 
     def __init__(self, model: torch.nn.Module, chunk: int = 128, window_s: float = 0.02, min_group: int = 4,
                  quiet_s: float = 0.003, release_every: int = 0, device: str = "cpu",
-                 loss: LossFn | None = None) -> None:
+                 loss: LossFn | None = None, workers: int = 1) -> None:
         self.model, self.chunk, self.window_s, self.min_group = model, chunk, window_s, min_group
+        self.workers = workers  # threads training a group's chunks side by side (train_many)
         self.device = device
         self.quiet_s = min(quiet_s, window_s)
         self.loss = loss  # the task's own (export/task_loss.py), per phone under vmap; None: cross-entropy
@@ -217,12 +219,16 @@ class BatchedTrainer:
     def _train_group(self, starts: list[Mapping[str, np.ndarray]],
                      jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]],
                      cfg: TrainConfig) -> list[tuple[Params, TrainResult]]:
+        if len(jobs) >= self.min_group and self._batchable(starts[0], jobs):
+            states = [split_state(p)[1] for p in starts]
+            cpu: list[float] = []  # each training thread's
+            try:
+                return train_many(self.model, split_state(starts[0])[0], jobs, cfg, states=states, chunk=self.chunk,
+                                  device=self.device, loss=self.loss, workers=self.workers, cpu_seconds=cpu)
+            finally:
+                self.busy_s += sum(cpu)
         t0 = time.thread_time()
         try:
-            if len(jobs) >= self.min_group and self._batchable(starts[0], jobs):
-                states = [split_state(p)[1] for p in starts]
-                return train_many(self.model, split_state(starts[0])[0], jobs, cfg, states=states, chunk=self.chunk,
-                                  device=self.device, loss=self.loss)
             return [_train_delta(self._eager, p, x, y, cfg, rng) for p, (x, y, rng) in zip(starts, jobs, strict=True)]
         finally:
             self.busy_s += time.thread_time() - t0

@@ -33,7 +33,8 @@ def phone_side_flags(p: argparse.ArgumentParser, fleet: bool) -> None:
     p.add_argument("--quantity-skew", type=float, help="iid: lognormal sigma of phone data sizes (default 0)")
     p.add_argument("--seed", type=int, help="seed of the phones' data split and every random choice (default 0)")
     if fleet:
-        p.add_argument("--workers", type=int, help="local trainings in parallel with --trainer pool (default 2)")
+        p.add_argument("--workers", type=int, help="training threads: phones trained at once with --trainer pool, a group's "
+                                                    "chunks trained side by side with batched (default 2)")
         p.add_argument("--trainer", choices=["batched", "pool"], help="batched: phones on one version train in one "
                                                                        "vmapped step (default); pool: one by one")
     p.add_argument("--runtime", choices=RUNTIME_NAMES, help="on-device runtime (default torch)")

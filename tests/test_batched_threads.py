@@ -1,0 +1,97 @@
+"""Chunks of ``train_many`` on several threads (``batched_threads``): the cut into chunks, and results
+that do not depend on the number of threads, bit for bit, in float32 and float64."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fedfleet.device_runtime.batched import train_many
+from fedfleet.device_runtime.batched_calls import chunk_bounds, chunk_phones
+from fedfleet.device_runtime.batched_threads import module_copies
+from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
+from fedfleet.protocol.state import split_state
+from tests.test_batched_state import (
+    CFG,
+    SIZES,
+    BNDropoutCNN,
+    assert_same,
+    float64_model,
+    make_jobs,
+    per_phone,
+)
+from tests.test_batched_state import one_thread as one_thread  # autouse: one torch thread here too
+
+
+def test_chunk_bounds_are_equal_and_keep_their_least() -> None:
+    assert chunk_bounds(50, 128, 25) == [(0, 25), (25, 50)]
+    assert chunk_bounds(50, 128, 30) == [(0, 50)]  # two chunks would hold fewer than 30
+    assert chunk_bounds(100, 64, 200) == [(0, 50), (50, 100)]  # at most 64: two
+    assert chunk_bounds(10, 3, 1) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 10)]
+    assert chunk_bounds(11, 4, 4) == [(0, 4), (4, 8), (8, 11)]
+    assert chunk_bounds(0, 8, 8) == []
+    for n in range(1, 60):
+        for most, least in ((7, 3), (16, 16), (128, 9)):
+            sizes = [hi - lo for lo, hi in chunk_bounds(n, most, least)]
+            assert sum(sizes) == n and max(sizes) - min(sizes) <= 1 and max(sizes) <= max(most, 1)
+
+
+def test_chunk_phones_follow_the_model_cost() -> None:
+    assert chunk_phones(131, 16) == 25  # the digits CNN: three calls' worth of rows
+    assert chunk_phones(11, 16) == 8  # a heavy model: at least 8 phones
+    assert chunk_phones(4645, 16) > 128  # the digits MLP: never cut below the chunk limit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_results_do_not_depend_on_the_threads(digits: Any, dtype: torch.dtype) -> None:
+    """Batch norm, dropout and FedProx, phones ending at different steps; 2 and 3 threads over four
+    chunks give the one thread's floats exactly."""
+    model, params = float64_model(0.3)
+    x = digits.x_train.astype(np.float64 if dtype == torch.float64 else np.float32)
+    runs = []
+    for workers in (1, 2, 3):
+        cpu: list[float] = []
+        runs.append(train_many(model, params, make_jobs(x, digits.y_train, 5), CFG, chunk=2, dtype=dtype,
+                               workers=workers, cpu_seconds=cpu))
+        assert len(cpu) == workers and all(c > 0 for c in cpu)
+    for other in runs[1:]:
+        for (d1, r1), (d2, r2) in zip(runs[0], other, strict=True):
+            assert r1 == r2 and d1.keys() == d2.keys()
+            for n in d1:
+                np.testing.assert_array_equal(d1[n], d2[n])
+
+
+def test_threads_in_float64_equal_the_per_phone_loop(digits: Any) -> None:
+    model, params = float64_model(0.3)
+    x = digits.x_train.astype(np.float64)
+    got = train_many(model, params, make_jobs(x, digits.y_train, 3), CFG, chunk=3, dtype=torch.float64, workers=2)
+    want = per_phone(model, params, make_jobs(x, digits.y_train, 3), CFG, [{}] * len(SIZES))
+    assert_same(got, want, atol=1e-10)
+
+
+def test_the_models_copies_share_its_tensors_and_leave_it_unchanged(digits: Any) -> None:
+    torch.manual_seed(0)
+    model = BNDropoutCNN(0.2)
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    params = TorchRuntime(model).get_params()
+    train_many(model, params, make_jobs(digits.x_train, digits.y_train, 4), CFG, chunk=2, workers=2)
+    (copy,) = module_copies(model, 1)
+    assert copy is not model and all(a is b for a, b in zip(copy.parameters(), model.parameters(), strict=True))
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    assert all(not m._forward_hooks for m in copy.modules())  # the batched layers were taken off again
+    assert "forward" not in vars(copy.conv) and "forward" not in vars(model.conv)  # the batched convolution too
+
+
+def test_a_failing_chunk_raises_on_the_caller(digits: Any) -> None:
+    """A label outside the model's classes fails in one thread's chunk; train_many raises it."""
+    model, params = float64_model(0.0)
+    y = digits.y_train.copy()
+    y[SIZES[0] + 3] = 99  # phone 2's data
+    with pytest.raises(IndexError):
+        train_many(model, params, make_jobs(digits.x_train, y, 6), CFG, chunk=2, workers=2)
+    ok = train_many(model, params, make_jobs(digits.x_train, digits.y_train, 6), CFG, chunk=2, workers=2)
+    assert len(ok) == len(SIZES) and all(np.isfinite(split_state(d)[0]["fc2.weight"]).all() for d, _ in ok)
