@@ -16,7 +16,7 @@ A phone's tensors are its trainable parameters plus its state under ``"state:<bu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import chain
 
@@ -296,7 +296,8 @@ def _patched_step(model: nn.Module, start: Mapping[str, torch.Tensor], frozen: T
     pools = [m for m in model.modules() if cpu and isinstance(m, nn.MaxPool2d) and batched_pool.fits(m)]
     convs = [m for m in model.modules() if cpu and isinstance(m, nn.Conv2d) and batched_conv.fits(m)]
     with (masked_dropout(dropout_layers(model), lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows),
-          batched_pool.strided_pooling(pools), batched_conv.matmul_convolutions(convs)):
+          batched_pool.strided_pooling(pools), batched_conv.matmul_convolutions(convs),
+          batched_pool.functional_pooling() if cpu else nullcontext()):
         yield _make_step(model, start, frozen, cfg, holder, rows, loss)
 
 

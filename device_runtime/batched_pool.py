@@ -7,6 +7,10 @@ first maximum in the kernel's order ((0, 0), (0, 1), (1, 0), (1, 1)), the indice
 return; the backward is PyTorch's own on those indices. Results equal ``nn.MaxPool2d(2)``'s (a NaN in
 a window gives NaN, but its gradient may go to another position of the window than the kernel's).
 Its ``vmap`` rule pools the phone axis with the others, as a leading dimension.
+
+Pooling written as a function (``torch.max_pool2d(x, 2)``, ``F.max_pool2d``, as the built-in CNN
+does) is caught by a ``TorchFunctionMode`` (``functional_pooling``) and computed the same way when its
+arguments are a plain 2x2 window; other arguments keep PyTorch's kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from torch.overrides import TorchFunctionMode
 
 from fedfleet.device_runtime import vmap_rules
 
@@ -84,13 +90,22 @@ class Pool2x2(torch.autograd.Function):
         return Pool2x2.apply(x), (dim, dim)
 
 
+def _pair(v: Any) -> tuple[Any, ...]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _plain(kernel_size: Any, stride: Any, padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
+           return_indices: bool = False) -> bool:
+    """Whether these max-pooling arguments are a 2x2 window at stride 2 (None or [] stride: the kernel's)."""
+    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else stride
+    return (_pair(kernel_size) == (2, 2) and _pair(stride) == (2, 2) and _pair(padding) == (0, 0)
+            and _pair(dilation) == (1, 1) and not ceil_mode and not return_indices)
+
+
 def fits(layer: nn.MaxPool2d) -> bool:
     """Whether ``layer`` is a plain 2x2, stride-2 max pooling that ``Pool2x2`` computes."""
-    def pair(v: Any) -> tuple[Any, Any]:
-        return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
-
-    return (pair(layer.kernel_size) == (2, 2) and pair(layer.stride) == (2, 2) and pair(layer.padding) == (0, 0)
-            and pair(layer.dilation) == (1, 1) and not layer.ceil_mode and not layer.return_indices)
+    return _plain(layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode,
+                  layer.return_indices)
 
 
 def pool2x2(x: torch.Tensor) -> torch.Tensor:
@@ -110,3 +125,26 @@ def strided_pooling(layers: Sequence[nn.MaxPool2d]) -> Iterator[None]:
         for layer in layers:
             del layer.forward
 
+
+_POOL_FUNCTIONS = (torch.max_pool2d, F.max_pool2d)
+_POOL_NAMES = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+class _FunctionalPooling(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _POOL_FUNCTIONS:
+            bound = dict(zip(_POOL_NAMES, args, strict=False)) | kwargs
+            x = bound.pop("input", None)
+            if isinstance(x, torch.Tensor) and x.dim() >= 3 and "kernel_size" in bound and _plain(**{
+                    "stride": None, **bound}):
+                return pool2x2(x)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def functional_pooling() -> Iterator[None]:
+    """While inside (on this thread), ``torch.max_pool2d`` and ``F.max_pool2d`` of a plain 2x2 window
+    pool with ``pool2x2``."""
+    with _FunctionalPooling():
+        yield

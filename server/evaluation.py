@@ -54,6 +54,8 @@ class Evaluator:
 
     def _built(self) -> nn.Module:
         if self._model is None:
+            import torch
+
             from fedfleet.export.models import ModelSpec
             from fedfleet.export.task_model import task_model
 
@@ -61,7 +63,17 @@ class Evaluator:
             # the parameters phones do not train (a frozen backbone) are the initial weights' too
             self._model = task_model(spec.name, spec.input_shape, spec.num_classes, self.seed,
                                      self.init_weights).to(self.device)
+            if self._channels_last(self._model):
+                self._model = self._model.to(memory_format=torch.channels_last)
         return self._model
+
+    def _channels_last(self, model: nn.Module) -> bool:
+        """Images through convolutions on the CPU: channels-last memory, where oneDNN's convolutions and
+        the pooling kernel work without reordering each batch (the built-in CNN on mnist5k's 1,000 test
+        images: 157 ms NCHW, 65 ms channels-last, one thread, 2026-12-07)."""
+        import torch
+
+        return self.device == "cpu" and self.x.ndim == 4 and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
     def evaluate(self, params: Mapping[str, np.ndarray], batch_size: int = 512) -> Evaluation:
         import torch
@@ -70,7 +82,10 @@ class Evaluator:
 
         model = self._built()
         if self._split is None:
-            self._split = torch.from_numpy(self.x).to(self.device), torch.from_numpy(self.y).to(self.device)
+            xs = torch.from_numpy(self.x).to(self.device)
+            if self._channels_last(model):
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            self._split = xs, torch.from_numpy(self.y).to(self.device)
         x, y = self._split
         params, state = split_state(params)
         if self.device != "cpu":  # as many rows as the free memory holds, with their activations

@@ -4,6 +4,8 @@ outputs and gradients, padding rows (all zeros) included."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -13,8 +15,8 @@ from torch.func import vmap
 
 from fedfleet.device_runtime.batched_conv import PhoneConv, matmul_convolutions
 from fedfleet.device_runtime.batched_conv import fits as conv_fits
+from fedfleet.device_runtime.batched_pool import Pool2x2, functional_pooling, pool2x2, strided_pooling
 from fedfleet.device_runtime.batched_pool import fits as pool_fits
-from fedfleet.device_runtime.batched_pool import pool2x2, strided_pooling
 from tests.test_batched_state import assert_float64_train_many_equals_loop
 from tests.test_batched_state import one_thread as one_thread  # autouse: one torch thread here too
 
@@ -119,3 +121,52 @@ def test_layers_are_replaced_only_inside() -> None:
     with matmul_convolutions([conv]), strided_pooling([pool]):
         assert "forward" in vars(conv) and "forward" in vars(pool)
     assert "forward" not in vars(conv) and "forward" not in vars(pool)
+
+
+@contextmanager
+def counting_pool2x2() -> Iterator[list[int]]:
+    """Pool2x2's forward calls while inside, one entry each."""
+    calls: list[int] = []
+    original = Pool2x2.forward
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return original(x)
+
+    Pool2x2.forward = staticmethod(forward)  # type: ignore[method-assign, assignment]
+    try:
+        yield calls
+    finally:
+        Pool2x2.forward = staticmethod(original)  # type: ignore[method-assign, assignment]
+
+
+@pytest.mark.parametrize("pool", [lambda t: torch.max_pool2d(t, 2), lambda t: F.max_pool2d(t, 2),
+                                  lambda t: F.max_pool2d(t, kernel_size=(2, 2), stride=2, padding=0)])
+def test_functional_pooling_takes_plain_2x2_calls(pool: Any) -> None:
+    """Pooling written as a function (the built-in CNN's ``torch.max_pool2d(x, 2)``) is computed by
+    Pool2x2 inside ``functional_pooling``, equal to the kernel with ties, values and gradients."""
+    gen = torch.Generator().manual_seed(2)
+    x = with_padding(torch.randint(-2, 3, (P, B, 3, 6, 8), generator=gen).double())
+    upstream = torch.randn(P, B, 3, 3, 4, generator=gen, dtype=torch.float64)
+    want, (want_grad,) = eager_grads(pool, [x], upstream)
+    leaf = x.clone().requires_grad_()
+    with counting_pool2x2() as calls, functional_pooling():
+        got = vmap(pool)(leaf)
+    (grad,) = torch.autograd.grad(got, leaf, upstream)
+    assert calls  # the strided pooling ran, not the kernel
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
+
+
+def test_functional_pooling_leaves_other_windows_to_the_kernel() -> None:
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(3))
+    cases: list[Callable[[torch.Tensor], torch.Tensor]] = [
+        lambda t: F.max_pool2d(t, 3), lambda t: F.max_pool2d(t, 2, 1), lambda t: F.max_pool2d(t, 2, padding=1),
+        lambda t: F.max_pool2d(t, 2, ceil_mode=True)]
+    want = [pool(x) for pool in cases]
+    with counting_pool2x2() as calls, functional_pooling():
+        got = [pool(x) for pool in cases]
+        out, index = F.max_pool2d(x, 2, return_indices=True)  # indices asked for: the kernel's
+    assert not calls and index.dtype == torch.int64 and out.shape == (2, 3, 4, 4)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
