@@ -3,6 +3,7 @@ that do not depend on the number of threads, bit for bit, in float32 and float64
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -95,3 +96,40 @@ def test_a_failing_chunk_raises_on_the_caller(digits: Any) -> None:
         train_many(model, params, make_jobs(digits.x_train, y, 6), CFG, chunk=2, workers=2)
     ok = train_many(model, params, make_jobs(digits.x_train, digits.y_train, 6), CFG, chunk=2, workers=2)
     assert len(ok) == len(SIZES) and all(np.isfinite(split_state(d)[0]["fc2.weight"]).all() for d, _ in ok)
+
+
+def test_each_chunk_is_handed_over_when_done(digits: Any) -> None:
+    model, params = float64_model(0.3)
+    handed: list[list[int]] = []
+    results: dict[int, Any] = {}
+
+    def on_chunk(done: list[tuple[int, Any]]) -> None:
+        handed.append([i for i, _ in done])
+        results.update(done)
+
+    got = train_many(model, params, make_jobs(digits.x_train, digits.y_train, 8), CFG, chunk=2, workers=2,
+                     on_chunk=on_chunk)
+    assert len(handed) == 4 and sorted(i for ids in handed for i in ids) == list(range(len(SIZES)))
+    assert all(results[i] is got[i] for i in range(len(SIZES)))
+
+
+async def test_a_groups_phones_go_on_chunk_by_chunk_with_the_same_results(digits: Any) -> None:
+    """BatchedTrainer on the wall clock: each chunk's phones get their results as the chunk is done,
+    the floats those of one train_many call."""
+    from fedfleet.device_runtime.trainer import BatchedTrainer
+
+    torch.manual_seed(0)
+    model = BNDropoutCNN(0.2)
+    params = TorchRuntime(model).get_params()
+    trainer = BatchedTrainer(model, chunk=2, quiet_s=0.001, workers=2)
+    try:
+        futures = [trainer.submit(params, x, y, CFG, rng, key=1) for x, y, rng in make_jobs(digits.x_train, digits.y_train, 9)]
+        got = await asyncio.gather(*futures)
+    finally:
+        trainer.close()
+    assert trainer.group_sizes == [len(SIZES)]
+    want = train_many(model, params, make_jobs(digits.x_train, digits.y_train, 9), CFG, chunk=2)
+    for (d1, r1), (d2, r2) in zip(got, want, strict=True):
+        assert r1 == r2
+        for n in d2:
+            np.testing.assert_array_equal(d1[n], d2[n])
