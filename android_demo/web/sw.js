@@ -28,6 +28,7 @@ const PRECACHE = [
   "src/phone/app.js",
   "src/phone/bundle.js",
   "src/phone/data.js",
+  "src/phone/model_state.js",
   "src/phone/offline.js",
   "src/phone/onnx_graph.js",
   "src/phone/outbox.js",
