@@ -40,6 +40,8 @@ JOBS: dict[str, tuple[str, ...]] = {
     "mobilenet": ("--model", "mobilenet", *DIGITS),
     # a GRU: neither ExecuTorch nor the ONNX inference export takes it (test_export_state)
     "gru": ("--model", "tests.exports:gru_classifier", *DIGITS),
+    # batch norm (running statistics as program state), adaptive pooling and dropout: the project's example
+    "bn_cnn": ("--model", "examples.custom_task:bn_cnn", *DIGITS),
 }
 TIMEOUT_S = 1800.0  # for the queue to reach and finish one export, on a busy machine
 

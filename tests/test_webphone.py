@@ -117,6 +117,7 @@ class Driver:
         proc = await asyncio.create_subprocess_exec(
             NODE, str(BROWSER_DIR / "webphone.mjs"), json.dumps(config), cwd=BROWSER_DIR,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=1 << 24,  # a timeout event carries every tab's snapshot and console errors
         )
         return cls(proc)
 

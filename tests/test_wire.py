@@ -205,7 +205,8 @@ def test_golden_vector(path: Path) -> None:
         assert decoded.meta == step["meta"]
         assert_same_values(decoded.tensors, tensors_of(step["decoded"]))
         # both types re-encode identically here; only "encode" promises it in other languages
-        body = encoder.encode(tensors_of(step["inputs"]), step["meta"], staleness=step["staleness"])
+        state = tensors_of(step["state"]) if "state" in step else None  # FORMAT.md section 11
+        body = encoder.encode(tensors_of(step["inputs"]), step["meta"], staleness=step["staleness"], state=state)
         assert body == expected
 
 

@@ -4,7 +4,7 @@
 // error-feedback residual and any unacknowledged upload in IndexedDB (src/phone/store.js).
 // Bump VERSION when the file list or the app changes.
 
-const VERSION = "fedfleet-phone-3";
+const VERSION = "fedfleet-phone-4";
 const APP_CACHE = `app-${VERSION}`;
 const DATA_CACHE = "fedfleet-data"; // written by the page: kept across app versions
 const PRECACHE = [
@@ -22,11 +22,13 @@ const PRECACHE = [
   "src/codec/privacy.js",
   "src/codec/rng.js",
   "src/codec/sparsify.js",
+  "src/codec/state.js",
   "src/codec/values.js",
   "src/phone/api.js",
   "src/phone/app.js",
   "src/phone/bundle.js",
   "src/phone/data.js",
+  "src/phone/model_state.js",
   "src/phone/offline.js",
   "src/phone/onnx_graph.js",
   "src/phone/outbox.js",

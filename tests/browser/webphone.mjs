@@ -5,12 +5,15 @@
 // Config: url; tabs: [{ name, shard, draw (a label: before joining, draw a digit and add it),
 // lose (drop the answer to the first upload after the server got it, then go offline for
 // offlineMs), afterLost (open this tab only once a lose tab's answer was dropped, so the lost upload is
-// the task's first whatever the machine's load), query (more URL parameters for this tab, e.g. {"chain": "0"}) }]; screenshot (PNG path, of tab 0); offlineReload (reload tab 0 offline at the end);
+// the task's first whatever the machine's load), query (more URL parameters for this tab, e.g. {"chain": "0"}),
+// reloadAfter (N: reload this tab once N of its uploads were accepted; it goes on from what it kept),
+// afterReload (open this tab only once a reloadAfter tab was reloaded) }]; screenshot (PNG path, of tab 0); offlineReload (reload tab 0 offline at the end);
 // benchmark ({ batch, steps }: time train_step.onnx in tab 0 once every tab is idle); timeoutMs.
 // Every tab is its own browser context (its own IndexedDB: its own phone).
 //
 // Prints JSON lines: {"event": "ready"} once every tab registered and loaded its bundle,
-// {"event": "lost", ...} when an upload's answer was dropped, and {"event": "done", "tabs":
+// {"event": "lost", ...} when an upload's answer was dropped, {"event": "reloaded", "tab", "before",
+// "after"} (snapshots) when a reloadAfter tab was reloaded, and {"event": "done", "tabs":
 // [snapshot...], ...} once every tab's phase is "finished". Exits 1 on timeout.
 import { chromium } from "playwright-core";
 
@@ -23,6 +26,8 @@ const TIMEOUT_MS = config.timeoutMs ?? 300000;
 const emit = (event, data = {}) => console.log(JSON.stringify({ event, ...data }));
 let announceLost = () => {};
 const lostSeen = new Promise((resolve) => { announceLost = resolve; });
+let announceReload = () => {};
+const reloadSeen = new Promise((resolve) => { announceReload = resolve; });
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium", // never a downloaded browser
@@ -31,7 +36,8 @@ const browser = await chromium.launch({
     "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
 });
 
-const snapshot = (page) => page.evaluate(() => (window.fedfleet ? window.fedfleet.snapshot() : null));
+// null while the page is between documents (a reload)
+const snapshot = (page) => page.evaluate(() => (window.fedfleet ? window.fedfleet.snapshot() : null)).catch(() => null);
 
 async function waitFor(tabs, predicate, what) {
   const deadline = Date.now() + TIMEOUT_MS;
@@ -64,6 +70,27 @@ async function loseFirstUpload(tab, { offlineMs = 3000 }) {
   });
 }
 
+/** Reload the tab once `count` of its uploads were accepted (the page autostarts again). */
+async function reloadAfter(tab, count) {
+  const deadline = Date.now() + TIMEOUT_MS;
+  let before = await snapshot(tab.page);
+  while (!(before && before.accepted >= count)) {
+    if (Date.now() > deadline) {
+      emit("timeout", { waiting_for: `${tab.name}'s upload ${count}`, tabs: [before], errors: tab.errors });
+      process.exit(1);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+    before = await snapshot(tab.page);
+  }
+  await tab.page.reload({ waitUntil: "load" });
+  await tab.page.waitForFunction(() => {
+    const s = window.fedfleet && window.fedfleet.snapshot();
+    return s && s.phoneId !== null && s.bundleBytes !== null;
+  }, null, { timeout: TIMEOUT_MS });
+  emit("reloaded", { tab: tab.name, before, after: await snapshot(tab.page) });
+  announceReload();
+}
+
 async function drawDigit(page, strokes) {
   const box = await page.locator("#pad").boundingBox();
   for (const stroke of strokes) {
@@ -91,6 +118,7 @@ try {
   const tabs = [];
   for (const spec of config.tabs) {
     if (spec.afterLost) await lostSeen;
+    if (spec.afterReload) await reloadSeen;
     const context = await browser.newContext({
       viewport: { width: 430, height: 1000 },
       serviceWorkers: spec.lose ? "block" : "allow", // routing needs the requests outside a service worker
@@ -111,6 +139,12 @@ try {
       await page.click("#start");
     }
     tabs.push(tab);
+    if (spec.reloadAfter) {
+      reloadAfter(tab, spec.reloadAfter).catch((err) => {
+        emit("timeout", { waiting_for: `${tab.name}'s reload`, error: err.message, errors: tab.errors });
+        process.exit(1);
+      });
+    }
   }
   const ready = await waitFor(tabs, (s) => s.phoneId && s.bundleBytes !== null, "registration and bundle");
   emit("ready", { tabs: ready });

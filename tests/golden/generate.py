@@ -38,17 +38,16 @@ def encoder_vector(
     out_steps = []
     for step in steps:
         meta = step.get("meta", META)
-        body = encoder.encode(step["inputs"], meta, staleness=step.get("staleness", 0))
+        body = encoder.encode(step["inputs"], meta, staleness=step.get("staleness", 0), state=step.get("state"))
         decoded = decode_message(body).tensors
-        out_steps.append(
-            {
-                "meta": meta,
-                "staleness": step.get("staleness", 0),
-                "inputs": [tensor_json(n, a) for n, a in step["inputs"].items()],
-                "message_hex": body.hex(),
-                "decoded": [tensor_json(n, a) for n, a in decoded.items()],
-            }
-        )
+        out: dict[str, Any] = {
+            "meta": meta,
+            "staleness": step.get("staleness", 0),
+            "inputs": [tensor_json(n, a) for n, a in step["inputs"].items()],
+        }
+        if "state" in step:  # the model's state after training (FORMAT.md section 11)
+            out["state"] = [tensor_json(n, a) for n, a in step["state"].items()]
+        out_steps.append({**out, "message_hex": body.hex(), "decoded": [tensor_json(n, a) for n, a in decoded.items()]})
     return {
         "name": name,
         "type": kind,
@@ -118,6 +117,32 @@ def encode_vectors() -> list[dict[str, Any]]:
             "Per-layer L1 clip, C = 2 over 2 tensors: each to 1.0 (dyadic values, exact norms).",
             {"clip": 2.0, "per_layer_clip": True, "clip_ord": 1},
             [{"inputs": {"a": f32([0.5, -1.5, 2.0]), "b": f32([0.25, 0.5])}}],
+        ),
+        encoder_vector(
+            "state_after_topk_quant4",
+            "encode",
+            "A batch norm model's update (FORMAT.md section 11): clip 1.0, top-2, 4-bit deterministic "
+            "(chunk 4), then the state appended as it is: float32 running statistics (beyond the clip, "
+            "-0.0 kept) and an int64 counter, dense, never clipped or quantized. Two updates.",
+            {"clip": 1.0, "sparsify": "topk", "k": 2, "quant_bits": 4, "stochastic_rounding": False, "chunk": 4},
+            [
+                {
+                    "inputs": {"bn.weight": f32([0.5, -2.0, 0.125]), "fc.weight": f32([3.0, -0.25, 0.0, 1.5], (2, 2))},
+                    "state": {
+                        "bn.running_mean": f32([0.1, -0.0, 12.5]),
+                        "bn.running_var": f32([1.0, 0.333333343267, 2.5e-7]),
+                        "bn.num_batches_tracked": np.array(7, dtype=np.int64),
+                    },
+                },
+                {
+                    "inputs": {"bn.weight": f32([0.0, 0.0, 0.0]), "fc.weight": f32([0.0, 0.0, -0.5, 0.0], (2, 2))},
+                    "state": {
+                        "bn.running_mean": f32([0.2, -1.0, 11.0]),
+                        "bn.running_var": f32([0.9, 0.25, 3.0]),
+                        "bn.num_batches_tracked": np.array(2**40 + 3, dtype=np.int64),
+                    },
+                },
+            ],
         ),
         encoder_vector(
             "error_feedback_sequence",

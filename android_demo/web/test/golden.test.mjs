@@ -47,6 +47,9 @@ function assertDecoded(message, expected, where) {
 }
 
 const inputsOf = (tensors) => tensors.map((t) => ({ name: t.name, shape: plainJson(t.shape), dtype: t.dtype, data: plainJson(t.values) }));
+// state buffers as the phone holds them: Float32Array statistics, BigInt64Array counters
+const stateOf = (tensors) => tensors.map((t) => ({ name: t.name, shape: plainJson(t.shape),
+  data: t.dtype === "int64" ? BigInt64Array.from(plainJson(t.values), BigInt) : Float32Array.from(plainJson(t.values)) }));
 
 test("the golden directory holds every kind of vector", () => {
   const kinds = new Set(vectors.map((v) => v.type));
@@ -58,7 +61,8 @@ for (const v of vectors.filter((x) => x.type === "encode")) {
   test(`encode ${v.name}: byte for byte, then decoded exactly`, async () => {
     const encoder = new UpdateEncoder(plainJson(v.config), noRandomness);
     for (const [i, step] of v.steps.entries()) {
-      const body = await encoder.encode(inputsOf(step.inputs), step.meta, { staleness: plainJson(step.staleness) });
+      const state = stateOf(step.state ?? []); // a model's state after training (FORMAT.md section 11)
+      const body = await encoder.encode(inputsOf(step.inputs), step.meta, { staleness: plainJson(step.staleness), state });
       assert.equal(hex(body), step.message_hex, `step ${i}: bytes differ from the reference`);
       assertDecoded(decodeMessage(body), step.decoded, `step ${i}`);
     }

@@ -10,6 +10,7 @@ import { ErrorFeedback } from "./feedback.js";
 import { gaussianNoise, laplaceNoise } from "./noise.js";
 import { calibrateNoiseMultiplier } from "./privacy.js";
 import { keepAll, randK, topK } from "./sparsify.js";
+import { stateTensors } from "./state.js";
 import { float32Values, quantValues, toWire } from "./values.js";
 
 /** z as configured, or calibrated so one release is (epsilon, delta)-DP under RDP accounting. */
@@ -57,9 +58,11 @@ export class UpdateEncoder {
 
   /**
    * delta: [{ name, shape, data }] (params' - params(v)), meta: the update meta, staleness:
-   * model versions between the residual's base version and this delta's. Returns the message.
+   * model versions between the residual's base version and this delta's, state: the model's
+   * state after training ([{ name, shape, data }], FORMAT.md section 11), appended as it is.
+   * Returns the message.
    */
-  async encode(delta, meta, { staleness = 0 } = {}) {
+  async encode(delta, meta, { staleness = 0, state = [] } = {}) {
     if (!Number.isInteger(staleness) || staleness < 0) throw new RangeError(`staleness must be an int >= 0, got ${staleness}`);
     let update = asFloat64(delta);
     for (const step of this.steps) update = step(update, this.rng);
@@ -74,7 +77,7 @@ export class UpdateEncoder {
       this.feedback.keep(update, picks, sections.map((s) => s.decoded()));
       this.feedback.baseVersion = Number.isInteger(meta.base_version) ? meta.base_version : null;
     }
-    return encodeWire("update", meta, wire, { compress: this.config.compress });
+    return encodeWire("update", meta, [...wire, ...stateTensors(state)], { compress: this.config.compress });
   }
 
   /** meta.base_version of the last encoded update: staleness = new base - this. */

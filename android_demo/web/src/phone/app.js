@@ -69,7 +69,7 @@ function setupPad(phone, store, drawn) {
     drawDigit($("preview"), pixels);
     if (phone.trainer && phone.model) {
       try {
-        const guess = await phone.trainer.predict(phone.model.params, Float32Array.from(pixels, (v) => v / 16));
+        const guess = await phone.predict(Float32Array.from(pixels, (v) => v / 16));
         $("prediction").textContent = `model v${phone.model.version} says ${guess}`;
       } catch (err) {
         log(`could not predict: ${err.message}`);

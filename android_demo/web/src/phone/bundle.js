@@ -3,11 +3,21 @@
 // WebCrypto before it is used, and the manifest's trainable parameters must be the task's
 // (names, shapes, float32), as export/bundle.py's verify_file_bytes and the Python phone do.
 // The verified files are kept for offline use (offline.js) and checked again when read back.
+// A model with state (batch norm running statistics, model_state.js) must carry the task's state
+// in its training program, and also brings weights.safetensors: its initial statistics.
 
 import { recall, remember } from "./offline.js";
+import { signatureState, taskState } from "./model_state.js";
 
 export const MODEL_ONNX = "model.onnx";
 export const TRAIN_STEP_ONNX = "train_step.onnx";
+export const WEIGHTS = "weights.safetensors";
+
+/** The artifacts this phone downloads: both ONNX graphs, and for a model with state its initial weights. */
+export function bundleFiles(manifest) {
+  return signatureState(manifest.signatures?.[TRAIN_STEP_ONNX]?.inputs ?? []).length
+    ? [MODEL_ONNX, TRAIN_STEP_ONNX, WEIGHTS] : [MODEL_ONNX, TRAIN_STEP_ONNX];
+}
 
 export class BundleError extends Error {}
 
@@ -23,7 +33,15 @@ export function checkManifest(manifest, task) {
   const mine = trainable.map((p) => `${p.name}:${p.shape.join("x")}:${p.dtype}`).join(",");
   const theirs = task.params.map((p) => `${p.name}:${p.shape.join("x")}:${p.dtype}`).join(",");
   if (mine !== theirs) throw new BundleError(`bundle parameters [${mine}] are not the task's [${theirs}]`);
-  for (const file of [MODEL_ONNX, TRAIN_STEP_ONNX]) {
+  let state;
+  try {
+    state = taskState(task).map((s) => s.name).sort().join(",");
+  } catch (err) {
+    throw new BundleError(err.message);
+  }
+  const carried = signatureState(manifest.signatures?.[TRAIN_STEP_ONNX]?.inputs ?? []).sort().join(",");
+  if (state !== carried) throw new BundleError(`${TRAIN_STEP_ONNX} carries the state [${carried}], the task [${state}]`);
+  for (const file of bundleFiles(manifest)) {
     const info = manifest.artifacts[file];
     if (!info?.available) throw new BundleError(`${file} unavailable for model ${manifest.model}: op=${info?.op}: ${info?.reason}`);
   }
@@ -37,14 +55,14 @@ async function verified(manifest, name, data) {
   return data;
 }
 
-/** Download and verify the manifest and both ONNX graphs: { manifest, files: {name: bytes}, bytes }. */
+/** Download and verify the manifest and its files (bundleFiles): { manifest, files: {name: bytes}, bytes }. */
 export async function downloadBundle(api, task) {
   const raw = (await api.request("GET", "/v1/bundle")).data;
   const manifest = JSON.parse(new TextDecoder().decode(raw));
   checkManifest(manifest, task);
   const files = {};
   let bytes = raw.length;
-  for (const name of [MODEL_ONNX, TRAIN_STEP_ONNX]) {
+  for (const name of bundleFiles(manifest)) {
     files[name] = await verified(manifest, name, (await api.request("GET", `/v1/bundle/${name}`)).data);
     bytes += files[name].length;
   }
@@ -60,7 +78,7 @@ export async function cachedBundle(task) {
   const manifest = JSON.parse(new TextDecoder().decode(raw));
   checkManifest(manifest, task);
   const files = {};
-  for (const name of [MODEL_ONNX, TRAIN_STEP_ONNX]) {
+  for (const name of bundleFiles(manifest)) {
     const data = await recall(`/v1/bundle/${name}`);
     if (!data) return null;
     files[name] = await verified(manifest, name, data);

@@ -16,6 +16,10 @@
 // another model refuses it (409 model_mismatch), and the phone stops with that error rather than
 // train a model that is not the server's. A phone with no bundle yet has nothing to send; the
 // bundle it then downloads is the server's own (the server checks it against the task at start).
+//
+// A model with batch norm statistics (FORMAT.md section 11, model_state.js) trains from the state
+// the model message carries (shared) or from the phone's own (local: kept in IndexedDB across
+// reloads), and every update carries the state its training ended with.
 
 import { UpdateEncoder } from "../codec/encoder.js";
 import { localEpsilon } from "../codec/privacy.js";
@@ -24,6 +28,7 @@ import { float } from "../wire/canonical.js";
 import { NetworkError, ServerError, decodeModel, latestRound, waitForNetwork } from "./api.js";
 import { cachedBundle, downloadBundle } from "./bundle.js";
 import { tensorData } from "./data.js";
+import { completeState, loadOwnState, modelTensors, saveOwnState, splitModel, stateList } from "./model_state.js";
 import { recall, remember } from "./offline.js";
 import { Outbox } from "./outbox.js";
 import { newSigningKey, publicKeyB64 } from "./signing.js";
@@ -40,7 +45,8 @@ export class WebPhone {
     this.running = false;
     this.identity = null; // { phoneId, token, counter, key }
     this.task = null;
-    this.model = null; // { version, params: Map name -> Float32Array }
+    this.model = null; // { version, params: Map name -> Float32Array, state: Map buffer -> typed array, or null }
+    this.ownState = null; // local state mode: the running statistics this phone's last training left (Map)
     this.inlineTask = null; // the check-in answer whose model came inside it (this.model)
     this.next = null; // the next check-in's answer, when it came with the last upload's ({ answer, model, body })
     this.encoder = null;
@@ -56,6 +62,7 @@ export class WebPhone {
       checkins: 0, chainedCheckins: 0, // check-in answers acted on; of those, the ones that came with an upload
       delta: null, epsilonSource: "phone's RDP ledger (dp_accounting's formula, computed in JS)", lastUpload: null,
       uploads: [], stepMs: null, bundleBytes: null, examples: examples.length, error: null,
+      stateMode: null, stateFrom: null, // a model with state: "shared" | "local"; where the last task's started ("server" | "phone" | "bundle")
     };
   }
 
@@ -75,12 +82,13 @@ export class WebPhone {
   async loadOffline() {
     this.task = (await this.store.get("task")) ?? null;
     if (!this.task) return;
-    this.set({ mode: this.task.mode, delta: this.task.dp_delta });
+    this.set({ mode: this.task.mode, delta: this.task.dp_delta, stateMode: this.task.state_mode ?? null });
     try {
       const bundle = await cachedBundle(this.task);
       if (bundle) {
         this.trainer = await WasmTrainer.create(bundle.files, bundle.manifest);
         this.bundleManifest = bundle.manifest;
+        this.ownState = await loadOwnState(this.store, this.trainer.stateSpec);
       }
       const body = await recall("/v1/model");
       if (body) this.model = this.decodeModel(body);
@@ -96,7 +104,7 @@ export class WebPhone {
       this.task = await this.api.json("GET", "/v1/task");
       await this.store.set("task", this.task);
       this.taskFresh = true;
-      this.set({ mode: this.task.mode, delta: this.task.dp_delta });
+      this.set({ mode: this.task.mode, delta: this.task.dp_delta, stateMode: this.task.state_mode ?? null });
     }
     if (!this.identity) await this.register();
     if (!this.bundleFresh) {
@@ -104,6 +112,7 @@ export class WebPhone {
       const bundle = await downloadBundle(this.api, this.task);
       this.trainer = await WasmTrainer.create(bundle.files, bundle.manifest);
       this.bundleManifest = bundle.manifest;
+      this.ownState = await loadOwnState(this.store, this.trainer.stateSpec);
       this.bundleFresh = true;
       this.set({ bundleBytes: bundle.bytes });
     }
@@ -229,11 +238,11 @@ export class WebPhone {
   async checkin() {
     const chained = this.next !== null;
     const { answer, model, body } = this.next
-      ?? await this.api.checkin({ inlineModel: this.inlineModel, params: this.task.params });
+      ?? await this.api.checkin({ inlineModel: this.inlineModel, params: modelTensors(this.task) });
     this.next = null;
     this.set({ checkins: this.state.checkins + 1, chainedCheckins: this.state.chainedCheckins + (chained ? 1 : 0) });
     if (model) {
-      this.model = { version: model.version, params: model.params };
+      this.model = { version: model.version, ...splitModel(model.params) };
       this.inlineTask = answer;
       await remember("/v1/model", body);
       this.set({ inlineModels: this.state.inlineModels + 1 });
@@ -252,10 +261,28 @@ export class WebPhone {
     return this.model.params;
   }
 
-  /** A model message checked against the task's tensors: { version, params: Map name -> Float32Array }. */
+  /** A model message checked against the task's tensors: { version, params: Map name -> Float32Array, state }. */
   decodeModel(body) {
-    const { version, params } = decodeModel(body, this.task.params);
-    return { version, params };
+    const { version, params } = decodeModel(body, modelTensors(this.task));
+    return { version, ...splitModel(params) };
+  }
+
+  /**
+   * The running statistics a task of model `model` starts from (null: a model without), and where
+   * they come from: the model message's (shared), or this phone's own (local); a buffer neither
+   * holds starts from the bundle's initial value (weights.safetensors), as on the Python phones.
+   */
+  startState(model) {
+    const spec = this.trainer.stateSpec;
+    if (!spec.length) return { state: null, from: null };
+    const given = this.task.state_mode === "shared" ? model?.state ?? null : this.ownState;
+    const from = !given ? "bundle" : this.task.state_mode === "shared" ? "server" : "phone";
+    return { state: completeState(given, spec, this.trainer.initialState), from };
+  }
+
+  /** The most likely class of one example, by the phone's model and the statistics it would train from. */
+  async predict(x) {
+    return this.trainer.predict(this.model.params, x, this.startState(this.model).state);
   }
 
   async trainAndUpload(task) {
@@ -264,10 +291,11 @@ export class WebPhone {
     this.inlineTask = null;
     this.set({ phase: inline ? "training" : "downloading", round: task.round });
     const params = inline ? this.model.params : await this.download(version);
-    this.set({ phase: "training", version });
+    const start = this.startState(this.model);
+    this.set({ phase: "training", version, stateFrom: start.from });
     const data = tensorData(this.examples);
-    const result = await this.trainer.train(params, data, task.train, this.rng);
-    const evalResult = await this.trainer.evaluate(result.params, data);
+    const result = await this.trainer.train(params, data, task.train, this.rng, start.state);
+    const evalResult = await this.trainer.evaluate(result.params, data, result.state);
     const delta = this.task.params.map(({ name, shape }) => {
       const before = params.get(name);
       return { name, shape, data: result.params.get(name).map((w, i) => w - before[i]) }; // Float32Array: rounded like numpy's
@@ -281,12 +309,17 @@ export class WebPhone {
     };
     const base = encoder.residualBaseVersion;
     const before = encoder.state();
-    const body = await encoder.encode(delta, meta, { staleness: base === null ? 0 : Math.max(version - base, 0) });
+    const state = stateList(result.state, this.trainer.stateSpec); // sent as it is, never encoded as the update
+    const body = await encoder.encode(delta, meta, { staleness: base === null ? 0 : Math.max(version - base, 0), state });
     const release = encoder.release();
     if (release) this.charge(release); // spent once it leaves, whatever happens next
     await this.store.set("identity", this.identity);
     await this.store.set("encoder", { codec: this.codecKey, state: encoder.state() });
     await this.store.set("ledger", this.ledger);
+    if (this.task.state_mode === "local" && state.length) {
+      this.ownState = result.state; // the next task starts from it, also after a reload
+      await saveOwnState(this.store, this.ownState);
+    }
     await this.outbox.put({ body, meta, before, attempts: 0 });
     await this.flushPending();
   }
@@ -314,7 +347,7 @@ export class WebPhone {
     if (!p) return;
     this.set({ phase: "uploading" });
     const record = { updateId: p.meta.update_id, round: p.meta.round, baseVersion: p.meta.base_version, bytes: p.body.length };
-    const checkin = { chain: this.chainCheckin, inlineModel: this.inlineModel, params: this.task.params };
+    const checkin = { chain: this.chainCheckin, inlineModel: this.inlineModel, params: modelTensors(this.task) };
     let answer;
     let next;
     let nextError;

@@ -1,14 +1,18 @@
 // Training and evaluation on the phone with onnxruntime-web (WASM, one thread), from the
 // bundle's graphs (export/onnx_export.py):
-//   train_step.onnx (params..., x, y, lr, mu, anchor.<param>...) -> (loss, new.<param>...)
-//     one SGD step on the mean cross-entropy plus the FedProx term mu/2 ||w - anchor||^2
-//   model.onnx      (x, params...) -> logits
-// Parameters live here as Float32Arrays between steps, as in device_runtime/runtimes/onnx_runtime.py.
-// The runtime files come from this server (/phone/vendor/), never from a CDN.
+//   train_step.onnx (params..., x, y, lr, mu, anchor.<param>..., state.<buffer>...)
+//                   -> (loss, new.<param>..., new_state.<buffer>...)
+//     one SGD step on the mean cross-entropy plus the FedProx term mu/2 ||w - anchor||^2; a model
+//     with batch norm also takes its running statistics and returns them updated (model_state.js)
+//   model.onnx      (x, params..., <running_mean|running_var>...) -> logits
+// Parameters and state live here as typed arrays between steps, as in
+// device_runtime/runtimes/onnx_runtime.py. The runtime files come from this server
+// (/phone/vendor/), never from a CDN.
 
 import * as ort from "../../vendor/ort.wasm.min.mjs";
 
-import { MODEL_ONNX, TRAIN_STEP_ONNX } from "./bundle.js";
+import { MODEL_ONNX, TRAIN_STEP_ONNX, WEIGHTS } from "./bundle.js";
+import { STATE_IN, STATE_OUT, StateError, readSafetensors, signatureState } from "./model_state.js";
 import { dropInitializers } from "./onnx_graph.js";
 
 ort.env.wasm.wasmPaths = new URL("../../vendor/", import.meta.url).href;
@@ -20,24 +24,31 @@ const ANCHOR = "anchor.";
 const NEW = "new.";
 
 const f32 = (data, dims) => new ort.Tensor("float32", data, dims);
+const tensor = (data, dims) => new ort.Tensor(data instanceof BigInt64Array ? "int64" : "float32", data, dims);
 
 export class WasmTrainer {
   static async create(files, manifest) {
     const opts = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
     const trainable = manifest.parameters.filter((p) => p.trainable);
-    const step = await ort.InferenceSession.create(files[TRAIN_STEP_ONNX], opts);
-    // the weights become plain inputs: onnxruntime-web will not override initializers
-    const inference = dropInitializers(files[MODEL_ONNX], trainable.map((p) => p.name));
-    const infer = await ort.InferenceSession.create(inference, opts);
     const sig = manifest.signatures[TRAIN_STEP_ONNX];
+    const names = signatureState(sig.inputs);
+    // the initial running statistics (the bundle's weights file): the start of a phone's own state
+    const initial = names.length ? readSafetensors(files[WEIGHTS], names) : new Map();
+    const state = names.map((name) => ({ name, shape: initial.get(name).shape, dtype: initial.get(name).dtype }));
+    const evalState = names.filter((n) => (manifest.signatures[MODEL_ONNX]?.inputs ?? []).includes(n));
+    const step = await ort.InferenceSession.create(files[TRAIN_STEP_ONNX], opts);
+    // the weights and statistics become plain inputs: onnxruntime-web will not override initializers
+    const inference = dropInitializers(files[MODEL_ONNX], [...trainable.map((p) => p.name), ...evalState]);
+    const infer = await ort.InferenceSession.create(inference, opts);
     const missing = [...sig.inputs.filter((n) => !step.inputNames.includes(n)), ...sig.outputs.filter((n) => !step.outputNames.includes(n))];
     if (missing.length) throw new Error(`${TRAIN_STEP_ONNX} lacks ${missing}`);
-    const state = sig.inputs.filter((n) => n.startsWith("state."));
-    if (state.length) {
-      throw new Error(`this model keeps batch norm statistics (${state.slice(0, 2)}, ...), which the web phone does not carry; `
-        + "phones on Python, ExecuTorch or ONNX Runtime do (docs/model-state.md)");
-    }
-    return new WasmTrainer(step, infer, trainable, manifest.input_shape);
+    const unfed = names.filter((n) => !sig.outputs.includes(STATE_OUT + n));
+    if (unfed.length) throw new StateError(`${TRAIN_STEP_ONNX} takes the running statistics ${unfed} but does not return them updated`);
+    const trainer = new WasmTrainer(step, infer, trainable, manifest.input_shape);
+    trainer.stateSpec = state; // [{ name, shape, dtype }] in call order; empty without batch norm
+    trainer.evalState = evalState; // the statistics model.onnx evaluates with
+    trainer.initialState = new Map([...initial].map(([n, t]) => [n, t.data]));
+    return trainer;
   }
 
   constructor(step, infer, params, inputShape) {
@@ -47,13 +58,23 @@ export class WasmTrainer {
     this.inputShape = inputShape; // [C, H, W] of one example
     this.pixels = inputShape.reduce((a, b) => a * b, 1);
     this.stepMs = []; // wall time of every train step run so far
+    this.stateSpec = [];
+    this.evalState = [];
+    this.initialState = new Map();
+  }
+
+  /** `state` (Map buffer -> typed array; null: the bundle's initial state) as the step's state inputs. */
+  stateFeed(state, names = this.stateSpec.map((s) => s.name), prefix = STATE_IN) {
+    const shapes = new Map(this.stateSpec.map((s) => [s.name, s.shape]));
+    return Object.fromEntries(names.map((n) => [prefix + n, tensor((state ?? this.initialState).get(n), shapes.get(n))]));
   }
 
   /**
-   * Local SGD from `start` (Map name -> Float32Array) over `data` ({ x: Float32Array(N*C*H*W),
-   * y: labels }) for plan.local_epochs shuffled passes. Returns { params, loss, steps }.
+   * Local SGD from `start` (Map name -> Float32Array) and the running statistics `state` (Map;
+   * null: the bundle's initial ones) over `data` ({ x: Float32Array(N*C*H*W), y: labels }) for
+   * plan.local_epochs shuffled passes. Returns { params, state (Map), loss, steps, examples }.
    */
-  async train(start, data, plan, rng) {
+  async train(start, data, plan, rng, state = null) {
     const n = data.y.length;
     const scalars = { lr: f32(new Float32Array([plan.lr]), []), mu: f32(new Float32Array([plan.prox_mu ?? 0]), []) };
     const anchors = {}; // FedAvg passes the weights themselves: mu = 0 makes the term vanish
@@ -62,6 +83,7 @@ export class WasmTrainer {
       anchors[ANCHOR + name] = f32(start.get(name), shape);
       current[name] = f32(Float32Array.from(start.get(name)), shape);
     }
+    let stats = this.stateFeed(state);
     let total = 0;
     let steps = 0;
     for (let epoch = 0; epoch < plan.local_epochs; epoch++) {
@@ -69,15 +91,17 @@ export class WasmTrainer {
       for (let s = 0; s < n; s += plan.batch_size) {
         const idx = order.slice(s, s + plan.batch_size);
         const t0 = performance.now();
-        const out = await this.step.run({ ...current, ...anchors, ...scalars, ...this.batch(data, idx) });
+        const out = await this.step.run({ ...current, ...anchors, ...scalars, ...this.batch(data, idx), ...stats });
         this.stepMs.push(performance.now() - t0);
         current = Object.fromEntries(this.params.map(({ name }) => [name, out[NEW + name]]));
+        stats = Object.fromEntries(this.stateSpec.map(({ name }) => [STATE_IN + name, out[STATE_OUT + name]]));
         total += out.loss.data[0];
         steps++;
       }
     }
     const params = new Map(this.params.map(({ name }) => [name, current[name].data]));
-    return { params, loss: total / Math.max(steps, 1), steps, examples: n };
+    const ended = new Map(this.stateSpec.map(({ name }) => [name, stats[STATE_IN + name].data]));
+    return { params, state: ended, loss: total / Math.max(steps, 1), steps, examples: n };
   }
 
   /**
@@ -86,7 +110,8 @@ export class WasmTrainer {
    */
   async timeSteps(start, data, batchSize, steps = 200) {
     const idx = Array.from({ length: Math.min(batchSize, data.y.length) }, (_, i) => i);
-    const fixed = { ...this.batch(data, idx), lr: f32(new Float32Array([0.01]), []), mu: f32(new Float32Array([0]), []) };
+    const fixed = { ...this.batch(data, idx), lr: f32(new Float32Array([0.01]), []), mu: f32(new Float32Array([0]), []),
+      ...this.stateFeed(null) };
     let current = {};
     for (const { name, shape } of this.params) {
       current[name] = f32(Float32Array.from(start.get(name)), shape);
@@ -109,18 +134,18 @@ export class WasmTrainer {
     return { count: warm.length, medianMs: sorted[Math.floor(sorted.length / 2)], meanMs: warm.reduce((a, b) => a + b, 0) / warm.length };
   }
 
-  /** Logits of `params` on `data` (model.onnx, one batch): Float32Array(N * classes). */
-  async logits(params, data) {
-    const feed = { x: f32(data.x, [data.y.length, ...this.inputShape]) };
+  /** Logits of `params` with the running statistics `state` (null: the initial ones) on `data` (model.onnx, one batch): Float32Array(N * classes). */
+  async logits(params, data, state = null) {
+    const feed = { x: f32(data.x, [data.y.length, ...this.inputShape]), ...this.stateFeed(state, this.evalState, "") };
     for (const { name, shape } of this.params) feed[name] = f32(params.get(name), shape);
     return (await this.infer.run(feed)).logits.data;
   }
 
-  /** Mean cross-entropy and accuracy of `params` on `data`. */
-  async evaluate(params, data) {
+  /** Mean cross-entropy and accuracy of `params` (with the running statistics `state`) on `data`. */
+  async evaluate(params, data, state = null) {
     const n = data.y.length;
     if (!n) return { loss: null, accuracy: null };
-    const logits = await this.logits(params, data);
+    const logits = await this.logits(params, data, state);
     const classes = logits.length / n;
     let loss = 0;
     let correct = 0;
@@ -135,8 +160,8 @@ export class WasmTrainer {
   }
 
   /** The most likely class of one example (x: Float32Array of C*H*W values in [0, 1]). */
-  async predict(params, x) {
-    const row = await this.logits(params, { x, y: [0] });
+  async predict(params, x, state = null) {
+    const row = await this.logits(params, { x, y: [0] }, state);
     return row.indexOf(Math.max(...row));
   }
 
