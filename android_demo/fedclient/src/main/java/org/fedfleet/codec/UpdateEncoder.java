@@ -1,6 +1,7 @@
 package org.fedfleet.codec;
 
 import java.util.ArrayList;
+import java.util.Arrays;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
@@ -19,6 +20,8 @@ import org.fedfleet.wire.WireTensor;
  * order: pass a {@link java.security.SecureRandom} on a phone, a seeded Random in tests.
  */
 public final class UpdateEncoder {
+  /** A state entry's name on the wire: this prefix and the buffer's name (FORMAT.md section 11). */
+  public static final String STATE_PREFIX = "state:";
   private final EncoderConfig config;
   private final Random rng;
   private final Double noiseMultiplier;
@@ -62,6 +65,18 @@ public final class UpdateEncoder {
    * anything (residual, RNG) changes.
    */
   public byte[] encode(Map<String, Tensor> delta, Map<String, ?> meta, int staleness) {
+    return encode(delta, Map.of(), meta, staleness);
+  }
+
+  /**
+   * As {@link #encode(Map, Map, int)}, the model's {@code state} after training (batch norm running
+   * statistics and counters, by buffer name; FORMAT.md section 11) appended as dense {@code
+   * "state:<buffer>"} entries after the update's own tensors: float32 (int64 for an integer counter),
+   * absolute values, never clipped, noised, error-fed, sparsified or quantized. NaN or Inf in the
+   * state is refused before anything changes.
+   */
+  public byte[] encode(Map<String, Tensor> delta, Map<String, Tensor> state, Map<String, ?> meta, int staleness) {
+    List<WireTensor> kept = stateTensors(state);
     if (staleness < 0) {
       throw new IllegalArgumentException("staleness must be an int >= 0, got " + staleness);
     }
@@ -99,7 +114,29 @@ public final class UpdateEncoder {
       Integer base = version instanceof Integer || version instanceof Long ? ((Number) version).intValue() : null;
       feedback.keep(update, indices, sent, base);
     }
+    wire.addAll(kept);
     return WireFormat.encode("update", meta, wire, config.compress);
+  }
+
+  private static List<WireTensor> stateTensors(Map<String, Tensor> state) {
+    List<WireTensor> out = new ArrayList<>();
+    for (Map.Entry<String, Tensor> e : state.entrySet()) {
+      Tensor t = e.getValue();
+      if (t.dtype().isFloat) {
+        double[] v = t.doubles();
+        for (double x : v) {
+          if (!Double.isFinite(x)) {
+            throw new NonFiniteUpdateException("state '" + e.getKey() + "' holds NaN or Inf; refusing to send it");
+          }
+        }
+        t = Tensor.ofDoubles(t.name(), DType.FLOAT32, t.shape(), v);
+      } else if (t.dtype() != DType.INT64) { // int32 values as int64 (exact)
+        t = Tensor.ofLongs(t.name(), DType.INT64, t.shape(),
+            Arrays.stream(t.doubles()).mapToLong(x -> (long) x).toArray());
+      }
+      out.add(new WireTensor(STATE_PREFIX + e.getKey(), t.dtype(), t.shape(), "dense", new LinkedHashMap<>(), t.bytes()));
+    }
+    return out;
   }
 
   /** Not sparsified: dense (float32) or quant; sparsified: sparse, with the shorter index coding. */

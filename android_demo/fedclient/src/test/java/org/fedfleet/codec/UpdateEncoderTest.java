@@ -6,10 +6,12 @@ import static org.junit.jupiter.api.Assertions.assertNotEquals;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import java.util.ArrayList;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.Random;
+import org.fedfleet.wire.DType;
 import org.fedfleet.wire.Message;
 import org.fedfleet.wire.Tensor;
 import org.fedfleet.wire.WireFormat;
@@ -184,6 +186,22 @@ class UpdateEncoderTest {
     }
     assertEquals(Map.of(), enc.residual());
     assertEquals(null, enc.residualBaseVersion());
+  }
+
+  @Test
+  void stateTravelsAfterTheUpdateAsItIsAndNonFiniteStateIsRefused() throws Exception {
+    UpdateEncoder enc = new UpdateEncoder(config("quant_bits", 8, "error_feedback", true), new Random(0));
+    Map<String, Tensor> state = new LinkedHashMap<>();
+    state.put("bn.running_mean", Tensor.ofFloats("bn.running_mean", new int[] {2}, new float[] {0.5f, -3f}));
+    state.put("bn.num_batches_tracked", Tensor.ofLongs("bn.num_batches_tracked", DType.INT64, new int[] {}, new long[] {7}));
+    Message m = WireFormat.decode(enc.encode(delta(new float[] {1, 2}), state, META, 0), null, 0);
+    assertEquals(List.of("w", "state:bn.running_mean", "state:bn.num_batches_tracked"), new ArrayList<>(m.tensors().keySet()));
+    assertArrayEquals(new float[] {0.5f, -3f}, m.tensors().get("state:bn.running_mean").floats());
+    assertArrayEquals(new double[] {7}, m.tensors().get("state:bn.num_batches_tracked").doubles());
+    UpdateEncoder fresh = new UpdateEncoder(config("quant_bits", 8, "error_feedback", true), new Random(0));
+    Map<String, Tensor> bad = Map.of("bn.running_var", Tensor.ofFloats("bn.running_var", new int[] {1}, new float[] {Float.NaN}));
+    assertThrows(NonFiniteUpdateException.class, () -> fresh.encode(delta(new float[] {1, 2}), bad, META, 0));
+    assertEquals(Map.of(), fresh.residual());
   }
 
   @Test

@@ -68,7 +68,8 @@ class GoldenVectorsTest {
         UpdateEncoder enc = new UpdateEncoder(EncoderConfig.fromMap((Map<String, Object>) v.get("config")), new Random(0));
         for (Object s : (List<Object>) v.get("steps")) {
           Map<String, Object> step = (Map<String, Object>) s;
-          byte[] body = enc.encode(tensors(step.get("inputs")), (Map<String, Object>) step.get("meta"),
+          Map<String, Tensor> state = step.containsKey("state") ? tensors(step.get("state")) : Map.of();
+          byte[] body = enc.encode(tensors(step.get("inputs")), state, (Map<String, Object>) step.get("meta"),
               ((Long) step.get("staleness")).intValue());
           assertEquals(step.get("message_hex"), HexFormat.of().formatHex(body));
           assertDecodes(body, step.get("decoded"));
