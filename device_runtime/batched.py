@@ -93,12 +93,12 @@ def train_many(
     partial batch train in narrower calls where that saves more rows (``batched_calls.split_step``).
     None: estimated from the model's forward FLOPs (``batched_calls.rows_per_call``).
 
-    ``chunk`` is the most phones one call stacks; the phones are cut into that many chunks or more, of
-    equal size (within one phone), each holding at least ``batched_calls.CHUNK_CALLS`` calls' worth of
-    rows (``batched_calls.chunk_phones``), so that a group of a few dozen phones of a heavy model
-    makes several chunks. ``workers`` threads train the chunks side by side, each on a copy of
-    ``model``'s modules (``functional_call`` swaps a module's tensors while it runs, so two threads
-    cannot share one); the chunks do not depend on ``workers``, so neither does any result.
+    ``chunk`` is the most phones one call stacks; the phones are cut into equal chunks (within one
+    phone) of at most that many, and into one per thread of ``workers`` where each keeps at least
+    ``batched_calls.CHUNK_CALLS`` calls' worth of rows (``batched_calls.chunk_bounds``). The threads train
+    the chunks side by side, each on a copy of ``model``'s modules (``functional_call`` swaps a
+    module's tensors while it runs, so two threads cannot share one). Which thread trains a chunk
+    changes nothing; a cut into more chunks changes a phone's floats only by rounding.
     ``cpu_seconds``, when given, gets each training thread's CPU seconds appended. ``on_chunk``, when
     given, is called (on the training thread) with each chunk's ``(job index, result)`` pairs as soon as
     the chunk is done, so that a caller can let those phones go on while the other chunks train.
@@ -142,8 +142,11 @@ def train_many(
     # along the chunk, and the phones at their partial last batch train in narrower calls (batched_calls).
     order = sorted(range(len(jobs)), key=lambda i: (-len(plans[i]), -len(plans[i][-1]) if plans[i] else 0))
     least = chunk_phones(call_rows, cfg.batch_size) if dev.type == "cpu" else chunk  # on a GPU, all that fit
-    chunks = [order[lo:hi] for lo, hi in chunk_bounds(len(order), chunk, least)]
+    chunks = [order[lo:hi] for lo, hi in chunk_bounds(len(order), chunk, least, max(workers, 1))]
     frozen = _frozen(model, start, snames, dtype, dev)
+    # pooling written as a function, caught only where the model has some (the catching costs ~5% otherwise)
+    functional = dev.type == "cpu" and example is not None and batched_pool.pools_functionally(
+        model, torch.as_tensor(example).to(next(model.parameters()).dtype))
 
     def train(step: Step, ids: list[int]) -> list[tuple[int, tuple[Params, TrainResult]]]:
         batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype, dev)
@@ -155,7 +158,7 @@ def train_many(
         return done
 
     def make(m: nn.Module) -> AbstractContextManager[Step]:
-        return _patched_step(m, start, frozen, snames, cfg, dtype, dev, loss)
+        return _patched_step(m, start, frozen, snames, cfg, dtype, dev, loss, functional)
 
     results = dict(in_threads(model, chunks, min(workers, len(chunks)), make, train, cpu_seconds))
     return [results[i] for i in range(len(jobs))]
@@ -291,7 +294,8 @@ def _frozen(model: nn.Module, start: Mapping[str, torch.Tensor], snames: Sequenc
 
 @contextmanager
 def _patched_step(model: nn.Module, start: Mapping[str, torch.Tensor], frozen: Tensors, snames: Sequence[str],
-                  cfg: TrainConfig, dtype: torch.dtype, dev: torch.device, loss: LossFn | None) -> Iterator[Step]:
+                  cfg: TrainConfig, dtype: torch.dtype, dev: torch.device, loss: LossFn | None,
+                  functional_pools: bool = False) -> Iterator[Step]:
     """The step of ``model`` (the user's, or a thread's copy of it), with its layers swapped for their
     batched forms while inside."""
     model.train()  # the reference's mode; TransferMobileNet keeps its backbone in eval
@@ -303,7 +307,7 @@ def _patched_step(model: nn.Module, start: Mapping[str, torch.Tensor], frozen: T
     convs = [m for m in model.modules() if cpu and isinstance(m, nn.Conv2d) and batched_conv.fits(m)]
     with (masked_dropout(dropout_layers(model), lambda m, out: holder[-1](m, out)), masked_batch_norm(norms, rows),
           batched_pool.strided_pooling(pools), batched_conv.matmul_convolutions(convs),
-          batched_pool.functional_pooling() if cpu else nullcontext()):
+          batched_pool.functional_pooling() if functional_pools else nullcontext()):
         yield _make_step(model, start, frozen, cfg, holder, rows, loss)
 
 

@@ -98,9 +98,10 @@ def split_step(rows: np.ndarray, call_rows: int) -> list[tuple[int, int, int]]:
     return out[::-1]
 
 
-# A chunk holds at least this many calls' worth of rows per step, and at least MIN_CHUNK phones: chunks
-# of 25 digits-CNN phones cost 1-2% more CPU than one chunk of 50 (bench/bench_batched.py --phones 50
-# --chunks 13 17 25 50, one thread), chunks of 13 15-25% more.
+# A chunk cut for a second training thread keeps at least this many calls' worth of rows per step, and at
+# least MIN_CHUNK phones: on one thread, chunks of 25 digits-CNN phones cost 10-15% more CPU than one chunk of
+# 50, chunks of 13 25-50% more, while the MNIST CNN (28x28) trains as fast in chunks of 8 to 25 as in one of 50
+# (bench/bench_batched.py --chunks, 2026-12-07).
 CHUNK_CALLS = 3
 MIN_CHUNK = 8
 
@@ -110,13 +111,14 @@ def chunk_phones(call_rows: int, batch_size: int) -> int:
     return max(MIN_CHUNK, -(-CHUNK_CALLS * call_rows // max(batch_size, 1)))
 
 
-def chunk_bounds(phones: int, most: int, least: int) -> list[tuple[int, int]]:
-    """``phones`` cut into contiguous chunks ``(lo, hi)`` of equal size (within one): as many as keep
-    ``least`` phones each, and enough to hold at most ``most`` each. Training threads take the chunks
-    side by side; the cut depends on neither the threads nor a timer."""
+def chunk_bounds(phones: int, most: int, least: int, threads: int = 1) -> list[tuple[int, int]]:
+    """``phones`` cut into contiguous chunks ``(lo, hi)`` of equal size (within one): enough to hold at
+    most ``most`` each, and one per training thread where each keeps at least ``least`` phones. One
+    thread keeps the fewest chunks (the cheapest in CPU); more threads may cut more, which moves a
+    phone's floats only by rounding (a chunk's arithmetic is its phones', summed the same way)."""
     if phones <= 0:
         return []
-    k = max(1, -(-phones // max(most, 1)), phones // max(least, 1))
+    k = max(1, -(-phones // max(most, 1)), min(phones // max(least, 1), threads))
     size, extra = divmod(phones, k)
     bounds, lo = [], 0
     for j in range(k):

@@ -15,6 +15,7 @@ arguments are a plain 2x2 window; other arguments keep PyTorch's kernel.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -130,16 +131,55 @@ _POOL_FUNCTIONS = (torch.max_pool2d, F.max_pool2d)
 _POOL_NAMES = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
 
+def _plain_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The input of a max-pooling function call of a plain 2x2 window; None for any other call."""
+    if func not in _POOL_FUNCTIONS:
+        return None
+    bound = dict(zip(_POOL_NAMES, args, strict=False)) | kwargs
+    x = bound.pop("input", None)
+    if isinstance(x, torch.Tensor) and x.dim() >= 3 and "kernel_size" in bound and _plain(**{"stride": None, **bound}):
+        return x
+    return None
+
+
 class _FunctionalPooling(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _POOL_FUNCTIONS:
-            bound = dict(zip(_POOL_NAMES, args, strict=False)) | kwargs
-            x = bound.pop("input", None)
-            if isinstance(x, torch.Tensor) and x.dim() >= 3 and "kernel_size" in bound and _plain(**{
-                    "stride": None, **bound}):
-                return pool2x2(x)
+        x = _plain_call(func, args, kwargs)
+        return func(*args, **kwargs) if x is None else pool2x2(x)
+
+
+class _Probe(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = False
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self.found = self.found or _plain_call(func, args, kwargs) is not None
         return func(*args, **kwargs)
+
+
+_FUNCTIONAL: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], bool]] = weakref.WeakKeyDictionary()
+
+
+def pools_functionally(model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether ``model``'s forward pass on ``example`` (one example with its batch axis) pools a plain 2x2
+    window through a function rather than an ``nn.MaxPool2d`` (found once per model and input shape, in
+    eval mode without gradients; the model is left in train mode)."""
+    shapes = _FUNCTIONAL.setdefault(model, {})
+    key = tuple(example.shape)
+    if key not in shapes:
+        layers = [m for m in model.modules() if isinstance(m, nn.MaxPool2d) and fits(m)]
+        probe = _Probe()
+        model.eval()
+        try:
+            with torch.no_grad(), strided_pooling(layers), probe:
+                model(example)
+        finally:
+            model.train()
+        shapes[key] = probe.found
+    return shapes[key]
 
 
 @contextmanager

@@ -170,3 +170,19 @@ def test_functional_pooling_leaves_other_windows_to_the_kernel() -> None:
     assert not calls and index.dtype == torch.int64 and out.shape == (2, 3, 4, 4)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_functional_pooling_is_caught_only_for_models_that_pool_through_functions() -> None:
+    """The catching costs a little on every torch call, so train_many enters it only for a model that pools
+    a plain 2x2 window through ``torch.max_pool2d`` / ``F.max_pool2d`` (the built-in CNN), not through
+    ``nn.MaxPool2d`` modules (already replaced) or not at all."""
+    from fedfleet.device_runtime.batched_pool import pools_functionally
+    from fedfleet.export.models import ModelSpec, build_model
+
+    example = torch.zeros(1, 1, 8, 8)
+    cnn = build_model(ModelSpec("cnn", (1, 8, 8), 10), seed=0)
+    assert pools_functionally(cnn, example)
+    assert not pools_functionally(PoolBNCNN(), example)
+    assert not pools_functionally(build_model(ModelSpec("mlp", (1, 8, 8), 10), seed=0), example)
+    assert not pools_functionally(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(3)), example)  # not a 2x2 window
+    assert cnn.training

@@ -1,5 +1,6 @@
-"""Chunks of ``train_many`` on several threads (``batched_threads``): the cut into chunks, and results
-that do not depend on the number of threads, bit for bit, in float32 and float64."""
+"""Chunks of ``train_many`` on several threads (``batched_threads``): the cut into chunks; for a given
+cut, results that do not depend on the threads, bit for bit; a cut for more threads, results equal to
+one thread's up to rounding."""
 
 from __future__ import annotations
 
@@ -27,17 +28,20 @@ from tests.test_batched_state import (
 from tests.test_batched_state import one_thread as one_thread  # autouse: one torch thread here too
 
 
-def test_chunk_bounds_are_equal_and_keep_their_least() -> None:
-    assert chunk_bounds(50, 128, 25) == [(0, 25), (25, 50)]
-    assert chunk_bounds(50, 128, 30) == [(0, 50)]  # two chunks would hold fewer than 30
+def test_chunk_bounds_are_equal_and_cut_one_per_thread_that_keeps_its_least() -> None:
+    assert chunk_bounds(50, 128, 25) == [(0, 50)]  # one thread: the fewest chunks
+    assert chunk_bounds(50, 128, 25, threads=2) == [(0, 25), (25, 50)]
+    assert chunk_bounds(50, 128, 30, threads=2) == [(0, 50)]  # two chunks would hold fewer than 30
+    assert chunk_bounds(50, 128, 8, threads=3) == [(0, 17), (17, 34), (34, 50)]
     assert chunk_bounds(100, 64, 200) == [(0, 50), (50, 100)]  # at most 64: two
-    assert chunk_bounds(10, 3, 1) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 10)]
-    assert chunk_bounds(11, 4, 4) == [(0, 4), (4, 8), (8, 11)]
+    assert chunk_bounds(10, 3, 1) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert chunk_bounds(11, 4, 4, threads=8) == [(0, 4), (4, 8), (8, 11)]
     assert chunk_bounds(0, 8, 8) == []
     for n in range(1, 60):
-        for most, least in ((7, 3), (16, 16), (128, 9)):
-            sizes = [hi - lo for lo, hi in chunk_bounds(n, most, least)]
+        for most, least, threads in ((7, 3, 1), (16, 16, 2), (128, 9, 4)):
+            sizes = [hi - lo for lo, hi in chunk_bounds(n, most, least, threads)]
             assert sum(sizes) == n and max(sizes) - min(sizes) <= 1 and max(sizes) <= max(most, 1)
+            assert len(sizes) <= max(-(-n // most), threads)
 
 
 def test_chunk_phones_follow_the_model_cost() -> None:
@@ -47,9 +51,9 @@ def test_chunk_phones_follow_the_model_cost() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_results_do_not_depend_on_the_threads(digits: Any, dtype: torch.dtype) -> None:
-    """Batch norm, dropout and FedProx, phones ending at different steps; 2 and 3 threads over four
-    chunks give the one thread's floats exactly."""
+def test_results_do_not_depend_on_which_thread_trains_a_chunk(digits: Any, dtype: torch.dtype) -> None:
+    """Batch norm, dropout and FedProx, phones ending at different steps; the same four chunks on 1, 2
+    and 3 threads give the same floats exactly."""
     model, params = float64_model(0.3)
     x = digits.x_train.astype(np.float64 if dtype == torch.float64 else np.float32)
     runs = []
@@ -63,6 +67,23 @@ def test_results_do_not_depend_on_the_threads(digits: Any, dtype: torch.dtype) -
             assert r1 == r2 and d1.keys() == d2.keys()
             for n in d1:
                 np.testing.assert_array_equal(d1[n], d2[n])
+
+
+SIXTEEN = (23, 0, 7, 16, 40, 2, 31, 10, 12, 9, 30, 1, 17, 24, 5, 8)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_a_cut_for_more_threads_equals_one_thread_to_rounding(digits: Any, dtype: torch.dtype, atol: float) -> None:
+    """16 phones, a chunk's fixed cost of one row: one thread trains one chunk, two threads two chunks
+    of 8; every phone's update and state agree to rounding."""
+    model, params = float64_model(0.3)
+    x = digits.x_train.astype(np.float64 if dtype == torch.float64 else np.float32)
+    runs = [train_many(model, params, make_jobs(x, digits.y_train, 4, SIXTEEN), CFG, dtype=dtype, call_rows=1,
+                       workers=w) for w in (1, 2)]
+    for (d1, r1), (d2, r2) in zip(*runs, strict=True):
+        assert r1.steps == r2.steps and r1.num_examples == r2.num_examples and abs(r1.loss - r2.loss) <= atol
+        for n in d1:
+            np.testing.assert_allclose(d2[n], d1[n], rtol=0, atol=atol)
 
 
 def test_threads_in_float64_equal_the_per_phone_loop(digits: Any) -> None:
