@@ -66,7 +66,6 @@ def train_many(
     call_rows: int | None = None,
     workers: int = 1,
     cpu_seconds: list[float] | None = None,
-    on_chunk: Callable[[list[tuple[int, tuple[Params, TrainResult]]]], None] | None = None,
 ) -> list[tuple[Params, TrainResult]]:
     """Train every job from ``params``; return ``(new - params, result)`` per job, in job order,
     with the phone's end state under ``"state:"`` names when the model has state.
@@ -99,9 +98,7 @@ def train_many(
     the chunks side by side, each on a copy of ``model``'s modules (``functional_call`` swaps a
     module's tensors while it runs, so two threads cannot share one). Which thread trains a chunk
     changes nothing; a cut into more chunks changes a phone's floats only by rounding.
-    ``cpu_seconds``, when given, gets each training thread's CPU seconds appended. ``on_chunk``, when
-    given, is called (on the training thread) with each chunk's ``(job index, result)`` pairs as soon as
-    the chunk is done, so that a caller can let those phones go on while the other chunks train.
+    ``cpu_seconds``, when given, gets each training thread's CPU seconds appended.
     """
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
@@ -152,10 +149,7 @@ def train_many(
         batch = _gather([jobs[i] for i in ids], [plans[i] for i in ids], cfg.batch_size, dtype, dev)
         state0 = {n: _as_state(np.stack([job_states[i][n] for i in ids]), dtype).to(dev) for n in snames}
         drops = _Drops(calls if layers else [], [gens[i] for i in ids], dtype, dev)
-        done = list(zip(ids, _train_chunk(step, start, state0, batch, drops, call_rows), strict=True))
-        if on_chunk is not None:
-            on_chunk(done)
-        return done
+        return list(zip(ids, _train_chunk(step, start, state0, batch, drops, call_rows), strict=True))
 
     def make(m: nn.Module) -> AbstractContextManager[Step]:
         return _patched_step(m, start, frozen, snames, cfg, dtype, dev, loss, functional)

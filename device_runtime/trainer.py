@@ -132,7 +132,6 @@ class BatchedTrainer:
         self.calls = 0
         self.unbatchable: str | None = None  # why vmap cannot train the model ("" : it can; None: not known yet)
         self.group_sizes: list[int] = []
-        self._waking: set[asyncio.Future[None]] = set()  # a group's chunks being handed to their phones
         # Wall clock, a server in another process: wake the phones of a finished group this many per
         # loop pass (0: all in one pass); see _run.
         self.release_every = release_every
@@ -195,35 +194,20 @@ class BatchedTrainer:
         jobs = [(r.x, r.y, r.rng) for r in group]
         starts = [r.params for r in group]  # one version's parameters; the state may be each phone's own
         loop = asyncio.get_running_loop()
-
-        handed: set[int] = set()
-
-        def release(done: list[tuple[int, tuple[Params, TrainResult]]]) -> None:  # on a training thread
-            handed.update(i for i, _ in done)
-            loop.call_soon_threadsafe(self._wake_soon, group, done)
-
-        # On the wall clock a chunk's phones go on (encode, upload) while the group's other chunks train;
-        # on a virtual clock the group is released at once, so that every phone's order stays the same.
-        early = None if self._virtual else release
         try:
-            results = await loop.run_in_executor(self._executor, self._train_group, starts, jobs, cfg, early)
+            results = await loop.run_in_executor(self._executor, self._train_group, starts, jobs, cfg)
         except Exception as exc:  # every phone of the group hears about it
             for r in group:
                 if not r.fut.done():
                     r.fut.set_exception(exc)
             return
-        await self._wake(group, [(i, out) for i, out in enumerate(results) if i not in handed])
-
-    def _wake_soon(self, group: list[_Request], done: list[tuple[int, tuple[Params, TrainResult]]]) -> None:
-        task = asyncio.ensure_future(self._wake(group, done))
-        self._waking.add(task)  # held until done: the loop keeps only a weak reference to a task
-        task.add_done_callback(self._waking.discard)
-
-    async def _wake(self, group: list[_Request], done: list[tuple[int, tuple[Params, TrainResult]]]) -> None:
-        for k, (i, (delta, result)) in enumerate(done):
-            if not group[i].fut.done():
-                group[i].fut.set_result(_as_float32(delta, result))
-            if self.release_every and not self._virtual and (k + 1) % self.release_every == 0:
+        self.calls += 1
+        self.group_sizes.append(len(group))
+        for i, (r, (delta, result)) in enumerate(zip(group, results, strict=True)):
+            if not r.fut.done():
+                r.fut.set_result(({n: d.astype(np.float32) if d.dtype.kind == "f" else d for n, d in delta.items()},
+                                  result))
+            if self.release_every and not self._virtual and (i + 1) % self.release_every == 0:
                 # Woken all at once, every phone of the group would encode and sign its upload before
                 # any went out (on Python 3.11 aiohttp writes a request's body from a task of its own,
                 # which runs only after all that), leaving a server in another process idle meanwhile;
@@ -234,18 +218,13 @@ class BatchedTrainer:
 
     def _train_group(self, starts: list[Mapping[str, np.ndarray]],
                      jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]],
-                     cfg: TrainConfig,
-                     on_chunk: Callable[[list[tuple[int, tuple[Params, TrainResult]]]], None] | None = None,
-                     ) -> list[tuple[Params, TrainResult]]:
-        self.calls += 1  # here, before any phone of the group hears its result
-        self.group_sizes.append(len(jobs))
+                     cfg: TrainConfig) -> list[tuple[Params, TrainResult]]:
         if len(jobs) >= self.min_group and self._batchable(starts[0], jobs):
             states = [split_state(p)[1] for p in starts]
             cpu: list[float] = []  # each training thread's
             try:
                 return train_many(self.model, split_state(starts[0])[0], jobs, cfg, states=states, chunk=self.chunk,
-                                  device=self.device, loss=self.loss, workers=self.workers, cpu_seconds=cpu,
-                                  on_chunk=on_chunk)
+                                  device=self.device, loss=self.loss, workers=self.workers, cpu_seconds=cpu)
             finally:
                 self.busy_s += sum(cpu)
         t0 = time.thread_time()
@@ -271,10 +250,6 @@ class BatchedTrainer:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-
-
-def _as_float32(delta: Params, result: TrainResult) -> tuple[Params, TrainResult]:
-    return {n: d.astype(np.float32) if d.dtype.kind == "f" else d for n, d in delta.items()}, result
 
 
 @dataclass

@@ -4,7 +4,6 @@ one thread's up to rounding."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import numpy as np
@@ -119,24 +118,10 @@ def test_a_failing_chunk_raises_on_the_caller(digits: Any) -> None:
     assert len(ok) == len(SIZES) and all(np.isfinite(split_state(d)[0]["fc2.weight"]).all() for d, _ in ok)
 
 
-def test_each_chunk_is_handed_over_when_done(digits: Any) -> None:
-    model, params = float64_model(0.3)
-    handed: list[list[int]] = []
-    results: dict[int, Any] = {}
+async def test_the_trainer_trains_a_group_on_its_workers(digits: Any) -> None:
+    """BatchedTrainer(workers=2) on the wall clock: a group's phones get what train_many on two threads gives."""
+    import asyncio
 
-    def on_chunk(done: list[tuple[int, Any]]) -> None:
-        handed.append([i for i, _ in done])
-        results.update(done)
-
-    got = train_many(model, params, make_jobs(digits.x_train, digits.y_train, 8), CFG, chunk=2, workers=2,
-                     on_chunk=on_chunk)
-    assert len(handed) == 4 and sorted(i for ids in handed for i in ids) == list(range(len(SIZES)))
-    assert all(results[i] is got[i] for i in range(len(SIZES)))
-
-
-async def test_a_groups_phones_go_on_chunk_by_chunk_with_the_same_results(digits: Any) -> None:
-    """BatchedTrainer on the wall clock: each chunk's phones get their results as the chunk is done,
-    the floats those of one train_many call."""
     from fedfleet.device_runtime.trainer import BatchedTrainer
 
     torch.manual_seed(0)
@@ -148,8 +133,8 @@ async def test_a_groups_phones_go_on_chunk_by_chunk_with_the_same_results(digits
         got = await asyncio.gather(*futures)
     finally:
         trainer.close()
-    assert trainer.group_sizes == [len(SIZES)]
-    want = train_many(model, params, make_jobs(digits.x_train, digits.y_train, 9), CFG, chunk=2)
+    assert trainer.group_sizes == [len(SIZES)] and trainer.busy_s > 0
+    want = train_many(model, params, make_jobs(digits.x_train, digits.y_train, 9), CFG, chunk=2, workers=2)
     for (d1, r1), (d2, r2) in zip(got, want, strict=True):
         assert r1 == r2
         for n in d2:
