@@ -33,8 +33,9 @@ def phone_side_flags(p: argparse.ArgumentParser, fleet: bool) -> None:
     p.add_argument("--quantity-skew", type=float, help="iid: lognormal sigma of phone data sizes (default 0)")
     p.add_argument("--seed", type=int, help="seed of the phones' data split and every random choice (default 0)")
     if fleet:
-        p.add_argument("--workers", type=int, help="training threads: phones trained at once with --trainer pool, a group's "
-                                                    "chunks trained side by side with batched (default 2)")
+        p.add_argument("--workers", metavar="N|auto", type=_workers,
+                       help="training threads: phones trained at once with --trainer pool, a group's chunks trained "
+                            "side by side with batched (default 2; auto: the cores this process may use)")
         p.add_argument("--trainer", choices=["batched", "pool"], help="batched: phones on one version train in one "
                                                                        "vmapped step (default); pool: one by one")
     p.add_argument("--runtime", choices=RUNTIME_NAMES, help="on-device runtime (default torch)")
@@ -320,3 +321,12 @@ def enrolment_codes_of(args: argparse.Namespace, phones: int) -> tuple[str, ...]
     if len(codes) < phones:
         raise ValueError(f"--enrolment-codes {path}: {len(codes)} codes for {phones} phones (one each)")
     return tuple(codes)
+
+
+def _workers(value: str) -> int:
+    from fedfleet.tuning import parse_workers
+
+    try:
+        return parse_workers(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--workers {value}: ")) from None

@@ -24,7 +24,7 @@ from fedfleet.protocol.plan import PLAN_FIELDS
 from fedfleet.protocol.topology import TIME_VARYING
 from fedfleet.server.config import ServerConfig, check_type, check_types
 from fedfleet.simulate_routes import DEFAULTS, ROUTES, component_field, component_values, field_default
-from fedfleet.tuning import parse_threads
+from fedfleet.tuning import parse_threads, parse_workers
 
 AUTO_SERVER_PROCESS_PHONES = 1000  # server_process "auto": its own process from this fleet size on
 
@@ -68,6 +68,9 @@ class SimulateConfig:
 
     def __init__(self, **values: Any) -> None:
         settings = {**DEFAULTS, **values.pop("settings", {})}
+        for where in (settings, values):  # workers = "auto": the cores this process may use, resolved now
+            if where.get("workers") == "auto":
+                where["workers"] = parse_workers("auto")
         for f in dataclasses.fields(self):
             if f.name != "settings":
                 object.__setattr__(self, f.name, values.pop(f.name) if f.name in values else field_default(f))

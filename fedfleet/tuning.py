@@ -58,6 +58,17 @@ def set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def parse_workers(value: object) -> int:
+    """``--workers`` (and ``workers`` in a TOML file or the Python API): a positive count, or ``auto``: the
+    cores this process may run on."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())) \
+            or int(value) < 1:
+        raise ValueError(f"--workers {value}: give a number of training threads (at least 1) or auto")
+    return int(value)
+
+
 def parse_threads(value: str) -> int:
     """``--train-threads``: a positive count, or ``auto``: the cores this process may run on."""
     if value == "auto":

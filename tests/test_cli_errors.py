@@ -325,3 +325,21 @@ def test_serve_says_when_its_rounds_are_done_and_keeps_serving(tmp_path: Path) -
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_workers_take_a_count_or_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    """--workers N|auto (TOML and the Python API too): auto is the cores this process may use, resolved
+    before anything starts; anything else is one line."""
+    from fedfleet.simulate_config import SimulateConfig
+
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["simulate", "--workers", bad])
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 2 and out == ""
+        assert err.strip().splitlines()[-1].startswith("fedfleet simulate: error: argument --workers: give a number")
+    assert SimulateConfig(workers="auto").workers == len(os.sched_getaffinity(0))
+    assert SimulateConfig(settings={"workers": "auto"}).workers == len(os.sched_getaffinity(0))
+    assert build_parser().parse_args(["simulate", "--workers", "auto"]).workers == len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match="workers"):
+        SimulateConfig(workers="many")
