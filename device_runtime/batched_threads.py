@@ -14,6 +14,7 @@ phones, so nothing a thread does changes any float.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 import weakref
@@ -29,16 +30,25 @@ S = TypeVar("S")  # a step
 R = TypeVar("R")  # one chunk's results
 
 _COPIES: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weakref.WeakKeyDictionary()
+_UNCOPYABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def module_copies(model: nn.Module, count: int) -> list[nn.Module]:
-    """``count`` copies of ``model``'s modules sharing its tensors (made on first use, then kept)."""
+    """Up to ``count`` copies of ``model``'s modules sharing its tensors (made on first use, then kept).
+    A model that cannot be copied (a module holding a lock, an open file, a generator) gets none, said
+    once in the log: its chunks then train on one thread."""
     with _LOCK:
         copies = _COPIES.setdefault(model, [])
-        while len(copies) < count:
+        while len(copies) < count and model not in _UNCOPYABLE:
             shared = {id(t): t for t in chain(model.parameters(), model.buffers())}
-            copies.append(copy.deepcopy(model, memo=shared))
+            try:
+                copies.append(copy.deepcopy(model, memo=shared))
+            except Exception as exc:  # a user's module; its own training is unaffected
+                _UNCOPYABLE.add(model)
+                log.warning("batched training: %s cannot be copied for a second training thread (%s: %s); "
+                            "its chunks train on one thread", type(model).__name__, type(exc).__name__, exc)
         return copies[:count]
 
 
@@ -78,7 +88,10 @@ def in_threads(model: nn.Module, chunks: Sequence[list[int]], workers: int,
                 cpu_seconds.append(time.thread_time() - t0)
 
     models = [model, *module_copies(model, workers - 1)]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedfleet-chunk") as pool:
+    if len(models) == 1:  # not copyable: one thread
+        yield from in_threads(model, chunks, 1, make, train, cpu_seconds)
+        return
+    with ThreadPoolExecutor(max_workers=len(models), thread_name_prefix="fedfleet-chunk") as pool:
         futures = [pool.submit(work, m) for m in models]
         for f in futures:
             yield from f.result()

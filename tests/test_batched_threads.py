@@ -139,3 +139,24 @@ async def test_the_trainer_trains_a_group_on_its_workers(digits: Any) -> None:
         assert r1 == r2
         for n in d2:
             np.testing.assert_array_equal(d1[n], d2[n])
+
+
+def test_a_model_that_cannot_be_copied_trains_its_chunks_on_one_thread(digits: Any,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A user's module holding a lock cannot be deep-copied for a second thread: its chunks train on one
+    thread, said once in the log, with the results two threads would give."""
+    import threading
+
+    model, params = float64_model(0.3)
+    want = train_many(model, params, make_jobs(digits.x_train, digits.y_train, 3), CFG, chunk=2, workers=2)
+    locked, _ = float64_model(0.3)
+    locked.guard = threading.Lock()  # type: ignore[assignment]
+    with caplog.at_level("WARNING"):
+        got = train_many(locked, params, make_jobs(digits.x_train, digits.y_train, 3), CFG, chunk=2, workers=2)
+        train_many(locked, params, make_jobs(digits.x_train, digits.y_train, 3), CFG, chunk=2, workers=2)
+    assert module_copies(locked, 1) == []
+    assert sum("cannot be copied" in r.getMessage() for r in caplog.records) == 1
+    for (d1, r1), (d2, r2) in zip(got, want, strict=True):
+        assert r1 == r2
+        for n in d2:
+            np.testing.assert_array_equal(d1[n], d2[n])
