@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,18 @@ def _layer_flops(module: nn.Module, output: torch.Tensor) -> int:
     return 0
 
 
+@contextmanager
+def probing(model: nn.Module) -> Iterator[None]:
+    """While inside, ``model`` is in eval mode without gradients (a probe's forward pass moves no running
+    statistic); afterwards in train mode, as ``train_many`` puts it."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train()
+
+
 def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of ``model``'s linear and convolution layers (``nn.Linear``, ``nn.ConvNd``) in a forward pass on
     ``example`` (one example with its batch axis), run in eval mode without gradients (no running
@@ -55,12 +69,10 @@ def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
 
         handles = [m.register_forward_hook(count) for m in model.modules()
                    if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-        model.eval()
         try:
-            with torch.no_grad():
+            with probing(model):
                 model(example)
         finally:
-            model.train()
             for h in handles:
                 h.remove()
         shapes[key] = total[0]

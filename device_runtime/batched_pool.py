@@ -26,6 +26,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.overrides import TorchFunctionMode
 
 from fedfleet.device_runtime import vmap_rules
+from fedfleet.device_runtime.batched_calls import probing
 
 
 def _corners(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,21 +144,18 @@ def _plain_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tor
 
 
 class _FunctionalPooling(TorchFunctionMode):
+    """Notes whether a plain 2x2 max-pooling function ran (``found``) and, with ``replace``, pools it with
+    ``pool2x2``."""
+
+    def __init__(self, replace: bool) -> None:
+        super().__init__()
+        self.replace, self.found = replace, False
+
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         x = _plain_call(func, args, kwargs)
-        return func(*args, **kwargs) if x is None else pool2x2(x)
-
-
-class _Probe(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.found = False
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        self.found = self.found or _plain_call(func, args, kwargs) is not None
-        return func(*args, **kwargs)
+        self.found = self.found or x is not None
+        return pool2x2(x) if x is not None and self.replace else func(*args, **kwargs)
 
 
 _FUNCTIONAL: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], bool]] = weakref.WeakKeyDictionary()
@@ -171,13 +169,9 @@ def pools_functionally(model: nn.Module, example: torch.Tensor) -> bool:
     key = tuple(example.shape)
     if key not in shapes:
         layers = [m for m in model.modules() if isinstance(m, nn.MaxPool2d) and fits(m)]
-        probe = _Probe()
-        model.eval()
-        try:
-            with torch.no_grad(), strided_pooling(layers), probe:
-                model(example)
-        finally:
-            model.train()
+        probe = _FunctionalPooling(replace=False)
+        with probing(model), strided_pooling(layers), probe:
+            model(example)
         shapes[key] = probe.found
     return shapes[key]
 
@@ -186,5 +180,5 @@ def pools_functionally(model: nn.Module, example: torch.Tensor) -> bool:
 def functional_pooling() -> Iterator[None]:
     """While inside (on this thread), ``torch.max_pool2d`` and ``F.max_pool2d`` of a plain 2x2 window
     pool with ``pool2x2``."""
-    with _FunctionalPooling():
+    with _FunctionalPooling(replace=True):
         yield

@@ -59,7 +59,8 @@ def in_threads(model: nn.Module, chunks: Sequence[list[int]], workers: int,
     ``workers`` is 1, else on ``workers`` threads, each with its own copy of ``model``. A thread's
     exception is raised here (the first one's, in thread order). ``cpu_seconds`` gets each thread's CPU
     seconds."""
-    if workers <= 1 or len(chunks) <= 1:
+    models = [model, *module_copies(model, workers - 1)] if workers > 1 and len(chunks) > 1 else [model]
+    if len(models) == 1:  # one thread, or a model that cannot be copied
         t0 = time.thread_time()
         try:
             with make(model) as step:
@@ -87,10 +88,6 @@ def in_threads(model: nn.Module, chunks: Sequence[list[int]], workers: int,
             if cpu_seconds is not None:
                 cpu_seconds.append(time.thread_time() - t0)
 
-    models = [model, *module_copies(model, workers - 1)]
-    if len(models) == 1:  # not copyable: one thread
-        yield from in_threads(model, chunks, 1, make, train, cpu_seconds)
-        return
     with ThreadPoolExecutor(max_workers=len(models), thread_name_prefix="fedfleet-chunk") as pool:
         futures = [pool.submit(work, m) for m in models]
         for f in futures:

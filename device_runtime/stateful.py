@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedfleet.device_runtime.batched_calls import probing
+
 _CHANNEL_DROPOUT = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 MaskSource = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (dropout layer, its output) -> mask
 
@@ -106,10 +108,6 @@ def dropout_call_shapes(model: nn.Module, layers: Sequence[nn.Module], example: 
         calls.append((layer, tuple(out.shape[1:])))
         return torch.ones(())
 
-    model.eval()  # shapes only: no running statistics move, and one example is a valid batch
-    try:
-        with torch.no_grad(), masked_dropout(layers, record):
-            model(example)
-    finally:
-        model.train()
+    with probing(model), masked_dropout(layers, record):  # shapes only: one example is a valid batch
+        model(example)
     return calls

@@ -100,7 +100,8 @@ class BatchedTrainer:
     """Trains the phones that start from the same model version together (``train_many``:
     one vmapped step over their stacked parameters, equal to training them one by one up to
     float32 rounding). Groups run one at a time on one worker thread, beside the event loop; a group's
-    chunks train on ``workers`` threads side by side (``train_many``; no result depends on it).
+    chunks train on ``workers`` threads side by side (``train_many``; more threads may cut a group into more
+    chunks, which moves a phone's floats only by rounding).
 
     Which requests form a group: on the wall clock, those for the same (version, plan)
     arriving until none came for ``quiet_s`` (a round's phones get their tasks in one burst),

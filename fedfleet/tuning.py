@@ -61,18 +61,18 @@ def set_torch_threads(threads: int) -> None:
 def parse_workers(value: object) -> int:
     """``--workers`` (and ``workers`` in a TOML file or the Python API): a positive count, or ``auto``: the
     cores this process may run on."""
-    if value == "auto":
-        return len(os.sched_getaffinity(0))
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())) \
-            or int(value) < 1:
-        raise ValueError(f"--workers {value}: give a number of training threads (at least 1) or auto")
-    return int(value)
+    return _count_or_auto(value, "--workers", "training threads")
 
 
 def parse_threads(value: str) -> int:
     """``--train-threads``: a positive count, or ``auto``: the cores this process may run on."""
+    return _count_or_auto(value, "--train-threads", "threads")
+
+
+def _count_or_auto(value: object, flag: str, what: str) -> int:
     if value == "auto":
         return len(os.sched_getaffinity(0))
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"--train-threads {value}: give a number of threads (at least 1) or auto")
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())) \
+            or int(value) < 1:
+        raise ValueError(f"{flag} {value}: give a number of {what} (at least 1) or auto")
     return int(value)

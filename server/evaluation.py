@@ -51,6 +51,7 @@ class Evaluator:
         self.y = np.asarray(y_test) if np.asarray(y_test).dtype.kind == "f" else np.asarray(y_test, dtype=np.int64)
         self._model: nn.Module | None = None
         self._split: tuple[torch.Tensor, torch.Tensor] | None = None  # the test split on the device
+        self._channels_last = False  # the model and the split in channels-last memory (set when built)
 
     def _built(self) -> nn.Module:
         if self._model is None:
@@ -61,19 +62,15 @@ class Evaluator:
 
             spec = self.spec if isinstance(self.spec, ModelSpec) else ModelSpec(*self.spec)
             # the parameters phones do not train (a frozen backbone) are the initial weights' too
-            self._model = task_model(spec.name, spec.input_shape, spec.num_classes, self.seed,
-                                     self.init_weights).to(self.device)
-            if self._channels_last(self._model):
-                self._model = self._model.to(memory_format=torch.channels_last)
+            model = task_model(spec.name, spec.input_shape, spec.num_classes, self.seed,
+                               self.init_weights).to(self.device)
+            # Images through convolutions on the CPU: channels-last memory, where oneDNN's convolutions and
+            # the pooling kernel work without reordering each batch (the built-in CNN on mnist5k's 1,000
+            # test images: 157 ms NCHW, 65 ms channels-last, one thread, 2026-12-07).
+            self._channels_last = (self.device == "cpu" and self.x.ndim == 4
+                                   and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
+            self._model = model.to(memory_format=torch.channels_last) if self._channels_last else model
         return self._model
-
-    def _channels_last(self, model: nn.Module) -> bool:
-        """Images through convolutions on the CPU: channels-last memory, where oneDNN's convolutions and
-        the pooling kernel work without reordering each batch (the built-in CNN on mnist5k's 1,000 test
-        images: 157 ms NCHW, 65 ms channels-last, one thread, 2026-12-07)."""
-        import torch
-
-        return self.device == "cpu" and self.x.ndim == 4 and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
     def evaluate(self, params: Mapping[str, np.ndarray], batch_size: int = 512) -> Evaluation:
         import torch
@@ -83,7 +80,7 @@ class Evaluator:
         model = self._built()
         if self._split is None:
             xs = torch.from_numpy(self.x).to(self.device)
-            if self._channels_last(model):
+            if self._channels_last:
                 xs = xs.contiguous(memory_format=torch.channels_last)
             self._split = xs, torch.from_numpy(self.y).to(self.device)
         x, y = self._split
