@@ -15,6 +15,7 @@ A phone's tensors are its trainable parameters plus its state under ``"state:<bu
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -25,10 +26,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedfleet.device_runtime import batched_conv, batched_pool
+from fedfleet.device_runtime import batched_conv, batched_pool, frozen_prefix
 from fedfleet.device_runtime.batched_calls import chunk_bounds, chunk_phones, rows_per_call, split_step
 from fedfleet.device_runtime.batched_norm import masked_batch_norm
 from fedfleet.device_runtime.batched_threads import in_threads
+from fedfleet.device_runtime.frozen_prefix import FeatureCache
 from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
 from fedfleet.device_runtime.stateful import (
     MaskSource,
@@ -66,6 +68,7 @@ def train_many(
     call_rows: int | None = None,
     workers: int = 1,
     cpu_seconds: list[float] | None = None,
+    features: FeatureCache | None = None,
 ) -> list[tuple[Params, TrainResult]]:
     """Train every job from ``params``; return ``(new - params, result)`` per job, in job order,
     with the phone's end state under ``"state:"`` names when the model has state.
@@ -99,6 +102,11 @@ def train_many(
     module's tensors while it runs, so two threads cannot share one). Which thread trains a chunk
     changes nothing; a cut into more chunks changes a phone's floats only by rounding.
     ``cpu_seconds``, when given, gets each training thread's CPU seconds appended.
+
+    A model whose first layers are frozen (a backbone and a trained head) is cut after them where
+    ``frozen_prefix.split`` finds the cut sound (on the CPU): the backbone's features of each phone's
+    examples are computed once, kept in ``features`` (a run's ``FeatureCache``: from one call to the
+    next; None: this call's), and the steps train the rest of the model on them.
     """
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
@@ -111,13 +119,16 @@ def train_many(
         raise ValueError(f"params lack trainable tensors {missing}")
     model.train()  # the reference's mode; TransferMobileNet keeps its backbone in eval
     snames = state_names(model)
+    dev = torch.device(device)
+    t0 = time.thread_time()
+    model, jobs = _cut_backbone(model, jobs, snames, dtype, dev, features)
+    cut_s = time.thread_time() - t0  # the backbone's forward passes, where the model is cut
     layers = dropout_layers(model)
     buffers = dict(model.named_buffers())
     default = {n: np.asarray(shared_state.get(n, buffers[n].detach().numpy())) for n in snames}
     own = states if states is not None else [{}] * len(jobs)
     job_states = [{n: np.asarray(s.get(n, default[n])) for n in snames} for s in own]
 
-    dev = torch.device(device)
     start = {n: torch.as_tensor(np.asarray(params[n]), dtype=dtype).to(dev) for n in names}
     # The same draws, in the same order per rng, as the per-phone path makes lazily.
     gens = [dropout_generator(rng) if layers else None for _, _, rng in jobs]
@@ -154,8 +165,43 @@ def train_many(
     def make(m: nn.Module) -> AbstractContextManager[Step]:
         return _patched_step(m, start, frozen, snames, cfg, dtype, dev, loss, functional)
 
+    first = len(cpu_seconds) if cpu_seconds is not None else 0
     results = dict(in_threads(model, chunks, min(workers, len(chunks)), make, train, cpu_seconds))
+    if cpu_seconds is not None and len(cpu_seconds) > first:
+        cpu_seconds[first] += cut_s  # counted with the first training thread's
     return [results[i] for i in range(len(jobs))]
+
+
+def _cut_backbone(model: nn.Module, jobs: Sequence[Job], snames: Sequence[str], dtype: torch.dtype,
+                  device: torch.device, cache: FeatureCache | None) -> tuple[nn.Module, Sequence[Job]]:
+    """(the model after its frozen prefix, the jobs with their examples' features) where ``frozen_prefix``
+    cuts it; else (model, jobs)."""
+    if device.type != "cpu" or all(p.requires_grad for p in model.parameters()):
+        return model, jobs  # nothing frozen to run once
+    pair = _two_examples(jobs)
+    if pair is None:
+        return model, jobs
+    cut = frozen_prefix.split(model, torch.as_tensor(pair).to(next(model.parameters()).dtype), snames)
+    if cut is None or state_names(cut.rest) != list(snames):
+        return model, jobs
+    frozen = {n: t.detach().to(dtype) for n, t in cut.frozen_tensors().items()}
+    mark = frozen_prefix.fingerprint(frozen)
+    cache = cache if cache is not None else FeatureCache()
+    return cut.rest, [(cache.features(cut, frozen, mark, x, dtype), y, rng) for x, y, rng in jobs]
+
+
+def _two_examples(jobs: Sequence[Job]) -> np.ndarray | None:
+    """The first example and the first one unlike it ([2, ...]; a batch statistic of two equal examples
+    would pass for a function of each), or None."""
+    first = next((x[:1] for x, _, _ in jobs if len(x)), None)
+    if first is None:
+        return None
+    for x, _, _ in jobs:
+        rows = np.asarray(x).reshape(len(x), -1)
+        other = np.flatnonzero((rows != first.reshape(1, -1)).any(axis=1))
+        if len(other):
+            return np.concatenate([first, x[other[:1]]])
+    return None
 
 
 def _as_state(value: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

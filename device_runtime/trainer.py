@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fedfleet.device_runtime.batched import train_many, vmap_failure
+from fedfleet.device_runtime.frozen_prefix import FeatureCache
 from fedfleet.device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
 from fedfleet.device_runtime.runtimes.base import StatefulRuntime
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
@@ -133,6 +134,7 @@ class BatchedTrainer:
         self.calls = 0
         self.unbatchable: str | None = None  # why vmap cannot train the model ("" : it can; None: not known yet)
         self.group_sizes: list[int] = []
+        self.features = FeatureCache()  # a frozen backbone's features of each phone's examples (train_many)
         # Wall clock, a server in another process: wake the phones of a finished group this many per
         # loop pass (0: all in one pass); see _run.
         self.release_every = release_every
@@ -225,7 +227,8 @@ class BatchedTrainer:
             cpu: list[float] = []  # each training thread's
             try:
                 return train_many(self.model, split_state(starts[0])[0], jobs, cfg, states=states, chunk=self.chunk,
-                                  device=self.device, loss=self.loss, workers=self.workers, cpu_seconds=cpu)
+                                  device=self.device, loss=self.loss, workers=self.workers, cpu_seconds=cpu,
+                                  features=self.features)
             finally:
                 self.busy_s += sum(cpu)
         t0 = time.thread_time()

@@ -75,9 +75,9 @@ class TransferMobileNet(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        feats = self.features(x).mean(dim=(2, 3))  # [B, 576]
+        # grey [B, 1, H, W] repeated to 3 channels (a view; RGB unchanged), without a branch on the shape:
+        # torch.fx traces the model, so the batched trainer runs the backbone once per phone (frozen_prefix)
+        feats = self.features(x.expand(-1, 3, -1, -1)).mean(dim=(2, 3))  # [B, 576]
         return self.head(feats)
 
 

@@ -1,0 +1,239 @@
+"""A frozen backbone's features, computed once per phone's examples instead of at every step.
+
+Transfer learning federates a head on a backbone the phones do not train. ``train_many`` would run
+the backbone's forward pass again at every local step, on examples and weights that do not change.
+``split`` traces the model (``torch.fx``) and finds its frozen prefix: the part of the graph computed
+from the input alone, through parameters that do not train and layers that act the same in every
+call (no dropout or batch norm in training mode, no random draws). Where that prefix ends in one
+tensor read by the rest of the model (the backbone's features), and nothing else reads the input,
+the model is cut there: ``Split.features`` maps examples to that tensor, ``Split.rest`` maps it to
+the output, with the model's own modules and parameter names. ``FeatureCache`` keeps the features
+of each phone's examples, keyed by their content and that of the frozen weights, across calls: a
+run computes them at the phone's first task.
+
+The cut changes values only by float rounding (the backbone runs on a phone's examples in one call
+instead of batch by batch). It is checked once per model and input shape on two examples (the same
+features twice; each example's alone equal to its row of the pair; the cut model's output equal to
+the model's) and not made otherwise. A model ``torch.fx`` cannot trace (Python control flow on
+tensor values) keeps its whole forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from collections import OrderedDict
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.func import functional_call
+from torch.nn import functional as F  # noqa: N812
+
+from fedfleet.device_runtime.batched_calls import probing
+
+# layers whose training mode draws random numbers, or reads or changes statistics of the batch
+_MODAL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.dropout._DropoutNd,
+          nn.RReLU)
+_RANDOM_FUNCTIONS = {torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like,
+                     torch.randperm, torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, F.dropout,
+                     F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu,
+                     F.batch_norm, F.instance_norm}
+_RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "geometric_",
+                   "cauchy_", "log_normal_", "multinomial"}
+CHUNK_EXAMPLES = 512  # examples per call of the features (bounds the backbone's activations)
+
+
+class Rest(nn.Module):
+    """The model after the cut: its modules under their names, the traced graph's code, and ``train()``
+    giving each module the mode the model's own ``train()`` gave it (a backbone a model keeps in eval
+    mode stays there)."""
+
+    def __init__(self, traced: fx.GraphModule, modes: dict[str, bool]) -> None:
+        super().__init__()
+        for name, child in traced.named_children():
+            self.add_module(name, child)
+        for name, param in traced.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in traced.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
+        self.code = type(traced).forward  # the graph's Python code, reading its modules from ``self``
+        self.modes = {name: modes.get(name, True) for name, _ in self.named_modules()}
+
+    def forward(self, *args: Any) -> Any:
+        return self.code(self, *args)
+
+    def train(self, mode: bool = True) -> Rest:
+        super().train(mode)
+        if mode:
+            for name, module in self.named_modules():
+                module.training = self.modes.get(name, True)
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """A model cut after its frozen prefix: ``rest(features(x))`` is ``model(x)``."""
+
+    features: fx.GraphModule  # x [n, ...] -> features [n, ...]
+    rest: Rest  # features -> the model's output; the model's trainable parameters, by name
+    shape: tuple[int, ...]  # one example's features
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(chain(self.features.named_parameters(), self.features.named_buffers()))
+
+
+_SPLITS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Split | None]] = weakref.WeakKeyDictionary()
+
+
+def split(model: nn.Module, examples: torch.Tensor, state: Collection[str]) -> Split | None:
+    """``model`` (in the mode it trains in) cut after its frozen prefix, or None where it has none worth
+    cutting or the cut fails its checks on ``examples`` (two examples, [2, ...]). ``state``: the buffers
+    training changes (``export.model_state.state_names``). Found once per model, input shape and dtype."""
+    key = (tuple(examples.shape[1:]), examples.dtype, model.training, tuple(state))
+    found = _SPLITS.setdefault(model, {})
+    if key not in found:
+        found[key] = _split(model, examples, set(state))
+    return found[key]
+
+
+def _split(model: nn.Module, examples: torch.Tensor, state: set[str]) -> Split | None:
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception:  # control flow on tensor values, and whatever else fx cannot trace: no cut
+        return None
+    nodes = list(traced.graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    if not inputs:
+        return None
+    x = inputs[0]
+    frozen, from_x, weights = _frozen_nodes(traced, x, state)
+    cut = [n for n in nodes if n in from_x and n is not x and any(u not in frozen for u in n.users)]
+    if len(cut) != 1 or not weights or any(u not in frozen for u in x.users):
+        return None
+    features = _graph_module(traced, [n for n in nodes if n in frozen], {}, cut[0])
+    modes = {name: m.training for name, m in model.named_modules()}
+    rest = Rest(_graph_module(traced, [n for n in nodes if n not in from_x], {cut[0]: "features"}, None), modes)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if {n for n, p in rest.named_parameters() if p.requires_grad} != trainable:
+        return None  # a trainable parameter the forward pass never reads: its zero update would go missing
+    shape = _faithful(model, features, rest, examples)
+    return None if shape is None else Split(features, rest, shape)
+
+
+def _frozen_nodes(traced: fx.GraphModule, x: fx.Node, state: set[str]) -> tuple[set[fx.Node], set[fx.Node], bool]:
+    """(the nodes computed from the input and frozen tensors alone, deterministically; those of them that
+    read the input; whether any of those reads a frozen weight)."""
+    frozen: set[fx.Node] = set()
+    from_x: set[fx.Node] = set()
+    weights = False
+    for node in traced.graph.nodes:
+        reads = node.all_input_nodes
+        if node.op == "placeholder":
+            ok = node is x
+        elif node.op == "get_attr":
+            value = _attr(traced, str(node.target))
+            ok = isinstance(value, torch.Tensor) and not value.requires_grad and str(node.target) not in state
+        elif node.op == "call_module":
+            module = traced.get_submodule(str(node.target))
+            ok = (all(r in frozen for r in reads) and not any(p.requires_grad for p in module.parameters())
+                  and not any(isinstance(m, _MODAL) and m.training for m in module.modules())
+                  and not any(f"{node.target}.{b}" in state for b, _ in module.named_buffers()))
+            weights = weights or (ok and any(r in from_x for r in reads) and any(True for _ in module.parameters()))
+        elif node.op in ("call_function", "call_method"):
+            ok = all(r in frozen for r in reads) and node.target not in _RANDOM_FUNCTIONS \
+                and not (node.op == "call_method" and node.target in _RANDOM_METHODS)
+            weights = weights or (ok and any(r in from_x for r in reads) and any(r.op == "get_attr" for r in reads))
+        else:
+            ok = False
+        if ok:
+            frozen.add(node)
+            if node is x or any(r in from_x for r in reads):
+                from_x.add(node)
+    return frozen, from_x, weights
+
+
+def _attr(module: nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _graph_module(traced: fx.GraphModule, keep: Iterable[fx.Node], inputs: dict[fx.Node, str],
+                  out: fx.Node | None) -> fx.GraphModule:
+    """A module of ``traced``'s nodes ``keep`` (in order; none dropped as unused: an in-place call's result
+    may be), the nodes of ``inputs`` read as new inputs of those names, returning ``out`` (None: the
+    graph's own output)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {n: graph.placeholder(name) for n, name in inputs.items()}
+    for node in keep:
+        if node not in env:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    if out is not None:
+        graph.output(env[out])
+    return fx.GraphModule(traced, graph)
+
+
+def _faithful(model: nn.Module, features: fx.GraphModule, rest: Rest, examples: torch.Tensor) -> tuple[int, ...] | None:
+    """One example's features shape, where on two examples the features are the same twice and per
+    example, and the cut model's output is the model's (in eval mode, without gradients: no statistics
+    move); else None."""
+    with torch.no_grad():
+        pair, again = features(examples), features(examples)
+        if not isinstance(pair, torch.Tensor) or pair.dim() == 0 or pair.shape[0] != 2 or not torch.equal(pair, again):
+            return None
+        alone = torch.cat([features(examples[:1]), features(examples[1:])])
+        if not torch.allclose(pair, alone, rtol=1e-4, atol=1e-5 * float(pair.abs().max()) + 1e-12):
+            return None
+    with probing(model):
+        want, got = model(examples), rest(features(examples))
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return None
+    ok = torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-12)
+    return tuple(pair.shape[1:]) if ok else None
+
+
+class FeatureCache:
+    """Features of phones' examples, by the examples' content and the frozen weights', least recently
+    used dropped beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._kept: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self.computed = 0  # examples whose features were computed (for tests and benchmarks)
+
+    def features(self, cut: Split, frozen: dict[str, torch.Tensor], fingerprint: bytes, x: np.ndarray,
+                 dtype: torch.dtype) -> np.ndarray:
+        """``cut.features`` of ``x`` with ``frozen`` (its tensors in ``dtype``; ``fingerprint``: their hash)."""
+        x = np.ascontiguousarray(x)
+        key = (cut, fingerprint, dtype, x.shape, x.dtype.str, hashlib.blake2b(x.data, digest_size=16).digest())
+        kept = self._kept.get(key)
+        if kept is not None:
+            self._kept.move_to_end(key)
+            return kept
+        with torch.no_grad():
+            parts = [functional_call(cut.features, frozen, (torch.from_numpy(x[a:a + CHUNK_EXAMPLES]).to(dtype),))
+                     for a in range(0, len(x), CHUNK_EXAMPLES)]
+        out = torch.cat(parts).numpy() if parts else np.empty((0, *cut.shape), dtype=np.dtype(str(dtype)[6:]))
+        self.computed += len(x)
+        self._kept[key] = out
+        self.bytes += out.nbytes
+        while self.bytes > self.max_bytes and len(self._kept) > 1:
+            _, dropped = self._kept.popitem(last=False)
+            self.bytes -= dropped.nbytes
+        return out
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A hash of the names and values of ``tensors``."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous()
+        h.update(name.encode())
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.numpy().tobytes() if t.device.type == "cpu" else t.cpu().numpy().tobytes())
+    return h.digest()
