@@ -26,11 +26,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedfleet.device_runtime import batched_conv, batched_pool, frozen_prefix
+from fedfleet.device_runtime import batched_conv, batched_pool
 from fedfleet.device_runtime.batched_calls import chunk_bounds, chunk_phones, rows_per_call, split_step
 from fedfleet.device_runtime.batched_norm import masked_batch_norm
 from fedfleet.device_runtime.batched_threads import in_threads
-from fedfleet.device_runtime.frozen_prefix import FeatureCache
 from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult, iterate_batches
 from fedfleet.device_runtime.stateful import (
     MaskSource,
@@ -41,7 +40,9 @@ from fedfleet.device_runtime.stateful import (
     masked_dropout,
     queued_masks,
 )
+from fedfleet.export import frozen_prefix
 from fedfleet.export.accelerator import rows_that_fit, training_bytes_per_phone
+from fedfleet.export.frozen_prefix import FeatureCache
 from fedfleet.export.model_state import state_names
 from fedfleet.export.task_loss import LossFn
 from fedfleet.protocol.state import split_state, with_state

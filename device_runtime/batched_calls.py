@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from fedfleet.export.model_state import probing
 
 CALL_FLOPS = 2.2e7
 _FLOPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], int]] = weakref.WeakKeyDictionary()
@@ -37,18 +37,6 @@ def _layer_flops(module: nn.Module, output: torch.Tensor) -> int:
     if isinstance(module, nn.modules.conv._ConvNd):
         return 2 * output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     return 0
-
-
-@contextmanager
-def probing(model: nn.Module) -> Iterator[None]:
-    """While inside, ``model`` is in eval mode without gradients (a probe's forward pass moves no running
-    statistic); afterwards in train mode, as ``train_many`` puts it."""
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train()
 
 
 def forward_flops(model: nn.Module, example: torch.Tensor) -> int:

@@ -26,7 +26,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.overrides import TorchFunctionMode
 
 from fedfleet.device_runtime import vmap_rules
-from fedfleet.device_runtime.batched_calls import probing
+from fedfleet.export.model_state import probing
 
 
 def _corners(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfleet.device_runtime.batched_calls import probing
+from fedfleet.export.model_state import probing
 
 _CHANNEL_DROPOUT = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 MaskSource = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (dropout layer, its output) -> mask

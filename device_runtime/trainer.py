@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from fedfleet.device_runtime.batched import train_many, vmap_failure
-from fedfleet.device_runtime.frozen_prefix import FeatureCache
 from fedfleet.device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
 from fedfleet.device_runtime.runtimes.base import StatefulRuntime
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
+from fedfleet.export.frozen_prefix import FeatureCache
 from fedfleet.export.task_loss import LossFn
 from fedfleet.protocol.state import split_state, with_state
 

@@ -7,9 +7,11 @@ backbone) has none: it never changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
+import torch
 from torch import nn
 
 
@@ -32,3 +34,15 @@ def initial_state(model: nn.Module) -> dict[str, np.ndarray]:
     """The state a model starts from (its buffers as built), with the model left in train mode."""
     model.train()
     return get_state(model, state_names(model))
+
+
+@contextmanager
+def probing(model: nn.Module) -> Iterator[None]:
+    """While inside, ``model`` is in eval mode without gradients (a probe's forward pass moves no running
+    statistic); afterwards in train mode, as ``train_many`` puts it."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train()

@@ -52,6 +52,9 @@ class Evaluator:
         self._model: nn.Module | None = None
         self._split: tuple[torch.Tensor, torch.Tensor] | None = None  # the test split on the device
         self._channels_last = False  # the model and the split in channels-last memory (set when built)
+        # a frozen backbone (export/frozen_prefix.py): the model after it, its features of the test split
+        # (computed once: the frozen weights are the initial ones in every version), and their names
+        self._cut: tuple[nn.Module, torch.Tensor, set[str]] | None = None
 
     def _built(self) -> nn.Module:
         if self._model is None:
@@ -83,8 +86,13 @@ class Evaluator:
             if self._channels_last:
                 xs = xs.contiguous(memory_format=torch.channels_last)
             self._split = xs, torch.from_numpy(self.y).to(self.device)
+            self._cut = self._backbone(model, xs, batch_size)
         x, y = self._split
         params, state = split_state(params)
+        if self._cut is not None and not set(params).isdisjoint(self._cut[2]):
+            self._cut = None  # a version carrying the frozen weights: the whole model, from now on
+        if self._cut is not None:  # the rest of the model on the backbone's features
+            model, x = self._cut[0], self._cut[1]
         if self.device != "cpu":  # as many rows as the free memory holds, with their activations
             batch_size = rows_that_fit(self.device, activation_bytes(model, x[:1], 4), cap=len(x))
         with torch.no_grad():
@@ -107,6 +115,28 @@ class Evaluator:
             loss_sum = sum(torch.stack(losses).cpu().tolist(), 0.0)
             correct = int(torch.stack(hits).sum().cpu())
         return Evaluation(loss=loss_sum / len(x), accuracy=correct / len(x))
+
+    def _backbone(self, model: nn.Module, x: torch.Tensor,
+                  batch_size: int) -> tuple[nn.Module, torch.Tensor, set[str]] | None:
+        """(the model after its frozen prefix, the test split's features, the frozen tensors' names) where
+        ``frozen_prefix`` cuts the model in eval mode; else None."""
+        import torch
+
+        from fedfleet.export.frozen_prefix import split
+        from fedfleet.export.model_state import state_names
+
+        if all(p.requires_grad for p in model.parameters()) or len(x) < 2:
+            return None
+        state = state_names(model.train())  # the buffers versions carry
+        model.eval()
+        other = next((i for i in range(1, len(x)) if not torch.equal(x[i], x[0])), None)
+        cut = None if other is None else split(model, x[[0, other]], state)
+        model.eval()  # split leaves a model in train mode
+        if cut is None:
+            return None
+        with torch.no_grad():
+            features = torch.cat([cut.features(x[a:a + batch_size]) for a in range(0, len(x), batch_size)])
+        return cut.rest, features, set(cut.frozen_tensors())
 
     def _task_evaluation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Evaluation:
         """The task's loss and metrics on every test output at once (export/task_loss.py)."""

@@ -1,4 +1,4 @@
-"""A frozen backbone's features computed once per phone (device_runtime/frozen_prefix.py): where the model
+"""A frozen backbone's features computed once per phone (export/frozen_prefix.py): where the model
 is cut, the cut trains as the per-phone eager loop does, the features are kept across calls, and a
 model whose frozen part is not a pure function of each example is not cut."""
 
@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from fedfleet.device_runtime.batched import train_many
-from fedfleet.device_runtime.frozen_prefix import FeatureCache, split
 from fedfleet.device_runtime.runtimes.base import TrainConfig
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
 from fedfleet.device_runtime.trainer import BatchedTrainer
+from fedfleet.export.frozen_prefix import FeatureCache, split
 from fedfleet.export.model_state import state_names
 from tests.test_batched_state import SIZES, assert_same, make_jobs, per_phone
 from tests.test_batched_state import one_thread as one_thread  # autouse: one torch thread here too
@@ -208,3 +208,36 @@ def test_a_run_computes_each_phones_features_once(digits: Any) -> None:
     finally:
         trainer.close()
     assert trainer.calls == 2 and trainer.features.computed == sum(SIZES)
+
+
+def backbone_task() -> nn.Module:
+    """A task model (``--model tests.test_frozen_prefix:backbone_task``): digits through a frozen backbone
+    with batch norm in eval mode, and a trained head."""
+    return EvalBackbone()
+
+
+def test_the_server_evaluates_the_head_on_the_test_splits_features(digits: Any) -> None:
+    """The server's evaluation of each version equals the whole model's, computed with plain PyTorch;
+    the backbone's features of the test split are computed once."""
+    from fedfleet.export.task_model import task_model
+    from fedfleet.server.evaluation import Evaluator
+
+    spec = ("tests.test_frozen_prefix:backbone_task", (1, 8, 8), 10)
+    evaluator = Evaluator(spec, digits.x_test, digits.y_test, seed=3)
+    oracle = task_model(*spec, seed=3).eval()
+    rng = np.random.default_rng(0)
+    x, y = torch.from_numpy(digits.x_test), torch.from_numpy(digits.y_test)
+    features = None
+    for _ in range(2):  # two versions: the head moves, the features stay
+        params = {n: (p.detach().numpy() + rng.normal(0, 0.2, p.shape)).astype(np.float32)
+                  for n, p in oracle.named_parameters() if p.requires_grad}
+        got = evaluator.evaluate(params)
+        assert evaluator._cut is not None
+        features = evaluator._cut[1] if features is None else features
+        assert evaluator._cut[1] is features
+        with torch.no_grad():
+            for n, v in params.items():
+                dict(oracle.named_parameters())[n].copy_(torch.from_numpy(v))
+            logits = oracle(x)
+        assert got.loss == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-5)
+        assert got.accuracy == int((logits.argmax(1) == y).sum()) / len(y)

@@ -34,7 +34,7 @@ from torch import fx, nn
 from torch.func import functional_call
 from torch.nn import functional as F  # noqa: N812
 
-from fedfleet.device_runtime.batched_calls import probing
+from fedfleet.export.model_state import probing
 
 # layers whose training mode draws random numbers, or reads or changes statistics of the batch
 _MODAL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.dropout._DropoutNd,
