@@ -38,12 +38,45 @@ RUN_DIR_ENV = "FEDFLEET_TEST_RUN_DIR"
 EXPORTS = pytest.StashKey[Exports]()
 
 
+RUN_DIR_PREFIX = "fedfleet-tests-"
+
+
+def _process_identity(pid: int) -> str | None:
+    """``pid`` and its start time (Linux ``/proc``; the pid alone elsewhere), or None when no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None if Path("/proc/self/stat").exists() else str(pid)
+    except OSError:
+        return str(pid)
+    return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"  # field 22, after the command's parentheses
+
+
+def remove_stale_run_dirs(root: Path) -> list[Path]:
+    """Remove the run directories under ``root`` whose run has ended without removing its own (a
+    pytest killed before its unconfigure): those whose owner process is gone. Return them."""
+    removed = []
+    for path in root.glob(f"{RUN_DIR_PREFIX}*"):
+        try:
+            owner = (path / "owner").read_text().strip()
+        except OSError:
+            continue  # not made by this hook, or still being made: left alone
+        pid = owner.split()[0]
+        if pid.isdigit() and _process_identity(int(pid)) != owner:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """One directory per run for what the run makes once (the exports, the Java client's build),
-    shared with pytest-xdist's workers: they are started after this, and inherit the variable."""
+    shared with pytest-xdist's workers: they are started after this, and inherit the variable. The
+    directories of earlier runs that were killed are removed first."""
     shared = os.environ.get(RUN_DIR_ENV) if hasattr(config, "workerinput") else None
     if shared is None:
-        shared = tempfile.mkdtemp(prefix="fedfleet-tests-")
+        remove_stale_run_dirs(Path(tempfile.gettempdir()))
+        shared = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX)
+        (Path(shared) / "owner").write_text(_process_identity(os.getpid()) or str(os.getpid()))
         os.environ[RUN_DIR_ENV] = shared
     config.stash[RUN_DIR] = Path(shared)
 
