@@ -121,9 +121,10 @@ def train_many(
     model.train()  # the reference's mode; TransferMobileNet keeps its backbone in eval
     snames = state_names(model)
     dev = torch.device(device)
-    t0 = time.thread_time()
-    model, jobs = _cut_backbone(model, jobs, snames, dtype, dev, features)
-    cut_s = time.thread_time() - t0  # the backbone's forward passes, where the model is cut
+    cache = features if features is not None else FeatureCache()
+    t0, pool0 = time.thread_time(), cache.pool_cpu_s
+    model, jobs = _cut_backbone(model, jobs, snames, dtype, dev, cache, max(workers, 1))
+    cut_s = time.thread_time() - t0 + cache.pool_cpu_s - pool0  # the backbone's passes, where the model is cut
     layers = dropout_layers(model)
     buffers = dict(model.named_buffers())
     default = {n: np.asarray(shared_state.get(n, buffers[n].detach().numpy())) for n in snames}
@@ -174,9 +175,9 @@ def train_many(
 
 
 def _cut_backbone(model: nn.Module, jobs: Sequence[Job], snames: Sequence[str], dtype: torch.dtype,
-                  device: torch.device, cache: FeatureCache | None) -> tuple[nn.Module, Sequence[Job]]:
-    """(the model after its frozen prefix, the jobs with their examples' features) where ``frozen_prefix``
-    cuts it; else (model, jobs)."""
+                  device: torch.device, cache: FeatureCache, threads: int) -> tuple[nn.Module, Sequence[Job]]:
+    """(the model after its frozen prefix, the jobs with their examples' features, those not kept computed
+    on ``threads`` threads) where ``frozen_prefix`` cuts it; else (model, jobs)."""
     if device.type != "cpu" or all(p.requires_grad for p in model.parameters()):
         return model, jobs  # nothing frozen to run once
     pair = _two_examples(jobs)
@@ -185,10 +186,8 @@ def _cut_backbone(model: nn.Module, jobs: Sequence[Job], snames: Sequence[str], 
     cut = frozen_prefix.split(model, torch.as_tensor(pair).to(next(model.parameters()).dtype), snames)
     if cut is None or state_names(cut.rest) != list(snames):
         return model, jobs
-    frozen = {n: t.detach().to(dtype) for n, t in cut.frozen_tensors().items()}
-    mark = frozen_prefix.fingerprint(frozen)
-    cache = cache if cache is not None else FeatureCache()
-    return cut.rest, [(cache.features(cut, frozen, mark, x, dtype), y, rng) for x, y, rng in jobs]
+    features = cache.features(cut, [x for x, _, _ in jobs], dtype, threads)
+    return cut.rest, [(f, y, rng) for f, (_, y, rng) in zip(features, jobs, strict=True)]
 
 
 def _two_examples(jobs: Sequence[Job]) -> np.ndarray | None:

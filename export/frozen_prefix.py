@@ -20,18 +20,21 @@ tensor values) keeps its whole forward pass.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import threading
+import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.func import functional_call
 from torch.nn import functional as F  # noqa: N812
 
 from fedfleet.export.model_state import probing
@@ -82,9 +85,19 @@ class Split:
     features: fx.GraphModule  # x [n, ...] -> features [n, ...]
     rest: Rest  # features -> the model's output; the model's trainable parameters, by name
     shape: tuple[int, ...]  # one example's features
+    _copies: dict[tuple[torch.dtype, bytes], nn.Module] = field(default_factory=dict, repr=False)
 
     def frozen_tensors(self) -> dict[str, torch.Tensor]:
         return dict(chain(self.features.named_parameters(), self.features.named_buffers()))
+
+    def in_dtype(self, dtype: torch.dtype, mark: bytes) -> nn.Module:
+        """``features`` with its floating-point tensors in ``dtype`` (itself when they are; else a copy,
+        kept per dtype and ``fingerprint`` of the tensors it was made from)."""
+        if all(t.dtype == dtype for t in self.frozen_tensors().values() if t.is_floating_point()):
+            return self.features
+        if (dtype, mark) not in self._copies:
+            self._copies[(dtype, mark)] = copy.deepcopy(self.features).to(dtype)
+        return self._copies[(dtype, mark)]
 
 
 _SPLITS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Split | None]] = weakref.WeakKeyDictionary()
@@ -101,9 +114,42 @@ def split(model: nn.Module, examples: torch.Tensor, state: Collection[str]) -> S
     return found[key]
 
 
+class _ThisThreadTracer(fx.Tracer):
+    """``torch.fx``'s tracer, tracing the thread that runs it only. While it traces, fx patches
+    ``nn.Module.__call__`` and ``__getattr__`` for the whole process: a module another thread calls
+    meanwhile (a fleet's training, a server's evaluation) would be taken for part of the trace and fail
+    (``module is not installed as a submodule``). Here it runs as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+_TRACING = threading.Lock()  # one trace at a time: two would stack their patches of nn.Module
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace(model)``, safe beside threads running other modules."""
+    with _TRACING:
+        tracer = _ThisThreadTracer()
+        graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def _split(model: nn.Module, examples: torch.Tensor, state: set[str]) -> Split | None:
     try:
-        traced = fx.symbolic_trace(model)
+        traced = trace(model)
     except Exception:  # control flow on tensor values, and whatever else fx cannot trace: no cut
         return None
     nodes = list(traced.graph.nodes)
@@ -205,27 +251,51 @@ class FeatureCache:
         self.max_bytes, self.bytes = max_bytes, 0
         self._kept: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
         self.computed = 0  # examples whose features were computed (for tests and benchmarks)
+        self.pool_cpu_s = 0.0  # CPU seconds of the threads computing them, beside the calling thread
 
-    def features(self, cut: Split, frozen: dict[str, torch.Tensor], fingerprint: bytes, x: np.ndarray,
-                 dtype: torch.dtype) -> np.ndarray:
-        """``cut.features`` of ``x`` with ``frozen`` (its tensors in ``dtype``; ``fingerprint``: their hash)."""
-        x = np.ascontiguousarray(x)
-        key = (cut, fingerprint, dtype, x.shape, x.dtype.str, hashlib.blake2b(x.data, digest_size=16).digest())
-        kept = self._kept.get(key)
-        if kept is not None:
-            self._kept.move_to_end(key)
-            return kept
-        with torch.no_grad():
-            parts = [functional_call(cut.features, frozen, (torch.from_numpy(x[a:a + CHUNK_EXAMPLES]).to(dtype),))
-                     for a in range(0, len(x), CHUNK_EXAMPLES)]
-        out = torch.cat(parts).numpy() if parts else np.empty((0, *cut.shape), dtype=np.dtype(str(dtype)[6:]))
-        self.computed += len(x)
-        self._kept[key] = out
-        self.bytes += out.nbytes
-        while self.bytes > self.max_bytes and len(self._kept) > 1:
-            _, dropped = self._kept.popitem(last=False)
-            self.bytes -= dropped.nbytes
-        return out
+    def features(self, cut: Split, xs: Sequence[np.ndarray], dtype: torch.dtype, threads: int = 1) -> list[np.ndarray]:
+        """``cut.features`` of each of ``xs`` in ``dtype``: those kept, and the others computed together, in
+        calls of ``CHUNK_EXAMPLES`` examples on up to ``threads`` threads."""
+        mark = fingerprint(cut.frozen_tensors())
+        xs = [np.ascontiguousarray(x) for x in xs]
+        keys = [(cut, mark, dtype, x.shape, x.dtype.str, hashlib.blake2b(x.data, digest_size=16).digest()) for x in xs]
+        found: dict[tuple[Any, ...], np.ndarray] = {}
+        missing: dict[tuple[Any, ...], np.ndarray] = {}
+        for key, x in zip(keys, xs, strict=True):
+            if key in self._kept:
+                found[key] = self._kept[key]
+                self._kept.move_to_end(key)
+            elif key not in missing:
+                missing[key] = x
+        if missing:
+            rows = np.concatenate(list(missing.values()))
+            module = cut.in_dtype(dtype, mark)
+
+            def run(start: int) -> tuple[torch.Tensor, float]:
+                t0 = time.thread_time()
+                with torch.no_grad():
+                    out = module(torch.from_numpy(rows[start:start + CHUNK_EXAMPLES]).to(dtype))
+                return out, time.thread_time() - t0
+
+            starts = range(0, len(rows), CHUNK_EXAMPLES)
+            if threads > 1 and len(starts) > 1:  # a module's forward without gradients: safe to share
+                with ThreadPoolExecutor(min(threads, len(starts)), thread_name_prefix="fedfleet-features") as pool:
+                    done = list(pool.map(run, starts))
+                self.pool_cpu_s += sum(cpu for _, cpu in done)
+            else:
+                done = [run(a) for a in starts]
+            parts = [part for part, _ in done]
+            out = torch.cat(parts).numpy() if parts else np.empty((0, *cut.shape), dtype=np.dtype(str(dtype)[6:]))
+            self.computed += len(rows)
+            sizes = np.cumsum([len(x) for x in missing.values()])[:-1]
+            for key, part in zip(missing, np.split(out, sizes), strict=True):
+                found[key] = part
+                self._kept[key] = part
+                self.bytes += part.nbytes
+            while self.bytes > self.max_bytes and len(self._kept) > 1:
+                _, dropped = self._kept.popitem(last=False)
+                self.bytes -= dropped.nbytes
+        return [found[key] for key in keys]
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> bytes:

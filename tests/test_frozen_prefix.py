@@ -175,19 +175,32 @@ def test_features_are_kept_from_one_call_to_the_next(digits: Any) -> None:
 
 
 def test_the_cache_drops_the_least_recently_used_beyond_its_bytes(digits: Any) -> None:
-    model = seeded(Backbone)
-    cut = cut_of(model, digits)
-    frozen = {n: t.detach() for n, t in cut.frozen_tensors().items()}
+    cut = cut_of(seeded(Backbone), digits)
     one = 10 * 96 * 4  # ten examples' float32 features
     cache = FeatureCache(max_bytes=2 * one)
     a, b, c = (digits.x_train[i * 10:(i + 1) * 10] for i in range(3))
     for x in (a, b, a, c):  # a used again before c: b is the least recent
-        cache.features(cut, frozen, b"w", x, torch.float32)
+        cache.features(cut, [x], torch.float32)
     assert cache.computed == 30 and cache.bytes == 2 * one
-    cache.features(cut, frozen, b"w", a, torch.float32)
+    cache.features(cut, [a], torch.float32)
     assert cache.computed == 30
-    cache.features(cut, frozen, b"w", b, torch.float32)
+    cache.features(cut, [b], torch.float32)
     assert cache.computed == 40
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_features_computed_together_equal_each_phones_alone(digits: Any, threads: int) -> None:
+    """Phones' examples go through the backbone in calls of up to CHUNK_EXAMPLES across phones, on one or
+    more threads; each phone's features equal its examples' alone, and a phone's examples seen twice in
+    one call are computed once."""
+    cut = cut_of(seeded(Backbone), digits)
+    xs = [digits.x_train[a:b] for a, b in ((0, 700), (700, 705), (705, 1300), (0, 700))]
+    cache = FeatureCache()
+    got = cache.features(cut, xs, torch.float32, threads)
+    assert cache.computed == 1300
+    with torch.no_grad():
+        for x, f in zip(xs, got, strict=True):
+            np.testing.assert_allclose(f, cut.features(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_a_run_computes_each_phones_features_once(digits: Any) -> None:
@@ -241,3 +254,37 @@ def test_the_server_evaluates_the_head_on_the_test_splits_features(digits: Any) 
             logits = oracle(x)
         assert got.loss == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-5)
         assert got.accuracy == int((logits.argmax(1) == y).sum()) / len(y)
+
+
+def test_tracing_leaves_modules_other_threads_run_alone() -> None:
+    """torch.fx patches nn.Module for the whole process while it traces; a fleet's training or a server's
+    evaluation running its modules on another thread meanwhile must compute as usual (with fx's own
+    symbolic_trace it fails: ``module is not installed as a submodule``)."""
+    import threading
+
+    from fedfleet.export.frozen_prefix import trace
+
+    busy = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = busy(x)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                assert torch.equal(busy(x), want)
+            except Exception as exc:  # whatever the patched module call raises
+                errors.append(repr(exc))
+                return
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    try:
+        for _ in range(200):
+            traced = trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2))))
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert [n.op for n in traced.graph.nodes] == ["placeholder", "call_module", "call_module", "call_module", "output"]
