@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import threading
 import time
 import weakref
@@ -42,6 +43,7 @@ from fedfleet.export.model_state import probing
 # layers whose training mode draws random numbers, or reads or changes statistics of the batch
 _MODAL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.dropout._DropoutNd,
           nn.RReLU)
+log = logging.getLogger(__name__)
 _RANDOM_FUNCTIONS = {torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like,
                      torch.randperm, torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, F.dropout,
                      F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu,
@@ -64,6 +66,10 @@ class Rest(nn.Module):
             self.register_parameter(name, param)
         for name, buffer in traced.named_buffers(recurse=False):
             self.register_buffer(name, buffer)
+        for node in traced.graph.nodes:  # any other attribute the code reads (fx registers tensors as buffers)
+            top = str(node.target).split(".")[0]
+            if node.op == "get_attr" and not hasattr(self, top):
+                setattr(self, top, getattr(traced, top))
         self.code = type(traced).forward  # the graph's Python code, reading its modules from ``self``
         self.modes = {name: modes.get(name, True) for name, _ in self.named_modules()}
 
@@ -161,14 +167,23 @@ def _split(model: nn.Module, examples: torch.Tensor, state: set[str]) -> Split |
     cut = [n for n in nodes if n in from_x and n is not x and any(u not in frozen for u in n.users)]
     if len(cut) != 1 or not weights or any(u not in frozen for u in x.users):
         return None
-    features = _graph_module(traced, [n for n in nodes if n in frozen], {}, cut[0])
-    modes = {name: m.training for name, m in model.named_modules()}
-    rest = Rest(_graph_module(traced, [n for n in nodes if n not in from_x], {cut[0]: "features"}, None), modes)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if {n for n, p in rest.named_parameters() if p.requires_grad} != trainable:
-        return None  # a trainable parameter the forward pass never reads: its zero update would go missing
-    shape = _faithful(model, features, rest, examples)
-    return None if shape is None else Split(features, rest, shape)
+    try:
+        features = _graph_module(traced, [n for n in nodes if n in frozen], {}, cut[0])
+        modes = {name: m.training for name, m in model.named_modules()}
+        rest = Rest(_graph_module(traced, [n for n in nodes if n not in from_x], {cut[0]: "features"}, None), modes)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if {n for n, p in rest.named_parameters() if p.requires_grad} != trainable:
+            return None  # a trainable parameter the forward pass never reads: its zero update would go missing
+        shape = _faithful(model, features, rest, examples)
+    except Exception as exc:  # the model's own forward pass on the cut: it trains whole, as it would anyway
+        log.debug("no frozen-prefix cut of %s: %s: %s", type(model).__name__, type(exc).__name__, exc)
+        return None
+    if shape is None:
+        return None
+    frozen_numbers = sum(t.numel() for t in chain(features.parameters(), features.buffers()))
+    log.info("%s: its frozen first layers (%d numbers) run once per example, features %s",
+             type(model).__name__, frozen_numbers, list(shape))
+    return Split(features, rest, shape)
 
 
 def _frozen_nodes(traced: fx.GraphModule, x: fx.Node, state: set[str]) -> tuple[set[fx.Node], set[fx.Node], bool]:
