@@ -178,16 +178,24 @@ def _cut_backbone(model: nn.Module, jobs: Sequence[Job], snames: Sequence[str], 
                   device: torch.device, cache: FeatureCache, threads: int) -> tuple[nn.Module, Sequence[Job]]:
     """(the model after its frozen prefix, the jobs with their examples' features, those not kept computed
     on ``threads`` threads) where ``frozen_prefix`` cuts it; else (model, jobs)."""
-    if device.type != "cpu" or all(p.requires_grad for p in model.parameters()):
-        return model, jobs  # nothing frozen to run once
-    pair = _two_examples(jobs)
-    if pair is None:
-        return model, jobs
-    cut = frozen_prefix.split(model, torch.as_tensor(pair).to(next(model.parameters()).dtype), snames)
-    if cut is None or state_names(cut.rest) != list(snames):
+    cut = frozen_cut(model, jobs, snames) if device.type == "cpu" else None
+    if cut is None:
         return model, jobs
     features = cache.features(cut, [x for x, _, _ in jobs], dtype, threads)
     return cut.rest, [(f, y, rng) for f, (_, y, rng) in zip(features, jobs, strict=True)]
+
+
+def frozen_cut(model: nn.Module, jobs: Sequence[Job], snames: Sequence[str] | None = None) -> frozen_prefix.Split | None:
+    """``model`` (in train mode) cut after its frozen prefix (``frozen_prefix.split``, checked on two unlike
+    examples of ``jobs``), or None. ``snames``: its state (``state_names``, found when not given)."""
+    if all(p.requires_grad for p in model.parameters()):
+        return None  # nothing frozen to run once
+    pair = _two_examples(jobs)
+    if pair is None:
+        return None
+    snames = state_names(model) if snames is None else snames
+    cut = frozen_prefix.split(model, torch.as_tensor(pair).to(next(model.parameters()).dtype), snames)
+    return cut if cut is not None and state_names(cut.rest) == list(snames) else None
 
 
 def _two_examples(jobs: Sequence[Job]) -> np.ndarray | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedfleet.device_runtime.batched import train_many, vmap_failure
+from fedfleet.device_runtime.batched import frozen_cut, train_many, vmap_failure
 from fedfleet.device_runtime.runtimes import TrainConfig, TrainingRuntime, TrainResult
 from fedfleet.device_runtime.runtimes.base import StatefulRuntime
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
@@ -110,7 +110,9 @@ class BatchedTrainer:
     virtual instant, flushed when the clock is about to move on, so grouping (and therefore
     every float) is the same from run to run. A group smaller than ``min_group`` trains phone
     by phone on the eager runtime (the reference path): a vmapped call costs a few plain steps
-    of fixed overhead, so it only pays from about 4 phones on (bench/bench_batched.py).
+    of fixed overhead, so it only pays from about 4 phones on (bench/bench_batched.py). A model with a
+    frozen backbone (``batched.frozen_cut``) trains batched at any group size: there the batched path
+    runs the backbone once per phone's examples, the phone-by-phone path at every step.
 
     ``device`` (resolved: "cpu" or "cuda", export.accelerator.resolve_device) is where the vmapped
     groups train; the phone-by-phone path and the codec stay on the CPU. The worker thread's torch
@@ -222,7 +224,7 @@ class BatchedTrainer:
     def _train_group(self, starts: list[Mapping[str, np.ndarray]],
                      jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]],
                      cfg: TrainConfig) -> list[tuple[Params, TrainResult]]:
-        if len(jobs) >= self.min_group and self._batchable(starts[0], jobs):
+        if (len(jobs) >= self.min_group or self._cuts(jobs)) and self._batchable(starts[0], jobs):
             states = [split_state(p)[1] for p in starts]
             cpu: list[float] = []  # each training thread's
             try:
@@ -236,6 +238,15 @@ class BatchedTrainer:
             return [_train_delta(self._eager, p, x, y, cfg, rng) for p, (x, y, rng) in zip(starts, jobs, strict=True)]
         finally:
             self.busy_s += time.thread_time() - t0
+
+    def _cuts(self, jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]]) -> bool:
+        """Whether the model has a frozen backbone train_many runs once per phone (``batched.frozen_cut``):
+        then a group of any size trains batched, where the phone-by-phone path would run the backbone at
+        every step."""
+        if self.device != "cpu" or self.unbatchable:
+            return False
+        self.model.train()
+        return frozen_cut(self.model, jobs) is not None
 
     def _batchable(self, params: Mapping[str, np.ndarray],
                    jobs: list[tuple[np.ndarray, np.ndarray, np.random.Generator]]) -> bool:

@@ -229,6 +229,28 @@ def backbone_task() -> nn.Module:
     return EvalBackbone()
 
 
+def test_a_single_phone_trains_on_its_features_too(digits: Any) -> None:
+    """Below BatchedTrainer's min_group a phone would train eagerly, its backbone at every step; with a
+    frozen backbone it trains on its features, as the eager loop would train it (float32 rounding), and
+    its second task computes none."""
+    model = seeded(Backbone)
+    params = TorchRuntime(model).get_params()
+    cfg = TrainConfig(local_epochs=2, batch_size=8, lr=0.1)
+    trainer = BatchedTrainer(model, min_group=4)
+    x, y = digits.x_train[:37], digits.y_train[:37]
+
+    async def one() -> Any:
+        return await trainer.train(params, x, y, cfg, np.random.default_rng(4), key=1)
+
+    try:
+        got = [asyncio.run(one()), asyncio.run(one())]
+    finally:
+        trainer.close()
+    assert trainer.calls == 2 and trainer.features.computed == 37
+    want = per_phone(model, params, [(x, y, np.random.default_rng(4))], cfg, [{}])
+    assert_same(got[:1], want, atol=2e-6)
+
+
 def test_the_server_evaluates_the_head_on_the_test_splits_features(digits: Any) -> None:
     """The server's evaluation of each version equals the whole model's, computed with plain PyTorch;
     the backbone's features of the test split are computed once."""
