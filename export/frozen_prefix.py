@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import threading
 import time
 import weakref
@@ -50,7 +51,10 @@ _RANDOM_FUNCTIONS = {torch.rand, torch.rand_like, torch.randn, torch.randn_like,
                      F.batch_norm, F.instance_norm}
 _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "geometric_",
                    "cauchy_", "log_normal_", "multinomial"}
-CHUNK_EXAMPLES = 512  # examples per call of the features (bounds the backbone's activations)
+CHUNK_EXAMPLES = 512
+# Features wider than this many times the input are not kept: a cut that early (a frozen first convolution
+# under batch norm left in training mode) saves one layer and stores its whole activation per example.
+WIDEST = 2  # examples per call of the features (bounds the backbone's activations)
 
 
 class Rest(nn.Module):
@@ -179,6 +183,10 @@ def _split(model: nn.Module, examples: torch.Tensor, state: set[str]) -> Split |
         log.debug("no frozen-prefix cut of %s: %s: %s", type(model).__name__, type(exc).__name__, exc)
         return None
     if shape is None:
+        return None
+    if math.prod(shape) > WIDEST * math.prod(examples.shape[1:]):
+        log.debug("no frozen-prefix cut of %s: its features %s are wider than its input %s", type(model).__name__,
+                  list(shape), list(examples.shape[1:]))
         return None
     frozen_numbers = sum(t.numel() for t in chain(features.parameters(), features.buffers()))
     log.info("%s: its frozen first layers (%d numbers) run once per example, features %s",

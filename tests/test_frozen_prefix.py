@@ -66,6 +66,19 @@ class EvalBackbone(Backbone):
         return self
 
 
+class EarlyNorm(Backbone):
+    """Frozen, but batch norm in training mode right after the first convolution: the prefix before it
+    is one layer whose output is four times the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(nn.functional.max_pool2d(torch.relu(self.bn(self.conv1(x))), 2)))
+        return self.head(self.drop(h.flatten(1)))
+
+
 class Branching(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if float(x.sum()) > 0:  # control flow on a value: fx cannot trace it
@@ -111,7 +124,7 @@ def frozen_norm() -> nn.Module:
     return Backbone(extra=nn.BatchNorm2d(6).requires_grad_(False))
 
 
-@pytest.mark.parametrize("why", ["trained", "random", "batch mean", "branching", "reads input"])
+@pytest.mark.parametrize("why", ["trained", "random", "batch mean", "branching", "reads input", "wide features"])
 def test_no_cut_where_the_frozen_part_is_not_a_function_of_each_example(digits: Any, why: str) -> None:
     makes: dict[str, Callable[[], nn.Module]] = {
         "trained": lambda: Backbone(frozen=False),
@@ -119,6 +132,7 @@ def test_no_cut_where_the_frozen_part_is_not_a_function_of_each_example(digits: 
         "batch mean": lambda: Backbone(extra=lambda h: h - h.mean(dim=0, keepdim=True)),
         "branching": Branching,
         "reads input": ReadsInput,
+        "wide features": EarlyNorm,
     }
     assert cut_of(seeded(makes[why]), digits) is None
 
