@@ -12,10 +12,11 @@ of each phone's examples, keyed by their content and that of the frozen weights,
 run computes them at the phone's first task.
 
 The cut changes values only by float rounding (the backbone runs on a phone's examples in one call
-instead of batch by batch). It is checked once per model and input shape on two examples (the same
-features twice; each example's alone equal to its row of the pair; the cut model's output equal to
-the model's) and not made otherwise. A model ``torch.fx`` cannot trace (Python control flow on
-tensor values) keeps its whole forward pass.
+instead of batch by batch). It is checked once per model and input shape on two unlike examples (the
+same features twice; each example's alone equal to its row of the pair; the cut model's output equal
+to the model's) and not made otherwise, nor where the features are wider than ``WIDEST`` times the
+input. A model ``torch.fx`` cannot trace (Python control flow on tensor values) keeps its whole
+forward pass; tracing is safe beside threads running other modules (``trace``).
 """
 
 from __future__ import annotations
@@ -45,16 +46,17 @@ from fedfleet.export.model_state import probing
 _MODAL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.dropout._DropoutNd,
           nn.RReLU)
 log = logging.getLogger(__name__)
-_RANDOM_FUNCTIONS = {torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like,
+# functions that draw random numbers, or may use the statistics of the batch (functional batch norm)
+_MODAL_FUNCTIONS = {torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like,
                      torch.randperm, torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, F.dropout,
                      F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu,
                      F.batch_norm, F.instance_norm}
 _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "geometric_",
                    "cauchy_", "log_normal_", "multinomial"}
-CHUNK_EXAMPLES = 512
+CHUNK_EXAMPLES = 512  # examples per call of the features (bounds the backbone's activations)
 # Features wider than this many times the input are not kept: a cut that early (a frozen first convolution
 # under batch norm left in training mode) saves one layer and stores its whole activation per example.
-WIDEST = 2  # examples per call of the features (bounds the backbone's activations)
+WIDEST = 2
 
 
 class Rest(nn.Module):
@@ -214,7 +216,7 @@ def _frozen_nodes(traced: fx.GraphModule, x: fx.Node, state: set[str]) -> tuple[
                   and not any(f"{node.target}.{b}" in state for b, _ in module.named_buffers()))
             weights = weights or (ok and any(r in from_x for r in reads) and any(True for _ in module.parameters()))
         elif node.op in ("call_function", "call_method"):
-            ok = all(r in frozen for r in reads) and node.target not in _RANDOM_FUNCTIONS \
+            ok = all(r in frozen for r in reads) and node.target not in _MODAL_FUNCTIONS \
                 and not (node.op == "call_method" and node.target in _RANDOM_METHODS)
             weights = weights or (ok and any(r in from_x for r in reads) and any(r.op == "get_attr" for r in reads))
         else:
