@@ -14,8 +14,7 @@ run computes them at the phone's first task.
 The cut changes values only by float rounding (the backbone runs on a phone's examples in one call
 instead of batch by batch). It is checked once per model and input shape on two unlike examples (the
 same features twice; each example's alone equal to its row of the pair; the cut model's output equal
-to the model's) and not made otherwise, nor where the features are wider than ``WIDEST`` times the
-input. A model ``torch.fx`` cannot trace (Python control flow on tensor values) keeps its whole
+to the model's) and not made otherwise, nor where the features are wide (``WIDEST``, ``WIDE_NUMBERS``). A model ``torch.fx`` cannot trace (Python control flow on tensor values) keeps its whole
 forward pass; tracing is safe beside threads running other modules (``trace``).
 """
 
@@ -54,9 +53,11 @@ _MODAL_FUNCTIONS = {torch.rand, torch.rand_like, torch.randn, torch.randn_like, 
 _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "geometric_",
                    "cauchy_", "log_normal_", "multinomial"}
 CHUNK_EXAMPLES = 512  # examples per call of the features (bounds the backbone's activations)
-# Features wider than this many times the input are not kept: a cut that early (a frozen first convolution
-# under batch norm left in training mode) saves one layer and stores its whole activation per example.
-WIDEST = 2
+# Features of more than this many numbers per example, and wider than WIDEST times the input, are not kept:
+# a cut that early (a frozen first convolution under batch norm left in training mode) saves one layer and
+# stores its whole activation per example. A deep backbone's features may be wider than a small input
+# (MobileNetV3's 576 for 8x8 digits) and are kept.
+WIDEST, WIDE_NUMBERS = 2, 4096
 
 
 class Rest(nn.Module):
@@ -186,7 +187,7 @@ def _split(model: nn.Module, examples: torch.Tensor, state: set[str]) -> Split |
         return None
     if shape is None:
         return None
-    if math.prod(shape) > WIDEST * math.prod(examples.shape[1:]):
+    if math.prod(shape) > max(WIDEST * math.prod(examples.shape[1:]), WIDE_NUMBERS):
         log.debug("no frozen-prefix cut of %s: its features %s are wider than its input %s", type(model).__name__,
                   list(shape), list(examples.shape[1:]))
         return None

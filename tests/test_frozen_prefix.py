@@ -67,12 +67,14 @@ class EvalBackbone(Backbone):
 
 
 class EarlyNorm(Backbone):
-    """Frozen, but batch norm in training mode right after the first convolution: the prefix before it
-    is one layer whose output is four times the input."""
+    """Frozen, but batch norm in training mode right after a wide first convolution: the prefix before
+    it is one layer whose output is 80 times the input (5,120 numbers an example)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(4).requires_grad_(False)
+        self.conv1 = nn.Conv2d(1, 80, 3, padding=1).requires_grad_(False)
+        self.conv2 = nn.Conv2d(80, 6, 3, padding=1).requires_grad_(False)
+        self.bn = nn.BatchNorm2d(80).requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.conv2(nn.functional.max_pool2d(torch.relu(self.bn(self.conv1(x))), 2)))
@@ -324,3 +326,14 @@ def test_tracing_leaves_modules_other_threads_run_alone() -> None:
         thread.join()
     assert errors == []
     assert [n.op for n in traced.graph.nodes] == ["placeholder", "call_module", "call_module", "call_module", "output"]
+
+
+def test_a_deep_backbones_features_may_be_wider_than_a_small_input() -> None:
+    """The built-in mobilenet on 8x8 digits: 576 features an example for 64 inputs, the whole backbone
+    saved; kept."""
+    from fedfleet.export.models import ModelSpec, build_model
+
+    model = build_model(ModelSpec("mobilenet", (1, 8, 8), 10), seed=0).train()
+    examples = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cut = split(model, examples, state_names(model))
+    assert cut is not None and cut.shape == (576,)
