@@ -186,30 +186,11 @@ def _cut_backbone(model: nn.Module, jobs: Sequence[Job], snames: Sequence[str], 
 
 
 def frozen_cut(model: nn.Module, jobs: Sequence[Job], snames: Sequence[str] | None = None) -> frozen_prefix.Split | None:
-    """``model`` (in train mode) cut after its frozen prefix (``frozen_prefix.split``, checked on two unlike
-    examples of ``jobs``), or None. ``snames``: its state (``state_names``, found when not given)."""
-    if all(p.requires_grad for p in model.parameters()):
-        return None  # nothing frozen to run once
-    pair = _two_examples(jobs)
-    if pair is None:
-        return None
+    """``model`` (in train mode) cut after its frozen prefix (``frozen_prefix.find`` on the examples of
+    ``jobs``) with its state in the rest, or None. ``snames``: its state (``state_names``, found when not given)."""
     snames = state_names(model) if snames is None else snames
-    cut = frozen_prefix.split(model, torch.as_tensor(pair).to(next(model.parameters()).dtype), snames)
+    cut = frozen_prefix.find(model, [x for x, _, _ in jobs], snames)
     return cut if cut is not None and state_names(cut.rest) == list(snames) else None
-
-
-def _two_examples(jobs: Sequence[Job]) -> np.ndarray | None:
-    """The first example and the first one unlike it ([2, ...]; a batch statistic of two equal examples
-    would pass for a function of each), or None."""
-    first = next((x[:1] for x, _, _ in jobs if len(x)), None)
-    if first is None:
-        return None
-    for x, _, _ in jobs:
-        rows = np.asarray(x).reshape(len(x), -1)
-        other = np.flatnonzero((rows != first.reshape(1, -1)).any(axis=1))
-        if len(other):
-            return np.concatenate([first, x[other[:1]]])
-    return None
 
 
 def _as_state(value: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

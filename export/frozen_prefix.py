@@ -127,6 +127,30 @@ def split(model: nn.Module, examples: torch.Tensor, state: Collection[str]) -> S
     return found[key]
 
 
+def find(model: nn.Module, xs: Sequence[np.ndarray], state: Collection[str]) -> Split | None:
+    """``split`` of ``model`` checked on the first example of ``xs`` (arrays of examples) and the first one
+    unlike it, on the model's device and in its dtype; None without a frozen parameter or such a pair."""
+    params = list(model.parameters())
+    if all(p.requires_grad for p in params):
+        return None  # nothing frozen to run once
+    pair = unlike_pair(xs)
+    return None if pair is None else split(model, torch.as_tensor(pair).to(params[0].device, params[0].dtype), state)
+
+
+def unlike_pair(xs: Sequence[np.ndarray]) -> np.ndarray | None:
+    """The first example of ``xs`` and the first one unlike it ([2, ...]; a batch statistic of two equal
+    examples would pass for a function of each), or None."""
+    first = next((x[:1] for x in xs if len(x)), None)
+    if first is None:
+        return None
+    for x in xs:
+        rows = np.asarray(x).reshape(len(x), -1)
+        other = np.flatnonzero((rows != first.reshape(1, -1)).any(axis=1))
+        if len(other):
+            return np.concatenate([first, x[other[:1]]])
+    return None
+
+
 class _ThisThreadTracer(fx.Tracer):
     """``torch.fx``'s tracer, tracing the thread that runs it only. While it traces, fx patches
     ``nn.Module.__call__`` and ``__getattr__`` for the whole process: a module another thread calls

@@ -122,15 +122,12 @@ class Evaluator:
         ``frozen_prefix`` cuts the model in eval mode; else None."""
         import torch
 
-        from fedfleet.export.frozen_prefix import split
+        from fedfleet.export.frozen_prefix import find
         from fedfleet.export.model_state import state_names
 
-        if all(p.requires_grad for p in model.parameters()) or len(x) < 2:
-            return None
         state = state_names(model.train())  # the buffers versions carry
         model.eval()
-        other = next((i for i in range(1, len(x)) if not torch.equal(x[i], x[0])), None)
-        cut = None if other is None else split(model, x[[0, other]], state)
+        cut = find(model, [self.x], state)
         model.eval()  # split leaves a model in train mode
         if cut is None:
             return None
