@@ -138,6 +138,16 @@ class Driver:
             if self.events[-1]["event"] == event:
                 return self.events[-1]
 
+    @classmethod
+    async def run(cls, server: Any, tabs: list[dict[str, Any]], *events: tuple[str, float]) -> list[dict[str, Any]]:
+        """Open ``tabs`` on ``server``'s web phone and wait for ``events`` (name, timeout s) in order."""
+        base = str(server.make_url("")).rstrip("/")
+        driver = await cls.start({"url": base + "/phone/", "tabs": tabs, "timeoutMs": 240_000})
+        try:
+            return [await driver.until(event, timeout) for event, timeout in events]
+        finally:
+            await driver.close()
+
     async def close(self) -> None:
         if self.proc.returncode is None:
             try:
@@ -322,15 +332,9 @@ async def test_lost_upload_is_resent_and_merged_once(aiohttp_server: Any, digits
     setup_webphone(app)
     updates = spy_on_updates(app)
     server = await aiohttp_server(app)
-    base = str(server.make_url("")).rstrip("/")
     tabs: list[dict[str, Any]] = [{"name": "web-lossy", "shard": "0/2", "lose": {"offlineMs": 3000}},
                                   {"name": "web-ok", "shard": "1/2", "afterLost": True}]  # the run cannot end first
-    driver = await Driver.start({"url": base + "/phone/", "tabs": tabs, "timeoutMs": 240_000})
-    try:
-        lost = await driver.until("lost", 240)
-        done = await driver.until("done", 240)
-    finally:
-        await driver.close()
+    lost, done = await Driver.run(server, tabs, ("lost", 240), ("done", 240))
 
     # the server took the first upload and answered; the tab never heard it
     assert lost["status"] == 200 and lost["answer"]["accepted"] and not lost["answer"]["duplicate"]

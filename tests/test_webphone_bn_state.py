@@ -133,13 +133,8 @@ async def test_tabs_federate_batch_norm_statistics(aiohttp_server: Any, tmp_path
     setup_webphone(app)
     uploads = record_uploads(app)
     server = await aiohttp_server(app)
-    base = str(server.make_url("")).rstrip("/")
-    tabs = [{"name": name, "shard": shard} for name, shard in SHARDS.items()]
-    driver = await Driver.start({"url": base + "/phone/", "tabs": tabs, "timeoutMs": 240_000})
-    try:
-        done = await driver.until("done", 300)
-    finally:
-        await driver.close()
+    (done,) = await Driver.run(server, [{"name": name, "shard": shard} for name, shard in SHARDS.items()],
+                               ("done", 300))
 
     assert done["errors"] == []
     web = {t["phoneId"]: t for t in done["tabs"]}
@@ -169,16 +164,10 @@ async def test_local_state_stays_on_the_tab_across_rounds_and_a_reload(aiohttp_s
     setup_webphone(app)
     uploads = record_uploads(app)
     server = await aiohttp_server(app)
-    base = str(server.make_url("")).rstrip("/")
     # web-0 is reloaded once its first upload is taken; web-1 joins only then, so round 1 is still open
     tabs = [{"name": "web-0", "shard": SHARDS["web-0"], "reloadAfter": 1},
             {"name": "web-1", "shard": SHARDS["web-1"], "afterReload": True}]
-    driver = await Driver.start({"url": base + "/phone/", "tabs": tabs, "timeoutMs": 240_000})
-    try:
-        reloaded = await driver.until("reloaded", 240)
-        done = await driver.until("done", 300)
-    finally:
-        await driver.close()
+    reloaded, done = await Driver.run(server, tabs, ("reloaded", 240), ("done", 300))
 
     assert done["errors"] == []
     assert reloaded["before"]["stateFrom"] == "bundle" and reloaded["before"]["accepted"] == 1
