@@ -9,7 +9,7 @@ from other processes hits all of them alike; the table shows medians (and minimu
 calls (median over repeats). "cpu s" and "x loop cpu" time the same calls in this process's CPU
 seconds, which other processes on a shared machine do not inflate. Writes bench/results/batched.json.
 
-    .venv/bin/python bench/bench_batched.py [--phones 100 500] [--models mlp cnn bncnn]
+    .venv/bin/python bench/bench_batched.py [--phones 100 500] [--models mlp cnn bncnn mobilenet]
         [--chunks 16 32 64 128 0] [--repeats 5] [--threads 1] [--reference REV]   (chunk 0 = all phones)
         [--workers 1 2] [--dataset digits|mnist5k]
 
@@ -19,6 +19,10 @@ interleaved with the others, so two implementations compare under the same load.
 
 ``--workers 1 2`` adds "chunk C x2" rows: ``train_many(..., workers=2)``, its chunks trained on two
 threads (their CPU seconds summed in "cpu s"). ``--dataset mnist5k``: phones hold 28x28 MNIST digits.
+
+``mobilenet`` has a frozen backbone: ``train_many`` runs it once per phone's examples in each call
+(``export/frozen_prefix.py``), and the "chunk C kept" rows keep its features from one call to the
+next, as a run does from one task to the next.
 
 ``bncnn`` is a user's model with state and randomness (``BNCNN`` below: batch norm and dropout):
 the loop starts every phone from the same batch norm statistics, as the batched trainer does, and
@@ -50,6 +54,7 @@ from fedfleet.device_runtime.batched import Job, Params, train_many
 from fedfleet.device_runtime.data import load_dataset
 from fedfleet.device_runtime.runtimes.base import TrainConfig, TrainResult
 from fedfleet.device_runtime.runtimes.torch_runtime import TorchRuntime
+from fedfleet.export.frozen_prefix import FeatureCache
 from fedfleet.export.models import ModelSpec, build_model
 from fedfleet.protocol.state import with_state
 
@@ -162,6 +167,10 @@ def bench_case(model_name: str, phones: int, chunks: list[int], repeats: int,
     methods: dict[str, Callable[[list[Job]], Outputs]] = {"loop": lambda jobs: per_phone_loop(model, params, jobs)}
     methods.update({f"chunk {c or 'all'}" + (f" x{w}" if w > 1 else ""): vectorized(c or phones, w)
                     for c in chunks for w in workers})
+    if not all(p.requires_grad for p in model.parameters()):  # a frozen backbone: its features kept across calls,
+        kept = FeatureCache()  # as a run keeps them from one task to the next (filled by the warm-up)
+        methods.update({f"chunk {c or 'all'} kept": (lambda size: lambda jobs: train_many(
+            model, params, jobs, CFG, chunk=size, features=kept))(c or phones) for c in chunks})
     if reference is not None:
         rev, ref = reference
         methods.update({f"{rev} chunk {c or 'all'}": (lambda size: lambda jobs: ref(model, params, jobs, CFG, chunk=size))(c or phones)
@@ -223,7 +232,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phones", type=int, nargs="+", default=[100, 500])
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "bncnn"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "bncnn", "mobilenet"])
     parser.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64, 128, 0], help="0 = all phones")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the fleet uses 1)")
